@@ -1,0 +1,23 @@
+"""Errors a user can act on.
+
+Everything that is the user's input being wrong (a missing or corrupt file, an
+unsupported architecture or quant type, a prompt longer than the context) raises an
+`OffloadError`; the CLI prints its message as one line and exits non-zero. Any other
+exception is a bug in offload and keeps its traceback.
+"""
+
+
+class OffloadError(Exception):
+    """A problem with the user's input, explained in one line."""
+
+
+class CorruptModelError(OffloadError):
+    """The GGUF file is truncated, damaged, or not a GGUF file."""
+
+
+class UnsupportedModelError(OffloadError):
+    """A valid GGUF file that offload cannot run (architecture, quant type, feature)."""
+
+
+class ContextOverflowError(OffloadError):
+    """More tokens than the context window holds."""

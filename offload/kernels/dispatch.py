@@ -1,0 +1,81 @@
+"""matmul with llama.cpp's CPU numerics: convert the activations as ggml does, pick the kernel.
+
+ggml's CPU matmul first converts each activation row to the weight type's `vec_dot_type`
+(F16, BF16 or Q8_0 blocks; F32 stays as is), then takes dot products in that type. Both
+steps are tables here, so a new format or a faster kernel is one entry:
+
+* `ACTIVATION_CONVERTERS[vec_dot_type](x) -> act`, a tuple of arrays,
+* `KERNELS[ggml_type](w.data, act, out)`, filling out in place.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from . import numba_kernels as nk
+from .formats import QMatrix, UnsupportedQuantType, activation_ref, round_bf16, round_f16
+
+Activations = tuple[np.ndarray, ...]
+Converter = Callable[[np.ndarray], Activations]
+Kernel = Callable[[np.ndarray, Activations, np.ndarray], None]
+
+ACTIVATION_CONVERTERS: dict[str, Converter] = {
+    "F32": lambda x: (x,),
+    "F16": lambda x: (round_f16(x),),
+    "BF16": lambda x: (round_bf16(x),),
+    "Q8_0": nk.quantize_q8_0,
+}
+
+KERNELS: dict[GGMLQuantizationType, Kernel] = {
+    GGMLQuantizationType.F32: nk.matmul_f32,
+    GGMLQuantizationType.F16: nk.matmul_f16,
+    GGMLQuantizationType.BF16: nk.matmul_bf16,
+    GGMLQuantizationType.Q8_0: nk.matmul_q8_0,
+    GGMLQuantizationType.Q4_0: nk.matmul_q4_0,
+}
+
+
+def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """out[t, r] = sum_c W[r, c] * act(x)[t, c] for x float32 (n_tokens, n_cols).
+
+    Returns `out` (float32 (n_tokens, n_rows)), allocated unless given. x is used in place
+    if C-contiguous, else copied (layout only: its dtype must already be float32, since a
+    silent float64 -> float32 cast would hide a numerics bug upstream).
+    """
+    if not isinstance(w, QMatrix):
+        raise TypeError(f"matmul expects a QMatrix, got {type(w).__name__}")
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != w.n_cols:
+        got = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise ValueError(f"matmul with a {w.n_rows}x{w.n_cols} {w.fmt.name} matrix needs float32 (n_tokens, {w.n_cols}), got {got}")
+    x = np.ascontiguousarray(x)
+    shape = (x.shape[0], w.n_rows)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"out must be a writable C-contiguous float32 {shape}, got {out.dtype} {out.shape}")
+    if out.size == 0:
+        return out
+    kernel = KERNELS.get(w.fmt.ggml_type)
+    if kernel is None:
+        raise UnsupportedQuantType(w.fmt.ggml_type, "has no matmul kernel")
+    kernel(w.data, ACTIVATION_CONVERTERS[w.fmt.vec_dot_type](x), out)
+    return out
+
+
+def dequantize_rows(w: QMatrix, rows: np.ndarray) -> np.ndarray:
+    """Rows of W as float32 (len(rows), n_cols), decoded exactly (ggml get_rows: token embeddings)."""
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
+        raise ValueError(f"rows must be a 1-D array of integers, got {rows.dtype} {rows.shape}")
+    if rows.size and (rows.min() < 0 or rows.max() >= w.n_rows):
+        raise ValueError(f"row index out of range for a matrix of {w.n_rows} rows: {rows.min()}..{rows.max()}")
+    return w.fmt.dequantize(w.data[rows.astype(np.intp)])
+
+
+def matmul_ref(w: QMatrix, x: np.ndarray) -> np.ndarray:
+    """float64 reference for `matmul`: dequantize(W) @ act(x), both exact, summed in float64."""
+    act = activation_ref(w.fmt.vec_dot_type, np.asarray(x, dtype=np.float32))
+    return act.astype(np.float64) @ w.dequantize().astype(np.float64).T

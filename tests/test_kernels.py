@@ -1,0 +1,392 @@
+"""offload.kernels: block formats against gguf-py, activation conversions against ggml's
+formulas, and the matmul kernels against a float64 reference and an exact float32 model of
+their summation order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import quants as gq
+
+from offload.kernels import (
+    ACTIVATION_CONVERTERS,
+    FORMATS,
+    KERNELS,
+    QMatrix,
+    UnsupportedQuantType,
+    activation_ref,
+    dequantize_rows,
+    f32_to_bf16,
+    format_for,
+    matmul,
+    matmul_ref,
+    quantize_q8_0,
+    quantize_q8_0_ref,
+    round_bf16,
+    round_f16,
+)
+
+ALL = list(FORMATS)
+QUANTIZED = [T.Q8_0, T.Q4_0]
+FLOATS = [T.F32, T.F16, T.BF16]
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    """float32 bit patterns, so that comparisons see -0.0 and inf exactly."""
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def encode(values: np.ndarray, t: T) -> np.ndarray:
+    """float32 (..., n) -> uint8 GGUF bytes via gguf-py's quantizer (independent of ours)."""
+    return np.ascontiguousarray(gq.quantize(values.astype(np.float32), t)).view(np.uint8)
+
+
+def random_weights(rng: np.random.Generator, n_rows: int, n_cols: int) -> np.ndarray:
+    """Realistic weights: gaussian, with a row scale spread over a few orders of magnitude."""
+    scale = np.exp(rng.uniform(-3, 1, size=(n_rows, 1)))
+    return (rng.standard_normal((n_rows, n_cols)) * scale).astype(np.float32)
+
+
+# Edge-case f16 scales for quantized blocks: zeros, negatives, the largest finite value,
+# subnormals (2**-24 is the smallest), the smallest normal.
+F16_SCALES = np.array(
+    [0.0, -0.0, 1.0, -1.0, 0.5, -3.25, 65504.0, -65504.0, 2.0**-24, -(2.0**-20), 2.0**-15, 2.0**-14],
+    dtype=np.float16,
+)
+
+
+def random_raw(rng: np.random.Generator, t: T, n_rows: int, n_blocks: int) -> np.ndarray:
+    """Random bytes in t's layout, NaN-free: scale fields set to finite values (edge cases
+    first), float formats with NaN patterns replaced."""
+    fmt = FORMATS[t]
+    raw = rng.integers(0, 256, size=(n_rows, n_blocks * fmt.type_size), dtype=np.uint8)
+    if t in QUANTIZED:
+        d = rng.standard_normal(n_rows * n_blocks).astype(np.float16)
+        d[: len(F16_SCALES)] = F16_SCALES
+        raw.view(fmt.layout)["d"] = d.reshape(n_rows, n_blocks)
+    elif t == T.F32:
+        u = raw.view(np.uint32)
+        u[(u & 0x7FFFFFFF) > 0x7F800000] = 0
+    elif t == T.F16:
+        u = raw.view(np.uint16)
+        u[(u & 0x7FFF) > 0x7C00] = 0
+    elif t == T.BF16:
+        u = raw.view(np.uint16)
+        u[(u & 0x7FFF) > 0x7F80] = 0
+    return raw
+
+
+# -- the format table ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
+def test_format_table_matches_ggml(t):
+    fmt = FORMATS[t]
+    assert fmt.name == t.name and fmt.ggml_type == t
+    assert (fmt.block_size, fmt.type_size) == GGML_QUANT_SIZES[t]
+    assert fmt.row_bytes(256) == 256 // fmt.block_size * fmt.type_size
+    assert format_for(t) is fmt and format_for(int(t)) is fmt
+    assert t in KERNELS and fmt.vec_dot_type in ACTIVATION_CONVERTERS
+
+
+def test_row_bytes_rejects_partial_blocks():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        FORMATS[T.Q4_0].row_bytes(48)
+
+
+def test_unsupported_type_is_named():
+    with pytest.raises(UnsupportedQuantType, match="IQ2_XXS") as e:
+        format_for(T.IQ2_XXS)
+    assert isinstance(e.value, ValueError)
+    assert "Q4_0" in str(e.value)  # the message lists what is supported
+    with pytest.raises(UnsupportedQuantType, match="IQ2_XXS"):
+        format_for(int(T.IQ2_XXS))
+    with pytest.raises(UnsupportedQuantType, match="12345"):
+        format_for(12345)
+
+
+# -- dequantization against gguf-py ------------------------------------------------------------
+
+@pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
+def test_dequantize_matches_gguf_on_quantized_data(t):
+    rng = np.random.default_rng(1)
+    values = random_weights(rng, 16, 256)
+    values[3] = 0.0  # all-zero blocks
+    values[4, :32] = 0.0
+    values[5] *= 1e4
+    values[6] *= 1e-6  # scales that are f16 subnormals
+    values[7] = -np.abs(values[7])
+    raw = encode(values, t)
+    ours = FORMATS[t].dequantize(raw)
+    assert ours.dtype == np.float32 and ours.shape == values.shape
+    np.testing.assert_array_equal(bits(ours), bits(gq.dequantize(raw, t)))
+
+
+@pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
+def test_dequantize_matches_gguf_on_random_bytes(t):
+    rng = np.random.default_rng(2)
+    fmt = FORMATS[t]
+    raw = random_raw(rng, t, 8, 64 // fmt.block_size * 4)
+    ours = fmt.dequantize(raw)
+    assert not np.isnan(ours).any()
+    np.testing.assert_array_equal(bits(ours), bits(gq.dequantize(raw, t)))
+
+
+@pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
+def test_dequantize_keeps_leading_dims(t):
+    fmt = FORMATS[t]
+    raw = random_raw(np.random.default_rng(3), t, 6, 64 // fmt.block_size)
+    flat = fmt.dequantize(raw)
+    stacked = fmt.dequantize(raw.reshape(2, 3, -1))
+    assert stacked.shape == (2, 3, 64)
+    np.testing.assert_array_equal(bits(stacked.reshape(6, 64)), bits(flat))
+
+
+# -- activation conversions ---------------------------------------------------------------
+
+def q8_0_scalar(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's x86 quantize_row_q8_0, one value at a time (Python's round() is half-to-even)."""
+    n, k = x.shape
+    qs = np.zeros((n, k), dtype=np.int8)
+    d = np.zeros((n, k // 32), dtype=np.float32)
+    for t in range(n):
+        for b in range(k // 32):
+            block = x[t, b * 32 : (b + 1) * 32]
+            amax = np.float32(0)
+            for v in block:
+                amax = max(amax, np.float32(abs(v)))
+            inv = np.float32(np.float32(127) / amax) if amax != 0 else np.float32(0)
+            with np.errstate(over="ignore"):
+                d[t, b] = np.float32(np.float16(np.float32(amax / np.float32(127))))
+            for j, v in enumerate(block):
+                qs[t, b * 32 + j] = round(float(np.float32(v * inv)))
+    return qs, d
+
+
+def q8_0_inputs() -> np.ndarray:
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 256)).astype(np.float32)
+    x[0, :32] = 0.0  # all-zero block
+    # amax 127 makes id exactly 1, so these are exact ties; round-half-away would differ.
+    x[0, 32:64] = np.float32(0.5) + np.arange(32, dtype=np.float32) - 16
+    x[0, 63] = 127.0
+    # amax 254 makes id exactly 0.5: odd integers land on ties.
+    x[0, 64:96] = np.arange(-31, 33, 2, dtype=np.float32)
+    x[0, 95] = -254.0
+    x[1, :32] = 0.0
+    x[1, 7] = -3.0  # a single (negative) nonzero value
+    x[2] *= 1e-7  # scale underflows to an f16 subnormal or zero
+    x[3] *= 1e7  # scale overflows f16 to inf, as in ggml
+    x[4] *= 1e-30
+    return x
+
+
+def test_quantize_q8_0_ref_matches_the_formula():
+    x = q8_0_inputs()
+    qs, d = quantize_q8_0_ref(x)
+    want_qs, want_d = q8_0_scalar(x)
+    np.testing.assert_array_equal(qs, want_qs)
+    np.testing.assert_array_equal(bits(d), bits(want_d))
+    assert list(qs[0, 32:40]) == [-16, -14, -14, -12, -12, -10, -10, -8]  # ties to even
+    assert not qs[0, :32].any() and d[0, 0] == 0
+
+
+def test_quantize_q8_0_kernel_matches_ref():
+    x = np.concatenate([q8_0_inputs(), np.random.default_rng(5).standard_normal((40, 256)).astype(np.float32)])
+    qs, d = quantize_q8_0(x)
+    want_qs, want_d = quantize_q8_0_ref(x)
+    np.testing.assert_array_equal(qs, want_qs)
+    np.testing.assert_array_equal(bits(d), bits(want_d))
+
+
+def bf16_scalar(v: np.float32) -> int:
+    """ggml_compute_fp32_to_bf16, with Python ints."""
+    u = int(np.float32(v).view(np.uint32))
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return (u >> 16) | 64
+    return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16) & 0xFFFF
+
+
+def test_bf16_rounding_matches_ggml():
+    rng = np.random.default_rng(6)
+    u = rng.integers(0, 2**32, size=2000, dtype=np.uint64).astype(np.uint32)
+    u[:8] = [0x3F808000, 0x3F818000, 0xBF808000, 0x7F7FFFFF, 0x7F800000, 0xFF800000, 0x00008000, 0x7FC00001]
+    x = u.view(np.float32)
+    got = f32_to_bf16(x)
+    np.testing.assert_array_equal(got, [bf16_scalar(v) for v in x])
+    assert list(got[:3]) == [0x3F80, 0x3F82, 0xBF80]  # ties go to even
+    assert got[3] == 0x7F80  # the largest float rounds to inf
+    finite = ~np.isnan(x)
+    np.testing.assert_array_equal(bits(round_bf16(x)[finite]), got[finite].astype(np.uint32) << 16)
+
+
+def test_f16_rounding():
+    x = np.array([2049.0, 2051.0, 1e5, -1e-9, 0.1], dtype=np.float32)
+    np.testing.assert_array_equal(round_f16(x), np.array([2048.0, 2052.0, np.inf, -0.0, np.float16(0.1)], np.float32))
+
+
+# -- matmul ----------------------------------------------------------------------------------------
+
+def make_matrix(t: T, n_rows: int, n_cols: int, seed: int) -> QMatrix:
+    return QMatrix.from_raw(t, encode(random_weights(np.random.default_rng(seed), n_rows, n_cols), t), n_rows, n_cols)
+
+
+def make_tokens(n_tokens: int, n_cols: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n_tokens, n_cols)) * np.exp(rng.uniform(-2, 2, size=(n_tokens, 1)))).astype(np.float32)
+
+
+def assert_close_to_ref(w: QMatrix, x: np.ndarray, got: np.ndarray) -> None:
+    """|got - ref| <= 1e-6 * sum_c |W[r, c] * act(x)[t, c]|: float32 against float64
+    summation, measured against the size of the terms (not of a possibly cancelling sum)."""
+    ref = matmul_ref(w, x)
+    magnitude = np.abs(activation_ref(w.fmt.vec_dot_type, x)).astype(np.float64) @ np.abs(w.dequantize()).T.astype(np.float64)
+    assert got.shape == ref.shape and got.dtype == np.float32
+    assert np.all(np.abs(got - ref) <= 1e-6 * magnitude + 1e-30)
+
+
+@pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
+@pytest.mark.parametrize("n_rows,n_cols", [(1, 64), (7, 256), (96, 1024)])
+@pytest.mark.parametrize("n_tokens", [1, 3, 17])
+def test_matmul_matches_reference(t, n_rows, n_cols, n_tokens):
+    w = make_matrix(t, n_rows, n_cols, seed=n_rows)
+    x = make_tokens(n_tokens, n_cols, seed=n_tokens)
+    assert_close_to_ref(w, x, matmul(w, x))
+
+
+@pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
+def test_matmul_on_random_bytes(t):
+    """Every bit pattern the format allows (Q8_0 qs of -128, extreme scales)."""
+    fmt = FORMATS[t]
+    w = QMatrix(fmt, 12, 256, random_raw(np.random.default_rng(7), t, 12, 256 // fmt.block_size))
+    x = make_tokens(5, 256, seed=8)
+    if t in FLOATS:  # keep products of random floats finite
+        w = QMatrix(fmt, 12, 256, encode(np.clip(w.dequantize(), -1e30, 1e30), t))
+        x = x * np.float32(1e-10)
+    assert_close_to_ref(w, x, matmul(w, x))
+
+
+def sequential_model(w: QMatrix, x: np.ndarray) -> np.ndarray:
+    """The kernels' documented float32 summation order, in numpy, vectorized over (t, r)."""
+    n_tokens = len(x)
+    acc = np.zeros((n_tokens, w.n_rows), dtype=np.float32)
+    if w.fmt.vec_dot_type == "Q8_0":
+        blocks = w.data.view(w.fmt.layout)  # (n_rows, n_blocks)
+        d_w = blocks["d"].astype(np.float32)
+        if w.fmt.ggml_type == T.Q8_0:  # exact ints straight from the bytes
+            q_w = blocks["qs"]
+        else:
+            q = blocks["qs"]
+            q_w = np.concatenate([q & 0x0F, q >> 4], axis=-1).astype(np.int64) - 8
+        xq, xd = quantize_q8_0_ref(x)
+        sumi = np.einsum("rbj,tbj->trb", q_w.astype(np.int64), xq.reshape(n_tokens, -1, 32).astype(np.int64))
+        for b in range(d_w.shape[1]):
+            acc = acc + (d_w[None, :, b] * xd[:, None, b]) * sumi[:, :, b].astype(np.float32)
+    else:
+        wf, a = w.dequantize(), activation_ref(w.fmt.vec_dot_type, x)
+        for c in range(w.n_cols):
+            acc = acc + a[:, None, c] * wf[None, :, c]
+    return acc
+
+
+@pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
+def test_matmul_summation_order_is_exact(t):
+    """Bit-exact against a numpy model of the order: sequential float32, no FMA, and for
+    quantized weights an integer dot per block scaled by f32(d_w) * f32(d_x)."""
+    w = make_matrix(t, 9, 256, seed=11)
+    x = make_tokens(4, 256, seed=12)
+    np.testing.assert_array_equal(bits(matmul(w, x)), bits(sequential_model(w, x)))
+
+
+def test_matmul_out_and_layouts():
+    w = make_matrix(T.Q4_0, 7, 64, seed=13)
+    x = make_tokens(3, 64, seed=14)
+    want = matmul(w, x)
+    out = np.full((3, 7), np.nan, dtype=np.float32)
+    assert matmul(w, x, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(matmul(w, np.asfortranarray(x)), want)  # copied, same result
+    assert matmul(w, x[:0]).shape == (0, 7)
+
+
+def test_matmul_rejects_bad_inputs():
+    w = make_matrix(T.Q8_0, 7, 64, seed=15)
+    x = make_tokens(2, 64, seed=16)
+    with pytest.raises(ValueError, match="float32"):
+        matmul(w, x.astype(np.float64))
+    with pytest.raises(ValueError, match=r"\(n_tokens, 64\)"):
+        matmul(w, x[:, :32])
+    with pytest.raises(ValueError):
+        matmul(w, x[0])
+    with pytest.raises(ValueError, match="out"):
+        matmul(w, x, out=np.empty((7, 2), dtype=np.float32))
+
+
+# -- rows, views, memory maps ----------------------------------------------------------------
+
+@pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
+def test_dequantize_rows(t):
+    w = make_matrix(t, 10, 128, seed=17)
+    rows = np.array([0, 5, 5, 9, 2])
+    got = dequantize_rows(w, rows)
+    assert got.dtype == np.float32 and got.shape == (5, 128)
+    np.testing.assert_array_equal(bits(got), bits(gq.dequantize(w.data, t)[rows]))
+    assert dequantize_rows(w, np.zeros(0, dtype=np.int64)).shape == (0, 128)
+    with pytest.raises(ValueError, match="out of range"):
+        dequantize_rows(w, np.array([10]))
+    with pytest.raises(ValueError, match="out of range"):
+        dequantize_rows(w, np.array([-1]))
+
+
+def test_from_raw_does_not_copy():
+    f32 = random_weights(np.random.default_rng(18), 6, 64)
+    w = QMatrix.from_raw(T.F32, f32, 6, 64)
+    assert w.data.dtype == np.uint8 and w.data.shape == (6, 256) and np.shares_memory(w.data, f32)
+    f16 = f32.astype(np.float16)
+    assert np.shares_memory(QMatrix.from_raw(int(T.F16), f16, 6, 64).data, f16)
+    raw = encode(f32, T.Q4_0)
+    w = QMatrix.from_raw(T.Q4_0, raw, 6, 64)
+    assert w.data.shape == (6, 36) and np.shares_memory(w.data, raw)
+    assert np.shares_memory(QMatrix.from_raw(T.Q4_0, raw.reshape(-1), 6, 64).data, raw)
+
+
+def test_from_raw_rejects_bad_data():
+    raw = encode(random_weights(np.random.default_rng(19), 6, 64), T.Q8_0)
+    with pytest.raises(ValueError, match="bytes"):
+        QMatrix.from_raw(T.Q8_0, raw[:5], 6, 64)
+    with pytest.raises(ValueError, match="contiguous"):
+        QMatrix.from_raw(T.Q8_0, np.zeros((6, 136), np.uint8)[:, ::2], 6, 64)
+    with pytest.raises(UnsupportedQuantType):
+        QMatrix.from_raw(T.Q4_K, raw, 6, 256)
+    with pytest.raises(ValueError, match="uint8"):
+        QMatrix(FORMATS[T.Q8_0], 6, 64, raw[:, :-1])
+
+
+def test_gguf_file_tensors_work_in_place(tmp_path):
+    """Tensors read from a real GGUF file (read-only memmap views) multiply without copies."""
+    import gguf
+
+    rng = np.random.default_rng(20)
+    path = tmp_path / "t.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    dense = {t: random_weights(rng, 5, 64) for t in ALL}
+    for t, values in dense.items():
+        if t == T.F32:
+            writer.add_tensor(t.name, values)
+        else:
+            writer.add_tensor(t.name, encode(values, t), raw_dtype=t)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    reader = gguf.GGUFReader(str(path))
+    x = make_tokens(3, 64, seed=21)
+    for tensor in reader.tensors:
+        t = T(tensor.tensor_type)
+        n_cols, n_rows = (int(n) for n in tensor.shape)
+        w = QMatrix.from_raw(t, tensor.data, n_rows, n_cols)
+        assert not w.data.flags.writeable and np.shares_memory(w.data, reader.data)
+        in_memory = QMatrix.from_raw(t, encode(dense[t], t), n_rows, n_cols)
+        np.testing.assert_array_equal(matmul(w, x), matmul(in_memory, x))
+        np.testing.assert_array_equal(dequantize_rows(w, np.array([4, 0])), in_memory.dequantize()[[4, 0]])
