@@ -1,0 +1,35 @@
+"""Architecture registry, keyed by the GGUF's `general.architecture`.
+
+To add a family: write a module with `model_args(gguf) -> ModelArgs` and register it here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..errors import UnsupportedModelError
+from ..gguf_file import GGUFFile
+from . import llama
+from .base import ModelArgs
+
+ARCHITECTURES: dict[str, Callable[[GGUFFile], ModelArgs]] = {
+    "llama": llama.model_args,
+}
+
+
+def model_args(gguf: GGUFFile) -> ModelArgs:
+    arch = gguf.architecture
+    if arch not in ARCHITECTURES:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise UnsupportedModelError(f"{gguf.path}: architecture '{arch}' is not supported (supported: {supported})")
+    args = ARCHITECTURES[arch](gguf)
+    if args.n_head % args.n_head_kv:
+        raise UnsupportedModelError(f"{gguf.path}: {args.n_head} heads do not group over {args.n_head_kv} KV heads")
+    if args.is_moe and not 0 < args.n_expert_used <= args.n_expert:
+        raise UnsupportedModelError(
+            f"{gguf.path}: expert_used_count {args.n_expert_used} does not fit expert_count {args.n_expert}"
+        )
+    return args
+
+
+__all__ = ["ARCHITECTURES", "ModelArgs", "model_args"]

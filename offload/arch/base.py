@@ -1,0 +1,83 @@
+"""What an architecture module provides: a `ModelArgs` read from GGUF metadata.
+
+The forward pass (`offload.forward`) is one generic transformer step. An architecture
+differs from another only in the values of these fields: hyperparameters, the RoPE
+pairing, how the router turns logits into expert weights, and which optional pieces
+(q/k norms, attention biases, a shared expert) its layers carry. Tensor names are
+llama.cpp's, which are the same across these families.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..errors import UnsupportedModelError
+from ..gguf_file import GGUFFile
+
+RopeStyle = Literal["normal", "neox"]  # pairs (x0,x1),(x2,x3)... or halves (x_i, x_{i+d/2})
+Routing = Literal["softmax_topk_norm", "softmax_topk"]
+QKNorm = Literal["head", "full"]  # RMSNorm per head (Qwen3) or over the whole projection (OLMoE)
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ctx_train: int
+    rms_eps: float
+    rope_base: float
+    rope_dim: int
+    rope_style: RopeStyle
+    rope_freq_scale: float = 1.0
+    n_ff: int = 0  # hidden size of a dense FFN
+    n_expert: int = 0  # 0: a dense model
+    n_expert_used: int = 0
+    n_ff_exp: int = 0  # hidden size of one expert
+    routing: Routing = "softmax_topk_norm"
+    qk_norm: QKNorm | None = None
+    attn_bias: bool = False
+    shared_expert: bool = False
+    n_dense_lead: int = 0  # leading layers with a dense FFN in an MoE model (DeepSeek)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.is_moe and layer >= self.n_dense_lead
+
+
+def hparam(gguf: GGUFFile, key: str, default=None):
+    """`{arch}.{key}` from the metadata; required when no default is given."""
+    full = f"{gguf.architecture}.{key}"
+    value = gguf.get(full, default)
+    if value is None:
+        raise UnsupportedModelError(f"{gguf.path}: required metadata key {full} is missing")
+    return value
+
+
+def per_layer_constant(gguf: GGUFFile, key: str, default=None) -> int:
+    """Some files store head counts per layer (an array); we need them all equal."""
+    value = hparam(gguf, key, default)
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise UnsupportedModelError(f"{gguf.path}: per-layer {key} values {sorted(set(value))} are not supported")
+        value = value[0]
+    return int(value)
+
+
+def rope_freq_scale(gguf: GGUFFile) -> float:
+    """Linear RoPE scaling is a frequency scale; other scaling types change the math."""
+    kind = gguf.get(f"{gguf.architecture}.rope.scaling.type", "none")
+    if kind in ("none", None):
+        return 1.0
+    if kind == "linear":
+        factor = float(gguf.get(f"{gguf.architecture}.rope.scaling.factor", 1.0))
+        return 1.0 / factor if factor else 1.0
+    raise UnsupportedModelError(f"{gguf.path}: RoPE scaling type '{kind}' is not supported yet")

@@ -1,0 +1,187 @@
+"""The transformer step, generic over architectures.
+
+One call runs a batch of new tokens (a prompt, or one token while decoding) through
+every layer, appending their keys and values to the KV cache:
+
+    x = embed(tokens)
+    for each layer:
+        x += attention(rms_norm(x))          # RoPE, grouped-query, causal over the cache
+        x += ffn(rms_norm(x))                # dense SwiGLU, or routed experts (+ shared)
+    logits = output(rms_norm(x))
+
+Numerics follow llama.cpp's CPU backend (float32 activations; each matmul converts its
+input the way ggml does for the weight's type, see `offload.kernels`), because MoE
+routing is discontinuous: a small drift in activations flips expert choices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .arch import ModelArgs
+from .errors import ContextOverflowError
+from .kernels import QMatrix, matmul
+from .weights import FFN, Attention, ExpertStore, MoE, Weights
+
+
+# The elementwise ops round where ggml rounds (sums in double, then one float32 scale),
+# so that activations agree with llama.cpp's to the last bit as often as possible: a
+# one-ulp difference can flip a rounding to F16 or Q8_0 in the next matmul.
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    mean_sq = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
+    scale = np.float32(1.0) / np.sqrt(mean_sq + np.float32(eps))
+    return (x * scale) * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e * (1.0 / e.sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
+
+
+def rope_tables(args: ModelArgs, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin of every (position, pair), computed as ggml does (theta *= theta_scale in float32)."""
+    n_pairs = args.rope_dim // 2
+    theta_scale = np.float32(args.rope_base) ** np.float32(-2.0 / args.rope_dim)
+    theta = np.empty((n_ctx, n_pairs), dtype=np.float32)
+    theta[:, 0] = np.arange(n_ctx, dtype=np.float32)
+    for i in range(1, n_pairs):
+        theta[:, i] = theta[:, i - 1] * theta_scale
+    theta *= np.float32(args.rope_freq_scale)
+    return np.cos(theta), np.sin(theta)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: int, style: str) -> None:
+    """Rotate x (n_tokens, n_heads, head_dim) in place; cos/sin are (n_tokens, rope_dim/2)."""
+    if style == "normal":  # pairs (x0, x1), (x2, x3), ...
+        a, b = x[..., 0:rope_dim:2], x[..., 1:rope_dim:2]
+    else:  # neox: pairs (x_i, x_{i + rope_dim/2})
+        a, b = x[..., : rope_dim // 2], x[..., rope_dim // 2 : rope_dim]
+    c, s = cos[:, None, :], sin[:, None, :]
+    a_new = a * c - b * s
+    b[...] = a * s + b * c
+    a[...] = a_new
+
+
+def route(router_logits: np.ndarray, k: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Pick each token's experts and their weights: (n, k) expert ids, (n, k) weights."""
+    probs = softmax(router_logits)
+    chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    weights = np.take_along_axis(probs, chosen, axis=-1)
+    if kind == "softmax_topk_norm":
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return chosen, weights
+
+
+class KVCache:
+    """Keys and values of every past position, per layer, allocated once for the context."""
+
+    def __init__(self, n_layer: int, n_ctx: int, kv_dim: int):
+        self.k = np.zeros((n_layer, n_ctx, kv_dim), dtype=np.float32)
+        self.v = np.zeros((n_layer, n_ctx, kv_dim), dtype=np.float32)
+        self.n_ctx = n_ctx
+        self.n_past = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class Transformer:
+    def __init__(self, args: ModelArgs, weights: Weights, experts: ExpertStore, n_ctx: int):
+        self.args = args
+        self.weights = weights
+        self.experts = experts
+        self.cache = KVCache(args.n_layer, n_ctx, args.n_head_kv * args.head_dim)
+        self.rope_cos, self.rope_sin = rope_tables(args, n_ctx)
+
+    def reset(self) -> None:
+        self.cache.n_past = 0
+
+    def forward(self, tokens: np.ndarray, all_logits: bool = False) -> np.ndarray:
+        """Run new tokens after the cached ones; logits of every new token, or of the last."""
+        n = len(tokens)
+        start = self.cache.n_past
+        if start + n > self.cache.n_ctx:
+            raise ContextOverflowError(
+                f"{start + n} tokens do not fit the context of {self.cache.n_ctx} (raise -c / n_ctx)"
+            )
+        a = self.args
+        x = self.weights.embed(np.asarray(tokens, dtype=np.int64))
+        for i, layer in enumerate(self.weights.layers):
+            x = x + self._attention(i, layer.attn, rms_norm(x, layer.attn.norm, a.rms_eps), start)
+            h = rms_norm(x, layer.ffn_norm, a.rms_eps)
+            x = x + (self._moe(i, layer.moe, h) if layer.moe else _ffn(layer.dense, h))
+        self.cache.n_past = start + n
+        if not all_logits:
+            x = x[-1:]
+        x = rms_norm(x, self.weights.output_norm, a.rms_eps)
+        return matmul(self.weights.output, np.ascontiguousarray(x))
+
+    def _attention(self, layer: int, w: Attention, x: np.ndarray, start: int) -> np.ndarray:
+        a = self.args
+        n, hd, n_kv = len(x), a.head_dim, a.n_head_kv
+        q, k, v = matmul(w.wq, x), matmul(w.wk, x), matmul(w.wv, x)
+        if w.bq is not None:
+            q, k, v = q + w.bq, k + w.bk, v + w.bv
+        if a.qk_norm == "full":
+            q, k = rms_norm(q, w.q_norm, a.rms_eps), rms_norm(k, w.k_norm, a.rms_eps)
+        q = q.reshape(n, a.n_head, hd)
+        k = k.reshape(n, n_kv, hd)
+        if a.qk_norm == "head":
+            q, k = rms_norm(q, w.q_norm, a.rms_eps), rms_norm(k, w.k_norm, a.rms_eps)
+        cos, sin = self.rope_cos[start : start + n], self.rope_sin[start : start + n]
+        apply_rope(q, cos, sin, a.rope_dim, a.rope_style)
+        apply_rope(k, cos, sin, a.rope_dim, a.rope_style)
+
+        end = start + n
+        self.cache.k[layer, start:end] = k.reshape(n, -1)
+        self.cache.v[layer, start:end] = v
+        keys = self.cache.k[layer, :end].reshape(end, n_kv, hd).transpose(1, 2, 0)  # (kv, hd, T)
+        values = self.cache.v[layer, :end].reshape(end, n_kv, hd).transpose(1, 0, 2)  # (kv, T, hd)
+
+        # Query heads h = g * group + j share KV head g (ggml broadcasts the same way).
+        group = a.n_head // n_kv
+        qg = q.reshape(n, n_kv, group, hd).transpose(1, 2, 0, 3)  # (kv, group, n, hd)
+        scores = np.matmul(qg, keys[:, None]) * np.float32(1.0 / np.sqrt(hd))  # (kv, group, n, T)
+        future = np.arange(end)[None, :] > (start + np.arange(n))[:, None]
+        scores[..., future] = -np.inf
+        out = np.matmul(softmax(scores), values[:, None])  # (kv, group, n, hd)
+        out = np.ascontiguousarray(out.transpose(2, 0, 1, 3).reshape(n, a.n_head * hd))
+        return matmul(w.wo, out)
+
+    def _moe(self, layer: int, w: MoE, x: np.ndarray) -> np.ndarray:
+        """Route each token to its top-k experts; run each chosen expert once on its tokens."""
+        a = self.args
+        chosen, weights = route(matmul(w.router, x), a.n_expert_used, a.routing)
+        # Per (token, slot) outputs, summed in slot order at the end as llama.cpp does.
+        per_slot = np.zeros((len(x), a.n_expert_used, a.n_embd), dtype=np.float32)
+        for expert in np.unique(chosen):
+            tokens, slots = np.nonzero(chosen == expert)
+            y = _ffn(self.experts.get(layer, int(expert)), np.ascontiguousarray(x[tokens]))
+            per_slot[tokens, slots] = y * weights[tokens, slots][:, None]
+        out = per_slot[:, 0]
+        for s in range(1, a.n_expert_used):
+            out = out + per_slot[:, s]
+        if w.shared is not None:
+            shared = _ffn(w.shared, x)
+            if w.shared_gate is not None:
+                shared = shared * _sigmoid(matmul(w.shared_gate, x))
+            out = out + shared
+        return out
+
+
+def _ffn(w: FFN, x: np.ndarray) -> np.ndarray:
+    h = silu(matmul(w.gate, x)) * matmul(w.up, x)
+    return matmul(w.down, np.ascontiguousarray(h, dtype=np.float32))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+__all__ = ["Transformer", "KVCache", "QMatrix", "route", "rms_norm"]

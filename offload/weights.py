@@ -1,0 +1,181 @@
+"""The model's weights as the forward pass sees them, read out of a GGUF file.
+
+Every matrix is a `QMatrix`: a view of its GGUF blocks in the memory map, never
+dequantized as a whole. Routed experts are not held here but behind an `ExpertStore`,
+so the tiered store (RAM slots fed from disk) can stand in for the resident one
+without the forward pass knowing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from .arch import ModelArgs
+from .errors import UnsupportedModelError
+from .gguf_file import GGUFFile, TensorInfo
+from .kernels import QMatrix, UnsupportedQuantType, dequantize_rows, format_for
+
+
+@dataclass
+class FFN:
+    """SwiGLU feed-forward: down(silu(gate·x) * up·x)."""
+
+    gate: QMatrix
+    up: QMatrix
+    down: QMatrix
+
+
+@dataclass
+class Attention:
+    norm: np.ndarray
+    wq: QMatrix
+    wk: QMatrix
+    wv: QMatrix
+    wo: QMatrix
+    bq: np.ndarray | None = None
+    bk: np.ndarray | None = None
+    bv: np.ndarray | None = None
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
+
+
+@dataclass
+class MoE:
+    router: QMatrix  # n_expert rows
+    shared: FFN | None = None
+    shared_gate: QMatrix | None = None  # one row: sigmoid(shared_gate·x) scales the shared expert
+
+
+@dataclass
+class Layer:
+    attn: Attention
+    ffn_norm: np.ndarray
+    dense: FFN | None  # exactly one of dense / moe is set
+    moe: MoE | None
+
+
+@dataclass
+class Weights:
+    token_embd: QMatrix
+    layers: list[Layer]
+    output_norm: np.ndarray
+    output: QMatrix  # token_embd when the file ties them
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        return dequantize_rows(self.token_embd, tokens)
+
+
+class ExpertStore(Protocol):
+    """Where routed experts live. `get` returns the expert's three matrices, ready to use."""
+
+    def get(self, layer: int, expert: int) -> FFN: ...
+
+
+# -- reading ---------------------------------------------------------------------------
+
+def unsupported_tensor(gguf: GGUFFile) -> str | None:
+    """Why offload cannot compute with this file's tensors, or None if it can."""
+    for t in gguf.tensors.values():
+        try:
+            format_for(t.ggml_type)
+        except UnsupportedQuantType as e:
+            return f"tensor {t.name}: {e}"
+    return None
+
+
+def _format(t: TensorInfo):
+    try:
+        return format_for(t.ggml_type)
+    except UnsupportedQuantType as e:
+        raise UnsupportedModelError(f"tensor {t.name}: {e}") from None
+
+
+def _matrix(t: TensorInfo) -> QMatrix:
+    if len(t.shape) != 2:
+        raise UnsupportedModelError(f"tensor {t.name} has shape {t.shape}, expected a matrix")
+    _format(t)
+    return QMatrix.from_raw(t.ggml_type, t.data, n_rows=t.shape[1], n_cols=t.shape[0])
+
+
+def _vector(t: TensorInfo) -> np.ndarray:
+    """Norm weights and biases: small, so decoded once to float32."""
+    _format(t)
+    flat = QMatrix.from_raw(t.ggml_type, t.data, n_rows=1, n_cols=t.n_elements)
+    return dequantize_rows(flat, np.zeros(1, dtype=np.int64))[0]
+
+
+def _expert_matrices(t: TensorInfo, n_expert: int) -> list[QMatrix]:
+    """Split a stacked `ffn_*_exps` tensor (expert index outermost) into one view per expert."""
+    n_cols, n_rows, n = t.shape
+    if n != n_expert:
+        raise UnsupportedModelError(f"tensor {t.name} holds {n} experts, metadata says {n_expert}")
+    fmt = _format(t)
+    raw = t.data.view(np.uint8).reshape(n_expert, n_rows, fmt.row_bytes(n_cols))
+    return [QMatrix(fmt, n_rows, n_cols, raw[e]) for e in range(n_expert)]
+
+
+class ResidentExperts:
+    """Every expert straight from the memory-mapped file (no budget, no I/O accounting)."""
+
+    def __init__(self, gguf: GGUFFile, args: ModelArgs):
+        self._experts: dict[int, list[FFN]] = {}
+        for layer in range(args.n_layer):
+            if not args.is_moe_layer(layer):
+                continue
+            gates, ups, downs = (
+                _expert_matrices(gguf.tensor(f"blk.{layer}.ffn_{part}_exps.weight"), args.n_expert)
+                for part in ("gate", "up", "down")
+            )
+            self._experts[layer] = [FFN(g, u, d) for g, u, d in zip(gates, ups, downs)]
+
+    def get(self, layer: int, expert: int) -> FFN:
+        return self._experts[layer][expert]
+
+
+def load_weights(gguf: GGUFFile, args: ModelArgs) -> Weights:
+    def opt(name: str) -> TensorInfo | None:
+        return gguf.tensors.get(name)
+
+    layers = []
+    for i in range(args.n_layer):
+        p = f"blk.{i}."
+        attn = Attention(
+            norm=_vector(gguf.tensor(p + "attn_norm.weight")),
+            wq=_matrix(gguf.tensor(p + "attn_q.weight")),
+            wk=_matrix(gguf.tensor(p + "attn_k.weight")),
+            wv=_matrix(gguf.tensor(p + "attn_v.weight")),
+            wo=_matrix(gguf.tensor(p + "attn_output.weight")),
+        )
+        if args.attn_bias:
+            attn.bq, attn.bk, attn.bv = (_vector(gguf.tensor(p + f"attn_{x}.bias")) for x in "qkv")
+        if args.qk_norm:
+            attn.q_norm = _vector(gguf.tensor(p + "attn_q_norm.weight"))
+            attn.k_norm = _vector(gguf.tensor(p + "attn_k_norm.weight"))
+        dense = moe = None
+        if args.is_moe_layer(i):
+            if opt(p + "ffn_gate_exps.weight") is None and opt(p + "ffn_gate.0.weight") is not None:
+                raise UnsupportedModelError(
+                    "this GGUF stores experts as separate tensors (an old Mixtral conversion); "
+                    "re-convert it with a current llama.cpp"
+                )
+            moe = MoE(router=_matrix(gguf.tensor(p + "ffn_gate_inp.weight")))
+            if args.shared_expert:
+                moe.shared = FFN(*(_matrix(gguf.tensor(p + f"ffn_{x}_shexp.weight")) for x in ("gate", "up", "down")))
+                if opt(p + "ffn_gate_inp_shexp.weight") is not None:
+                    moe.shared_gate = _matrix(gguf.tensor(p + "ffn_gate_inp_shexp.weight"))
+        else:
+            dense = FFN(*(_matrix(gguf.tensor(p + f"ffn_{x}.weight")) for x in ("gate", "up", "down")))
+        ffn_norm = _vector(gguf.tensor(p + "ffn_norm.weight"))
+        layers.append(Layer(attn=attn, ffn_norm=ffn_norm, dense=dense, moe=moe))
+
+    token_embd = _matrix(gguf.tensor("token_embd.weight"))
+    output = opt("output.weight")
+    return Weights(
+        token_embd=token_embd,
+        layers=layers,
+        output_norm=_vector(gguf.tensor("output_norm.weight")),
+        output=_matrix(output) if output is not None else token_embd,
+    )
