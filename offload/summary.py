@@ -1,0 +1,133 @@
+"""What a model file holds and what it needs: the facts `offload inspect` prints."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from .arch import ModelArgs
+from .gguf_file import GGUFFile, TensorInfo
+
+KV_BYTES_PER_VALUE = 4  # the KV cache is float32
+
+
+def tensor_class(name: str) -> str:
+    """Which part of the model a tensor belongs to (llama.cpp tensor names)."""
+    if "_exps." in name:
+        return "experts"
+    if "_shexp." in name:
+        return "shared expert"
+    if "ffn_gate_inp" in name:
+        return "router"
+    if name.endswith("norm.weight") or "_norm." in name:
+        return "norms"
+    if name.startswith("token_embd"):
+        return "embedding"
+    if name.startswith("output"):
+        return "output"
+    if ".attn_" in name:
+        return "attention"
+    return "dense ffn"
+
+
+@dataclass
+class ModelSummary:
+    args: ModelArgs
+    n_ctx: int
+    params_total: int = 0
+    params_experts: int = 0
+    bytes_by_class: dict[tuple[str, str], int] = field(default_factory=dict)  # (class, quant type) -> bytes
+    expert_bytes_per_layer: dict[int, int] = field(default_factory=dict)  # bytes of ONE expert of layer L
+
+    @property
+    def params_active(self) -> int:
+        a = self.args
+        if not a.is_moe:
+            return self.params_total
+        return self.params_total - self.params_experts + self.params_experts * a.n_expert_used // a.n_expert
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(b for (cls, _), b in self.bytes_by_class.items() if cls == "experts")
+
+    @property
+    def resident_bytes(self) -> int:
+        """Weights that every token needs: everything but the routed experts."""
+        return sum(self.bytes_by_class.values()) - self.expert_bytes
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        a = self.args
+        return 2 * a.n_layer * self.n_ctx * a.n_head_kv * a.head_dim * KV_BYTES_PER_VALUE
+
+    @property
+    def minimum_budget(self) -> int:
+        """Resident weights + KV cache + the top-k experts of the largest layer."""
+        top_k = max(self.expert_bytes_per_layer.values(), default=0) * self.args.n_expert_used
+        return self.resident_bytes + self.kv_cache_bytes + top_k
+
+
+def summarize(gguf: GGUFFile, args: ModelArgs, n_ctx: int) -> ModelSummary:
+    s = ModelSummary(args, n_ctx)
+    by_class: dict[tuple[str, str], int] = defaultdict(int)
+    for t in gguf.tensors.values():
+        cls = tensor_class(t.name)
+        by_class[(cls, t.type_name)] += t.n_bytes
+        s.params_total += t.n_elements
+        if cls == "experts":
+            s.params_experts += t.n_elements
+            layer = _layer_of(t)
+            s.expert_bytes_per_layer[layer] = s.expert_bytes_per_layer.get(layer, 0) + t.n_bytes // args.n_expert
+    s.bytes_by_class = dict(sorted(by_class.items()))
+    return s
+
+
+def _layer_of(t: TensorInfo) -> int:
+    return int(t.name.split(".")[1])
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def human_count(n: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if abs(n) < 1000 or unit == "B":
+            return f"{n:.0f}" if unit == "" else f"{n:.2f}{unit}"
+        n /= 1000
+    return f"{n:.2f}B"
+
+
+def format_summary(path: str, s: ModelSummary) -> str:
+    a = s.args
+    lines = [
+        f"file          {path}",
+        f"architecture  {a.arch}{' (MoE)' if a.is_moe else ' (dense)'}",
+        f"layers        {a.n_layer}   hidden {a.n_embd}   heads {a.n_head} (kv {a.n_head_kv}, dim {a.head_dim})   vocab {a.n_vocab}",
+    ]
+    if a.is_moe:
+        lines.append(f"experts       {a.n_expert} per layer, {a.n_expert_used} used per token, hidden {a.n_ff_exp}")
+    else:
+        lines.append(f"ffn           hidden {a.n_ff}")
+    lines += [
+        f"context       {a.n_ctx_train} trained; {s.n_ctx} planned here",
+        f"parameters    {human_count(s.params_total)} total, {human_count(s.params_active)} active per token",
+        "",
+        f"{'tensor class':<16}{'type':<8}{'bytes':>12}",
+    ]
+    for (cls, qtype), n in s.bytes_by_class.items():
+        lines.append(f"{cls:<16}{qtype:<8}{human_bytes(n):>12}")
+    lines += [
+        "",
+        f"always resident   {human_bytes(s.resident_bytes)} (all but the routed experts)",
+        f"routed experts    {human_bytes(s.expert_bytes)}"
+        + (f" ({human_bytes(max(s.expert_bytes_per_layer.values()))} per expert, largest layer)" if a.is_moe else ""),
+        f"KV cache          {human_bytes(s.kv_cache_bytes)} for {s.n_ctx} tokens (float32)",
+        f"minimum budget    {human_bytes(s.minimum_budget)} (resident + KV cache + one layer's top-{a.n_expert_used or 0} experts)",
+        f"whole model       {human_bytes(s.resident_bytes + s.expert_bytes + s.kv_cache_bytes)} with its KV cache",
+    ]
+    return "\n".join(lines)
