@@ -1,0 +1,215 @@
+"""Small random-weight models and the llama.cpp oracle, for tests, benchmarks and the demo.
+
+    path = write_model(tmp / "m.gguf", TinyConfig(n_expert=8), weight_type="Q8_0")
+    quantize_model(path_f32, tmp / "q4km.gguf", "Q4_K_M")        # llama.cpp's own quantizer
+    ref = llama_cpp_logits(path, ids)                               # llama.cpp's logits
+
+Models carry a real tokenizer (a vocab-only GGUF from llama.cpp: the bundled
+SentencePiece vocabulary of Llama 2 / Mixtral, or one from ../shared/data/vocab) and
+llama.cpp's tensor names and metadata, so llama.cpp loads them as it would a converted
+Mixtral. Weights are written the way llama.cpp's quantizer leaves them: norms and the
+router in F32, every other matrix in the chosen type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType
+from gguf.quants import quantize
+
+_BUNDLED_VOCAB = Path(__file__).parent / "data" / "ggml-vocab-llama-spm.gguf"
+
+
+def shared_data_dir() -> Path | None:
+    """The project's shared real data (`../shared/data` from the repo root), if present."""
+    env = os.environ.get("OFFLOAD_SHARED_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data")
+    return next((p for p in candidates if p.is_dir()), None)
+
+
+def vocab_path(name: str = "llama-spm") -> Path:
+    """A vocab-only GGUF by family name: llama-spm (bundled), qwen2, llama-bpe, deepseek-llm, phi-3."""
+    if name == "llama-spm":
+        return _BUNDLED_VOCAB
+    shared = shared_data_dir()
+    path = shared / "vocab" / f"ggml-vocab-{name}.gguf" if shared else None
+    if path is None or not path.exists():
+        raise FileNotFoundError(f"vocabulary {name!r} needs ../shared/data/vocab (not found)")
+    return path
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    n_head_kv: int = 2
+    head_dim: int | None = None  # default n_embd // n_head
+    n_ff: int = 128  # expert (or dense FFN) hidden size
+    n_expert: int = 4  # 0: a dense llama
+    n_expert_used: int = 2
+    n_ctx: int = 512
+    rope_base: float = 10000.0
+    rms_eps: float = 1e-5
+    vocab: str = "llama-spm"
+
+
+_FILE_TYPES = {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16, "BF16": LlamaFileType.MOSTLY_BF16,
+               "Q8_0": LlamaFileType.MOSTLY_Q8_0, "Q4_0": LlamaFileType.MOSTLY_Q4_0}
+
+
+def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(), weight_type: str = "F32",
+                seed: int = 0) -> Path:
+    """Write a random-weight llama-arch model (MoE when n_expert > 0) as GGUF."""
+    c, path = config, Path(path)
+    qtype = GGMLQuantizationType[weight_type]
+    rng = np.random.default_rng(seed)
+    head_dim = c.head_dim or c.n_embd // c.n_head
+    vocab = GGUFReader(vocab_path(c.vocab))
+    n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)
+
+    w = GGUFWriter(path, "llama")
+    w.add_name(f"offload-tiny-{'moe' if c.n_expert else 'dense'}")
+    w.add_file_type(_FILE_TYPES[weight_type])
+    w.add_context_length(c.n_ctx)
+    w.add_embedding_length(c.n_embd)
+    w.add_block_count(c.n_layer)
+    w.add_feed_forward_length(c.n_ff)
+    w.add_head_count(c.n_head)
+    w.add_head_count_kv(c.n_head_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(c.rope_base)
+    w.add_layer_norm_rms_eps(c.rms_eps)
+    w.add_vocab_size(n_vocab)
+    if c.n_expert:
+        w.add_expert_count(c.n_expert)
+        w.add_expert_used_count(c.n_expert_used)
+    for key, f in vocab.fields.items():
+        if key.startswith("tokenizer."):
+            sub = f.types[-1] if len(f.types) > 1 else None
+            w.add_key_value(key, f.contents(), f.types[0], sub)
+
+    def matrix(name: str, *shape: int, keep_f32: bool = False) -> None:
+        """A weight of numpy shape (..., n_out, n_in), scaled so activations stay O(1)."""
+        data = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+        _add(w, name, data, GGMLQuantizationType.F32 if keep_f32 else qtype)
+
+    def norm(name: str, n: int) -> None:
+        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    _add(w, "token_embd.weight", rng.standard_normal((n_vocab, c.n_embd)).astype(np.float32), qtype)
+    for i in range(c.n_layer):
+        p = f"blk.{i}."
+        norm(p + "attn_norm.weight", c.n_embd)
+        matrix(p + "attn_q.weight", c.n_head * head_dim, c.n_embd)
+        matrix(p + "attn_k.weight", c.n_head_kv * head_dim, c.n_embd)
+        matrix(p + "attn_v.weight", c.n_head_kv * head_dim, c.n_embd)
+        matrix(p + "attn_output.weight", c.n_embd, c.n_head * head_dim)
+        norm(p + "ffn_norm.weight", c.n_embd)
+        if c.n_expert:
+            matrix(p + "ffn_gate_inp.weight", c.n_expert, c.n_embd, keep_f32=True)
+            matrix(p + "ffn_gate_exps.weight", c.n_expert, c.n_ff, c.n_embd)
+            matrix(p + "ffn_up_exps.weight", c.n_expert, c.n_ff, c.n_embd)
+            matrix(p + "ffn_down_exps.weight", c.n_expert, c.n_embd, c.n_ff)
+        else:
+            matrix(p + "ffn_gate.weight", c.n_ff, c.n_embd)
+            matrix(p + "ffn_up.weight", c.n_ff, c.n_embd)
+            matrix(p + "ffn_down.weight", c.n_embd, c.n_ff)
+    norm("output_norm.weight", c.n_embd)
+    matrix("output.weight", n_vocab, c.n_embd)
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _add(w: GGUFWriter, name: str, data: np.ndarray, qtype: GGMLQuantizationType) -> None:
+    if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        w.add_tensor(name, quantize(data, qtype))
+    else:
+        w.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)
+
+
+def quantize_model(src: str | os.PathLike[str], dst: str | os.PathLike[str], ftype: str, n_threads: int = 2) -> Path:
+    """Quantize with llama.cpp's own quantizer (`llama-quantize`), e.g. ftype="Q4_K_M"."""
+    from .tokenizer import load_llama_cpp
+
+    llama_cpp = load_llama_cpp()
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(LlamaFileType[f"MOSTLY_{ftype}"])
+    params.nthread = n_threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {ftype}) failed with {rc}")
+    return Path(dst)
+
+
+# -- the oracle -----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _without_repacked_buffers():
+    """llama.cpp's repacked (AMX / extra buffer type) weights crash on quantized models on
+    Xeons with AMX; `use_extra_bufts = False` on the model params avoids them. Llama()
+    builds its params from llama_model_default_params(), so we wrap that function."""
+    import llama_cpp.llama_cpp as lib
+
+    original = lib.llama_model_default_params
+
+    def patched():
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = original
+
+
+def llama_cpp_model(path: str | os.PathLike[str], n_ctx: int = 512, n_threads: int = 2, logits_all: bool = True):
+    """llama-cpp-python's Llama on `path`, with an F32 KV cache so it can be compared exactly."""
+    from .tokenizer import load_llama_cpp
+
+    llama_cpp = load_llama_cpp()
+    with _without_repacked_buffers():
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads,
+                               n_threads_batch=n_threads, logits_all=logits_all, type_k=0, type_v=0, verbose=False)
+
+
+def llama_cpp_logits(path: str | os.PathLike[str], tokens: list[int], n_ctx: int = 512) -> np.ndarray:
+    """llama.cpp's logits (len(tokens), n_vocab) for one batched evaluation of `tokens`."""
+    llm = llama_cpp_model(path, n_ctx=n_ctx)
+    try:
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def llama_cpp_greedy(path: str | os.PathLike[str], tokens: list[int], n: int, n_ctx: int = 512) -> list[int]:
+    """The (up to) n tokens llama.cpp's greedy decoding appends to `tokens`, stopping before EOS."""
+    llm = llama_cpp_model(path, n_ctx=n_ctx)
+    try:
+        out: list[int] = []
+        llm.eval(tokens)
+        for _ in range(n):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            if token == llm.token_eos():
+                break
+            out.append(token)
+            llm.eval([token])
+        return out
+    finally:
+        llm.close()
