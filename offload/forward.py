@@ -162,7 +162,7 @@ class Transformer:
         per_slot = np.zeros((len(x), a.n_expert_used, a.n_embd), dtype=np.float32)
         for expert in np.unique(chosen):
             tokens, slots = np.nonzero(chosen == expert)
-            y = _ffn(self.experts.get(layer, int(expert)), np.ascontiguousarray(x[tokens]))
+            y = _ffn(self.experts.get(layer, int(expert)), np.ascontiguousarray(x[tokens]), expert=True)
             per_slot[tokens, slots] = y * weights[tokens, slots][:, None]
         out = per_slot[:, 0]
         for s in range(1, a.n_expert_used):
@@ -175,9 +175,10 @@ class Transformer:
         return out
 
 
-def _ffn(w: FFN, x: np.ndarray) -> np.ndarray:
-    h = silu(matmul(w.gate, x)) * matmul(w.up, x)
-    return matmul(w.down, np.ascontiguousarray(h, dtype=np.float32))
+def _ffn(w: FFN, x: np.ndarray, expert: bool = False) -> np.ndarray:
+    """SwiGLU; `expert` marks a routed expert (llama.cpp's mul_mat_id sums in its own order)."""
+    h = silu(matmul(w.gate, x, expert=expert)) * matmul(w.up, x, expert=expert)
+    return matmul(w.down, np.ascontiguousarray(h, dtype=np.float32), expert=expert)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

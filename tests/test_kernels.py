@@ -4,6 +4,8 @@ their summation order."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
@@ -266,36 +268,96 @@ def test_matmul_on_random_bytes(t):
     assert_close_to_ref(w, x, matmul(w, x))
 
 
-def sequential_model(w: QMatrix, x: np.ndarray) -> np.ndarray:
-    """The kernels' documented float32 summation order, in numpy, vectorized over (t, r)."""
-    n_tokens = len(x)
-    acc = np.zeros((n_tokens, w.n_rows), dtype=np.float32)
-    if w.fmt.vec_dot_type == "Q8_0":
-        blocks = w.data.view(w.fmt.layout)  # (n_rows, n_blocks)
-        d_w = blocks["d"].astype(np.float32)
-        if w.fmt.ggml_type == T.Q8_0:  # exact ints straight from the bytes
-            q_w = blocks["qs"]
-        else:
-            q = blocks["qs"]
-            q_w = np.concatenate([q & 0x0F, q >> 4], axis=-1).astype(np.int64) - 8
-        xq, xd = quantize_q8_0_ref(x)
-        sumi = np.einsum("rbj,tbj->trb", q_w.astype(np.int64), xq.reshape(n_tokens, -1, 32).astype(np.int64))
-        for b in range(d_w.shape[1]):
-            acc = acc + (d_w[None, :, b] * xd[:, None, b]) * sumi[:, :, b].astype(np.float32)
+# -- bit-exact against ggml's own dot products ---------------------------------------------
+#
+# llama-cpp-python ships libggml-cpu, which exports ggml's CPU dot products. Our kernels
+# follow their AVX2 summation order (see numba_kernels), so on an AVX2 machine they must
+# agree to the bit. An AVX-512 build of ggml sums in 16 lanes instead: skip there.
+
+def _ggml_cpu():
+    import ctypes
+
+    import llama_cpp
+
+    if "avx512f" in open("/proc/cpuinfo").read():
+        pytest.skip("offload emulates ggml's AVX2 summation order; this CPU runs its AVX-512 one")
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
+    sig = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+           ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for name in ("ggml_vec_dot_f32", "ggml_vec_dot_f16", "ggml_vec_dot_bf16", "ggml_vec_dot_q8_0_q8_0",
+                 "ggml_vec_dot_q4_0_q8_0"):
+        getattr(lib, name).argtypes = sig
+    lib.quantize_row_q8_0.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.ggml_cpu_init()  # fills ggml's f16 -> f32 table, which the dot products read
+    return lib
+
+
+def ggml_dot(lib, t, w_row: np.ndarray, act_row) -> np.float32:
+    """ggml's vec_dot of one weight row (its GGUF bytes) with one converted activation row."""
+    out = np.zeros(1, dtype=np.float32)
+    if t == T.F32:
+        x = np.ascontiguousarray(act_row, dtype=np.float32)
+        fn, y = lib.ggml_vec_dot_f32, x
+    elif t == T.F16:
+        fn, y = lib.ggml_vec_dot_f16, np.ascontiguousarray(act_row).astype(np.float16)
+    elif t == T.BF16:
+        fn, y = lib.ggml_vec_dot_bf16, f32_to_bf16(np.ascontiguousarray(act_row))
     else:
-        wf, a = w.dequantize(), activation_ref(w.fmt.vec_dot_type, x)
-        for c in range(w.n_cols):
-            acc = acc + a[:, None, c] * wf[None, :, c]
-    return acc
+        fn = lib.ggml_vec_dot_q8_0_q8_0 if t == T.Q8_0 else lib.ggml_vec_dot_q4_0_q8_0
+        qs, d = act_row
+        y = np.zeros(len(d), dtype=[("d", "<f2"), ("qs", "i1", 32)])
+        y["d"], y["qs"] = d.astype(np.float16), qs.reshape(-1, 32)
+    w = np.ascontiguousarray(w_row)
+    fn(len(act_row) if t in FLOATS else len(act_row[0]), out.ctypes.data, 0, w.ctypes.data, 0, y.ctypes.data, 0, 1)
+    return out[0]
 
 
 @pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
-def test_matmul_summation_order_is_exact(t):
-    """Bit-exact against a numpy model of the order: sequential float32, no FMA, and for
-    quantized weights an integer dot per block scaled by f32(d_w) * f32(d_x)."""
-    w = make_matrix(t, 9, 256, seed=11)
-    x = make_tokens(4, 256, seed=12)
-    np.testing.assert_array_equal(bits(matmul(w, x)), bits(sequential_model(w, x)))
+@pytest.mark.parametrize("n_cols", [64, 256, 96 + 32 * 9, 1000])
+def test_one_token_matmul_is_bit_exact_with_ggml(t, n_cols):
+    """One token: ggml's vec_dot for every weight type (including the n % 32 tail)."""
+    if n_cols % 32 and t not in FLOATS:
+        pytest.skip("block formats need whole blocks")
+    lib = _ggml_cpu()
+    w = make_matrix(t, 16, n_cols, seed=21)
+    x = make_tokens(1, n_cols, seed=22)
+    ours = matmul(w, x)[0]
+    if t in FLOATS:
+        act = activation_ref(FORMATS[t].vec_dot_type, x)[0]
+    else:
+        qs, d = quantize_q8_0_ref(x)
+        act = (qs[0], d[0])
+    theirs = np.array([ggml_dot(lib, t, w.data[r], act) for r in range(w.n_rows)], dtype=np.float32)
+    np.testing.assert_array_equal(bits(ours), bits(theirs))
+
+
+def test_q8_0_activation_quantizer_is_bit_exact_with_ggml():
+    lib = _ggml_cpu()
+    x = make_tokens(3, 512, seed=23)
+    qs, d = quantize_q8_0(x)
+    for t in range(len(x)):
+        blocks = np.zeros(512 // 32, dtype=[("d", "<f2"), ("qs", "i1", 32)])
+        row = np.ascontiguousarray(x[t])
+        lib.quantize_row_q8_0(row.ctypes.data, blocks.ctypes.data, 512)
+        np.testing.assert_array_equal(blocks["qs"].reshape(-1), qs[t])
+        np.testing.assert_array_equal(blocks["d"].astype(np.float32), d[t])
+
+
+@pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
+def test_expert_matmuls_sum_like_ggml_vec_dot(t):
+    """Experts run through ggml's mul_mat_id, which uses vec_dot even for a batch of tokens."""
+    lib = _ggml_cpu()
+    w = make_matrix(t, 8, 256, seed=24)
+    x = make_tokens(5, 256, seed=25)
+    ours = matmul(w, x, expert=True)
+    for tok in range(len(x)):
+        if t in FLOATS:
+            act = activation_ref(FORMATS[t].vec_dot_type, x[tok : tok + 1])[0]
+        else:
+            qs, d = quantize_q8_0_ref(x[tok : tok + 1])
+            act = (qs[0], d[0])
+        theirs = np.array([ggml_dot(lib, t, w.data[r], act) for r in range(w.n_rows)], dtype=np.float32)
+        np.testing.assert_array_equal(bits(ours[tok]), bits(theirs))
 
 
 def test_matmul_out_and_layouts():

@@ -5,7 +5,8 @@ ggml's CPU matmul first converts each activation row to the weight type's `vec_d
 steps are tables here, so a new format or a faster kernel is one entry:
 
 * `ACTIVATION_CONVERTERS[vec_dot_type](x) -> act`, a tuple of arrays,
-* `KERNELS[ggml_type](w.data, act, out)`, filling out in place.
+* `KERNELS[ggml_type](w.data, act, out, expert)`, filling out in place. `expert` says the
+  matrix is a routed expert (ggml's mul_mat_id), whose float kernels sum in another order.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .formats import QMatrix, UnsupportedQuantType, activation_ref, round_bf16, 
 
 Activations = tuple[np.ndarray, ...]
 Converter = Callable[[np.ndarray], Activations]
-Kernel = Callable[[np.ndarray, Activations, np.ndarray], None]
+Kernel = Callable[[np.ndarray, Activations, np.ndarray, bool], None]
 
 ACTIVATION_CONVERTERS: dict[str, Converter] = {
     "F32": lambda x: (x,),
@@ -38,7 +39,7 @@ KERNELS: dict[GGMLQuantizationType, Kernel] = {
 }
 
 
-def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, expert: bool = False) -> np.ndarray:
     """out[t, r] = sum_c W[r, c] * act(x)[t, c] for x float32 (n_tokens, n_cols).
 
     Returns `out` (float32 (n_tokens, n_rows)), allocated unless given. x is used in place
@@ -61,7 +62,7 @@ def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarr
     kernel = KERNELS.get(w.fmt.ggml_type)
     if kernel is None:
         raise UnsupportedQuantType(w.fmt.ggml_type, "has no matmul kernel")
-    kernel(w.data, ACTIVATION_CONVERTERS[w.fmt.vec_dot_type](x), out)
+    kernel(w.data, ACTIVATION_CONVERTERS[w.fmt.vec_dot_type](x), out, expert)
     return out
 
 

@@ -73,46 +73,133 @@ def quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # -- float weights -------------------------------------------------------------------------
 
+# Summation orders of llama.cpp's x86 AVX2 float dot products (weights and activations
+# decoded to float32 first; every product is exact for F16 and BF16):
+#  GEMM8   llamafile's tinyBLAS, used by ggml's mul_mat for batches of 2+ tokens when the
+#          row length is a multiple of 8: lane i accumulates elements 8m+i with FMA,
+#          then the lanes are reduced as hsum_float_8.
+#  VECDOT  ggml_vec_dot_f32 / _f16 (one token, and every expert matmul: mul_mat_id):
+#          four 8-lane FMA accumulators over chunks of 32, reduced (0+2)+(1+3) lane-wise,
+#          then across lanes with two hadds; the tail (n % 32) is added one by one.
+#  VECDOT_BF16  ggml_vec_dot_bf16: the same accumulators, reduced across lanes as hsum_float_8.
+GEMM8, VECDOT, VECDOT_BF16 = 0, 1, 2
+
+
+@njit(inline="always")
+def _fma(a, b, c):
+    """float32 fused multiply-add (one rounding): exact in float64 for these operands."""
+    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+
+@njit(inline="always")
+def _hsum8(l0, l1, l2, l3, l4, l5, l6, l7):
+    """ggml's hsum_float_8: fold the high 128 bits onto the low, then (0+2) + (1+3)."""
+    a0, a1, a2, a3 = l4 + l0, l5 + l1, l6 + l2, l7 + l3
+    return (a0 + a2) + (a1 + a3)
+
+
+@njit(inline="always")
+def _float_dot(wrow, x, t, mode, double_tail, acc):
+    """Dot of a decoded weight row with activation row t in one of the orders above."""
+    n = x.shape[1]
+    acc[:] = 0.0
+    if mode == GEMM8:
+        for c in range(n):
+            acc[c % 8] = _fma(wrow[c], x[t, c], acc[c % 8])
+        return _hsum8(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7])
+    main = n - n % 32
+    for c in range(main):
+        acc[c % 32] = _fma(wrow[c], x[t, c], acc[c % 32])
+    for i in range(8):  # fold the four accumulators: lane i needs only lanes i, 8+i, 16+i, 24+i
+        acc[i] = (acc[i] + acc[16 + i]) + (acc[8 + i] + acc[24 + i])
+    if mode == VECDOT_BF16:
+        total = np.float64(_hsum8(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]))
+    else:
+        t0, t1, t2, t3 = acc[0] + acc[4], acc[1] + acc[5], acc[2] + acc[6], acc[3] + acc[7]
+        total = np.float64((t0 + t1) + (t2 + t3))
+    if double_tail:  # vec_dot_f16 / _bf16 keep the sum in double
+        for c in range(main, n):
+            total += np.float64(wrow[c] * x[t, c])
+        return np.float32(total)
+    tail = np.float32(total)  # vec_dot_f32 keeps a float, and rounds each tail product
+    for c in range(main, n):
+        tail += wrow[c] * x[t, c]
+    return tail
+
+
 @njit(parallel=True, cache=True, nogil=True)
-def _matmul_f32(w, x, out):
-    n_rows, n_cols = w.shape
-    for r in prange(n_rows):
+def _matmul_f32(w, x, out, mode):
+    for r in prange(w.shape[0]):
+        acc = np.empty(32, dtype=np.float32)
         for t in range(x.shape[0]):
-            acc = np.float32(0.0)
-            for c in range(n_cols):
-                acc += w[r, c] * x[t, c]
-            out[t, r] = acc
+            out[t, r] = _float_dot(w[r], x, t, mode, False, acc)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _matmul_16bit(w_bits, table, x, out):
-    """F16 or BF16 weights (uint16 patterns decoded through `table`) times activations
-    already rounded to the same type; each product is exact in float32."""
+def _matmul_16bit(w_bits, table, x, out, mode):
+    """F16 or BF16 weights (uint16 patterns decoded through `table`, a row at a time)."""
     n_rows, n_cols = w_bits.shape
     for r in prange(n_rows):
+        acc = np.empty(32, dtype=np.float32)
+        wrow = np.empty(n_cols, dtype=np.float32)
+        for c in range(n_cols):
+            wrow[c] = table[w_bits[r, c]]
         for t in range(x.shape[0]):
-            acc = np.float32(0.0)
-            for c in range(n_cols):
-                acc += table[w_bits[r, c]] * x[t, c]
-            out[t, r] = acc
+            out[t, r] = _float_dot(wrow, x, t, mode, True, acc)
 
 
-def matmul_f32(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray) -> None:
+def _float_mode(x: np.ndarray, n_rows: int, expert: bool, bf16: bool = False) -> int:
+    """tinyBLAS takes batches of 2+ tokens when rows % 4 == 0 and the row length % 8 == 0."""
+    if x.shape[0] >= 2 and not expert and n_rows % 4 == 0 and x.shape[1] % 8 == 0:
+        return GEMM8
+    return VECDOT_BF16 if bf16 else VECDOT
+
+
+def matmul_f32(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, expert: bool = False) -> None:
     (x,) = act
-    _matmul_f32(_readonly(w, np.float32), _readonly(x), out)
+    _matmul_f32(_readonly(w, np.float32), _readonly(x), out, _float_mode(x, out.shape[1], expert))
 
 
-def matmul_f16(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray) -> None:
+def matmul_f16(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, expert: bool = False) -> None:
     (x,) = act  # F16-rounded float32
-    _matmul_16bit(_readonly(w, np.uint16), F16_TO_F32, _readonly(x), out)
+    _matmul_16bit(_readonly(w, np.uint16), F16_TO_F32, _readonly(x), out, _float_mode(x, out.shape[1], expert))
 
 
-def matmul_bf16(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray) -> None:
+def matmul_bf16(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, expert: bool = False) -> None:
     (x,) = act  # BF16-rounded float32
-    _matmul_16bit(_readonly(w, np.uint16), BF16_TO_F32, _readonly(x), out)
+    _matmul_16bit(_readonly(w, np.uint16), BF16_TO_F32, _readonly(x), out, _float_mode(x, out.shape[1], expert, bf16=True))
 
 
 # -- block-quantized weights x Q8_0 activations ------------------------------------------------
+#
+# Summation order as ggml's AVX2 `ggml_vec_dot_q{4,8}_0_q8_0` and llamafile's tinyBLAS_Q0_AVX
+# (the batched path), which agree: per 32-value block, eight int32 lanes each sum four
+# consecutive products (maddubs + madd), then lane[i] = fma(d_w * d_x, float(lane_sum[i]),
+# lane[i]) across blocks, and the eight lanes are reduced as hsum_float_8 does. Matching
+# it to the bit matters: the next matmul re-quantizes these outputs, and a one-ulp
+# difference can flip a rounding and with it, in an MoE model, an expert choice.
+
+@njit(inline="always")
+def _q8_lane(w_i8, r, o, xq, t, base, lane):
+    """Exact int sum of the four products of one lane (elements 4*lane .. 4*lane+3)."""
+    acc = 0
+    for j in range(4 * lane, 4 * lane + 4):
+        acc += np.int32(w_i8[r, o + j]) * np.int32(xq[t, base + j])
+    return np.float32(acc)
+
+
+@njit(inline="always")
+def _q4_lane(w, r, o, xq, t, base, lane, high):
+    """Lanes 0-3: low nibbles of bytes 4*lane.., elements 4*lane..; lanes 4-7: high nibbles, elements 16+4*lane.."""
+    acc = 0
+    for j in range(4 * lane, 4 * lane + 4):
+        byte = np.int32(w[r, o + j])
+        if high:
+            acc += ((byte >> 4) - 8) * np.int32(xq[t, base + j + QK // 2])
+        else:
+            acc += ((byte & 0x0F) - 8) * np.int32(xq[t, base + j])
+    return np.float32(acc)
+
 
 @njit(parallel=True, cache=True, nogil=True)
 def _matmul_q8_0(w, w_i8, f16, xq, xd, out):
@@ -121,43 +208,51 @@ def _matmul_q8_0(w, w_i8, f16, xq, xd, out):
     n_blocks = xd.shape[1]
     for r in prange(n_rows):
         for t in range(xq.shape[0]):
-            acc = np.float32(0.0)
+            l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = np.float32(0.0)
             for b in range(n_blocks):
-                o = b * Q8_0_BYTES
-                d_w = f16[w[r, o] | (w[r, o + 1] << 8)]
+                o = b * Q8_0_BYTES + 2
                 base = b * QK
-                sumi = 0
-                for j in range(QK):
-                    sumi += np.int32(w_i8[r, o + 2 + j]) * np.int32(xq[t, base + j])
-                acc += (d_w * xd[t, b]) * np.float32(sumi)
-            out[t, r] = acc
+                d = f16[w[r, o - 2] | (w[r, o - 1] << 8)] * xd[t, b]
+                l0 = _fma(d, _q8_lane(w_i8, r, o, xq, t, base, 0), l0)
+                l1 = _fma(d, _q8_lane(w_i8, r, o, xq, t, base, 1), l1)
+                l2 = _fma(d, _q8_lane(w_i8, r, o, xq, t, base, 2), l2)
+                l3 = _fma(d, _q8_lane(w_i8, r, o, xq, t, base, 3), l3)
+                l4 = _fma(d, _q8_lane(w_i8, r, o, xq, t, base, 4), l4)
+                l5 = _fma(d, _q8_lane(w_i8, r, o, xq, t, base, 5), l5)
+                l6 = _fma(d, _q8_lane(w_i8, r, o, xq, t, base, 6), l6)
+                l7 = _fma(d, _q8_lane(w_i8, r, o, xq, t, base, 7), l7)
+            out[t, r] = _hsum8(l0, l1, l2, l3, l4, l5, l6, l7)
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def _matmul_q4_0(w, f16, xq, xd, out):
+    """Q4_0 block: element j < 16 is the low nibble of byte j, element j + 16 its high nibble
+    (minus 8), so lanes 0-3 read low nibbles and lanes 4-7 high nibbles, in element order."""
     n_rows = w.shape[0]
     n_blocks = xd.shape[1]
     for r in prange(n_rows):
         for t in range(xq.shape[0]):
-            acc = np.float32(0.0)
+            l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = np.float32(0.0)
             for b in range(n_blocks):
-                o = b * Q4_0_BYTES
-                d_w = f16[w[r, o] | (w[r, o + 1] << 8)]
+                o = b * Q4_0_BYTES + 2
                 base = b * QK
-                sumi = 0
-                for j in range(QK // 2):
-                    byte = np.int32(w[r, o + 2 + j])
-                    sumi += ((byte & 0x0F) - 8) * np.int32(xq[t, base + j])
-                    sumi += ((byte >> 4) - 8) * np.int32(xq[t, base + j + QK // 2])
-                acc += (d_w * xd[t, b]) * np.float32(sumi)
-            out[t, r] = acc
+                d = f16[w[r, o - 2] | (w[r, o - 1] << 8)] * xd[t, b]
+                l0 = _fma(d, _q4_lane(w, r, o, xq, t, base, 0, False), l0)
+                l1 = _fma(d, _q4_lane(w, r, o, xq, t, base, 1, False), l1)
+                l2 = _fma(d, _q4_lane(w, r, o, xq, t, base, 2, False), l2)
+                l3 = _fma(d, _q4_lane(w, r, o, xq, t, base, 3, False), l3)
+                l4 = _fma(d, _q4_lane(w, r, o, xq, t, base, 0, True), l4)
+                l5 = _fma(d, _q4_lane(w, r, o, xq, t, base, 1, True), l5)
+                l6 = _fma(d, _q4_lane(w, r, o, xq, t, base, 2, True), l6)
+                l7 = _fma(d, _q4_lane(w, r, o, xq, t, base, 3, True), l7)
+            out[t, r] = _hsum8(l0, l1, l2, l3, l4, l5, l6, l7)
 
 
-def matmul_q8_0(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray) -> None:
+def matmul_q8_0(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, expert: bool = False) -> None:
     xq, xd = act
     _matmul_q8_0(_readonly(w), _readonly(w, np.int8), F16_TO_F32, _readonly(xq), _readonly(xd), out)
 
 
-def matmul_q4_0(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray) -> None:
+def matmul_q4_0(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, expert: bool = False) -> None:
     xq, xd = act
     _matmul_q4_0(_readonly(w), F16_TO_F32, _readonly(xq), _readonly(xd), out)
