@@ -20,13 +20,14 @@ import numpy as np
 
 from .arch import ModelArgs
 from .errors import ContextOverflowError
-from .kernels import QMatrix, matmul
+from .kernels import ggml_math, matmul, matmul_f32_arrays
 from .weights import FFN, Attention, ExpertStore, MoE, Weights
 
 
-# The elementwise ops round where ggml rounds (sums in double, then one float32 scale),
-# so that activations agree with llama.cpp's to the last bit as often as possible: a
-# one-ulp difference can flip a rounding to F16 or Q8_0 in the next matmul.
+# Every op rounds where ggml rounds (sums of squares in double, then one float32 scale;
+# ggml's own exp in softmax and SiLU; dot products in its summation order), so that
+# activations agree with llama.cpp's to the bit: a one-ulp difference can flip a
+# rounding to F16 or Q8_0 in the next matmul, and an MoE router amplifies such flips.
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     mean_sq = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
@@ -34,25 +35,17 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return (x * scale) * weight
 
 
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1.0) + np.exp(-x))
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e * (1.0 / e.sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
-
-
 def rope_tables(args: ModelArgs, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin of every (position, pair), computed as ggml does (theta *= theta_scale in float32)."""
+    """cos/sin of every (position, pair) as ggml computes them: theta *= powf(base, -2/d) in
+    float32, then the C library's cosf/sinf."""
     n_pairs = args.rope_dim // 2
-    theta_scale = np.float32(args.rope_base) ** np.float32(-2.0 / args.rope_dim)
+    theta_scale = ggml_math.libm("powf", np.float32(args.rope_base), np.float32(-2.0) / np.float32(args.rope_dim))
     theta = np.empty((n_ctx, n_pairs), dtype=np.float32)
     theta[:, 0] = np.arange(n_ctx, dtype=np.float32)
     for i in range(1, n_pairs):
         theta[:, i] = theta[:, i - 1] * theta_scale
     theta *= np.float32(args.rope_freq_scale)
-    return np.cos(theta), np.sin(theta)
+    return ggml_math.libm("cosf", theta), ggml_math.libm("sinf", theta)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: int, style: str) -> None:
@@ -61,19 +54,21 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: int, s
         a, b = x[..., 0:rope_dim:2], x[..., 1:rope_dim:2]
     else:  # neox: pairs (x_i, x_{i + rope_dim/2})
         a, b = x[..., : rope_dim // 2], x[..., rope_dim // 2 : rope_dim]
-    c, s = cos[:, None, :], sin[:, None, :]
-    a_new = a * c - b * s
-    b[...] = a * s + b * c
+    # ggml's x0*cos - x1*sin and x0*sin + x1*cos, as GCC contracts them into FMAs
+    # (the float64 product of two float32 is exact, so this rounds once, like an FMA).
+    c, s = cos[:, None, :].astype(np.float64), sin[:, None, :].astype(np.float64)
+    a_new = (a * c - (b * sin[:, None, :])).astype(np.float32)
+    b[...] = (a * s + (b * cos[:, None, :])).astype(np.float32)
     a[...] = a_new
 
 
 def route(router_logits: np.ndarray, k: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """Pick each token's experts and their weights: (n, k) expert ids, (n, k) weights."""
-    probs = softmax(router_logits)
+    probs = ggml_math.softmax(router_logits)
     chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
     weights = np.take_along_axis(probs, chosen, axis=-1)
-    if kind == "softmax_topk_norm":
-        weights = weights / weights.sum(axis=-1, keepdims=True)
+    if kind == "softmax_topk_norm":  # ggml_sum_rows adds in double
+        weights = weights / weights.sum(axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
     return chosen, weights
 
 
@@ -124,14 +119,14 @@ class Transformer:
 
     def _attention(self, layer: int, w: Attention, x: np.ndarray, start: int) -> np.ndarray:
         a = self.args
-        n, hd, n_kv = len(x), a.head_dim, a.n_head_kv
+        n, hd, n_kv_heads = len(x), a.head_dim, a.n_head_kv
         q, k, v = matmul(w.wq, x), matmul(w.wk, x), matmul(w.wv, x)
         if w.bq is not None:
             q, k, v = q + w.bq, k + w.bk, v + w.bv
         if a.qk_norm == "full":
             q, k = rms_norm(q, w.q_norm, a.rms_eps), rms_norm(k, w.k_norm, a.rms_eps)
         q = q.reshape(n, a.n_head, hd)
-        k = k.reshape(n, n_kv, hd)
+        k = k.reshape(n, n_kv_heads, hd)
         if a.qk_norm == "head":
             q, k = rms_norm(q, w.q_norm, a.rms_eps), rms_norm(k, w.k_norm, a.rms_eps)
         cos, sin = self.rope_cos[start : start + n], self.rope_sin[start : start + n]
@@ -141,17 +136,26 @@ class Transformer:
         end = start + n
         self.cache.k[layer, start:end] = k.reshape(n, -1)
         self.cache.v[layer, start:end] = v
-        keys = self.cache.k[layer, :end].reshape(end, n_kv, hd).transpose(1, 2, 0)  # (kv, hd, T)
-        values = self.cache.v[layer, :end].reshape(end, n_kv, hd).transpose(1, 0, 2)  # (kv, T, hd)
-
+        out = np.empty((n, a.n_head, hd), dtype=np.float32)
+        scale = np.float32(1.0) / np.sqrt(np.float32(hd))
+        # Keys are padded to a multiple of 32 as llama.cpp pads its KV length; padded and
+        # future positions are masked to -inf, i.e. weigh exactly 0.
+        n_kv = -(-end // 32) * 32
+        future = np.arange(n_kv)[None, :] > (start + np.arange(n))[:, None]
         # Query heads h = g * group + j share KV head g (ggml broadcasts the same way).
-        group = a.n_head // n_kv
-        qg = q.reshape(n, n_kv, group, hd).transpose(1, 2, 0, 3)  # (kv, group, n, hd)
-        scores = np.matmul(qg, keys[:, None]) * np.float32(1.0 / np.sqrt(hd))  # (kv, group, n, T)
-        future = np.arange(end)[None, :] > (start + np.arange(n))[:, None]
-        scores[..., future] = -np.inf
-        out = np.matmul(softmax(scores), values[:, None])  # (kv, group, n, hd)
-        out = np.ascontiguousarray(out.transpose(2, 0, 1, 3).reshape(n, a.n_head * hd))
+        group = a.n_head // n_kv_heads
+        for g in range(n_kv_heads):
+            heads = slice(g * group, (g + 1) * group)
+            keys = np.zeros((n_kv, hd), dtype=np.float32)
+            keys[:end] = self.cache.k[layer, :end, g * hd : (g + 1) * hd]
+            queries = q[:, heads].transpose(1, 0, 2).reshape(group * n, hd)
+            scores = matmul_f32_arrays(keys, queries, src1_contiguous=False).reshape(group, n, n_kv) * scale
+            scores[:, future] = -np.inf
+            probs = ggml_math.softmax(scores).reshape(group * n, n_kv)
+            values_t = np.zeros((hd, n_kv), dtype=np.float32)  # llama.cpp keeps V transposed
+            values_t[:, :end] = self.cache.v[layer, :end, g * hd : (g + 1) * hd].T
+            out[:, heads] = matmul_f32_arrays(values_t, probs).reshape(group, n, hd).transpose(1, 0, 2)
+        out = out.reshape(n, a.n_head * hd)
         return matmul(w.wo, out)
 
     def _moe(self, layer: int, w: MoE, x: np.ndarray) -> np.ndarray:
@@ -177,12 +181,11 @@ class Transformer:
 
 def _ffn(w: FFN, x: np.ndarray, expert: bool = False) -> np.ndarray:
     """SwiGLU; `expert` marks a routed expert (llama.cpp's mul_mat_id sums in its own order)."""
-    h = silu(matmul(w.gate, x, expert=expert)) * matmul(w.up, x, expert=expert)
-    return matmul(w.down, np.ascontiguousarray(h, dtype=np.float32), expert=expert)
+    h = ggml_math.silu_mul(matmul(w.gate, x, expert=expert), matmul(w.up, x, expert=expert))
+    return matmul(w.down, h, expert=expert)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-__all__ = ["Transformer", "KVCache", "QMatrix", "route", "rms_norm"]

@@ -5,7 +5,7 @@
 type's vec_dot_type before the dot product).
 """
 
-from .dispatch import ACTIVATION_CONVERTERS, KERNELS, dequantize_rows, matmul, matmul_ref
+from .dispatch import ACTIVATION_CONVERTERS, KERNELS, dequantize_rows, matmul, matmul_f32_arrays, matmul_ref
 from .formats import (
     FORMATS,
     BlockFormat,
@@ -34,6 +34,7 @@ __all__ = [
     "f32_to_bf16",
     "format_for",
     "matmul",
+    "matmul_f32_arrays",
     "matmul_ref",
     "quantize_q8_0",
     "quantize_q8_0_ref",

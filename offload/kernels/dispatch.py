@@ -80,3 +80,14 @@ def matmul_ref(w: QMatrix, x: np.ndarray) -> np.ndarray:
     """float64 reference for `matmul`: dequantize(W) @ act(x), both exact, summed in float64."""
     act = activation_ref(w.fmt.vec_dot_type, np.asarray(x, dtype=np.float32))
     return act.astype(np.float64) @ w.dequantize().astype(np.float64).T
+
+
+def matmul_f32_arrays(w: np.ndarray, x: np.ndarray, src1_contiguous: bool = True) -> np.ndarray:
+    """out[t, r] = w[r] . x[t] for plain float32 arrays, summed as ggml's mul_mat does
+    (attention's K.Q and V.softmax). ggml takes its batched (tinyBLAS) order only when
+    its right operand is contiguous in memory, which Q (a permuted view) is not."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
+    nk.matmul_f32(w, (x,), out, vec_dot=not src1_contiguous)
+    return out

@@ -148,26 +148,26 @@ def _matmul_16bit(w_bits, table, x, out, mode):
             out[t, r] = _float_dot(wrow, x, t, mode, True, acc)
 
 
-def _float_mode(x: np.ndarray, n_rows: int, expert: bool, bf16: bool = False) -> int:
+def _float_mode(x: np.ndarray, n_rows: int, vec_dot: bool, bf16: bool = False) -> int:
     """tinyBLAS takes batches of 2+ tokens when rows % 4 == 0 and the row length % 8 == 0."""
-    if x.shape[0] >= 2 and not expert and n_rows % 4 == 0 and x.shape[1] % 8 == 0:
+    if x.shape[0] >= 2 and not vec_dot and n_rows % 4 == 0 and x.shape[1] % 8 == 0:
         return GEMM8
     return VECDOT_BF16 if bf16 else VECDOT
 
 
-def matmul_f32(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, expert: bool = False) -> None:
+def matmul_f32(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, vec_dot: bool = False) -> None:
     (x,) = act
-    _matmul_f32(_readonly(w, np.float32), _readonly(x), out, _float_mode(x, out.shape[1], expert))
+    _matmul_f32(_readonly(w, np.float32), _readonly(x), out, _float_mode(x, out.shape[1], vec_dot))
 
 
-def matmul_f16(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, expert: bool = False) -> None:
+def matmul_f16(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, vec_dot: bool = False) -> None:
     (x,) = act  # F16-rounded float32
-    _matmul_16bit(_readonly(w, np.uint16), F16_TO_F32, _readonly(x), out, _float_mode(x, out.shape[1], expert))
+    _matmul_16bit(_readonly(w, np.uint16), F16_TO_F32, _readonly(x), out, _float_mode(x, out.shape[1], vec_dot))
 
 
-def matmul_bf16(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, expert: bool = False) -> None:
+def matmul_bf16(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, vec_dot: bool = False) -> None:
     (x,) = act  # BF16-rounded float32
-    _matmul_16bit(_readonly(w, np.uint16), BF16_TO_F32, _readonly(x), out, _float_mode(x, out.shape[1], expert, bf16=True))
+    _matmul_16bit(_readonly(w, np.uint16), BF16_TO_F32, _readonly(x), out, _float_mode(x, out.shape[1], vec_dot, bf16=True))
 
 
 # -- block-quantized weights x Q8_0 activations ------------------------------------------------
@@ -248,11 +248,11 @@ def _matmul_q4_0(w, f16, xq, xd, out):
             out[t, r] = _hsum8(l0, l1, l2, l3, l4, l5, l6, l7)
 
 
-def matmul_q8_0(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, expert: bool = False) -> None:
+def matmul_q8_0(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, vec_dot: bool = False) -> None:
     xq, xd = act
     _matmul_q8_0(_readonly(w), _readonly(w, np.int8), F16_TO_F32, _readonly(xq), _readonly(xd), out)
 
 
-def matmul_q4_0(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, expert: bool = False) -> None:
+def matmul_q4_0(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, vec_dot: bool = False) -> None:
     xq, xd = act
     _matmul_q4_0(_readonly(w), F16_TO_F32, _readonly(xq), _readonly(xd), out)
