@@ -151,3 +151,12 @@ def test_bad_thread_count(small_model):
 def test_python_module_entry_point_has_help():
     r = offload_cli("--help")
     assert r.returncode == 0 and "generate" in r.stdout and "inspect" in r.stdout
+
+
+def test_generation_stops_when_the_context_is_full(small_model):
+    r = offload_cli("generate", small_model, "-c", "32", "-n", "100", "--temp", "0", "-p", "Once upon a time")
+    assert r.returncode == 0, r.stderr
+    assert "(stop: context)" in r.stderr
+    prompt_tokens = int(r.stderr.split("prompt ")[1].split(" tokens")[0])
+    generated = int(r.stderr.split("generated ")[1].split(" tokens")[0])
+    assert prompt_tokens + generated == 32 + 1  # the last token is sampled from the full context

@@ -452,3 +452,55 @@ def test_gguf_file_tensors_work_in_place(tmp_path):
         in_memory = QMatrix.from_raw(t, encode(dense[t], t), n_rows, n_cols)
         np.testing.assert_array_equal(matmul(w, x), matmul(in_memory, x))
         np.testing.assert_array_equal(dequantize_rows(w, np.array([4, 0])), in_memory.dequantize()[[4, 0]])
+
+
+# -- elementwise math against ggml's own ---------------------------------------------------
+
+def test_softmax_is_bit_exact_with_ggml():
+    import ctypes
+
+    from offload.kernels import ggml_math
+
+    lib = _ggml_cpu()
+    lib.ggml_vec_soft_max_f32.restype = ctypes.c_double
+    lib.ggml_vec_soft_max_f32.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float]
+    rng = np.random.default_rng(31)
+    for n in (8, 64, 256):
+        x = (rng.standard_normal((20, n)) * 4).astype(np.float32)
+        x[:, rng.integers(0, n, n // 4)] = -np.inf  # masked positions, as in attention
+        x[:, 0] = 0.0
+        ours = ggml_math.softmax(x)
+        for row, got in zip(x, ours):
+            y = np.zeros(n, dtype=np.float32)
+            total = lib.ggml_vec_soft_max_f32(n, y.ctypes.data, row.ctypes.data, ctypes.c_float(row.max()))
+            y *= np.float32(1.0 / total)
+            np.testing.assert_array_equal(bits(got), bits(y))
+
+
+def test_swiglu_is_bit_exact_with_ggml():
+    import ctypes
+
+    from offload.kernels import ggml_math
+
+    lib = _ggml_cpu()
+    lib.ggml_vec_swiglu_f32.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    rng = np.random.default_rng(32)
+    x = (rng.standard_normal((16, 128)) * 5).astype(np.float32)
+    x[0, :8] = [0.0, -0.0, 88.0, -88.0, 100.0, -100.0, 1e-30, -1e-30]  # ggml_v_expf's edge paths
+    g = rng.standard_normal((16, 128)).astype(np.float32)
+    ours = ggml_math.silu_mul(x, g)
+    for xr, gr, got in zip(x, g, ours):
+        y = np.zeros(128, dtype=np.float32)
+        lib.ggml_vec_swiglu_f32(128, y.ctypes.data, xr.ctypes.data, gr.ctypes.data)
+        np.testing.assert_array_equal(bits(got), bits(y))
+
+
+def test_expf_is_accurate():
+    """ggml's exp polynomial: within 2 ulp of the true value over the float range it meets."""
+    from offload.kernels import ggml_math
+
+    x = np.linspace(-87, 88, 200_001, dtype=np.float32)
+    ours = ggml_math.expf(x).astype(np.float64)
+    exact = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(ours - exact) / exact) < 2.5e-7
+    assert ggml_math.expf(np.array([-np.inf], dtype=np.float32))[0] == 0.0

@@ -88,3 +88,21 @@ def test_decode_with_kv_cache_equals_one_prefill(model_factory):
         err = relative_l2(np.array(stepwise), batched[5:])
         assert err < 1e-5
         assert np.array_equal(np.array(stepwise).argmax(-1), batched[5:].argmax(-1))
+
+
+def test_llama_quantizer_makes_k_quant_mixes(model_factory, tmp_path):
+    """The helper the k-quant work builds on: llama.cpp's own quantizer, its own type mix."""
+    from offload.gguf_file import GGUFFile
+    from offload.testing import quantize_model
+
+    src = model_factory(TinyConfig(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=256, n_expert=4,
+                                   n_expert_used=2), "F32")
+    dst = quantize_model(src, tmp_path / "q4km.gguf", "Q4_K_M")
+    types = {t.name: t.type_name for t in GGUFFile(dst).tensors.values()}
+    assert types["blk.0.ffn_gate_exps.weight"] == "Q4_K"
+    assert types["output.weight"] == "Q6_K"
+    assert types["blk.0.ffn_gate_inp.weight"] == "F32"  # routers stay F32
+    with Model.load(src, n_ctx=64) as m:
+        ids = m.tokenize(PROMPT)
+    ref = llama_cpp_logits(dst, ids, n_ctx=64)
+    assert np.isfinite(ref).all() and ref.std() > 0

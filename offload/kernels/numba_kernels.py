@@ -2,18 +2,20 @@
 
 Every kernel computes out[t, r] = dot(row r of W, activations of token t), in parallel
 over output rows with the tokens inside, so a row's blocks are decoded while they are in
-L1. No kernel allocates: the caller converts the activations once per call (to F16/BF16-
-rounded floats or Q8_0 blocks, see `formats.activation_ref`) and passes the output.
+L1. The caller converts the activations once per call (to F16/BF16-rounded floats or
+Q8_0 blocks, see `formats.activation_ref`) and passes the output.
 
-Summation order is part of the numerics, so it is spelled out and kept sequential (no
-fastmath, no reassociation, no FMA contraction): F32/F16/BF16 add the products column by
-column in float32; Q8_0/Q4_0 take an exact integer dot per 32-value block and add
-(d_w * d_x) * sumi block by block in float32, as ggml's scalar `ggml_vec_dot_q*_0_q8_0`.
+Summation order is part of the numerics, so it is spelled out: each kernel sums in the
+order of llama.cpp's x86 AVX2 build (eight FMA lanes and ggml's horizontal reductions;
+see the comments above each family), with no fastmath, so that results equal llama.cpp's
+bit for bit (tests/test_kernels.py checks against ggml's exported dot products). Each
+FMA is computed in float64 and rounded once, which is exact for these operands.
 
-The public wrappers share one signature, `kernel(w, act, out)`: w the uint8 rows
+The public wrappers share one signature, `kernel(w, act, out, vec_dot)`: w the uint8 rows
 (n_rows, row_bytes), act the tuple from the activation converter, out float32
-(n_tokens, n_rows). A faster (C, SIMD) kernel with the same signature can replace any
-of them in `dispatch.KERNELS`.
+(n_tokens, n_rows), vec_dot forcing ggml's one-row order for a batch (expert matmuls).
+A faster (C, SIMD) kernel with the same signature and order can replace any of them in
+`dispatch.KERNELS`.
 """
 
 from __future__ import annotations
