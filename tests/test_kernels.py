@@ -504,3 +504,27 @@ def test_expf_is_accurate():
     exact = np.exp(x.astype(np.float64))
     assert np.max(np.abs(ours - exact) / exact) < 2.5e-7
     assert ggml_math.expf(np.array([-np.inf], dtype=np.float32))[0] == 0.0
+
+
+def test_q8_k_activation_quantizer_is_bit_exact_with_ggml():
+    import ctypes
+
+    from offload.kernels import quantize_q8_k, quantize_q8_k_ref
+
+    lib = _ggml_cpu()
+    lib.quantize_row_q8_K.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    block = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
+    x = make_tokens(4, 1024, seed=33)
+    x[1, :256] = 0.0  # an all-zero block
+    x[2, 256:512] = np.float32(0.5)  # ties: the first maximum wins
+    x[3, 3] = -x[3, :256].__abs__().max() * 2  # a negative maximum
+    ref, fast = quantize_q8_k_ref(x), quantize_q8_k(x)
+    for a, b in zip(ref, fast):
+        np.testing.assert_array_equal(a, b)
+    for t in range(len(x)):
+        blocks = np.zeros(4, dtype=block)
+        row = np.ascontiguousarray(x[t])
+        lib.quantize_row_q8_K(row.ctypes.data, blocks.ctypes.data, 1024)
+        np.testing.assert_array_equal(blocks["qs"].reshape(-1), ref[0][t])
+        np.testing.assert_array_equal(bits(blocks["d"]), bits(ref[1][t]))
+        np.testing.assert_array_equal(blocks["bsums"].reshape(-1), ref[2][t])

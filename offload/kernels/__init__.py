@@ -16,10 +16,11 @@ from .formats import (
     f32_to_bf16,
     format_for,
     quantize_q8_0_ref,
+    quantize_q8_k_ref,
     round_bf16,
     round_f16,
 )
-from .numba_kernels import quantize_q8_0
+from .numba_kernels import quantize_q8_0, quantize_q8_k
 
 __all__ = [
     "ACTIVATION_CONVERTERS",
@@ -38,6 +39,8 @@ __all__ = [
     "matmul_ref",
     "quantize_q8_0",
     "quantize_q8_0_ref",
+    "quantize_q8_k",
+    "quantize_q8_k_ref",
     "round_bf16",
     "round_f16",
 ]

@@ -28,6 +28,7 @@ ACTIVATION_CONVERTERS: dict[str, Converter] = {
     "F16": lambda x: (round_f16(x),),
     "BF16": lambda x: (round_bf16(x),),
     "Q8_0": nk.quantize_q8_0,
+    "Q8_K": nk.quantize_q8_k,
 }
 
 KERNELS: dict[GGMLQuantizationType, Kernel] = {

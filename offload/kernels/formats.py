@@ -198,6 +198,31 @@ def quantize_q8_0_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return qs, d16
 
 
+QK_K = 256  # values per k-quant super-block (and per Q8_K block)
+
+
+def quantize_q8_k_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Activations -> Q8_K blocks, as ggml's `quantize_row_q8_K` (the k-quants' partner).
+
+    x: float32 (n, k), k a multiple of 256. Returns qs int8 (n, k), d float32 (n, k // 256)
+    and bsums int16 (n, k // 16) (sums of each 16 qs, which k-quant dots use for the
+    weights' offsets). The scale comes from the signed value of largest magnitude (the
+    first one on ties): iscale = -127 / max, q = min(127, round-half-even(iscale * x)),
+    d = 1 / iscale, kept as float32.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] % QK_K:
+        raise ValueError(f"expected float32 (n, k) with k a multiple of {QK_K}, got {x.shape}")
+    blocks = x.reshape(x.shape[0], -1, QK_K)
+    signed_max = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    with np.errstate(divide="ignore"):
+        iscale = np.where(signed_max != 0, np.float32(-127) / signed_max, np.float32(0)).astype(np.float32)
+        d = np.where(iscale != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
+    qs = np.minimum(np.rint(blocks * iscale[..., None]), 127).astype(np.int8)
+    bsums = qs.reshape(x.shape[0], -1, 16).astype(np.int16).sum(axis=-1, dtype=np.int16)
+    return qs.reshape(x.shape), d, bsums
+
+
 def activation_ref(vec_dot_type: str, x: np.ndarray) -> np.ndarray:
     """The values a weight's dot product actually sees for activations x (float32 (n, k))."""
     x = np.asarray(x, dtype=np.float32)
@@ -210,6 +235,9 @@ def activation_ref(vec_dot_type: str, x: np.ndarray) -> np.ndarray:
     if vec_dot_type == "Q8_0":
         qs, d = quantize_q8_0_ref(x)
         return (qs.reshape(len(x), -1, QK8_0) * d[..., None]).reshape(x.shape)
+    if vec_dot_type == "Q8_K":
+        qs, d, _ = quantize_q8_k_ref(x)
+        return (qs.reshape(len(x), -1, QK_K) * d[..., None]).reshape(x.shape)
     raise ValueError(f"no activation conversion for vec_dot_type {vec_dot_type!r}")
 
 

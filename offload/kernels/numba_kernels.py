@@ -73,6 +73,48 @@ def quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return qs, d.astype(np.float16).astype(np.float32)  # the stored scale is fp16
 
 
+@njit(cache=True, nogil=True)
+def _quantize_q8_k(x, qs, d, bsums):
+    n, k = x.shape
+    for t in range(n):
+        for b in range(k // 256):
+            base = b * 256
+            amax = np.float32(0.0)
+            vmax = np.float32(0.0)
+            for j in range(256):
+                a = abs(x[t, base + j])
+                if a > amax:
+                    amax = a
+                    vmax = x[t, base + j]
+            if amax == np.float32(0.0):
+                d[t, b] = 0.0
+                for j in range(256):
+                    qs[t, base + j] = 0
+                for g in range(16):
+                    bsums[t, b * 16 + g] = 0
+                continue
+            iscale = np.float32(-127.0) / vmax
+            for j in range(256):
+                q = np.rint(iscale * x[t, base + j])
+                qs[t, base + j] = np.int8(min(q, 127.0))
+            for g in range(16):
+                s = 0
+                for j in range(16):
+                    s += qs[t, base + g * 16 + j]
+                bsums[t, b * 16 + g] = s
+            d[t, b] = np.float32(1.0) / iscale
+
+
+def quantize_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fast twin of `formats.quantize_q8_k_ref`: (qs int8 (n, k), d float32 (n, k/256), bsums int16 (n, k/16))."""
+    n, k = x.shape
+    qs = np.empty((n, k), dtype=np.int8)
+    d = np.empty((n, k // 256), dtype=np.float32)
+    bsums = np.empty((n, k // 16), dtype=np.int16)
+    _quantize_q8_k(_readonly(x), qs, d, bsums)
+    return qs, d, bsums
+
+
 # -- float weights -------------------------------------------------------------------------
 
 # Summation orders of llama.cpp's x86 AVX2 float dot products (weights and activations
