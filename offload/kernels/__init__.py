@@ -21,6 +21,22 @@ from .formats import (
     round_f16,
 )
 from .numba_kernels import quantize_q8_0, quantize_q8_k
+from . import q2_k_q3_k, q4_1_q5, q4_k_q5_k, q6_k
+
+# Formats that live in their own modules: registered here, with their kernels.
+for _fmt, _kernel in (
+    (q4_1_q5.Q4_1Format(), q4_1_q5.matmul_q4_1),
+    (q4_1_q5.Q5_0Format(), q4_1_q5.matmul_q5_0),
+    (q4_1_q5.Q5_1Format(), q4_1_q5.matmul_q5_1),
+    (q2_k_q3_k.Q2_KFormat(), q2_k_q3_k.matmul_q2_k),
+    (q2_k_q3_k.Q3_KFormat(), q2_k_q3_k.matmul_q3_k),
+    (q4_k_q5_k.Q4_KFormat(), q4_k_q5_k.matmul_q4_k),
+    (q4_k_q5_k.Q5_KFormat(), q4_k_q5_k.matmul_q5_k),
+    (q6_k.Q6_KFormat(), q6_k.matmul_q6_k),
+):
+    FORMATS[_fmt.ggml_type] = _fmt
+    KERNELS[_fmt.ggml_type] = _kernel
+ACTIVATION_CONVERTERS["Q8_1"] = q4_1_q5.quantize_q8_1
 
 __all__ = [
     "ACTIVATION_CONVERTERS",

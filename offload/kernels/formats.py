@@ -235,6 +235,10 @@ def activation_ref(vec_dot_type: str, x: np.ndarray) -> np.ndarray:
     if vec_dot_type == "Q8_0":
         qs, d = quantize_q8_0_ref(x)
         return (qs.reshape(len(x), -1, QK8_0) * d[..., None]).reshape(x.shape)
+    if vec_dot_type == "Q8_1":
+        from .q4_1_q5 import activation_q8_1_ref
+
+        return activation_q8_1_ref(x)
     if vec_dot_type == "Q8_K":
         qs, d, _ = quantize_q8_k_ref(x)
         return (qs.reshape(len(x), -1, QK_K) * d[..., None]).reshape(x.shape)
