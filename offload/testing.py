@@ -213,3 +213,45 @@ def llama_cpp_greedy(path: str | os.PathLike[str], tokens: list[int], n: int, n_
         return out
     finally:
         llm.close()
+
+
+# -- ggml's own quantizer and dot products, for kernel tests ------------------------------
+
+def _ggml_lib(name: str):
+    import ctypes
+
+    from .tokenizer import load_llama_cpp
+
+    lib_dir = Path(load_llama_cpp().__file__).parent / "lib"
+    return ctypes.CDLL(str(lib_dir / f"lib{name}.so"))
+
+
+_GGML_BASE = None
+
+
+def ggml_quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """float32 (n_rows, n_cols) -> uint8 rows of `qtype` blocks, made by ggml_quantize_chunk
+    (llama-quantize's own code path, k-quants and MXFP4 included)."""
+    import ctypes
+
+    from gguf import GGML_QUANT_SIZES
+
+    global _GGML_BASE
+    if _GGML_BASE is None:
+        lib = _ggml_lib("ggml-base")
+        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+        lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+        _GGML_BASE = lib
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    n_rows, n_cols = values.shape
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    if n_cols % block_size:
+        raise ValueError(f"{qtype.name} rows need a multiple of {block_size} values, got {n_cols}")
+    _GGML_BASE.ggml_quantize_init(int(qtype))
+    raw = np.zeros((n_rows, n_cols // block_size * type_size), dtype=np.uint8)
+    size = _GGML_BASE.ggml_quantize_chunk(int(qtype), values.ctypes.data, raw.ctypes.data, 0, n_rows, n_cols, None)
+    if size != raw.nbytes:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {size} bytes for {qtype.name}, expected {raw.nbytes}")
+    return raw

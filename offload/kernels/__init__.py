@@ -5,7 +5,18 @@
 type's vec_dot_type before the dot product).
 """
 
-from .dispatch import ACTIVATION_CONVERTERS, KERNELS, dequantize_rows, matmul, matmul_f32_arrays, matmul_ref
+from .dispatch import (
+    ACTIVATION_CONVERTERS,
+    C_FORMATS,
+    KERNELS,
+    NUMBA_KERNELS,
+    dequantize_rows,
+    kernels_in_use,
+    matmul,
+    matmul_f32_arrays,
+    matmul_ref,
+    select_kernels,
+)
 from .formats import (
     FORMATS,
     BlockFormat,
@@ -35,11 +46,16 @@ for _fmt, _kernel in (
     (q6_k.Q6_KFormat(), q6_k.matmul_q6_k),
 ):
     FORMATS[_fmt.ggml_type] = _fmt
-    KERNELS[_fmt.ggml_type] = _kernel
+    NUMBA_KERNELS[_fmt.ggml_type] = _kernel
 ACTIVATION_CONVERTERS["Q8_1"] = q4_1_q5.quantize_q8_1
+select_kernels()
 
 __all__ = [
     "ACTIVATION_CONVERTERS",
+    "C_FORMATS",
+    "NUMBA_KERNELS",
+    "kernels_in_use",
+    "select_kernels",
     "BlockFormat",
     "FORMATS",
     "KERNELS",

@@ -7,15 +7,22 @@ steps are tables here, so a new format or a faster kernel is one entry:
 * `ACTIVATION_CONVERTERS[vec_dot_type](x) -> act`, a tuple of arrays,
 * `KERNELS[ggml_type](w.data, act, out, expert)`, filling out in place. `expert` says the
   matrix is a routed expert (ggml's mul_mat_id), whose float kernels sum in another order.
+
+Every format has a Numba kernel (`NUMBA_KERNELS`); the hottest ones also have C kernels
+(cext/, SIMD), which sum in the same order and so give the same bits. `select_kernels`
+fills `KERNELS` with the C kernel where the extension was built, else the Numba one.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from . import cext
 from . import numba_kernels as nk
 from .formats import QMatrix, UnsupportedQuantType, activation_ref, round_bf16, round_f16
 
@@ -31,13 +38,50 @@ ACTIVATION_CONVERTERS: dict[str, Converter] = {
     "Q8_K": nk.quantize_q8_k,
 }
 
-KERNELS: dict[GGMLQuantizationType, Kernel] = {
+NUMBA_KERNELS: dict[GGMLQuantizationType, Kernel] = {
     GGMLQuantizationType.F32: nk.matmul_f32,
     GGMLQuantizationType.F16: nk.matmul_f16,
     GGMLQuantizationType.BF16: nk.matmul_bf16,
     GGMLQuantizationType.Q8_0: nk.matmul_q8_0,
     GGMLQuantizationType.Q4_0: nk.matmul_q4_0,
 }
+
+# The kernels `matmul` uses, per format: filled by select_kernels().
+KERNELS: dict[GGMLQuantizationType, Kernel] = {}
+C_FORMATS: set[GGMLQuantizationType] = set()  # those served by the C extension now
+
+
+def select_kernels(implementation: str | None = None) -> None:
+    """Use the C kernels where built (default), or `implementation="numba"` for all formats.
+
+    The environment variable OFFLOAD_KERNELS (c / numba) sets the default. Falling back to
+    Numba because the C extension is missing is said once, as a warning.
+    """
+    implementation = (implementation or os.environ.get("OFFLOAD_KERNELS") or "c").lower()
+    if implementation not in ("c", "numba"):
+        raise ValueError(f"OFFLOAD_KERNELS must be 'c' or 'numba', got {implementation!r}")
+    KERNELS.clear()
+    KERNELS.update(NUMBA_KERNELS)
+    C_FORMATS.clear()
+    if implementation == "numba":
+        return
+    if not cext.available():
+        warnings.warn("offload: the C kernels were not built (no C compiler at install?); using the slower "
+                      "Numba kernels for every format", RuntimeWarning, stacklevel=2)
+        return
+    for t in NUMBA_KERNELS:
+        kernel = cext.c_kernel(t.name)
+        if kernel is not None:
+            KERNELS[t] = kernel
+            C_FORMATS.add(t)
+
+
+def kernels_in_use() -> str:
+    """One line for users: which implementation serves which format."""
+    c = sorted(t.name for t in C_FORMATS)
+    numba = sorted(t.name for t in KERNELS if t not in C_FORMATS)
+    parts = [f"C/{cext.isa()}: {' '.join(c)}"] if c else []
+    return "; ".join(parts + [f"Numba: {' '.join(numba)}"])
 
 
 def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, expert: bool = False) -> np.ndarray:

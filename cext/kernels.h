@@ -1,0 +1,88 @@
+/* offload's C kernels: one quantized weight row dotted with one token's quantized
+ * activations, in llama.cpp's x86 AVX2 summation order (so results equal ggml's to the bit).
+ *
+ * Each format file (q8_0_q4_0.c, q4_k.c, ...) defines one `format_kernels` table with a
+ * portable C row-dot and, where written, SIMD ones; module.c runs them over the rows of a
+ * matrix (OpenMP) with the GIL released and picks the SIMD level at run time.
+ *
+ * Numerics rule for every file: no implicit contraction (built with -ffp-contract=off);
+ * where ggml fuses a multiply-add, write fmaf() / _mm256_fmadd_ps explicitly.
+ */
+#ifndef OFFLOAD_KERNELS_H
+#define OFFLOAD_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define OFFLOAD_X86 1
+#include <immintrin.h>
+#define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#endif
+
+/* One token's activations, converted once per matmul by the caller (Python side):
+ * Q8_0: qs (n_cols int8), d (n_cols/32 float32, already fp16-rounded), bsums NULL.
+ * Q8_K: qs (n_cols int8), d (n_cols/256 float32), bsums (n_cols/16 int16). */
+typedef struct {
+    const int8_t *qs;
+    const float *d;
+    const int16_t *bsums;
+} act_row;
+
+/* dot(weight row w of n_cols values, activations x) in ggml's order. */
+typedef float (*row_dot_fn)(const uint8_t *w, const act_row *x, int n_cols);
+
+enum act_kind { ACT_Q8_0 = 0, ACT_Q8_K = 1 };
+
+typedef struct {
+    const char *name;      /* ggml type name, e.g. "Q4_K" */
+    int act;               /* enum act_kind: the vec_dot_type of the format */
+    int block_size;        /* values per block */
+    int block_bytes;       /* bytes per block */
+    row_dot_fn portable;   /* required: plain C, same order as the SIMD paths */
+    row_dot_fn avx2;       /* AVX2+FMA+F16C, or NULL */
+    row_dot_fn avx512;     /* AVX-512 (+VNNI), or NULL */
+} format_kernels;
+
+/* IEEE half -> float, exact (ggml's GGML_FP16_TO_FP32). */
+static inline float fp16_to_fp32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else { /* subnormal: normalise */
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t read_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+
+/* ggml's hsum_float_8 on eight float lanes: fold high half onto low, then (0+2)+(1+3). */
+static inline float hsum8_portable(const float l[8]) {
+    float a0 = l[4] + l[0], a1 = l[5] + l[1], a2 = l[6] + l[2], a3 = l[7] + l[3];
+    return (a0 + a2) + (a1 + a3);
+}
+
+#ifdef OFFLOAD_X86
+/* The same reduction in AVX: ggml's hsum_float_8. */
+static inline TARGET_AVX2 float hsum_float_8(__m256 x) {
+    __m128 res = _mm256_extractf128_ps(x, 1);
+    res = _mm_add_ps(res, _mm256_castps256_ps128(x));
+    res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+    res = _mm_add_ss(res, _mm_movehdup_ps(res));
+    return _mm_cvtss_f32(res);
+}
+#endif
+
+#endif

@@ -1,0 +1,171 @@
+/* offload._cext: quantized matmuls over GGUF rows in place, GIL released, OpenMP over rows.
+ *
+ *   matmul(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)
+ *       out[t, r] = dot(row r of w, activations of token t); every buffer C-contiguous,
+ *       out preallocated float32 (n_tokens, n_rows); bsums None unless fmt dots with Q8_K.
+ *   formats() -> {name: (vec_dot_type, [isa, ...])}
+ *   isa() / set_isa(name)   the SIMD level in use ("avx512", "avx2" or "portable")
+ *   set_num_threads(n)
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <omp.h>
+
+#include "kernels.h"
+
+/* Format tables are defined in their own files; weak, so a format whose file is absent
+ * from a build is simply not offered. */
+#define FORMATS(X) X(Q8_0) X(Q4_0) X(Q4_K) X(Q5_K) X(Q6_K) X(MXFP4)
+#define DECLARE(name) extern const format_kernels KERNELS_##name __attribute__((weak));
+FORMATS(DECLARE)
+#define ENTRY(name) &KERNELS_##name,
+static const format_kernels *const all_formats[] = {FORMATS(ENTRY)};
+#define N_FORMATS ((int)(sizeof(all_formats) / sizeof(all_formats[0])))
+
+enum isa_level { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+static const char *const isa_names[] = {"portable", "avx2", "avx512"};
+static int best_isa = ISA_PORTABLE; /* what this CPU supports */
+static int isa = ISA_PORTABLE;      /* what we use (tests may lower it) */
+
+static void detect_isa(void) {
+#ifdef OFFLOAD_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+        best_isa = ISA_AVX2;
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+            best_isa = ISA_AVX512;
+    }
+#endif
+    isa = best_isa;
+}
+
+/* The kernel for `f` at the chosen level, falling back level by level. */
+static row_dot_fn pick(const format_kernels *f) {
+    if (isa >= ISA_AVX512 && f->avx512) return f->avx512;
+    if (isa >= ISA_AVX2 && f->avx2) return f->avx2;
+    return f->portable;
+}
+
+static const format_kernels *find_format(const char *name) {
+    for (int i = 0; i < N_FORMATS; i++)
+        if (all_formats[i] && strcmp(all_formats[i]->name, name) == 0) return all_formats[i];
+    return NULL;
+}
+
+static void run_matmul(row_dot_fn dot, const format_kernels *f, const uint8_t *w, const int8_t *xq,
+                       const float *xd, const int16_t *bsums, float *out, Py_ssize_t n_rows, int n_cols,
+                       Py_ssize_t n_tokens) {
+    const size_t row_bytes = (size_t)(n_cols / f->block_size) * f->block_bytes;
+    const int act_block = f->act == ACT_Q8_K ? 256 : 32;
+    const Py_ssize_t d_per_token = n_cols / act_block, bsums_per_token = n_cols / 16;
+    /* rows outside, tokens inside: a row's blocks stay in L1 across the tokens of a batch */
+#pragma omp parallel for schedule(static) if (n_rows * n_tokens >= 64)
+    for (Py_ssize_t r = 0; r < n_rows; r++) {
+        const uint8_t *wr = w + (size_t)r * row_bytes;
+        for (Py_ssize_t t = 0; t < n_tokens; t++) {
+            act_row x = {xq + t * n_cols, xd + t * d_per_token, bsums ? bsums + t * bsums_per_token : NULL};
+            out[t * n_rows + r] = dot(wr, &x, n_cols);
+        }
+    }
+}
+
+static PyObject *py_matmul(PyObject *self, PyObject *args) {
+    const char *name;
+    Py_buffer w = {0}, xq = {0}, xd = {0}, bs = {0}, out = {0};
+    PyObject *bsums_obj;
+    Py_ssize_t n_rows, n_cols, n_tokens;
+    if (!PyArg_ParseTuple(args, "sy*y*y*Ow*nnn", &name, &w, &xq, &xd, &bsums_obj, &out, &n_rows, &n_cols,
+                          &n_tokens))
+        return NULL;
+    PyObject *result = NULL;
+    const format_kernels *f = find_format(name);
+    if (!f) {
+        PyErr_Format(PyExc_ValueError, "no C kernel for %s", name);
+        goto done;
+    }
+    if (bsums_obj != Py_None && PyObject_GetBuffer(bsums_obj, &bs, PyBUF_SIMPLE) < 0) goto done;
+    if (n_rows < 0 || n_tokens < 0 || n_cols <= 0 || n_cols % f->block_size || n_cols % (f->act == ACT_Q8_K ? 256 : 32) ||
+        n_cols > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s matmul: bad shape rows=%zd cols=%zd tokens=%zd", name, n_rows, n_cols, n_tokens);
+        goto done;
+    }
+    const Py_ssize_t act_block = f->act == ACT_Q8_K ? 256 : 32;
+    const Py_ssize_t row_bytes = n_cols / f->block_size * f->block_bytes;
+    if (w.len < n_rows * row_bytes || xq.len < n_tokens * n_cols ||
+        xd.len < n_tokens * (n_cols / act_block) * (Py_ssize_t)sizeof(float) ||
+        out.len < n_rows * n_tokens * (Py_ssize_t)sizeof(float) ||
+        (f->act == ACT_Q8_K && (bsums_obj == Py_None || bs.len < n_tokens * (n_cols / 16) * 2))) {
+        PyErr_Format(PyExc_ValueError, "%s matmul: a buffer is smaller than its shape says", name);
+        goto done;
+    }
+    row_dot_fn dot = pick(f);
+    Py_BEGIN_ALLOW_THREADS
+    run_matmul(dot, f, w.buf, xq.buf, xd.buf, bsums_obj != Py_None ? bs.buf : NULL, out.buf, n_rows, (int)n_cols,
+               n_tokens);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&xq);
+    PyBuffer_Release(&xd);
+    if (bs.obj) PyBuffer_Release(&bs);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *py_formats(PyObject *self, PyObject *noargs) {
+    PyObject *d = PyDict_New();
+    for (int i = 0; d && i < N_FORMATS; i++) {
+        const format_kernels *f = all_formats[i];
+        if (!f) continue;
+        const char *avx2 = f->avx2 && best_isa >= ISA_AVX2 ? "avx2" : NULL;
+        const char *avx512 = f->avx512 && best_isa >= ISA_AVX512 ? "avx512" : NULL;
+        PyObject *item = avx512 && avx2 ? Py_BuildValue("(s[sss])", f->act == ACT_Q8_K ? "Q8_K" : "Q8_0", "portable", avx2, avx512)
+                         : avx2 || avx512 ? Py_BuildValue("(s[ss])", f->act == ACT_Q8_K ? "Q8_K" : "Q8_0", "portable", avx2 ? avx2 : avx512)
+                                          : Py_BuildValue("(s[s])", f->act == ACT_Q8_K ? "Q8_K" : "Q8_0", "portable");
+        if (!item || PyDict_SetItemString(d, f->name, item) < 0) Py_CLEAR(d);
+        Py_XDECREF(item);
+    }
+    return d;
+}
+
+static PyObject *py_isa(PyObject *self, PyObject *noargs) { return PyUnicode_FromString(isa_names[isa]); }
+
+static PyObject *py_best_isa(PyObject *self, PyObject *noargs) { return PyUnicode_FromString(isa_names[best_isa]); }
+
+static PyObject *py_set_isa(PyObject *self, PyObject *args) {
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    for (int i = 0; i <= best_isa; i++)
+        if (strcmp(isa_names[i], name) == 0) {
+            isa = i;
+            Py_RETURN_NONE;
+        }
+    return PyErr_Format(PyExc_ValueError, "this CPU runs %s at most, not %s", isa_names[best_isa], name);
+}
+
+static PyObject *py_set_num_threads(PyObject *self, PyObject *args) {
+    int n;
+    if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
+    if (n < 1) return PyErr_Format(PyExc_ValueError, "need at least one thread, got %d", n);
+    omp_set_num_threads(n);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"matmul", py_matmul, METH_VARARGS, "matmul(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)"},
+    {"formats", py_formats, METH_NOARGS, "{format: (vec_dot_type, [isa, ...])} of the kernels built in"},
+    {"isa", py_isa, METH_NOARGS, "SIMD level in use"},
+    {"best_isa", py_best_isa, METH_NOARGS, "best SIMD level this CPU supports"},
+    {"set_isa", py_set_isa, METH_VARARGS, "use a lower SIMD level (tests)"},
+    {"set_num_threads", py_set_num_threads, METH_VARARGS, "threads for the row loop"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cext", "offload's SIMD kernels", -1, methods};
+
+PyMODINIT_FUNC PyInit__cext(void) {
+    detect_isa();
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,57 @@
+"""The C kernels (cext/, built by setup.py into offload._cext) behind the matmul signature.
+
+`c_kernel(fmt_name)` returns `kernel(w, act, out, vec_dot)` like the Numba ones, or None
+when the extension was not built or has no kernel for the format. The C kernels sum in
+the same ggml order as the Numba ones, so either gives the same bits.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+try:
+    from .. import _cext
+except ImportError:  # built without a compiler: Numba only
+    _cext = None
+
+Kernel = Callable[[np.ndarray, tuple, np.ndarray, bool], None]
+
+
+def available() -> bool:
+    return _cext is not None
+
+
+def formats() -> dict[str, tuple[str, list[str]]]:
+    """{format name: (vec_dot_type, SIMD levels built and runnable here)}; empty without the extension."""
+    return _cext.formats() if _cext is not None else {}
+
+
+def isa() -> str | None:
+    """The SIMD level the C kernels use ("avx512", "avx2", "portable"), None without them."""
+    return _cext.isa() if _cext is not None else None
+
+
+def set_isa(name: str | None) -> None:
+    """Use a lower SIMD level (tests run every level); None restores the best one."""
+    _cext.set_isa(_cext.best_isa() if name is None else name)
+
+
+def set_num_threads(n: int) -> None:
+    if _cext is not None:
+        _cext.set_num_threads(n)
+
+
+def c_kernel(fmt_name: str) -> Kernel | None:
+    if fmt_name not in formats():
+        return None
+    matmul = _cext.matmul
+
+    def kernel(w: np.ndarray, act: tuple, out: np.ndarray, vec_dot: bool = False) -> None:
+        xq, xd = act[0], act[1]
+        bsums = act[2] if len(act) > 2 else None
+        matmul(fmt_name, w, xq, xd, bsums, out, out.shape[1], xq.shape[1], out.shape[0])
+
+    kernel.__name__ = f"c_matmul_{fmt_name.lower()}"
+    return kernel

@@ -1,0 +1,129 @@
+"""The C kernels (cext/) against the Numba kernels, bit for bit, at every SIMD level this
+CPU runs (the portable C path included). The Numba kernels are themselves checked bit for
+bit against ggml's dot products in the per-format test files, so equality here means the C
+kernels follow llama.cpp's numerics too."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from offload.kernels import ACTIVATION_CONVERTERS, C_FORMATS, FORMATS, KERNELS, NUMBA_KERNELS, cext, select_kernels
+from offload.testing import ggml_quantize
+
+pytestmark = pytest.mark.skipif(not cext.available(), reason="C extension not built")
+
+CASES = [(t, level) for name, (_, levels) in sorted(cext.formats().items()) for t in [T[name]] for level in levels]
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+@pytest.fixture
+def isa_level(request):
+    yield
+    cext.set_isa(None)
+
+
+def realistic(t: T, n_rows: int, n_cols: int, seed: int) -> np.ndarray:
+    """Weights with row scales over several orders of magnitude and some zero rows, quantized by ggml."""
+    rng = np.random.default_rng(seed)
+    values = (rng.standard_normal((n_rows, n_cols)) * np.exp(rng.uniform(-6, 3, size=(n_rows, 1)))).astype(np.float32)
+    values[::7] = 0.0
+    return ggml_quantize(values, t)
+
+
+def random_bytes(t: T, n_rows: int, n_cols: int, seed: int) -> np.ndarray:
+    """Every bit pattern, with the format's f16 scale fields set to finite values (edges first)."""
+    rng = np.random.default_rng(seed)
+    fmt = FORMATS[t]
+    raw = rng.integers(0, 256, size=(n_rows, fmt.row_bytes(n_cols)), dtype=np.uint8)
+    blocks = raw.view(fmt.layout)
+    edge = np.array([0.0, -0.0, 1.0, -1.0, 65504.0, -65504.0, 2.0**-24, -(2.0**-20), 2.0**-14], dtype=np.float16)
+    for name in fmt.layout.names:
+        if fmt.layout[name] == np.dtype("<f2"):
+            d = rng.standard_normal(blocks.shape).astype(np.float16)
+            d.flat[: len(edge)] = edge[: d.size]
+            blocks[name] = d
+    return raw
+
+
+def tokens(n_tokens: int, n_cols: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n_tokens, n_cols)) * np.exp(rng.uniform(-2, 2, size=(n_tokens, 1)))).astype(np.float32)
+
+
+def both(t: T, raw: np.ndarray, x: np.ndarray, level: str) -> tuple[np.ndarray, np.ndarray]:
+    act = ACTIVATION_CONVERTERS[FORMATS[t].vec_dot_type](x)
+    want = np.full((x.shape[0], raw.shape[0]), np.nan, dtype=np.float32)
+    got = want.copy()
+    NUMBA_KERNELS[t](raw, act, want, False)
+    cext.set_isa(level)
+    cext.c_kernel(t.name)(raw, act, got, False)
+    return got, want
+
+
+def test_hot_formats_are_built():
+    """The formats that carry most bytes in real files have C kernels, with SIMD on x86."""
+    built = cext.formats()
+    for name in ("Q8_0", "Q4_0"):
+        assert name in built
+        if cext.isa() in ("avx2", "avx512"):
+            assert "avx2" in built[name][1]
+
+
+@pytest.mark.parametrize("t,level", CASES, ids=lambda c: c.name if isinstance(c, T) else c)
+@pytest.mark.parametrize("n_rows,n_cols,n_tokens", [(1, 256, 1), (37, 512, 1), (64, 2304, 3), (130, 1024, 9)])
+def test_c_kernel_equals_numba_kernel(t, level, n_rows, n_cols, n_tokens, isa_level):
+    raw = realistic(t, n_rows, n_cols, seed=n_cols + n_rows)
+    got, want = both(t, raw, tokens(n_tokens, n_cols, seed=n_tokens), level)
+    np.testing.assert_array_equal(bits(got), bits(want))
+
+
+@pytest.mark.parametrize("t,level", CASES, ids=lambda c: c.name if isinstance(c, T) else c)
+def test_c_kernel_equals_numba_kernel_on_random_bytes(t, level, isa_level):
+    raw = random_bytes(t, 48, 768, seed=3)
+    got, want = both(t, raw, tokens(4, 768, seed=4), level)
+    np.testing.assert_array_equal(bits(got), bits(want))
+
+
+@pytest.mark.parametrize("t", [T[name] for name in sorted(cext.formats())], ids=lambda t: t.name)
+def test_c_kernel_reads_views_in_place(t):
+    """Read-only views (memory-mapped GGUF tensors) and one expert's rows out of a 3-D tensor."""
+    experts = realistic(t, 3 * 16, 512, seed=1).reshape(3, 16, -1)
+    one = experts[1]
+    one.flags.writeable = False
+    x = tokens(2, 512, seed=2)
+    act = ACTIVATION_CONVERTERS[FORMATS[t].vec_dot_type](x)
+    got = np.empty((2, 16), dtype=np.float32)
+    want = np.empty_like(got)
+    cext.c_kernel(t.name)(one, act, got, False)
+    NUMBA_KERNELS[t](np.ascontiguousarray(one), act, want, False)
+    np.testing.assert_array_equal(bits(got), bits(want))
+
+
+def test_c_kernel_rejects_short_buffers():
+    raw = realistic(T.Q8_0, 4, 64, seed=0)
+    xq, xd = ACTIVATION_CONVERTERS["Q8_0"](tokens(1, 64, seed=0))
+    out = np.empty((1, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="smaller"):
+        cext._cext.matmul("Q8_0", raw[:3], xq, xd, None, out, 4, 64, 1)
+    with pytest.raises(ValueError, match="no C kernel"):
+        cext._cext.matmul("IQ2_XXS", raw, xq, xd, None, out, 4, 64, 1)
+    with pytest.raises(ValueError, match="bad shape"):
+        cext._cext.matmul("Q8_0", raw, xq, xd, None, out, 4, 48, 1)
+
+
+def test_select_kernels():
+    try:
+        select_kernels("numba")
+        assert not C_FORMATS and KERNELS == NUMBA_KERNELS
+        select_kernels("c")
+        assert {t.name for t in C_FORMATS} == set(cext.formats()) & {t.name for t in NUMBA_KERNELS}
+        assert all(KERNELS[t] is not NUMBA_KERNELS[t] for t in C_FORMATS)
+        with pytest.raises(ValueError, match="OFFLOAD_KERNELS"):
+            select_kernels("fortran")
+    finally:
+        select_kernels()
