@@ -3,14 +3,18 @@
  *   matmul(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)
  *       out[t, r] = dot(row r of w, activations of token t); every buffer C-contiguous,
  *       out preallocated float32 (n_tokens, n_rows); bsums None unless fmt dots with Q8_K.
+ *   attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim)
+ *       causal GQA of n new queries over one layer's F32 cache (see attention.c)
  *   formats() -> {name: (vec_dot_type, [isa, ...])}
  *   isa() / set_isa(name)   the SIMD level in use ("avx512", "avx2" or "portable")
  *   set_num_threads(n)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <omp.h>
 
+#include "attention.h"
 #include "kernels.h"
 
 /* Format tables are defined in their own files; weak, so a format whose file is absent
@@ -114,6 +118,41 @@ done:
     return result;
 }
 
+static PyObject *py_attention(PyObject *self, PyObject *args) {
+    Py_buffer q = {0}, k = {0}, v = {0}, out = {0};
+    attention_args a = {0};
+    if (!PyArg_ParseTuple(args, "y*y*y*w*iiiii", &q, &k, &v, &out, &a.n, &a.start, &a.n_head, &a.n_head_kv,
+                          &a.head_dim))
+        return NULL;
+    PyObject *result = NULL;
+    if (a.n < 0 || a.start < 0 || a.head_dim <= 0 || a.n_head_kv <= 0 || a.n_head % a.n_head_kv) {
+        PyErr_SetString(PyExc_ValueError, "attention: bad shape");
+        goto done;
+    }
+    a.q_stride = a.n_head * a.head_dim;
+    a.kv_stride = a.n_head_kv * a.head_dim;
+    const Py_ssize_t qbytes = (Py_ssize_t)a.n * a.q_stride * 4, kvbytes = (Py_ssize_t)(a.start + a.n) * a.kv_stride * 4;
+    if (q.len < qbytes || out.len < qbytes || k.len < kvbytes || v.len < kvbytes) {
+        PyErr_SetString(PyExc_ValueError, "attention: a buffer is smaller than its shape says");
+        goto done;
+    }
+    a.q = q.buf, a.k = k.buf, a.v = v.buf, a.out = out.buf;
+    a.gemm8 = (a.n_head / a.n_head_kv) * a.n >= 2 && a.head_dim % 4 == 0;
+    a.scale = 1.0f / sqrtf((float)a.head_dim);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = attention_run(&a, isa >= ISA_AVX2);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) PyErr_NoMemory();
+    else result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&q);
+    PyBuffer_Release(&k);
+    PyBuffer_Release(&v);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyObject *py_formats(PyObject *self, PyObject *noargs) {
     PyObject *d = PyDict_New();
     for (int i = 0; d && i < N_FORMATS; i++) {
@@ -155,6 +194,7 @@ static PyObject *py_set_num_threads(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "matmul(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)"},
+    {"attention", py_attention, METH_VARARGS, "attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim)"},
     {"formats", py_formats, METH_NOARGS, "{format: (vec_dot_type, [isa, ...])} of the kernels built in"},
     {"isa", py_isa, METH_NOARGS, "SIMD level in use"},
     {"best_isa", py_best_isa, METH_NOARGS, "best SIMD level this CPU supports"},

@@ -20,7 +20,9 @@ import numpy as np
 
 from .arch import ModelArgs
 from .errors import ContextOverflowError
-from .kernels import ggml_math, matmul, matmul_f32_arrays
+from .kernels import ggml_math, matmul, matmuls
+from .kernels.attention import attention
+from .kernels.ggml_math import apply_rope, rms_norm
 from .weights import FFN, Attention, ExpertStore, MoE, Weights
 
 
@@ -28,12 +30,6 @@ from .weights import FFN, Attention, ExpertStore, MoE, Weights
 # ggml's own exp in softmax and SiLU; dot products in its summation order), so that
 # activations agree with llama.cpp's to the bit: a one-ulp difference can flip a
 # rounding to F16 or Q8_0 in the next matmul, and an MoE router amplifies such flips.
-
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    mean_sq = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
-    scale = np.float32(1.0) / np.sqrt(mean_sq + np.float32(eps))
-    return (x * scale) * weight
-
 
 def rope_tables(args: ModelArgs, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin of every (position, pair) as ggml computes them: theta *= powf(base, -2/d) in
@@ -46,20 +42,6 @@ def rope_tables(args: ModelArgs, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
         theta[:, i] = theta[:, i - 1] * theta_scale
     theta *= np.float32(args.rope_freq_scale)
     return ggml_math.libm("cosf", theta), ggml_math.libm("sinf", theta)
-
-
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: int, style: str) -> None:
-    """Rotate x (n_tokens, n_heads, head_dim) in place; cos/sin are (n_tokens, rope_dim/2)."""
-    if style == "normal":  # pairs (x0, x1), (x2, x3), ...
-        a, b = x[..., 0:rope_dim:2], x[..., 1:rope_dim:2]
-    else:  # neox: pairs (x_i, x_{i + rope_dim/2})
-        a, b = x[..., : rope_dim // 2], x[..., rope_dim // 2 : rope_dim]
-    # ggml's x0*cos - x1*sin and x0*sin + x1*cos, as GCC contracts them into FMAs
-    # (the float64 product of two float32 is exact, so this rounds once, like an FMA).
-    c, s = cos[:, None, :].astype(np.float64), sin[:, None, :].astype(np.float64)
-    a_new = (a * c - (b * sin[:, None, :])).astype(np.float32)
-    b[...] = (a * s + (b * cos[:, None, :])).astype(np.float32)
-    a[...] = a_new
 
 
 def route(router_logits: np.ndarray, k: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -108,9 +90,9 @@ class Transformer:
         a = self.args
         x = self.weights.embed(np.asarray(tokens, dtype=np.int64))
         for i, layer in enumerate(self.weights.layers):
-            x = x + self._attention(i, layer.attn, rms_norm(x, layer.attn.norm, a.rms_eps), start)
+            x += self._attention(i, layer.attn, rms_norm(x, layer.attn.norm, a.rms_eps), start)
             h = rms_norm(x, layer.ffn_norm, a.rms_eps)
-            x = x + (self._moe(i, layer.moe, h) if layer.moe else _ffn(layer.dense, h))
+            x += self._moe(i, layer.moe, h) if layer.moe else _ffn(layer.dense, h)
         self.cache.n_past = start + n
         if not all_logits:
             x = x[-1:]
@@ -119,58 +101,44 @@ class Transformer:
 
     def _attention(self, layer: int, w: Attention, x: np.ndarray, start: int) -> np.ndarray:
         a = self.args
-        n, hd, n_kv_heads = len(x), a.head_dim, a.n_head_kv
-        q, k, v = matmul(w.wq, x), matmul(w.wk, x), matmul(w.wv, x)
+        n, hd = len(x), a.head_dim
+        q, k, v = matmuls((w.wq, w.wk, w.wv), x)
         if w.bq is not None:
             q, k, v = q + w.bq, k + w.bk, v + w.bv
         if a.qk_norm == "full":
             q, k = rms_norm(q, w.q_norm, a.rms_eps), rms_norm(k, w.k_norm, a.rms_eps)
         q = q.reshape(n, a.n_head, hd)
-        k = k.reshape(n, n_kv_heads, hd)
+        k = k.reshape(n, a.n_head_kv, hd)
         if a.qk_norm == "head":
             q, k = rms_norm(q, w.q_norm, a.rms_eps), rms_norm(k, w.k_norm, a.rms_eps)
         cos, sin = self.rope_cos[start : start + n], self.rope_sin[start : start + n]
         apply_rope(q, cos, sin, a.rope_dim, a.rope_style)
         apply_rope(k, cos, sin, a.rope_dim, a.rope_style)
-
-        end = start + n
-        self.cache.k[layer, start:end] = k.reshape(n, -1)
-        self.cache.v[layer, start:end] = v
-        out = np.empty((n, a.n_head, hd), dtype=np.float32)
-        scale = np.float32(1.0) / np.sqrt(np.float32(hd))
-        # Keys are padded to a multiple of 32 as llama.cpp pads its KV length; padded and
-        # future positions are masked to -inf, i.e. weigh exactly 0.
-        n_kv = -(-end // 32) * 32
-        future = np.arange(n_kv)[None, :] > (start + np.arange(n))[:, None]
-        # Query heads h = g * group + j share KV head g (ggml broadcasts the same way).
-        group = a.n_head // n_kv_heads
-        for g in range(n_kv_heads):
-            heads = slice(g * group, (g + 1) * group)
-            keys = np.zeros((n_kv, hd), dtype=np.float32)
-            keys[:end] = self.cache.k[layer, :end, g * hd : (g + 1) * hd]
-            queries = q[:, heads].transpose(1, 0, 2).reshape(group * n, hd)
-            scores = matmul_f32_arrays(keys, queries, src1_contiguous=False).reshape(group, n, n_kv) * scale
-            scores[:, future] = -np.inf
-            probs = ggml_math.softmax(scores).reshape(group * n, n_kv)
-            values_t = np.zeros((hd, n_kv), dtype=np.float32)  # llama.cpp keeps V transposed
-            values_t[:, :end] = self.cache.v[layer, :end, g * hd : (g + 1) * hd].T
-            out[:, heads] = matmul_f32_arrays(values_t, probs).reshape(group, n, hd).transpose(1, 0, 2)
-        out = out.reshape(n, a.n_head * hd)
+        self.cache.k[layer, start : start + n] = k.reshape(n, -1)
+        self.cache.v[layer, start : start + n] = v
+        out = attention(q.reshape(n, -1), self.cache.k[layer], self.cache.v[layer], start, a.n_head, a.n_head_kv, hd)
         return matmul(w.wo, out)
 
     def _moe(self, layer: int, w: MoE, x: np.ndarray) -> np.ndarray:
-        """Route each token to its top-k experts; run each chosen expert once on its tokens."""
+        """Route each token to its top-k experts; run each chosen expert once on its tokens.
+        Each token's expert outputs, weighted, are summed in slot order as llama.cpp does."""
         a = self.args
         chosen, weights = route(matmul(w.router, x), a.n_expert_used, a.routing)
-        # Per (token, slot) outputs, summed in slot order at the end as llama.cpp does.
-        per_slot = np.zeros((len(x), a.n_expert_used, a.n_embd), dtype=np.float32)
-        for expert in np.unique(chosen):
-            tokens, slots = np.nonzero(chosen == expert)
-            y = _ffn(self.experts.get(layer, int(expert)), np.ascontiguousarray(x[tokens]), expert=True)
-            per_slot[tokens, slots] = y * weights[tokens, slots][:, None]
-        out = per_slot[:, 0]
-        for s in range(1, a.n_expert_used):
-            out = out + per_slot[:, s]
+        if len(x) == 1:  # decode: one token, its k experts in slot order
+            out = None
+            for slot in range(a.n_expert_used):
+                y = _ffn(self.experts.get(layer, int(chosen[0, slot])), x, expert=True)
+                y *= weights[0, slot]
+                out = y if out is None else out + y
+        else:
+            per_slot = np.zeros((len(x), a.n_expert_used, a.n_embd), dtype=np.float32)
+            for expert in np.unique(chosen):
+                tokens, slots = np.nonzero(chosen == expert)
+                y = _ffn(self.experts.get(layer, int(expert)), np.ascontiguousarray(x[tokens]), expert=True)
+                per_slot[tokens, slots] = y * weights[tokens, slots][:, None]
+            out = per_slot[:, 0]
+            for s in range(1, a.n_expert_used):
+                out = out + per_slot[:, s]
         if w.shared is not None:
             shared = _ffn(w.shared, x)
             if w.shared_gate is not None:
@@ -181,8 +149,8 @@ class Transformer:
 
 def _ffn(w: FFN, x: np.ndarray, expert: bool = False) -> np.ndarray:
     """SwiGLU; `expert` marks a routed expert (llama.cpp's mul_mat_id sums in its own order)."""
-    h = ggml_math.silu_mul(matmul(w.gate, x, expert=expert), matmul(w.up, x, expert=expert))
-    return matmul(w.down, h, expert=expert)
+    gate, up = matmuls((w.gate, w.up), x, expert=expert)
+    return matmul(w.down, ggml_math.silu_mul(gate, up, out=gate), expert=expert)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

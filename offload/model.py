@@ -163,9 +163,13 @@ class Model:
 
 
 def set_threads(n: int) -> None:
+    """Threads for every kernel, Numba's and the C extension's (OpenMP)."""
     import numba
+
+    from .kernels import cext
 
     available = numba.config.NUMBA_NUM_THREADS
     if not 1 <= n <= available:
         raise OffloadError(f"thread count {n} is outside 1..{available}")
     numba.set_num_threads(n)
+    cext.set_num_threads(n)

@@ -465,11 +465,12 @@ def test_softmax_is_bit_exact_with_ggml():
     lib.ggml_vec_soft_max_f32.restype = ctypes.c_double
     lib.ggml_vec_soft_max_f32.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float]
     rng = np.random.default_rng(31)
-    for n in (8, 64, 256):
+    for n in (1, 4, 7, 8, 60, 64, 256):  # routers have 4..160 experts: lengths with a tail too
         x = (rng.standard_normal((20, n)) * 4).astype(np.float32)
-        x[:, rng.integers(0, n, n // 4)] = -np.inf  # masked positions, as in attention
+        x[:, rng.integers(0, n, max(1, n // 4))] = -np.inf  # masked positions, as in attention
         x[:, 0] = 0.0
         ours = ggml_math.softmax(x)
+        np.testing.assert_array_equal(bits(ggml_math.softmax_ref(x)), bits(ours))
         for row, got in zip(x, ours):
             y = np.zeros(n, dtype=np.float32)
             total = lib.ggml_vec_soft_max_f32(n, y.ctypes.data, row.ctypes.data, ctypes.c_float(row.max()))
@@ -489,6 +490,7 @@ def test_swiglu_is_bit_exact_with_ggml():
     x[0, :8] = [0.0, -0.0, 88.0, -88.0, 100.0, -100.0, 1e-30, -1e-30]  # ggml_v_expf's edge paths
     g = rng.standard_normal((16, 128)).astype(np.float32)
     ours = ggml_math.silu_mul(x, g)
+    np.testing.assert_array_equal(bits(ggml_math.silu_mul_ref(x, g)), bits(ours))
     for xr, gr, got in zip(x, g, ours):
         y = np.zeros(128, dtype=np.float32)
         lib.ggml_vec_swiglu_f32(128, y.ctypes.data, xr.ctypes.data, gr.ctypes.data)
@@ -500,6 +502,9 @@ def test_expf_is_accurate():
     from offload.kernels import ggml_math
 
     x = np.linspace(-87, 88, 200_001, dtype=np.float32)
+    np.testing.assert_array_equal(bits(ggml_math.expf(x)), bits(ggml_math.expf_ref(x)))
+    edges = np.array([-np.inf, np.inf, -200, 200, -126.5, 126.5, -100, 100, 0.0, -0.0, 1e-30], dtype=np.float32)
+    np.testing.assert_array_equal(bits(ggml_math.expf(edges)), bits(ggml_math.expf_ref(edges)))
     ours = ggml_math.expf(x).astype(np.float64)
     exact = np.exp(x.astype(np.float64))
     assert np.max(np.abs(ours - exact) / exact) < 2.5e-7
@@ -528,3 +533,39 @@ def test_q8_k_activation_quantizer_is_bit_exact_with_ggml():
         np.testing.assert_array_equal(blocks["qs"].reshape(-1), ref[0][t])
         np.testing.assert_array_equal(bits(blocks["d"]), bits(ref[1][t]))
         np.testing.assert_array_equal(blocks["bsums"].reshape(-1), ref[2][t])
+
+
+def test_rms_norm_and_rope_compiled_match_numpy():
+    from offload.kernels import ggml_math
+
+    rng = np.random.default_rng(33)
+    x = (rng.standard_normal((9, 4, 64)) * np.exp(rng.uniform(-4, 4, size=(9, 4, 1)))).astype(np.float32)
+    w = rng.standard_normal(64).astype(np.float32)
+    np.testing.assert_array_equal(bits(ggml_math.rms_norm(x, w, 1e-5)), bits(ggml_math.rms_norm_ref(x, w, 1e-5)))
+    cos, sin = rng.standard_normal((2, 9, 24)).astype(np.float32)
+    for style in ("normal", "neox"):
+        a, b = x.copy(), x.copy()
+        ggml_math.apply_rope(a, cos, sin, 48, style)
+        ggml_math.apply_rope_ref(b, cos, sin, 48, style)
+        np.testing.assert_array_equal(bits(a), bits(b))
+        np.testing.assert_array_equal(bits(a[..., 48:]), bits(x[..., 48:]))  # past rope_dim: untouched
+
+
+def test_round_f16_in_numba_matches_numpy():
+    from numba import njit
+
+    from offload.kernels.numba_intrinsics import round_f16 as round_f16_scalar
+
+    @njit
+    def run(x, out):
+        for i in range(x.size):
+            out[i] = round_f16_scalar(x[i])
+
+    rng = np.random.default_rng(34)
+    x = np.concatenate([
+        (rng.standard_normal(100_000) * np.exp(rng.uniform(-25, 12, 100_000))).astype(np.float32),
+        np.array([65504, 65519.99, 65520, -65520, 2.0**-24, 2.0**-25, 1.5 * 2.0**-25, -0.0, np.inf], np.float32),
+    ])
+    out = np.empty_like(x)
+    run(x, out)
+    np.testing.assert_array_equal(bits(out), bits(round_f16(x)))

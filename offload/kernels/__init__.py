@@ -15,6 +15,7 @@ from .dispatch import (
     matmul,
     matmul_f32_arrays,
     matmul_ref,
+    matmuls,
     select_kernels,
 )
 from .formats import (
@@ -32,7 +33,7 @@ from .formats import (
     round_f16,
 )
 from .numba_kernels import quantize_q8_0, quantize_q8_k
-from . import q2_k_q3_k, q4_1_q5, q4_k_q5_k, q6_k
+from . import mxfp4, q2_k_q3_k, q4_1_q5, q4_k_q5_k, q6_k
 
 # Formats that live in their own modules: registered here, with their kernels.
 for _fmt, _kernel in (
@@ -44,6 +45,7 @@ for _fmt, _kernel in (
     (q4_k_q5_k.Q4_KFormat(), q4_k_q5_k.matmul_q4_k),
     (q4_k_q5_k.Q5_KFormat(), q4_k_q5_k.matmul_q5_k),
     (q6_k.Q6_KFormat(), q6_k.matmul_q6_k),
+    (mxfp4.MXFP4Format(), mxfp4.matmul_mxfp4),
 ):
     FORMATS[_fmt.ggml_type] = _fmt
     NUMBA_KERNELS[_fmt.ggml_type] = _kernel
@@ -69,6 +71,7 @@ __all__ = [
     "matmul",
     "matmul_f32_arrays",
     "matmul_ref",
+    "matmuls",
     "quantize_q8_0",
     "quantize_q8_0_ref",
     "quantize_q8_k",

@@ -33,6 +33,14 @@ def isa() -> str | None:
     return _cext.isa() if _cext is not None else None
 
 
+def levels() -> list[str]:
+    """The SIMD levels this CPU can run the C kernels at, lowest first; empty without them."""
+    if _cext is None:
+        return []
+    order = ["portable", "avx2", "avx512"]
+    return order[: order.index(_cext.best_isa()) + 1]
+
+
 def set_isa(name: str | None) -> None:
     """Use a lower SIMD level (tests run every level); None restores the best one."""
     _cext.set_isa(_cext.best_isa() if name is None else name)
@@ -41,6 +49,10 @@ def set_isa(name: str | None) -> None:
 def set_num_threads(n: int) -> None:
     if _cext is not None:
         _cext.set_num_threads(n)
+
+
+def attention(q, k, v, out, n: int, start: int, n_head: int, n_head_kv: int, head_dim: int) -> None:
+    _cext.attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim)
 
 
 def c_kernel(fmt_name: str) -> Kernel | None:

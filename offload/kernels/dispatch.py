@@ -16,6 +16,7 @@ fills `KERNELS` with the C kernel where the extension was built, else the Numba 
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from typing import Callable
 
@@ -84,20 +85,41 @@ def kernels_in_use() -> str:
     return "; ".join(parts + [f"Numba: {' '.join(numba)}"])
 
 
-def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, expert: bool = False) -> np.ndarray:
-    """out[t, r] = sum_c W[r, c] * act(x)[t, c] for x float32 (n_tokens, n_cols).
+# Quantized activations are written into buffers kept per thread and reused, so that a
+# decode step allocates nothing for them once warm: {(vec_dot_type, n_cols): (rows, arrays)}.
+_ACT_LAYOUTS: dict[str, Callable[[int, int], tuple[np.ndarray, ...]]] = {
+    "Q8_0": lambda n, k: (np.empty((n, k), np.int8), np.empty((n, k // 32), np.float32)),
+    "Q8_K": lambda n, k: (np.empty((n, k), np.int8), np.empty((n, k // 256), np.float32), np.empty((n, k // 16), np.int16)),
+}
+_workspace = threading.local()
 
-    Returns `out` (float32 (n_tokens, n_rows)), allocated unless given. x is used in place
-    if C-contiguous, else copied (layout only: its dtype must already be float32, since a
-    silent float64 -> float32 cast would hide a numerics bug upstream).
-    """
+
+def convert_activations(vec_dot_type: str, x: np.ndarray) -> Activations:
+    """x converted as ggml converts a matmul's input for weights of this vec_dot_type. For
+    the quantized types the result lives in a reused per-thread buffer: valid until the
+    next conversion to the same type and width on this thread."""
+    layout = _ACT_LAYOUTS.get(vec_dot_type)
+    if layout is None:
+        return ACTIVATION_CONVERTERS[vec_dot_type](x)
+    buffers = _workspace.__dict__.setdefault("buffers", {})
+    n, k = x.shape
+    held = buffers.get((vec_dot_type, k))
+    if held is None or held[0] < n:
+        held = buffers[(vec_dot_type, k)] = (max(n, 1), layout(max(n, 1), k))
+    return ACTIVATION_CONVERTERS[vec_dot_type](x, tuple(a[:n] for a in held[1]))
+
+
+def _check(w: QMatrix, x: np.ndarray) -> np.ndarray:
     if not isinstance(w, QMatrix):
         raise TypeError(f"matmul expects a QMatrix, got {type(w).__name__}")
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != w.n_cols:
         got = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
         raise ValueError(f"matmul with a {w.n_rows}x{w.n_cols} {w.fmt.name} matrix needs float32 (n_tokens, {w.n_cols}), got {got}")
-    x = np.ascontiguousarray(x)
-    shape = (x.shape[0], w.n_rows)
+    return np.ascontiguousarray(x)
+
+
+def _run(w: QMatrix, act: Activations, n_tokens: int, out: np.ndarray | None, expert: bool) -> np.ndarray:
+    shape = (n_tokens, w.n_rows)
     if out is None:
         out = np.empty(shape, dtype=np.float32)
     elif out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous or not out.flags.writeable:
@@ -107,8 +129,34 @@ def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, expert: boo
     kernel = KERNELS.get(w.fmt.ggml_type)
     if kernel is None:
         raise UnsupportedQuantType(w.fmt.ggml_type, "has no matmul kernel")
-    kernel(w.data, ACTIVATION_CONVERTERS[w.fmt.vec_dot_type](x), out, expert)
+    kernel(w.data, act, out, expert)
     return out
+
+
+def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, expert: bool = False) -> np.ndarray:
+    """out[t, r] = sum_c W[r, c] * act(x)[t, c] for x float32 (n_tokens, n_cols).
+
+    Returns `out` (float32 (n_tokens, n_rows)), allocated unless given. x is used in place
+    if C-contiguous, else copied (layout only: its dtype must already be float32, since a
+    silent float64 -> float32 cast would hide a numerics bug upstream).
+    """
+    x = _check(w, x)
+    return _run(w, convert_activations(w.fmt.vec_dot_type, x), x.shape[0], out, expert)
+
+
+def matmuls(ws: tuple[QMatrix, ...], x: np.ndarray, expert: bool = False) -> list[np.ndarray]:
+    """[matmul(w, x) for w in ws], converting x once per vec_dot_type (as Q, K and V, or an
+    expert's gate and up, share their input)."""
+    x = _check(ws[0], x)
+    acts: dict[str, Activations] = {}
+    outs = []
+    for w in ws:
+        _check(w, x)
+        t = w.fmt.vec_dot_type
+        if t not in acts:
+            acts[t] = convert_activations(t, x)
+        outs.append(_run(w, acts[t], x.shape[0], None, expert))
+    return outs
 
 
 def dequantize_rows(w: QMatrix, rows: np.ndarray) -> np.ndarray:

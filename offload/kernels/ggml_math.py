@@ -4,13 +4,19 @@ ggml's exp is its own polynomial (`ggml_v_expf`), not libm's, and its softmax su
 chunks of eight. Results differ from numpy's by an ulp here and there, and an ulp is
 enough to flip a later rounding of the activations to F16 or Q8_0, which an MoE
 router can amplify into a different expert. So softmax and SiLU follow ggml step by
-step; each fused multiply-add is computed in float64 and rounded once to float32,
-which is exact for these operands.
+step. The Numba functions (`expf`, `softmax`, `silu_mul`) are what the forward pass
+calls; the numpy ones (`*_ref`, each fused multiply-add computed in float64 and rounded
+once, exact for these operands) spell the same steps for reading and testing.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+from numba import njit
+
+from .numba_intrinsics import bits_f32, f32_bits, fma32
 
 _F32 = np.float32
 
@@ -32,7 +38,7 @@ def _float(u: np.ndarray) -> np.ndarray:
     return u.astype(np.uint32).view(np.float32)
 
 
-def expf(x: np.ndarray) -> np.ndarray:
+def expf_ref(x: np.ndarray) -> np.ndarray:
     """ggml_v_expf: exp(x) for float32 x, as ggml's vector code computes it."""
     x = np.asarray(x, dtype=np.float32)
     with np.errstate(invalid="ignore", over="ignore", under="ignore"):
@@ -58,37 +64,63 @@ def expf(x: np.ndarray) -> np.ndarray:
         return np.where(huge, s1 * s1, np.where(c, _fma(s2, j, s2) * s1, normal)).astype(np.float32)
 
 
-def silu_mul(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+def silu_mul_ref(x: np.ndarray, g: np.ndarray) -> np.ndarray:
     """ggml_vec_swiglu_f32: silu(x) * g, rows of x in chunks of 8 (a tail uses libm's expf)."""
     x = np.asarray(x, dtype=np.float32)
     n = x.shape[-1]
     main = n - n % 8
     out = np.empty_like(x)
     with np.errstate(over="ignore"):
-        out[..., :main] = (x[..., :main] / (_F32(1.0) + expf(_F32(0.0) - x[..., :main]))) * g[..., :main]
+        out[..., :main] = (x[..., :main] / (_F32(1.0) + expf_ref(_F32(0.0) - x[..., :main]))) * g[..., :main]
         tail = x[..., main:]
-        out[..., main:] = (tail / (_F32(1.0) + np.exp(-tail))) * g[..., main:]
+        out[..., main:] = (tail / (_F32(1.0) + libm("expf", -tail))) * g[..., main:]
     return out
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    """ggml_vec_soft_max_f32 over the last axis: exp(x - max) in chunks of 8, each chunk's
-    sum folded as hsum_float_8 and added in double; then multiplied by float(1 / sum).
-    Rows are padded with -inf to whole chunks (ggml pads its KV length the same way)."""
+def softmax_ref(x: np.ndarray) -> np.ndarray:
+    """ggml_vec_soft_max_f32 over the last axis, then the scale by float(1 / sum): exp(x - max)
+    in chunks of 8 (ggml_v_expf), each chunk's sum folded as hsum_float_8 and added to a
+    double; the n % 8 values left over go through libm's expf and are added to the double
+    one at a time."""
     x = np.asarray(x, dtype=np.float32)
     n = x.shape[-1]
-    pad = (-n) % 8
-    if pad:
-        x = np.concatenate([x, np.full(x.shape[:-1] + (pad,), -np.inf, dtype=np.float32)], axis=-1)
-    e = expf(x - x.max(axis=-1, keepdims=True))
-    chunks = e.reshape(e.shape[:-1] + (-1, 8))
+    main = n - n % 8
+    m = x.max(axis=-1, keepdims=True)
+    e = np.empty_like(x)
+    e[..., :main] = expf_ref(x[..., :main] - m)
+    chunks = e[..., :main].reshape(e.shape[:-1] + (-1, 8))
     a = chunks[..., 4:] + chunks[..., :4]
     partial = (a[..., 0] + a[..., 2]) + (a[..., 1] + a[..., 3])  # float32, per chunk
-    total = np.zeros(partial.shape[:-1], dtype=np.float64)
+    total = np.zeros(x.shape[:-1], dtype=np.float64)
     for i in range(partial.shape[-1]):  # added to a double one chunk at a time, in order
         total += partial[..., i]
+    for i in range(main, n):
+        e[..., i] = libm("expf", x[..., i] - m[..., 0])
+        total += e[..., i]
     inv = (1.0 / total).astype(np.float32)[..., None]
-    return (e * inv)[..., :n]
+    return e * inv
+
+
+def rms_norm_ref(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """numpy spelling of rms_norm (numpy sums the squares pairwise, ggml in order:
+    the two agree but for rare last-bit cases)."""
+    mean_sq = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
+    scale = np.float32(1.0) / np.sqrt(mean_sq + np.float32(eps))
+    return (x * scale) * weight
+
+
+def apply_rope_ref(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: int, style: str) -> None:
+    """Rotate x (n_tokens, n_heads, head_dim) in place; cos/sin are (n_tokens, rope_dim/2)."""
+    if style == "normal":  # pairs (x0, x1), (x2, x3), ...
+        a, b = x[..., 0:rope_dim:2], x[..., 1:rope_dim:2]
+    else:  # neox: pairs (x_i, x_{i + rope_dim/2})
+        a, b = x[..., : rope_dim // 2], x[..., rope_dim // 2 : rope_dim]
+    # ggml's x0*cos - x1*sin and x0*sin + x1*cos, as GCC contracts them into FMAs
+    # (the float64 product of two float32 is exact, so this rounds once, like an FMA).
+    c, s = cos[:, None, :].astype(np.float64), sin[:, None, :].astype(np.float64)
+    a_new = (a * c - (b * sin[:, None, :])).astype(np.float32)
+    b[...] = (a * s + (b * cos[:, None, :])).astype(np.float32)
+    a[...] = a_new
 
 
 # -- libm, as ggml calls it ------------------------------------------------------------
@@ -101,7 +133,7 @@ def _libm():
     import ctypes.util
 
     lib = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
-    for name, n_args in (("cosf", 1), ("sinf", 1), ("powf", 2)):
+    for name, n_args in (("cosf", 1), ("sinf", 1), ("powf", 2), ("expf", 1)):
         fn = getattr(lib, name)
         fn.restype = ctypes.c_float
         fn.argtypes = [ctypes.c_float] * n_args
@@ -112,9 +144,150 @@ _LIBM = None
 
 
 def libm(name: str, *args: np.ndarray) -> np.ndarray:
-    """Elementwise C-library float function `name` (cosf, sinf, powf) over float32 arrays."""
+    """Elementwise C-library float function `name` (cosf, sinf, powf, expf) over float32 arrays."""
     global _LIBM
     if _LIBM is None:
         _LIBM = _libm()
     fn = np.frompyfunc(getattr(_LIBM, name), len(args), 1)
     return np.asarray(fn(*[np.asarray(a, dtype=np.float32) for a in args]), dtype=np.float32)
+
+
+# -- the same, compiled (what the forward pass calls) ---------------------------------------
+
+# ggml_v_expf's constants (globals are compile-time constants to Numba)
+_R, _LOG2E = _hex("0x1.8p23"), _hex("0x1.715476p+0")
+_LN2_HI, _LN2_LO = _hex("0x1.62e4p-1"), _hex("0x1.7f7d1cp-20")
+_C5, _C4, _C3, _C2, _C1 = (_hex("0x1.0e4020p-7"), _hex("0x1.573e2ep-5"), _hex("0x1.555e66p-3"),
+                           _hex("0x1.fffdb6p-2"), _hex("0x1.ffffecp-1"))
+
+
+@njit(inline="always")
+def _expf1(x):
+    """One float32 through ggml_v_expf (same steps as expf_ref)."""
+    z = fma32(x, _LOG2E, _R)
+    n = z - _R
+    b = fma32(-n, _LN2_LO, fma32(-n, _LN2_HI, x))
+    e = f32_bits(z) << np.uint32(23)
+    k = bits_f32(e + np.uint32(0x3F800000))
+    u = b * b
+    j = fma32(fma32(fma32(_C5, b, _C4), u, fma32(_C3, b, _C2)), u, _C1 * b)
+    if not abs(n) > np.float32(126.0):
+        return fma32(j, k, k)
+    g = np.uint32(0x82000000) if n <= np.float32(0.0) else np.uint32(0)
+    s1 = bits_f32(g + np.uint32(0x7F000000))
+    if abs(n) > np.float32(192.0):
+        return s1 * s1
+    s2 = bits_f32(e - g)
+    return fma32(s2, j, s2) * s1
+
+
+@njit(cache=True, nogil=True)
+def _expf(x, out):
+    for i in range(x.size):
+        out[i] = _expf1(x[i])
+
+
+def expf(x: np.ndarray) -> np.ndarray:
+    """ggml_v_expf over a float32 array (compiled twin of expf_ref)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    _expf(x.reshape(-1), out.reshape(-1))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _softmax_rows(x, out):
+    """ggml_vec_soft_max_f32 + the scale by 1/sum, per row of the 2-D x (see softmax_ref)."""
+    n = x.shape[1]
+    for r in range(x.shape[0]):
+        m = np.float32(-np.inf)
+        for i in range(n):
+            if x[r, i] > m:
+                m = x[r, i]
+        total = 0.0
+        main = n - n % 8
+        for c in range(0, main, 8):  # chunks of 8: ggml_v_expf, hsum_float_8, added in double
+            for i in range(c, c + 8):
+                out[r, i] = _expf1(x[r, i] - m)
+            a0, a1 = out[r, c + 4] + out[r, c], out[r, c + 5] + out[r, c + 1]
+            a2, a3 = out[r, c + 6] + out[r, c + 2], out[r, c + 7] + out[r, c + 3]
+            total += np.float64((a0 + a2) + (a1 + a3))
+        for i in range(main, n):  # the rest: libm's expf, added one by one
+            out[r, i] = np.float32(math.exp(x[r, i] - m))
+            total += np.float64(out[r, i])
+        inv = np.float32(1.0 / total)
+        for i in range(n):
+            out[r, i] *= inv
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis exactly as ggml (compiled twin of softmax_ref). Attention
+    runs it over its KV length padded to 32 with -inf (see attention.py), routers over the
+    expert count as is."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    if x.size:
+        _softmax_rows(x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1]))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _silu_mul_rows(x, g, out):
+    n = x.shape[1]
+    main = n - n % 8
+    for r in range(x.shape[0]):
+        for i in range(main):
+            out[r, i] = (x[r, i] / (np.float32(1.0) + _expf1(np.float32(0.0) - x[r, i]))) * g[r, i]
+        for i in range(main, n):  # ggml's scalar tail: libm's expf
+            out[r, i] = (x[r, i] / (np.float32(1.0) + np.float32(math.exp(-x[r, i])))) * g[r, i]
+
+
+def silu_mul(x: np.ndarray, g: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """ggml_vec_swiglu_f32: silu(x) * g (compiled twin of silu_mul_ref)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    g = np.ascontiguousarray(g, dtype=np.float32)
+    if out is None:
+        out = np.empty_like(x)
+    if x.size:
+        _silu_mul_rows(x.reshape(-1, x.shape[-1]), g.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1]))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _rms_norm_rows(x, weight, eps, out):
+    n = x.shape[1]
+    for t in range(x.shape[0]):
+        total = 0.0  # ggml sums the float32 squares in double, in order
+        for i in range(n):
+            total += np.float64(x[t, i] * x[t, i])
+        scale = np.float32(1.0) / np.sqrt(np.float32(total / n) + eps)
+        for i in range(n):
+            out[t, i] = (x[t, i] * scale) * weight[i]
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """ggml_rms_norm then ggml_mul by `weight`, over the last axis (x float32, any leading dims)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    if x.size:
+        _rms_norm_rows(x.reshape(-1, x.shape[-1]), weight, np.float32(eps), out.reshape(-1, x.shape[-1]))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _rope(x, cos, sin, rope_dim, neox):
+    half = rope_dim // 2
+    for t in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            for i in range(half):
+                ia, ib = (i, i + half) if neox else (2 * i, 2 * i + 1)
+                a, b, c, s = x[t, h, ia], x[t, h, ib], cos[t, i], sin[t, i]
+                # x0*cos - x1*sin and x0*sin + x1*cos, as GCC contracts them in ggml's rope
+                x[t, h, ia] = fma32(a, c, -(b * s))
+                x[t, h, ib] = fma32(a, s, b * c)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: int, style: str) -> None:
+    """Rotate x (n_tokens, n_heads, head_dim) float32 C-contiguous in place; cos/sin (n_tokens,
+    rope_dim/2). style "normal" pairs (x0, x1), (x2, x3)...; "neox" pairs (x_i, x_{i+rope_dim/2})."""
+    _rope(x, cos, sin, rope_dim, style == "neox")

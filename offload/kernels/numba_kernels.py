@@ -23,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .numba_intrinsics import round_f16
+
 QK = 32  # values per Q8_0/Q4_0 block
 Q8_0_BYTES = 34  # f16 d + 32 int8
 Q4_0_BYTES = 18  # f16 d + 16 bytes of nibbles
@@ -57,20 +59,20 @@ def _quantize_q8_0(x, qs, d):
                 a = abs(x[t, base + j])
                 if a > amax:
                     amax = a
-            d[t, b] = amax / np.float32(127.0)
+            d[t, b] = round_f16(amax / np.float32(127.0))  # stored as fp16
             inv = np.float32(127.0) / amax if amax != np.float32(0.0) else np.float32(0.0)
             for j in range(QK):
                 qs[t, base + j] = np.int8(np.rint(x[t, base + j] * inv))
 
 
-def quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Fast twin of `formats.quantize_q8_0_ref`: float32 (n, k) -> (qs int8 (n, k), d float32 (n, k/32))."""
+def quantize_q8_0(x: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fast twin of `formats.quantize_q8_0_ref`: float32 (n, k) -> (qs int8 (n, k), d float32 (n, k/32)),
+    into `out` when given."""
     n, k = x.shape
-    qs = np.empty((n, k), dtype=np.int8)
-    d = np.empty((n, k // QK), dtype=np.float32)
-    _quantize_q8_0(_readonly(x), qs, d)
-    with np.errstate(over="ignore"):
-        return qs, d.astype(np.float16).astype(np.float32)  # the stored scale is fp16
+    if out is None:
+        out = np.empty((n, k), dtype=np.int8), np.empty((n, k // QK), dtype=np.float32)
+    _quantize_q8_0(x, *out)
+    return out
 
 
 @njit(cache=True, nogil=True)
@@ -105,14 +107,15 @@ def _quantize_q8_k(x, qs, d, bsums):
             d[t, b] = np.float32(1.0) / iscale
 
 
-def quantize_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fast twin of `formats.quantize_q8_k_ref`: (qs int8 (n, k), d float32 (n, k/256), bsums int16 (n, k/16))."""
+def quantize_q8_k(x: np.ndarray, out: tuple | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fast twin of `formats.quantize_q8_k_ref`: (qs int8 (n, k), d float32 (n, k/256), bsums int16 (n, k/16)),
+    into `out` when given."""
     n, k = x.shape
-    qs = np.empty((n, k), dtype=np.int8)
-    d = np.empty((n, k // 256), dtype=np.float32)
-    bsums = np.empty((n, k // 16), dtype=np.int16)
-    _quantize_q8_k(_readonly(x), qs, d, bsums)
-    return qs, d, bsums
+    if out is None:
+        out = (np.empty((n, k), dtype=np.int8), np.empty((n, k // 256), dtype=np.float32),
+               np.empty((n, k // 16), dtype=np.int16))
+    _quantize_q8_k(x, *out)
+    return out
 
 
 # -- float weights -------------------------------------------------------------------------

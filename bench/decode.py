@@ -1,0 +1,179 @@
+"""Decode and prefill speed of offload against llama.cpp, on the same file and threads.
+
+    .venv/bin/python bench/decode.py [--threads 2] [--quants Q4_K_M,Q4_0] [--decode 128] [--prefill 512]
+
+Makes (once, cached in ~/.cache/offload/bench) a Mixtral-shaped MoE model with random
+weights: written as F16 with gguf, then quantized by llama.cpp's own quantizer. Then, per
+quantization, in one process, same file, same thread count:
+
+* decode tok/s: greedy, --decode tokens after a 16-token prompt (EOS ignored, so both
+  engines do the same work),
+* prefill tok/s: one --prefill-token prompt (logits of the last position only),
+* the roofline: weight bytes one decode token must read (attention, router, output, and
+  top-k experts per layer) / the streaming-read bandwidth measured in the same run,
+* offload's Python overhead per token: the same model shape with tiny matrices, where the
+  kernels take ~0, so what is left is the per-layer interpreter work.
+
+llama.cpp runs with `use_extra_bufts = False` (its repacked weight buffers crash on Xeons
+with AMX) and an F32 KV cache like offload's; on a laptop with the repacked buffers it is
+somewhat faster than here. Writes bench/out/decode.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, print_table, read_bandwidth, write_json  # noqa: E402
+
+from offload import Model  # noqa: E402
+from offload.gguf_file import GGUFFile  # noqa: E402
+from offload.kernels import kernels_in_use  # noqa: E402
+from offload.testing import TinyConfig, llama_cpp_model, quantize_model, write_model  # noqa: E402
+
+CACHE = Path.home() / ".cache" / "offload" / "bench"
+# Mixtral's layout (8 experts, top-2, GQA 4:1, head dim 128, 3.5x FFN) at 1/4 of its width
+# and 20 layers: 1.8 G parameters, about 1 GB as Q4_K_M.
+SHAPE = TinyConfig(n_layer=20, n_embd=1024, n_head=8, n_head_kv=2, head_dim=128, n_ff=3584, n_expert=8,
+                   n_expert_used=2, n_ctx=2048)
+# The same layer structure with small matrices (256 wide, the smallest k-quants take): the
+# kernels take ~0 but for the 32000-row output, so what is left is mostly Python.
+TINY = TinyConfig(n_layer=20, n_embd=256, n_head=8, n_head_kv=2, head_dim=32, n_ff=256, n_expert=8, n_expert_used=2,
+                  n_ctx=2048)
+
+
+def model_file(config: TinyConfig, quant: str, tag: str) -> Path:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    f16 = CACHE / f"{tag}-F16.gguf"
+    if not f16.exists():
+        print(f"writing {f16} ...", file=sys.stderr)
+        write_model(str(f16) + ".part", config, "F16", seed=0)
+        Path(str(f16) + ".part").rename(f16)
+    if quant == "F16":
+        return f16
+    out = CACHE / f"{tag}-{quant}.gguf"
+    if not out.exists():
+        print(f"quantizing to {quant} with llama.cpp ...", file=sys.stderr)
+        quantize_model(f16, str(out) + ".part", quant)
+        Path(str(out) + ".part").rename(out)
+    return out
+
+
+def active_bytes_per_token(path: Path) -> int:
+    """Weight bytes one decode token reads: everything but the token embeddings and the
+    experts, plus n_expert_used of each layer's experts."""
+    g = GGUFFile(path)
+    try:
+        n_expert = int(g.require("llama.expert_count"))
+        n_used = int(g.require("llama.expert_used_count"))
+        total = 0
+        for t in g.tensors.values():
+            if t.name == "token_embd.weight":
+                continue
+            total += t.n_bytes * n_used // n_expert if "_exps." in t.name else t.n_bytes
+        return total
+    finally:
+        g.close()
+
+
+def prompt_tokens(n: int, n_vocab: int, seed: int = 1) -> list[int]:
+    return [1] + np.random.default_rng(seed).integers(100, n_vocab - 1, size=n - 1).tolist()
+
+
+def run_offload(path: Path, threads: int, n_decode: int, n_prefill: int) -> dict:
+    model = Model.load(path, n_ctx=n_prefill + 32, n_threads=threads)
+    t = model.transformer
+    n_vocab = model.args.n_vocab
+    try:
+        t.reset()
+        t.forward(np.array(prompt_tokens(8, n_vocab), dtype=np.int64))  # warm up (JIT, page cache)
+        t.reset()
+        logits = t.forward(np.array(prompt_tokens(16, n_vocab), dtype=np.int64))
+        start = time.perf_counter()
+        for _ in range(n_decode):
+            logits = t.forward(np.array([int(np.argmax(logits[-1]))], dtype=np.int64))
+        decode_s = time.perf_counter() - start
+        t.reset()
+        prompt = np.array(prompt_tokens(n_prefill, n_vocab, seed=2), dtype=np.int64)
+        start = time.perf_counter()
+        t.forward(prompt)
+        prefill_s = time.perf_counter() - start
+    finally:
+        model.close()
+    return {"decode_tok_s": n_decode / decode_s, "prefill_tok_s": n_prefill / prefill_s,
+            "ms_per_token": 1e3 * decode_s / n_decode}
+
+
+def run_llama_cpp(path: Path, threads: int, n_decode: int, n_prefill: int) -> dict:
+    llm = llama_cpp_model(path, n_ctx=n_prefill + 32, n_threads=threads, logits_all=False)
+    n_vocab = llm.n_vocab()
+    try:
+        llm.eval(prompt_tokens(8, n_vocab))  # warm up
+        llm.reset()
+        llm.eval(prompt_tokens(16, n_vocab))
+        start = time.perf_counter()
+        for _ in range(n_decode):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        decode_s = time.perf_counter() - start
+        llm.reset()
+        prompt = prompt_tokens(n_prefill, n_vocab, seed=2)
+        start = time.perf_counter()
+        llm.eval(prompt)
+        prefill_s = time.perf_counter() - start
+    finally:
+        llm.close()
+    return {"decode_tok_s": n_decode / decode_s, "prefill_tok_s": n_prefill / prefill_s,
+            "ms_per_token": 1e3 * decode_s / n_decode}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quants", default="Q4_K_M,Q4_0")
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--prefill", type=int, default=512)
+    opts = ap.parse_args()
+
+    bandwidth = read_bandwidth(opts.threads)
+    print(f"{machine()['cpu']}, {opts.threads} threads, streaming read {bandwidth / 1e9:.1f} GB/s; "
+          f"offload kernels: {kernels_in_use()}\n")
+    tiny = model_file(TINY, "Q4_K_M", "small-mixtral")
+    overhead = run_offload(tiny, opts.threads, opts.decode, 64)["ms_per_token"]
+    rows, results = [], []
+    for quant in opts.quants.split(","):
+        path = model_file(SHAPE, quant, "mixtral-1g")
+        active = active_bytes_per_token(path)
+        roofline = bandwidth / active
+        ours = run_offload(path, opts.threads, opts.decode, opts.prefill)
+        gc.collect()
+        theirs = run_llama_cpp(path, opts.threads, opts.decode, opts.prefill)
+        gc.collect()
+        size_gb = path.stat().st_size / 1e9
+        for what in ("decode_tok_s", "prefill_tok_s"):
+            ratio = ours[what] / theirs[what]
+            rows.append([quant, f"{size_gb:.2f} GB", what.replace("_tok_s", ""), ours[what], theirs[what], f"{ratio:.2f}x",
+                         f"{roofline:.1f}" if what == "decode_tok_s" else "",
+                         f"{100 * ours[what] / roofline:.0f}%" if what == "decode_tok_s" else ""])
+        results.append({"quant": quant, "file_bytes": path.stat().st_size, "active_bytes_per_token": active,
+                        "roofline_tok_s": roofline, "offload": ours, "llama_cpp": theirs,
+                        "python_overhead_ms_per_token": overhead,
+                        "python_overhead_share": overhead / ours["ms_per_token"]})
+    print_table(["quant", "file", "phase", "offload tok/s", "llama.cpp tok/s", "ratio", "roofline tok/s", "of roofline"],
+                rows)
+    print(f"\nPython overhead: {overhead:.2f} ms/token (the same 20-layer shape with tiny matrices); "
+          + ", ".join(f"{r['quant']}: {100 * r['python_overhead_share']:.0f}% of a token" for r in results))
+    print("llama.cpp ran without its repacked weight buffers (use_extra_bufts=False) and with an F32 KV cache.")
+    path = write_json("decode", {"machine": machine(), "threads": opts.threads,
+                                 "read_bandwidth_gb_per_s": bandwidth / 1e9, "kernels": kernels_in_use(),
+                                 "n_decode": opts.decode, "n_prefill": opts.prefill, "results": results})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+/* Causal grouped-query attention over one layer's F32 KV cache, in llama.cpp's CPU order
+ * (see offload/kernels/attention.py for the derivation; this is its compiled twin):
+ *   score[p] = vec_dot_f32(K[p], q) * scale   for p <= start + t, else -inf
+ *   probs    = ggml softmax: exp in chunks of 8 (ggml_v_expf), each chunk's hsum added
+ *              in double, then times (float)(1 / sum)
+ *   out[d]   = sum_p V[p, d] * probs[p], lanes over positions: 8 lanes + hsum_float_8
+ *              (tinyBLAS) when `gemm8`, else 32 lanes folded as vec_dot_f32.
+ * Positions past the end weigh exactly 0 in all three, so no padding is needed.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "kernels.h"
+#include "attention.h"
+
+/* ggml_vec_dot_f32's reduction of its four 8-lane accumulators acc[8*a + i]. */
+static inline float fold32(const float acc[32]) {
+    float l[8];
+    for (int i = 0; i < 8; i++) l[i] = (acc[i] + acc[16 + i]) + (acc[8 + i] + acc[24 + i]);
+    const float t0 = l[0] + l[4], t1 = l[1] + l[5], t2 = l[2] + l[6], t3 = l[3] + l[7];
+    return (t0 + t1) + (t2 + t3);
+}
+
+/* -- portable -------------------------------------------------------------------------- */
+
+static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+/* ggml_v_expf on one float (the same steps as its 8-lane AVX2 code). */
+static float expf_ggml(float x) {
+    const float r = 0x1.8p23f;
+    const float z = fmaf(x, 0x1.715476p+0f, r);
+    const float n = z - r;
+    const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
+    const uint32_t e = f2u(z) << 23;
+    const float k = u2f(e + f2u(1.0f));
+    const float u = b * b;
+    const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u, fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)), u,
+                         0x1.ffffecp-1f * b);
+    if (!(fabsf(n) > 126.0f)) return fmaf(j, k, k);
+    const uint32_t g = n <= 0.0f ? 0x82000000u : 0u;
+    const float s1 = u2f(g + 0x7F000000u);
+    if (fabsf(n) > 192.0f) return s1 * s1;
+    const float s2 = u2f(e - g);
+    return fmaf(s2, j, s2) * s1;
+}
+
+static float dot_f32_portable(const float *x, const float *y, int n) {
+    float acc[32] = {0};
+    const int main = n - n % 32;
+    for (int c = 0; c < main; c++) acc[c % 32] = fmaf(x[c], y[c], acc[c % 32]);
+    float s = fold32(acc);
+    for (int c = main; c < n; c++) s += x[c] * y[c];
+    return s;
+}
+
+/* probs[0..end) = softmax of probs[0..end) in place (masked entries are -inf). */
+static void softmax_portable(float *probs, int end) {
+    float m = -INFINITY;
+    for (int p = 0; p < end; p++) m = probs[p] > m ? probs[p] : m;
+    double total = 0.0;
+    for (int c = 0; c < end; c += 8) {
+        float lanes[8] = {0};
+        for (int p = c; p < c + 8 && p < end; p++) lanes[p - c] = probs[p] = expf_ggml(probs[p] - m);
+        total += (double)hsum8_portable(lanes);
+    }
+    const float inv = (float)(1.0 / total);
+    for (int p = 0; p < end; p++) probs[p] *= inv;
+}
+
+static void attend_portable(const attention_args *a, int h, int t, float *probs, float *vacc) {
+    const int hd = a->head_dim, end = a->start + a->n, last = a->start + t;
+    const int kv0 = (h / (a->n_head / a->n_head_kv)) * hd;
+    const float *q = a->q + (size_t)t * a->q_stride + (size_t)h * hd;
+    for (int p = 0; p < end; p++)
+        probs[p] = p > last ? -INFINITY : dot_f32_portable(a->k + (size_t)p * a->kv_stride + kv0, q, hd) * a->scale;
+    softmax_portable(probs, end);
+    const int width = a->gemm8 ? 8 : 32;
+    memset(vacc, 0, sizeof(float) * 32 * hd);
+    for (int p = 0; p < end; p++) {
+        float *lane = vacc + (p % width) * hd;
+        const float *v = a->v + (size_t)p * a->kv_stride + kv0;
+        for (int d = 0; d < hd; d++) lane[d] = fmaf(v[d], probs[p], lane[d]);
+    }
+    float *o = a->out + (size_t)t * a->q_stride + (size_t)h * hd;
+    for (int d = 0; d < hd; d++) {
+        float col[32];
+        for (int l = 0; l < width; l++) col[l] = vacc[l * hd + d];
+        o[d] = a->gemm8 ? hsum8_portable(col) : fold32(col);
+    }
+}
+
+/* -- AVX2 ------------------------------------------------------------------------------- */
+#ifdef OFFLOAD_X86
+
+static inline TARGET_AVX2 __m256 expf_ggml_avx2(__m256 x) {
+    const __m256 r = _mm256_set1_ps(0x1.8p23f);
+    const __m256 z = _mm256_fmadd_ps(x, _mm256_set1_ps(0x1.715476p+0f), r);
+    const __m256 n = _mm256_sub_ps(z, r);
+    const __m256 b = _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.7f7d1cp-20f),
+                                      _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.62e4p-1f), x));
+    const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(z), 23);
+    const __m256 k = _mm256_castsi256_ps(_mm256_add_epi32(e, _mm256_castps_si256(_mm256_set1_ps(1.0f))));
+    const __m256 big = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), n), _mm256_set1_ps(126.0f), _CMP_GT_OQ);
+    const __m256 u = _mm256_mul_ps(b, b);
+    const __m256 j = _mm256_fmadd_ps(
+        _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_set1_ps(0x1.0e4020p-7f), b, _mm256_set1_ps(0x1.573e2ep-5f)), u,
+                        _mm256_fmadd_ps(_mm256_set1_ps(0x1.555e66p-3f), b, _mm256_set1_ps(0x1.fffdb6p-2f))),
+        u, _mm256_mul_ps(_mm256_set1_ps(0x1.ffffecp-1f), b));
+    if (!_mm256_movemask_ps(big)) return _mm256_fmadd_ps(j, k, k);
+    float xs[8], out[8];  /* rare (|x| > ~87): the scalar code's edge paths, lane by lane */
+    _mm256_storeu_ps(xs, x);
+    for (int i = 0; i < 8; i++) out[i] = expf_ggml(xs[i]);
+    return _mm256_loadu_ps(out);
+}
+
+static TARGET_AVX2 float dot_f32_avx2(const float *x, const float *y, int n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    const int main = n - n % 32;
+    for (int c = 0; c < main; c += 32) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c), _mm256_loadu_ps(y + c), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c + 8), _mm256_loadu_ps(y + c + 8), s1);
+        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c + 16), _mm256_loadu_ps(y + c + 16), s2);
+        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c + 24), _mm256_loadu_ps(y + c + 24), s3);
+    }
+    s0 = _mm256_add_ps(_mm256_add_ps(s0, s2), _mm256_add_ps(s1, s3));
+    const __m128 t0 = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+    const __m128 t1 = _mm_hadd_ps(t0, t0);
+    float s = _mm_cvtss_f32(_mm_hadd_ps(t1, t1));
+    for (int c = main; c < n; c++) s += x[c] * y[c];
+    return s;
+}
+
+static TARGET_AVX2 void softmax_avx2(float *probs, int end) {
+    float m = -INFINITY;
+    for (int p = 0; p < end; p++) m = probs[p] > m ? probs[p] : m;
+    const int padded = (end + 7) / 8 * 8;  /* the caller leaves room: -inf weighs 0 */
+    for (int p = end; p < padded; p++) probs[p] = -INFINITY;
+    const __m256 vm = _mm256_set1_ps(m);
+    double total = 0.0;
+    for (int c = 0; c < padded; c += 8) {
+        const __m256 e = expf_ggml_avx2(_mm256_sub_ps(_mm256_loadu_ps(probs + c), vm));
+        _mm256_storeu_ps(probs + c, e);
+        total += (double)hsum_float_8(e);
+    }
+    const __m256 inv = _mm256_set1_ps((float)(1.0 / total));
+    for (int c = 0; c < padded; c += 8) _mm256_storeu_ps(probs + c, _mm256_mul_ps(_mm256_loadu_ps(probs + c), inv));
+}
+
+static TARGET_AVX2 void attend_avx2(const attention_args *a, int h, int t, float *probs, float *vacc) {
+    const int hd = a->head_dim, end = a->start + a->n, last = a->start + t;
+    const int kv0 = (h / (a->n_head / a->n_head_kv)) * hd;
+    const float *q = a->q + (size_t)t * a->q_stride + (size_t)h * hd;
+    for (int p = 0; p < end; p++)
+        probs[p] = p > last ? -INFINITY : dot_f32_avx2(a->k + (size_t)p * a->kv_stride + kv0, q, hd) * a->scale;
+    softmax_avx2(probs, end);
+    const int width = a->gemm8 ? 8 : 32, hd8 = hd - hd % 8;
+    memset(vacc, 0, sizeof(float) * 32 * hd);
+    for (int p = 0; p < end; p++) {
+        float *lane = vacc + (p % width) * hd;
+        const float *v = a->v + (size_t)p * a->kv_stride + kv0;
+        const __m256 w = _mm256_set1_ps(probs[p]);
+        int d = 0;
+        for (; d < hd8; d += 8)
+            _mm256_storeu_ps(lane + d, _mm256_fmadd_ps(_mm256_loadu_ps(v + d), w, _mm256_loadu_ps(lane + d)));
+        for (; d < hd; d++) lane[d] = fmaf(v[d], probs[p], lane[d]);
+    }
+    float *o = a->out + (size_t)t * a->q_stride + (size_t)h * hd;
+    for (int d = 0; d < hd; d++) {
+        float col[32];
+        for (int l = 0; l < width; l++) col[l] = vacc[l * hd + d];
+        o[d] = a->gemm8 ? hsum8_portable(col) : fold32(col);
+    }
+}
+#endif
+
+int attention_run(const attention_args *a, int use_avx2) {
+    const int items = a->n_head * a->n;
+    const int end = a->start + a->n;
+    int failed = 0;
+#pragma omp parallel if (items > 1 && (size_t)items * end * a->head_dim >= 16384)
+    {
+        /* per-thread scratch: probabilities (padded to 8) and the 32 lanes of V sums */
+        float *probs = malloc(sizeof(float) * ((size_t)end + 8));
+        float *vacc = malloc(sizeof(float) * 32 * (size_t)a->head_dim);
+#pragma omp for schedule(static)
+        for (int i = 0; i < items; i++) {
+            const int h = i / a->n, t = i % a->n;
+            if (!probs || !vacc) {
+                failed = 1;  /* racy but monotonic: any thread that fails says so */
+                continue;
+            }
+#ifdef OFFLOAD_X86
+            if (use_avx2) {
+                attend_avx2(a, h, t, probs, vacc);
+                continue;
+            }
+#endif
+            attend_portable(a, h, t, probs, vacc);
+        }
+        free(probs);
+        free(vacc);
+    }
+    return failed ? -1 : 0;
+}

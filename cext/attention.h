@@ -1,0 +1,17 @@
+/* Attention over one layer's F32 KV cache (attention.c). */
+#ifndef OFFLOAD_ATTENTION_H
+#define OFFLOAD_ATTENTION_H
+
+typedef struct {
+    const float *q;      /* (n, q_stride): queries of the new tokens, head h at h*head_dim */
+    const float *k, *v;  /* (n_ctx, kv_stride): this layer's cache, filled to start + n */
+    float *out;          /* (n, q_stride) */
+    int n, start, n_head, n_head_kv, head_dim, q_stride, kv_stride;
+    int gemm8;           /* V sums in tinyBLAS's 8-lane order (else vec_dot_f32's 32) */
+    float scale;
+} attention_args;
+
+/* 0 on success, -1 when scratch memory could not be allocated */
+int attention_run(const attention_args *a, int use_avx2);
+
+#endif

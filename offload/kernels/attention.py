@@ -1,0 +1,146 @@
+"""Causal grouped-query attention over the KV cache, summed as llama.cpp's CPU backend does.
+
+llama.cpp computes, per KV head g and its group of query heads:
+  scores = K_g . Q   ggml_vec_dot_f32 per (position, query) (Q is a permuted, non-contiguous
+                     view, so tinyBLAS is not used), times 1/sqrt(head_dim), future masked
+  probs  = softmax   ggml's, over the KV length padded to 32 (padding weighs exactly 0)
+  out    = V_g^T . probs   tinyBLAS (8 lanes over positions, hsum_float_8) when the group
+                     holds 2+ query rows and head_dim % 4 == 0, else ggml_vec_dot_f32.
+Padding adds exact zeros in every one of these orders, so the kernel runs to the real
+length and needs no padded copies. `attention_ref` is the same in numpy, step by step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from . import cext, ggml_math
+from .dispatch import matmul_f32_arrays
+from .ggml_math import _expf1
+from .numba_intrinsics import fma32
+
+
+@njit(inline="always")
+def _fold32(acc):
+    """ggml_vec_dot_f32's reduction of its four 8-lane accumulators (acc[8*a + i])."""
+    for i in range(8):
+        acc[i] = (acc[i] + acc[16 + i]) + (acc[8 + i] + acc[24 + i])
+    t0, t1, t2, t3 = acc[0] + acc[4], acc[1] + acc[5], acc[2] + acc[6], acc[3] + acc[7]
+    return (t0 + t1) + (t2 + t3)
+
+
+@njit(inline="always")
+def _hsum8(acc):
+    a0, a1, a2, a3 = acc[4] + acc[0], acc[5] + acc[1], acc[6] + acc[2], acc[7] + acc[3]
+    return (a0 + a2) + (a1 + a3)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, scale, out):
+    """q (n, n_head*hd); k_cache, v_cache (n_ctx, n_head_kv*hd) of one layer, filled up
+    to start + n; out (n, n_head*hd)."""
+    n = q.shape[0]
+    end = start + n
+    hd = head_dim
+    group = n_head // n_head_kv
+    gemm8 = group * n >= 2 and hd % 4 == 0
+    main = hd - hd % 32
+    for h in prange(n_head):
+        acc = np.zeros(32, dtype=np.float32)
+        probs = np.empty(end, dtype=np.float32)
+        vacc = np.zeros((32, hd), dtype=np.float32)  # (lane, d)
+        g = h // group
+        kv0 = g * hd
+        for t in range(n):
+            qrow = q[t, h * hd:(h + 1) * hd]
+            last = start + t  # causal: positions after `last` are masked
+            m = np.float32(-np.inf)
+            for p in range(end):
+                if p > last:
+                    probs[p] = -np.inf
+                    continue
+                acc[:] = 0.0
+                for c in range(0, main, 32):
+                    for lane in range(32):
+                        acc[lane] = fma32(k_cache[p, kv0 + c + lane], qrow[c + lane], acc[lane])
+                s = _fold32(acc)
+                for c in range(main, hd):
+                    s += k_cache[p, kv0 + c] * qrow[c]
+                s = s * scale
+                probs[p] = s
+                if s > m:
+                    m = s
+            # ggml's softmax: exp in chunks of 8, each chunk's hsum added in double
+            total = 0.0
+            for c in range(0, end, 8):
+                lanes = acc[:8]
+                lanes[:] = 0.0
+                for p in range(c, min(c + 8, end)):
+                    e = _expf1(probs[p] - m)
+                    probs[p] = e
+                    lanes[p - c] = e
+                total += np.float64(_hsum8(lanes))
+            inv = np.float32(1.0 / total)
+            for p in range(end):
+                probs[p] = probs[p] * inv
+            # V^T . probs, lanes over positions
+            vacc[:, :] = 0.0
+            width = 8 if gemm8 else 32
+            for p in range(end):
+                lane = vacc[p % width]
+                w = probs[p]
+                for d in range(hd):
+                    lane[d] = fma32(v_cache[p, kv0 + d], w, lane[d])
+            for d in range(hd):
+                col = acc  # this output's lanes, gathered
+                for lane in range(width):
+                    col[lane] = vacc[lane, d]
+                out[t, h * hd + d] = _hsum8(col) if gemm8 else _fold32(col)
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, n_head: int, n_head_kv: int,
+              head_dim: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Attention of the n new queries q (n, n_head*head_dim) at positions start.. over one
+    layer's cache (filled up to start + n); returns (n, n_head*head_dim). All arrays float32
+    and C-contiguous. The C kernel when built, else the Numba one (same bits)."""
+    if out is None:
+        out = np.empty_like(q)
+    if cext.available():
+        cext.attention(q, k_cache, v_cache, out, q.shape[0], start, n_head, n_head_kv, head_dim)
+        return out
+    return attention_numba(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, out)
+
+
+def attention_numba(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, n_head: int,
+                    n_head_kv: int, head_dim: int, out: np.ndarray | None = None) -> np.ndarray:
+    if out is None:
+        out = np.empty_like(q)
+    scale = np.float32(1.0) / np.sqrt(np.float32(head_dim))
+    _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, scale, out)
+    return out
+
+
+def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, n_head: int, n_head_kv: int,
+                  head_dim: int) -> np.ndarray:
+    """The same with numpy and the general matmul, over explicitly padded copies."""
+    n, hd = q.shape[0], head_dim
+    end = start + n
+    q = q.reshape(n, n_head, hd)
+    out = np.empty((n, n_head, hd), dtype=np.float32)
+    scale = np.float32(1.0) / np.sqrt(np.float32(hd))
+    n_kv = -(-end // 32) * 32  # llama.cpp pads its KV length to 32
+    future = np.arange(n_kv)[None, :] > (start + np.arange(n))[:, None]
+    group = n_head // n_head_kv  # query heads g*group .. share KV head g
+    for g in range(n_head_kv):
+        heads = slice(g * group, (g + 1) * group)
+        keys = np.zeros((n_kv, hd), dtype=np.float32)
+        keys[:end] = k_cache[:end, g * hd:(g + 1) * hd]
+        queries = q[:, heads].transpose(1, 0, 2).reshape(group * n, hd)
+        scores = matmul_f32_arrays(keys, queries, src1_contiguous=False).reshape(group, n, n_kv) * scale
+        scores[:, future] = -np.inf
+        probs = ggml_math.softmax_ref(scores).reshape(group * n, n_kv)
+        values_t = np.zeros((hd, n_kv), dtype=np.float32)  # llama.cpp keeps V transposed
+        values_t[:, :end] = v_cache[:end, g * hd:(g + 1) * hd].T
+        out[:, heads] = matmul_f32_arrays(values_t, probs).reshape(group, n, hd).transpose(1, 0, 2)
+    return out.reshape(n, n_head * hd)
