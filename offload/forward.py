@@ -68,6 +68,23 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
+class Scratch:
+    """Named float32 buffers for one-token steps, reused every step, so that decoding
+    allocates no arrays once warm. Longer batches (prompts) get fresh arrays instead, so
+    that a long prompt does not leave large buffers behind."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, int], np.ndarray] = {}
+
+    def __call__(self, name: str, n: int, width: int) -> np.ndarray | None:
+        if n != 1:
+            return None  # the op allocates its own output
+        buf = self._buffers.get((name, width))
+        if buf is None:
+            buf = self._buffers[(name, width)] = np.empty((1, width), dtype=np.float32)
+        return buf
+
+
 class Transformer:
     def __init__(self, args: ModelArgs, weights: Weights, experts: ExpertStore, n_ctx: int):
         self.args = args
@@ -75,6 +92,7 @@ class Transformer:
         self.experts = experts
         self.cache = KVCache(args.n_layer, n_ctx, args.n_head_kv * args.head_dim)
         self.rope_cos, self.rope_sin = rope_tables(args, n_ctx)
+        self.scratch = Scratch()
 
     def reset(self) -> None:
         self.cache.n_past = 0
@@ -87,12 +105,13 @@ class Transformer:
             raise ContextOverflowError(
                 f"{start + n} tokens do not fit the context of {self.cache.n_ctx} (raise -c / n_ctx)"
             )
-        a = self.args
+        a, buf = self.args, self.scratch
         x = self.weights.embed(np.asarray(tokens, dtype=np.int64))
         for i, layer in enumerate(self.weights.layers):
-            x += self._attention(i, layer.attn, rms_norm(x, layer.attn.norm, a.rms_eps), start)
-            h = rms_norm(x, layer.ffn_norm, a.rms_eps)
-            x += self._moe(i, layer.moe, h) if layer.moe else _ffn(layer.dense, h)
+            h = rms_norm(x, layer.attn.norm, a.rms_eps, out=buf("norm", n, a.n_embd))
+            x += self._attention(i, layer.attn, h, start)
+            h = rms_norm(x, layer.ffn_norm, a.rms_eps, out=buf("norm", n, a.n_embd))
+            x += self._moe(i, layer.moe, h) if layer.moe else _ffn(layer.dense, h, buf)
         self.cache.n_past = start + n
         if not all_logits:
             x = x[-1:]
@@ -100,9 +119,10 @@ class Transformer:
         return matmul(self.weights.output, np.ascontiguousarray(x))
 
     def _attention(self, layer: int, w: Attention, x: np.ndarray, start: int) -> np.ndarray:
-        a = self.args
+        a, buf = self.args, self.scratch
         n, hd = len(x), a.head_dim
-        q, k, v = matmuls((w.wq, w.wk, w.wv), x)
+        q, k, v = matmuls((w.wq, w.wk, w.wv), x, outs=(buf("q", n, w.wq.n_rows), buf("k", n, w.wk.n_rows),
+                                                      buf("v", n, w.wv.n_rows)))
         if w.bq is not None:
             q, k, v = q + w.bq, k + w.bk, v + w.bv
         if a.qk_norm == "full":
@@ -116,41 +136,49 @@ class Transformer:
         apply_rope(k, cos, sin, a.rope_dim, a.rope_style)
         self.cache.k[layer, start : start + n] = k.reshape(n, -1)
         self.cache.v[layer, start : start + n] = v
-        out = attention(q.reshape(n, -1), self.cache.k[layer], self.cache.v[layer], start, a.n_head, a.n_head_kv, hd)
-        return matmul(w.wo, out)
+        out = attention(q.reshape(n, -1), self.cache.k[layer], self.cache.v[layer], start, a.n_head, a.n_head_kv, hd,
+                        out=buf("attn", n, a.n_head * hd))
+        return matmul(w.wo, out, out=buf("attn_out", n, a.n_embd))
 
     def _moe(self, layer: int, w: MoE, x: np.ndarray) -> np.ndarray:
         """Route each token to its top-k experts; run each chosen expert once on its tokens.
         Each token's expert outputs, weighted, are summed in slot order as llama.cpp does."""
-        a = self.args
-        chosen, weights = route(matmul(w.router, x), a.n_expert_used, a.routing)
+        a, buf = self.args, self.scratch
+        chosen, weights = route(matmul(w.router, x, out=buf("router", len(x), w.router.n_rows)), a.n_expert_used,
+                                a.routing)
         if len(x) == 1:  # decode: one token, its k experts in slot order
-            out = None
+            out = buf("moe", 1, a.n_embd)
             for slot in range(a.n_expert_used):
-                y = _ffn(self.experts.get(layer, int(chosen[0, slot])), x, expert=True)
-                y *= weights[0, slot]
-                out = y if out is None else out + y
+                y = _ffn(self.experts.get(layer, int(chosen[0, slot])), x, buf, expert=True)
+                if slot == 0:
+                    np.multiply(y, weights[0, slot], out=out)
+                else:
+                    y *= weights[0, slot]
+                    out += y
         else:
             per_slot = np.zeros((len(x), a.n_expert_used, a.n_embd), dtype=np.float32)
             for expert in np.unique(chosen):
                 tokens, slots = np.nonzero(chosen == expert)
-                y = _ffn(self.experts.get(layer, int(expert)), np.ascontiguousarray(x[tokens]), expert=True)
+                y = _ffn(self.experts.get(layer, int(expert)), np.ascontiguousarray(x[tokens]), buf, expert=True)
                 per_slot[tokens, slots] = y * weights[tokens, slots][:, None]
             out = per_slot[:, 0]
             for s in range(1, a.n_expert_used):
                 out = out + per_slot[:, s]
         if w.shared is not None:
-            shared = _ffn(w.shared, x)
+            shared = _ffn(w.shared, x, buf)
             if w.shared_gate is not None:
                 shared = shared * _sigmoid(matmul(w.shared_gate, x))
             out = out + shared
         return out
 
 
-def _ffn(w: FFN, x: np.ndarray, expert: bool = False) -> np.ndarray:
-    """SwiGLU; `expert` marks a routed expert (llama.cpp's mul_mat_id sums in its own order)."""
-    gate, up = matmuls((w.gate, w.up), x, expert=expert)
-    return matmul(w.down, ggml_math.silu_mul(gate, up, out=gate), expert=expert)
+def _ffn(w: FFN, x: np.ndarray, buf: Scratch, expert: bool = False) -> np.ndarray:
+    """SwiGLU; `expert` marks a routed expert (llama.cpp's mul_mat_id sums in its own order).
+    The result may live in `buf`: use it before the next _ffn with the same buffers."""
+    n = len(x)
+    gate, up = matmuls((w.gate, w.up), x, expert=expert,
+                       outs=(buf("ffn_gate", n, w.gate.n_rows), buf("ffn_up", n, w.up.n_rows)))
+    return matmul(w.down, ggml_math.silu_mul(gate, up, out=gate), expert=expert, out=buf("ffn_down", n, w.down.n_rows))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -144,19 +144,20 @@ def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, expert: boo
     return _run(w, convert_activations(w.fmt.vec_dot_type, x), x.shape[0], out, expert)
 
 
-def matmuls(ws: tuple[QMatrix, ...], x: np.ndarray, expert: bool = False) -> list[np.ndarray]:
-    """[matmul(w, x) for w in ws], converting x once per vec_dot_type (as Q, K and V, or an
-    expert's gate and up, share their input)."""
+def matmuls(ws: tuple[QMatrix, ...], x: np.ndarray, expert: bool = False,
+            outs: tuple[np.ndarray | None, ...] | None = None) -> list[np.ndarray]:
+    """[matmul(w, x, out) for w, out in zip(ws, outs)], converting x once per vec_dot_type
+    (as Q, K and V, or an expert's gate and up, share their input)."""
     x = _check(ws[0], x)
     acts: dict[str, Activations] = {}
-    outs = []
-    for w in ws:
+    results = []
+    for i, w in enumerate(ws):
         _check(w, x)
         t = w.fmt.vec_dot_type
         if t not in acts:
             acts[t] = convert_activations(t, x)
-        outs.append(_run(w, acts[t], x.shape[0], None, expert))
-    return outs
+        results.append(_run(w, acts[t], x.shape[0], outs[i] if outs else None, expert))
+    return results
 
 
 def dequantize_rows(w: QMatrix, rows: np.ndarray) -> np.ndarray:

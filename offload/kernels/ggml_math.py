@@ -265,10 +265,11 @@ def _rms_norm_rows(x, weight, eps, out):
             out[t, i] = (x[t, i] * scale) * weight[i]
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
     """ggml_rms_norm then ggml_mul by `weight`, over the last axis (x float32, any leading dims)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.empty_like(x)
+    if out is None:
+        out = np.empty_like(x)
     if x.size:
         _rms_norm_rows(x.reshape(-1, x.shape[-1]), weight, np.float32(eps), out.reshape(-1, x.shape[-1]))
     return out
