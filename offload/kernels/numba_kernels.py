@@ -195,6 +195,32 @@ def _matmul_16bit(w_bits, table, x, out, mode):
             out[t, r] = _float_dot(wrow, x, t, mode, True, acc)
 
 
+# Small float matmuls (routers: n_expert rows) cost less than waking the thread pool:
+# these run them on the calling thread. (Separate functions, not njit(py_func): Numba's
+# on-disk cache tells functions apart by name and line.)
+SERIAL_BELOW = 1 << 16  # multiply-adds
+
+
+@njit(cache=True, nogil=True)
+def _matmul_f32_serial(w, x, out, mode):
+    acc = np.empty(32, dtype=np.float32)
+    for r in range(w.shape[0]):
+        for t in range(x.shape[0]):
+            out[t, r] = _float_dot(w[r], x, t, mode, False, acc)
+
+
+@njit(cache=True, nogil=True)
+def _matmul_16bit_serial(w_bits, table, x, out, mode):
+    n_rows, n_cols = w_bits.shape
+    acc = np.empty(32, dtype=np.float32)
+    wrow = np.empty(n_cols, dtype=np.float32)
+    for r in range(n_rows):
+        for c in range(n_cols):
+            wrow[c] = table[w_bits[r, c]]
+        for t in range(x.shape[0]):
+            out[t, r] = _float_dot(wrow, x, t, mode, True, acc)
+
+
 def _float_mode(x: np.ndarray, n_rows: int, vec_dot: bool, bf16: bool = False) -> int:
     """tinyBLAS takes batches of 2+ tokens when rows % 4 == 0 and the row length % 8 == 0."""
     if x.shape[0] >= 2 and not vec_dot and n_rows % 4 == 0 and x.shape[1] % 8 == 0:
@@ -204,17 +230,20 @@ def _float_mode(x: np.ndarray, n_rows: int, vec_dot: bool, bf16: bool = False) -
 
 def matmul_f32(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, vec_dot: bool = False) -> None:
     (x,) = act
-    _matmul_f32(_readonly(w, np.float32), _readonly(x), out, _float_mode(x, out.shape[1], vec_dot))
+    run = _matmul_f32_serial if out.size * x.shape[1] < SERIAL_BELOW else _matmul_f32
+    run(_readonly(w, np.float32), _readonly(x), out, _float_mode(x, out.shape[1], vec_dot))
 
 
 def matmul_f16(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, vec_dot: bool = False) -> None:
     (x,) = act  # F16-rounded float32
-    _matmul_16bit(_readonly(w, np.uint16), F16_TO_F32, _readonly(x), out, _float_mode(x, out.shape[1], vec_dot))
+    run = _matmul_16bit_serial if out.size * x.shape[1] < SERIAL_BELOW else _matmul_16bit
+    run(_readonly(w, np.uint16), F16_TO_F32, _readonly(x), out, _float_mode(x, out.shape[1], vec_dot))
 
 
 def matmul_bf16(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, vec_dot: bool = False) -> None:
     (x,) = act  # BF16-rounded float32
-    _matmul_16bit(_readonly(w, np.uint16), BF16_TO_F32, _readonly(x), out, _float_mode(x, out.shape[1], vec_dot, bf16=True))
+    run = _matmul_16bit_serial if out.size * x.shape[1] < SERIAL_BELOW else _matmul_16bit
+    run(_readonly(w, np.uint16), BF16_TO_F32, _readonly(x), out, _float_mode(x, out.shape[1], vec_dot, bf16=True))
 
 
 # -- block-quantized weights x Q8_0 activations ------------------------------------------------
