@@ -29,15 +29,18 @@ static inline float e8m0_half(uint8_t e) {
     return f;
 }
 
-/* The exact int dot of one block's 32 values with 32 activation quants, lane by lane. */
+/* The exact int dot of one block's 32 values with 32 activation quants, lane by lane
+ * (decoded to int8 first: simple loops the compiler vectorizes). */
 static inline void block_lanes(const uint8_t *qs, const int8_t *qx, int32_t lanes[8]) {
+    int8_t q[QK];
+    for (int j = 0; j < QK / 2; j++) {
+        q[j] = mxfp4_values[qs[j] & 0x0F];
+        q[j + QK / 2] = mxfp4_values[qs[j] >> 4];
+    }
     for (int lane = 0; lane < 8; lane++) {
-        int32_t s = 0;
-        for (int j = 4 * lane; j < 4 * lane + 4; j++) {
-            int code = j < 16 ? (qs[j] & 0x0F) : (qs[j - 16] >> 4);
-            s += (int32_t)mxfp4_values[code] * qx[j];
-        }
-        lanes[lane] = s;
+        const int j = 4 * lane;
+        lanes[lane] = ((int32_t)q[j] * qx[j] + (int32_t)q[j + 1] * qx[j + 1]) +
+                      ((int32_t)q[j + 2] * qx[j + 2] + (int32_t)q[j + 3] * qx[j + 3]);
     }
 }
 
