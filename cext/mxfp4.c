@@ -8,7 +8,8 @@
  * i the exact sum of the products of elements 4i..4i+3; the block scale s = fp16(d_x) *
  * e8m0_half(e) (one float product); even blocks accumulate fma(s, float(lane), acc1),
  * odd blocks fma(s, float(lane), acc2); result hsum_float_8(acc1 + acc2), then an odd last
- * block is added unfused: result + float(its int sum) * s.
+ * block is added as ggml's scalar `sumf += d * sumi`, contracted by GCC into one FMA in the
+ * AVX2 build: fma(float(its int sum), s, result).
  */
 #include <math.h>
 
@@ -66,8 +67,7 @@ static float dot_mxfp4_portable(const uint8_t *w, const act_row *x, int n_cols) 
         block_lanes(blk + 1, x->qs + ib * QK, lanes);
         int32_t sumi = 0;
         for (int i = 0; i < 8; i++) sumi += lanes[i];
-        const float p = (float)sumi * s; /* -ffp-contract=off: rounded, then added */
-        sum = sum + p;
+        sum = fmaf((float)sumi, s, sum); /* ggml's `sumf += d * sumi`, contracted */
     }
     return sum;
 }
@@ -107,14 +107,13 @@ static TARGET_AVX2 float dot_mxfp4_avx2(const uint8_t *w, const act_row *x, int 
         acc2 = _mm256_fmadd_ps(s1, p1, acc2);
     }
     float sum = hsum_float_8(_mm256_add_ps(acc1, acc2));
-    if (ib < nb) { /* odd last block: scalar, unfused */
+    if (ib < nb) { /* odd last block: scalar, one FMA */
         const uint8_t *blk = w + (size_t)ib * MXFP4_BYTES;
         const float s = x->d[ib] * e8m0_half(blk[0]);
         int32_t lanes[8], sumi = 0;
         block_lanes(blk + 1, x->qs + ib * QK, lanes);
         for (int i = 0; i < 8; i++) sumi += lanes[i];
-        const float p = (float)sumi * s;
-        sum = sum + p;
+        sum = fmaf((float)sumi, s, sum);
     }
     return sum;
 }

@@ -26,9 +26,9 @@ four consecutive products (lane i = elements 4i..4i+3: shuffle-table lookup of t
 maddubs + madd); the block's scale is one float32 product, fp16(d_x) * e8m0_half(e); the
 even block of each pair accumulates into one set of eight FMA lanes, the odd block into a
 second set: acc1[i] = fma(s_even, float(lane_even[i]), acc1[i]), the same for acc2. Then
-sumf = hsum_float_8(acc1 + acc2). An odd last block is added by ggml's scalar tail, not
-fused (the shipped build does vmulss then vaddss): sumf = sumf + float(sum of its 32
-products) * s. Every int sum is exact (|lane| <= 4 * 12 * 127) and fits a float exactly.
+sumf = hsum_float_8(acc1 + acc2). An odd last block is added by ggml's scalar tail,
+`sumf += d * sumi`, which GCC contracts into one FMA in the AVX2 build (-mfma):
+sumf = fma(float(sum of its 32 products), s, sumf). Every int sum is exact (|lane| <= 4 * 12 * 127) and fits a float exactly.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from .formats import QK8_0, BlockFormat
+from .numba_intrinsics import fma32
 from .numba_kernels import _fma, _hsum8, _readonly
 
 QK = QK8_0  # values per MXFP4 block, and per Q8_0 block
@@ -113,13 +114,13 @@ def _dot(q, sw, x, xd, lanes):
         b6 = _fma(s, np.float32(lanes[o + 6]), b6)
         b7 = _fma(s, np.float32(lanes[o + 7]), b7)
     total = _hsum8(a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6, a7 + b7)
-    if n_blocks % 2:  # ggml's scalar tail: multiply, then add (two roundings)
+    if n_blocks % 2:  # ggml's scalar tail, contracted into one FMA
         ib = n_blocks - 1
         o = 8 * ib
         sumi = np.int32(0)
         for k in range(8):
             sumi += lanes[o + k]
-        total = total + np.float32(sumi) * (xd[ib] * sw[ib])
+        total = fma32(np.float32(sumi), xd[ib] * sw[ib], total)
     return total
 
 
