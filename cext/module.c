@@ -3,6 +3,8 @@
  *   matmul(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)
  *       out[t, r] = dot(row r of w, activations of token t); every buffer C-contiguous,
  *       out preallocated float32 (n_tokens, n_rows); bsums None unless fmt dots with Q8_K.
+ *   matmul_tiled(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)
+ *       the same for Q2_K..Q6_K in the order of ggml's tiled GEMM (8+ tokens, see tiled.c)
  *   attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim)
  *       causal GQA of n new queries over one layer's F32 cache (see attention.c)
  *   formats() -> {name: (vec_dot_type, [isa, ...])}
@@ -16,6 +18,7 @@
 
 #include "attention.h"
 #include "kernels.h"
+#include "tiled.h"
 
 /* Format tables are defined in their own files; weak, so a format whose file is absent
  * from a build is simply not offered. */
@@ -118,6 +121,44 @@ done:
     return result;
 }
 
+static PyObject *py_matmul_tiled(PyObject *self, PyObject *args) {
+    const char *name;
+    Py_buffer w = {0}, xq = {0}, xd = {0}, bs = {0}, out = {0};
+    Py_ssize_t n_rows, n_cols, n_tokens;
+    if (!PyArg_ParseTuple(args, "sy*y*y*y*w*nnn", &name, &w, &xq, &xd, &bs, &out, &n_rows, &n_cols, &n_tokens))
+        return NULL;
+    PyObject *result = NULL;
+    const int block_bytes = tiled_block_bytes(name, NULL);
+    if (!block_bytes) {
+        PyErr_Format(PyExc_ValueError, "no tiled C kernel for %s", name);
+        goto done;
+    }
+    if (n_rows < 0 || n_tokens < 0 || n_cols <= 0 || n_cols % 256 || n_cols > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s tiled matmul: bad shape rows=%zd cols=%zd tokens=%zd", name, n_rows, n_cols,
+                     n_tokens);
+        goto done;
+    }
+    if (w.len < n_rows * (n_cols / 256) * block_bytes || xq.len < n_tokens * n_cols ||
+        xd.len < n_tokens * (n_cols / 256) * (Py_ssize_t)sizeof(float) || bs.len < n_tokens * (n_cols / 16) * 2 ||
+        out.len < n_rows * n_tokens * (Py_ssize_t)sizeof(float)) {
+        PyErr_Format(PyExc_ValueError, "%s tiled matmul: a buffer is smaller than its shape says", name);
+        goto done;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = tiled_matmul(name, w.buf, xq.buf, xd.buf, bs.buf, out.buf, n_rows, (int)n_cols, n_tokens, isa >= ISA_AVX2);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) PyErr_NoMemory();
+    else result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&xq);
+    PyBuffer_Release(&xd);
+    PyBuffer_Release(&bs);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyObject *py_attention(PyObject *self, PyObject *args) {
     Py_buffer q = {0}, k = {0}, v = {0}, out = {0};
     attention_args a = {0};
@@ -194,6 +235,7 @@ static PyObject *py_set_num_threads(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "matmul(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)"},
+    {"matmul_tiled", py_matmul_tiled, METH_VARARGS, "matmul_tiled(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)"},
     {"attention", py_attention, METH_VARARGS, "attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim)"},
     {"formats", py_formats, METH_NOARGS, "{format: (vec_dot_type, [isa, ...])} of the kernels built in"},
     {"isa", py_isa, METH_NOARGS, "SIMD level in use"},

@@ -8,6 +8,7 @@ type's vec_dot_type before the dot product).
 from .dispatch import (
     ACTIVATION_CONVERTERS,
     C_FORMATS,
+    TILED_KERNELS,
     KERNELS,
     NUMBA_KERNELS,
     dequantize_rows,
@@ -55,6 +56,7 @@ select_kernels()
 __all__ = [
     "ACTIVATION_CONVERTERS",
     "C_FORMATS",
+    "TILED_KERNELS",
     "NUMBA_KERNELS",
     "kernels_in_use",
     "select_kernels",

@@ -67,3 +67,17 @@ def c_kernel(fmt_name: str) -> Kernel | None:
 
     kernel.__name__ = f"c_matmul_{fmt_name.lower()}"
     return kernel
+
+
+def c_tiled_kernel(fmt_name: str) -> Kernel | None:
+    """The C kernel for 8+ tokens in ggml's tiled order (Q2_K..Q6_K), or None."""
+    if _cext is None or not hasattr(_cext, "matmul_tiled") or fmt_name not in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+        return None
+    matmul_tiled = _cext.matmul_tiled
+
+    def kernel(w: np.ndarray, act: tuple, out: np.ndarray, vec_dot: bool = False) -> None:
+        xq, xd, bsums = act
+        matmul_tiled(fmt_name, w, xq, xd, bsums, out, out.shape[1], xq.shape[1], out.shape[0])
+
+    kernel.__name__ = f"c_matmul_tiled_{fmt_name.lower()}"
+    return kernel

@@ -11,6 +11,9 @@ steps are tables here, so a new format or a faster kernel is one entry:
 Every format has a Numba kernel (`NUMBA_KERNELS`); the hottest ones also have C kernels
 (cext/, SIMD), which sum in the same order and so give the same bits. `select_kernels`
 fills `KERNELS` with the C kernel where the extension was built, else the Numba one.
+
+One more rule of ggml's: a K-quant matmul of 8 or more tokens goes through its tiled GEMM,
+which rounds in another order (see `tiled`); `TILED_KERNELS` serve those calls.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from gguf import GGMLQuantizationType
 from . import cext
 from . import numba_kernels as nk
 from .formats import QMatrix, UnsupportedQuantType, activation_ref, round_bf16, round_f16
+from .tiled import TILED_MIN_TOKENS, TILED_TYPES, matmul_tiled_numba
 
 Activations = tuple[np.ndarray, ...]
 Converter = Callable[[np.ndarray], Activations]
@@ -49,6 +53,7 @@ NUMBA_KERNELS: dict[GGMLQuantizationType, Kernel] = {
 
 # The kernels `matmul` uses, per format: filled by select_kernels().
 KERNELS: dict[GGMLQuantizationType, Kernel] = {}
+TILED_KERNELS: dict[GGMLQuantizationType, Kernel] = {}  # K-quants with >= TILED_MIN_TOKENS tokens
 C_FORMATS: set[GGMLQuantizationType] = set()  # those served by the C extension now
 
 
@@ -63,6 +68,9 @@ def select_kernels(implementation: str | None = None) -> None:
         raise ValueError(f"OFFLOAD_KERNELS must be 'c' or 'numba', got {implementation!r}")
     KERNELS.clear()
     KERNELS.update(NUMBA_KERNELS)
+    TILED_KERNELS.clear()
+    for t in TILED_TYPES:
+        TILED_KERNELS[t] = _numba_tiled(t)
     C_FORMATS.clear()
     if implementation == "numba":
         return
@@ -75,6 +83,19 @@ def select_kernels(implementation: str | None = None) -> None:
         if kernel is not None:
             KERNELS[t] = kernel
             C_FORMATS.add(t)
+    for t in TILED_TYPES:
+        kernel = cext.c_tiled_kernel(t.name)
+        if kernel is not None:
+            TILED_KERNELS[t] = kernel
+
+
+def _numba_tiled(t: GGMLQuantizationType) -> Kernel:
+    from .formats import FORMATS
+
+    def kernel(w: np.ndarray, act: Activations, out: np.ndarray, expert: bool = False) -> None:
+        matmul_tiled_numba(FORMATS[t], w, act, out)
+
+    return kernel
 
 
 def kernels_in_use() -> str:
@@ -126,7 +147,10 @@ def _run(w: QMatrix, act: Activations, n_tokens: int, out: np.ndarray | None, ex
         raise ValueError(f"out must be a writable C-contiguous float32 {shape}, got {out.dtype} {out.shape}")
     if out.size == 0:
         return out
-    kernel = KERNELS.get(w.fmt.ggml_type)
+    if n_tokens >= TILED_MIN_TOKENS and w.fmt.ggml_type in TILED_TYPES:
+        kernel = TILED_KERNELS[w.fmt.ggml_type]
+    else:
+        kernel = KERNELS.get(w.fmt.ggml_type)
     if kernel is None:
         raise UnsupportedQuantType(w.fmt.ggml_type, "has no matmul kernel")
     kernel(w.data, act, out, expert)

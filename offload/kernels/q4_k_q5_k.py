@@ -10,8 +10,9 @@ quant. In `qs`, the 32 bytes 32*j .. 32*j+31 hold sub-block 2j in their low nibb
 sub-block 2j+1 in their high nibbles; in Q5_K, bit s of qh[e] is the fifth bit of value e
 of sub-block s.
 
-The kernels reproduce ggml's AVX2 `ggml_vec_dot_q{4,5}_K_q8_K` (k-quants always go through
-vec_dot, for any batch size, also in mul_mat_id), whose float operations per super-block are:
+The kernels reproduce ggml's AVX2 `ggml_vec_dot_q{4,5}_K_q8_K`, which llama.cpp uses for
+matmuls of fewer than 8 tokens (decode; 8 or more go through its tiled GEMM, see tiled.py),
+whose float operations per super-block are:
 
 * d = x.d * w.d and dmin = -x.d * w.dmin (float32 products),
 * the weights' offsets: prod[k] = m[2k] * (bsums[4k] + bsums[4k+1]) + m[2k+1] * (bsums[4k+2]

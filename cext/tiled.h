@@ -1,0 +1,16 @@
+/* K-quant matmuls of 8+ tokens in ggml's tiled order (see tiled.c). */
+#ifndef OFFLOAD_TILED_H
+#define OFFLOAD_TILED_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Bytes per 256-value block of a format the tiled path serves, 0 if it serves none. */
+int tiled_block_bytes(const char *name, int *has_min);
+
+/* out[t, r] for t < n_tokens, r < n_rows from Q8_K activations; 0 on success, -1 unknown
+ * format, -2 out of memory. */
+int tiled_matmul(const char *name, const uint8_t *w, const int8_t *xq, const float *xd, const int16_t *bsums,
+                 float *out, ptrdiff_t n_rows, int n_cols, ptrdiff_t n_tokens, int use_avx2);
+
+#endif
