@@ -54,6 +54,10 @@ def route(router_logits: np.ndarray, k: int, kind: str) -> tuple[np.ndarray, np.
     return chosen, weights
 
 
+# llama.cpp's default micro-batch (n_ubatch): longer batches run in pieces of this size.
+N_UBATCH = 512
+
+
 class KVCache:
     """Keys and values of every past position, per layer, allocated once for the context."""
 
@@ -98,23 +102,48 @@ class Transformer:
         self.cache.n_past = 0
 
     def forward(self, tokens: np.ndarray, all_logits: bool = False) -> np.ndarray:
-        """Run new tokens after the cached ones; logits of every new token, or of the last."""
+        """Run new tokens after the cached ones; logits of every new token, or of the last.
+
+        Tokens run in micro-batches of N_UBATCH, as llama.cpp splits a batch: that bounds the
+        activations a long prompt needs, and keeps the kernel choices (which depend on how
+        many tokens a matmul gets) the same as llama.cpp's."""
         n = len(tokens)
         start = self.cache.n_past
         if start + n > self.cache.n_ctx:
             raise ContextOverflowError(
                 f"{start + n} tokens do not fit the context of {self.cache.n_ctx} (raise -c / n_ctx)"
             )
+        tokens = np.asarray(tokens, dtype=np.int64)
+        chunks = [tokens[i : i + N_UBATCH] for i in range(0, n, N_UBATCH)]
+        if all_logits:
+            return np.concatenate([self._ubatch(c, "all") for c in chunks])
+        for c in chunks[:-1]:
+            self._ubatch(c, "none")
+        return self._ubatch(chunks[-1], "last")
+
+    def _ubatch(self, tokens: np.ndarray, outputs: str) -> np.ndarray | None:
+        """One micro-batch through every layer; `outputs` says whose logits are wanted: "all",
+        "last" or "none". Like llama.cpp, the last layer keeps only those rows after its
+        attention (whose keys and values every row still adds to the cache)."""
+        n = len(tokens)
+        start = self.cache.n_past
         a, buf = self.args, self.scratch
-        x = self.weights.embed(np.asarray(tokens, dtype=np.int64))
+        x = self.weights.embed(tokens)
+        last = len(self.weights.layers) - 1
         for i, layer in enumerate(self.weights.layers):
             h = rms_norm(x, layer.attn.norm, a.rms_eps, out=buf("norm", n, a.n_embd))
-            x += self._attention(i, layer.attn, h, start)
-            h = rms_norm(x, layer.ffn_norm, a.rms_eps, out=buf("norm", n, a.n_embd))
+            attn = self._attention(i, layer.attn, h, start)
+            if i == last and outputs != "all" and n > 1:
+                keep = slice(n - 1, n) if outputs == "last" else slice(0, 0)
+                x, attn = x[keep].copy(), attn[keep]
+            if len(x) == 0:
+                break
+            x += attn
+            h = rms_norm(x, layer.ffn_norm, a.rms_eps, out=buf("norm", len(x), a.n_embd))
             x += self._moe(i, layer.moe, h) if layer.moe else _ffn(layer.dense, h, buf)
         self.cache.n_past = start + n
-        if not all_logits:
-            x = x[-1:]
+        if outputs == "none":
+            return None
         x = rms_norm(x, self.weights.output_norm, a.rms_eps)
         return matmul(self.weights.output, np.ascontiguousarray(x))
 

@@ -179,12 +179,16 @@ def _without_repacked_buffers():
 
 
 def llama_cpp_model(path: str | os.PathLike[str], n_ctx: int = 512, n_threads: int = 2, logits_all: bool = True):
-    """llama-cpp-python's Llama on `path`, with an F32 KV cache so it can be compared exactly."""
+    """llama-cpp-python's Llama on `path`, with an F32 KV cache so it can be compared exactly.
+    A batch is evaluated at once (n_batch = n_ctx) in micro-batches of llama.cpp's default
+    size, as offload's forward pass splits it (forward.N_UBATCH)."""
+    from .forward import N_UBATCH
     from .tokenizer import load_llama_cpp
 
     llama_cpp = load_llama_cpp()
     with _without_repacked_buffers():
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads,
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, N_UBATCH),
+                               n_threads=n_threads,
                                n_threads_batch=n_threads, logits_all=logits_all, type_k=0, type_v=0, verbose=False)
 
 
@@ -199,13 +203,16 @@ def llama_cpp_logits(path: str | os.PathLike[str], tokens: list[int], n_ctx: int
 
 
 def llama_cpp_greedy(path: str | os.PathLike[str], tokens: list[int], n: int, n_ctx: int = 512) -> list[int]:
-    """The (up to) n tokens llama.cpp's greedy decoding appends to `tokens`, stopping before EOS."""
-    llm = llama_cpp_model(path, n_ctx=n_ctx)
+    """The (up to) n tokens llama.cpp's greedy decoding appends to `tokens`, stopping before EOS.
+    Only the last position's logits are computed (logits_all off, as when generating), which
+    lets llama.cpp drop the other rows after the last layer's attention."""
+    llm = llama_cpp_model(path, n_ctx=n_ctx, logits_all=False)
     try:
         out: list[int] = []
         llm.eval(tokens)
         for _ in range(n):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            last = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+            token = int(np.argmax(last))
             if token == llm.token_eos():
                 break
             out.append(token)
@@ -216,6 +223,14 @@ def llama_cpp_greedy(path: str | os.PathLike[str], tokens: list[int], n: int, n_
 
 
 # -- ggml's own quantizer and dot products, for kernel tests ------------------------------
+
+def llama_cpp_is_avx512_build() -> bool:
+    """Whether the installed llama.cpp was compiled with AVX-512 (a native build on such a
+    CPU), whose dot products sum in other lanes than the AVX2 build offload follows."""
+    from .tokenizer import load_llama_cpp
+
+    return "AVX512 = 1" in load_llama_cpp().llama_print_system_info().decode()
+
 
 def _ggml_lib(name: str):
     import ctypes
