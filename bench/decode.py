@@ -16,7 +16,10 @@ quantization, in one process, same file, same thread count:
 
 llama.cpp runs with `use_extra_bufts = False` (its repacked weight buffers crash on Xeons
 with AMX) and an F32 KV cache like offload's; on a laptop with the repacked buffers it is
-somewhat faster than here. Writes bench/out/decode.json.
+somewhat faster than here. The README's install builds llama.cpp for AVX2 (the tests'
+oracle); to race a build for this machine's own instruction set, build llama-cpp-python
+natively elsewhere and point LLAMA_CPP_LIB_PATH at its lib/ folder. The table says which
+build ran. Writes bench/out/decode.json.
 """
 
 from __future__ import annotations
@@ -119,7 +122,8 @@ def run_llama_cpp(path: Path, threads: int, n_decode: int, n_prefill: int) -> di
         llm.eval(prompt_tokens(16, n_vocab))
         start = time.perf_counter()
         for _ in range(n_decode):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            last = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))  # logits_all=False: the last row
+            llm.eval([int(np.argmax(last))])
         decode_s = time.perf_counter() - start
         llm.reset()
         prompt = prompt_tokens(n_prefill, n_vocab, seed=2)
@@ -140,6 +144,9 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=512)
     opts = ap.parse_args()
 
+    import llama_cpp
+
+    llama_build = llama_cpp.llama_print_system_info().decode().strip()
     bandwidth = read_bandwidth(opts.threads)
     print(f"{machine()['cpu']}, {opts.threads} threads, streaming read {bandwidth / 1e9:.1f} GB/s; "
           f"offload kernels: {kernels_in_use()}\n")
@@ -168,9 +175,11 @@ def main() -> None:
                 rows)
     print(f"\nPython overhead: {overhead:.2f} ms/token (the same 20-layer shape with tiny matrices); "
           + ", ".join(f"{r['quant']}: {100 * r['python_overhead_share']:.0f}% of a token" for r in results))
-    print("llama.cpp ran without its repacked weight buffers (use_extra_bufts=False) and with an F32 KV cache.")
+    print("llama.cpp ran without its repacked weight buffers (use_extra_bufts=False) and with an F32 KV cache;"
+          f" its build: {llama_build}")
     path = write_json("decode", {"machine": machine(), "threads": opts.threads,
                                  "read_bandwidth_gb_per_s": bandwidth / 1e9, "kernels": kernels_in_use(),
+                                 "llama_cpp_build": llama_build,
                                  "n_decode": opts.decode, "n_prefill": opts.prefill, "results": results})
     print(f"wrote {path}")
 
