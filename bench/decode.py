@@ -90,7 +90,7 @@ def prompt_tokens(n: int, n_vocab: int, seed: int = 1) -> list[int]:
 
 
 def run_offload(path: Path, threads: int, n_decode: int, n_prefill: int) -> dict:
-    model = Model.load(path, n_ctx=n_prefill + 32, n_threads=threads)
+    model = Model.load(path, n_ctx=max(n_prefill, 16 + n_decode) + 32, n_threads=threads)
     t = model.transformer
     n_vocab = model.args.n_vocab
     try:
@@ -114,7 +114,7 @@ def run_offload(path: Path, threads: int, n_decode: int, n_prefill: int) -> dict
 
 
 def run_llama_cpp(path: Path, threads: int, n_decode: int, n_prefill: int) -> dict:
-    llm = llama_cpp_model(path, n_ctx=n_prefill + 32, n_threads=threads, logits_all=False)
+    llm = llama_cpp_model(path, n_ctx=max(n_prefill, 16 + n_decode) + 32, n_threads=threads, logits_all=False)
     n_vocab = llm.n_vocab()
     try:
         llm.eval(prompt_tokens(8, n_vocab))  # warm up
