@@ -48,7 +48,11 @@ def _model_path(model: str | None) -> str:
 @main.command()
 @model_argument
 @click.option("-c", "--ctx-size", type=int, default=0, help="Context size to plan for (0: min(trained, 4096)).")
-def inspect(model: str | None, ctx_size: int) -> None:
+@click.option("--memory-budget", default=None, help="Print the memory plan for this budget (6GB, 6GiB, 512MB, 60%).")
+@click.option("--cache-scope", type=click.Choice(["global", "layer"]), default="global", show_default=True,
+              help="Expert slots shared by all layers, or a quota per layer.")
+@click.option("--o-direct", is_flag=True, help="Plan slots for O_DIRECT reads.")
+def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_scope: str, o_direct: bool) -> None:
     """What is in MODEL and what it needs to run."""
     from . import arch
     from .gguf_file import GGUFFile
@@ -60,7 +64,10 @@ def inspect(model: str | None, ctx_size: int) -> None:
     gguf = GGUFFile(path)
     args = arch.model_args(gguf)
     n_ctx = ctx_size if ctx_size > 0 else min(args.n_ctx_train, DEFAULT_N_CTX)
-    click.echo(format_summary(path, summarize(gguf, args, n_ctx)))
+    from .store import parse_budget
+
+    budget = parse_budget(memory_budget) if memory_budget is not None else None
+    click.echo(format_summary(path, summarize(gguf, args, n_ctx, budget, scope=cache_scope, o_direct=o_direct)))
     problem = unsupported_tensor(gguf)
     click.echo(f"runs in offload   {'no: ' + problem if problem else 'yes'}")
 
@@ -77,11 +84,27 @@ def inspect(model: str | None, ctx_size: int) -> None:
 @click.option("--seed", type=int, default=None, help="Random seed (default: random).")
 @click.option("-c", "--ctx-size", type=int, default=0, help="Context size (0: min(trained, 4096)).")
 @click.option("-t", "--threads", type=int, default=None, help="Threads (default: all cores).")
-def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, ctx_size, threads) -> None:
+@click.option("--memory-budget", default=None,
+              help="Cap on what the model keeps in RAM: 6GB, 6GiB, 512MB, 60% (default: 75% of available RAM).")
+@click.option("--cache-policy", type=click.Choice(["lrfu", "lru", "lfu"]), default="lrfu", show_default=True,
+              help="Which cached expert to evict: frequency+recency, least recently or least frequently used.")
+@click.option("--cache-scope", type=click.Choice(["global", "layer"]), default="global", show_default=True,
+              help="Expert slots shared by all layers, or a quota per layer.")
+@click.option("--o-direct", is_flag=True, help="Read experts with O_DIRECT (bypass the page cache).")
+def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, ctx_size, threads,
+             memory_budget, cache_policy, cache_scope, o_direct) -> None:
     """Continue PROMPT with MODEL (a GGUF file; default: the demo model)."""
     from .model import Model
+    from .summary import human_bytes as hb
 
-    with Model.load(_model_path(model), n_ctx=ctx_size, n_threads=threads) as m:
+    with Model.load(_model_path(model), n_ctx=ctx_size, n_threads=threads, memory_budget=memory_budget,
+                    cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct) as m:
+        p = m.plan
+        tiered = m.stats()["cache_policy"] != "resident"
+        if p is not None and p.pools and (tiered or memory_budget is not None):
+            where = ("every expert loaded" if p.all_resident else
+                     f"{p.slots} expert slots ({p.share:.0%} of experts), cold ones read from the file")
+            click.echo(f"memory budget {hb(p.budget)} ({p.budget_source}): {hb(p.fixed)} resident; {where}", err=True)
         click.echo(prompt, nl=False)
         for piece in m.generate(prompt, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p,
                                 min_p=min_p, repeat_penalty=repeat_penalty, seed=seed):
@@ -93,3 +116,11 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
             f"generated {g.generated_tokens} tokens at {g.decode_tok_s:.1f} tok/s (stop: {g.stop_reason})",
             err=True,
         )
+        st = m.stats()
+        if tiered:
+            click.echo(
+                f"experts: {st['hits_last']} hits, {st['misses_last']} misses, {hb(st['bytes_read_per_token'])} read "
+                f"per token, {st['stall_seconds_last']:.2f} s stalled on I/O ({st['cache_policy']}); "
+                f"RSS {hb(st['resident_bytes'])} (peak {hb(st['peak_rss_bytes'])})",
+                err=True,
+            )

@@ -21,3 +21,11 @@ class UnsupportedModelError(OffloadError):
 
 class ContextOverflowError(OffloadError):
     """More tokens than the context window holds."""
+
+
+class BudgetError(OffloadError):
+    """A memory budget that is malformed, or too small for the model."""
+
+
+class ExpertReadError(OffloadError):
+    """Reading an expert's weights from the model file failed (I/O error, file changed)."""

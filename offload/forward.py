@@ -175,6 +175,9 @@ class Transformer:
         a, buf = self.args, self.scratch
         chosen, weights = route(matmul(w.router, x, out=buf("router", len(x), w.router.n_rows)), a.n_expert_used,
                                 a.routing)
+        prefetch = getattr(self.experts, "prefetch", None)
+        if prefetch is not None:  # a tiered store starts reading the others while the first one computes
+            prefetch(layer, np.unique(chosen) if len(x) > 1 else chosen[0])
         if len(x) == 1:  # decode: one token, its k experts in slot order
             out = buf("moe", 1, a.n_embd)
             for slot in range(a.n_expert_used):

@@ -13,9 +13,13 @@ from . import arch
 from .errors import ContextOverflowError, OffloadError
 from .forward import Transformer
 from .gguf_file import GGUFFile
+from .store import MemoryPlan, StoreStats, TieredExperts, default_budget, make_plan, parse_budget
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 from .weights import ResidentExperts, load_weights
+
+CACHE_POLICIES = ("lrfu", "lru", "lfu")
+IO_THREADS = 4  # expert reads in flight at once (loader threads)
 
 DEFAULT_N_CTX = 4096
 
@@ -48,19 +52,56 @@ class Model:
     tokenizer: Tokenizer
     n_ctx: int
     last_generation: GenerationStats = field(default_factory=GenerationStats)
+    plan: MemoryPlan | None = None  # how the memory budget is spent
+    experts: object = None  # the ExpertStore: TieredExperts, or ResidentExperts (the file's memory map)
+    _store_at_start: dict = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, n_ctx: int | None = None, n_threads: int | None = None) -> "Model":
-        """Open `path`; `n_ctx` defaults to min(training context, 4096), `n_threads` to all cores."""
+    def load(cls, path: str | os.PathLike[str], *, n_ctx: int | None = None, n_threads: int | None = None,
+             memory_budget: str | int | None = None, cache_policy: str = "lrfu", cache_scope: str = "global",
+             o_direct: bool = False, prefetch_slots: int | None = None, io_threads: int = IO_THREADS) -> "Model":
+        """Open `path`; `n_ctx` defaults to min(training context, 4096), `n_threads` to all cores.
+
+        `memory_budget` ("6GB", "6GiB", "512MB", "60%" of RAM, or bytes) caps what the model
+        keeps resident: weights, expert slots, KV cache, scratch. Experts that do not fit are
+        read from the file when needed (`cache_policy`: lrfu, lru or lfu; `cache_scope`:
+        "global" or "layer" capacity; `o_direct` reads around the page cache). A budget below
+        the minimum raises BudgetError; one that holds the whole model loads every expert
+        and does no I/O afterwards. `io_threads`: expert reads in flight at once. Without a
+        budget: 75% of the available RAM, and a model that fits it runs from the file's
+        memory map as before."""
         gguf = GGUFFile(path)
-        args = arch.model_args(gguf)
-        if n_ctx is None or n_ctx <= 0:
-            n_ctx = min(args.n_ctx_train, DEFAULT_N_CTX)
-        if n_threads is not None:
-            set_threads(n_threads)
-        weights = load_weights(gguf, args)
-        transformer = Transformer(args, weights, ResidentExperts(gguf, args), n_ctx)
-        return cls(str(path), gguf, args, transformer, Tokenizer(path), n_ctx)
+        try:
+            args = arch.model_args(gguf)
+            if n_ctx is None or n_ctx <= 0:
+                n_ctx = min(args.n_ctx_train, DEFAULT_N_CTX)
+            if n_threads is not None:
+                set_threads(n_threads)
+            if cache_policy.lower() not in CACHE_POLICIES:
+                raise OffloadError(f"cache policy {cache_policy!r} is not one of {', '.join(CACHE_POLICIES)}")
+            if memory_budget is None:
+                budget, source = default_budget()
+            else:
+                budget, source = parse_budget(memory_budget), "given"
+            plan = make_plan(gguf, args, n_ctx, budget, source, o_direct=o_direct, scope=cache_scope,
+                             prefetch_slots=prefetch_slots)
+            plan.check()
+            weights = load_weights(gguf, args)
+            if not plan.pools or (memory_budget is None and plan.all_resident and not o_direct):
+                experts = ResidentExperts(gguf, args)
+            else:
+                experts = TieredExperts(gguf, plan, args, policy=cache_policy, io_threads=io_threads)
+            transformer = Transformer(args, weights, experts, n_ctx)
+            try:
+                tokenizer = Tokenizer(path)
+            except BaseException:
+                if isinstance(experts, TieredExperts):
+                    experts.close()
+                raise
+        except BaseException:
+            gguf.close()
+            raise
+        return cls(str(path), gguf, args, transformer, tokenizer, n_ctx, plan=plan, experts=experts)
 
     # -- text <-> tokens ---------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
@@ -107,6 +148,7 @@ class Model:
         for t in ids:
             sampler.accept(t)
         self.transformer.reset()
+        self._store_at_start = self.store_stats()
         t0 = time.perf_counter()
         logits = self.transformer.forward(ids)[-1]
         stats.prompt_seconds = time.perf_counter() - t0
@@ -128,9 +170,21 @@ class Model:
             logits = self.transformer.forward(np.array([token]))[-1]
         stats.generate_seconds = time.perf_counter() - t0
 
+    def store_stats(self) -> dict:
+        """The expert store's counters since load (hits, misses, bytes read, stall seconds...)."""
+        s = self.experts.stats.as_dict() if isinstance(self.experts, TieredExperts) else StoreStats().as_dict()
+        return s
+
     def stats(self) -> dict:
+        """Counters of the last generation and of the expert store.
+
+        Store counters are totals since load; `*_last` ones cover the last `generate`, and
+        `bytes_read_per_token` divides its bytes read by its tokens (prompt + generated)."""
         g = self.last_generation
-        return {
+        store = self.store_stats()
+        start = self._store_at_start or store
+        tokens = g.prompt_tokens + g.generated_tokens
+        out = {
             "prompt_tokens": g.prompt_tokens,
             "prompt_tok_s": g.prompt_tok_s,
             "generated_tokens": g.generated_tokens,
@@ -138,6 +192,20 @@ class Model:
             "stop_reason": g.stop_reason,
             "kv_cache_bytes": self.transformer.cache.nbytes,
         }
+        out.update(store)
+        for k in ("hits", "misses", "bytes_read", "stall_seconds"):
+            out[k + "_last"] = store[k] - start.get(k, 0)
+        out["bytes_read_per_token"] = out["bytes_read_last"] / tokens if tokens else 0.0
+        out["hit_rate"] = store["hits"] / (store["hits"] + store["misses"]) if store["hits"] + store["misses"] else 1.0
+        out["memory_budget"] = self.plan.budget if self.plan else 0
+        out["planned_bytes"] = self.plan.planned if self.plan else 0
+        out["expert_slots"] = self.plan.slots if self.plan and isinstance(self.experts, TieredExperts) else 0
+        out["resident_experts"] = (self.experts.resident_experts() if isinstance(self.experts, TieredExperts)
+                                   else self.plan.n_experts if self.plan else 0)
+        out["cache_policy"] = self.experts.policy if isinstance(self.experts, TieredExperts) else "resident"
+        out["resident_bytes"] = _rss()
+        out["peak_rss_bytes"] = _peak_rss()
+        return out
 
     def _check_tokens(self, tokens: list[int]) -> np.ndarray:
         ids = np.asarray(tokens, dtype=np.int64)
@@ -152,6 +220,8 @@ class Model:
 
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
+        if isinstance(self.experts, TieredExperts):
+            self.experts.close()
         self.tokenizer.close()
         self.gguf.close()
 
@@ -160,6 +230,28 @@ class Model:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _peak_rss() -> int:
+    """The process's peak resident set (VmHWM), in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def set_threads(n: int) -> None:

@@ -38,6 +38,7 @@ class ModelSummary:
     params_experts: int = 0
     bytes_by_class: dict[tuple[str, str], int] = field(default_factory=dict)  # (class, quant type) -> bytes
     expert_bytes_per_layer: dict[int, int] = field(default_factory=dict)  # bytes of ONE expert of layer L
+    plan: object = None  # store.MemoryPlan for the budget asked about (or for none: its minimum)
 
     @property
     def params_active(self) -> int:
@@ -62,13 +63,21 @@ class ModelSummary:
 
     @property
     def minimum_budget(self) -> int:
-        """Resident weights + KV cache + the top-k experts of the largest layer."""
+        """What the memory plan refuses to go below (resident set, KV cache, scratch, the slots
+        of one layer's top-k and the prefetch reserve); without a plan, a rough floor."""
+        if self.plan is not None:
+            return self.plan.minimum
         top_k = max(self.expert_bytes_per_layer.values(), default=0) * self.args.n_expert_used
         return self.resident_bytes + self.kv_cache_bytes + top_k
 
 
-def summarize(gguf: GGUFFile, args: ModelArgs, n_ctx: int) -> ModelSummary:
+def summarize(gguf: GGUFFile, args: ModelArgs, n_ctx: int, memory_budget: int | None = None,
+              budget_source: str = "given", **plan_options) -> ModelSummary:
+    """Facts about the file; with `memory_budget`, the memory plan for it (see store.plan)."""
+    from .store.plan import make_plan
+
     s = ModelSummary(args, n_ctx)
+    s.plan = make_plan(gguf, args, n_ctx, memory_budget or 0, budget_source, **plan_options)
     by_class: dict[tuple[str, str], int] = defaultdict(int)
     for t in gguf.tensors.values():
         cls = tensor_class(t.name)
@@ -127,7 +136,14 @@ def format_summary(path: str, s: ModelSummary) -> str:
         f"routed experts    {human_bytes(s.expert_bytes)}"
         + (f" ({human_bytes(max(s.expert_bytes_per_layer.values()))} per expert, largest layer)" if a.is_moe else ""),
         f"KV cache          {human_bytes(s.kv_cache_bytes)} for {s.n_ctx} tokens (float32)",
-        f"minimum budget    {human_bytes(s.minimum_budget)} (resident + KV cache + one layer's top-{a.n_expert_used or 0} experts)",
-        f"whole model       {human_bytes(s.resident_bytes + s.expert_bytes + s.kv_cache_bytes)} with its KV cache",
+        f"minimum budget    {human_bytes(s.minimum_budget)} (resident + KV cache + scratch + one layer's "
+        f"top-{a.n_expert_used or 0} experts + prefetch reserve)",
+        f"whole model       {human_bytes(s.resident_bytes + s.expert_bytes + s.kv_cache_bytes)} with its KV cache"
+        + (f"; every expert resident from a budget of {human_bytes(s.plan.full)}" if s.plan is not None and s.plan.pools
+           else ""),
     ]
+    if s.plan is not None and s.plan.budget:
+        lines += ["", *s.plan.describe()]
+        if s.plan.budget < s.plan.minimum:
+            lines.append(f"                  this budget is below the minimum: load refuses it")
     return "\n".join(lines)

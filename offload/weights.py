@@ -117,6 +117,54 @@ def _expert_matrices(t: TensorInfo, n_expert: int) -> list[QMatrix]:
     return [QMatrix(fmt, n_rows, n_cols, raw[e]) for e in range(n_expert)]
 
 
+@dataclass(frozen=True)
+class ExpertPart:
+    """One of an expert's three matrices (gate, up, down) where it lies in the file: expert `e`
+    is the `n_bytes` bytes at `offset + e * n_bytes` (the expert index is outermost)."""
+
+    name: str  # the stacked tensor's name
+    ggml_type: int
+    n_rows: int
+    n_cols: int
+    offset: int  # absolute file offset of expert 0
+    n_bytes: int  # bytes of one expert
+
+    def range(self, expert: int) -> tuple[int, int]:
+        return self.offset + expert * self.n_bytes, self.n_bytes
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where the routed experts of one layer lie in the file."""
+
+    layer: int
+    n_expert: int
+    parts: tuple[ExpertPart, ExpertPart, ExpertPart]  # gate, up, down
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(p.n_bytes for p in self.parts)
+
+
+def expert_layouts(gguf: GGUFFile, args: ModelArgs) -> dict[int, ExpertLayout]:
+    """Byte ranges of every MoE layer's experts, for stores that read them from the file."""
+    out = {}
+    for layer in range(args.n_layer):
+        if not args.is_moe_layer(layer):
+            continue
+        parts = []
+        for part in ("gate", "up", "down"):
+            t = gguf.tensor(f"blk.{layer}.ffn_{part}_exps.weight")
+            n_cols, n_rows, n = t.shape
+            if n != args.n_expert:
+                raise UnsupportedModelError(f"tensor {t.name} holds {n} experts, metadata says {args.n_expert}")
+            fmt = _format(t)
+            per = n_rows * fmt.row_bytes(n_cols)
+            parts.append(ExpertPart(t.name, int(t.ggml_type), n_rows, n_cols, t.offset, per))
+        out[layer] = ExpertLayout(layer, args.n_expert, tuple(parts))
+    return out
+
+
 class ResidentExperts:
     """Every expert straight from the memory-mapped file (no budget, no I/O accounting)."""
 

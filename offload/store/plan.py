@@ -1,0 +1,247 @@
+"""The memory plan: what a budget buys, decided once at load.
+
+    always resident  non-expert weights (file pages of the memory map, counted with the
+                     kernel's fault-around windows), norms decoded to float32, KV cache,
+                     RoPE tables, activation scratch, tokenizer
+    expert slots     the rest of the budget, as a fixed arena of slots (one expert each)
+
+A budget below the minimum (resident + the slots one layer's top-k needs + the prefetch
+reserve, per slot pool) is refused; a budget that holds every expert loads them all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..arch import ModelArgs
+from ..errors import BudgetError
+from ..gguf_file import GGUFFile
+from ..weights import ExpertLayout, expert_layouts
+
+PAGE = 4096
+DIRECT_ALIGN = 4096  # O_DIRECT: file offsets, lengths and buffers aligned to this
+SLOT_ALIGN = 64  # each matrix of a buffered slot starts on a cache line
+FAULT_AROUND = 65536  # Linux maps up to this window of cached file pages around each fault
+N_UBATCH = 512  # forward.N_UBATCH: the longest batch the forward pass runs at once
+LOGITS_ROWS = 32  # rows of logits planned for (a generation needs one; `logits` returns one per token)
+TOKENIZER_BYTES_PER_TOKEN = 256  # llama.cpp's vocabulary tables, measured (~7 MiB at 32k)
+BASE_OVERHEAD = 2 << 20  # Python objects of the model, thread stack, file tables
+
+
+def _up(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+def _down(n: int, a: int) -> int:
+    return n // a * a
+
+
+@dataclass
+class SlotPool:
+    """Slots of one size serving some layers' experts (all MoE layers of one slot size in
+    "global" scope, one layer in "layer" scope)."""
+
+    layers: tuple[int, ...]
+    slot_bytes: int
+    n_experts: int  # (layer, expert) pairs this pool serves
+    min_slots: int
+    n_slots: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_slots * self.slot_bytes
+
+
+@dataclass
+class MemoryPlan:
+    budget: int
+    budget_source: str  # how the budget was chosen, for the user
+    resident_weights: int
+    kv_cache: int
+    scratch: int
+    overhead: int
+    pools: list[SlotPool] = field(default_factory=list)
+    o_direct: bool = False
+    scope: str = "global"
+    expert_bytes_total: int = 0  # routed experts in the file
+    n_expert_used: int = 0
+    prefetch_slots: int = 0
+
+    @property
+    def fixed(self) -> int:
+        return self.resident_weights + self.kv_cache + self.scratch + self.overhead
+
+    @property
+    def minimum(self) -> int:
+        return self.fixed + sum(p.min_slots * p.slot_bytes for p in self.pools)
+
+    @property
+    def full(self) -> int:
+        """The budget that holds every expert (no I/O after load)."""
+        return self.fixed + sum(p.n_experts * p.slot_bytes for p in self.pools)
+
+    @property
+    def slots(self) -> int:
+        return sum(p.n_slots for p in self.pools)
+
+    @property
+    def n_experts(self) -> int:
+        return sum(p.n_experts for p in self.pools)
+
+    @property
+    def slot_bytes_total(self) -> int:
+        return sum(p.nbytes for p in self.pools)
+
+    @property
+    def all_resident(self) -> bool:
+        return all(p.n_slots >= p.n_experts for p in self.pools)
+
+    @property
+    def share(self) -> float:
+        return self.slots / self.n_experts if self.n_experts else 1.0
+
+    @property
+    def planned(self) -> int:
+        return self.fixed + self.slot_bytes_total
+
+    def check(self) -> None:
+        if self.budget < self.minimum:
+            raise BudgetError(
+                f"memory budget {_h(self.budget)} is below this model's minimum of {_h(self.minimum)} "
+                f"({self.minimum} bytes: resident {_h(self.fixed)} + {sum(p.min_slots for p in self.pools)} expert "
+                f"slots for top-{self.n_expert_used} and prefetch)"
+            )
+
+    def describe(self) -> list[str]:
+        lines = [
+            f"memory budget     {_h(self.budget)} ({self.budget_source})",
+            f"resident          {_h(self.fixed)}: weights {_h(self.resident_weights)}, KV cache {_h(self.kv_cache)}, "
+            f"scratch {_h(self.scratch)}, other {_h(self.overhead)}",
+        ]
+        if self.pools:
+            sizes = sorted({p.slot_bytes for p in self.pools})
+            size = _h(sizes[0]) if len(sizes) == 1 else f"{_h(sizes[0])}..{_h(sizes[-1])}"
+            lines += [
+                f"expert slots      {self.slots} of {size} = {_h(self.slot_bytes_total)} "
+                f"({self.share:.0%} of {self.n_experts} experts; {self.scope} capacity"
+                f"{', O_DIRECT' if self.o_direct else ''})",
+                f"                  " + ("every expert fits: all loaded at start, no I/O after load"
+                                         if self.all_resident else "cold experts are read from the file on demand"),
+            ]
+        lines.append(f"minimum budget    {_h(self.minimum)}; every expert resident from {_h(self.full)}")
+        return lines
+
+
+def _h(n: float) -> str:
+    from ..summary import human_bytes
+
+    return human_bytes(n)
+
+
+def slot_layout(layout: ExpertLayout, o_direct: bool) -> tuple[int, list[int]]:
+    """Bytes a slot needs for this layer's experts, and where each part's region starts.
+    With O_DIRECT each part is read as the aligned span around it, which may start up to
+    DIRECT_ALIGN - 1 bytes before the part: regions are sized for the worst expert."""
+    starts, pos = [], 0
+    for part in layout.parts:
+        if o_direct:
+            span = max(_up(off + n, DIRECT_ALIGN) - _down(off, DIRECT_ALIGN)
+                       for off, n in (part.range(e) for e in range(layout.n_expert)))
+            pos = _up(pos, DIRECT_ALIGN)
+        else:
+            span = part.n_bytes
+            pos = _up(pos, SLOT_ALIGN)
+        starts.append(pos)
+        pos += span
+    return _up(pos, PAGE), starts
+
+
+def resident_weight_bytes(gguf: GGUFFile) -> int:
+    """File-backed bytes the non-expert weights (and the header the parser reads) can put in
+    RSS: each tensor's span widened to the kernel's fault-around windows, the union."""
+    spans = [(0, min(t.offset for t in gguf.tensors.values()))] if gguf.tensors else []
+    for t in gguf.tensors.values():
+        if "_exps." not in t.name:
+            spans.append((_down(t.offset, FAULT_AROUND), _up(t.offset + t.n_bytes, FAULT_AROUND)))
+    total, end = 0, 0
+    for a, b in sorted(spans):
+        b = min(b, _up(gguf.file_size, PAGE))
+        a = max(a, end)
+        if b > a:
+            total += b - a
+            end = b
+    # norms and biases are decoded to float32 copies
+    total += sum(t.n_elements * 4 for t in gguf.tensors.values() if len(t.shape) == 1)
+    return total
+
+
+def scratch_bytes(args: ModelArgs, n_ctx: int) -> int:
+    """Activations of the largest micro-batch (min(n_ctx, 512) tokens), twice over for the
+    temporaries numpy makes, LOGITS_ROWS rows of logits, and the RoPE tables."""
+    tokens = min(n_ctx, N_UBATCH)
+    k = max(1, args.n_expert_used)
+    width = (6 * args.n_embd + 3 * args.n_head * args.head_dim + k * (args.n_embd + 2 * args.n_ff_exp)
+             + args.n_expert + 2 * args.n_ff)
+    rope = 2 * n_ctx * (args.rope_dim // 2) * 4
+    return 2 * tokens * width * 4 + LOGITS_ROWS * args.n_vocab * 4 + rope
+
+
+def kv_cache_bytes(args: ModelArgs, n_ctx: int) -> int:
+    return 2 * args.n_layer * n_ctx * args.n_head_kv * args.head_dim * 4
+
+
+def make_plan(gguf: GGUFFile, args: ModelArgs, n_ctx: int, budget: int, budget_source: str = "given", *,
+              o_direct: bool = False, scope: str = "global", prefetch_slots: int | None = None) -> MemoryPlan:
+    """Split `budget` into the resident set and slot pools (not checked: call .check())."""
+    if scope not in ("global", "layer"):
+        raise BudgetError(f"cache scope {scope!r} is not 'global' or 'layer'")
+    layouts = expert_layouts(gguf, args)
+    k = args.n_expert_used
+    reserve = k if prefetch_slots is None else prefetch_slots
+    plan = MemoryPlan(
+        budget=budget, budget_source=budget_source,
+        resident_weights=resident_weight_bytes(gguf),
+        kv_cache=kv_cache_bytes(args, n_ctx),
+        scratch=scratch_bytes(args, n_ctx),
+        overhead=BASE_OVERHEAD + TOKENIZER_BYTES_PER_TOKEN * args.n_vocab,
+        o_direct=o_direct, scope=scope,
+        expert_bytes_total=sum(l.expert_bytes * l.n_expert for l in layouts.values()),
+        n_expert_used=k, prefetch_slots=reserve,
+    )
+    groups: dict = {}
+    for layer, layout in layouts.items():
+        size = slot_layout(layout, o_direct)[0]
+        groups.setdefault(size if scope == "global" else layer, []).append((layer, size))
+    for members in groups.values():
+        layers = tuple(l for l, _ in members)
+        n_exp = sum(layouts[l].n_expert for l in layers)
+        plan.pools.append(SlotPool(layers, members[0][1], n_exp, min(n_exp, k + reserve)))
+    _fill(plan, budget - plan.fixed)
+    return plan
+
+
+def _fill(plan: MemoryPlan, free: int) -> None:
+    """Give each pool its minimum, then share what is left by bytes each pool could use."""
+    pools = plan.pools
+    if not pools:
+        return
+    for p in pools:
+        p.n_slots = p.min_slots
+    left = free - sum(p.nbytes for p in pools)
+    if left <= 0:
+        return
+    want = {id(p): (p.n_experts - p.n_slots) * p.slot_bytes for p in pools}
+    if sum(want.values()) <= left:
+        for p in pools:
+            p.n_slots = p.n_experts
+        return
+    # proportional share, then hand out the rounding remainder slot by slot
+    total_want = sum(want.values())
+    for p in pools:
+        extra = int(left * want[id(p)] / total_want) // p.slot_bytes
+        p.n_slots += min(extra, p.n_experts - p.n_slots)
+    left = free - sum(p.nbytes for p in pools)
+    for p in sorted(pools, key=lambda p: p.slot_bytes):
+        while p.n_slots < p.n_experts and p.slot_bytes <= left:
+            p.n_slots += 1
+            left -= p.slot_bytes
