@@ -146,7 +146,7 @@ static PyObject *py_matmul_tiled(PyObject *self, PyObject *args) {
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = tiled_matmul(name, w.buf, xq.buf, xd.buf, bs.buf, out.buf, n_rows, (int)n_cols, n_tokens, isa >= ISA_AVX2);
+    rc = tiled_matmul(name, w.buf, xq.buf, xd.buf, bs.buf, out.buf, n_rows, (int)n_cols, n_tokens, isa);
     Py_END_ALLOW_THREADS
     if (rc < 0) PyErr_NoMemory();
     else result = Py_NewRef(Py_None);

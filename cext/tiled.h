@@ -8,9 +8,10 @@
 /* Bytes per 256-value block of a format the tiled path serves, 0 if it serves none. */
 int tiled_block_bytes(const char *name, int *has_min);
 
-/* out[t, r] for t < n_tokens, r < n_rows from Q8_K activations; 0 on success, -1 unknown
- * format, -2 out of memory. */
+/* out[t, r] for t < n_tokens, r < n_rows from Q8_K activations, with the SIMD level
+ * isa_level (0 portable, 1 AVX2, 2 AVX-512 VNNI); 0 on success, -1 unknown format, -2 out
+ * of memory. */
 int tiled_matmul(const char *name, const uint8_t *w, const int8_t *xq, const float *xd, const int16_t *bsums,
-                 float *out, ptrdiff_t n_rows, int n_cols, ptrdiff_t n_tokens, int use_avx2);
+                 float *out, ptrdiff_t n_rows, int n_cols, ptrdiff_t n_tokens, int isa_level);
 
 #endif
