@@ -60,6 +60,10 @@ static const format_kernels *find_format(const char *name) {
     return NULL;
 }
 
+/* Below this many weight bytes x tokens a matmul runs on the calling thread: waking the
+ * OpenMP team costs more than the work (tiny matrices, e.g. small experts). */
+#define PARALLEL_BYTES (128 * 1024)
+
 static void run_matmul(row_dot_fn dot, const format_kernels *f, const uint8_t *w, const int8_t *xq,
                        const float *xd, const int16_t *bsums, float *out, Py_ssize_t n_rows, int n_cols,
                        Py_ssize_t n_tokens) {
@@ -67,7 +71,7 @@ static void run_matmul(row_dot_fn dot, const format_kernels *f, const uint8_t *w
     const int act_block = f->act == ACT_Q8_K ? 256 : 32;
     const Py_ssize_t d_per_token = n_cols / act_block, bsums_per_token = n_cols / 16;
     /* rows outside, tokens inside: a row's blocks stay in L1 across the tokens of a batch */
-#pragma omp parallel for schedule(static) if (n_rows * n_tokens >= 64)
+#pragma omp parallel for schedule(static) if ((size_t)n_rows * row_bytes * (size_t)n_tokens >= PARALLEL_BYTES)
     for (Py_ssize_t r = 0; r < n_rows; r++) {
         const uint8_t *wr = w + (size_t)r * row_bytes;
         for (Py_ssize_t t = 0; t < n_tokens; t++) {

@@ -17,6 +17,7 @@ routing is discontinuous: a small drift in activations flips expert choices.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from .arch import ModelArgs
 from .errors import ContextOverflowError
@@ -47,11 +48,35 @@ def rope_tables(args: ModelArgs, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
 def route(router_logits: np.ndarray, k: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """Pick each token's experts and their weights: (n, k) expert ids, (n, k) weights."""
     probs = ggml_math.softmax(router_logits)
-    chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-    weights = np.take_along_axis(probs, chosen, axis=-1)
-    if kind == "softmax_topk_norm":  # ggml_sum_rows adds in double
-        weights = weights / weights.sum(axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
+    chosen = np.empty((len(probs), k), dtype=np.int64)
+    weights = np.empty((len(probs), k), dtype=np.float32)
+    _top_k(probs, k, kind == "softmax_topk_norm", chosen, weights)
     return chosen, weights
+
+
+@njit(cache=True, nogil=True)
+def _top_k(probs, k, normalize, chosen, weights):
+    """The k largest of each row, largest first, ties to the lower index (ggml_argsort_top_k's
+    order, as a stable argsort of -probs); normalized as ggml_sum_rows does, summed in double."""
+    for r in range(probs.shape[0]):
+        for j in range(k):
+            best = -1
+            for e in range(probs.shape[1]):
+                taken = False
+                for i in range(j):
+                    if chosen[r, i] == e:
+                        taken = True
+                if not taken and (best < 0 or probs[r, e] > probs[r, best]):
+                    best = e
+            chosen[r, j] = best
+            weights[r, j] = probs[r, best]
+        if normalize:
+            total = 0.0
+            for j in range(k):
+                total += np.float64(weights[r, j])
+            total32 = np.float32(total)
+            for j in range(k):
+                weights[r, j] = weights[r, j] / total32
 
 
 # llama.cpp's default micro-batch (n_ubatch): longer batches run in pieces of this size.

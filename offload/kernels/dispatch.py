@@ -125,9 +125,12 @@ def convert_activations(vec_dot_type: str, x: np.ndarray) -> Activations:
     buffers = _workspace.__dict__.setdefault("buffers", {})
     n, k = x.shape
     held = buffers.get((vec_dot_type, k))
-    if held is None or held[0] < n:
-        held = buffers[(vec_dot_type, k)] = (max(n, 1), layout(max(n, 1), k))
-    return ACTIVATION_CONVERTERS[vec_dot_type](x, tuple(a[:n] for a in held[1]))
+    if held is None or held[0] < n:  # [capacity, arrays, n of the cached views, the views]
+        cap = max(n, 1)
+        held = buffers[(vec_dot_type, k)] = [cap, layout(cap, k), -1, None]
+    if held[2] != n:
+        held[2], held[3] = n, tuple(a[:n] for a in held[1])
+    return ACTIVATION_CONVERTERS[vec_dot_type](x, held[3])
 
 
 def _check(w: QMatrix, x: np.ndarray) -> np.ndarray:
@@ -176,7 +179,8 @@ def matmuls(ws: tuple[QMatrix, ...], x: np.ndarray, expert: bool = False,
     acts: dict[str, Activations] = {}
     results = []
     for i, w in enumerate(ws):
-        _check(w, x)
+        if i and (not isinstance(w, QMatrix) or w.n_cols != x.shape[1]):
+            _check(w, x)  # raises the error
         t = w.fmt.vec_dot_type
         if t not in acts:
             acts[t] = convert_activations(t, x)
