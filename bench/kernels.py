@@ -1,6 +1,6 @@
 """GEMV speed of every weight format and implementation, next to the machine's read bandwidth.
 
-    .venv/bin/python bench/kernels.py [--threads 2] [--mb 128] [--formats Q4_K,Q8_0]
+    .venv/bin/python bench/kernels.py [--threads 2] [--mb 1024] [--formats Q4_K,Q8_0]
 
 For each format: one weight matrix of about --mb MB (bigger than the last-level cache, so
 it streams from DRAM as in decode), one token (GEMV), timed as the best of --repeats
@@ -53,7 +53,8 @@ def random_matrix(t: T, target_bytes: int, rng: np.random.Generator) -> np.ndarr
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--mb", type=int, default=128, help="weight matrix size in MB")
+    ap.add_argument("--mb", type=int, default=1024,
+                    help="weight matrix size in MB (well above the last-level cache: see common.read_bandwidth)")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--formats", default="", help="comma-separated subset, e.g. Q4_K,Q8_0")
     opts = ap.parse_args()
@@ -61,7 +62,7 @@ def main() -> None:
 
     bandwidth = read_bandwidth(opts.threads)
     print(f"{machine()['cpu']}, {opts.threads} threads: streaming read {bandwidth / 1e9:.1f} GB/s "
-          f"(parallel sum over 512 MB)\n")
+          f"(parallel sum over 2 GiB)\n")
     wanted = [T[name] for name in opts.formats.split(",") if name] or sorted(NUMBA_KERNELS, key=lambda t: t.name)
     c_formats = cext.formats()
     rng = np.random.default_rng(0)
