@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from offload.testing import TinyConfig, shared_data_dir, write_model
+from offload.testing import TinyConfig, llama_cpp_is_avx512_build, shared_data_dir, write_model
+
+
+def pytest_report_header(config):
+    """The oracle's build decides whether bit-exact comparisons can hold: say it up front."""
+    if llama_cpp_is_avx512_build():
+        return ("llama.cpp: an AVX-512 build (GGML_NATIVE, or a cached wheel): offload follows the AVX2 build, so "
+                "bit-exact oracle tests will fail; reinstall it as the README says (--no-cache-dir, GGML_NATIVE=OFF)")
+    return "llama.cpp: AVX2 build (the order offload follows)"
 
 
 @pytest.fixture(scope="session")
