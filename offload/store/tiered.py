@@ -79,6 +79,7 @@ class TieredExperts:
         self._policies = [make_policy(policy, half_life=max(16, 8 * len(p.layers) * k)) for p in plan.pools]
         self.policy = self._policies[0].name if self._policies else policy
         self.arena = Arena([(p.slot_bytes, p.n_slots) for p in plan.pools])
+        self._free = [list(reversed(pool)) for pool in self.arena.pools]  # EMPTY slots, per pool
         self._loader = Loader(open_model_file(self.path, self._o_direct), io_threads)
         self.all_resident = plan.all_resident
         self._static: dict[int, list[FFN]] = {}
@@ -174,35 +175,33 @@ class TieredExperts:
 
     def _claim(self, layer: int, wait: bool = True) -> Slot | None:
         """A slot of the layer's pool that may be (re)filled: an empty one, else the policy's
-        victim among the unpinned, loaded ones."""
+        victim among the unpinned, loaded ones (sparing the experts prefetch() announced
+        while others can go)."""
         pool_i = self._pool_of_layer[layer]
-        pool = self.arena.pools[pool_i]
+        free = self._free[pool_i]
+        policy = self._policies[pool_i]
+
+        def evictable(key) -> bool:
+            slot = self._index.get(key)
+            return slot is not None and not slot.pins and slot.state == READY
+
         while True:
-            free = None
-            candidates = {}
-            for s in pool:
-                if s.pins or s.state == LOADING:
-                    continue
-                if s.state == EMPTY:
-                    free = s
-                    break
-                candidates[s.key] = s
-            if free is not None:
-                return free
-            if self._wanted and len(candidates) > len(self._wanted):
-                spare = {k: s for k, s in candidates.items() if k not in self._wanted}
-                candidates = spare or candidates
-            if candidates:
-                key = self._policies[pool_i].victim(candidates)
-                victim = candidates[key]
-                del self._index[key]
-                self._policies[pool_i].remove(key)
+            if free:
+                return free.pop()
+            key = None
+            if self._wanted:
+                key = policy.pick(lambda k: k not in self._wanted and evictable(k))
+            if key is None:
+                key = policy.pick(evictable)
+            if key is not None:
+                victim = self._index.pop(key)
+                policy.remove(key)
                 victim.key, victim.state, victim.ffn, victim.prefetched = None, EMPTY, None, False
                 self.stats.evictions += 1
                 return victim
             if not wait:
                 return None
-            if not any(s.state == LOADING for s in pool):
+            if not any(s.state == LOADING for s in self.arena.pools[pool_i]):
                 raise RuntimeError(f"expert store: every slot of layer {layer}'s pool is pinned (a bug)")
             self._cond.wait()  # a prefetch in flight will free up
 
@@ -250,6 +249,7 @@ class TieredExperts:
                         del self._index[key]
                     self._policies[self._pool_of_layer[layer]].remove(key)
                     slot.key, slot.state, slot.ffn, slot.prefetched = None, EMPTY, None, False
+                    self._free[slot.pool].append(slot)
                 self._cond.notify_all()
 
         self._loader.submit(ReadJob(slot.buf, self._ranges(layer, expert), done), priority)
@@ -259,9 +259,9 @@ class TieredExperts:
         t0 = time.perf_counter()
         with self._cond:
             for layer, lay in self.layouts.items():
-                pool = iter(s for s in self.arena.pools[self._pool_of_layer[layer]] if s.state == EMPTY)
+                free = self._free[self._pool_of_layer[layer]]
                 for e in range(lay.n_expert):
-                    self._start_read(next(pool), (layer, e), DEMAND)
+                    self._start_read(free.pop(), (layer, e), DEMAND)
             while any(s.state == LOADING for s in self.arena.slots):
                 self._cond.wait()
             failed = next(iter(self._errors.items()), None)
