@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/tiering.py [--model M.gguf] [--decode 64] [--budgets min,10%,25%,0.5x,75%,100%]
                                       [--policy lrfu] [--threads 2] [--max-seconds 60] [--wait-quiet S]
-                                      [--no-llama-cpp] [--no-cap-offload]
+                                      [--no-llama-cpp] [--no-cap-offload] [--prefetch-depth 0,1,2 | --no-prefetch]
 
 Without --model it makes (once, cached in ~/.cache/offload/bench) a random-weight llama-arch
 MoE with many experts (12 layers x 64 experts of 816 KiB, top-4, Q8_0: 612 MiB of experts
@@ -24,7 +24,11 @@ process, page cache included, as offload's budget does:
   tokens: hit rate (expert uses served by a slot that held the expert before its layer
   ran; an expert prefetched for its own layer counts as a read), MiB read per token, stall
   share (seconds waiting for expert reads / decode seconds), the peak RSS growth over the
-  RSS before `Model.load`. `--no-cap-offload`: its cgroup only measures.
+  RSS before `Model.load`. `--no-cap-offload`: its cgroup only measures. `--prefetch-depth`
+  (a list: one offload row per depth and budget; 0 or `--no-prefetch`: no prediction) sets
+  how many MoE layers ahead the lookahead predictor prefetches; each row reports the
+  predictions' recall and precision per distance over the decode tokens, the prefetched
+  MiB per token that went unused, and the reads cancelled.
 * llama.cpp (llama-cpp-python on the file's memory map, `use_extra_bufts` off, F32 KV cache,
   as bench/decode.py runs it): decode tok/s and MiB read per token (/proc/self/io: page
   faults and their readahead).
@@ -463,13 +467,18 @@ def child_offload(spec: dict) -> dict:
     _peak_reset()
     base = _rss()
     t0 = time.perf_counter()
+    depth = spec.get("prefetch_depth", 1)
     m = Model.load(spec["model"], memory_budget=spec["budget"], o_direct=True, n_threads=spec["threads"],
-                   n_ctx=N_CTX, cache_policy=spec["policy"])
+                   n_ctx=N_CTX, cache_policy=spec["policy"], prefetch=depth > 0, prefetch_depth=max(depth, 1))
     load_s = time.perf_counter() - t0
+    prefetcher = m.transformer.prefetcher
+    if prefetcher is not None and spec.get("prefetch_margin") is not None:
+        prefetcher.predictor.margin = spec["prefetch_margin"]  # extra experts per layer when the choice is close
 
     def counters() -> dict:
         s = m.experts.stats.as_dict() if isinstance(m.experts, TieredExperts) else {}
-        return {k: s.get(k, 0) for k in ("hits", "misses", "bytes_read", "stall_seconds", "prefetch_hits")}
+        return {k: s.get(k, 0) for k in ("hits", "misses", "bytes_read", "stall_seconds", "prefetch_hits",
+                                         "prefetches", "prefetch_wasted_bytes", "prefetch_cancelled")}
 
     try:
         best = None
@@ -479,6 +488,8 @@ def child_offload(spec: dict) -> dict:
             t0 = time.perf_counter()
             logits = t.forward(np.array(spec["prompt"], dtype=np.int64))[-1]
             prompt_s = time.perf_counter() - t0
+            if prefetcher is not None:
+                prefetcher.metrics.reset()  # predictions over the decode tokens only
             before, io0 = counters(), _read_bytes()
             tokens = []
             t0 = time.perf_counter()
@@ -490,12 +501,18 @@ def child_offload(spec: dict) -> dict:
                     break
             decode_s = time.perf_counter() - t0
             after, io1 = counters(), _read_bytes()
+            pred = prefetcher.metrics.by_distance() if prefetcher is not None else {}
             if best is None or decode_s / len(tokens) < best[0] / len(best[1]):
-                best = (decode_s, tokens, prompt_s, before, after, io0, io1)
-        decode_s, tokens, prompt_s, before, after, io0, io1 = best
+                best = (decode_s, tokens, prompt_s, before, after, io0, io1, pred)
+        decode_s, tokens, prompt_s, before, after, io0, io1, pred = best
         d = {k: after[k] - before[k] for k in after}
         n = len(tokens)
         return {
+            "prefetch_depth": depth,
+            "prediction": {str(k): v for k, v in pred.items()},
+            "prefetches_per_token": d["prefetches"] / n,
+            "prefetch_wasted_per_token": d["prefetch_wasted_bytes"] / n,
+            "prefetch_cancelled": d["prefetch_cancelled"],
             "engine": "offload", "budget": spec["budget"], "policy": spec["policy"],
             "slots": m.plan.slots, "experts": m.plan.n_experts, "load_s": load_s, "prompt_s": prompt_s,
             "decode_tokens": n, "decode_s": decode_s, "decode_tok_s": n / decode_s,
@@ -609,6 +626,11 @@ def main() -> None:
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                     help="before each run, wait up to S seconds for other work on the machine to stop")
+    ap.add_argument("--prefetch-depth", default="1",
+                    help="offload's prefetch depth; a list (0,1,2) runs offload once per depth (0: no prefetch)")
+    ap.add_argument("--no-prefetch", action="store_true", help="the same as --prefetch-depth 0")
+    ap.add_argument("--prefetch-margin", type=int, default=None,
+                    help="extra experts predicted per layer beyond top-k when close (default: the predictor's, k/2)")
     ap.add_argument("--no-cap-offload", dest="cap_offload", action="store_false",
                     help="offload's cgroup only measures (by default it has the same limit as llama.cpp's)")
     a = ap.parse_args()
@@ -644,7 +666,7 @@ def main() -> None:
 
     llama_build = load_llama_cpp().llama_print_system_info().decode().strip()
     base = {"model": str(path), "prompt": prompt, "decode": a.decode, "threads": a.threads, "policy": a.policy,
-            "max_seconds": a.max_seconds}
+            "max_seconds": a.max_seconds, "prefetch_margin": a.prefetch_margin}
     timeout = 3 * a.max_seconds + 120
     full = plan.full
     warm = run_child({**base, "engine": "offload", "budget": full, "repeats": 3, "drop_caches": False}, None,
@@ -656,11 +678,12 @@ def main() -> None:
           f"(offload, every expert resident, warm)", file=sys.stderr)
 
     rows = []
-    for label, budget in budgets:
-        r = {"label": label, "budget": budget, "share_of_file": budget / file_size}
-        r["offload"] = run_child({**base, "engine": "offload", "budget": budget}, budget if a.cap_offload else None,
-                                 timeout, use_cgroup=cg is not None)
-        if not a.no_llama_cpp:
+    depths = [0] if a.no_prefetch else [int(d) for d in a.prefetch_depth.split(",")]
+    for (label, budget), depth in ((b, d) for b in budgets for d in depths):
+        r = {"label": label, "budget": budget, "share_of_file": budget / file_size, "prefetch_depth": depth}
+        r["offload"] = run_child({**base, "engine": "offload", "budget": budget, "prefetch_depth": depth},
+                                 budget if a.cap_offload else None, timeout, use_cgroup=cg is not None)
+        if not a.no_llama_cpp and depth == depths[0]:
             r["llama_cpp"] = run_child({**base, "engine": "llama.cpp", "budget": budget}, budget, timeout,
                                        use_cgroup=cg is not None)
         o, l = r["offload"], r.get("llama_cpp") or {}
@@ -668,7 +691,8 @@ def main() -> None:
         r["bound_tok_s"] = 1 / (compute_s + missed / bandwidth)
         r["ratio"] = o["decode_tok_s"] / l["decode_tok_s"] if "decode_tok_s" in o and "decode_tok_s" in l else None
         rows.append(r)
-        print(f"  {label:>5} {budget / 2**20:7.1f} MiB  offload {o.get('decode_tok_s', float('nan')):6.2f} tok/s"
+        print(f"  {label:>5} {budget / 2**20:7.1f} MiB  offload (prefetch depth {depth}) "
+              f"{o.get('decode_tok_s', float('nan')):6.2f} tok/s, stall {o.get('stall_share', float('nan')):.0%}"
               + (f"  llama.cpp {l.get('decode_tok_s', float('nan')):6.2f} tok/s" if l else "")
               + "".join(f"  [{e['error']}]" for e in (o, l) if "error" in e)
               + "".join(f"  (other work took {e['others_cpu_cores']:.1f} cores during {n})"
@@ -690,8 +714,11 @@ def main() -> None:
     table = []
     for r in rows:
         o, l = r["offload"], r.get("llama_cpp") or {}
+        pred = o.get("prediction") or {}
         table.append([
-            r["label"], f"{r['budget'] / 2**20:.1f}", f"{r['share_of_file']:.0%}",
+            r["label"], f"{r['budget'] / 2**20:.1f}", f"{r['share_of_file']:.0%}", str(r["prefetch_depth"]),
+            " ".join(f"{v['recall']:.2f}/{v['precision']:.2f}" for _, v in sorted(pred.items())) or "-",
+            cell(o, "prefetch_wasted_per_token", scale=2**20),
             f"{o['slots']}/{o['experts']}" if "slots" in o else "-",
             cell(o, "decode_tok_s"), cell(o, "hit_rate", "{:.3f}"), cell(o, "bytes_read_per_token", scale=2**20),
             cell(o, "stall_share", "{:.0%}"), cell(o, "peak_rss_growth", "{:.0f}", 2**20),
@@ -700,7 +727,7 @@ def main() -> None:
             "/".join(str(x.get("same_tokens", "-")) for x in (o, l) if x),
         ])
     print()
-    print_table(["budget", "MiB", "of file", "slots", "offload tok/s", "hit rate", "MiB read/tok", "stall",
+    print_table(["budget", "MiB", "of file", "prefetch depth", "recall/precision d1..", "wasted MiB/tok", "slots", "offload tok/s", "hit rate", "MiB read/tok", "stall",
                  "RSS +MiB", "llama.cpp tok/s", "llama MiB read/tok", "bound tok/s", "offload/llama",
                  "same tokens (off/llama)"], table)
     target = next((r for r in rows if r["label"] == TARGET_BUDGET), None)

@@ -91,14 +91,24 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
 @click.option("--cache-scope", type=click.Choice(["global", "layer"]), default="global", show_default=True,
               help="Expert slots shared by all layers, or a quota per layer.")
 @click.option("--o-direct", is_flag=True, help="Read experts with O_DIRECT (bypass the page cache).")
+@click.option("--prefetch-depth", type=click.IntRange(0, 64), default=None,
+              help="MoE layers ahead whose experts are predicted and read while a layer computes [default: 1].")
+@click.option("--no-prefetch", is_flag=True, help="Do not predict and prefetch the next layers' experts.")
+@click.option("--record-trace", "record_trace", type=click.Path(dir_okay=False), default=None,
+              help="Save every token's routing (experts and weights per MoE layer) to this .npz file.")
 def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, ctx_size, threads,
-             memory_budget, cache_policy, cache_scope, o_direct) -> None:
+             memory_budget, cache_policy, cache_scope, o_direct, record_trace=None, prefetch_depth=None,
+             no_prefetch=False) -> None:
     """Continue PROMPT with MODEL (a GGUF file; default: the demo model)."""
     from .model import Model
     from .summary import human_bytes as hb
 
+    from .model import DEFAULT_PREFETCH_DEPTH
+
+    depth = DEFAULT_PREFETCH_DEPTH if prefetch_depth is None else prefetch_depth
     with Model.load(_model_path(model), n_ctx=ctx_size, n_threads=threads, memory_budget=memory_budget,
-                    cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct) as m:
+                    cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
+                    prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1)) as m:
         p = m.plan
         tiered = m.stats()["cache_policy"] != "resident"
         if p is not None and p.pools and (tiered or memory_budget is not None):
@@ -107,7 +117,7 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
             click.echo(f"memory budget {hb(p.budget)} ({p.budget_source}): {hb(p.fixed)} resident; {where}", err=True)
         click.echo(prompt, nl=False)
         for piece in m.generate(prompt, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p,
-                                min_p=min_p, repeat_penalty=repeat_penalty, seed=seed):
+                                min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, record_trace=record_trace):
             click.echo(piece, nl=False)
         click.echo()
         g = m.last_generation
@@ -124,3 +134,41 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
                 f"RSS {hb(st['resident_bytes'])} (peak {hb(st['peak_rss_bytes'])})",
                 err=True,
             )
+            if st.get("prefetch_depth"):
+                recall = ", ".join(f"{st[f'prediction_recall_d{d}']:.0%}" for d in range(1, st["prefetch_depth"] + 1)
+                                   if f"prediction_recall_d{d}" in st)
+                click.echo(f"prefetch: depth {st['prefetch_depth']}, recall by distance {recall or '-'}; "
+                           f"{st['prefetch_hits']} prefetched experts used, {st['prefetch_wasted']} wasted "
+                           f"({hb(st['prefetch_wasted_bytes'])}), {st['prefetch_cancelled']} reads cancelled", err=True)
+        if record_trace is not None and m.last_trace is not None:
+            t = m.last_trace
+            click.echo(f"routing trace: {t.n_steps} tokens x {t.n_layers} MoE layers -> {record_trace}", err=True)
+
+
+@main.command()
+@click.argument("trace_file", metavar="TRACE", type=click.Path(exists=True, dir_okay=False))
+@click.option("--capacity", "capacities", multiple=True, default=("10%", "25%", "50%"), show_default=True,
+              help="Expert slots (192) or a share of all experts (25%); repeat for several.")
+@click.option("--scope", type=click.Choice(["global", "layer"]), default="global", show_default=True,
+              help="One pool for every layer, or an even quota per layer.")
+@click.option("--policy", "policies", multiple=True, default=("lru", "lfu", "lrfu"), show_default=True,
+              help="Policies to replay (repeat for several).")
+@click.option("--decode-only", is_flag=True, help="Count only the generated tokens' accesses (the prompt still warms the cache).")
+def simulate(trace_file: str, capacities, scope: str, policies, decode_only: bool) -> None:
+    """Replay a routing trace (generate --record-trace): hit rates of each policy vs Belady's optimum."""
+    from .simulate import compare
+    from .trace import RoutingTrace
+
+    t = RoutingTrace.load(trace_file)
+    try:
+        rows = compare(t, capacities, policies, scope, from_step=t.prompt_tokens if decode_only else 0)
+    except ValueError as e:
+        raise OffloadError(str(e)) from None
+    click.echo(f"{trace_file}: {t.model or '?'}, {t.n_steps} tokens ({t.prompt_tokens} prompt), {t.n_layers} MoE layers "
+               f"x {t.n_expert} experts, top-{t.k}; {scope} capacity")
+    head = f"{'slots':>7} {'share':>6} " + " ".join(f"{p:>14}" for p in policies) + f" {'belady':>7}"
+    click.echo(head)
+    for r in rows:
+        cells = " ".join(f"{r[p]:>6.1%} ({r[p + '_vs_belady']:>5.1%})" for p in policies)
+        click.echo(f"{r['capacity']:>7} {r['share']:>6.1%} {cells} {r['belady']:>7.1%}")
+    click.echo("hit rates; in parentheses, as a share of Belady's optimum (evict the expert needed furthest ahead)")

@@ -122,6 +122,8 @@ class Transformer:
         self.cache = KVCache(args.n_layer, n_ctx, args.n_head_kv * args.head_dim)
         self.rope_cos, self.rope_sin = rope_tables(args, n_ctx)
         self.scratch = Scratch()
+        self.recorder = None  # a TraceRecorder (offload.trace) sees every routing decision when set
+        self.prefetcher = None  # offload.predict.Prefetcher: predicts the next layers' experts for a tiered store
 
     def reset(self) -> None:
         self.cache.n_past = 0
@@ -164,6 +166,8 @@ class Transformer:
             if len(x) == 0:
                 break
             x += attn
+            if self.prefetcher is not None:  # the next layers' experts, read while this one computes
+                self._predict(i, x)
             h = rms_norm(x, layer.ffn_norm, a.rms_eps, out=buf("norm", len(x), a.n_embd))
             x += self._moe(i, layer.moe, h) if layer.moe else _ffn(layer.dense, h, buf)
         self.cache.n_past = start + n
@@ -171,6 +175,14 @@ class Transformer:
             return None
         x = rms_norm(x, self.weights.output_norm, a.rms_eps)
         return matmul(self.weights.output, np.ascontiguousarray(x))
+
+    def _predict(self, layer: int, x: np.ndarray) -> None:
+        """Hand the predictor's guesses for the next MoE layers to the store (and the recorder)."""
+        preds = self.prefetcher.after_attention(layer, x)
+        rec = self.recorder
+        if rec is not None and hasattr(rec, "record_prediction"):
+            for target, experts, _ in preds:
+                rec.record_prediction(layer, target, experts)
 
     def _attention(self, layer: int, w: Attention, x: np.ndarray, start: int) -> np.ndarray:
         a, buf = self.args, self.scratch
@@ -200,9 +212,13 @@ class Transformer:
         a, buf = self.args, self.scratch
         chosen, weights = route(matmul(w.router, x, out=buf("router", len(x), w.router.n_rows)), a.n_expert_used,
                                 a.routing)
+        if self.recorder is not None:
+            self.recorder.record(layer, chosen, weights)
         prefetch = getattr(self.experts, "prefetch", None)
         if prefetch is not None:  # a tiered store starts reading the others while the first one computes
             prefetch(layer, np.unique(chosen) if len(x) > 1 else chosen[0])
+        if self.prefetcher is not None:
+            self.prefetcher.routed(layer, chosen)
         if len(x) == 1:  # decode: one token, its k experts in slot order
             out = buf("moe", 1, a.n_embd)
             for slot in range(a.n_expert_used):

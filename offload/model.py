@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -20,6 +21,7 @@ from .weights import ResidentExperts, load_weights
 
 CACHE_POLICIES = ("lrfu", "lru", "lfu")
 IO_THREADS = 4  # expert reads in flight at once (loader threads)
+DEFAULT_PREFETCH_DEPTH = 1  # MoE layers ahead whose experts are predicted and read (offload.predict)
 
 DEFAULT_N_CTX = 4096
 
@@ -55,11 +57,14 @@ class Model:
     plan: MemoryPlan | None = None  # how the memory budget is spent
     experts: object = None  # the ExpertStore: TieredExperts, or ResidentExperts (the file's memory map)
     _store_at_start: dict = field(default_factory=dict)
+    last_trace: object = None  # the RoutingTrace of the last generate(record_trace=...)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, n_ctx: int | None = None, n_threads: int | None = None,
              memory_budget: str | int | None = None, cache_policy: str = "lrfu", cache_scope: str = "global",
-             o_direct: bool = False, prefetch_slots: int | None = None, io_threads: int = IO_THREADS) -> "Model":
+             o_direct: bool = False, prefetch_slots: int | None = None, io_threads: int = IO_THREADS,
+             prefetch: bool = True, prefetch_depth: int = DEFAULT_PREFETCH_DEPTH,
+             predictor: str = "lookahead") -> "Model":
         """Open `path`; `n_ctx` defaults to min(training context, 4096), `n_threads` to all cores.
 
         `memory_budget` ("6GB", "6GiB", "512MB", "60%" of RAM, or bytes) caps what the model
@@ -67,7 +72,11 @@ class Model:
         read from the file when needed (`cache_policy`: lrfu, lru or lfu; `cache_scope`:
         "global" or "layer" capacity; `o_direct` reads around the page cache). A budget below
         the minimum raises BudgetError; one that holds the whole model loads every expert
-        and does no I/O afterwards. `io_threads`: expert reads in flight at once. Without a
+        and does no I/O afterwards. `io_threads`: expert reads in flight at once. With a
+        tiered store and `prefetch`, a predictor (`predictor`: lookahead, transition or
+        combined; see offload.predict) guesses the experts of the next `prefetch_depth` MoE
+        layers after each layer's attention, and the store reads them while the layer
+        computes (results never change; only when the reads happen). Without a
         budget: 75% of the available RAM, and a model that fits it runs from the file's
         memory map as before."""
         gguf = GGUFFile(path)
@@ -92,6 +101,11 @@ class Model:
             else:
                 experts = TieredExperts(gguf, plan, args, policy=cache_policy, io_threads=io_threads)
             transformer = Transformer(args, weights, experts, n_ctx)
+            if prefetch and prefetch_depth > 0 and isinstance(experts, TieredExperts) and not experts.all_resident:
+                from .predict import Prefetcher, make_predictor
+
+                transformer.prefetcher = Prefetcher(make_predictor(predictor, weights, args, prefetch_depth), experts)
+                experts.set_prefetch_depth(prefetch_depth)
             try:
                 tokenizer = Tokenizer(path)
             except BaseException:
@@ -128,11 +142,13 @@ class Model:
         min_p: float = 0.05,
         repeat_penalty: float = 1.0,
         seed: int | None = None,
+        record_trace: str | os.PathLike[str] | None = None,
     ) -> Iterator[str]:
-        """Stream the continuation of `prompt` as text pieces (whole UTF-8 characters)."""
+        """Stream the continuation of `prompt` as text pieces (whole UTF-8 characters).
+        `record_trace`: save the run's routing trace there (see `generate_tokens`)."""
         params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
         decoder = StreamDecoder(self.tokenizer)
-        for token in self.generate_tokens(prompt, max_tokens, params):
+        for token in self.generate_tokens(prompt, max_tokens, params, record_trace=record_trace):
             text = decoder.push(token)
             if text:
                 yield text
@@ -140,8 +156,17 @@ class Model:
         if tail:
             yield tail
 
-    def generate_tokens(self, prompt: str | list[int], max_tokens: int, params: SamplingParams) -> Iterator[int]:
-        """Token ids of the continuation; stops at end-of-generation, max_tokens or a full context."""
+    def generate_tokens(self, prompt: str | list[int], max_tokens: int, params: SamplingParams,
+                        record_trace: str | os.PathLike[str] | None = None) -> Iterator[int]:
+        """Token ids of the continuation; stops at end-of-generation, max_tokens or a full context.
+
+        `record_trace`: a path; every MoE layer's routing of every token run is recorded and
+        saved there as a `.npz` routing trace (`offload.trace`) when the generation ends (or
+        is closed early); also kept as `self.last_trace`."""
+        if record_trace is not None:
+            ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+            yield from self._recording(record_trace, ids, self.generate_tokens(ids, max_tokens, params))
+            return
         ids = self._check_tokens(self.tokenize(prompt) if isinstance(prompt, str) else prompt)
         stats = self.last_generation = GenerationStats(prompt_tokens=len(ids))
         sampler = Sampler(params)
@@ -169,6 +194,31 @@ class Model:
                 break
             logits = self.transformer.forward(np.array([token]))[-1]
         stats.generate_seconds = time.perf_counter() - t0
+
+    def _recording(self, path, ids: list[int], tokens: Iterator[int]) -> Iterator[int]:
+        from .trace import TraceRecorder
+
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise OffloadError(f"cannot write the routing trace to {path}: no writable folder {folder}")
+        rec = TraceRecorder(self.args.n_expert, self.args.n_expert_used, position=lambda: self.transformer.cache.n_past,
+                            model=os.path.basename(self.path),
+                            meta={"cache_policy": getattr(self.experts, "policy", "resident"),
+                                  "memory_budget": self.plan.budget if self.plan else 0})
+        rec.add_tokens(ids, prompt=True)
+        self.transformer.recorder = rec
+        try:
+            for token in tokens:
+                rec.add_tokens([token])
+                yield token
+        finally:
+            self.transformer.recorder = None
+            self.last_trace = trace = rec.finish()
+            if trace.n_steps or sys.exc_info()[0] in (None, GeneratorExit):  # not for a prompt refused up front
+                try:
+                    trace.save(path)
+                except OSError as e:
+                    raise OffloadError(f"cannot write the routing trace to {path}: {e.strerror or e}") from None
 
     def store_stats(self) -> dict:
         """The expert store's counters since load (hits, misses, bytes read, stall seconds...)."""
@@ -205,6 +255,10 @@ class Model:
         out["cache_policy"] = self.experts.policy if isinstance(self.experts, TieredExperts) else "resident"
         out["resident_bytes"] = _rss()
         out["peak_rss_bytes"] = _peak_rss()
+        prefetcher = getattr(self.transformer, "prefetcher", None)
+        out["prefetch_depth"] = prefetcher.depth if prefetcher is not None else 0
+        if prefetcher is not None:  # recall / precision per distance, and per layer with its I/O stall
+            out.update(prefetcher.stats())
         return out
 
     def _check_tokens(self, tokens: list[int]) -> np.ndarray:

@@ -14,7 +14,7 @@ EMPTY, LOADING, READY = 0, 1, 2
 
 
 class Slot:
-    __slots__ = ("index", "pool", "buf", "key", "state", "pins", "ffn", "prefetched")
+    __slots__ = ("index", "pool", "buf", "key", "state", "pins", "ffn", "prefetched", "nread")
 
     def __init__(self, index: int, pool: int, buf: np.ndarray):
         self.index = index
@@ -25,6 +25,7 @@ class Slot:
         self.pins = 0
         self.ffn = None  # FFN of views into buf, set when READY
         self.prefetched = False  # loaded ahead and not used yet
+        self.nread = 0  # bytes its last read took
 
     def __repr__(self) -> str:
         return f"Slot({self.index}, key={self.key}, state={self.state}, pins={self.pins})"

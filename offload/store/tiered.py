@@ -12,6 +12,20 @@ layer, or until `n_expert_used` newer experts of the same layer have been handed
 each expert's FFN before asking for the next, and never holds more than top-k at once).
 So one layer needs `n_expert_used` slots, whatever the batch.
 
+Prefetch, two kinds: `prefetch(layer, experts)` names the running layer's routed experts
+(their reads overlap the first ones' compute); `prefetch_predicted(layer, predictions)`
+hands over what a predictor (offload.predict) expects the next layers to pick. Prefetch
+reads have their own loader queue and thread (so speculation never takes more than one
+read's share of the disk from the reads a layer waits for), ordered by need: the running
+layer's first, then by target layer (a prediction's rank among its layer's counting as one
+layer further: a far layer's best guess goes before a near layer's long shot), then
+confidence. A newer set of predictions replaces the older one: a queued read that is no
+longer predicted is cancelled before it starts (its slot freed); one already read but not
+used becomes the first victim. A prefetch never evicts a pinned slot, an expert the running
+layer announced, or one a nearer prediction needs; a layer's get() of an expert still
+queued moves its read to the demand queue. Prefetch reads queued or in flight are capped
+(the plan's prefetch reserve, more when the budget leaves room beside the running layer).
+
 A budget that holds every expert loads them all at start: `get` is then a lookup and
 there is no I/O after load.
 """
@@ -41,6 +55,10 @@ class StoreStats:
     misses: int = 0  # demand reads (a layer waited)
     prefetches: int = 0  # reads issued ahead of use
     prefetch_hits: int = 0  # first uses of a prefetched expert
+    prefetch_late: int = 0  # uses of a prefetched expert whose read had not finished (counted as misses too)
+    prefetch_cancelled: int = 0  # queued prefetch reads dropped before they started (no longer predicted)
+    prefetch_wasted: int = 0  # prefetched experts evicted before any use
+    prefetch_wasted_bytes: int = 0  # ... and the bytes their reads cost
     evictions: int = 0
     reads: int = 0  # experts read after load
     bytes_read: int = 0  # after load
@@ -72,6 +90,12 @@ class TieredExperts:
         self._errors: dict[tuple[int, int], BaseException] = {}
         self._loading_prefetch = 0
         self._wanted: set[tuple[int, int]] = set()  # announced by prefetch() for the coming gets
+        self._predicted: dict[tuple[int, int], tuple] = {}  # prefetch_predicted(): key -> need order
+        self._stale: dict[tuple[int, int], None] = {}  # prefetched, unused, no longer predicted: evicted first
+        self._jobs: dict[tuple[int, int], tuple] = {}  # key -> (ReadJob, priority, order) of reads not yet done
+        self.max_prefetch = max(plan.prefetch_slots, 0)  # prefetch reads in flight at most (set_prefetch_depth)
+        self.rank_weight = 1  # a prediction's rank among its layer's counts as this many layers of distance
+        self.stall_by_layer: dict[int, float] = {}  # seconds waiting for reads, per layer
         self._pool_of_layer = {l: i for i, p in enumerate(plan.pools) for l in p.layers}
         self._region = {l: slot_layout(lay, self._o_direct)[1] for l, lay in self.layouts.items()}
         self._fmt = {l: [format_for(p.ggml_type) for p in lay.parts] for l, lay in self.layouts.items()}
@@ -109,22 +133,27 @@ class TieredExperts:
                 if slot.prefetched:
                     slot.prefetched = False
                     self.stats.prefetch_hits += 1
+                    self._stale.pop(key, None)
                 policy.access(key)
                 self._pin(slot)
                 return slot.ffn
+            t0 = time.perf_counter()
             if slot is None:
                 self.stats.misses += 1
-                slot = self._claim(layer)
+                slot = self._claim(layer)  # may wait for a read in flight to free a slot
                 self._start_read(slot, key, DEMAND)
-            else:  # a prefetch of it is still in flight
+            else:  # a prefetch of it is still in flight (or queued: it goes first now)
                 self.stats.misses += 1
+                self.stats.prefetch_late += slot.prefetched
                 slot.prefetched = False
+                self._promote(key)
             policy.access(key)
             self._pin(slot)
-            t0 = time.perf_counter()
             while slot.state == LOADING and slot.key == key:
                 self._cond.wait()
-            self.stats.stall_seconds += time.perf_counter() - t0
+            waited = time.perf_counter() - t0
+            self.stats.stall_seconds += waited
+            self.stall_by_layer[layer] = self.stall_by_layer.get(layer, 0.0) + waited
             if slot.key != key or slot.state != READY:
                 self._pins.remove(slot)
                 self._unpin(slot)
@@ -146,20 +175,71 @@ class TieredExperts:
         keys = [(layer, int(e)) for e in experts]
         with self._cond:
             self._wanted = set(keys)  # not evicted to make room for each other
-            for key in keys:
-                if key in self._index or self._closed:
+            # the layer's routing is known: its predictions are settled
+            for key in [k for k in self._predicted if k[0] <= layer]:
+                del self._predicted[key]
+                if key not in self._wanted and not self._cancel(key):
+                    self._mark_stale(key)
+            for i, key in enumerate(keys):
+                if self._closed:
+                    break
+                order = (layer, layer, -2.0, i)  # before any prediction for this layer or later ones
+                if key in self._index:
+                    self._promote(key, PREFETCH, order)
                     continue
-                if self._loading_prefetch >= max(self.plan.prefetch_slots, 0):
+                if self._issue(key, order):
+                    started += 1
+                else:
                     break
-                slot = self._claim(layer, wait=False)
-                if slot is None:
-                    break
-                self._start_read(slot, key, PREFETCH)
-                slot.prefetched = True
-                self._policies[self._pool_of_layer[layer]].insert(key)
-                self.stats.prefetches += 1
-                started += 1
         return started
+
+    def prefetch_predicted(self, layer: int, predictions) -> int:
+        """Replace the predictions made so far with these, made while `layer` runs:
+        (target layer, experts, confidence) each, experts most likely first. Predictions
+        for `layer` itself stand until its routing is known (prefetch()); queued reads of
+        experts no longer predicted are cancelled; then reads start, nearest need first
+        and as far as the cap on reads in flight allows. Returns how many reads started."""
+        if self.all_resident:
+            return 0
+        new: dict[tuple[int, int], tuple] = {}
+        for target, experts, confidence in predictions:
+            if target <= layer or target not in self._pool_of_layer:
+                continue
+            for rank, e in enumerate(experts):
+                key = (int(target), int(e))
+                # need: the target layer, later for the less likely ones (a rank counts as a layer
+                # further), so a far layer's best guess goes before a near layer's long shot
+                order = (int(target) + rank * self.rank_weight, int(target), -float(confidence), rank)
+                if key not in new or order < new[key]:
+                    new[key] = order
+        started = 0
+        with self._cond:
+            if self._closed:
+                return 0
+            for key in list(self._predicted):
+                if key[0] != layer and key not in new:
+                    del self._predicted[key]
+                    if key not in self._wanted and not self._cancel(key):
+                        self._mark_stale(key)
+            self._predicted.update(new)
+            for key, order in sorted(new.items(), key=lambda kv: kv[1]):
+                if key in self._index:
+                    self._promote(key, PREFETCH, order)
+                    continue
+                if self._issue(key, order):
+                    started += 1
+                else:
+                    break  # no room for this one: none for the farther ones either
+        return started
+
+    def set_prefetch_depth(self, depth: int, per_layer: int | None = None) -> None:
+        """Allow up to depth x per_layer (default top-k) prefetch reads in flight, as far as
+        each pool has slots beside the running layer's top-k; never below the plan's reserve."""
+        k = max(1, self.n_expert_used)
+        want = max(0, depth) * (per_layer or k) + k  # the running layer's own, too
+        room = min((p.n_slots for p in self.plan.pools), default=0) - k
+        with self._cond:
+            self.max_prefetch = max(self.plan.prefetch_slots, min(want, room), 0)
 
     # -- internals (called with the lock held) --------------------------------------------
     def _pin(self, slot: Slot) -> None:
@@ -173,13 +253,75 @@ class TieredExperts:
         while self._pins:
             self._unpin(self._pins.popleft())
 
-    def _claim(self, layer: int, wait: bool = True) -> Slot | None:
+    def _issue(self, key: tuple[int, int], order: tuple) -> bool:
+        """Start a prefetch read of `key` (not in the index) with need `order`, if the cap
+        on reads in flight (making room by cancelling a queued farther one) and a slot that
+        may be taken allow; False if not."""
+        if self._loading_prefetch >= self.max_prefetch:
+            farther = [(o, k) for k, (job, prio, o) in self._jobs.items()
+                       if prio == PREFETCH and not job.started and o > order]
+            if not farther or not self._cancel(max(farther)[1]):
+                return False
+        layer = key[0]
+        slot = self._claim(layer, wait=False, order=order)
+        if slot is None:
+            return False
+        self._start_read(slot, key, PREFETCH, order)
+        slot.prefetched = True
+        self._policies[self._pool_of_layer[layer]].insert(key)
+        self.stats.prefetches += 1
+        return True
+
+    def _mark_stale(self, key: tuple[int, int]) -> None:
+        """A prefetched expert no longer predicted and not used: the first to give way (once read)."""
+        slot = self._index.get(key)
+        if slot is not None and slot.prefetched:
+            self._stale[key] = None
+
+    def _cancel(self, key: tuple[int, int]) -> bool:
+        """Drop a queued prefetch read of `key` that has not started; its slot becomes free."""
+        entry = self._jobs.get(key)
+        if entry is None or entry[1] != PREFETCH or not entry[0].try_cancel():
+            return False
+        del self._jobs[key]
+        self._loading_prefetch -= 1
+        slot = self._index.pop(key)
+        self._policies[self._pool_of_layer[key[0]]].remove(key)
+        slot.key, slot.state, slot.ffn, slot.prefetched = None, EMPTY, None, False
+        self._free[slot.pool].append(slot)
+        self.stats.prefetch_cancelled += 1
+        self.stats.prefetches -= 1  # it never read anything
+        self._cond.notify_all()
+        return True
+
+    def _promote(self, key: tuple[int, int], priority: int = DEMAND, order: tuple = ()) -> None:
+        """A queued (not started) read of `key` goes to `priority`/`order` if that is sooner."""
+        entry = self._jobs.get(key)
+        if entry is None or entry[1] != PREFETCH or entry[0].started:
+            return
+        if priority == PREFETCH and order >= entry[2]:
+            return
+        slot = self._index[key]
+        prefetched = slot.prefetched
+        if not self._cancel(key):
+            return  # its read started meanwhile
+        self.stats.prefetch_cancelled -= 1  # moved, not cancelled
+        if priority == PREFETCH:
+            self.stats.prefetches += 1
+        self._free[slot.pool].remove(slot)
+        self._start_read(slot, key, priority, order)
+        slot.prefetched = prefetched and priority == PREFETCH
+        self._policies[self._pool_of_layer[key[0]]].insert(key)
+
+    def _claim(self, layer: int, wait: bool = True, order: tuple | None = None) -> Slot | None:
         """A slot of the layer's pool that may be (re)filled: an empty one, else the policy's
-        victim among the unpinned, loaded ones (sparing the experts prefetch() announced
-        while others can go)."""
+        victim among the unpinned, loaded ones. A demand read spares the experts prefetch()
+        announced and the predicted ones while others can go; a prefetch (need `order`) never
+        takes an announced expert nor one predicted for a need as near as its own."""
         pool_i = self._pool_of_layer[layer]
         free = self._free[pool_i]
         policy = self._policies[pool_i]
+        wanted, predicted = self._wanted, self._predicted
 
         def evictable(key) -> bool:
             slot = self._index.get(key)
@@ -189,13 +331,30 @@ class TieredExperts:
             if free:
                 return free.pop()
             key = None
-            if self._wanted:
-                key = policy.pick(lambda k: k not in self._wanted and evictable(k))
-            if key is None:
-                key = policy.pick(evictable)
+            for k in self._stale:  # wasted prefetches first (oldest first)
+                if (k not in wanted and k not in predicted and evictable(k) and self._index[k].pool == pool_i
+                        and self._index[k].prefetched):
+                    key = k
+                    break
+            if key is not None:
+                pass
+            elif order is not None:
+                key = policy.pick(lambda k: k not in wanted and predicted.get(k, (float("inf"),)) > order
+                                  and evictable(k))
+            else:
+                if wanted or predicted:
+                    key = policy.pick(lambda k: k not in wanted and k not in predicted and evictable(k))
+                if key is None and wanted:
+                    key = policy.pick(lambda k: k not in wanted and evictable(k))
+                if key is None:
+                    key = policy.pick(evictable)
             if key is not None:
                 victim = self._index.pop(key)
+                self._stale.pop(key, None)
                 policy.remove(key)
+                if victim.prefetched:
+                    self.stats.prefetch_wasted += 1
+                    self.stats.prefetch_wasted_bytes += victim.nread
                 victim.key, victim.state, victim.ffn, victim.prefetched = None, EMPTY, None, False
                 self.stats.evictions += 1
                 return victim
@@ -226,9 +385,10 @@ class TieredExperts:
             mats.append(QMatrix(fmt, part.n_rows, part.n_cols, data))
         return FFN(*mats)
 
-    def _start_read(self, slot: Slot, key: tuple[int, int], priority: int) -> None:
+    def _start_read(self, slot: Slot, key: tuple[int, int], priority: int, order: tuple = ()) -> None:
         layer, expert = key
         slot.key, slot.state, slot.ffn = key, LOADING, None
+        self._stale.pop(key, None)
         self._index[key] = slot
         if priority == PREFETCH:
             self._loading_prefetch += 1
@@ -237,9 +397,12 @@ class TieredExperts:
             with self._cond:
                 if priority == PREFETCH:
                     self._loading_prefetch -= 1
+                if self._jobs.get(key, (None,))[0] is job:
+                    del self._jobs[key]
                 if err is None:
                     slot.ffn = self._views(slot, layer, expert)
                     slot.state = READY
+                    slot.nread = n
                     self.stats.reads += 1
                     self.stats.bytes_read += n
                 else:
@@ -252,7 +415,9 @@ class TieredExperts:
                     self._free[slot.pool].append(slot)
                 self._cond.notify_all()
 
-        self._loader.submit(ReadJob(slot.buf, self._ranges(layer, expert), done), priority)
+        job = ReadJob(slot.buf, self._ranges(layer, expert), done)
+        self._jobs[key] = (job, priority, order)
+        self._loader.submit(job, priority, order)
 
     def _load_all(self) -> None:
         """Every expert into its slot, at load (the plan holds them all)."""

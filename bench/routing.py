@@ -1,0 +1,105 @@
+"""Cache policies against Belady's optimum on a recorded routing trace.
+
+    .venv/bin/python bench/routing.py [--model M.gguf] [--tokens 300] [--capacities 10%,25%,50%]
+                                      [--scope global] [--trace run.npz] [--temp 1.0] [--seed 0]
+
+Records a routing trace (`Model.generate(record_trace=...)`) of `--tokens` tokens from the
+prompt, or replays `--trace`, then replays it in the offline simulator (offload.simulate)
+for each policy and capacity, beside Belady's optimum (evict the expert needed furthest in
+the future). Capacity is a share of all the model's routed experts. Hit rates count the
+decode steps only (the prompt warms the cache); cold misses count.
+
+Without --model: bench/tiering.py's random-weight MoE (12 layers x 64 experts, top-4, Q8_0)
+with skewed routers, cached in ~/.cache/offload/bench. Its routing is random, not a real
+model's: no topic locality, no token-to-token correlation beyond what random weights give,
+so these numbers say how the policies rank on a skewed-frequency stream, not what a real
+model would get. Record a real model's trace (offload generate MODEL --record-trace F) and
+replay it with `offload simulate F` for that. "static top" is the hit rate of a cache
+holding the most-used experts for good (in hindsight): on routing that is independent from
+token to token no online policy does much better, while Belady's sees the future.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OUT_DIR, machine, print_table, write_json  # noqa: E402
+
+PROMPT = "Once upon a time, in a land far away, there lived a"
+
+
+def static_top(trace, slots: int, scope: str) -> float:
+    """Hit rate of a cache that holds, from the start and for good, the `slots` experts the
+    decode steps use most (known in hindsight; per layer in layer scope): the best a
+    frequency-only policy can do when routing is independent from token to token."""
+    import numpy as np
+
+    ex = trace.experts[trace.prompt_tokens:].astype(np.int64)  # (S, L, k)
+    counts = np.stack([np.bincount(ex[:, l][ex[:, l] >= 0], minlength=trace.n_expert) for l in range(trace.n_layers)])
+    total = counts.sum()
+    if scope == "global":
+        kept = np.sort(counts.reshape(-1))[::-1][:slots].sum()
+    else:
+        per = [slots // trace.n_layers + (1 if i < slots % trace.n_layers else 0) for i in range(trace.n_layers)]
+        kept = sum(np.sort(c)[::-1][:n].sum() for c, n in zip(counts, per))
+    return float(kept / total) if total else 1.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--trace", type=Path, default=None, help="replay this trace instead of recording one")
+    ap.add_argument("--tokens", type=int, default=300)
+    ap.add_argument("--capacities", default="10%,25%,50%")
+    ap.add_argument("--scope", choices=["global", "layer"], default="global")
+    ap.add_argument("--temp", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args()
+
+    from offload import Model
+    from offload.sampling import SamplingParams
+    from offload.simulate import POLICY_NAMES, compare
+    from offload.trace import RoutingTrace
+
+    if a.trace is None:
+        if a.model is None:
+            from tiering import default_model
+
+            a.model = default_model(4.0)
+        OUT_DIR.mkdir(exist_ok=True)
+        a.trace = OUT_DIR / f"routing-{a.model.stem}-{a.tokens}.npz"
+        t0 = time.perf_counter()
+        with Model.load(a.model, n_ctx=min(4096, a.tokens + 64), n_threads=a.threads) as m:
+            ids = m.tokenize(PROMPT)
+            params = SamplingParams(temperature=a.temp, seed=a.seed)
+            n = sum(1 for _ in m.generate_tokens(ids, a.tokens, params, record_trace=a.trace))
+        print(f"recorded {n} tokens in {time.perf_counter() - t0:.1f} s -> {a.trace}", file=sys.stderr)
+    trace = RoutingTrace.load(a.trace)
+    caps = a.capacities.split(",")
+    t0 = time.perf_counter()
+    rows = compare(trace, caps, POLICY_NAMES, a.scope, from_step=trace.prompt_tokens)
+    seconds = time.perf_counter() - t0
+    for r in rows:
+        r["static_top"] = static_top(trace, r["capacity"], a.scope)
+    print(f"{trace.model}: {trace.n_steps} steps ({trace.prompt_tokens} prompt), {trace.n_layers} MoE layers x "
+          f"{trace.n_expert} experts, top-{trace.k}, {a.scope} capacity; replayed in {seconds:.1f} s "
+          f"({len(caps)} capacities x {len(POLICY_NAMES) + 1} runs)")
+    print_table(["capacity", "slots"] + [f"{p}" for p in POLICY_NAMES] + ["static top", "belady"]
+                + [f"{p}/belady" for p in POLICY_NAMES],
+                [[f"{r['share']:.0%}", r["capacity"]] + [f"{r[p]:.1%}" for p in POLICY_NAMES]
+                 + [f"{r['static_top']:.1%}", f"{r['belady']:.1%}"]
+                 + [f"{r[p + '_vs_belady']:.1%}" for p in POLICY_NAMES] for r in rows])
+    path = write_json(f"routing-{trace.model.rsplit('.', 1)[0]}-{trace.n_steps}-{a.scope}", {
+        "machine": machine(), "trace": str(a.trace), "model": trace.model, "steps": trace.n_steps,
+        "prompt_tokens": trace.prompt_tokens, "scope": a.scope, "rows": rows, "replay_seconds": seconds,
+    })
+    print(f"-> {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
