@@ -172,3 +172,75 @@ def simulate(trace_file: str, capacities, scope: str, policies, decode_only: boo
         cells = " ".join(f"{r[p]:>6.1%} ({r[p + '_vs_belady']:>5.1%})" for p in policies)
         click.echo(f"{r['capacity']:>7} {r['share']:>6.1%} {cells} {r['belady']:>7.1%}")
     click.echo("hit rates; in parentheses, as a share of Belady's optimum (evict the expert needed furthest ahead)")
+
+
+@main.command()
+@model_argument
+@click.option("--trace", "trace_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Replay this routing trace (generate --record-trace) instead of running the model: hit rates only.")
+@click.option("--budgets", default="0,10,25,50,75,100", show_default=True,
+              help="Budgets to try, in %% of the way from the minimum to the whole model (trace: %% of all experts).")
+@click.option("--cache-policy", "policies", multiple=True, default=("lrfu",), show_default=True,
+              type=click.Choice(["lrfu", "lru", "lfu"]), help="Policies to try (repeat for several).")
+@click.option("--prefetch-depth", "depths", default="0,1,2", show_default=True,
+              help="Prefetch depths to try (0: --no-prefetch).")
+@click.option("-n", "--n-predict", default=32, show_default=True, help="Tokens to decode per run.")
+@click.option("-p", "--prompt", default="Once upon a time, in a land far away,", show_default=True)
+@click.option("-t", "--threads", type=int, default=None, help="Threads (default: all cores).")
+@click.option("--no-o-direct", is_flag=True, help="Read experts through the page cache (faster if the model fits in RAM).")
+@click.option("--plot", type=click.Path(dir_okay=False), default="offload-tune.png", show_default=True,
+              help="Where to draw the curve (PNG, needs matplotlib; \"\" for none).")
+def tune(model, trace_file, budgets, policies, depths, n_predict, prompt, threads, no_o_direct, plot) -> None:
+    """Which --memory-budget, --cache-policy and --prefetch-depth to use for MODEL on this machine."""
+    from . import tune as t
+
+    try:
+        shares = [float(s) / 100 for s in budgets.split(",") if s.strip()]
+        depth_list = [int(d) for d in depths.split(",") if d.strip()]
+    except ValueError:
+        raise OffloadError("--budgets and --prefetch-depth take comma-separated numbers, e.g. 0,25,50") from None
+    if not shares or any(not 0 <= s <= 1 for s in shares) or not depth_list or min(depth_list) < 0:
+        raise OffloadError("--budgets must lie in 0..100 and --prefetch-depth be 0 or more")
+    if trace_file:
+        try:
+            rows, knee = t.tune_trace(trace_file, shares=shares, policies=policies)
+        except ValueError as e:
+            raise OffloadError(str(e)) from None
+        click.echo(f"{'share':>6} {'slots':>6} " + " ".join(f"{p:>7}" for p in policies) + f" {'belady':>7}  best")
+        for r in rows:
+            click.echo(f"{r['share']:>6.1%} {r['capacity']:>6} " + " ".join(f"{r[p]:>7.1%}" for p in policies)
+                       + f" {r['belady']:>7.1%}  {r['best_policy']}")
+        click.echo("\n" + t.ascii_plot([r["share"] * 100 for r in rows], [r["best"] * 100 for r in rows],
+                                       x_label="% of experts in slots", y_label="hit rate %"))
+        if plot and t.save_plot(plot, [r["share"] * 100 for r in rows], {p: [r[p] for r in rows] for p in policies} |
+                       {"belady": [r["belady"] for r in rows]}, knee["share"] * 100 if knee else None,
+                       "% of experts in slots", "hit rate"):
+            click.echo(f"plot: {plot}")
+        if knee:
+            click.echo(f"\nknee: {knee['share']:.0%} of the experts in slots reach {knee['best']:.1%} hits "
+                       f"({t.KNEE_SHARE:.0%} of the best); policy: {knee['best_policy']}")
+        return
+    path = _model_path(model)
+    click.echo(f"tuning {path}: {len(shares)} budgets x {len(policies)} policies x {len(depth_list)} prefetch depths, "
+               f"{n_predict} tokens each" + ("" if no_o_direct else ", reading experts with O_DIRECT"), err=True)
+    result = t.tune(path, shares=shares, policies=policies, depths=depth_list, prompt=prompt, n_tokens=n_predict,
+                    n_threads=threads, o_direct=not no_o_direct, progress=lambda s: click.echo(s, err=True))
+    click.echo(f"{'budget':>10} {'experts':>8} {'tok/s':>7} {'hits':>6} {'stall':>6} {'MiB/tok':>8}  best setting")
+    for r in result.best:
+        setting = f"{r.policy}, " + ("no prefetch" if r.prefetch_depth == 0 else f"prefetch depth {r.prefetch_depth}")
+        click.echo(f"{r.budget / 2**20:>7.0f}MiB {r.share:>8.0%} {r.tok_s:>7.1f} {r.hit_rate:>6.1%} "
+                   f"{r.stall_share:>6.1%} {r.bytes_read_per_token / 2**20:>8.2f}  {setting}")
+    xs = [r.budget / 2**20 for r in result.best]
+    click.echo("\n" + t.ascii_plot(xs, [r.tok_s for r in result.best]))
+    if plot and t.save_plot(plot, xs, {"tok/s (best setting)": [r.tok_s for r in result.best]},
+                   result.knee.budget / 2**20 if result.knee else None, "memory budget (MiB)", "decode tok/s"):
+        click.echo(f"plot: {plot}")
+    if result.knee:
+        k = result.knee
+        click.echo(f"\nknee: {k.budget / 2**20:.0f} MiB ({k.share:.0%} of the experts) reaches {k.tok_s:.1f} tok/s, "
+                   f"{t.KNEE_SHARE:.0%} of the best")
+        command = "chat" if "chat" in main.commands else "generate"
+        flags = t.flags_for(path, k, command)
+        if not no_o_direct and k.share < 1.0:
+            flags += " --o-direct"
+        click.echo(f"use: {flags}")

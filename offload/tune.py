@@ -1,0 +1,193 @@
+"""`offload tune MODEL`: which memory budget and cache settings to use on this machine.
+
+It runs a short real workload per setting: the same prompt, then greedy decoding of a few
+tokens, with the page cache bypassed (O_DIRECT) so that disk costs what it costs when the
+model does not fit in RAM. The sweep covers budgets from the model's minimum to the one
+that holds every expert, and for each budget the cache policies and prefetch depths asked
+for. Per budget the best setting is kept; the table shows tok/s, hit rate and the share of
+decode time stalled on I/O. The knee is the smallest budget that reaches `KNEE_SHARE` of
+the best tok/s: past it, more memory buys little. The report ends with the flags to use.
+
+With `--trace FILE` (a recorded routing trace) nothing runs: the trace is replayed through
+the simulator for each policy and capacity, next to Belady's optimum, and the knee is taken
+on hit rate instead of tok/s.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import psutil
+
+from .errors import OffloadError
+
+KNEE_SHARE = 0.9  # the knee: the smallest budget reaching this share of the best result
+DEFAULT_SHARES = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)  # of the expert slots between minimum and full
+
+
+@dataclass
+class Run:
+    budget: int
+    share: float  # of all experts that fit in slots
+    # decode only (after the prompt): tok/s, hit rate, stall share, bytes read per token
+    policy: str
+    prefetch_depth: int  # 0: prefetch off
+    tok_s: float
+    hit_rate: float
+    stall_share: float  # of decode time
+    bytes_read_per_token: float
+
+
+@dataclass
+class TuneResult:
+    runs: list[Run] = field(default_factory=list)
+    best: list[Run] = field(default_factory=list)  # the best run per budget, by budget
+    knee: Run | None = None
+    metric: str = "tok_s"  # what the knee is taken on
+
+
+def budgets_to_try(path: str, shares: Sequence[float], n_ctx: int, o_direct: bool = True) -> tuple[list[int], int, int]:
+    """Budgets at `shares` of the way from the minimum to the full model (capped by the RAM
+    available now), and the minimum and full budgets themselves."""
+    from . import arch
+    from .gguf_file import GGUFFile
+    from .store import make_plan
+
+    gguf = GGUFFile(path)
+    try:
+        args = arch.model_args(gguf)
+        plan = make_plan(gguf, args, n_ctx, 1, "tune", o_direct=o_direct)
+    finally:
+        gguf.close()
+    low, high = plan.minimum, plan.full
+    cap = int(psutil.virtual_memory().available * 0.9)
+    if low > cap:
+        raise OffloadError(f"this model needs at least {low / 2**20:.0f} MiB and only {cap / 2**20:.0f} MiB are free")
+    budgets = sorted({min(cap, int(low + s * (high - low))) for s in shares})
+    return budgets, low, high
+
+
+def run_one(path: str, budget: int, policy: str, depth: int, prompt: list[int] | str, n_tokens: int, n_ctx: int,
+            n_threads: int | None, o_direct: bool) -> Run:
+    from .model import Model
+    from .sampling import SamplingParams
+
+    with Model.load(path, n_ctx=n_ctx, n_threads=n_threads, memory_budget=budget, cache_policy=policy,
+                    o_direct=o_direct, prefetch=depth > 0, prefetch_depth=max(depth, 1)) as m:
+        tokens = m.generate_tokens(prompt, n_tokens + 1, SamplingParams(temperature=0.0))
+        next(tokens)  # the prompt has run: decode counters start here
+        before, t0 = m.store_stats(), time.perf_counter()
+        n = sum(1 for _ in tokens)
+        decode_s = time.perf_counter() - t0
+        after, s = m.store_stats(), m.stats()
+        hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
+        return Run(budget=budget, share=s["expert_slots"] / max(m.plan.n_experts, 1) if m.plan else 1.0,
+                   policy=policy, prefetch_depth=depth, tok_s=n / decode_s if decode_s else 0.0,
+                   hit_rate=hits / (hits + misses) if hits + misses else 1.0,
+                   stall_share=min(1.0, (after["stall_seconds"] - before["stall_seconds"]) / decode_s) if decode_s else 0.0,
+                   bytes_read_per_token=(after["bytes_read"] - before["bytes_read"]) / max(n, 1))
+
+
+def knee(best: list[Run], metric: str) -> Run | None:
+    if not best:
+        return None
+    top = max(getattr(r, metric) for r in best)
+    return next(r for r in best if getattr(r, metric) >= KNEE_SHARE * top)
+
+
+def tune(path: str, *, shares: Sequence[float] = DEFAULT_SHARES, policies: Sequence[str] = ("lrfu",),
+         depths: Sequence[int] = (0, 1, 2), prompt: list[int] | str = "Once upon a time, in a land far away,",
+         n_tokens: int = 32, n_ctx: int = 512, n_threads: int | None = None, o_direct: bool = True,
+         progress: Callable[[str], None] | None = None) -> TuneResult:
+    """Sweep budgets x policies x prefetch depths with real runs; see the module docstring."""
+    budgets, _, _ = budgets_to_try(path, shares, n_ctx, o_direct)
+    result = TuneResult(metric="tok_s")
+    total = len(budgets) * len(policies) * len(depths)
+    for budget in budgets:
+        here = []
+        for policy in policies:
+            for depth in depths:
+                if progress:
+                    progress(f"[{len(result.runs) + 1}/{total}] budget {budget / 2**20:.0f} MiB, {policy}, "
+                             f"prefetch depth {depth}")
+                run = run_one(path, budget, policy, depth, prompt, n_tokens, n_ctx, n_threads, o_direct)
+                result.runs.append(run)
+                here.append(run)
+        result.best.append(max(here, key=lambda r: r.tok_s))
+    result.knee = knee(result.best, "tok_s")
+    return result
+
+
+def tune_trace(trace_path: str, *, shares: Sequence[float] = (0.0, 0.1, 0.25, 0.5, 0.75),
+               policies: Sequence[str] = ("lru", "lfu", "lrfu"), scope: str = "global") -> tuple[list[dict], dict | None]:
+    """Hit rates per capacity (share of all experts; 0 is the store's minimum, 2 x top-k
+    slots) and policy over the decode steps of a recorded trace, with Belady's optimum;
+    the knee on the best policy's hit rate."""
+    from .simulate import compare
+    from .trace import RoutingTrace
+
+    trace = RoutingTrace.load(trace_path)
+    total = trace.n_layers * trace.n_expert
+    least = 2 * trace.k * (trace.n_layers if scope == "layer" else 1)  # the store's minimum: top-k + reserve
+    slots = sorted({min(total, max(least, round(s * total))) for s in shares})
+    rows = compare(trace, slots, policies, scope, from_step=int(trace.prompt_tokens))
+    for row in rows:
+        row["best_policy"] = max(policies, key=lambda p: row[p])
+        row["best"] = row[row["best_policy"]]
+    top = max((r["best"] for r in rows), default=0.0)
+    k = next((r for r in rows if r["best"] >= KNEE_SHARE * top), None)
+    return rows, k
+
+
+def ascii_plot(xs: Sequence[float], ys: Sequence[float], width: int = 50, height: int = 10,
+               x_label: str = "budget (MiB)", y_label: str = "tok/s") -> str:
+    """A small plot for the terminal: one '*' per point, axes labelled with min and max."""
+    if not xs:
+        return ""
+    x0, x1 = min(xs), max(xs)
+    y1 = max(max(ys), 1e-12)
+    grid = [[" "] * width for _ in range(height)]
+    for x, y in zip(xs, ys):
+        col = 0 if x1 == x0 else round((x - x0) / (x1 - x0) * (width - 1))
+        row = height - 1 - round(y / y1 * (height - 1))
+        grid[row][col] = "*"
+    lines = [f"{y1:8.1f} |" + "".join(grid[0])] + ["         |" + "".join(r) for r in grid[1:]]
+    lines.append(f"{0:8.1f} +" + "-" * width)
+    lines.append(f"          {x0:<10.0f}{x_label:^{max(width - 20, 0)}}{x1:>10.0f}")
+    return f"{y_label}\n" + "\n".join(lines)
+
+
+def save_plot(path: str, xs: Sequence[float], series: dict[str, Sequence[float]], knee_x: float | None,
+              x_label: str, y_label: str) -> bool:
+    """The curve as a PNG (matplotlib, the 'bench' extra); False when matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, ys in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    if knee_x is not None:
+        ax.axvline(knee_x, color="grey", linestyle="--", label="knee")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def flags_for(model: str, run: Run, command: str = "chat") -> str:
+    parts = [f"offload {command} {model}", f"--memory-budget {-(-run.budget // 2**20)}MiB",
+             f"--cache-policy {run.policy}"]
+    parts.append("--no-prefetch" if run.prefetch_depth == 0 else f"--prefetch-depth {run.prefetch_depth}")
+    return " ".join(parts)
