@@ -24,16 +24,24 @@ def _sum(a):
 
 
 def read_bandwidth(n_threads: int, size_bytes: int = 2 << 30, repeats: int = 5) -> float:
-    """Streaming-read bandwidth in bytes/s: the best of `repeats` parallel sums over
-    `size_bytes` of float32 (the physical limit a GEMV can reach). 2 GiB by default: the
-    EPYC hosts here have hundreds of MB of last-level cache, which serves a 512 MB buffer
-    read over and over at up to twice DRAM's speed when the host is quiet."""
-    import numba
-
-    numba.set_num_threads(n_threads)
+    """Streaming-read bandwidth in bytes/s: the best of `repeats` parallel reads of
+    `size_bytes` (the physical limit a GEMV can reach). 2 GiB: the EPYC hosts here have
+    hundreds of MB of last-level cache. The read runs on the C kernels' OpenMP threads
+    when the extension is built (a Numba probe competed with OpenMP threads still spinning
+    after a kernel: it read 35 or 65 GB/s from run to run), else as a Numba sum."""
     a = np.ones(size_bytes // 4, dtype=np.float32)
-    _sum(a[:1024])  # compile
-    return a.nbytes / best_time(lambda: _sum(a), repeats)
+    try:
+        from offload import _cext
+
+        _cext.set_num_threads(n_threads)
+        probe = lambda: _cext.xor_words(a)  # noqa: E731
+    except ImportError:
+        import numba
+
+        numba.set_num_threads(n_threads)
+        _sum(a[:1024])  # compile
+        probe = lambda: _sum(a)  # noqa: E731
+    return a.nbytes / best_time(probe, repeats)
 
 
 def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

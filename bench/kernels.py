@@ -62,7 +62,7 @@ def main() -> None:
 
     bandwidth = read_bandwidth(opts.threads)
     print(f"{machine()['cpu']}, {opts.threads} threads: streaming read {bandwidth / 1e9:.1f} GB/s "
-          f"(parallel sum over 2 GiB)\n")
+          f"(parallel read of 2 GiB)\n")
     wanted = [T[name] for name in opts.formats.split(",") if name] or sorted(NUMBA_KERNELS, key=lambda t: t.name)
     c_formats = cext.formats()
     rng = np.random.default_rng(0)
