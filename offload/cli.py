@@ -244,3 +244,226 @@ def tune(model, trace_file, budgets, policies, depths, n_predict, prompt, thread
         if not no_o_direct and k.share < 1.0:
             flags += " --o-direct"
         click.echo(f"use: {flags}")
+
+
+def _sampling_and_memory_options(f):
+    """The `generate` command's sampling and memory flags, same names and defaults."""
+    for name in ("no_prefetch", "prefetch_depth", "o_direct", "cache_scope", "cache_policy", "memory_budget",
+                 "threads", "ctx_size", "seed", "repeat_penalty", "min_p", "top_p", "top_k", "temp"):
+        opt = next(p for p in generate.params if p.name == name)
+        f = click.option(*opt.opts, **{k: getattr(opt, k) for k in ("type", "default", "help", "show_default")},
+                         is_flag=opt.is_flag)(f)
+    return f
+
+
+CHAT_HELP = """commands:
+  /help         this list
+  /reset        forget the conversation (the system prompt stays)
+  /stats        speed, expert cache hits, bytes read, memory
+  /save FILE    write the conversation as JSON
+  /exit         leave (also Ctrl-D; Ctrl-C stops a reply, and at the prompt leaves)"""
+
+
+@main.command()
+@model_argument
+@click.option("--system", default=None, help="System prompt.")
+@click.option("-n", "--n-predict", default=-1, show_default=True,
+              help="Tokens per reply at most (-1: until the end of the turn or a full context).")
+@_sampling_and_memory_options
+@click.option("--chat-template", default=None, help="Jinja chat template to use instead of the model's own.")
+@click.option("--chat-template-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Read the chat template from this file.")
+@click.option("--context-shift", is_flag=True,
+              help="When the context is full, drop the oldest exchanges instead of asking for /reset.")
+def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, ctx_size, threads, memory_budget,
+         cache_policy, cache_scope, o_direct, prefetch_depth, no_prefetch, chat_template, chat_template_file,
+         context_shift) -> None:
+    """Chat with MODEL (a GGUF file; default: the demo model) in its own chat template.
+
+    Reads one message per line (from a terminal or a pipe) and streams each reply. Type /help
+    for the commands. Ctrl-C stops a reply; Ctrl-C at the prompt or Ctrl-D leaves."""
+    from .chat import ChatSession, ContextFullError, TurnResult
+    from .model import DEFAULT_PREFETCH_DEPTH, Model
+    from .sampling import SamplingParams
+
+    if chat_template_file:
+        with open(chat_template_file, encoding="utf-8") as f:
+            chat_template = f.read()
+    depth = DEFAULT_PREFETCH_DEPTH if prefetch_depth is None else prefetch_depth
+    interactive = sys.stdin.isatty()
+    bar = _Progress(enabled=sys.stderr.isatty())
+    bar.step("loading the model")
+    try:
+        m = Model.load(_model_path(model), n_ctx=ctx_size, n_threads=threads, memory_budget=memory_budget,
+                       cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
+                       prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
+                       chat_template=chat_template)
+    except BaseException:
+        bar.abort()
+        raise
+    with m:
+        try:
+            bar.step("reading the chat template")
+            params = SamplingParams(temp, top_k, top_p, min_p, repeat_penalty, seed=seed)
+            session = ChatSession(m, m.chat_template, params, max_tokens=n_predict, system=system,
+                                  context_shift=context_shift)
+            bar.step("warming up")
+            session.warm_up()
+        except BaseException:
+            bar.abort()
+            raise
+        bar.done()
+        _memory_line(m, memory_budget)
+        if interactive:
+            click.echo(f"chatting with {m.path} ({m.n_ctx} tokens of context); /help for commands, Ctrl-D to leave",
+                       err=True)
+        while True:
+            try:
+                line = _read_message(interactive)
+            except KeyboardInterrupt:
+                click.echo("", err=True)
+                return
+            if line is None:
+                if interactive:
+                    click.echo("", err=True)
+                return
+            text = line.strip()
+            if not text:
+                continue
+            if text.startswith("/"):
+                if _slash_command(text, session):
+                    return
+                continue
+            res = TurnResult()
+            try:
+                for piece in session.send(line.rstrip("\r\n"), result=res):
+                    click.echo(piece, nl=False)
+                click.echo()
+            except KeyboardInterrupt:
+                click.echo("\n[reply stopped]", err=True)
+                if res.prompt_tokens:
+                    click.echo(_status_line(m, res, session), err=True)
+                continue
+            except ContextFullError as e:
+                click.echo(f"offload: {e}: /reset to start over, or run with --context-shift", err=True)
+                continue
+            except OffloadError as e:
+                click.echo(f"offload: error: {e}", err=True)
+                continue
+            click.echo(_status_line(m, res, session), err=True)
+            if res.stop_reason == "context":
+                click.echo(f"the context of {m.n_ctx} tokens is full: /reset to start over"
+                           + (" (or continue: the oldest messages will be dropped)" if context_shift else
+                              ", or run with --context-shift"), err=True)
+
+
+class _Progress:
+    """Loading and warm-up stages as a bar on stderr, only when stderr is a terminal."""
+
+    STAGES = 3
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.n = 0
+
+    def step(self, label: str) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = width * self.n // self.STAGES
+        click.echo(f"\r[{'#' * filled}{'-' * (width - filled)}] {label:<28}", nl=False, err=True)
+        self.n += 1
+
+    def abort(self) -> None:
+        """End the bar's line, so that an error message starts a line of its own."""
+        if self.enabled and self.n:
+            click.echo("", err=True)
+            self.n = 0
+
+    def done(self) -> None:
+        if self.enabled:
+            click.echo(f"\r[{'#' * 30}] {'ready':<28}", err=True)
+
+
+def _memory_line(m, memory_budget) -> None:
+    from .summary import human_bytes as hb
+
+    p = m.plan
+    tiered = m.stats()["cache_policy"] != "resident"
+    if p is not None and p.pools and (tiered or memory_budget is not None):
+        where = ("every expert loaded" if p.all_resident else
+                 f"{p.slots} expert slots ({p.share:.0%} of experts), cold ones read from the file")
+        click.echo(f"memory budget {hb(p.budget)} ({p.budget_source}): {hb(p.fixed)} resident; {where}", err=True)
+
+
+def _read_message(interactive: bool) -> str | None:
+    """One message: a line typed at the prompt, or read from a pipe; None at end of input."""
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        try:
+            return input("> ")
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return line if line else None
+
+
+def _status_line(m, res, session) -> str:
+    st = m.stats()
+    tok_s = res.completion_tokens / res.generate_seconds if res.generate_seconds else 0.0
+    experts = (f"expert hits {st['hits_last'] / (st['hits_last'] + st['misses_last']):.0%}"
+               if st["cache_policy"] != "resident" and st["hits_last"] + st["misses_last"] else "experts resident")
+    used = m.transformer.cache.n_past
+    ttft = res.time_to_first_token
+    first = f"{ttft * 1000:.0f} ms" if ttft < 1 else f"{ttft:.2f} s"
+    return (f"[{res.completion_tokens} tokens, {tok_s:.1f} tok/s, first token {first} "
+            f"({res.new_prompt_tokens} new prompt tokens, {res.cached_tokens} reused), {experts}, "
+            f"context {used}/{m.n_ctx}, stop: {res.stop_reason}]")
+
+
+def _slash_command(text: str, session) -> bool:
+    """Run a /command; True when it asks to leave."""
+    from .summary import human_bytes as hb
+
+    cmd, _, arg = text.partition(" ")
+    arg = arg.strip()
+    m = session.model
+    if cmd in ("/exit", "/quit"):
+        return True
+    if cmd == "/help":
+        click.echo(CHAT_HELP, err=True)
+    elif cmd == "/reset":
+        session.reset()
+        click.echo("conversation reset", err=True)
+    elif cmd == "/stats":
+        st = m.stats()
+        turns = session.turns
+        gen = sum(t.completion_tokens for t in turns)
+        secs = sum(t.generate_seconds for t in turns)
+        last = session.last
+        lines = [
+            f"turns {len(turns)}, messages {len(session.messages)}, context {m.transformer.cache.n_past}/{m.n_ctx} tokens",
+            f"decode {gen / secs if secs else 0.0:.1f} tok/s over {gen} tokens"
+            + (f"; last reply {last.completion_tokens} tokens, first token {last.time_to_first_token * 1000:.0f} ms"
+               if last else ""),
+            f"experts: {st['cache_policy']}, hit rate {st['hit_rate']:.1%} ({st['hits']} hits, {st['misses']} misses), "
+            f"{hb(st['bytes_read'])} read, {st['stall_seconds']:.2f} s stalled on I/O",
+            f"memory: RSS {hb(st['resident_bytes'])} (peak {hb(st['peak_rss_bytes'])}), KV cache {hb(st['kv_cache_bytes'])}"
+            + (f", budget {hb(st['memory_budget'])}" if st["memory_budget"] else ""),
+        ]
+        click.echo("\n".join(lines), err=True)
+    elif cmd == "/save":
+        if not arg:
+            click.echo("usage: /save FILE", err=True)
+        else:
+            try:
+                session.save(arg)
+                click.echo(f"saved {len(session.messages)} messages to {arg}", err=True)
+            except OSError as e:
+                click.echo(f"offload: cannot write {arg}: {e.strerror or e}", err=True)
+    else:
+        click.echo(f"unknown command {cmd}; /help lists them", err=True)
+    return False

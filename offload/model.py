@@ -32,7 +32,9 @@ class GenerationStats:
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
     generate_seconds: float = 0.0
-    stop_reason: str = ""  # "eos", "length", "context"
+    stop_reason: str = ""  # "eos", "length", "context"; chat also "stop" (a stop string), "interrupted"
+    cached_tokens: int = 0  # chat: prompt tokens found in the KV cache (not run again)
+    time_to_first_token: float = 0.0  # chat: seconds from the request to the first text
 
     @property
     def prompt_tok_s(self) -> float:
@@ -58,13 +60,16 @@ class Model:
     experts: object = None  # the ExpertStore: TieredExperts, or ResidentExperts (the file's memory map)
     _store_at_start: dict = field(default_factory=dict)
     last_trace: object = None  # the RoutingTrace of the last generate(record_trace=...)
+    chat_template_source: str | None = None  # Jinja text that overrides the model's chat template
+    _kv_ids: list = field(default_factory=list)  # the token ids in the KV cache (chat reuses them)
+    _chat_template: object = None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, n_ctx: int | None = None, n_threads: int | None = None,
              memory_budget: str | int | None = None, cache_policy: str = "lrfu", cache_scope: str = "global",
              o_direct: bool = False, prefetch_slots: int | None = None, io_threads: int = IO_THREADS,
              prefetch: bool = True, prefetch_depth: int = DEFAULT_PREFETCH_DEPTH,
-             predictor: str = "lookahead") -> "Model":
+             predictor: str = "lookahead", chat_template: str | None = None) -> "Model":
         """Open `path`; `n_ctx` defaults to min(training context, 4096), `n_threads` to all cores.
 
         `memory_budget` ("6GB", "6GiB", "512MB", "60%" of RAM, or bytes) caps what the model
@@ -78,7 +83,8 @@ class Model:
         layers after each layer's attention, and the store reads them while the layer
         computes (results never change; only when the reads happen). Without a
         budget: 75% of the available RAM, and a model that fits it runs from the file's
-        memory map as before."""
+        memory map as before. `chat_template`: Jinja text to use instead of the model's own
+        chat template (for `chat` and `create_chat_completion`)."""
         gguf = GGUFFile(path)
         try:
             args = arch.model_args(gguf)
@@ -115,7 +121,8 @@ class Model:
         except BaseException:
             gguf.close()
             raise
-        return cls(str(path), gguf, args, transformer, tokenizer, n_ctx, plan=plan, experts=experts)
+        return cls(str(path), gguf, args, transformer, tokenizer, n_ctx, plan=plan, experts=experts,
+                   chat_template_source=chat_template)
 
     # -- text <-> tokens ---------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
@@ -130,6 +137,7 @@ class Model:
         """Logits (len(tokens), n_vocab) float32 of every position, in a fresh context."""
         ids = self._check_tokens(tokens)
         self.transformer.reset()
+        self._kv_ids = []
         return self.transformer.forward(ids, all_logits=True)
 
     def generate(
@@ -143,9 +151,17 @@ class Model:
         repeat_penalty: float = 1.0,
         seed: int | None = None,
         record_trace: str | os.PathLike[str] | None = None,
-    ) -> Iterator[str]:
-        """Stream the continuation of `prompt` as text pieces (whole UTF-8 characters).
+        stream: bool = True,
+    ) -> Iterator[str] | str:
+        """Stream the continuation of `prompt` as text pieces (whole UTF-8 characters);
+        `stream=False`: return it as one string.
         `record_trace`: save the run's routing trace there (see `generate_tokens`)."""
+        pieces = self._generate(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed,
+                                record_trace)
+        return pieces if stream else "".join(pieces)
+
+    def _generate(self, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed,
+                  record_trace) -> Iterator[str]:
         params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
         decoder = StreamDecoder(self.tokenizer)
         for token in self.generate_tokens(prompt, max_tokens, params, record_trace=record_trace):
@@ -173,6 +189,7 @@ class Model:
         for t in ids:
             sampler.accept(t)
         self.transformer.reset()
+        self._kv_ids = []  # the cache now holds this prompt, not a chat's tokens
         self._store_at_start = self.store_stats()
         t0 = time.perf_counter()
         logits = self.transformer.forward(ids)[-1]
@@ -194,6 +211,110 @@ class Model:
                 break
             logits = self.transformer.forward(np.array([token]))[-1]
         stats.generate_seconds = time.perf_counter() - t0
+
+    # -- chat ----------------------------------------------------------------------------
+    @property
+    def chat_template(self):
+        """The ChatTemplate `chat` renders with: the model's own, or `Model.load(chat_template=...)`."""
+        if self._chat_template is None:
+            from .chat_template import ChatTemplate
+
+            if self.chat_template_source is not None:
+                bos = self.tokenizer.piece(self.tokenizer.bos_id, special=True).decode("utf-8", "replace") \
+                    if self.tokenizer.bos_id >= 0 else ""
+                eos = self.tokenizer.piece(self.tokenizer.eos_id, special=True).decode("utf-8", "replace") \
+                    if self.tokenizer.eos_id >= 0 else ""
+                self._chat_template = ChatTemplate.from_string(self.chat_template_source, bos_token=bos, eos_token=eos)
+            else:
+                self._chat_template = ChatTemplate.for_model(self.gguf, self.tokenizer)
+        return self._chat_template
+
+    def chat(
+        self,
+        messages: list[dict],
+        max_tokens: int | None = None,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        stream: bool = True,
+    ) -> Iterator[str] | str:
+        """The assistant's reply to `messages` (OpenAI-style dicts: role, content), rendered with
+        the model's chat template: an iterator of text pieces, or with `stream=False` one string.
+
+        The KV cache is kept between calls: a conversation that grows by a message prefills only
+        what is new (the longest common prefix with the cached tokens is not run again).
+        `max_tokens` None: until the end of the turn or a full context."""
+        from .chat import run_chat
+
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        pieces = run_chat(self, self.chat_template, list(messages), params, max_tokens, stops)
+        return pieces if stream else "".join(pieces)
+
+    def create_chat_completion(
+        self,
+        messages: list[dict],
+        max_tokens: int | None = None,
+        temperature: float = 0.2,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        stream: bool = False,
+        model: str | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
+    ):
+        """An OpenAI chat completion, shaped as llama-cpp-python's `Llama.create_chat_completion`
+        returns it (same defaults): a dict (object "chat.completion": choices[0].message,
+        finish_reason "stop" or "length", usage), or with `stream=True` an iterator of
+        "chat.completion.chunk" dicts: delta {"role"} first, then {"content"} pieces, then {}
+        with the finish_reason. Keeps the KV cache between calls, as `chat` does."""
+        from .chat import TurnResult, chunk_dict, completion_dict, completion_id, run_chat
+
+        if logprobs or top_logprobs:
+            raise OffloadError("logprobs are not supported")
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        cid, created, name = completion_id(), int(time.time()), model if model is not None else self.path
+        res = TurnResult()
+        pieces = run_chat(self, self.chat_template, list(messages), params, max_tokens, stops, result=res)
+        if not stream:
+            for _ in pieces:
+                pass
+            return completion_dict(cid, created, name, res)
+
+        def chunks():
+            first = True
+            for piece in pieces:
+                if first:
+                    yield chunk_dict(cid, created, name, {"role": "assistant"})
+                    first = False
+                yield chunk_dict(cid, created, name, {"content": piece})
+            if first:
+                yield chunk_dict(cid, created, name, {"role": "assistant"})
+            yield chunk_dict(cid, created, name, {}, res.finish_reason)
+
+        return chunks()
+
+    def _kv_sync(self) -> list[int]:
+        """The ids in the KV cache, made consistent with cache.n_past after an interruption."""
+        kv, cache = self._kv_ids, self.transformer.cache
+        n = min(len(kv), cache.n_past)
+        del kv[n:]
+        cache.n_past = n
+        return kv
+
+    def _begin_generation(self, prompt_tokens: int) -> GenerationStats:
+        self.last_generation = GenerationStats(prompt_tokens=prompt_tokens)
+        self._store_at_start = self.store_stats()
+        return self.last_generation
 
     def _recording(self, path, ids: list[int], tokens: Iterator[int]) -> Iterator[int]:
         from .trace import TraceRecorder

@@ -1,0 +1,330 @@
+"""Chat: a conversation rendered with the model's own template, reusing the KV cache.
+
+Every turn renders the whole conversation (`offload.chat_template`), tokenizes it (special
+tokens parsed, no extra BOS when the template writes it), and compares it with the tokens
+already in the KV cache: only the tokens after the longest common prefix run through the
+model. The reply's own tokens go into the cache as they are generated, so the next turn
+prefills only the new message (and the template's end-of-turn text), however long the
+conversation has become.
+
+`ChatSession` is the conversation of `offload chat`; `Model.chat` and
+`Model.create_chat_completion` use `run_chat` directly on any list of messages (a client
+that resends the history gets the same reuse).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from .errors import ContextOverflowError, OffloadError
+from .sampling import Sampler, SamplingParams
+from .tokenizer import StreamDecoder
+
+if TYPE_CHECKING:
+    from .model import Model
+
+
+WARM_UP_TOKENS = 32
+
+
+class ContextFullError(ContextOverflowError):
+    """The conversation no longer fits the context window."""
+
+
+@dataclass
+class TurnResult:
+    """What one reply did: filled in while it streams, final once it ends."""
+
+    text: str = ""
+    prompt_tokens: int = 0  # the whole rendered conversation
+    cached_tokens: int = 0  # of those, already in the KV cache
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # "stop" (end of turn), "length" (max_tokens or context full)
+    stop_reason: str = ""  # "eos", "stop", "length", "context", "interrupted"
+    time_to_first_token: float = 0.0
+    prompt_seconds: float = 0.0
+    generate_seconds: float = 0.0
+
+    @property
+    def new_prompt_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    x, y = np.asarray(a[:n]), np.asarray(b[:n])
+    diff = np.flatnonzero(x != y)
+    return int(diff[0]) if len(diff) else n
+
+
+def reply_frame(template) -> tuple[str, bool]:
+    """How the template frames an assistant message: the text it writes after one (e.g.
+    "<|im_end|>"), stripped, used as a stop string beside the EOG tokens ("" when none or
+    unknown); and whether it writes a space right before one (then the reply's own leading
+    space, as SentencePiece models start a word, is dropped: rendered again it would be
+    doubled, and the next turn could not reuse the reply's tokens in the cache)."""
+    marker = "\x00offload-reply\x00"
+    try:
+        text = template.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+                               add_generation_prompt=False)
+    except Exception:
+        return "", False
+    at = text.rfind(marker)
+    if at < 0:
+        return "", False
+    tail = text[at + len(marker):].strip()
+    if template.eos_token and tail.startswith(template.eos_token):
+        tail = template.eos_token  # an EOS token: the tokenizer's EOG check sees it first anyway
+    return tail, text[:at].endswith(" ")
+
+
+def prompt_ids(model: "Model", template, messages: list[dict]) -> list[int]:
+    text = template.render(messages, add_generation_prompt=True)
+    return model.tokenizer.encode(text, add_special=not template.renders_bos(), parse_special=True)
+
+
+def run_chat(model: "Model", template, messages: list[dict], params: SamplingParams, max_tokens: int | None = None,
+             stop: list[str] | None = None, result: TurnResult | None = None) -> Iterator[str]:
+    """Stream the assistant's reply to `messages` as text pieces, reusing the KV cache.
+
+    `max_tokens` None or <= 0: until end of turn or a full context. `stop`: extra stop
+    strings (never part of the text). `result` (a TurnResult) is filled in as it goes; it
+    stays valid if the caller stops early (Ctrl-C, closing the iterator)."""
+    res = result if result is not None else TurnResult()
+    ids = prompt_ids(model, template, messages)
+    if not ids:
+        raise OffloadError("the chat template rendered an empty prompt")
+    n_ctx = model.n_ctx
+    if len(ids) >= n_ctx:
+        raise ContextFullError(f"the conversation has {len(ids)} tokens, it does not fit the context of {n_ctx}")
+    model._check_tokens(ids)
+    end_text, strip_space = reply_frame(template)
+    stops = [s for s in [end_text, *(stop or [])] if s]
+    t_start = time.perf_counter()
+    cache = model.transformer.cache
+    kv = model._kv_sync()
+    prefix = min(common_prefix(kv, ids), len(ids) - 1)  # at least one token runs: its logits start the reply
+    res.prompt_tokens, res.cached_tokens = len(ids), prefix
+    stats = model._begin_generation(len(ids) - prefix)
+    stats.cached_tokens = prefix
+    sampler = Sampler(params)
+    for t in ids:
+        sampler.accept(t)
+    cache.n_past = prefix
+    del kv[prefix:]
+    logits = model.transformer.forward(np.asarray(ids[prefix:], dtype=np.int64))[-1]
+    kv.extend(ids[prefix:])
+    stats.prompt_seconds = res.prompt_seconds = time.perf_counter() - t_start
+    decoder = StreamDecoder(model.tokenizer)
+    pending = ""  # text held back while it could be the start of a stop string
+    limit = max_tokens if max_tokens and max_tokens > 0 else None
+    res.stop_reason, res.finish_reason = "interrupted", None
+    t0 = time.perf_counter()
+    try:
+        while True:
+            token = sampler.sample(logits)
+            if model.tokenizer.is_end_of_generation(token):
+                res.stop_reason, res.finish_reason = "eos", "stop"
+                break
+            sampler.accept(token)
+            res.completion_tokens += 1
+            stats.generated_tokens += 1
+            pending += decoder.push(token)
+            if pending:
+                cut = _find_stop(pending, stops)
+                if cut is not None:
+                    out, pending = pending[:cut], ""
+                    if out:
+                        res.text += out
+                        yield out
+                    res.stop_reason, res.finish_reason = "stop", "stop"
+                    # the sampled token is not in the cache; the next turn renders the end of turn itself
+                    break
+                if strip_space and not res.text:
+                    pending = pending.lstrip(" ")
+                keep = _partial_stop(pending, stops)
+                out, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
+                if out:
+                    if not res.time_to_first_token:
+                        res.time_to_first_token = time.perf_counter() - t_start
+                    res.text += out
+                    yield out
+            if limit is not None and res.completion_tokens >= limit:
+                res.stop_reason, res.finish_reason = "length", "length"
+                break
+            if cache.n_past >= n_ctx:
+                res.stop_reason, res.finish_reason = "context", "length"
+                break
+            logits = model.transformer.forward(np.array([token], dtype=np.int64))[-1]
+            kv.append(token)
+        if res.stop_reason != "stop":
+            pending += decoder.flush()
+            if strip_space and not res.text:
+                pending = pending.lstrip(" ")
+            if pending:
+                res.text += pending
+                yield pending
+    finally:
+        if not res.time_to_first_token:
+            res.time_to_first_token = time.perf_counter() - t_start
+        stats.generate_seconds = res.generate_seconds = time.perf_counter() - t0
+        stats.time_to_first_token = res.time_to_first_token
+        stats.stop_reason = res.stop_reason
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _partial_stop(text: str, stops: list[str]) -> int:
+    """How many characters at the end of `text` could begin a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+@dataclass
+class ChatSession:
+    """A conversation with a model: messages, sampling, and the slash commands' state."""
+
+    model: "Model"
+    template: object
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int | None = None
+    system: str | None = None
+    context_shift: bool = False
+    messages: list[dict] = field(default_factory=list)
+    last: TurnResult | None = None
+    turns: list[TurnResult] = field(default_factory=list)
+    shifted: int = 0  # messages dropped by context shifts
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (keeping the system prompt); the cache is reused where it still matches."""
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def warm_up(self) -> int:
+        """Prefill what every turn starts with (BOS, the system prompt), so that the first
+        turn's time to first token does not include compiling kernels. Returns tokens run."""
+        ids: list[int] = []
+        if self.system:
+            try:  # the rendered system message up to where the first user message would go
+                with_user = prompt_ids(self.model, self.template, self.messages + [{"role": "user", "content": "\x01"}])
+                alone = prompt_ids(self.model, self.template, self.messages + [{"role": "user", "content": "\x02"}])
+                ids = with_user[: common_prefix(with_user, alone)]
+            except OffloadError:
+                ids = []
+        if not ids and self.model.tokenizer.bos_id >= 0 and (self.template.renders_bos() or self.model.tokenizer.adds_bos):
+            ids = [self.model.tokenizer.bos_id]
+        m = self.model
+        kv = m._kv_sync()
+        # a batch of a few dozen tokens first (then forgotten): the first prompt otherwise pays for
+        # loading the batched kernels (Numba's cache) and for the first touch of the weights
+        n = min(WARM_UP_TOKENS, m.n_ctx)
+        if len(ids) < n:
+            m.transformer.cache.n_past = 0
+            del kv[:]
+            m.transformer.forward(np.arange(n, dtype=np.int64) % m.args.n_vocab)
+        m.transformer.cache.n_past = 0
+        del kv[:]
+        if not ids or len(ids) >= m.n_ctx:
+            return 0
+        m.transformer.forward(np.asarray(ids, dtype=np.int64))
+        kv.extend(ids)
+        return len(ids)
+
+    def send(self, text: str, result: TurnResult | None = None) -> Iterator[str]:
+        """Add a user message and stream the reply; the reply (even a partial one, when the
+        caller stops early) joins the conversation."""
+        self.messages.append({"role": "user", "content": text})
+        res = result if result is not None else TurnResult()
+        self.last = res
+        while True:
+            try:
+                stream = run_chat(self.model, self.template, self.messages, self.params, self.max_tokens, result=res)
+                first = next(stream, None)  # renders, checks the context, prefills
+                break
+            except ContextFullError:
+                if self.context_shift and self._shift():
+                    continue
+                self.messages.pop()
+                raise
+            except BaseException:  # refused, or Ctrl-C during the prefill: the turn did not happen
+                self.messages.pop()
+                raise
+        try:
+            if first is not None:
+                yield first
+                yield from stream
+        finally:
+            stream.close()
+            self.messages.append({"role": "assistant", "content": res.text})
+            self.turns.append(res)
+
+    def _shift(self) -> bool:
+        """Drop the oldest exchange after the system prompt (llama.cpp shifts the context
+        instead; here the conversation is re-rendered, which keeps the template's structure)."""
+        start = 1 if self.messages and self.messages[0]["role"] == "system" else 0
+        if len(self.messages) - start <= 1:
+            return False
+        drop = 2 if len(self.messages) - start > 2 else 1
+        del self.messages[start:start + drop]
+        self.shifted += drop
+        return True
+
+    def save(self, path: str) -> None:
+        import json
+
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"model": self.model.path, "messages": self.messages}, f, ensure_ascii=False, indent=2)
+            f.write("\n")
+
+
+# -- OpenAI-shaped results, as llama-cpp-python's Llama.create_chat_completion returns them ----
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4()}"
+
+
+def completion_dict(cid: str, created: int, model: str, res: TurnResult) -> dict:
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": res.text},
+            "logprobs": None,
+            "finish_reason": res.finish_reason,
+        }],
+        "usage": {
+            "prompt_tokens": res.prompt_tokens,
+            "completion_tokens": res.completion_tokens,
+            "total_tokens": res.prompt_tokens + res.completion_tokens,
+        },
+    }
+
+
+def chunk_dict(cid: str, created: int, model: str, delta: dict, finish_reason: str | None = None) -> dict:
+    return {
+        "id": cid,
+        "model": model,
+        "created": created,
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
