@@ -255,6 +255,7 @@ def _ffn(w: FFN, x: np.ndarray, buf: Scratch, expert: bool = False) -> np.ndarra
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    """The shared-expert gate (n, 1): sigmoid as llama.cpp computes it, silu(x) / x."""
+    return ggml_math.sigmoid_as_silu_div(x)
 
 

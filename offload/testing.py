@@ -58,6 +58,8 @@ class TinyConfig:
     rope_base: float = 10000.0
     rms_eps: float = 1e-5
     vocab: str = "llama-spm"
+    arch: str = "llama"  # also qwen2moe, qwen3moe, olmoe (MoE only; see write_model)
+    n_ff_shexp: int = 0  # qwen2moe's shared expert hidden size (default: n_ff)
 
 
 _FILE_TYPES = {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16, "BF16": LlamaFileType.MOSTLY_BF16,
@@ -66,7 +68,10 @@ _FILE_TYPES = {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16, "B
 
 def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(), weight_type: str = "F32",
                 seed: int = 0) -> Path:
-    """Write a random-weight llama-arch model (MoE when n_expert > 0) as GGUF."""
+    """Write a random-weight model as GGUF: a llama-arch model (MoE when n_expert > 0), or with
+    `config.arch` one of llama.cpp's qwen2moe (q/k/v biases, a sigmoid-gated shared expert),
+    qwen3moe (per-head q/k RMSNorm, expert_feed_forward_length) or olmoe (q/k RMSNorm over the
+    whole projection), with the metadata keys and tensors llama.cpp's loader asks of each."""
     c, path = config, Path(path)
     qtype = GGMLQuantizationType[weight_type]
     rng = np.random.default_rng(seed)
@@ -74,8 +79,19 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
     vocab = GGUFReader(vocab_path(c.vocab))
     n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)
 
-    w = GGUFWriter(path, "llama")
-    w.add_name(f"offload-tiny-{'moe' if c.n_expert else 'dense'}")
+    arch = c.arch
+    if arch not in ("llama", "qwen2moe", "qwen3moe", "olmoe"):
+        raise ValueError(f"write_model does not write arch {arch!r}")
+    if arch != "llama" and not c.n_expert:
+        raise ValueError(f"{arch} is an MoE arch: n_expert must be > 0")
+    if arch in ("qwen2moe", "olmoe") and head_dim * c.n_head != c.n_embd:
+        raise ValueError(f"{arch} needs head_dim * n_head == n_embd")
+    if arch == "olmoe" and c.n_head_kv != c.n_head:
+        raise ValueError("olmoe's k norm spans n_embd: n_head_kv must equal n_head")
+    n_ff_shexp = c.n_ff_shexp or c.n_ff
+
+    w = GGUFWriter(path, arch)
+    w.add_name(f"offload-tiny-{arch}-{'moe' if c.n_expert else 'dense'}")
     w.add_file_type(_FILE_TYPES[weight_type])
     w.add_context_length(c.n_ctx)
     w.add_embedding_length(c.n_embd)
@@ -92,6 +108,10 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
     if c.n_expert:
         w.add_expert_count(c.n_expert)
         w.add_expert_used_count(c.n_expert_used)
+        if arch in ("qwen2moe", "qwen3moe"):
+            w.add_expert_feed_forward_length(c.n_ff)
+        if arch == "qwen2moe":
+            w.add_expert_shared_feed_forward_length(n_ff_shexp)
     for key, f in vocab.fields.items():
         if key.startswith("tokenizer."):
             sub = f.types[-1] if len(f.types) > 1 else None
@@ -105,6 +125,9 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
     def norm(name: str, n: int) -> None:
         w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
 
+    def bias(name: str, n: int) -> None:
+        w.add_tensor(name, (0.5 * rng.standard_normal(n)).astype(np.float32))
+
     _add(w, "token_embd.weight", rng.standard_normal((n_vocab, c.n_embd)).astype(np.float32), qtype)
     for i in range(c.n_layer):
         p = f"blk.{i}."
@@ -113,12 +136,28 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
         matrix(p + "attn_k.weight", c.n_head_kv * head_dim, c.n_embd)
         matrix(p + "attn_v.weight", c.n_head_kv * head_dim, c.n_embd)
         matrix(p + "attn_output.weight", c.n_embd, c.n_head * head_dim)
+        if arch == "qwen2moe":
+            bias(p + "attn_q.bias", c.n_head * head_dim)
+            bias(p + "attn_k.bias", c.n_head_kv * head_dim)
+            bias(p + "attn_v.bias", c.n_head_kv * head_dim)
+        elif arch == "qwen3moe":
+            norm(p + "attn_q_norm.weight", head_dim)
+            norm(p + "attn_k_norm.weight", head_dim)
+        elif arch == "olmoe":
+            norm(p + "attn_q_norm.weight", c.n_head * head_dim)
+            norm(p + "attn_k_norm.weight", c.n_head_kv * head_dim)
         norm(p + "ffn_norm.weight", c.n_embd)
         if c.n_expert:
             matrix(p + "ffn_gate_inp.weight", c.n_expert, c.n_embd, keep_f32=True)
             matrix(p + "ffn_gate_exps.weight", c.n_expert, c.n_ff, c.n_embd)
             matrix(p + "ffn_up_exps.weight", c.n_expert, c.n_ff, c.n_embd)
             matrix(p + "ffn_down_exps.weight", c.n_expert, c.n_embd, c.n_ff)
+            if arch == "qwen2moe":
+                w.add_tensor(p + "ffn_gate_inp_shexp.weight",  # one row, stored 1-D as in converted files
+                             (rng.standard_normal(c.n_embd) / np.sqrt(c.n_embd)).astype(np.float32))
+                matrix(p + "ffn_gate_shexp.weight", n_ff_shexp, c.n_embd)
+                matrix(p + "ffn_up_shexp.weight", n_ff_shexp, c.n_embd)
+                matrix(p + "ffn_down_shexp.weight", c.n_embd, n_ff_shexp)
         else:
             matrix(p + "ffn_gate.weight", c.n_ff, c.n_embd)
             matrix(p + "ffn_up.weight", c.n_ff, c.n_embd)

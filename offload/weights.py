@@ -94,6 +94,9 @@ def _format(t: TensorInfo):
 
 
 def _matrix(t: TensorInfo) -> QMatrix:
+    if len(t.shape) == 1:  # one row stored as a vector (qwen2moe's ffn_gate_inp_shexp)
+        _format(t)
+        return QMatrix.from_raw(t.ggml_type, t.data, n_rows=1, n_cols=t.shape[0])
     if len(t.shape) != 2:
         raise UnsupportedModelError(f"tensor {t.name} has shape {t.shape}, expected a matrix")
     _format(t)

@@ -9,11 +9,14 @@ from typing import Callable
 
 from ..errors import UnsupportedModelError
 from ..gguf_file import GGUFFile
-from . import llama
+from . import llama, olmoe, qwen2moe, qwen3moe
 from .base import ModelArgs
 
 ARCHITECTURES: dict[str, Callable[[GGUFFile], ModelArgs]] = {
     "llama": llama.model_args,
+    "qwen2moe": qwen2moe.model_args,
+    "qwen3moe": qwen3moe.model_args,
+    "olmoe": olmoe.model_args,
 }
 
 

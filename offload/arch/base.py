@@ -81,3 +81,36 @@ def rope_freq_scale(gguf: GGUFFile) -> float:
         factor = float(gguf.get(f"{gguf.architecture}.rope.scaling.factor", 1.0))
         return 1.0 / factor if factor else 1.0
     raise UnsupportedModelError(f"{gguf.path}: RoPE scaling type '{kind}' is not supported yet")
+
+
+def common_fields(gguf: GGUFFile) -> dict:
+    """The hyperparameters every llama.cpp-style decoder stores under the same keys."""
+    n_embd = int(hparam(gguf, "embedding_length"))
+    n_head = per_layer_constant(gguf, "attention.head_count")
+    head_dim = int(hparam(gguf, "attention.key_length", n_embd // n_head))
+    return dict(
+        arch=gguf.architecture,
+        n_vocab=int(gguf.tensor("token_embd.weight").shape[1]),
+        n_embd=n_embd,
+        n_layer=int(hparam(gguf, "block_count")),
+        n_head=n_head,
+        n_head_kv=per_layer_constant(gguf, "attention.head_count_kv", n_head),
+        head_dim=head_dim,
+        n_ctx_train=int(hparam(gguf, "context_length", 4096)),
+        rms_eps=float(hparam(gguf, "attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_base=float(hparam(gguf, "rope.freq_base", 10000.0)),
+        rope_dim=int(hparam(gguf, "rope.dimension_count", head_dim)),
+        rope_freq_scale=rope_freq_scale(gguf),
+    )
+
+
+def moe_fields(gguf: GGUFFile, n_ff_exp_key: str = "expert_feed_forward_length") -> dict:
+    """Expert count, top-k and expert hidden size (llama.cpp: n_ff / top-k when the key is absent)."""
+    n_expert = int(hparam(gguf, "expert_count"))
+    n_used = int(hparam(gguf, "expert_used_count"))
+    n_ff = int(hparam(gguf, "feed_forward_length", 0))
+    if n_ff_exp_key == "feed_forward_length":
+        n_ff_exp = n_ff
+    else:
+        n_ff_exp = per_layer_constant(gguf, n_ff_exp_key, 0) or (n_ff // n_used if n_used else 0)
+    return dict(n_ff=n_ff, n_expert=n_expert, n_expert_used=n_used, n_ff_exp=n_ff_exp)

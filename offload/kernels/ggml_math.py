@@ -292,3 +292,27 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: int, s
     """Rotate x (n_tokens, n_heads, head_dim) float32 C-contiguous in place; cos/sin (n_tokens,
     rope_dim/2). style "normal" pairs (x0, x1), (x2, x3)...; "neox" pairs (x_i, x_{i+rope_dim/2})."""
     _rope(x, cos, sin, rope_dim, style == "neox")
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """ggml_vec_silu_f32 over the last axis: x / (1 + exp(-x)), chunks of 8 with ggml_v_expf,
+    the n % 8 values left over with libm's expf (a row of one value takes only the latter)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = x.shape[-1]
+    main = n - n % 8
+    out = np.empty_like(x)
+    with np.errstate(over="ignore"):
+        if main:
+            out[..., :main] = x[..., :main] / (_F32(1.0) + expf(_F32(0.0) - x[..., :main]))
+        if main < n:
+            tail = x[..., main:]
+            out[..., main:] = tail / (_F32(1.0) + libm("expf", (_F32(0.0) - tail).astype(np.float32)))
+    return out
+
+
+def sigmoid_as_silu_div(x: np.ndarray) -> np.ndarray:
+    """sigmoid as llama.cpp's qwen2moe graph spells it: ggml_div(ggml_silu(x), x), rows over
+    the last axis (its shared-expert gate: one value per token)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (silu(x) / x).astype(np.float32)
