@@ -180,6 +180,14 @@ static void pack_block(const tiled_format *f, const uint8_t *blk, packed_block *
     o->dmin = b.dmin;
 }
 
+/* Rows r0 .. r1 - 1 of w, every block packed, into rows[(r - r0) * nb + b]. */
+static void pack_rows(const tiled_format *f, const uint8_t *w, size_t row_bytes, ptrdiff_t r0, ptrdiff_t r1, int nb,
+                      packed_block *rows) {
+    for (ptrdiff_t r = r0; r < r1; r++)
+        for (int b = 0; b < nb; b++)
+            pack_block(f, w + (size_t)r * row_bytes + (size_t)b * f->block_bytes, rows + (r - r0) * nb + b);
+}
+
 /* ggml's float steps for one block's integers (see the top of the file). */
 #define BLOCK_FLOATS(has_min, b, raw, corr, xd, acc)                            \
     do {                                                                       \
@@ -373,9 +381,7 @@ static int tiled_matmul_vnni(const tiled_format *f, const uint8_t *w, const int8
             for (ptrdiff_t tile = 0; tile < n_rtiles; tile++) {
                 if (!rows) continue;
                 const ptrdiff_t r0 = tile * ROW_TILE, r1 = r0 + ROW_TILE < n_rows ? r0 + ROW_TILE : n_rows;
-                for (ptrdiff_t r = r0; r < r1; r++)
-                    for (int b = 0; b < nb; b++)
-                        pack_block(f, w + (size_t)r * row_bytes + (size_t)b * f->block_bytes, rows + (r - r0) * nb + b);
+                pack_rows(f, w, row_bytes, r0, r1, nb, rows);
                 for (ptrdiff_t tt = 0; tt < n_ttiles; tt++) {
                     const packed_tokens p = {q + (size_t)tt * nb * 4096, bs + (size_t)tt * nb * 256, d + (size_t)tt * nb * 16};
                     for (ptrdiff_t r = r0; r < r1; r += VNNI_ROWS) {
@@ -424,9 +430,7 @@ int tiled_matmul(const char *name, const uint8_t *w, const int8_t *xq, const flo
         for (ptrdiff_t tile = 0; tile < n_tiles; tile++) {
             if (!rows) continue;
             const ptrdiff_t r0 = tile * ROW_TILE, r1 = r0 + ROW_TILE < n_rows ? r0 + ROW_TILE : n_rows;
-            for (ptrdiff_t r = r0; r < r1; r++)
-                for (int b = 0; b < nb; b++)
-                    pack_block(f, w + (size_t)r * row_bytes + (size_t)b * f->block_bytes, rows + (r - r0) * nb + b);
+            pack_rows(f, w, row_bytes, r0, r1, nb, rows);
             for (ptrdiff_t t0 = 0; t0 < n_tokens; t0 += TOKEN_TILE) {
                 const ptrdiff_t t1 = t0 + TOKEN_TILE < n_tokens ? t0 + TOKEN_TILE : n_tokens;
                 ptrdiff_t t = t0;

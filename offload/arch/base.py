@@ -83,7 +83,7 @@ def rope_freq_scale(gguf: GGUFFile) -> float:
     raise UnsupportedModelError(f"{gguf.path}: RoPE scaling type '{kind}' is not supported yet")
 
 
-def common_fields(gguf: GGUFFile) -> dict:
+def common_fields(gguf: GGUFFile, rms_eps_default: float = 1e-6) -> dict:
     """The hyperparameters every llama.cpp-style decoder stores under the same keys."""
     n_embd = int(hparam(gguf, "embedding_length"))
     n_head = per_layer_constant(gguf, "attention.head_count")
@@ -97,7 +97,7 @@ def common_fields(gguf: GGUFFile) -> dict:
         n_head_kv=per_layer_constant(gguf, "attention.head_count_kv", n_head),
         head_dim=head_dim,
         n_ctx_train=int(hparam(gguf, "context_length", 4096)),
-        rms_eps=float(hparam(gguf, "attention.layer_norm_rms_epsilon", 1e-6)),
+        rms_eps=float(hparam(gguf, "attention.layer_norm_rms_epsilon", rms_eps_default)),
         rope_base=float(hparam(gguf, "rope.freq_base", 10000.0)),
         rope_dim=int(hparam(gguf, "rope.dimension_count", head_dim)),
         rope_freq_scale=rope_freq_scale(gguf),
