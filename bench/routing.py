@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/routing.py [--model M.gguf] [--tokens 300] [--capacities 10%,25%,50%]
                                       [--scope global] [--trace run.npz] [--temp 1.0] [--seed 0]
+                                      [--prompt TEXT]
 
 Records a routing trace (`Model.generate(record_trace=...)`) of `--tokens` tokens from the
 prompt, or replays `--trace`, then replays it in the offline simulator (offload.simulate)
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--scope", choices=["global", "layer"], default="global")
     ap.add_argument("--temp", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt", default=PROMPT, help="the prompt (the demo model: a chapter heading, e.g. 'Psalms 119')")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
 
@@ -75,7 +77,7 @@ def main() -> None:
         a.trace = OUT_DIR / f"routing-{a.model.stem}-{a.tokens}.npz"
         t0 = time.perf_counter()
         with Model.load(a.model, n_ctx=min(4096, a.tokens + 64), n_threads=a.threads) as m:
-            ids = m.tokenize(PROMPT)
+            ids = m.tokenize(a.prompt.replace("\\n", "\n"))
             params = SamplingParams(temperature=a.temp, seed=a.seed)
             n = sum(1 for _ in m.generate_tokens(ids, a.tokens, params, record_trace=a.trace))
         print(f"recorded {n} tokens in {time.perf_counter() - t0:.1f} s -> {a.trace}", file=sys.stderr)

@@ -1,30 +1,30 @@
-"""The model `offload generate` runs when given none.
+"""The model `offload generate` and `offload chat` run when given none.
 
-Until a trained demo model ships, this is a small random-weight Mixtral-shaped model
-(real Llama 2 / Mixtral tokenizer, 8 experts, top-2, Q8_0), written on first use to the
-user's cache directory. Its text is noise; it shows the pipeline and the speed.
+A small Mixtral-style MoE (4 layers, 8 experts, top-2, 15.5 M parameters, Q8_0) trained from
+scratch on the King James Bible, shipped inside the package (offload/data/). How it was
+made, and what it can and cannot do: offload/data/MODEL_CARD.md; to remake it:
+tools/train_demo.py. Its replies are KJV-flavoured English, a line at a time.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
-from .testing import TinyConfig, write_model
+from .errors import OffloadError
 
-DEMO_CONFIG = TinyConfig(n_layer=4, n_embd=256, n_head=8, n_head_kv=4, n_ff=512, n_expert=8, n_expert_used=2, n_ctx=2048)
-DEMO_NAME = "offload-demo-random-moe-q8_0.gguf"
+DEMO_FILE = "offload-demo-kjv-moe-Q8_0.gguf"
+DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
 def demo_model_path() -> Path:
-    """The demo model's path, writing it first if it is not there yet."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "offload"
-    path = cache / DEMO_NAME
+    """The bundled demo model's path."""
+    path = DATA_DIR / DEMO_FILE
     if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        print(f"offload: writing the demo model (random weights) to {path} ...", file=sys.stderr)
-        tmp = path.with_suffix(".tmp")
-        write_model(tmp, DEMO_CONFIG, weight_type="Q8_0", seed=1234)
-        tmp.replace(path)
+        raise OffloadError(f"the demo model {path} is missing from this install; "
+                           "give a model file, or remake it with tools/train_demo.py --install")
     return path
+
+
+def demo_heldout_text() -> str:
+    """The held-out chapters (every 20th of the KJV) the demo model never trained on."""
+    return (DATA_DIR / "demo-heldout.txt").read_text()
