@@ -94,11 +94,14 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
 @click.option("--prefetch-depth", type=click.IntRange(0, 64), default=None,
               help="MoE layers ahead whose experts are predicted and read while a layer computes [default: 1].")
 @click.option("--no-prefetch", is_flag=True, help="Do not predict and prefetch the next layers' experts.")
+@click.option("--vram-budget", default=None,
+              help="Use a CUDA GPU: cap on VRAM for weights and hot experts: auto (90% of free), 50%, 6GB "
+                   "(default: no GPU; OFFLOAD_GPU_SIMULATOR=1 runs Numba's CUDA simulator).")
 @click.option("--record-trace", "record_trace", type=click.Path(dir_okay=False), default=None,
               help="Save every token's routing (experts and weights per MoE layer) to this .npz file.")
 def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, ctx_size, threads,
              memory_budget, cache_policy, cache_scope, o_direct, record_trace=None, prefetch_depth=None,
-             no_prefetch=False) -> None:
+             no_prefetch=False, vram_budget=None) -> None:
     """Continue PROMPT with MODEL (a GGUF file; default: the demo model)."""
     from .model import Model
     from .summary import human_bytes as hb
@@ -108,13 +111,16 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
     depth = DEFAULT_PREFETCH_DEPTH if prefetch_depth is None else prefetch_depth
     with Model.load(_model_path(model), n_ctx=ctx_size, n_threads=threads, memory_budget=memory_budget,
                     cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
-                    prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1)) as m:
+                    prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
+                    vram_budget=vram_budget) as m:
         p = m.plan
         tiered = m.stats()["cache_policy"] != "resident"
         if p is not None and p.pools and (tiered or memory_budget is not None):
             where = ("every expert loaded" if p.all_resident else
                      f"{p.slots} expert slots ({p.share:.0%} of experts), cold ones read from the file")
             click.echo(f"memory budget {hb(p.budget)} ({p.budget_source}): {hb(p.fixed)} resident; {where}", err=True)
+        if m.transformer.gpu is not None:
+            click.echo(f"{m.transformer.gpu.device.name}: {m.transformer.gpu.plan.describe()}", err=True)
         click.echo(prompt, nl=False)
         for piece in m.generate(prompt, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p,
                                 min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, record_trace=record_trace):
@@ -248,8 +254,8 @@ def tune(model, trace_file, budgets, policies, depths, n_predict, prompt, thread
 
 def _sampling_and_memory_options(f):
     """The `generate` command's sampling and memory flags, same names and defaults."""
-    for name in ("no_prefetch", "prefetch_depth", "o_direct", "cache_scope", "cache_policy", "memory_budget",
-                 "threads", "ctx_size", "seed", "repeat_penalty", "min_p", "top_p", "top_k", "temp"):
+    for name in ("vram_budget", "no_prefetch", "prefetch_depth", "o_direct", "cache_scope", "cache_policy",
+                 "memory_budget", "threads", "ctx_size", "seed", "repeat_penalty", "min_p", "top_p", "top_k", "temp"):
         opt = next(p for p in generate.params if p.name == name)
         f = click.option(*opt.opts, **{k: getattr(opt, k) for k in ("type", "default", "help", "show_default")},
                          is_flag=opt.is_flag)(f)
@@ -277,7 +283,7 @@ CHAT_HELP = """commands:
               help="When the context is full, drop the oldest exchanges instead of asking for /reset.")
 def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, ctx_size, threads, memory_budget,
          cache_policy, cache_scope, o_direct, prefetch_depth, no_prefetch, chat_template, chat_template_file,
-         context_shift) -> None:
+         context_shift, vram_budget=None) -> None:
     """Chat with MODEL (a GGUF file; default: the demo model) in its own chat template.
 
     Reads one message per line (from a terminal or a pipe) and streams each reply. Type /help
@@ -297,7 +303,7 @@ def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, se
         m = Model.load(_model_path(model), n_ctx=ctx_size, n_threads=threads, memory_budget=memory_budget,
                        cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
                        prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
-                       chat_template=chat_template)
+                       chat_template=chat_template, vram_budget=vram_budget)
     except BaseException:
         bar.abort()
         raise
@@ -394,6 +400,8 @@ def _memory_line(m, memory_budget) -> None:
         where = ("every expert loaded" if p.all_resident else
                  f"{p.slots} expert slots ({p.share:.0%} of experts), cold ones read from the file")
         click.echo(f"memory budget {hb(p.budget)} ({p.budget_source}): {hb(p.fixed)} resident; {where}", err=True)
+    if m.transformer.gpu is not None:
+        click.echo(f"{m.transformer.gpu.device.name}: {m.transformer.gpu.plan.describe()}", err=True)
 
 
 def _read_message(interactive: bool) -> str | None:

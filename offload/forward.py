@@ -124,6 +124,7 @@ class Transformer:
         self.scratch = Scratch()
         self.recorder = None  # a TraceRecorder (offload.trace) sees every routing decision when set
         self.prefetcher = None  # offload.predict.Prefetcher: predicts the next layers' experts for a tiered store
+        self.gpu = None  # offload.gpu.vram.GpuTier: runs the matmuls and experts placed in VRAM
 
     def reset(self) -> None:
         self.cache.n_past = 0
@@ -169,12 +170,24 @@ class Transformer:
             if self.prefetcher is not None:  # the next layers' experts, read while this one computes
                 self._predict(i, x)
             h = rms_norm(x, layer.ffn_norm, a.rms_eps, out=buf("norm", len(x), a.n_embd))
-            x += self._moe(i, layer.moe, h) if layer.moe else _ffn(layer.dense, h, buf)
+            x += self._moe(i, layer.moe, h) if layer.moe else _ffn(layer.dense, h, buf, gpu=self.gpu)
         self.cache.n_past = start + n
         if outputs == "none":
             return None
         x = rms_norm(x, self.weights.output_norm, a.rms_eps)
-        return matmul(self.weights.output, np.ascontiguousarray(x))
+        return self._matmul(self.weights.output, np.ascontiguousarray(x))
+
+    def _matmul(self, w, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return matmul(w, x, out=out) if self.gpu is None else self.gpu.matmul(w, x, out=out)
+
+    def _matmuls(self, ws, x: np.ndarray, outs) -> list[np.ndarray]:
+        return matmuls(ws, x, outs=outs) if self.gpu is None else self.gpu.matmuls(ws, x, outs=outs)
+
+    def _expert(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
+        """A routed expert's output: from the store on the CPU, or where the GPU tier runs it."""
+        if self.gpu is None:
+            return _ffn(self.experts.get(layer, expert), x, self.scratch, expert=True)
+        return self.gpu.expert_ffn(layer, expert, x, lambda w, x: _ffn(w, x, self.scratch, expert=True))
 
     def _predict(self, layer: int, x: np.ndarray) -> None:
         """Hand the predictor's guesses for the next MoE layers to the store (and the recorder)."""
@@ -187,8 +200,8 @@ class Transformer:
     def _attention(self, layer: int, w: Attention, x: np.ndarray, start: int) -> np.ndarray:
         a, buf = self.args, self.scratch
         n, hd = len(x), a.head_dim
-        q, k, v = matmuls((w.wq, w.wk, w.wv), x, outs=(buf("q", n, w.wq.n_rows), buf("k", n, w.wk.n_rows),
-                                                      buf("v", n, w.wv.n_rows)))
+        q, k, v = self._matmuls((w.wq, w.wk, w.wv), x, outs=(buf("q", n, w.wq.n_rows), buf("k", n, w.wk.n_rows),
+                                                            buf("v", n, w.wv.n_rows)))
         if w.bq is not None:
             q, k, v = q + w.bq, k + w.bk, v + w.bv
         if a.qk_norm == "full":
@@ -204,13 +217,13 @@ class Transformer:
         self.cache.v[layer, start : start + n] = v
         out = attention(q.reshape(n, -1), self.cache.k[layer], self.cache.v[layer], start, a.n_head, a.n_head_kv, hd,
                         out=buf("attn", n, a.n_head * hd))
-        return matmul(w.wo, out, out=buf("attn_out", n, a.n_embd))
+        return self._matmul(w.wo, out, out=buf("attn_out", n, a.n_embd))
 
     def _moe(self, layer: int, w: MoE, x: np.ndarray) -> np.ndarray:
         """Route each token to its top-k experts; run each chosen expert once on its tokens.
         Each token's expert outputs, weighted, are summed in slot order as llama.cpp does."""
         a, buf = self.args, self.scratch
-        chosen, weights = route(matmul(w.router, x, out=buf("router", len(x), w.router.n_rows)), a.n_expert_used,
+        chosen, weights = route(self._matmul(w.router, x, out=buf("router", len(x), w.router.n_rows)), a.n_expert_used,
                                 a.routing)
         if self.recorder is not None:
             self.recorder.record(layer, chosen, weights)
@@ -222,7 +235,7 @@ class Transformer:
         if len(x) == 1:  # decode: one token, its k experts in slot order
             out = buf("moe", 1, a.n_embd)
             for slot in range(a.n_expert_used):
-                y = _ffn(self.experts.get(layer, int(chosen[0, slot])), x, buf, expert=True)
+                y = self._expert(layer, int(chosen[0, slot]), x)
                 if slot == 0:
                     np.multiply(y, weights[0, slot], out=out)
                 else:
@@ -232,23 +245,28 @@ class Transformer:
             per_slot = np.zeros((len(x), a.n_expert_used, a.n_embd), dtype=np.float32)
             for expert in np.unique(chosen):
                 tokens, slots = np.nonzero(chosen == expert)
-                y = _ffn(self.experts.get(layer, int(expert)), np.ascontiguousarray(x[tokens]), buf, expert=True)
+                y = self._expert(layer, int(expert), np.ascontiguousarray(x[tokens]))
                 per_slot[tokens, slots] = y * weights[tokens, slots][:, None]
             out = per_slot[:, 0]
             for s in range(1, a.n_expert_used):
                 out = out + per_slot[:, s]
         if w.shared is not None:
-            shared = _ffn(w.shared, x, buf)
+            shared = _ffn(w.shared, x, buf, gpu=self.gpu)
             if w.shared_gate is not None:
-                shared = shared * _sigmoid(matmul(w.shared_gate, x))
+                shared = shared * _sigmoid(self._matmul(w.shared_gate, x))
             out = out + shared
         return out
 
 
-def _ffn(w: FFN, x: np.ndarray, buf: Scratch, expert: bool = False) -> np.ndarray:
+def _ffn(w: FFN, x: np.ndarray, buf: Scratch, expert: bool = False, gpu=None) -> np.ndarray:
     """SwiGLU; `expert` marks a routed expert (llama.cpp's mul_mat_id sums in its own order).
-    The result may live in `buf`: use it before the next _ffn with the same buffers."""
+    The result may live in `buf`: use it before the next _ffn with the same buffers. `gpu`:
+    the GPU tier, for a dense or shared FFN whose matrices it placed in VRAM."""
     n = len(x)
+    if gpu is not None:
+        gate, up = gpu.matmuls((w.gate, w.up), x,
+                               outs=(buf("ffn_gate", n, w.gate.n_rows), buf("ffn_up", n, w.up.n_rows)))
+        return gpu.matmul(w.down, ggml_math.silu_mul(gate, up, out=gate), out=buf("ffn_down", n, w.down.n_rows))
     gate, up = matmuls((w.gate, w.up), x, expert=expert,
                        outs=(buf("ffn_gate", n, w.gate.n_rows), buf("ffn_up", n, w.up.n_rows)))
     return matmul(w.down, ggml_math.silu_mul(gate, up, out=gate), expert=expert, out=buf("ffn_down", n, w.down.n_rows))

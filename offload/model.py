@@ -69,7 +69,8 @@ class Model:
              memory_budget: str | int | None = None, cache_policy: str = "lrfu", cache_scope: str = "global",
              o_direct: bool = False, prefetch_slots: int | None = None, io_threads: int = IO_THREADS,
              prefetch: bool = True, prefetch_depth: int = DEFAULT_PREFETCH_DEPTH,
-             predictor: str = "lookahead", chat_template: str | None = None) -> "Model":
+             predictor: str = "lookahead", chat_template: str | None = None,
+             vram_budget: str | int | None = None, gpu_options: dict | None = None) -> "Model":
         """Open `path`; `n_ctx` defaults to min(training context, 4096), `n_threads` to all cores.
 
         `memory_budget` ("6GB", "6GiB", "512MB", "60%" of RAM, or bytes) caps what the model
@@ -84,7 +85,16 @@ class Model:
         computes (results never change; only when the reads happen). Without a
         budget: 75% of the available RAM, and a model that fits it runs from the file's
         memory map as before. `chat_template`: Jinja text to use instead of the model's own
-        chat template (for `chat` and `create_chat_completion`)."""
+        chat template (for `chat` and `create_chat_completion`).
+
+        `vram_budget` ("auto": 90% of free GPU memory, "50%" of it, or a size) adds the device
+        tier on a CUDA GPU (offload.gpu): the always-needed matrices and a slot arena of hot
+        experts in VRAM, the rest computed on the CPU or copied over, as a cost model measured
+        at start says. `gpu_options`: keywords for offload.gpu.attach (calibration: a
+        Calibration to use instead of measuring; output: False keeps the output matrix off
+        the device). Without
+        a GPU it raises OffloadError (OFFLOAD_GPU_SIMULATOR=1: Numba's CUDA simulator). None
+        (default): no GPU code is loaded."""
         gguf = GGUFFile(path)
         try:
             args = arch.model_args(gguf)
@@ -107,14 +117,24 @@ class Model:
             else:
                 experts = TieredExperts(gguf, plan, args, policy=cache_policy, io_threads=io_threads)
             transformer = Transformer(args, weights, experts, n_ctx)
+            if vram_budget is not None:
+                from . import gpu
+                from .weights import expert_layouts
+
+                gpu.attach(transformer, weights, experts, expert_layouts(gguf, args), args.n_expert_used, vram_budget,
+                           **(gpu_options or {}))
             if prefetch and prefetch_depth > 0 and isinstance(experts, TieredExperts) and not experts.all_resident:
                 from .predict import Prefetcher, make_predictor
 
-                transformer.prefetcher = Prefetcher(make_predictor(predictor, weights, args, prefetch_depth), experts)
+                # the GPU tier, when there is one, passes predictions on and stages them in VRAM
+                transformer.prefetcher = Prefetcher(make_predictor(predictor, weights, args, prefetch_depth),
+                                                    transformer.experts)
                 experts.set_prefetch_depth(prefetch_depth)
             try:
                 tokenizer = Tokenizer(path)
             except BaseException:
+                if transformer.gpu is not None:
+                    transformer.gpu.close()
                 if isinstance(experts, TieredExperts):
                     experts.close()
                 raise
@@ -376,6 +396,10 @@ class Model:
         out["cache_policy"] = self.experts.policy if isinstance(self.experts, TieredExperts) else "resident"
         out["resident_bytes"] = _rss()
         out["peak_rss_bytes"] = _peak_rss()
+        gpu = self.transformer.gpu
+        if gpu is not None:  # the device tier: where experts ran, what moved to VRAM
+            out["gpu"] = dict(gpu.stats.as_dict(), device=gpu.device.name, vram_budget=gpu.plan.budget,
+                              vram_used=gpu.plan.used, vram_expert_slots=gpu.plan.n_slots)
         prefetcher = getattr(self.transformer, "prefetcher", None)
         out["prefetch_depth"] = prefetcher.depth if prefetcher is not None else 0
         if prefetcher is not None:  # recall / precision per distance, and per layer with its I/O stall
@@ -395,6 +419,9 @@ class Model:
 
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
+        if self.transformer.gpu is not None:
+            self.transformer.gpu.close()
+            self.transformer.gpu = None
         if isinstance(self.experts, TieredExperts):
             self.experts.close()
         self.tokenizer.close()

@@ -163,6 +163,28 @@ class TieredExperts:
                 ) from err
             return slot.ffn
 
+    def hold(self, layer: int, expert: int) -> FFN | None:
+        """The expert's FFN if it is in RAM now, pinned (never evicted nor overwritten) until
+        release(): a device copy from its slot may be in flight. None if it is not loaded."""
+        if self.all_resident:
+            return self._static[layer][expert]
+        with self._cond:
+            slot = self._index.get((layer, expert))
+            if slot is None or slot.state != READY:
+                return None
+            slot.pins += 1
+            return slot.ffn
+
+    def release(self, layer: int, expert: int) -> None:
+        """Undo one hold()."""
+        if self.all_resident:
+            return
+        with self._cond:
+            slot = self._index.get((layer, expert))
+            if slot is not None and slot.pins > 0:
+                slot.pins -= 1
+                self._cond.notify_all()
+
     def prefetch(self, layer: int, experts) -> int:
         """Start reading these experts of `layer` in the background, as far as the prefetch
         reserve allows; returns how many reads were started. Never waits. The experts named
