@@ -95,8 +95,8 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
               help="MoE layers ahead whose experts are predicted and read while a layer computes [default: 1].")
 @click.option("--no-prefetch", is_flag=True, help="Do not predict and prefetch the next layers' experts.")
 @click.option("--vram-budget", default=None,
-              help="Use a CUDA GPU: cap on VRAM for weights and hot experts: auto (90% of free), 50%, 6GB "
-                   "(default: no GPU; OFFLOAD_GPU_SIMULATOR=1 runs Numba's CUDA simulator).")
+              help="VRAM for weights and hot experts on a CUDA GPU: auto (90% of free), 50%, 6GB, or off "
+                   "(default: auto when an NVIDIA GPU is present; OFFLOAD_GPU_SIMULATOR=1: Numba's CUDA simulator).")
 @click.option("--record-trace", "record_trace", type=click.Path(dir_okay=False), default=None,
               help="Save every token's routing (experts and weights per MoE layer) to this .npz file.")
 def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, ctx_size, threads,

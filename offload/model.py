@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -92,9 +93,10 @@ class Model:
         experts in VRAM, the rest computed on the CPU or copied over, as a cost model measured
         at start says. `gpu_options`: keywords for offload.gpu.attach (calibration: a
         Calibration to use instead of measuring; output: False keeps the output matrix off
-        the device). Without
-        a GPU it raises OffloadError (OFFLOAD_GPU_SIMULATOR=1: Numba's CUDA simulator). None
-        (default): no GPU code is loaded."""
+        the device). Given without a GPU, it raises OffloadError (OFFLOAD_GPU_SIMULATOR=1:
+        Numba's CUDA simulator). None (default): "auto" (or $OFFLOAD_VRAM_BUDGET) when an
+        NVIDIA driver is loaded, with a warning and the CPU if the GPU cannot be used; without
+        one no GPU code is loaded. "off" (or 0): the CPU only."""
         gguf = GGUFFile(path)
         try:
             args = arch.model_args(gguf)
@@ -117,12 +119,7 @@ class Model:
             else:
                 experts = TieredExperts(gguf, plan, args, policy=cache_policy, io_threads=io_threads)
             transformer = Transformer(args, weights, experts, n_ctx)
-            if vram_budget is not None:
-                from . import gpu
-                from .weights import expert_layouts
-
-                gpu.attach(transformer, weights, experts, expert_layouts(gguf, args), args.n_expert_used, vram_budget,
-                           **(gpu_options or {}))
+            _attach_gpu(transformer, weights, experts, gguf, args, vram_budget, gpu_options)
             if prefetch and prefetch_depth > 0 and isinstance(experts, TieredExperts) and not experts.all_resident:
                 from .predict import Prefetcher, make_predictor
 
@@ -432,6 +429,29 @@ class Model:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _attach_gpu(transformer, weights, experts, gguf, args, vram_budget, gpu_options) -> None:
+    """The GPU tier: as asked (`vram_budget` a size or share), or by default ("auto", or
+    $OFFLOAD_VRAM_BUDGET) when an NVIDIA GPU is present, falling back to the CPU with a
+    warning if it cannot be used."""
+    from . import gpu
+
+    implicit = vram_budget is None
+    if implicit:
+        vram_budget = os.environ.get(gpu.DEFAULT_ENV, "auto")
+    if str(vram_budget).strip().lower() in gpu.OFF or (implicit and not gpu.gpu_present()):
+        return
+    from .weights import expert_layouts
+
+    try:
+        gpu.attach(transformer, weights, experts, expert_layouts(gguf, args), args.n_expert_used, vram_budget,
+                   **(gpu_options or {}))
+    except OffloadError as e:
+        if not implicit:
+            raise
+        warnings.warn(f"the GPU is not used ({e}); running on the CPU (--vram-budget off: do not try)",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _rss() -> int:

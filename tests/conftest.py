@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Tests run on the CPU even where an NVIDIA GPU is present (Model.load would use it by
+# default); the GPU tier's tests ask for it explicitly.
+os.environ["OFFLOAD_VRAM_BUDGET"] = "off"
 
 from offload.testing import TinyConfig, llama_cpp_is_avx512_build, shared_data_dir, write_model
 

@@ -116,3 +116,33 @@ def test_three_tiers_with_a_memory_budget(model_path, cpu_result):
     assert tokens == cpu_result[0]
     assert m.stats()["cache_policy"] != "resident"
     assert st["prefetch_copies"] > 0
+
+
+def test_a_present_gpu_is_used_by_default(model_path, cpu_result, monkeypatch):
+    import offload.gpu as gpu
+    from offload.gpu.device import SIMULATED_MEMORY
+
+    monkeypatch.delenv("OFFLOAD_VRAM_BUDGET")  # what conftest sets; a user has none
+    monkeypatch.setattr(gpu, "gpu_present", lambda: True)
+    tokens, _, stats, _ = _run(model_path, gpu_options={"output": False})  # the simulator's slowest matrix
+    assert stats is not None and stats["vram_budget"] == int(SIMULATED_MEMORY * gpu.AUTO_SHARE_OF_FREE)
+    assert tokens == cpu_result[0]
+    monkeypatch.setenv("OFFLOAD_VRAM_BUDGET", "off")
+    assert _run(model_path)[2] is None
+
+
+def test_the_default_falls_back_to_the_cpu_when_the_gpu_cannot_be_used(model_path, cpu_result, monkeypatch):
+    import offload.gpu as gpu
+    from offload.errors import OffloadError
+
+    def broken(*a, **k):
+        raise OffloadError("numba's CUDA support is missing")
+
+    monkeypatch.delenv("OFFLOAD_VRAM_BUDGET")
+    monkeypatch.setattr(gpu, "gpu_present", lambda: True)
+    monkeypatch.setattr(gpu, "attach", broken)
+    with pytest.warns(RuntimeWarning, match="the GPU is not used .numba's CUDA support is missing"):
+        tokens, _, stats, _ = _run(model_path)
+    assert stats is None and tokens == cpu_result[0]
+    with pytest.raises(OffloadError, match="CUDA support is missing"):  # asked for: an error, not a fallback
+        _run(model_path, vram_budget="auto")

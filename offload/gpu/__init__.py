@@ -13,11 +13,23 @@ OFFLOAD_GPU_SIMULATOR=1 runs it all on Numba's CUDA simulator (tests, tiny model
 
 from __future__ import annotations
 
+import os
 import re
 
 from ..errors import BudgetError
 
 AUTO_SHARE_OF_FREE = 0.9  # --vram-budget auto: this share of the free GPU memory
+
+
+OFF = ("0", "off", "none", "cpu")  # --vram-budget values that keep the GPU out
+
+
+DEFAULT_ENV = "OFFLOAD_VRAM_BUDGET"  # the budget when none is given (the tests set "off")
+
+
+def gpu_present() -> bool:
+    """Whether an NVIDIA GPU is likely here, asked without loading any CUDA code."""
+    return os.path.exists("/proc/driver/nvidia/version")
 
 
 def parse_vram_budget(value: str | int, free_bytes: int) -> tuple[int, str]:
