@@ -103,24 +103,15 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
              memory_budget, cache_policy, cache_scope, o_direct, record_trace=None, prefetch_depth=None,
              no_prefetch=False, vram_budget=None) -> None:
     """Continue PROMPT with MODEL (a GGUF file; default: the demo model)."""
-    from .model import Model
+    from .model import DEFAULT_PREFETCH_DEPTH, Model
     from .summary import human_bytes as hb
-
-    from .model import DEFAULT_PREFETCH_DEPTH
 
     depth = DEFAULT_PREFETCH_DEPTH if prefetch_depth is None else prefetch_depth
     with Model.load(_model_path(model), n_ctx=ctx_size, n_threads=threads, memory_budget=memory_budget,
                     cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
                     prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
                     vram_budget=vram_budget) as m:
-        p = m.plan
-        tiered = m.stats()["cache_policy"] != "resident"
-        if p is not None and p.pools and (tiered or memory_budget is not None):
-            where = ("every expert loaded" if p.all_resident else
-                     f"{p.slots} expert slots ({p.share:.0%} of experts), cold ones read from the file")
-            click.echo(f"memory budget {hb(p.budget)} ({p.budget_source}): {hb(p.fixed)} resident; {where}", err=True)
-        if m.transformer.gpu is not None:
-            click.echo(f"{m.transformer.gpu.device.name}: {m.transformer.gpu.plan.describe()}", err=True)
+        _memory_line(m, memory_budget)
         click.echo(prompt, nl=False)
         for piece in m.generate(prompt, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p,
                                 min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, record_trace=record_trace):
@@ -133,7 +124,7 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
             err=True,
         )
         st = m.stats()
-        if tiered:
+        if st["cache_policy"] != "resident":
             click.echo(
                 f"experts: {st['hits_last']} hits, {st['misses_last']} misses, {hb(st['bytes_read_per_token'])} read "
                 f"per token, {st['stall_seconds_last']:.2f} s stalled on I/O ({st['cache_policy']}); "

@@ -193,7 +193,6 @@ class TieredExperts:
         overlap the computation of the first ones)."""
         if self.all_resident:
             return 0
-        started = 0
         keys = [(layer, int(e)) for e in experts]
         with self._cond:
             self._wanted = set(keys)  # not evicted to make room for each other
@@ -202,17 +201,24 @@ class TieredExperts:
                 del self._predicted[key]
                 if key not in self._wanted and not self._cancel(key):
                     self._mark_stale(key)
-            for i, key in enumerate(keys):
-                if self._closed:
-                    break
-                order = (layer, layer, -2.0, i)  # before any prediction for this layer or later ones
-                if key in self._index:
-                    self._promote(key, PREFETCH, order)
-                    continue
-                if self._issue(key, order):
-                    started += 1
-                else:
-                    break
+            # before any prediction for this layer or later ones
+            started = self._start_reads((key, (layer, layer, -2.0, i)) for i, key in enumerate(keys))
+        return started
+
+    def _start_reads(self, ordered) -> int:
+        """Queue reads of (key, order) pairs, nearest need first (under the lock): promote
+        those already in a slot, stop at the first that finds no room (none is left for
+        the farther ones either). Returns how many reads started."""
+        started = 0
+        for key, order in ordered:
+            if self._closed:
+                break
+            if key in self._index:
+                self._promote(key, PREFETCH, order)
+            elif self._issue(key, order):
+                started += 1
+            else:
+                break
         return started
 
     def prefetch_predicted(self, layer: int, predictions) -> int:
@@ -234,7 +240,6 @@ class TieredExperts:
                 order = (int(target) + rank * self.rank_weight, int(target), -float(confidence), rank)
                 if key not in new or order < new[key]:
                     new[key] = order
-        started = 0
         with self._cond:
             if self._closed:
                 return 0
@@ -244,14 +249,7 @@ class TieredExperts:
                     if key not in self._wanted and not self._cancel(key):
                         self._mark_stale(key)
             self._predicted.update(new)
-            for key, order in sorted(new.items(), key=lambda kv: kv[1]):
-                if key in self._index:
-                    self._promote(key, PREFETCH, order)
-                    continue
-                if self._issue(key, order):
-                    started += 1
-                else:
-                    break  # no room for this one: none for the farther ones either
+            started = self._start_reads(sorted(new.items(), key=lambda kv: kv[1]))
         return started
 
     def set_prefetch_depth(self, depth: int, per_layer: int | None = None) -> None:
