@@ -1,6 +1,7 @@
 """Decode and prefill speed of offload against llama.cpp, on the same file and threads.
 
     .venv/bin/python bench/decode.py [--threads 2] [--quants Q4_K_M,Q4_0] [--decode 128] [--prefill 512]
+                                     [--model FILE.gguf]   # race this file instead (e.g. the demo model)
 
 Makes (once, cached in ~/.cache/offload/bench) a Mixtral-shaped MoE model with random
 weights: written as F16 with gguf, then quantized by llama.cpp's own quantizer. Then, per
@@ -142,6 +143,7 @@ def main() -> None:
     ap.add_argument("--quants", default="Q4_K_M,Q4_0")
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--model", type=Path, default=None, help="race this GGUF instead of the generated ones")
     opts = ap.parse_args()
 
     import llama_cpp
@@ -153,8 +155,9 @@ def main() -> None:
     tiny = model_file(TINY, "Q4_K_M", "small-mixtral")
     overhead = run_offload(tiny, opts.threads, opts.decode, 64)["ms_per_token"]
     rows, results = [], []
-    for quant in opts.quants.split(","):
-        path = model_file(SHAPE, quant, "mixtral-1g")
+    files = ([(opts.model.stem, opts.model)] if opts.model else
+             [(quant, model_file(SHAPE, quant, "mixtral-1g")) for quant in opts.quants.split(",")])
+    for quant, path in files:
         active = active_bytes_per_token(path)
         roofline = bandwidth / active
         ours = run_offload(path, opts.threads, opts.decode, opts.prefill)
@@ -173,8 +176,9 @@ def main() -> None:
                         "python_overhead_share": overhead / ours["ms_per_token"]})
     print_table(["quant", "file", "phase", "offload tok/s", "llama.cpp tok/s", "ratio", "roofline tok/s", "of roofline"],
                 rows)
-    print(f"\nPython overhead: {overhead:.2f} ms/token (the same 20-layer shape with tiny matrices); "
-          + ", ".join(f"{r['quant']}: {100 * r['python_overhead_share']:.0f}% of a token" for r in results))
+    print(f"\nPython overhead: {overhead:.2f} ms/token (the same 20-layer shape with tiny matrices)"
+          + ("" if opts.model else "; " + ", ".join(f"{r['quant']}: {100 * r['python_overhead_share']:.0f}% of a token"
+                                                  for r in results)))
     print("llama.cpp ran without its repacked weight buffers (use_extra_bufts=False) and with an F32 KV cache;"
           f" its build: {llama_build}")
     path = write_json("decode", {"machine": machine(), "threads": opts.threads,
