@@ -2,7 +2,8 @@
 
     always resident  non-expert weights (file pages of the memory map, counted with the
                      kernel's fault-around windows), norms decoded to float32, KV cache,
-                     RoPE tables, activation scratch, tokenizer
+                     RoPE tables, activation scratch, tokenizer, and the runtime's compiled
+                     kernels (Numba/LLVM, paid by the first model a process loads)
     expert slots     the rest of the budget, as a fixed arena of slots (one expert each)
 
 A budget below the minimum (resident + the slots one layer's top-k needs + the prefetch
@@ -26,6 +27,12 @@ N_UBATCH = 512  # forward.N_UBATCH: the longest batch the forward pass runs at o
 LOGITS_ROWS = 32  # rows of logits planned for (a generation needs one; `logits` returns one per token)
 TOKENIZER_BYTES_PER_TOKEN = 256  # llama.cpp's vocabulary tables, measured (~7 MiB at 32k)
 BASE_OVERHEAD = 2 << 20  # Python objects of the model, thread stack, file tables
+# The first kernel a process runs brings up Numba's LLVM code generator and maps llvmlite's
+# library: 43 MiB of RSS (29 MiB of it shared-library pages), then ~0.3 MiB per kernel loaded
+# from the on-disk cache; 45-46 MiB in all, measured for Q8_0 and Q4_K_M models. Counted in
+# every plan (a second model in the same process does not pay it again: the plan is then
+# conservative by this much). tests/test_store.py checks it in a fresh process.
+RUNTIME_BYTES = 48 << 20
 
 
 def _up(n: int, a: int) -> int:
@@ -60,6 +67,7 @@ class MemoryPlan:
     kv_cache: int
     scratch: int
     overhead: int
+    runtime: int = RUNTIME_BYTES
     pools: list[SlotPool] = field(default_factory=list)
     o_direct: bool = False
     scope: str = "global"
@@ -69,7 +77,7 @@ class MemoryPlan:
 
     @property
     def fixed(self) -> int:
-        return self.resident_weights + self.kv_cache + self.scratch + self.overhead
+        return self.resident_weights + self.kv_cache + self.scratch + self.overhead + self.runtime
 
     @property
     def minimum(self) -> int:
@@ -116,7 +124,7 @@ class MemoryPlan:
         lines = [
             f"memory budget     {_h(self.budget)} ({self.budget_source})",
             f"resident          {_h(self.fixed)}: weights {_h(self.resident_weights)}, KV cache {_h(self.kv_cache)}, "
-            f"scratch {_h(self.scratch)}, other {_h(self.overhead)}",
+            f"scratch {_h(self.scratch)}, compiled kernels {_h(self.runtime)}, other {_h(self.overhead)}",
         ]
         if self.pools:
             sizes = sorted({p.slot_bytes for p in self.pools})
