@@ -5,6 +5,12 @@
  *       out preallocated float32 (n_tokens, n_rows); bsums None unless fmt dots with Q8_K.
  *   matmul_tiled(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)
  *       the same for Q2_K..Q6_K in the order of ggml's tiled GEMM (8+ tokens, see tiled.c)
+ *   matmul_x(x, n_tokens, n_cols, specs)
+ *       x float32 (n_tokens, n_cols), specs a tuple of (fmt, w, out, n_rows): quantizes x once
+ *       per activation type (as ggml converts it) and runs each matmul (the row-dot kernels,
+ *       not the tiled ones): one call per group of matrices sharing an input (Q/K/V, gate/up)
+ *   quantize(kind, x, qs, d, bsums, n_tokens, n_cols)
+ *       the activation conversion alone ("Q8_0": bsums None, or "Q8_K"), for tests
  *   attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim)
  *       causal GQA of n new queries over one layer's F32 cache (see attention.c)
  *   formats() -> {name: (vec_dot_type, [isa, ...])}
@@ -15,9 +21,11 @@
 #include <Python.h>
 #include <math.h>
 #include <omp.h>
+#include <stdlib.h>
 
 #include "attention.h"
 #include "kernels.h"
+#include "quantize.h"
 #include "tiled.h"
 
 /* Format tables are defined in their own files; weak, so a format whose file is absent
@@ -122,6 +130,139 @@ done:
     PyBuffer_Release(&xd);
     if (bs.obj) PyBuffer_Release(&bs);
     PyBuffer_Release(&out);
+    return result;
+}
+
+/* Quantize n_tokens rows of x for activation type `act` into the given buffers. */
+static void quantize_rows(int act, const float *x, int8_t *qs, float *d, int16_t *bsums, Py_ssize_t n_tokens,
+                          int n_cols) {
+    for (Py_ssize_t t = 0; t < n_tokens; t++) {
+        if (act == ACT_Q8_K)
+            quantize_row_q8_k(x + t * n_cols, qs + t * n_cols, d + t * (n_cols / 256), bsums + t * (n_cols / 16),
+                              n_cols);
+        else
+            quantize_row_q8_0(x + t * n_cols, qs + t * n_cols, d + t * (n_cols / 32), n_cols);
+    }
+}
+
+static PyObject *py_quantize(PyObject *self, PyObject *args) {
+    const char *kind;
+    Py_buffer x = {0}, qs = {0}, d = {0}, bs = {0};
+    PyObject *bsums_obj;
+    Py_ssize_t n_tokens, n_cols;
+    if (!PyArg_ParseTuple(args, "sy*w*w*Onn", &kind, &x, &qs, &d, &bsums_obj, &n_tokens, &n_cols)) return NULL;
+    PyObject *result = NULL;
+    const int act = strcmp(kind, "Q8_K") == 0 ? ACT_Q8_K : strcmp(kind, "Q8_0") == 0 ? ACT_Q8_0 : -1;
+    const Py_ssize_t block = act == ACT_Q8_K ? 256 : 32;
+    if (act < 0 || n_tokens < 0 || n_cols <= 0 || n_cols % block || n_cols > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "quantize %s: bad kind or shape (%zd, %zd)", kind, n_tokens, n_cols);
+        goto done;
+    }
+    if (act == ACT_Q8_K && (bsums_obj == Py_None || PyObject_GetBuffer(bsums_obj, &bs, PyBUF_WRITABLE) < 0)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "quantize Q8_K needs a bsums buffer");
+        goto done;
+    }
+    if (x.len < n_tokens * n_cols * 4 || qs.len < n_tokens * n_cols || d.len < n_tokens * (n_cols / block) * 4 ||
+        (act == ACT_Q8_K && bs.len < n_tokens * (n_cols / 16) * 2)) {
+        PyErr_Format(PyExc_ValueError, "quantize %s: a buffer is smaller than its shape says", kind);
+        goto done;
+    }
+    quantize_rows(act, x.buf, qs.buf, d.buf, bs.obj ? bs.buf : NULL, n_tokens, (int)n_cols);
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&qs);
+    PyBuffer_Release(&d);
+    if (bs.obj) PyBuffer_Release(&bs);
+    return result;
+}
+
+#define MATMUL_X_MAX 8          /* matrices sharing one input in one call (Q, K, V; gate, up) */
+#define MATMUL_X_STACK 16384    /* activation values quantized on the stack; more go to the heap */
+
+/* One token batch's activations in both quantized forms, as far as the call needs them. */
+typedef struct {
+    int8_t *qs[2];
+    float *d[2];
+    int16_t *bsums;
+} act_buffers;
+
+static PyObject *py_matmul_x(PyObject *self, PyObject *args) {
+    Py_buffer x = {0};
+    Py_ssize_t n_tokens, n_cols;
+    PyObject *specs;
+    if (!PyArg_ParseTuple(args, "y*nnO!", &x, &n_tokens, &n_cols, &PyTuple_Type, &specs)) return NULL;
+    const Py_ssize_t n_mats = PyTuple_GET_SIZE(specs);
+    const format_kernels *f[MATMUL_X_MAX];
+    Py_buffer w[MATMUL_X_MAX] = {{0}}, out[MATMUL_X_MAX] = {{0}};
+    Py_ssize_t n_rows[MATMUL_X_MAX];
+    Py_ssize_t got = 0;
+    PyObject *result = NULL;
+    void *heap = NULL;
+    int need[2] = {0, 0};
+    if (n_mats < 1 || n_mats > MATMUL_X_MAX || n_tokens < 0 || n_cols <= 0 || n_cols % 32 || n_cols > INT32_MAX ||
+        x.len < n_tokens * n_cols * 4) {
+        PyErr_Format(PyExc_ValueError, "matmul_x: bad call (%zd matrices, tokens=%zd, cols=%zd)", n_mats, n_tokens,
+                     n_cols);
+        goto done;
+    }
+    for (; got < n_mats; got++) {
+        const char *name;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(specs, got), "sy*w*n", &name, &w[got], &out[got], &n_rows[got]))
+            goto done;
+        f[got] = find_format(name);
+        if (!f[got]) {
+            PyErr_Format(PyExc_ValueError, "no C kernel for %s", name);
+            got++;
+            goto done;
+        }
+        const Py_ssize_t row_bytes = n_cols / f[got]->block_size * f[got]->block_bytes;
+        if (n_rows[got] < 0 || n_cols % f[got]->block_size || (f[got]->act == ACT_Q8_K && n_cols % 256) ||
+            w[got].len < n_rows[got] * row_bytes || out[got].len < n_rows[got] * n_tokens * (Py_ssize_t)sizeof(float)) {
+            PyErr_Format(PyExc_ValueError, "%s matmul_x: a buffer or shape does not fit (rows=%zd cols=%zd tokens=%zd)",
+                         name, n_rows[got], n_cols, n_tokens);
+            got++;
+            goto done;
+        }
+        need[f[got]->act] = 1;
+    }
+    /* int8 values and scales of each needed kind, then the Q8_K block sums */
+    const Py_ssize_t n_vals = n_tokens * n_cols;
+    const size_t bytes = (size_t)n_vals * 2 + (size_t)(n_vals / 32 + n_vals / 256) * sizeof(float) +
+                         (size_t)(n_vals / 16) * sizeof(int16_t) + 64;
+    _Alignas(64) uint8_t stack[MATMUL_X_STACK * 2 + (MATMUL_X_STACK / 32 + MATMUL_X_STACK / 256) * 4 +
+                               (MATMUL_X_STACK / 16) * 2 + 64];
+    uint8_t *p = (uint8_t *)stack;
+    if (n_vals > MATMUL_X_STACK) {
+        p = heap = malloc(bytes);
+        if (!heap) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    act_buffers a;
+    a.d[ACT_Q8_0] = (float *)p;
+    a.d[ACT_Q8_K] = a.d[ACT_Q8_0] + n_vals / 32;
+    a.bsums = (int16_t *)(a.d[ACT_Q8_K] + n_vals / 256);
+    a.qs[ACT_Q8_0] = (int8_t *)(a.bsums + n_vals / 16);
+    a.qs[ACT_Q8_K] = a.qs[ACT_Q8_0] + n_vals;
+    Py_BEGIN_ALLOW_THREADS
+    for (int kind = 0; kind < 2; kind++)
+        if (need[kind]) quantize_rows(kind, x.buf, a.qs[kind], a.d[kind], a.bsums, n_tokens, (int)n_cols);
+    for (Py_ssize_t i = 0; i < n_mats; i++) {
+        const int kind = f[i]->act;
+        run_matmul(pick(f[i]), f[i], w[i].buf, a.qs[kind], a.d[kind], kind == ACT_Q8_K ? a.bsums : NULL, out[i].buf,
+                   n_rows[i], (int)n_cols, n_tokens);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    free(heap);
+    for (Py_ssize_t i = 0; i < got; i++) {
+        PyBuffer_Release(&w[i]);
+        PyBuffer_Release(&out[i]);
+    }
+    PyBuffer_Release(&x);
     return result;
 }
 
@@ -256,6 +397,8 @@ static PyObject *py_set_num_threads(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "matmul(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)"},
+    {"matmul_x", py_matmul_x, METH_VARARGS, "matmul_x(x, n_tokens, n_cols, ((fmt, w, out, n_rows), ...))"},
+    {"quantize", py_quantize, METH_VARARGS, "quantize(kind, x, qs, d, bsums, n_tokens, n_cols)"},
     {"matmul_tiled", py_matmul_tiled, METH_VARARGS, "matmul_tiled(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)"},
     {"attention", py_attention, METH_VARARGS, "attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim)"},
     {"formats", py_formats, METH_NOARGS, "{format: (vec_dot_type, [isa, ...])} of the kernels built in"},

@@ -127,3 +127,70 @@ def test_select_kernels():
             select_kernels("fortran")
     finally:
         select_kernels()
+
+
+# -- one C call per matmul group: activations quantized in C ------------------------------
+
+@pytest.mark.parametrize("kind,n_cols", [("Q8_0", 288), ("Q8_K", 512)])
+def test_c_quantize_equals_numba(kind, n_cols):
+    """The C activation quantizers give the Numba ones' bits: every magnitude from subnormal to
+    past the largest half, zero blocks, ties."""
+    from offload.kernels import dispatch, numba_kernels as nk
+
+    rng = np.random.default_rng(5)
+    for trial in range(60):
+        n = 1 + trial % 3
+        x = (rng.standard_normal((n, n_cols)) * 10.0 ** rng.uniform(-40, 5)).astype(np.float32)
+        x[:, : 32 * (trial % 2)] = 0.0
+        x[0, 3] = [7e4, 1e-42, 0.5, -127.5][trial % 4]
+        want = (nk.quantize_q8_0 if kind == "Q8_0" else nk.quantize_q8_k)(x)
+        got = cext.quantize(kind, x, dispatch._ACT_LAYOUTS[kind](n, n_cols))
+        for w, g in zip(want, got):
+            np.testing.assert_array_equal(w.view(np.uint8), g.view(np.uint8))
+
+
+GROUPS = [("Q8_0",), ("Q4_0", "Q4_0", "Q4_0"), ("Q4_K", "Q6_K"), ("Q8_0", "Q4_K", "Q6_K"), ("Q2_K", "Q3_K", "Q5_K"),
+          ("MXFP4", "Q8_0")]
+
+
+@pytest.mark.parametrize("group", GROUPS, ids="+".join)
+@pytest.mark.parametrize("n_tokens", [1, 3, 9])
+def test_one_call_equals_two_steps(group, n_tokens, monkeypatch):
+    """matmuls() through cext.matmul_x (one call: quantize once per activation type, run every
+    matrix) gives the bits of the two-step path (Numba quantizer, a kernel call per matrix)."""
+    from offload.kernels import dispatch
+    from offload.kernels.formats import QMatrix
+
+    if not set(group) <= set(cext.formats()):
+        pytest.skip("a format of the group has no C kernel here")
+    n_cols = 512
+    ws = [QMatrix.from_raw(T[name], realistic(T[name], 24 + 8 * i, n_cols, seed=i), 24 + 8 * i, n_cols)
+          for i, name in enumerate(group)]
+    x = tokens(n_tokens, n_cols, seed=7)
+    calls = []
+    real = cext.matmul_x
+    monkeypatch.setattr(cext, "matmul_x", lambda *a: (calls.append(a), real(*a))[1])
+    got = dispatch.matmuls(tuple(ws), x)
+    one = [dispatch.matmul(w, x) for w in ws]
+    tiled = [n_tokens >= dispatch.TILED_MIN_TOKENS and T[name] in dispatch.TILED_TYPES for name in group]
+    # the group in one call unless a matrix goes to a tiled kernel, then each matrix alone that does not
+    assert len(calls) == (0 if any(tiled) else 1) + tiled.count(False)
+    monkeypatch.setattr(dispatch, "_ONE_CALL", False)
+    want = dispatch.matmuls(tuple(ws), x)
+    for g, o, w in zip(got, one, want):
+        np.testing.assert_array_equal(bits(g), bits(w))
+        np.testing.assert_array_equal(bits(o), bits(w))
+
+
+def test_one_call_rejects_bad_buffers():
+    raw = realistic(T.Q8_0, 4, 64, seed=0)
+    x = tokens(1, 64, seed=0)
+    out = np.empty((1, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="does not fit"):
+        cext.matmul_x(x, 1, (("Q8_0", raw[:3], out, 4),))
+    with pytest.raises(ValueError, match="does not fit"):
+        cext.matmul_x(x, 1, (("Q8_0", raw, out[:, :3], 4),))
+    with pytest.raises(ValueError, match="no C kernel"):
+        cext.matmul_x(x, 1, (("IQ2_XXS", raw, out, 4),))
+    with pytest.raises(ValueError, match="bad call"):
+        cext.matmul_x(x, 1, ())

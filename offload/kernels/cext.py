@@ -51,6 +51,25 @@ def set_num_threads(n: int) -> None:
         _cext.set_num_threads(n)
 
 
+MATMUL_X_MAX = 8  # matrices one matmul_x call takes (cext/module.c)
+
+
+def has_matmul_x() -> bool:
+    return _cext is not None and hasattr(_cext, "matmul_x")
+
+
+def matmul_x(x: np.ndarray, n_tokens: int, specs: tuple) -> None:
+    """Quantize x (float32, C-contiguous) once per activation type and run each (fmt name, w,
+    out, n_rows) of `specs` on it: a whole matmul group in one C call."""
+    _cext.matmul_x(x, n_tokens, x.shape[1], specs)
+
+
+def quantize(kind: str, x: np.ndarray, out: tuple) -> tuple:
+    """The C twin of numba_kernels.quantize_q8_0 / quantize_q8_k, into `out` (qs, d[, bsums])."""
+    _cext.quantize(kind, x, out[0], out[1], out[2] if len(out) > 2 else None, x.shape[0], x.shape[1])
+    return out
+
+
 def attention(q, k, v, out, n: int, start: int, n_head: int, n_head_kv: int, head_dim: int) -> None:
     _cext.attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim)
 

@@ -14,6 +14,10 @@ fills `KERNELS` with the C kernel where the extension was built, else the Numba 
 
 One more rule of ggml's: a K-quant matmul of 8 or more tokens goes through its tiled GEMM,
 which rounds in another order (see `tiled`); `TILED_KERNELS` serve those calls.
+
+Where the C kernels serve every matrix of a call (`C_FORMATS`), one C call converts the
+activations and runs the matrices that share them (`cext.matmul_x`): the same bits as the
+two steps above, without a Numba call and the Python between them for every matrix.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ NUMBA_KERNELS: dict[GGMLQuantizationType, Kernel] = {
 KERNELS: dict[GGMLQuantizationType, Kernel] = {}
 TILED_KERNELS: dict[GGMLQuantizationType, Kernel] = {}  # K-quants with >= TILED_MIN_TOKENS tokens
 C_FORMATS: set[GGMLQuantizationType] = set()  # those served by the C extension now
+_ONE_CALL = False  # cext.matmul_x serves the C formats (select_kernels)
 
 
 def select_kernels(implementation: str | None = None) -> None:
@@ -72,6 +77,8 @@ def select_kernels(implementation: str | None = None) -> None:
     for t in TILED_TYPES:
         TILED_KERNELS[t] = _numba_tiled(t)
     C_FORMATS.clear()
+    global _ONE_CALL
+    _ONE_CALL = False
     if implementation == "numba":
         return
     if not cext.available():
@@ -87,6 +94,7 @@ def select_kernels(implementation: str | None = None) -> None:
         kernel = cext.c_tiled_kernel(t.name)
         if kernel is not None:
             TILED_KERNELS[t] = kernel
+    _ONE_CALL = cext.has_matmul_x() and os.environ.get("OFFLOAD_ONE_CALL", "1") != "0"
 
 
 def _numba_tiled(t: GGMLQuantizationType) -> Kernel:
@@ -142,12 +150,28 @@ def _check(w: QMatrix, x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def _run(w: QMatrix, act: Activations, n_tokens: int, out: np.ndarray | None, expert: bool) -> np.ndarray:
+def _output(w: QMatrix, n_tokens: int, out: np.ndarray | None) -> np.ndarray:
     shape = (n_tokens, w.n_rows)
     if out is None:
-        out = np.empty(shape, dtype=np.float32)
-    elif out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous or not out.flags.writeable:
+        return np.empty(shape, dtype=np.float32)
+    if out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError(f"out must be a writable C-contiguous float32 {shape}, got {out.dtype} {out.shape}")
+    return out
+
+
+def _one_call(ws, n_tokens: int) -> bool:
+    """Whether cext.matmul_x serves all of `ws` for this many tokens (row-dot kernels, not tiled)."""
+    if not _ONE_CALL or n_tokens == 0 or len(ws) > cext.MATMUL_X_MAX:
+        return False
+    for w in ws:
+        t = w.fmt.ggml_type
+        if t not in C_FORMATS or (n_tokens >= TILED_MIN_TOKENS and t in TILED_TYPES):
+            return False
+    return True
+
+
+def _run(w: QMatrix, act: Activations, n_tokens: int, out: np.ndarray | None, expert: bool) -> np.ndarray:
+    out = _output(w, n_tokens, out)
     if out.size == 0:
         return out
     if n_tokens >= TILED_MIN_TOKENS and w.fmt.ggml_type in TILED_TYPES:
@@ -168,7 +192,12 @@ def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, expert: boo
     silent float64 -> float32 cast would hide a numerics bug upstream).
     """
     x = _check(w, x)
-    return _run(w, convert_activations(w.fmt.vec_dot_type, x), x.shape[0], out, expert)
+    n = x.shape[0]
+    if _one_call((w,), n):
+        out = _output(w, n, out)
+        cext.matmul_x(x, n, ((w.fmt.name, w.data, out, w.n_rows),))
+        return out
+    return _run(w, convert_activations(w.fmt.vec_dot_type, x), n, out, expert)
 
 
 def matmuls(ws: tuple[QMatrix, ...], x: np.ndarray, expert: bool = False,
@@ -176,11 +205,17 @@ def matmuls(ws: tuple[QMatrix, ...], x: np.ndarray, expert: bool = False,
     """[matmul(w, x, out) for w, out in zip(ws, outs)], converting x once per vec_dot_type
     (as Q, K and V, or an expert's gate and up, share their input)."""
     x = _check(ws[0], x)
+    for w in ws[1:]:
+        if not isinstance(w, QMatrix) or w.n_cols != x.shape[1]:
+            _check(w, x)  # raises the error
+    n = x.shape[0]
+    if _one_call(ws, n):
+        results = [_output(w, n, outs[i] if outs else None) for i, w in enumerate(ws)]
+        cext.matmul_x(x, n, tuple((w.fmt.name, w.data, out, w.n_rows) for w, out in zip(ws, results)))
+        return results
     acts: dict[str, Activations] = {}
     results = []
     for i, w in enumerate(ws):
-        if i and (not isinstance(w, QMatrix) or w.n_cols != x.shape[1]):
-            _check(w, x)  # raises the error
         t = w.fmt.vec_dot_type
         if t not in acts:
             acts[t] = convert_activations(t, x)
