@@ -8,7 +8,7 @@
 #include "quantize.h"
 
 /* Compiled for AVX2 (rounding in one instruction, 8 lanes) and for any x86-64, picked at load. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__) /* ifunc */
 #define MULTIVERSION __attribute__((target_clones("avx2", "default")))
 #else
 #define MULTIVERSION
