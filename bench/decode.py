@@ -12,8 +12,11 @@ quantization, in one process, same file, same thread count:
 * prefill tok/s: one --prefill-token prompt (logits of the last position only),
 * the roofline: weight bytes one decode token must read (attention, router, output, and
   top-k experts per layer) / the streaming-read bandwidth measured in the same run,
-* offload's Python overhead per token: the same model shape with tiny matrices, where the
-  kernels take ~0, so what is left is the per-layer interpreter work.
+* offload's Python overhead per token, two ways: (a) the same model with the C kernels
+  (matmuls, attention) replaced by no-ops, so what is left is the interpreter, Numba's small
+  ops and the router: the share of a real token that is not kernel time; (b) the same model
+  shape with tiny matrices (kernels cheap but not free: the 32000-row output matrix alone
+  is 4.6 MB), an upper bound kept for comparison with earlier runs.
 
 llama.cpp runs with `use_extra_bufts = False` (its repacked weight buffers crash on Xeons
 with AMX) and an F32 KV cache like offload's; on a laptop with the repacked buffers it is
@@ -114,6 +117,34 @@ def run_offload(path: Path, threads: int, n_decode: int, n_prefill: int) -> dict
             "ms_per_token": 1e3 * decode_s / n_decode}
 
 
+class _NoKernels:
+    """Stands in for offload._cext: the matmul and attention entry points do nothing (their
+    outputs keep whatever the reused buffers held), everything else is the real module."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        if name in ("matmul", "matmul_x", "matmul_tiled", "attention"):
+            return lambda *args: None
+        return getattr(self._real, name)
+
+
+def python_overhead_ms(path: Path, threads: int, n_decode: int) -> float:
+    """ms per decode token with the C kernels stubbed out: the time that is not kernel time."""
+    from offload.kernels import cext, select_kernels
+
+    real = cext._cext
+    cext._cext = _NoKernels(real)
+    select_kernels()  # the kernel table binds the module's functions when it is made
+    try:
+        with np.errstate(all="ignore"):  # the stubbed outputs are not numbers anyone reads
+            return run_offload(path, threads, n_decode, 16)["ms_per_token"]
+    finally:
+        cext._cext = real
+        select_kernels()
+
+
 def run_llama_cpp(path: Path, threads: int, n_decode: int, n_prefill: int) -> dict:
     llm = llama_cpp_model(path, n_ctx=max(n_prefill, 16 + n_decode) + 32, n_threads=threads, logits_all=False)
     n_vocab = llm.n_vocab()
@@ -163,6 +194,8 @@ def main() -> None:
         roofline = bandwidth / active
         ours = run_offload(path, opts.threads, opts.decode, opts.prefill)
         gc.collect()
+        host_ms = python_overhead_ms(path, opts.threads, opts.decode)
+        gc.collect()
         theirs = run_llama_cpp(path, opts.threads, opts.decode, opts.prefill)
         gc.collect()
         size_gb = path.stat().st_size / 1e9
@@ -173,13 +206,18 @@ def main() -> None:
                          f"{100 * ours[what] / roofline:.0f}%" if what == "decode_tok_s" else ""])
         results.append({"quant": quant, "file_bytes": path.stat().st_size, "active_bytes_per_token": active,
                         "roofline_tok_s": roofline, "offload": ours, "llama_cpp": theirs,
-                        "python_overhead_ms_per_token": overhead,
-                        "python_overhead_share": None if overhead is None else overhead / ours["ms_per_token"]})
+                        "python_overhead_ms_per_token": host_ms,
+                        "python_overhead_share": host_ms / ours["ms_per_token"],
+                        "tiny_model_ms_per_token": overhead,
+                        "tiny_model_share": None if overhead is None else overhead / ours["ms_per_token"]})
     print_table(["quant", "file", "phase", "offload tok/s", "llama.cpp tok/s", "ratio", "roofline tok/s", "of roofline"],
                 rows)
+    print("\nPython overhead (decode with the C kernels stubbed out): "
+          + ", ".join(f"{r['quant']}: {r['python_overhead_ms_per_token']:.2f} ms/token, "
+                      f"{100 * r['python_overhead_share']:.0f}% of a token" for r in results))
     if overhead is not None:
-        print(f"\nPython overhead: {overhead:.2f} ms/token (the same 20-layer shape with tiny matrices); "
-              + ", ".join(f"{r['quant']}: {100 * r['python_overhead_share']:.0f}% of a token" for r in results))
+        print(f"The same 20-layer shape with tiny matrices (kernels cheap, not free): {overhead:.2f} ms/token; "
+              + ", ".join(f"{r['quant']}: {100 * r['tiny_model_share']:.0f}% of a token" for r in results))
     print("llama.cpp ran without its repacked weight buffers (use_extra_bufts=False) and with an F32 KV cache;"
           f" its build: {llama_build}")
     path = write_json("decode", {"machine": machine(), "threads": opts.threads,
