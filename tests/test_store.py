@@ -395,22 +395,26 @@ with Model.load(path, memory_budget=budget, n_ctx=n_ctx) as m:
 """
 
 
-@pytest.mark.parametrize("which", ["demo", "big"])
-def test_a_fresh_process_stays_within_the_budget(which, model_factory):
+@pytest.mark.parametrize("which,kernels", [("demo", "c"), ("demo", "numba"), ("big", "c")])
+def test_a_fresh_process_stays_within_the_budget(which, kernels, model_factory):
     """The first model a process loads pays for the compiled kernels too (Numba's LLVM): the
     plan counts them, so peak RSS growth from `import offload` stays within the budget, at
-    the minimum and with every expert resident, with a whole context of prompt."""
+    the minimum and with every expert resident, with a whole context of prompt; also with
+    the Numba kernels alone (more of them are compiled)."""
+    import os
+
     from offload import arch
     from offload.demo import demo_model_path
 
     path = demo_model_path() if which == "demo" else str(model_factory(BIG, "F32", 0))
+    env = dict(os.environ, OFFLOAD_KERNELS=kernels)
     g = GGUFFile(path)
     n_ctx = 512 if which == "demo" else BIG.n_ctx
     p = make_plan(g, arch.model_args(g), n_ctx, 0)
     g.close()
     for budget in (p.minimum, p.full):
         r = subprocess.run([sys.executable, "-c", _COLD_RSS_SCRIPT, path, str(budget), str(n_ctx)],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=300, env=env)
         assert r.returncode == 0, r.stderr
         row = json.loads(r.stdout.strip().splitlines()[-1])
         assert row["growth"] <= budget, (budget, row)
