@@ -5,7 +5,11 @@
  *              in double, then times (float)(1 / sum)
  *   out[d]   = sum_p V[p, d] * probs[p], lanes over positions: 8 lanes + hsum_float_8
  *              (tinyBLAS) when `gemm8`, else 32 lanes folded as vec_dot_f32.
- * Positions past the end weigh exactly 0 in all three, so no padding is needed.
+ * Positions past the end weigh exactly 0 in all three, so no padding is needed. Nor are the
+ * masked positions after a query's own visited: their probabilities are exactly +0, whose
+ * exp chunks add +0.0 to the double sum and whose products add +0 to V lanes that start at
+ * +0 (a sum with +0 never becomes -0), so leaving them out changes no bit and halves the
+ * work of a causal prompt.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -69,15 +73,15 @@ static void softmax_portable(float *probs, int end) {
 }
 
 static void attend_portable(const attention_args *a, int h, int t, float *probs, float *vacc) {
-    const int hd = a->head_dim, end = a->start + a->n, last = a->start + t;
+    const int hd = a->head_dim, live = a->start + t + 1;  /* the positions this query sees */
     const int kv0 = (h / (a->n_head / a->n_head_kv)) * hd;
     const float *q = a->q + (size_t)t * a->q_stride + (size_t)h * hd;
-    for (int p = 0; p < end; p++)
-        probs[p] = p > last ? -INFINITY : dot_f32_portable(a->k + (size_t)p * a->kv_stride + kv0, q, hd) * a->scale;
-    softmax_portable(probs, end);
+    for (int p = 0; p < live; p++)
+        probs[p] = dot_f32_portable(a->k + (size_t)p * a->kv_stride + kv0, q, hd) * a->scale;
+    softmax_portable(probs, live);
     const int width = a->gemm8 ? 8 : 32;
     memset(vacc, 0, sizeof(float) * 32 * hd);
-    for (int p = 0; p < end; p++) {
+    for (int p = 0; p < live; p++) {
         float *lane = vacc + (p % width) * hd;
         const float *v = a->v + (size_t)p * a->kv_stride + kv0;
         for (int d = 0; d < hd; d++) lane[d] = fmaf(v[d], probs[p], lane[d]);
@@ -148,15 +152,15 @@ static TARGET_AVX2 void softmax_avx2(float *probs, int end) {
 }
 
 static TARGET_AVX2 void attend_avx2(const attention_args *a, int h, int t, float *probs, float *vacc) {
-    const int hd = a->head_dim, end = a->start + a->n, last = a->start + t;
+    const int hd = a->head_dim, live = a->start + t + 1;  /* the positions this query sees */
     const int kv0 = (h / (a->n_head / a->n_head_kv)) * hd;
     const float *q = a->q + (size_t)t * a->q_stride + (size_t)h * hd;
-    for (int p = 0; p < end; p++)
-        probs[p] = p > last ? -INFINITY : dot_f32_avx2(a->k + (size_t)p * a->kv_stride + kv0, q, hd) * a->scale;
-    softmax_avx2(probs, end);
+    for (int p = 0; p < live; p++)
+        probs[p] = dot_f32_avx2(a->k + (size_t)p * a->kv_stride + kv0, q, hd) * a->scale;
+    softmax_avx2(probs, live);
     const int width = a->gemm8 ? 8 : 32, hd8 = hd - hd % 8;
     memset(vacc, 0, sizeof(float) * 32 * hd);
-    for (int p = 0; p < end; p++) {
+    for (int p = 0; p < live; p++) {
         float *lane = vacc + (p % width) * hd;
         const float *v = a->v + (size_t)p * a->kv_stride + kv0;
         const __m256 w = _mm256_set1_ps(probs[p]);
@@ -183,7 +187,7 @@ int attention_run(const attention_args *a, int use_avx2) {
         /* per-thread scratch: probabilities (padded to 8) and the 32 lanes of V sums */
         float *probs = malloc(sizeof(float) * ((size_t)end + 8));
         float *vacc = malloc(sizeof(float) * 32 * (size_t)a->head_dim);
-#pragma omp for schedule(static)
+#pragma omp for schedule(static, 1) /* interleaved: a causal prompt's later queries cost more */
         for (int i = 0; i < items; i++) {
             const int h = i / a->n, t = i % a->n;
             if (!probs || !vacc) {

@@ -54,12 +54,9 @@ def _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, scale, o
         kv0 = g * hd
         for t in range(n):
             qrow = q[t, h * hd:(h + 1) * hd]
-            last = start + t  # causal: positions after `last` are masked
+            live = start + t + 1  # causal: later positions are masked, weigh exactly +0 and are skipped
             m = np.float32(-np.inf)
-            for p in range(end):
-                if p > last:
-                    probs[p] = -np.inf
-                    continue
+            for p in range(live):
                 acc[:] = 0.0
                 for c in range(0, main, 32):
                     for lane in range(32):
@@ -73,21 +70,21 @@ def _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, scale, o
                     m = s
             # ggml's softmax: exp in chunks of 8, each chunk's hsum added in double
             total = 0.0
-            for c in range(0, end, 8):
+            for c in range(0, live, 8):
                 lanes = acc[:8]
                 lanes[:] = 0.0
-                for p in range(c, min(c + 8, end)):
+                for p in range(c, min(c + 8, live)):
                     e = _expf1(probs[p] - m)
                     probs[p] = e
                     lanes[p - c] = e
                 total += np.float64(_hsum8(lanes))
             inv = np.float32(1.0 / total)
-            for p in range(end):
+            for p in range(live):
                 probs[p] = probs[p] * inv
             # V^T . probs, lanes over positions
             vacc[:, :] = 0.0
             width = 8 if gemm8 else 32
-            for p in range(end):
+            for p in range(live):
                 lane = vacc[p % width]
                 w = probs[p]
                 for d in range(hd):
