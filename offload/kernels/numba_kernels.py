@@ -75,7 +75,7 @@ def quantize_q8_0(x: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = Non
     return out
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")  # an infinite activation gives d = -inf, as in C, not an exception
 def _quantize_q8_k(x, qs, d, bsums):
     n, k = x.shape
     for t in range(n):
