@@ -118,14 +118,14 @@ def run_offload(path: Path, threads: int, n_decode: int, n_prefill: int) -> dict
 
 
 class _NoKernels:
-    """Stands in for offload._cext: the matmul and attention entry points do nothing (their
+    """Stands in for offload._cext: the matmul, attention and SwiGLU entry points do nothing (their
     outputs keep whatever the reused buffers held), everything else is the real module."""
 
     def __init__(self, real):
         self._real = real
 
     def __getattr__(self, name):
-        if name in ("matmul", "matmul_x", "matmul_tiled", "attention"):
+        if name in ("matmul", "matmul_x", "matmul_tiled", "attention", "silu_mul"):
             return lambda *args: None
         return getattr(self._real, name)
 

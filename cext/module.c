@@ -11,6 +11,8 @@
  *       not the tiled ones): one call per group of matrices sharing an input (Q/K/V, gate/up)
  *   quantize(kind, x, qs, d, bsums, n_tokens, n_cols)
  *       the activation conversion alone ("Q8_0": bsums None, or "Q8_K"), for tests
+ *   silu_mul(x, g, out, n_rows, n)
+ *       SwiGLU as ggml computes it (swiglu.c); out may be x
  *   attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim)
  *       causal GQA of n new queries over one layer's F32 cache (see attention.c)
  *   formats() -> {name: (vec_dot_type, [isa, ...])}
@@ -26,6 +28,7 @@
 #include "attention.h"
 #include "kernels.h"
 #include "quantize.h"
+#include "swiglu.h"
 #include "tiled.h"
 
 /* Format tables are defined in their own files; weak, so a format whose file is absent
@@ -266,6 +269,27 @@ done:
     return result;
 }
 
+static PyObject *py_silu_mul(PyObject *self, PyObject *args) {
+    Py_buffer x = {0}, g = {0}, out = {0};
+    Py_ssize_t n_rows, n;
+    if (!PyArg_ParseTuple(args, "y*y*w*nn", &x, &g, &out, &n_rows, &n)) return NULL;
+    PyObject *result = NULL;
+    const Py_ssize_t bytes = n_rows * n * (Py_ssize_t)sizeof(float);
+    if (n_rows < 0 || n < 0 || n > INT32_MAX || x.len < bytes || g.len < bytes || out.len < bytes) {
+        PyErr_Format(PyExc_ValueError, "silu_mul: a buffer is smaller than (%zd, %zd) float32", n_rows, n);
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    silu_mul_rows(x.buf, g.buf, out.buf, n_rows, (int)n, isa >= ISA_AVX2);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&g);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyObject *py_matmul_tiled(PyObject *self, PyObject *args) {
     const char *name;
     Py_buffer w = {0}, xq = {0}, xd = {0}, bs = {0}, out = {0};
@@ -397,6 +421,7 @@ static PyObject *py_set_num_threads(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "matmul(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)"},
+    {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(x, g, out, n_rows, n)"},
     {"matmul_x", py_matmul_x, METH_VARARGS, "matmul_x(x, n_tokens, n_cols, ((fmt, w, out, n_rows), ...))"},
     {"quantize", py_quantize, METH_VARARGS, "quantize(kind, x, qs, d, bsums, n_tokens, n_cols)"},
     {"matmul_tiled", py_matmul_tiled, METH_VARARGS, "matmul_tiled(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)"},

@@ -194,3 +194,26 @@ def test_one_call_rejects_bad_buffers():
         cext.matmul_x(x, 1, (("IQ2_XXS", raw, out, 4),))
     with pytest.raises(ValueError, match="bad call"):
         cext.matmul_x(x, 1, ())
+
+
+@pytest.mark.parametrize("level", cext.levels())
+@pytest.mark.parametrize("n", [8, 131, 3584, 5])
+def test_c_silu_mul_equals_numba(level, n, isa_level):
+    """SwiGLU in C (8 lanes of ggml_v_expf, libm's expf for the tail) gives the Numba twin's
+    bits at every SIMD level, on ggml_v_expf's edge paths too, and in place."""
+    from offload.kernels import ggml_math
+
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((4, n)) * np.array([[1e-3], [1.0], [10.0], [100.0]])).astype(np.float32)
+    x[0, : min(n, 8)] = [0.0, -0.0, 88.0, -88.0, 100.0, -100.0, 1e-30, -1e-30][: min(n, 8)]
+    g = rng.standard_normal((4, n)).astype(np.float32)
+    want = np.empty_like(x)
+    ggml_math._silu_mul_rows(x, g, want)
+    cext.set_isa(level)
+    got = np.empty_like(x)
+    cext.silu_mul(x, g, got, 4, n)
+    np.testing.assert_array_equal(bits(got), bits(want))
+    cext.silu_mul(x, g, x, 4, n)  # in place, as the forward pass calls it
+    np.testing.assert_array_equal(bits(x), bits(want))
+    with pytest.raises(ValueError, match="smaller"):
+        cext.silu_mul(x, g[:2], got, 4, n)

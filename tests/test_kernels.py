@@ -491,8 +491,11 @@ def test_swiglu_is_bit_exact_with_ggml():
     x = (rng.standard_normal((16, 128)) * 5).astype(np.float32)
     x[0, :8] = [0.0, -0.0, 88.0, -88.0, 100.0, -100.0, 1e-30, -1e-30]  # ggml_v_expf's edge paths
     g = rng.standard_normal((16, 128)).astype(np.float32)
-    ours = ggml_math.silu_mul(x, g)
+    ours = ggml_math.silu_mul(x, g)  # the C kernel where built
+    numba = np.empty_like(x)
+    ggml_math._silu_mul_rows(x, g, numba)
     np.testing.assert_array_equal(bits(ggml_math.silu_mul_ref(x, g)), bits(ours))
+    np.testing.assert_array_equal(bits(numba), bits(ours))
     for xr, gr, got in zip(x, g, ours):
         y = np.zeros(128, dtype=np.float32)
         lib.ggml_vec_swiglu_f32(128, y.ctypes.data, xr.ctypes.data, gr.ctypes.data)

@@ -64,6 +64,15 @@ def matmul_x(x: np.ndarray, n_tokens: int, specs: tuple) -> None:
     _cext.matmul_x(x, n_tokens, x.shape[1], specs)
 
 
+def has_silu_mul() -> bool:
+    return _cext is not None and hasattr(_cext, "silu_mul")
+
+
+def silu_mul(x: np.ndarray, g: np.ndarray, out: np.ndarray, n_rows: int, n: int) -> None:
+    """SwiGLU in ggml's order (cext/swiglu.c); every array float32, C-contiguous; out may be x."""
+    _cext.silu_mul(x, g, out, n_rows, n)
+
+
 def quantize(kind: str, x: np.ndarray, out: tuple) -> tuple:
     """The C twin of numba_kernels.quantize_q8_0 / quantize_q8_k, into `out` (qs, d[, bsums])."""
     _cext.quantize(kind, x, out[0], out[1], out[2] if len(out) > 2 else None, x.shape[0], x.shape[1])
