@@ -439,5 +439,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cext", "offload's S
 
 PyMODINIT_FUNC PyInit__cext(void) {
     detect_isa();
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "MATMUL_X_MAX", MATMUL_X_MAX) < 0) Py_CLEAR(m);
+    return m;
 }

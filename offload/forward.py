@@ -263,13 +263,10 @@ def _ffn(w: FFN, x: np.ndarray, buf: Scratch, expert: bool = False, gpu=None) ->
     The result may live in `buf`: use it before the next _ffn with the same buffers. `gpu`:
     the GPU tier, for a dense or shared FFN whose matrices it placed in VRAM."""
     n = len(x)
-    if gpu is not None:
-        gate, up = gpu.matmuls((w.gate, w.up), x,
-                               outs=(buf("ffn_gate", n, w.gate.n_rows), buf("ffn_up", n, w.up.n_rows)))
-        return gpu.matmul(w.down, ggml_math.silu_mul(gate, up, out=gate), out=buf("ffn_down", n, w.down.n_rows))
-    gate, up = matmuls((w.gate, w.up), x, expert=expert,
-                       outs=(buf("ffn_gate", n, w.gate.n_rows), buf("ffn_up", n, w.up.n_rows)))
-    return matmul(w.down, ggml_math.silu_mul(gate, up, out=gate), expert=expert, out=buf("ffn_down", n, w.down.n_rows))
+    mm, mms = (matmul, matmuls) if gpu is None else (gpu.matmul, gpu.matmuls)
+    gate, up = mms((w.gate, w.up), x, expert=expert,
+                   outs=(buf("ffn_gate", n, w.gate.n_rows), buf("ffn_up", n, w.up.n_rows)))
+    return mm(w.down, ggml_math.silu_mul(gate, up, out=gate), expert=expert, out=buf("ffn_down", n, w.down.n_rows))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -244,8 +244,8 @@ class GpuTier:
         self.stats.dense_cpu += 1
         return matmul(w, x, out=out, expert=expert)
 
-    def matmuls(self, ws, x: np.ndarray, outs=None) -> list[np.ndarray]:
-        return [self.matmul(w, x, outs[i] if outs else None) for i, w in enumerate(ws)]
+    def matmuls(self, ws, x: np.ndarray, expert: bool = False, outs=None) -> list[np.ndarray]:
+        return [self.matmul(w, x, outs[i] if outs else None, expert) for i, w in enumerate(ws)]
 
     def expert_ffn(self, layer: int, expert: int, x: np.ndarray, cpu_ffn) -> np.ndarray:
         """The expert's SwiGLU output for x: on the device if it is (or is now copied) there,

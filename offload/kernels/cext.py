@@ -51,7 +51,7 @@ def set_num_threads(n: int) -> None:
         _cext.set_num_threads(n)
 
 
-MATMUL_X_MAX = 8  # matrices one matmul_x call takes (cext/module.c)
+MATMUL_X_MAX = getattr(_cext, "MATMUL_X_MAX", 0)  # matrices one matmul_x call takes (cext/module.c)
 
 
 def has_matmul_x() -> bool:
