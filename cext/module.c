@@ -5,10 +5,20 @@
  *       out preallocated float32 (n_tokens, n_rows); bsums None unless fmt dots with Q8_K.
  *   matmul_tiled(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)
  *       the same for Q2_K..Q6_K in the order of ggml's tiled GEMM (8+ tokens, see tiled.c)
+ *   matmul_float(fmt, w, x, out, n_rows, n_cols, n_tokens, mode)
+ *       F32 or F16 weights, float32 activations (F16-rounded for F16), in ggml's order `mode`
+ *       (0: tinyBLAS's 8 lanes, 1: vec_dot's 4 x 8 lanes; float_dot.c)
  *   matmul_x(x, n_tokens, n_cols, specs)
  *       x float32 (n_tokens, n_cols), specs a tuple of (fmt, w, out, n_rows): quantizes x once
  *       per activation type (as ggml converts it) and runs each matmul (the row-dot kernels,
  *       not the tiled ones): one call per group of matrices sharing an input (Q/K/V, gate/up)
+ *   moe_ffn(x, out, shared_out, workspace, n_embd, n_routed, jobs, weights)
+ *       one token through a MoE layer's experts in one parallel region (moe.c); jobs a tuple
+ *       of (gate fmt, gate address, up fmt, up address, down fmt, down address, n_ff), the
+ *       n_routed routed experts first (scaled by float32 weights, summed into out), then shared
+ *       experts (each into its n_embd row of shared_out); addresses of weight rows the caller
+ *       keeps alive
+ *   moe_workspace_bytes(n_embd, (n_ff, ...))   the workspace moe_ffn needs for those jobs
  *   quantize(kind, x, qs, d, bsums, n_tokens, n_cols)
  *       the activation conversion alone ("Q8_0": bsums None, or "Q8_K"), for tests
  *   silu_mul(x, g, out, n_rows, n)
@@ -26,7 +36,9 @@
 #include <stdlib.h>
 
 #include "attention.h"
+#include "float_dot.h"
 #include "kernels.h"
+#include "moe.h"
 #include "quantize.h"
 #include "swiglu.h"
 #include "tiled.h"
@@ -69,6 +81,10 @@ static const format_kernels *find_format(const char *name) {
     for (int i = 0; i < N_FORMATS; i++)
         if (all_formats[i] && strcmp(all_formats[i]->name, name) == 0) return all_formats[i];
     return NULL;
+}
+
+static size_t row_bytes_of(const format_kernels *f, int n_cols) {
+    return (size_t)(n_cols / f->block_size) * (size_t)f->block_bytes;
 }
 
 /* Below this many weight bytes x tokens a matmul runs on the calling thread: waking the
@@ -132,6 +148,36 @@ done:
     PyBuffer_Release(&xq);
     PyBuffer_Release(&xd);
     if (bs.obj) PyBuffer_Release(&bs);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *py_matmul_float(PyObject *self, PyObject *args) {
+    const char *name;
+    Py_buffer w = {0}, x = {0}, out = {0};
+    Py_ssize_t n_rows, n_cols, n_tokens;
+    int mode;
+    if (!PyArg_ParseTuple(args, "sy*y*w*nnni", &name, &w, &x, &out, &n_rows, &n_cols, &n_tokens, &mode)) return NULL;
+    PyObject *result = NULL;
+    const int f16 = strcmp(name, "F16") == 0;
+    if (!f16 && strcmp(name, "F32") != 0) {
+        PyErr_Format(PyExc_ValueError, "matmul_float: no C kernel for %s", name);
+        goto done;
+    }
+    if (n_rows < 0 || n_tokens < 0 || n_cols <= 0 || n_cols > INT32_MAX || (mode != FLOAT_VECDOT && mode != FLOAT_GEMM8) ||
+        (mode == FLOAT_GEMM8 && n_cols % 8) || w.len < n_rows * n_cols * (f16 ? 2 : 4) ||
+        x.len < n_tokens * n_cols * 4 || out.len < n_rows * n_tokens * 4) {
+        PyErr_Format(PyExc_ValueError, "%s matmul_float: bad shape or buffer (rows=%zd cols=%zd tokens=%zd mode=%d)", name,
+                     n_rows, n_cols, n_tokens, mode);
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    matmul_float(w.buf, f16, x.buf, out.buf, n_rows, (int)n_cols, n_tokens, mode, isa >= ISA_AVX2);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&x);
     PyBuffer_Release(&out);
     return result;
 }
@@ -266,6 +312,106 @@ done:
         PyBuffer_Release(&out[i]);
     }
     PyBuffer_Release(&x);
+    return result;
+}
+
+#define MOE_MAX_JOBS 64 /* routed plus shared experts of one call */
+
+/* n_ffs: a tuple of each job's hidden size; fills jobs[].n_ff. */
+static int parse_n_ffs(PyObject *n_ffs, moe_ffn_job *jobs) {
+    const Py_ssize_t n = PyTuple_GET_SIZE(n_ffs);
+    for (Py_ssize_t j = 0; j < n; j++) {
+        const long v = PyLong_AsLong(PyTuple_GET_ITEM(n_ffs, j));
+        if (v == -1 && PyErr_Occurred()) return -1;
+        if (v <= 0 || v > INT32_MAX) {
+            PyErr_Format(PyExc_ValueError, "moe: bad hidden size %ld", v);
+            return -1;
+        }
+        jobs[j].n_ff = (int)v;
+    }
+    return 0;
+}
+
+static PyObject *py_moe_workspace_bytes(PyObject *self, PyObject *args) {
+    int n_embd;
+    PyObject *n_ffs;
+    if (!PyArg_ParseTuple(args, "iO!", &n_embd, &PyTuple_Type, &n_ffs)) return NULL;
+    moe_ffn_job jobs[MOE_MAX_JOBS];
+    if (n_embd <= 0 || PyTuple_GET_SIZE(n_ffs) > MOE_MAX_JOBS)
+        return PyErr_Format(PyExc_ValueError, "moe: bad width %d or too many jobs", n_embd);
+    if (parse_n_ffs(n_ffs, jobs) < 0) return NULL;
+    return PyLong_FromSize_t(moe_workspace_bytes(jobs, (int)PyTuple_GET_SIZE(n_ffs), n_embd));
+}
+
+/* A matrix of a job: its format must dot with activations of n_cols values. */
+static int moe_matrix_of(const char *name, unsigned long long address, int n_cols, moe_matrix *m) {
+    m->f = find_format(name);
+    if (!m->f) {
+        PyErr_Format(PyExc_ValueError, "no C kernel for %s", name);
+        return -1;
+    }
+    if (!address || n_cols % m->f->block_size || n_cols % (m->f->act == ACT_Q8_K ? 256 : 32)) {
+        PyErr_Format(PyExc_ValueError, "moe: a %s matrix cannot take %d columns", name, n_cols);
+        return -1;
+    }
+    m->dot = pick(m->f);
+    m->w = (const uint8_t *)(uintptr_t)address;
+    return 0;
+}
+
+static PyObject *py_moe_ffn(PyObject *self, PyObject *args) {
+    Py_buffer x = {0}, out = {0}, shared = {0}, ws = {0}, wts = {0};
+    PyObject *shared_obj, *job_specs;
+    int n_embd, n_routed;
+    if (!PyArg_ParseTuple(args, "y*w*Ow*iiO!y*", &x, &out, &shared_obj, &ws, &n_embd, &n_routed, &PyTuple_Type,
+                          &job_specs, &wts))
+        return NULL;
+    PyObject *result = NULL;
+    moe_ffn_job jobs[MOE_MAX_JOBS];
+    const Py_ssize_t n_jobs = PyTuple_GET_SIZE(job_specs);
+    if (n_embd <= 0 || n_jobs > MOE_MAX_JOBS || n_routed < 0 || n_routed > n_jobs ||
+        wts.len < n_routed * (Py_ssize_t)sizeof(float)) {
+        PyErr_Format(PyExc_ValueError, "moe_ffn: bad call (width %d, %zd jobs, %d routed)", n_embd, n_jobs, n_routed);
+        goto done;
+    }
+    size_t weight_bytes = 0;
+    for (Py_ssize_t j = 0; j < n_jobs; j++) {
+        const char *fg, *fu, *fd;
+        unsigned long long ag, au, ad;
+        int n_ff;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(job_specs, j), "sKsKsKi", &fg, &ag, &fu, &au, &fd, &ad, &n_ff))
+            goto done;
+        if (n_ff <= 0) {
+            PyErr_Format(PyExc_ValueError, "moe_ffn: bad hidden size %d", n_ff);
+            goto done;
+        }
+        moe_ffn_job *job = &jobs[j];
+        if (moe_matrix_of(fg, ag, n_embd, &job->gate) < 0 || moe_matrix_of(fu, au, n_embd, &job->up) < 0 ||
+            moe_matrix_of(fd, ad, n_ff, &job->down) < 0)
+            goto done;
+        job->n_ff = n_ff;
+        job->weight = j < n_routed ? ((const float *)wts.buf)[j] : 0.0f;
+        weight_bytes += (size_t)n_ff * (row_bytes_of(job->gate.f, n_embd) + row_bytes_of(job->up.f, n_embd)) +
+                        (size_t)n_embd * row_bytes_of(job->down.f, n_ff);
+    }
+    if (shared_obj != Py_None && PyObject_GetBuffer(shared_obj, &shared, PyBUF_WRITABLE) < 0) goto done;
+    const Py_ssize_t row = (Py_ssize_t)n_embd * (Py_ssize_t)sizeof(float);
+    if (x.len < row || out.len < row || (n_jobs > n_routed && shared.len < (n_jobs - n_routed) * row) ||
+        (size_t)ws.len < moe_workspace_bytes(jobs, (int)n_jobs, n_embd)) {
+        PyErr_SetString(PyExc_ValueError, "moe_ffn: a buffer is smaller than its shape says");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    moe_ffn_run(x.buf, n_embd, jobs, (int)n_jobs, n_routed, out.buf, shared.obj ? shared.buf : NULL, ws.buf,
+                isa >= ISA_AVX2, weight_bytes >= PARALLEL_BYTES);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    if (shared.obj) PyBuffer_Release(&shared);
+    PyBuffer_Release(&ws);
+    PyBuffer_Release(&wts);
     return result;
 }
 
@@ -421,6 +567,9 @@ static PyObject *py_set_num_threads(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "matmul(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)"},
+    {"moe_ffn", py_moe_ffn, METH_VARARGS, "moe_ffn(x, out, shared_out, workspace, n_embd, n_routed, jobs, weights)"},
+    {"moe_workspace_bytes", py_moe_workspace_bytes, METH_VARARGS, "moe_workspace_bytes(n_embd, (n_ff, ...))"},
+    {"matmul_float", py_matmul_float, METH_VARARGS, "matmul_float(fmt, w, x, out, n_rows, n_cols, n_tokens, mode)"},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(x, g, out, n_rows, n)"},
     {"matmul_x", py_matmul_x, METH_VARARGS, "matmul_x(x, n_tokens, n_cols, ((fmt, w, out, n_rows), ...))"},
     {"quantize", py_quantize, METH_VARARGS, "quantize(kind, x, qs, d, bsums, n_tokens, n_cols)"},

@@ -24,6 +24,7 @@ from .errors import ContextOverflowError
 from .kernels import ggml_math, matmul, matmuls
 from .kernels.attention import attention
 from .kernels.ggml_math import apply_rope, rms_norm
+from .kernels.moe import can_fuse, moe_ffn
 from .weights import FFN, Attention, ExpertStore, MoE, Weights
 
 
@@ -232,29 +233,55 @@ class Transformer:
             prefetch(layer, np.unique(chosen) if len(x) > 1 else chosen[0])
         if self.prefetcher is not None:
             self.prefetcher.routed(layer, chosen)
-        if len(x) == 1:  # decode: one token, its k experts in slot order
-            out = buf("moe", 1, a.n_embd)
-            for slot in range(a.n_expert_used):
-                y = self._expert(layer, int(chosen[0, slot]), x)
-                if slot == 0:
-                    np.multiply(y, weights[0, slot], out=out)
-                else:
-                    y *= weights[0, slot]
-                    out += y
+        shared = None
+        if len(x) == 1:
+            out, shared = self._moe_token(layer, w, x, chosen[0], weights[0])
         else:
-            per_slot = np.zeros((len(x), a.n_expert_used, a.n_embd), dtype=np.float32)
-            for expert in np.unique(chosen):
-                tokens, slots = np.nonzero(chosen == expert)
-                y = self._expert(layer, int(expert), np.ascontiguousarray(x[tokens]))
-                per_slot[tokens, slots] = y * weights[tokens, slots][:, None]
-            out = per_slot[:, 0]
-            for s in range(1, a.n_expert_used):
-                out = out + per_slot[:, s]
+            out = self._moe_batch(layer, x, chosen, weights)
         if w.shared is not None:
-            shared = _ffn(w.shared, x, buf, gpu=self.gpu)
+            if shared is None:
+                shared = _ffn(w.shared, x, buf, gpu=self.gpu)
             if w.shared_gate is not None:
                 shared = shared * _sigmoid(self._matmul(w.shared_gate, x))
             out = out + shared
+        return out
+
+    def _moe_token(self, layer: int, w: MoE, x: np.ndarray, chosen: np.ndarray, weights: np.ndarray):
+        """A decoding token's k experts, weighted and summed in slot order: all of them and the
+        shared expert in one C call where the C kernels serve their formats (kernels.moe), else
+        one expert at a time. Returns (out, the shared expert's output or None if not run)."""
+        a, buf = self.args, self.scratch
+        out = buf("moe", 1, a.n_embd)
+        if self.gpu is not None:
+            routed = [lambda e=int(e): self._expert(layer, e, x) for e in chosen]
+        else:
+            ffns = [self.experts.get(layer, int(e)) for e in chosen]
+            shared = () if w.shared is None else (w.shared,)
+            if can_fuse(ffns[:1] + list(shared)):  # a layer's routed experts share their formats
+                shared_out = buf("moe_shared", 1, a.n_embd) if shared else None
+                moe_ffn(x, ffns, weights, out, shared, shared_out)
+                return out, shared_out
+            routed = [lambda f=f: _ffn(f, x, buf, expert=True) for f in ffns]
+        for slot, expert_output in enumerate(routed):
+            y = expert_output()
+            if slot == 0:
+                np.multiply(y, weights[slot], out=out)
+            else:
+                y *= weights[slot]
+                out += y
+        return out, None
+
+    def _moe_batch(self, layer: int, x: np.ndarray, chosen: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Several tokens: each chosen expert runs once on the tokens routed to it."""
+        a = self.args
+        per_slot = np.zeros((len(x), a.n_expert_used, a.n_embd), dtype=np.float32)
+        for expert in np.unique(chosen):
+            tokens, slots = np.nonzero(chosen == expert)
+            y = self._expert(layer, int(expert), np.ascontiguousarray(x[tokens]))
+            per_slot[tokens, slots] = y * weights[tokens, slots][:, None]
+        out = per_slot[:, 0]
+        for s in range(1, a.n_expert_used):
+            out = out + per_slot[:, s]
         return out
 
 

@@ -9,6 +9,7 @@ without the forward pass knowing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -26,6 +27,13 @@ class FFN:
     gate: QMatrix
     up: QMatrix
     down: QMatrix
+
+    @cached_property
+    def kernel_spec(self) -> tuple:
+        """(gate format, address, up format, address, down format, address, hidden size): the
+        FFN as kernels.moe hands it to one C call with the layer's other experts."""
+        g, u, d = self.gate, self.up, self.down
+        return (g.fmt.name, g.address, u.fmt.name, u.address, d.fmt.name, d.address, g.n_rows)
 
 
 @dataclass

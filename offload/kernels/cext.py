@@ -64,6 +64,22 @@ def matmul_x(x: np.ndarray, n_tokens: int, specs: tuple) -> None:
     _cext.matmul_x(x, n_tokens, x.shape[1], specs)
 
 
+def has_moe_ffn() -> bool:
+    return _cext is not None and hasattr(_cext, "moe_ffn")
+
+
+def moe_workspace_bytes(n_embd: int, n_ffs: tuple[int, ...]) -> int:
+    return _cext.moe_workspace_bytes(n_embd, n_ffs)
+
+
+def moe_ffn(x, out, shared_out, workspace, n_routed: int, specs: tuple, weights: np.ndarray) -> None:
+    """One token through a MoE layer's experts in one parallel region (cext/moe.c): specs are
+    (gate fmt, gate address, up fmt, up address, down fmt, down address, n_ff), the n_routed
+    routed experts first (scaled by weights, float32, and summed into out), then the shared
+    ones (rows of shared_out)."""
+    _cext.moe_ffn(x, out, shared_out, workspace, x.shape[1], n_routed, specs, weights)
+
+
 def has_silu_mul() -> bool:
     return _cext is not None and hasattr(_cext, "silu_mul")
 
@@ -92,6 +108,21 @@ def c_kernel(fmt_name: str) -> Kernel | None:
         xq, xd = act[0], act[1]
         bsums = act[2] if len(act) > 2 else None
         matmul(fmt_name, w, xq, xd, bsums, out, out.shape[1], xq.shape[1], out.shape[0])
+
+    kernel.__name__ = f"c_matmul_{fmt_name.lower()}"
+    return kernel
+
+
+def c_float_kernel(fmt_name: str, mode_of: Callable[[np.ndarray, int, bool], int]) -> Kernel | None:
+    """The C kernel for F32 or F16 weights (routers stay F32 in quantized files), or None.
+    `mode_of(x, n_rows, vec_dot)` picks ggml's summation order (numba_kernels._float_mode)."""
+    if _cext is None or not hasattr(_cext, "matmul_float") or fmt_name not in ("F32", "F16"):
+        return None
+    matmul_float = _cext.matmul_float
+
+    def kernel(w: np.ndarray, act: tuple, out: np.ndarray, vec_dot: bool = False) -> None:
+        (x,) = act
+        matmul_float(fmt_name, w, x, out, out.shape[1], x.shape[1], out.shape[0], mode_of(x, out.shape[1], vec_dot))
 
     kernel.__name__ = f"c_matmul_{fmt_name.lower()}"
     return kernel

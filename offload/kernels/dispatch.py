@@ -60,6 +60,7 @@ KERNELS: dict[GGMLQuantizationType, Kernel] = {}
 TILED_KERNELS: dict[GGMLQuantizationType, Kernel] = {}  # K-quants with >= TILED_MIN_TOKENS tokens
 C_FORMATS: set[GGMLQuantizationType] = set()  # those served by the C extension now
 _ONE_CALL = False  # cext.matmul_x serves the C formats (select_kernels)
+_FUSED_MOE = False  # cext.moe_ffn runs a decoding token's experts (kernels.moe; select_kernels)
 
 
 def select_kernels(implementation: str | None = None) -> None:
@@ -77,8 +78,8 @@ def select_kernels(implementation: str | None = None) -> None:
     for t in TILED_TYPES:
         TILED_KERNELS[t] = _numba_tiled(t)
     C_FORMATS.clear()
-    global _ONE_CALL
-    _ONE_CALL = False
+    global _ONE_CALL, _FUSED_MOE
+    _ONE_CALL = _FUSED_MOE = False
     if implementation == "numba":
         return
     if not cext.available():
@@ -90,11 +91,21 @@ def select_kernels(implementation: str | None = None) -> None:
         if kernel is not None:
             KERNELS[t] = kernel
             C_FORMATS.add(t)
+    for t in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):  # float kernels: not in C_FORMATS (no matmul_x)
+        kernel = cext.c_float_kernel(t.name, nk._float_mode)
+        if kernel is not None:
+            KERNELS[t] = kernel
     for t in TILED_TYPES:
         kernel = cext.c_tiled_kernel(t.name)
         if kernel is not None:
             TILED_KERNELS[t] = kernel
     _ONE_CALL = cext.has_matmul_x() and os.environ.get("OFFLOAD_ONE_CALL", "1") != "0"
+    _FUSED_MOE = cext.has_moe_ffn() and os.environ.get("OFFLOAD_FUSED_MOE", "1") != "0"
+
+
+def fused_moe_enabled() -> bool:
+    """Whether kernels.moe may run a layer's experts in one C call (OFFLOAD_FUSED_MOE=0: no)."""
+    return _FUSED_MOE
 
 
 def _numba_tiled(t: GGMLQuantizationType) -> Kernel:
@@ -108,8 +119,8 @@ def _numba_tiled(t: GGMLQuantizationType) -> Kernel:
 
 def kernels_in_use() -> str:
     """One line for users: which implementation serves which format."""
-    c = sorted(t.name for t in C_FORMATS)
-    numba = sorted(t.name for t in KERNELS if t not in C_FORMATS)
+    c = sorted(t.name for t, k in KERNELS.items() if k.__name__.startswith("c_"))
+    numba = sorted(t.name for t, k in KERNELS.items() if not k.__name__.startswith("c_"))
     parts = [f"C/{cext.isa()}: {' '.join(c)}"] if c else []
     return "; ".join(parts + [f"Numba: {' '.join(numba)}"])
 

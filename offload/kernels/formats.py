@@ -16,6 +16,7 @@ Adding a format (k-quants come next) means: a subclass here with its layout and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -283,6 +284,12 @@ class QMatrix:
             )
         raw = np.asarray(data).reshape(-1).view(np.uint8).reshape(n_rows, row_bytes)
         return cls(fmt, n_rows, n_cols, raw)
+
+    @cached_property
+    def address(self) -> int:
+        """Where the rows start in memory, for C calls that take many matrices at once
+        (kernels.moe): the data array keeps the memory alive as long as this matrix."""
+        return self.data.ctypes.data
 
     def dequantize(self) -> np.ndarray:
         """The whole matrix as float32 (n_rows, n_cols). For tests and small tensors only."""

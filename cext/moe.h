@@ -1,0 +1,34 @@
+/* A MoE layer's experts for one token in one parallel region (moe.c). */
+#ifndef OFFLOAD_MOE_H
+#define OFFLOAD_MOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels.h"
+
+/* One weight matrix: its format, the row dot for the SIMD level in use, its rows. */
+typedef struct {
+    const format_kernels *f;
+    row_dot_fn dot;
+    const uint8_t *w;
+} moe_matrix;
+
+/* One SwiGLU FFN to run on the token: a routed expert (its routing weight) or a shared one. */
+typedef struct {
+    moe_matrix gate, up, down;
+    int n_ff;
+    float weight; /* routed: the output is scaled by it and summed; shared: unused */
+} moe_ffn_job;
+
+/* Bytes of workspace moe_ffn_run needs for these jobs at width n_embd. */
+size_t moe_workspace_bytes(const moe_ffn_job *jobs, int n_jobs, int n_embd);
+
+/* The first n_routed jobs' outputs, weighted and summed in job order (llama.cpp's
+ * build_moe_ffn: y0*w0 + y1*w1 + ...), into out (n_embd); the other jobs' outputs (shared
+ * experts) one after another into shared_out (n_embd each), unweighted. x: the token's
+ * n_embd float32 activations. parallel: run on the OpenMP team (else on this thread). */
+void moe_ffn_run(const float *x, int n_embd, const moe_ffn_job *jobs, int n_jobs, int n_routed, float *out,
+                 float *shared_out, void *workspace, int use_avx2, int parallel);
+
+#endif

@@ -1,0 +1,162 @@
+"""One C call for a decoding token's experts (kernels.moe, cext/moe.c) against the per-matrix
+path it replaces, bit for bit: every C format, shared experts, thread counts and SIMD levels;
+then whole models, whose tokens and logits must not depend on the path (nor on the budget)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from offload import Model, arch, forward
+from offload.gguf_file import GGUFFile
+from offload.sampling import SamplingParams
+from offload.store import make_plan
+from offload.kernels import QMatrix, cext, select_kernels
+from offload.kernels.moe import can_fuse, moe_ffn, moe_ffn_ref
+from offload.testing import TinyConfig, ggml_quantize, quantize_model
+
+pytestmark = pytest.mark.skipif(not cext.has_moe_ffn(), reason="C extension not built")
+
+
+from offload.weights import FFN
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def matrix(t: T, n_rows: int, n_cols: int, rng) -> QMatrix:
+    values = (rng.standard_normal((n_rows, n_cols)) * np.exp(rng.uniform(-3, 1, size=(n_rows, 1)))).astype(np.float32)
+    return QMatrix.from_raw(t, ggml_quantize(values, t), n_rows, n_cols)
+
+
+def ffns(types: tuple[T, T, T], n: int, n_embd: int, n_ff: int, seed: int) -> list[FFN]:
+    rng = np.random.default_rng(seed)
+    return [FFN(matrix(types[0], n_ff, n_embd, rng), matrix(types[1], n_ff, n_embd, rng),
+                matrix(types[2], n_embd, n_ff, rng)) for _ in range(n)]
+
+
+@pytest.fixture
+def restore():
+    yield
+    cext.set_isa(None)
+    cext.set_num_threads(2)
+    select_kernels()
+
+
+MIXES = [
+    (T.Q8_0, T.Q8_0, T.Q8_0),
+    (T.Q4_0, T.Q4_0, T.Q8_0),
+    (T.Q4_K, T.Q4_K, T.Q6_K),  # Q4_K_M's experts
+    (T.Q2_K, T.Q3_K, T.Q5_K),
+    (T.MXFP4, T.MXFP4, T.MXFP4),  # gpt-oss's
+    (T.Q4_K, T.Q8_0, T.Q4_0),  # Q8_K and Q8_0 activations in one call
+]
+
+
+@pytest.mark.parametrize("types", MIXES, ids=lambda m: "-".join(t.name for t in m))
+@pytest.mark.parametrize("level", cext.levels())
+def test_one_call_equals_one_call_per_matrix(types, level, restore):
+    cext.set_isa(level)
+    n_embd, n_ff, k = 512, 256, 8
+    routed = ffns(types, k, n_embd, n_ff, seed=1)
+    shared = ffns((types[1], types[0], types[2]), 1, n_embd, 2 * n_ff, seed=2)
+    x = (np.random.default_rng(3).standard_normal((1, n_embd)) * 4).astype(np.float32)
+    weights = np.random.default_rng(4).dirichlet(np.ones(k)).astype(np.float32)
+    want, want_shared = moe_ffn_ref(x, routed, weights, shared)
+    assert can_fuse(routed + shared)
+    for threads in (1, 2):
+        cext.set_num_threads(threads)
+        out = np.full((1, n_embd), np.nan, np.float32)
+        shared_out = np.full((1, n_embd), np.nan, np.float32)
+        moe_ffn(x, routed, weights, out, shared, shared_out)
+        np.testing.assert_array_equal(bits(out), bits(want))
+        np.testing.assert_array_equal(bits(shared_out), bits(want_shared))
+        out2 = np.full((1, n_embd), np.nan, np.float32)
+        moe_ffn(x, routed[:3], weights[:3], out2)  # fewer experts, no shared, same workspace cache
+        np.testing.assert_array_equal(bits(out2), bits(moe_ffn_ref(x, routed[:3], weights[:3])[0]))
+
+
+def test_formats_without_c_kernels_are_not_fused(restore):
+    f16 = FFN(*(QMatrix.from_raw(T.F16, np.zeros((r, c), np.float16), r, c) for r, c in ((64, 32), (64, 32), (32, 64))))
+    q8 = ffns((T.Q8_0,) * 3, 1, 256, 256, seed=5)
+    assert not can_fuse([f16]) and not can_fuse(q8 + [f16]) and can_fuse(q8)
+    select_kernels("numba")
+    assert not can_fuse(q8)
+
+
+def test_bad_calls_are_errors_not_crashes():
+    q8 = ffns((T.Q8_0,) * 3, 1, 256, 256, seed=6)
+    x, out = np.ones((1, 256), np.float32), np.empty((1, 256), np.float32)
+    job, w = q8[0].kernel_spec, np.ones(1, np.float32)
+    ws = np.empty(cext.moe_workspace_bytes(256, (256,)), np.uint8)
+    with pytest.raises(ValueError, match="no C kernel"):
+        cext.moe_ffn(x, out, None, ws, 1, (("F16",) + job[1:],), w)
+    with pytest.raises(ValueError, match="cannot take"):
+        cext.moe_ffn(x, out, None, ws, 1, (job[:6] + (100,),), w)
+    with pytest.raises(ValueError, match="smaller"):
+        cext.moe_ffn(x, out, None, ws[:100], 1, (job,), w)
+    with pytest.raises(ValueError, match="smaller"):
+        cext.moe_ffn(x, out, None, ws, 0, (job,), w)  # a shared job without its output
+    with pytest.raises(ValueError, match="bad call"):
+        cext.moe_ffn(x, out, None, ws, 1, (job,), w[:0])  # no weight for the routed expert
+
+
+# -- whole models ---------------------------------------------------------------------------
+
+FINE = TinyConfig(arch="qwen3moe", n_layer=3, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=256, n_expert=16,
+                  n_expert_used=6, n_ctx=256)
+SHARED = TinyConfig(arch="qwen2moe", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=256, n_expert=8,
+                    n_expert_used=4, n_ctx=256, n_ff_shexp=512)
+
+
+@pytest.fixture(scope="module", params=[(FINE, "Q4_K_M"), (SHARED, "Q8_0")], ids=["qwen3moe-Q4_K_M", "qwen2moe-Q8_0"])
+def quantized(request, model_factory, tmp_path_factory):
+    config, ftype = request.param
+    f16 = model_factory(config, "F16", seed=7)
+    return quantize_model(f16, tmp_path_factory.mktemp("fused") / f"{ftype}.gguf", ftype)
+
+
+def decode(path, monkeypatch, fused: bool, **load) -> tuple[list[int], np.ndarray]:
+    """24 greedy tokens after a prompt, one forward step each, and the logits of every step."""
+    monkeypatch.setenv("OFFLOAD_FUSED_MOE", "1" if fused else "0")
+    select_kernels()
+    calls = []
+    monkeypatch.setattr(forward, "moe_ffn", lambda *a, **k: calls.append(1) or moe_ffn(*a, **k))
+    try:
+        with Model.load(path, n_ctx=128, **load) as m:
+            ids = m.tokenize("The experts of a fine-grained layer")
+            t = m.transformer
+            logits = [t.forward(np.array(ids, dtype=np.int64))[-1]]
+            tokens: list[int] = []
+            for _ in range(24):
+                tokens.append(int(np.argmax(logits[-1])))
+                logits.append(t.forward(np.array([tokens[-1]], dtype=np.int64))[-1])
+            assert list(m.generate_tokens(ids, 24, SamplingParams(temperature=0.0))) == tokens
+            assert (len(calls) > 0) == fused  # the path asked for is the one that ran
+            return tokens, np.stack(logits)
+    finally:
+        monkeypatch.delenv("OFFLOAD_FUSED_MOE")
+        select_kernels()
+
+
+def test_models_decode_the_same_bits_on_either_path(quantized, monkeypatch):
+    tokens, logits = decode(quantized, monkeypatch, fused=True)
+    tokens_ref, logits_ref = decode(quantized, monkeypatch, fused=False)
+    assert tokens == tokens_ref
+    np.testing.assert_array_equal(bits(logits), bits(logits_ref))
+
+
+def test_fused_path_under_tight_budgets_with_prefetch(quantized, monkeypatch):
+    tokens, logits = decode(quantized, monkeypatch, fused=True)
+    g = GGUFFile(quantized)
+    try:
+        p = make_plan(g, arch.model_args(g), 128, 0)
+    finally:
+        g.close()
+    for budget, prefetch in ((p.minimum, True), (p.minimum + 4 * p.pools[0].slot_bytes, True),
+                             ((p.minimum + p.full) // 2, False)):
+        t2, l2 = decode(quantized, monkeypatch, fused=True, memory_budget=budget, prefetch=prefetch)
+        assert t2 == tokens, budget
+        np.testing.assert_array_equal(bits(l2), bits(logits))
