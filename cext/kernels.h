@@ -46,6 +46,11 @@ typedef struct {
     row_dot_fn avx512;     /* AVX-512 (+VNNI), or NULL */
 } format_kernels;
 
+/* out[t, r] = dot(row r of w, token t) for a whole matrix, OpenMP over rows when it is big
+ * enough to pay for waking the team (module.c); xq/xd/bsums hold n_tokens activation rows. */
+void run_matmul(row_dot_fn dot, const format_kernels *f, const uint8_t *w, const int8_t *xq, const float *xd,
+                const int16_t *bsums, float *out, ptrdiff_t n_rows, int n_cols, ptrdiff_t n_tokens);
+
 /* IEEE half -> float, exact (ggml's GGML_FP16_TO_FP32). */
 static inline float fp16_to_fp32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16;

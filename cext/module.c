@@ -19,6 +19,10 @@
  *       experts (each into its n_embd row of shared_out); addresses of weight rows the caller
  *       keeps alive
  *   moe_workspace_bytes(n_embd, (n_ff, ...))   the workspace moe_ffn needs for those jobs
+ *   moe_batch(x, per_slot, weights, n_tokens, n_embd, k, jobs, counts, pairs)
+ *       a micro-batch's experts in one call (moe.c): job j (as moe_ffn's) runs on the counts[j]
+ *       (token, slot) int32 pairs after the previous jobs' and writes weight * output into
+ *       per_slot (n_tokens, k, n_embd)
  *   quantize(kind, x, qs, d, bsums, n_tokens, n_cols)
  *       the activation conversion alone ("Q8_0": bsums None, or "Q8_K"), for tests
  *   silu_mul(x, g, out, n_rows, n)
@@ -91,9 +95,8 @@ static size_t row_bytes_of(const format_kernels *f, int n_cols) {
  * OpenMP team costs more than the work (tiny matrices, e.g. small experts). */
 #define PARALLEL_BYTES (128 * 1024)
 
-static void run_matmul(row_dot_fn dot, const format_kernels *f, const uint8_t *w, const int8_t *xq,
-                       const float *xd, const int16_t *bsums, float *out, Py_ssize_t n_rows, int n_cols,
-                       Py_ssize_t n_tokens) {
+void run_matmul(row_dot_fn dot, const format_kernels *f, const uint8_t *w, const int8_t *xq, const float *xd,
+                const int16_t *bsums, float *out, ptrdiff_t n_rows, int n_cols, ptrdiff_t n_tokens) {
     const size_t row_bytes = (size_t)(n_cols / f->block_size) * f->block_bytes;
     const int act_block = f->act == ACT_Q8_K ? 256 : 32;
     const Py_ssize_t d_per_token = n_cols / act_block, bsums_per_token = n_cols / 16;
@@ -415,6 +418,74 @@ done:
     return result;
 }
 
+static PyObject *py_moe_batch(PyObject *self, PyObject *args) {
+    Py_buffer x = {0}, per_slot = {0}, wts = {0}, counts = {0}, pairs = {0};
+    PyObject *job_specs;
+    int n_tokens, n_embd, k;
+    if (!PyArg_ParseTuple(args, "y*w*y*iiiO!y*y*", &x, &per_slot, &wts, &n_tokens, &n_embd, &k, &PyTuple_Type,
+                          &job_specs, &counts, &pairs))
+        return NULL;
+    PyObject *result = NULL;
+    moe_ffn_job jobs[MOE_MAX_JOBS];
+    const Py_ssize_t n_jobs = PyTuple_GET_SIZE(job_specs);
+    const int32_t *cnt = counts.buf, *pr = pairs.buf;
+    const size_t nk = (size_t)n_tokens * (size_t)k;
+    if (n_tokens < 0 || n_embd <= 0 || k <= 0 || n_jobs > MOE_MAX_JOBS || counts.len < n_jobs * 4 ||
+        (size_t)x.len < (size_t)n_tokens * n_embd * 4 || (size_t)per_slot.len < nk * n_embd * 4 ||
+        (size_t)wts.len < nk * 4) {
+        PyErr_Format(PyExc_ValueError, "moe_batch: bad call (%d tokens, width %d, k %d, %zd jobs)", n_tokens, n_embd, k,
+                     n_jobs);
+        goto done;
+    }
+    Py_ssize_t n_pairs = 0;
+    for (Py_ssize_t j = 0; j < n_jobs; j++) {
+        if (cnt[j] < 0) break;
+        n_pairs += cnt[j];
+    }
+    if (pairs.len < n_pairs * 8) {
+        PyErr_SetString(PyExc_ValueError, "moe_batch: fewer (token, slot) pairs than the counts say");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n_pairs; i++)
+        if (pr[2 * i] < 0 || pr[2 * i] >= n_tokens || pr[2 * i + 1] < 0 || pr[2 * i + 1] >= k) {
+            PyErr_Format(PyExc_ValueError, "moe_batch: pair %zd (%d, %d) is outside %d tokens x %d slots", i, pr[2 * i],
+                         pr[2 * i + 1], n_tokens, k);
+            goto done;
+        }
+    for (Py_ssize_t j = 0; j < n_jobs; j++) {
+        const char *fg, *fu, *fd;
+        unsigned long long ag, au, ad;
+        int n_ff;
+        if (cnt[j] < 0) {
+            PyErr_SetString(PyExc_ValueError, "moe_batch: a negative count");
+            goto done;
+        }
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(job_specs, j), "sKsKsKi", &fg, &ag, &fu, &au, &fd, &ad, &n_ff)) goto done;
+        if (n_ff <= 0) {
+            PyErr_Format(PyExc_ValueError, "moe_batch: bad hidden size %d", n_ff);
+            goto done;
+        }
+        if (moe_matrix_of(fg, ag, n_embd, &jobs[j].gate) < 0 || moe_matrix_of(fu, au, n_embd, &jobs[j].up) < 0 ||
+            moe_matrix_of(fd, ad, n_ff, &jobs[j].down) < 0)
+            goto done;
+        jobs[j].n_ff = n_ff;
+        jobs[j].weight = 0.0f;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = moe_batch_run(x.buf, n_tokens, n_embd, k, wts.buf, jobs, cnt, pr, (int)n_jobs, per_slot.buf, isa);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) PyErr_NoMemory();
+    else result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&per_slot);
+    PyBuffer_Release(&wts);
+    PyBuffer_Release(&counts);
+    PyBuffer_Release(&pairs);
+    return result;
+}
+
 static PyObject *py_silu_mul(PyObject *self, PyObject *args) {
     Py_buffer x = {0}, g = {0}, out = {0};
     Py_ssize_t n_rows, n;
@@ -568,6 +639,7 @@ static PyObject *py_set_num_threads(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "matmul(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)"},
     {"moe_ffn", py_moe_ffn, METH_VARARGS, "moe_ffn(x, out, shared_out, workspace, n_embd, n_routed, jobs, weights)"},
+    {"moe_batch", py_moe_batch, METH_VARARGS, "moe_batch(x, per_slot, weights, n_tokens, n_embd, k, jobs, counts, pairs)"},
     {"moe_workspace_bytes", py_moe_workspace_bytes, METH_VARARGS, "moe_workspace_bytes(n_embd, (n_ff, ...))"},
     {"matmul_float", py_matmul_float, METH_VARARGS, "matmul_float(fmt, w, x, out, n_rows, n_cols, n_tokens, mode)"},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(x, g, out, n_rows, n)"},
@@ -589,6 +661,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cext", "offload's S
 PyMODINIT_FUNC PyInit__cext(void) {
     detect_isa();
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "MATMUL_X_MAX", MATMUL_X_MAX) < 0) Py_CLEAR(m);
+    if (m && (PyModule_AddIntConstant(m, "MATMUL_X_MAX", MATMUL_X_MAX) < 0 ||
+              PyModule_AddIntConstant(m, "MOE_MAX_JOBS", MOE_MAX_JOBS) < 0))
+        Py_CLEAR(m);
     return m;
 }

@@ -148,3 +148,160 @@ void moe_ffn_run(const float *x, int n_embd, const moe_ffn_job *jobs, int n_jobs
         }
     }
 }
+
+/* -- several tokens: the experts of a micro-batch (a prompt) ---------------------------------
+ *
+ * Each expert runs once on the tokens routed to it (llama.cpp's mul_mat_id): their rows of
+ * the batch's activations, quantized once for the whole batch (quantizing is per row, so a
+ * gathered row equals a row quantized alone), then gate and up, SwiGLU, down, each matmul
+ * through the row dots or, from 8 tokens on for K-quants, the tiled GEMM (tiled.c), as
+ * dispatch.matmul picks for the same token count. Each (token, slot) result is scaled by its
+ * routing weight into per_slot; the caller sums the slots in order. With enough experts the
+ * threads take whole experts (dynamic: token counts differ); otherwise each matmul spreads
+ * its rows over the threads.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "tiled.h"
+
+/* An expert's share of the batch: its (token, slot) pairs. */
+typedef struct {
+    const int32_t *pairs; /* 2 * n: token, slot */
+    int n;
+} expert_rows;
+
+/* out (n_tokens, n_rows) = m times the gathered activations, by the path ggml takes. */
+static int matmul_by_count(const moe_matrix *m, const act_row *a, float *out, int n_rows, int n_cols, int n_tokens,
+                           int isa_level) {
+    if (n_tokens >= MOE_TILED_MIN_TOKENS && tiled_block_bytes(m->f->name, NULL) != 0)
+        return tiled_matmul(m->f->name, m->w, a->qs, a->d, a->bsums, out, n_rows, n_cols, n_tokens, isa_level);
+    run_matmul(m->dot, m->f, m->w, a->qs, a->d, a->bsums, out, n_rows, n_cols, n_tokens);
+    return 0;
+}
+
+/* Rows of a batch quantized for one activation kind: n_tokens rows of n values. */
+typedef struct {
+    int8_t *qs;
+    float *d;
+    int16_t *bsums;
+} act_rows;
+
+static int act_rows_alloc(act_rows *a, size_t n_tokens, size_t n) {
+    a->qs = malloc(n_tokens * n + 1);
+    a->d = malloc(n_tokens * (n / 32) * sizeof(float) + 4);
+    a->bsums = malloc(n_tokens * (n / 16) * sizeof(int16_t) + 2);
+    return a->qs && a->d && a->bsums ? 0 : -1;
+}
+
+static void act_rows_free(act_rows *a) {
+    free(a->qs);
+    free(a->d);
+    free(a->bsums);
+}
+
+/* Row t of kind `kind` (Q8_0: n/32 scales a row; Q8_K: n/256 scales and n/16 block sums). */
+static act_row act_rows_at(const act_rows *a, int kind, size_t t, size_t n) {
+    act_row r = {a->qs + t * n, a->d + t * (kind == ACT_Q8_K ? n / 256 : n / 32), a->bsums + t * (n / 16)};
+    return r;
+}
+
+static void quantize_into(int kind, const float *x, const act_rows *a, size_t t, int n) {
+    act_row r = act_rows_at(a, kind, t, (size_t)n);
+    if (kind == ACT_Q8_K)
+        quantize_row_q8_k(x, (int8_t *)r.qs, (float *)r.d, (int16_t *)r.bsums, n);
+    else
+        quantize_row_q8_0(x, (int8_t *)r.qs, (float *)r.d, n);
+}
+
+/* Copy the rows of `pairs`' tokens from the batch's activations into dst (rows 0..n-1). */
+static void gather(int kind, const act_rows *src, const act_rows *dst, const int32_t *pairs, int n, size_t n_cols) {
+    const size_t n_d = kind == ACT_Q8_K ? n_cols / 256 : n_cols / 32;
+    for (int i = 0; i < n; i++) {
+        const size_t t = (size_t)pairs[2 * i];
+        memcpy(dst->qs + i * n_cols, src->qs + t * n_cols, n_cols);
+        memcpy(dst->d + i * n_d, src->d + t * n_d, n_d * sizeof(float));
+        if (kind == ACT_Q8_K) memcpy(dst->bsums + i * (n_cols / 16), src->bsums + t * (n_cols / 16), n_cols / 16 * 2);
+    }
+}
+
+/* One expert on its tokens; the scratch is this thread's, sized for max_tokens. */
+static int run_expert(const moe_ffn_job *job, const expert_rows *rows, const act_rows x_rows[2], int n_embd, int k,
+                      const float *weights, float *per_slot, act_rows *xg, act_rows *hq, float *gate, float *up,
+                      float *y, int isa_level) {
+    const int n = rows->n, n_ff = job->n_ff;
+    const int kg = job->gate.f->act, ku = job->up.f->act, kd = job->down.f->act;
+    gather(kg, &x_rows[kg], &xg[kg], rows->pairs, n, (size_t)n_embd);
+    if (ku != kg) gather(ku, &x_rows[ku], &xg[ku], rows->pairs, n, (size_t)n_embd);
+    const act_row ag = act_rows_at(&xg[kg], kg, 0, (size_t)n_embd), au = act_rows_at(&xg[ku], ku, 0, (size_t)n_embd);
+    if (matmul_by_count(&job->gate, &ag, gate, n_ff, n_embd, n, isa_level) < 0 ||
+        matmul_by_count(&job->up, &au, up, n_ff, n_embd, n, isa_level) < 0)
+        return -1;
+    silu_mul_rows(gate, up, gate, n, n_ff, isa_level >= 1);
+    for (int i = 0; i < n; i++) quantize_into(kd, gate + (size_t)i * n_ff, hq, (size_t)i, n_ff);
+    const act_row ah = act_rows_at(hq, kd, 0, (size_t)n_ff);
+    if (matmul_by_count(&job->down, &ah, y, n_embd, n_ff, n, isa_level) < 0) return -1;
+    for (int i = 0; i < n; i++) {
+        const size_t t = (size_t)rows->pairs[2 * i], s = (size_t)rows->pairs[2 * i + 1];
+        const float w = weights[t * (size_t)k + s];
+        float *dst = per_slot + (t * (size_t)k + s) * (size_t)n_embd;
+        const float *src = y + (size_t)i * n_embd;
+        for (int c = 0; c < n_embd; c++) dst[c] = src[c] * w;
+    }
+    return 0;
+}
+
+int moe_batch_run(const float *x, int n_tokens, int n_embd, int k, const float *weights, const moe_ffn_job *jobs,
+                  const int32_t *counts, const int32_t *pairs, int n_jobs, float *per_slot, int isa_level) {
+    int need[2] = {0, 0}, max_n = 0, max_ff = 0, failed = 0;
+    expert_rows rows[n_jobs];
+    for (int j = 0, at = 0; j < n_jobs; at += counts[j], j++) {
+        rows[j].pairs = pairs + 2 * (size_t)at;
+        rows[j].n = counts[j];
+        need[jobs[j].gate.f->act] = need[jobs[j].up.f->act] = 1;
+        if (counts[j] > max_n) max_n = counts[j];
+        if (jobs[j].n_ff > max_ff) max_ff = jobs[j].n_ff;
+    }
+    act_rows x_rows[2] = {{0}};
+    for (int kind = 0; kind < 2; kind++) {
+        if (!need[kind]) continue;
+        if (act_rows_alloc(&x_rows[kind], (size_t)n_tokens, (size_t)n_embd) < 0) {
+            failed = 1;
+            continue;
+        }
+#pragma omp parallel for schedule(static) if (n_tokens >= 16)
+        for (int t = 0; t < n_tokens; t++) quantize_into(kind, x + (size_t)t * n_embd, &x_rows[kind], (size_t)t, n_embd);
+    }
+    const int by_expert = n_jobs >= 2 * omp_get_max_threads();
+#pragma omp parallel if (by_expert && !failed)
+    {
+        act_rows xg[2] = {{0}}, hq = {0};
+        float *gate = malloc((size_t)max_n * max_ff * sizeof(float) + 4);
+        float *up = malloc((size_t)max_n * max_ff * sizeof(float) + 4);
+        float *y = malloc((size_t)max_n * n_embd * sizeof(float) + 4);
+        int ok = !failed && gate && up && y && act_rows_alloc(&xg[0], (size_t)max_n, (size_t)n_embd) == 0 &&
+                 act_rows_alloc(&xg[1], (size_t)max_n, (size_t)n_embd) == 0 &&
+                 act_rows_alloc(&hq, (size_t)max_n, (size_t)max_ff) == 0;
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int j = 0; j < n_jobs; j++) {
+            if (!ok || rows[j].n == 0) continue;
+            if (run_expert(&jobs[j], &rows[j], x_rows, n_embd, k, weights, per_slot, xg, &hq, gate, up, y, isa_level) < 0) {
+#pragma omp atomic write
+                failed = 1;
+            }
+        }
+        act_rows_free(&xg[0]);
+        act_rows_free(&xg[1]);
+        act_rows_free(&hq);
+        free(gate);
+        free(up);
+        free(y);
+    }
+    act_rows_free(&x_rows[0]);
+    act_rows_free(&x_rows[1]);
+    return failed ? -1 : 0;
+}

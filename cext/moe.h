@@ -31,4 +31,15 @@ size_t moe_workspace_bytes(const moe_ffn_job *jobs, int n_jobs, int n_embd);
 void moe_ffn_run(const float *x, int n_embd, const moe_ffn_job *jobs, int n_jobs, int n_routed, float *out,
                  float *shared_out, void *workspace, int use_avx2, int parallel);
 
+/* ggml's tiled K-quant GEMM takes a matmul from this many tokens on (dispatch.TILED_MIN_TOKENS). */
+#define MOE_TILED_MIN_TOKENS 8
+
+/* A micro-batch of n_tokens tokens (x: n_tokens x n_embd), each routed to k experts: job j
+ * runs on the counts[j] (token, slot) pairs that follow the previous jobs' in `pairs`, and
+ * writes weights[token, slot] * its output into per_slot[token, slot] (n_tokens x k x n_embd);
+ * rows of per_slot no job names are left as they are. isa_level: 0 portable, 1 AVX2, 2
+ * AVX-512 (the row dots in jobs are already picked for it). 0, or -1 if out of memory. */
+int moe_batch_run(const float *x, int n_tokens, int n_embd, int k, const float *weights, const moe_ffn_job *jobs,
+                  const int32_t *counts, const int32_t *pairs, int n_jobs, float *per_slot, int isa_level);
+
 #endif

@@ -24,7 +24,8 @@ from .errors import ContextOverflowError
 from .kernels import ggml_math, matmul, matmuls
 from .kernels.attention import attention
 from .kernels.ggml_math import apply_rope, rms_norm
-from .kernels.moe import can_fuse, moe_ffn
+from .kernels import cext
+from .kernels.moe import can_fuse, moe_batch, moe_ffn, types_fuse
 from .weights import FFN, Attention, ExpertStore, MoE, Weights
 
 
@@ -237,7 +238,7 @@ class Transformer:
         if len(x) == 1:
             out, shared = self._moe_token(layer, w, x, chosen[0], weights[0])
         else:
-            out = self._moe_batch(layer, x, chosen, weights)
+            out = self._moe_batch(layer, w, x, chosen, weights)
         if w.shared is not None:
             if shared is None:
                 shared = _ffn(w.shared, x, buf, gpu=self.gpu)
@@ -271,14 +272,29 @@ class Transformer:
                 out += y
         return out, None
 
-    def _moe_batch(self, layer: int, x: np.ndarray, chosen: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """Several tokens: each chosen expert runs once on the tokens routed to it."""
+    def _moe_batch(self, layer: int, w: MoE, x: np.ndarray, chosen: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Several tokens: each chosen expert runs once on the tokens routed to it, in C calls
+        of many experts where the C kernels serve their formats (kernels.moe), else one by one.
+        Each token's weighted expert outputs are summed in slot order."""
         a = self.args
         per_slot = np.zeros((len(x), a.n_expert_used, a.n_embd), dtype=np.float32)
-        for expert in np.unique(chosen):
-            tokens, slots = np.nonzero(chosen == expert)
-            y = self._expert(layer, int(expert), np.ascontiguousarray(x[tokens]))
-            per_slot[tokens, slots] = y * weights[tokens, slots][:, None]
+        experts, counts = np.unique(chosen, return_counts=True)
+        if self.gpu is None and types_fuse(w.expert_types):
+            pairs = np.stack(np.divmod(np.argsort(chosen, axis=None, kind="stable"), a.n_expert_used), axis=1)
+            # a tiered store keeps n_expert_used experts of a layer pinned at most
+            per_call = min(len(experts) if getattr(self.experts, "all_resident", True) else a.n_expert_used,
+                           cext.MOE_MAX_JOBS)
+            done = 0
+            for i in range(0, len(experts), per_call):
+                ffns = [self.experts.get(layer, int(e)) for e in experts[i : i + per_call]]
+                n = int(counts[i : i + per_call].sum())
+                moe_batch(x, ffns, counts[i : i + per_call], pairs[done : done + n], weights, per_slot)
+                done += n
+        else:
+            for expert in experts:
+                tokens, slots = np.nonzero(chosen == expert)
+                y = self._expert(layer, int(expert), np.ascontiguousarray(x[tokens]))
+                per_slot[tokens, slots] = y * weights[tokens, slots][:, None]
         out = per_slot[:, 0]
         for s in range(1, a.n_expert_used):
             out = out + per_slot[:, s]

@@ -53,6 +53,7 @@ class Attention:
 @dataclass
 class MoE:
     router: QMatrix  # n_expert rows
+    expert_types: tuple = ()  # ggml types of the routed experts' gate, up and down (the same for every expert)
     shared: FFN | None = None
     shared_gate: QMatrix | None = None  # one row: sigmoid(shared_gate·x) scales the shared expert
 
@@ -220,7 +221,8 @@ def load_weights(gguf: GGUFFile, args: ModelArgs) -> Weights:
                     "this GGUF stores experts as separate tensors (an old Mixtral conversion); "
                     "re-convert it with a current llama.cpp"
                 )
-            moe = MoE(router=_matrix(gguf.tensor(p + "ffn_gate_inp.weight")))
+            moe = MoE(router=_matrix(gguf.tensor(p + "ffn_gate_inp.weight")),
+                      expert_types=tuple(gguf.tensor(p + f"ffn_{x}_exps.weight").ggml_type for x in ("gate", "up", "down")))
             if args.shared_expert:
                 moe.shared = FFN(*(_matrix(gguf.tensor(p + f"ffn_{x}_shexp.weight")) for x in ("gate", "up", "down")))
                 if opt(p + "ffn_gate_inp_shexp.weight") is not None:

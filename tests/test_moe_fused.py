@@ -13,7 +13,7 @@ from offload.gguf_file import GGUFFile
 from offload.sampling import SamplingParams
 from offload.store import make_plan
 from offload.kernels import QMatrix, cext, select_kernels
-from offload.kernels.moe import can_fuse, moe_ffn, moe_ffn_ref
+from offload.kernels.moe import can_fuse, moe_batch, moe_batch_ref, moe_ffn, moe_ffn_ref
 from offload.testing import TinyConfig, ggml_quantize, quantize_model
 
 pytestmark = pytest.mark.skipif(not cext.has_moe_ffn(), reason="C extension not built")
@@ -78,6 +78,43 @@ def test_one_call_equals_one_call_per_matrix(types, level, restore):
         np.testing.assert_array_equal(bits(out2), bits(moe_ffn_ref(x, routed[:3], weights[:3])[0]))
 
 
+@pytest.mark.parametrize("types", MIXES, ids=lambda m: "-".join(t.name for t in m))
+@pytest.mark.parametrize("level", cext.levels())
+def test_batch_call_equals_one_call_per_expert(types, level, restore):
+    """A prompt's experts: some get fewer than 8 tokens (row dots), some more (the tiled GEMM
+    for K-quants); the threads take whole experts (12 of them) or split each matmul (2)."""
+    cext.set_isa(level)
+    n_embd, n_ff, k, n_tokens = 256, 256, 4, 40
+    experts = ffns(types, 12, n_embd, n_ff, seed=8)
+    rng = np.random.default_rng(9)
+    chosen = np.stack([rng.choice(12, size=k, replace=False, p=np.linspace(3, 1, 12) / 24) for _ in range(n_tokens)])
+    weights = rng.dirichlet(np.ones(k), size=n_tokens).astype(np.float32)
+    x = (rng.standard_normal((n_tokens, n_embd)) * 3).astype(np.float32)
+    want = moe_batch_ref(x, experts, chosen, weights)
+    counts = np.bincount(chosen.ravel(), minlength=12)
+    assert counts.min() < 8 <= counts.max()
+    pairs = np.stack(np.divmod(np.argsort(chosen, axis=None, kind="stable"), k), axis=1)
+    for threads, per_call in ((1, 12), (2, 12), (2, 2)):
+        cext.set_num_threads(threads)
+        per_slot = np.zeros_like(want)
+        done = 0
+        for i in range(0, 12, per_call):
+            n = int(counts[i : i + per_call].sum())
+            moe_batch(x, experts[i : i + per_call], counts[i : i + per_call], pairs[done : done + n], weights, per_slot)
+            done += n
+        np.testing.assert_array_equal(bits(per_slot), bits(want), err_msg=f"{threads} threads, {per_call} a call")
+
+
+def test_batch_pairs_outside_the_batch_are_refused():
+    f = ffns((T.Q8_0,) * 3, 1, 256, 256, seed=10)
+    x, w = np.ones((2, 256), np.float32), np.ones((2, 2), np.float32)
+    per_slot = np.zeros((2, 2, 256), np.float32)
+    with pytest.raises(ValueError, match="outside"):
+        moe_batch(x, f, np.array([1]), np.array([[2, 0]]), w, per_slot)
+    with pytest.raises(ValueError, match="fewer"):
+        moe_batch(x, f, np.array([3]), np.array([[0, 0]]), w, per_slot)
+
+
 def test_formats_without_c_kernels_are_not_fused(restore):
     f16 = FFN(*(QMatrix.from_raw(T.F16, np.zeros((r, c), np.float16), r, c) for r, c in ((64, 32), (64, 32), (32, 64))))
     q8 = ffns((T.Q8_0,) * 3, 1, 256, 256, seed=5)
@@ -126,7 +163,7 @@ def decode(path, monkeypatch, fused: bool, **load) -> tuple[list[int], np.ndarra
     monkeypatch.setattr(forward, "moe_ffn", lambda *a, **k: calls.append(1) or moe_ffn(*a, **k))
     try:
         with Model.load(path, n_ctx=128, **load) as m:
-            ids = m.tokenize("The experts of a fine-grained layer")
+            ids = m.tokenize("The experts of a fine-grained layer " * 8)  # some get 8+ tokens: the tiled GEMM
             t = m.transformer
             logits = [t.forward(np.array(ids, dtype=np.int64))[-1]]
             tokens: list[int] = []

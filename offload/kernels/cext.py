@@ -80,6 +80,16 @@ def moe_ffn(x, out, shared_out, workspace, n_routed: int, specs: tuple, weights:
     _cext.moe_ffn(x, out, shared_out, workspace, x.shape[1], n_routed, specs, weights)
 
 
+MOE_MAX_JOBS = getattr(_cext, "MOE_MAX_JOBS", 0)  # experts one moe_ffn / moe_batch call takes
+
+
+def moe_batch(x, per_slot, weights, specs: tuple, counts: np.ndarray, pairs: np.ndarray) -> None:
+    """A micro-batch's experts in one call (cext/moe.c): spec j runs on the counts[j] (token,
+    slot) pairs after the previous specs' (int32) and writes weights[token, slot] * its output
+    into per_slot[token, slot]."""
+    _cext.moe_batch(x, per_slot, weights, x.shape[0], x.shape[1], weights.shape[1], specs, counts, pairs)
+
+
 def has_silu_mul() -> bool:
     return _cext is not None and hasattr(_cext, "silu_mul")
 

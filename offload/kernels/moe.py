@@ -1,4 +1,5 @@
-"""A MoE layer's experts for one decoding token: one C call instead of one per matrix.
+"""A MoE layer's experts in one C call instead of one per matrix: for a decoding token, and
+for a prompt's micro-batch.
 
 A fine-grained MoE layer (Qwen3-30B-A3B: top-8 of 128 experts of 768) is 24 small matmuls
 per token; called one by one, each pays a fork/join of the thread team and the Python
@@ -7,6 +8,10 @@ parallel region (cext/moe.c): gate and up of every selected expert and shared ex
 threads splitting all their rows together; SwiGLU; every down; the routed outputs weighted
 and summed in slot order.
 
+`moe_batch` does the same for a micro-batch: each expert runs once on the tokens routed to
+it, through the row dots or the tiled GEMM as dispatch.matmul would for that many tokens,
+the threads taking whole experts when there are enough of them.
+
 `moe_ffn_ref` is the same computation as the per-matrix calls it replaces (dispatch.matmuls
 and silu_mul, llama.cpp's build_moe_ffn order): the reference the C path equals bit for bit.
 """
@@ -14,7 +19,7 @@ and silu_mul, llama.cpp's build_moe_ffn order): the reference the C path equals 
 from __future__ import annotations
 
 import threading
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -32,14 +37,14 @@ class SwiGLU(Protocol):  # weights.FFN
 
 
 def can_fuse(ffns: Sequence[SwiGLU]) -> bool:
-    """Whether moe_ffn serves these FFNs: the C extension has it and C kernels serve every matrix."""
-    if not fused_moe_enabled():
-        return False
-    for f in ffns:
-        if (f.gate.fmt.ggml_type not in C_FORMATS or f.up.fmt.ggml_type not in C_FORMATS
-                or f.down.fmt.ggml_type not in C_FORMATS):
-            return False
-    return True
+    """Whether moe_ffn / moe_batch serve these FFNs: the C extension has them and C kernels
+    serve every matrix."""
+    return types_fuse(t for f in ffns for t in (f.gate.fmt.ggml_type, f.up.fmt.ggml_type, f.down.fmt.ggml_type))
+
+
+def types_fuse(ggml_types: Iterable) -> bool:
+    """can_fuse for matrices of these types."""
+    return fused_moe_enabled() and all(t in C_FORMATS for t in ggml_types)
 
 
 _workspace = threading.local()  # {(n_embd, n_ffs): uint8 array}, reused every token
@@ -66,6 +71,16 @@ def moe_ffn(x: np.ndarray, routed: Sequence[SwiGLU], weights: np.ndarray, out: n
     return out
 
 
+def moe_batch(x: np.ndarray, experts: Sequence[SwiGLU], counts: np.ndarray, pairs: np.ndarray, weights: np.ndarray,
+              per_slot: np.ndarray) -> None:
+    """Several tokens (a prompt's micro-batch), each routed to k experts: experts[j] runs once
+    on the counts[j] (token, slot) pairs that follow the previous experts' in `pairs` (int32
+    (n, 2)), and per_slot[token, slot] (float32 (n_tokens, k, n_embd)) receives its output
+    times weights[token, slot]. At most cext.MOE_MAX_JOBS experts a call, all pinned during it."""
+    cext.moe_batch(x, per_slot, np.ascontiguousarray(weights, dtype=np.float32), tuple(f.kernel_spec for f in experts),
+                   np.ascontiguousarray(counts, dtype=np.int32), np.ascontiguousarray(pairs, dtype=np.int32))
+
+
 def moe_ffn_ref(x: np.ndarray, routed: Sequence[SwiGLU], weights: Sequence[float], shared: Sequence[SwiGLU] = ()
                 ) -> tuple[np.ndarray, np.ndarray]:
     """moe_ffn as one matmul call per matrix (the path it replaces): (out, shared_out)."""
@@ -81,3 +96,17 @@ def moe_ffn_ref(x: np.ndarray, routed: Sequence[SwiGLU], weights: Sequence[float
         out = np.zeros_like(x)
     shared_out = np.concatenate([ffn(f, False) for f in shared]) if shared else np.empty((0, x.shape[1]), np.float32)
     return out, shared_out
+
+
+def moe_batch_ref(x: np.ndarray, experts: Sequence[SwiGLU], chosen: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """moe_batch as one matmul call per matrix, per expert: per_slot (n_tokens, k, n_embd) for
+    `chosen` (n_tokens, k) indices into `experts`; slots of no expert stay zero."""
+    per_slot = np.zeros((len(x), chosen.shape[1], x.shape[1]), dtype=np.float32)
+    for e, f in enumerate(experts):
+        tokens, slots = np.nonzero(chosen == e)
+        if len(tokens):
+            xe = np.ascontiguousarray(x[tokens])
+            gate, up = matmuls((f.gate, f.up), xe, expert=True)
+            y = matmul(f.down, silu_mul(gate, up), expert=True)
+            per_slot[tokens, slots] = y * weights[tokens, slots][:, None]
+    return per_slot
