@@ -19,6 +19,10 @@
  *       experts (each into its n_embd row of shared_out); addresses of weight rows the caller
  *       keeps alive
  *   moe_workspace_bytes(n_embd, (n_ff, ...))   the workspace moe_ffn needs for those jobs
+ *   attention_token(dims, n_ctx, mats, x, scratch, norm, bq, bk, bv, q_norm, k_norm, cos, sin, k_cache, v_cache)
+ *       a decoding token's attention block (layer.c): x += wo . attention(...) of rms_norm(x);
+ *       dims (n_embd, n_head, n_head_kv, head_dim, rope_dim, neox, qk_norm 0/1/2, pos, eps),
+ *       mats ((fmt, address, n_rows) of wq, wk, wv, wo); biases and q/k norms None when absent
  *   moe_batch(x, per_slot, weights, n_tokens, n_embd, k, jobs, counts, pairs)
  *       a micro-batch's experts in one call (moe.c): job j (as moe_ffn's) runs on the counts[j]
  *       (token, slot) int32 pairs after the previous jobs' and writes weight * output into
@@ -42,6 +46,7 @@
 #include "attention.h"
 #include "float_dot.h"
 #include "kernels.h"
+#include "layer.h"
 #include "moe.h"
 #include "quantize.h"
 #include "swiglu.h"
@@ -486,6 +491,99 @@ done:
     return result;
 }
 
+/* A float32 vector argument of at least n values, or NULL for None when optional. */
+static int float_arg(PyObject *obj, Py_buffer *view, Py_ssize_t n, int writable, int optional, const float **out) {
+    *out = NULL;
+    if (obj == Py_None && optional) return 0;
+    if (PyObject_GetBuffer(obj, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) return -1;
+    if (view->len < n * (Py_ssize_t)sizeof(float)) {
+        PyErr_Format(PyExc_ValueError, "attention_token: a vector holds %zd bytes, %zd floats expected", view->len, n);
+        return -1;
+    }
+    *out = view->buf;
+    return 0;
+}
+
+static int layer_matrix_of(PyObject *spec, int n_cols, layer_matrix *m) {
+    const char *name;
+    unsigned long long address;
+    moe_matrix mm;
+    if (!PyArg_ParseTuple(spec, "sKi", &name, &address, &m->n_rows)) return -1;
+    if (m->n_rows <= 0 || moe_matrix_of(name, address, n_cols, &mm) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "attention_token: a matrix has no rows");
+        return -1;
+    }
+    m->f = mm.f, m->dot = mm.dot, m->w = mm.w;
+    return 0;
+}
+
+static PyObject *py_attention_token(PyObject *self, PyObject *args) {
+    PyObject *objs[12]; /* x, scratch, norm, bq, bk, bv, q_norm, k_norm, cos, sin, k_cache, v_cache */
+    PyObject *mats;
+    attention_block b = {0};
+    int n_ctx;
+    if (!PyArg_ParseTuple(args, "(iiiiiiiif)iO!OOOOOOOOOOOO", &b.n_embd, &b.n_head, &b.n_head_kv, &b.head_dim,
+                          &b.rope_dim, &b.neox, &b.qk_norm, &b.pos, &b.eps, &n_ctx, &PyTuple_Type, &mats, &objs[0],
+                          &objs[1], &objs[2], &objs[3], &objs[4], &objs[5], &objs[6], &objs[7], &objs[8], &objs[9],
+                          &objs[10], &objs[11]))
+        return NULL;
+    Py_buffer views[12];
+    memset(views, 0, sizeof(views));
+    PyObject *result = NULL;
+    const int hd = b.head_dim, q_dim = b.n_head * hd, kv_dim = b.n_head_kv * hd;
+    if (b.n_embd <= 0 || hd <= 0 || b.n_head <= 0 || b.n_head_kv <= 0 || b.n_head % b.n_head_kv || b.rope_dim < 0 ||
+        b.rope_dim > hd || b.rope_dim % 2 || b.pos < 0 || b.pos >= n_ctx || b.qk_norm < 0 || b.qk_norm > 2 ||
+        PyTuple_GET_SIZE(mats) != 4) {
+        PyErr_SetString(PyExc_ValueError, "attention_token: bad shape");
+        goto done;
+    }
+    if (layer_matrix_of(PyTuple_GET_ITEM(mats, 0), b.n_embd, &b.wq) < 0 ||
+        layer_matrix_of(PyTuple_GET_ITEM(mats, 1), b.n_embd, &b.wk) < 0 ||
+        layer_matrix_of(PyTuple_GET_ITEM(mats, 2), b.n_embd, &b.wv) < 0 ||
+        layer_matrix_of(PyTuple_GET_ITEM(mats, 3), q_dim, &b.wo) < 0)
+        goto done;
+    if (b.wq.n_rows != q_dim || b.wk.n_rows != kv_dim || b.wv.n_rows != kv_dim || b.wo.n_rows != b.n_embd) {
+        PyErr_SetString(PyExc_ValueError, "attention_token: matrix sizes do not fit the heads");
+        goto done;
+    }
+    const Py_ssize_t norm_q = b.qk_norm == QK_NORM_FULL ? q_dim : hd, norm_k = b.qk_norm == QK_NORM_FULL ? kv_dim : hd;
+    const Py_ssize_t scratch_floats = (Py_ssize_t)(attention_token_scratch_bytes(b.n_embd, b.n_head, b.n_head_kv, hd) / 4);
+    const float *x, *scratch, *k_cache, *v_cache;
+    if (float_arg(objs[0], &views[0], b.n_embd, 1, 0, &x) < 0 ||
+        float_arg(objs[1], &views[1], scratch_floats, 1, 0, &scratch) < 0 ||
+        float_arg(objs[2], &views[2], b.n_embd, 0, 0, &b.norm) < 0 ||
+        float_arg(objs[3], &views[3], q_dim, 0, 1, &b.bq) < 0 || float_arg(objs[4], &views[4], kv_dim, 0, 1, &b.bk) < 0 ||
+        float_arg(objs[5], &views[5], kv_dim, 0, 1, &b.bv) < 0 ||
+        float_arg(objs[6], &views[6], norm_q, 0, b.qk_norm == QK_NORM_NONE, &b.q_norm) < 0 ||
+        float_arg(objs[7], &views[7], norm_k, 0, b.qk_norm == QK_NORM_NONE, &b.k_norm) < 0 ||
+        float_arg(objs[8], &views[8], b.rope_dim / 2, 0, 0, &b.cos) < 0 ||
+        float_arg(objs[9], &views[9], b.rope_dim / 2, 0, 0, &b.sin) < 0 ||
+        float_arg(objs[10], &views[10], (Py_ssize_t)n_ctx * kv_dim, 1, 0, &k_cache) < 0 ||
+        float_arg(objs[11], &views[11], (Py_ssize_t)n_ctx * kv_dim, 1, 0, &v_cache) < 0)
+        goto done;
+    if ((b.bq == NULL) != (b.bk == NULL) || (b.bq == NULL) != (b.bv == NULL)) {
+        PyErr_SetString(PyExc_ValueError, "attention_token: q, k and v biases come together");
+        goto done;
+    }
+    b.k_cache = (float *)k_cache, b.v_cache = (float *)v_cache;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = attention_token(&b, (float *)x, (float *)scratch, isa >= ISA_AVX2);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) PyErr_NoMemory();
+    else result = Py_NewRef(Py_None);
+done:
+    for (int i = 0; i < 12; i++)
+        if (views[i].obj) PyBuffer_Release(&views[i]);
+    return result;
+}
+
+static PyObject *py_attention_token_scratch_bytes(PyObject *self, PyObject *args) {
+    int n_embd, n_head, n_head_kv, head_dim;
+    if (!PyArg_ParseTuple(args, "iiii", &n_embd, &n_head, &n_head_kv, &head_dim)) return NULL;
+    return PyLong_FromSize_t(attention_token_scratch_bytes(n_embd, n_head, n_head_kv, head_dim));
+}
+
 static PyObject *py_silu_mul(PyObject *self, PyObject *args) {
     Py_buffer x = {0}, g = {0}, out = {0};
     Py_ssize_t n_rows, n;
@@ -639,6 +737,10 @@ static PyObject *py_set_num_threads(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "matmul(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)"},
     {"moe_ffn", py_moe_ffn, METH_VARARGS, "moe_ffn(x, out, shared_out, workspace, n_embd, n_routed, jobs, weights)"},
+    {"attention_token", py_attention_token, METH_VARARGS,
+     "attention_token(dims, n_ctx, mats, x, scratch, norm, bq, bk, bv, q_norm, k_norm, cos, sin, k_cache, v_cache)"},
+    {"attention_token_scratch_bytes", py_attention_token_scratch_bytes, METH_VARARGS,
+     "attention_token_scratch_bytes(n_embd, n_head, n_head_kv, head_dim)"},
     {"moe_batch", py_moe_batch, METH_VARARGS, "moe_batch(x, per_slot, weights, n_tokens, n_embd, k, jobs, counts, pairs)"},
     {"moe_workspace_bytes", py_moe_workspace_bytes, METH_VARARGS, "moe_workspace_bytes(n_embd, (n_ff, ...))"},
     {"matmul_float", py_matmul_float, METH_VARARGS, "matmul_float(fmt, w, x, out, n_rows, n_cols, n_tokens, mode)"},

@@ -24,7 +24,7 @@ from .errors import ContextOverflowError
 from .kernels import ggml_math, matmul, matmuls
 from .kernels.attention import attention
 from .kernels.ggml_math import apply_rope, rms_norm
-from .kernels import cext
+from .kernels import block, cext
 from .kernels.moe import can_fuse, moe_batch, moe_ffn, types_fuse
 from .weights import FFN, Attention, ExpertStore, MoE, Weights
 
@@ -127,6 +127,7 @@ class Transformer:
         self.recorder = None  # a TraceRecorder (offload.trace) sees every routing decision when set
         self.prefetcher = None  # offload.predict.Prefetcher: predicts the next layers' experts for a tiered store
         self.gpu = None  # offload.gpu.vram.GpuTier: runs the matmuls and experts placed in VRAM
+        self._block_scratch = None  # kernels.block's buffer for a decoding token's attention block
 
     def reset(self) -> None:
         self.cache.n_past = 0
@@ -161,14 +162,15 @@ class Transformer:
         x = self.weights.embed(tokens)
         last = len(self.weights.layers) - 1
         for i, layer in enumerate(self.weights.layers):
-            h = rms_norm(x, layer.attn.norm, a.rms_eps, out=buf("norm", n, a.n_embd))
-            attn = self._attention(i, layer.attn, h, start)
-            if i == last and outputs != "all" and n > 1:
-                keep = slice(n - 1, n) if outputs == "last" else slice(0, 0)
-                x, attn = x[keep].copy(), attn[keep]
-            if len(x) == 0:
-                break
-            x += attn
+            if n > 1 or not self._attention_token(i, layer.attn, x, start):  # (a decoding token: x += in one C call)
+                h = rms_norm(x, layer.attn.norm, a.rms_eps, out=buf("norm", n, a.n_embd))
+                attn = self._attention(i, layer.attn, h, start)
+                if i == last and outputs != "all" and n > 1:
+                    keep = slice(n - 1, n) if outputs == "last" else slice(0, 0)
+                    x, attn = x[keep].copy(), attn[keep]
+                if len(x) == 0:
+                    break
+                x += attn
             if self.prefetcher is not None:  # the next layers' experts, read while this one computes
                 self._predict(i, x)
             h = rms_norm(x, layer.ffn_norm, a.rms_eps, out=buf("norm", len(x), a.n_embd))
@@ -220,6 +222,18 @@ class Transformer:
         out = attention(q.reshape(n, -1), self.cache.k[layer], self.cache.v[layer], start, a.n_head, a.n_head_kv, hd,
                         out=buf("attn", n, a.n_head * hd))
         return self._matmul(w.wo, out, out=buf("attn_out", n, a.n_embd))
+
+    def _attention_token(self, layer: int, w: Attention, x: np.ndarray, start: int) -> bool:
+        """x += the attention block of one decoding token, in one C call (kernels.block) where
+        the C kernels serve its matrices and no GPU tier runs them; False if not run."""
+        if self.gpu is not None or not block.attention_fits(w):
+            return False
+        a = self.args
+        if self._block_scratch is None:
+            self._block_scratch = block.attention_scratch(a)
+        block.attention_token(a, w, x, start, self.rope_cos[start], self.rope_sin[start], self.cache.k[layer],
+                              self.cache.v[layer], self._block_scratch)
+        return True
 
     def _moe(self, layer: int, w: MoE, x: np.ndarray) -> np.ndarray:
         """Route each token to its top-k experts; run each chosen expert once on its tokens.

@@ -49,6 +49,12 @@ class Attention:
     q_norm: np.ndarray | None = None
     k_norm: np.ndarray | None = None
 
+    @cached_property
+    def kernel_spec(self) -> tuple:
+        """((format, address, rows) of wq, wk, wv, wo): the matrices as kernels.block hands them
+        to one C call."""
+        return tuple((m.fmt.name, m.address, m.n_rows) for m in (self.wq, self.wk, self.wv, self.wo))
+
 
 @dataclass
 class MoE:

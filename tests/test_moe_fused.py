@@ -1,6 +1,8 @@
-"""One C call for a decoding token's experts (kernels.moe, cext/moe.c) against the per-matrix
-path it replaces, bit for bit: every C format, shared experts, thread counts and SIMD levels;
-then whole models, whose tokens and logits must not depend on the path (nor on the budget)."""
+"""One C call for a layer's experts (kernels.moe, cext/moe.c: a decoding token's, a prompt's)
+and for a decoding token's attention block (kernels.block, cext/layer.c) against the
+per-matrix path they replace, bit for bit: every C format, shared experts, thread counts and
+SIMD levels; then whole models of every attention kind, whose tokens and logits must not
+depend on the path (nor on the budget)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from offload import Model, arch, forward
 from offload.gguf_file import GGUFFile
 from offload.sampling import SamplingParams
 from offload.store import make_plan
-from offload.kernels import QMatrix, cext, select_kernels
+from offload.kernels import QMatrix, block, cext, select_kernels
 from offload.kernels.moe import can_fuse, moe_batch, moe_batch_ref, moe_ffn, moe_ffn_ref
 from offload.testing import TinyConfig, ggml_quantize, quantize_model
 
@@ -148,7 +150,15 @@ SHARED = TinyConfig(arch="qwen2moe", n_layer=2, n_embd=256, n_head=4, n_head_kv=
                     n_expert_used=4, n_ctx=256, n_ff_shexp=512)
 
 
-@pytest.fixture(scope="module", params=[(FINE, "Q4_K_M"), (SHARED, "Q8_0")], ids=["qwen3moe-Q4_K_M", "qwen2moe-Q8_0"])
+MIXTRAL = TinyConfig(n_layer=2, n_embd=256, n_head=8, n_head_kv=2, n_ff=512, n_expert=4, n_expert_used=2, n_ctx=256)
+OLMOE = TinyConfig(arch="olmoe", n_layer=2, n_embd=256, n_head=4, n_head_kv=4, n_ff=256, n_expert=8, n_expert_used=4,
+                   n_ctx=256)
+
+
+# every attention kind of the block: GQA with NORM RoPE (llama), q/k/v biases (qwen2moe), per-head
+# q/k norms (qwen3moe), whole-projection q/k norms (olmoe)
+@pytest.fixture(scope="module", params=[(FINE, "Q4_K_M"), (SHARED, "Q8_0"), (MIXTRAL, "Q4_0"), (OLMOE, "Q8_0")],
+                ids=["qwen3moe-Q4_K_M", "qwen2moe-Q8_0", "llama-Q4_0", "olmoe-Q8_0"])
 def quantized(request, model_factory, tmp_path_factory):
     config, ftype = request.param
     f16 = model_factory(config, "F16", seed=7)
@@ -157,10 +167,11 @@ def quantized(request, model_factory, tmp_path_factory):
 
 def decode(path, monkeypatch, fused: bool, **load) -> tuple[list[int], np.ndarray]:
     """24 greedy tokens after a prompt, one forward step each, and the logits of every step."""
-    monkeypatch.setenv("OFFLOAD_FUSED_MOE", "1" if fused else "0")
+    monkeypatch.setenv("OFFLOAD_FUSED", "1" if fused else "0")
     select_kernels()
-    calls = []
+    calls, blocks = [], []
     monkeypatch.setattr(forward, "moe_ffn", lambda *a, **k: calls.append(1) or moe_ffn(*a, **k))
+    monkeypatch.setattr(block, "attention_token", lambda *a, real=block.attention_token: blocks.append(1) or real(*a))
     try:
         with Model.load(path, n_ctx=128, **load) as m:
             ids = m.tokenize("The experts of a fine-grained layer " * 8)  # some get 8+ tokens: the tiled GEMM
@@ -171,10 +182,10 @@ def decode(path, monkeypatch, fused: bool, **load) -> tuple[list[int], np.ndarra
                 tokens.append(int(np.argmax(logits[-1])))
                 logits.append(t.forward(np.array([tokens[-1]], dtype=np.int64))[-1])
             assert list(m.generate_tokens(ids, 24, SamplingParams(temperature=0.0))) == tokens
-            assert (len(calls) > 0) == fused  # the path asked for is the one that ran
+            assert (len(calls) > 0) == fused and (len(blocks) > 0) == fused  # the path asked for is the one that ran
             return tokens, np.stack(logits)
     finally:
-        monkeypatch.delenv("OFFLOAD_FUSED_MOE")
+        monkeypatch.delenv("OFFLOAD_FUSED")
         select_kernels()
 
 

@@ -90,6 +90,20 @@ def moe_batch(x, per_slot, weights, specs: tuple, counts: np.ndarray, pairs: np.
     _cext.moe_batch(x, per_slot, weights, x.shape[0], x.shape[1], weights.shape[1], specs, counts, pairs)
 
 
+def has_attention_token() -> bool:
+    return _cext is not None and hasattr(_cext, "attention_token")
+
+
+def attention_token_scratch_bytes(n_embd: int, n_head: int, n_head_kv: int, head_dim: int) -> int:
+    return _cext.attention_token_scratch_bytes(n_embd, n_head, n_head_kv, head_dim)
+
+
+def attention_token(dims: tuple, n_ctx: int, mats: tuple, x, scratch, norm, bq, bk, bv, q_norm, k_norm, cos, sin,
+                    k_cache, v_cache) -> None:
+    """A decoding token's attention block (cext/layer.c): x += wo . attention of rms_norm(x)."""
+    _cext.attention_token(dims, n_ctx, mats, x, scratch, norm, bq, bk, bv, q_norm, k_norm, cos, sin, k_cache, v_cache)
+
+
 def has_silu_mul() -> bool:
     return _cext is not None and hasattr(_cext, "silu_mul")
 

@@ -60,7 +60,7 @@ KERNELS: dict[GGMLQuantizationType, Kernel] = {}
 TILED_KERNELS: dict[GGMLQuantizationType, Kernel] = {}  # K-quants with >= TILED_MIN_TOKENS tokens
 C_FORMATS: set[GGMLQuantizationType] = set()  # those served by the C extension now
 _ONE_CALL = False  # cext.matmul_x serves the C formats (select_kernels)
-_FUSED_MOE = False  # cext.moe_ffn runs a decoding token's experts (kernels.moe; select_kernels)
+_FUSED = False  # whole blocks in one C call: a layer's experts (kernels.moe), a token's attention (kernels.block)
 
 
 def select_kernels(implementation: str | None = None) -> None:
@@ -78,8 +78,8 @@ def select_kernels(implementation: str | None = None) -> None:
     for t in TILED_TYPES:
         TILED_KERNELS[t] = _numba_tiled(t)
     C_FORMATS.clear()
-    global _ONE_CALL, _FUSED_MOE
-    _ONE_CALL = _FUSED_MOE = False
+    global _ONE_CALL, _FUSED
+    _ONE_CALL = _FUSED = False
     if implementation == "numba":
         return
     if not cext.available():
@@ -100,12 +100,13 @@ def select_kernels(implementation: str | None = None) -> None:
         if kernel is not None:
             TILED_KERNELS[t] = kernel
     _ONE_CALL = cext.has_matmul_x() and os.environ.get("OFFLOAD_ONE_CALL", "1") != "0"
-    _FUSED_MOE = cext.has_moe_ffn() and os.environ.get("OFFLOAD_FUSED_MOE", "1") != "0"
+    _FUSED = cext.has_moe_ffn() and cext.has_attention_token() and os.environ.get("OFFLOAD_FUSED", "1") != "0"
 
 
-def fused_moe_enabled() -> bool:
-    """Whether kernels.moe may run a layer's experts in one C call (OFFLOAD_FUSED_MOE=0: no)."""
-    return _FUSED_MOE
+def fused_enabled() -> bool:
+    """Whether kernels.moe and kernels.block may run a layer's experts, or a decoding token's
+    attention block, in one C call (OFFLOAD_FUSED=0: one call per matrix, for comparison)."""
+    return _FUSED
 
 
 def _numba_tiled(t: GGMLQuantizationType) -> Kernel:

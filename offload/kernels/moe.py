@@ -24,7 +24,7 @@ from typing import Iterable, Protocol, Sequence
 import numpy as np
 
 from . import cext
-from .dispatch import C_FORMATS, fused_moe_enabled, matmul, matmuls
+from .dispatch import C_FORMATS, fused_enabled, matmul, matmuls
 from .formats import QMatrix
 from .ggml_math import silu_mul
 
@@ -44,7 +44,7 @@ def can_fuse(ffns: Sequence[SwiGLU]) -> bool:
 
 def types_fuse(ggml_types: Iterable) -> bool:
     """can_fuse for matrices of these types."""
-    return fused_moe_enabled() and all(t in C_FORMATS for t in ggml_types)
+    return fused_enabled() and all(t in C_FORMATS for t in ggml_types)
 
 
 _workspace = threading.local()  # {(n_embd, n_ffs): uint8 array}, reused every token

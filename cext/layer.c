@@ -1,0 +1,116 @@
+/* A decoding token's attention block in one call: x += wo . attention(rope(qkv(rms_norm(x)))).
+ *
+ * For one token every step of the block is small (a model of width 1024 reads ~3 MB of
+ * attention weights per layer), so the Python between the steps (a norm, a matmul group,
+ * biases, q/k norms, two RoPE calls, the cache writes, attention, the output matmul, the
+ * residual add) costs as much as the steps. Here they run back to back in C, each as
+ * offload computes it step by step (ggml_math, dispatch, attention), so the bits are the
+ * same:
+ *
+ *   rms_norm     squares summed in double in order; scale = 1 / sqrtf(float(sum / n) + eps)
+ *   q, k, v      the activations quantized once per kind, the row dots (run_matmul)
+ *   biases       q + bq, k + bk, v + bv in float32
+ *   q/k norms    rms_norm per head (qk_norm 1) or over the whole projection (qk_norm 2)
+ *   RoPE         (a, b) -> (fma(a, cos, -(b sin)), fma(a, sin, b cos)), NORM or NEOX pairs
+ *   attention    attention.c over the cache, after writing this token's k and v into it
+ *   wo           the row dots again; then x += out in float32
+ */
+#include "layer.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+#include "attention.h"
+#include "quantize.h"
+
+void rms_norm_row(const float *x, const float *weight, float eps, float *out, int n) {
+    double total = 0.0;
+    for (int i = 0; i < n; i++) total += (double)(x[i] * x[i]);
+    const float scale = 1.0f / sqrtf((float)(total / n) + eps);
+    for (int i = 0; i < n; i++) out[i] = (x[i] * scale) * weight[i];
+}
+
+void rope_row(float *x, const float *cos, const float *sin, int n_heads, int head_dim, int rope_dim, int neox) {
+    const int half = rope_dim / 2;
+    for (int h = 0; h < n_heads; h++) {
+        float *xh = x + (size_t)h * head_dim;
+        for (int i = 0; i < half; i++) {
+            const int ia = neox ? i : 2 * i, ib = neox ? i + half : 2 * i + 1;
+            const float a = xh[ia], b = xh[ib], c = cos[i], s = sin[i];
+            xh[ia] = fmaf(a, c, -(b * s));
+            xh[ib] = fmaf(a, s, b * c);
+        }
+    }
+}
+
+/* out = m . x for one token: x quantized for m's kind into `act` (a buffer of n_cols int8,
+ * n_cols/32 floats, n_cols/16 int16), then the row dots. */
+static void matvec(const layer_matrix *m, const float *x, int n_cols, float *out, act_scratch *act) {
+    const int kind = m->f->act;
+    if (act->done[kind] != x) { /* the same input quantized once per kind */
+        if (kind == ACT_Q8_K)
+            quantize_row_q8_k(x, act->qs[kind], act->d[kind], act->bsums, n_cols);
+        else
+            quantize_row_q8_0(x, act->qs[kind], act->d[kind], n_cols);
+        act->done[kind] = x;
+    }
+    run_matmul(m->dot, m->f, m->w, act->qs[kind], act->d[kind], act->bsums, out, m->n_rows, n_cols, 1);
+}
+
+static void add_bias(float *x, const float *b, int n) {
+    if (b)
+        for (int i = 0; i < n; i++) x[i] = x[i] + b[i];
+}
+
+int attention_token(const attention_block *b, float *x, float *scratch, int use_avx2) {
+    const int n_embd = b->n_embd, hd = b->head_dim;
+    const int q_dim = b->n_head * hd, kv_dim = b->n_head_kv * hd;
+    float *h = scratch, *q = h + n_embd, *k = q + q_dim, *v = k + kv_dim, *att = v + kv_dim, *o = att + q_dim;
+    const int widest = n_embd > q_dim ? n_embd : q_dim;
+    act_scratch act;
+    act.qs[0] = (int8_t *)(o + n_embd);
+    act.qs[1] = act.qs[0] + widest;
+    act.d[0] = (float *)(act.qs[1] + widest);
+    act.d[1] = act.d[0] + widest / 32;
+    act.bsums = (int16_t *)(act.d[1] + widest / 32);
+    act.done[0] = act.done[1] = NULL;
+
+    rms_norm_row(x, b->norm, b->eps, h, n_embd);
+    matvec(&b->wq, h, n_embd, q, &act);
+    matvec(&b->wk, h, n_embd, k, &act);
+    matvec(&b->wv, h, n_embd, v, &act);
+    add_bias(q, b->bq, q_dim);
+    add_bias(k, b->bk, kv_dim);
+    add_bias(v, b->bv, kv_dim);
+    if (b->qk_norm == QK_NORM_FULL) {
+        rms_norm_row(q, b->q_norm, b->eps, q, q_dim);
+        rms_norm_row(k, b->k_norm, b->eps, k, kv_dim);
+    } else if (b->qk_norm == QK_NORM_HEAD) {
+        for (int i = 0; i < b->n_head; i++) rms_norm_row(q + i * hd, b->q_norm, b->eps, q + i * hd, hd);
+        for (int i = 0; i < b->n_head_kv; i++) rms_norm_row(k + i * hd, b->k_norm, b->eps, k + i * hd, hd);
+    }
+    rope_row(q, b->cos, b->sin, b->n_head, hd, b->rope_dim, b->neox);
+    rope_row(k, b->cos, b->sin, b->n_head_kv, hd, b->rope_dim, b->neox);
+    float *k_row = b->k_cache + (size_t)b->pos * kv_dim, *v_row = b->v_cache + (size_t)b->pos * kv_dim;
+    for (int i = 0; i < kv_dim; i++) k_row[i] = k[i], v_row[i] = v[i];
+
+    attention_args a = {0};
+    a.q = q, a.k = b->k_cache, a.v = b->v_cache, a.out = att;
+    a.n = 1, a.start = b->pos, a.n_head = b->n_head, a.n_head_kv = b->n_head_kv, a.head_dim = hd;
+    a.q_stride = q_dim, a.kv_stride = kv_dim;
+    a.gemm8 = b->n_head / b->n_head_kv >= 2 && hd % 4 == 0; /* as py_attention decides for one token */
+    a.scale = 1.0f / sqrtf((float)hd);
+    if (attention_run(&a, use_avx2) < 0) return -1;
+
+    act.done[0] = act.done[1] = NULL;
+    matvec(&b->wo, att, q_dim, o, &act);
+    for (int i = 0; i < n_embd; i++) x[i] = x[i] + o[i];
+    return 0;
+}
+
+size_t attention_token_scratch_bytes(int n_embd, int n_head, int n_head_kv, int head_dim) {
+    const size_t q_dim = (size_t)n_head * head_dim, kv_dim = (size_t)n_head_kv * head_dim;
+    const size_t widest = (size_t)n_embd > q_dim ? (size_t)n_embd : q_dim;
+    return (2 * (size_t)n_embd + 2 * q_dim + 2 * kv_dim) * sizeof(float) + 2 * widest + 2 * (widest / 32) * sizeof(float) +
+           (widest / 16) * sizeof(int16_t) + 64;
+}

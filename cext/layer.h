@@ -1,0 +1,47 @@
+/* A decoding token's attention block in one call (layer.c). */
+#ifndef OFFLOAD_LAYER_H
+#define OFFLOAD_LAYER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels.h"
+
+typedef struct {
+    const format_kernels *f;
+    row_dot_fn dot;
+    const uint8_t *w;
+    int n_rows;
+} layer_matrix;
+
+/* One input quantized per activation kind, reused by the matmuls that share it. */
+typedef struct {
+    int8_t *qs[2];
+    float *d[2];
+    const float *done[2]; /* the input each kind holds now */
+    int16_t *bsums;
+} act_scratch;
+
+enum { QK_NORM_NONE = 0, QK_NORM_HEAD = 1, QK_NORM_FULL = 2 };
+
+typedef struct {
+    int n_embd, n_head, n_head_kv, head_dim, rope_dim, neox, qk_norm, pos;
+    float eps;
+    const float *norm;                   /* attn_norm (n_embd) */
+    layer_matrix wq, wk, wv, wo;
+    const float *bq, *bk, *bv;           /* or NULL */
+    const float *q_norm, *k_norm;        /* per head (head_dim) or whole (n_head * head_dim ...), or NULL */
+    const float *cos, *sin;              /* this position's RoPE table row (rope_dim / 2) */
+    float *k_cache, *v_cache;            /* this layer's (n_ctx, n_head_kv * head_dim) */
+} attention_block;
+
+/* x (n_embd) += the block's output for the token at position pos, whose k and v are written
+ * into the cache. scratch: attention_token_scratch_bytes. 0, or -1 if out of memory. */
+int attention_token(const attention_block *b, float *x, float *scratch, int use_avx2);
+size_t attention_token_scratch_bytes(int n_embd, int n_head, int n_head_kv, int head_dim);
+
+/* ggml_rms_norm then the weight (out may be x), and RoPE of n_heads heads in place. */
+void rms_norm_row(const float *x, const float *weight, float eps, float *out, int n);
+void rope_row(float *x, const float *cos, const float *sin, int n_heads, int head_dim, int rope_dim, int neox);
+
+#endif

@@ -1,0 +1,43 @@
+"""A decoding token's attention block in one C call (cext/layer.c).
+
+For one token each step of the attention block is small, and the Python between the steps
+(the norm, the Q/K/V matmuls, biases, q/k norms, two RoPE calls, the cache writes,
+attention, the output matmul, the residual add) cost as much as the steps themselves on
+the models people run on laptops. `attention_token` runs them back to back in C; each step
+is computed as forward.Transformer._attention computes it (the reference, and the path for
+prompts, float weights and the GPU tier), so the bits are the same.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import cext
+from .dispatch import C_FORMATS, fused_enabled
+
+_QK_NORM = {None: 0, "head": 1, "full": 2}
+
+
+def attention_fits(w) -> bool:
+    """Whether attention_token serves this layer's weights (weights.Attention): the C call is
+    built and the C kernels serve its four matrices (OFFLOAD_FUSED=0 turns it off too)."""
+    return (fused_enabled() and w.wq.fmt.ggml_type in C_FORMATS and w.wk.fmt.ggml_type in C_FORMATS
+            and w.wv.fmt.ggml_type in C_FORMATS and w.wo.fmt.ggml_type in C_FORMATS)
+
+
+def attention_scratch(args) -> np.ndarray:
+    """The working memory of attention_token for this model (ModelArgs), allocated once."""
+    n = cext.attention_token_scratch_bytes(args.n_embd, args.n_head, args.n_head_kv, args.head_dim)
+    return np.empty((n + 3) // 4, dtype=np.float32)
+
+
+def attention_token(args, w, x: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray, k_cache: np.ndarray,
+                    v_cache: np.ndarray, scratch: np.ndarray) -> None:
+    """x (1, n_embd) float32 += the attention block's output for the token at `pos` (ModelArgs
+    args, weights.Attention w), whose key and value are written into row pos of this layer's
+    k_cache / v_cache (n_ctx, n_head_kv * head_dim); cos/sin: the position's RoPE row."""
+    a = args
+    dims = (a.n_embd, a.n_head, a.n_head_kv, a.head_dim, a.rope_dim, int(a.rope_style == "neox"), _QK_NORM[a.qk_norm],
+            pos, a.rms_eps)
+    cext.attention_token(dims, k_cache.shape[0], w.kernel_spec, x, scratch, w.norm, w.bq, w.bk, w.bv, w.q_norm, w.k_norm,
+                         cos, sin, k_cache, v_cache)
