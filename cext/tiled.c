@@ -26,6 +26,7 @@
 #define QK_K 256
 #define ROW_TILE 16
 #define TOKEN_TILE 16
+#define INLINE static inline __attribute__((always_inline))
 
 typedef struct {
     int8_t q[QK_K];     /* quants, signed as they enter the value: Q6_K q - 32, Q3_K low - 4*!high, ... */
@@ -49,7 +50,7 @@ typedef struct {
 typedef void (*decode_fn)(const uint8_t *blk, decoded_block *o);
 
 /* get_scale_min_k4 (Q4_K, Q5_K): 8 six-bit scales and mins packed in 12 bytes. */
-static void scales_mins_k4(const uint8_t *b, decoded_block *o) {
+INLINE void scales_mins_k4(const uint8_t *b, decoded_block *o) {
     for (int j = 0; j < 8; j++) {
         int sc, mn;
         if (j < 4) {
@@ -66,7 +67,7 @@ static void scales_mins_k4(const uint8_t *b, decoded_block *o) {
 
 /* Q4_K (144 bytes): f16 d, f16 dmin, scales[12], qs[128]; qs bytes 32j.. hold sub-block 2j
  * (low nibbles) and 2j+1 (high nibbles). */
-static void decode_q4_k(const uint8_t *blk, decoded_block *o) {
+INLINE void decode_q4_k(const uint8_t *blk, decoded_block *o) {
     o->d = fp16_to_fp32(read_u16(blk));
     o->dmin = fp16_to_fp32(read_u16(blk + 2));
     scales_mins_k4(blk + 4, o);
@@ -80,7 +81,7 @@ static void decode_q4_k(const uint8_t *blk, decoded_block *o) {
 
 /* Q5_K (176 bytes): f16 d, f16 dmin, scales[12], qh[32], qs[128]; bit s of qh[e] is the
  * fifth bit of value e of sub-block s. */
-static void decode_q5_k(const uint8_t *blk, decoded_block *o) {
+INLINE void decode_q5_k(const uint8_t *blk, decoded_block *o) {
     o->d = fp16_to_fp32(read_u16(blk));
     o->dmin = fp16_to_fp32(read_u16(blk + 2));
     scales_mins_k4(blk + 4, o);
@@ -93,7 +94,7 @@ static void decode_q5_k(const uint8_t *blk, decoded_block *o) {
 }
 
 /* Q6_K (210 bytes): ql[128], qh[64], int8 scales[16], f16 d; see q6_k.c for the bit layout. */
-static void decode_q6_k(const uint8_t *blk, decoded_block *o) {
+INLINE void decode_q6_k(const uint8_t *blk, decoded_block *o) {
     o->d = fp16_to_fp32(read_u16(blk + 208));
     o->dmin = 0.0f;
     for (int s = 0; s < 16; s++) {
@@ -113,7 +114,7 @@ static void decode_q6_k(const uint8_t *blk, decoded_block *o) {
 }
 
 /* Q3_K (110 bytes): hmask[32], qs[64], scales[12] (6-bit, + 32), f16 d; see q2_k_q3_k.c. */
-static void decode_q3_k(const uint8_t *blk, decoded_block *o) {
+INLINE void decode_q3_k(const uint8_t *blk, decoded_block *o) {
     const uint8_t *hm = blk, *p = blk + 96;
     o->d = fp16_to_fp32(read_u16(blk + 108));
     o->dmin = 0.0f;
@@ -132,7 +133,7 @@ static void decode_q3_k(const uint8_t *blk, decoded_block *o) {
 }
 
 /* Q2_K (84 bytes): scales[16] (low nibble scale, high nibble min), qs[64], f16 d, f16 dmin. */
-static void decode_q2_k(const uint8_t *blk, decoded_block *o) {
+INLINE void decode_q2_k(const uint8_t *blk, decoded_block *o) {
     o->d = fp16_to_fp32(read_u16(blk + 80));
     o->dmin = fp16_to_fp32(read_u16(blk + 82));
     for (int s = 0; s < 16; s++) {
@@ -215,62 +216,390 @@ static float row_token_portable(int has_min, const packed_block *row, int nb, co
 }
 
 #ifdef OFFLOAD_X86
-/* Four int32 lanes of v's eight, summed pairwise across halves (an exact partial sum). */
-static inline TARGET_AVX2 __m128i fold(__m256i v) {
-    return _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+/* AVX2: two weight rows x four tokens per micro-kernel, with every per-block step after
+ * the integer dot products done on all eight (row, token) pairs at once.
+ *
+ * A row pair's block is decoded once per call into `pair_block`. Formats with mins keep
+ * their quants unsigned (0..31) against the signed activations: maddubs(q, x). The others
+ * (Q3_K, Q6_K) keep them signed (-32..31) against the activations made unsigned, x + 128
+ * (x ^ 0x80, once per call): maddubs(x + 128, q), at most 2 * 255 * 32 < 32768, so it
+ * cannot saturate; the 128 * sum_g sc[g] * (sum of q over g) this adds depends on the
+ * weight row alone and is taken back once per block (ggml's "act-bias" correction). The
+ * mins' sum s2 = sum_s mn[s] * bsum[s] is one maddwd per pair of sub-blocks over the four
+ * tokens' bsums. Lanes of the per-block vectors: row 0 x tokens 0..3, then row 1. */
+typedef struct {
+    int8_t q[2][QK_K];
+    int16_t lanes[2][8][16]; /* as maddubs' int16 lanes of 32-value chunk c: sc[2c] x 8, sc[2c+1] x 8 */
+    union {
+        int32_t mn[8][8];    /* mins: pair p of row i in lanes 4i..4i+3, mn[first] | mn[second] << 16 */
+        int32_t corr[8];     /* no mins: 128 * sum_g sc[g] * (sum of q over g), row i in lanes 4i.. */
+    } u;
+    float d[8], dmin[8];
+} pair_block;
+
+/* Pairs of sub-blocks the mins come in: Q4_K/Q5_K four pairs of 32-value sub-blocks, Q2_K
+ * eight pairs of 16-value ones; 0 without mins. */
+#define PAIRS_32 4
+#define PAIRS_16 8
+
+/* Decoding into row i of a pair block, AVX2: bytes are split with 16-bit shifts and byte
+ * masks (a shift's bits that cross into the next byte are masked off). */
+
+/* lanes[c] = sc[c] x 16 from eight scales (bytes) of 32-value sub-blocks. */
+static inline TARGET_AVX2 void lanes_32(const uint8_t *sc, int16_t lanes[8][16]) {
+    const __m256i words = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sc)));
+    for (int c = 0; c < 8; c++)
+        _mm256_storeu_si256((__m256i *)lanes[c], _mm256_shuffle_epi8(words, _mm256_set1_epi16((short)(0x0100 + 0x0202 * c))));
 }
 
-/* The exact sums of four folded vectors, one per int32 lane. */
-static inline TARGET_AVX2 __m128i hsum4(__m128i a, __m128i b, __m128i c, __m128i d) {
-    return _mm_hadd_epi32(_mm_hadd_epi32(a, b), _mm_hadd_epi32(c, d));
+/* lanes[c] = sc[2c] x 8, sc[2c+1] x 8 from sixteen int16 scales of 16-value groups. */
+static inline TARGET_AVX2 void lanes_16(__m256i words, int16_t lanes[8][16]) {
+    const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
+                                          2, 3, 2, 3, 2, 3);
+    for (int c = 0; c < 8; c++) /* dword c holds sc[2c], sc[2c+1] */
+        _mm256_storeu_si256((__m256i *)lanes[c],
+                            _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(words, _mm256_set1_epi32(c)), pick));
 }
 
-/* ROWS packed rows (1 or 2) against four tokens t..t+3, every block; out[(t+k)*n_rows + r+i].
- * maddubs(u, q8) cannot saturate: 2 * 63 * 128 < 32768. */
-#define DEFINE_MICRO(ROWS)                                                                                 \
-    static TARGET_AVX2 void micro_##ROWS##x4(int has_min, const packed_block *const *rows, int nb,          \
-                                             const int8_t *xq, const float *xd, const int16_t *bsums,      \
-                                             float *out, ptrdiff_t r, ptrdiff_t n_rows, int n_cols,        \
-                                             ptrdiff_t t) {                                                \
-        float acc[ROWS][4] = {{0.0f}};                                                                     \
-        const int nb16 = n_cols / 16;                                                                      \
-        for (int b = 0; b < nb; b++) {                                                                     \
-            __m256i sum[ROWS][4];                                                                          \
-            for (int i = 0; i < ROWS; i++)                                                                 \
-                for (int k = 0; k < 4; k++) sum[i][k] = _mm256_setzero_si256();                            \
-            const int8_t *x = xq + t * n_cols + b * QK_K;                                                  \
-            for (int c = 0; c < 8; c++) {                                                                  \
-                __m256i w[ROWS], sc[ROWS];                                                                 \
-                for (int i = 0; i < ROWS; i++) {                                                           \
-                    w[i] = _mm256_loadu_si256((const __m256i *)(rows[i][b].u + 32 * c));                   \
-                    sc[i] = _mm256_loadu_si256((const __m256i *)rows[i][b].lanes[c]);                      \
-                }                                                                                          \
-                for (int k = 0; k < 4; k++) {                                                              \
-                    const __m256i xk = _mm256_loadu_si256((const __m256i *)(x + k * n_cols + 32 * c));     \
-                    for (int i = 0; i < ROWS; i++)                                                         \
-                        sum[i][k] = _mm256_add_epi32(sum[i][k],                                            \
-                                                     _mm256_madd_epi16(_mm256_maddubs_epi16(w[i], xk), sc[i])); \
-                }                                                                                          \
-            }                                                                                              \
-            for (int i = 0; i < ROWS; i++) {                                                               \
-                const packed_block *p = rows[i] + b;                                                       \
-                const __m256i corr = _mm256_loadu_si256((const __m256i *)p->corr);                         \
-                __m128i m[4];                                                                              \
-                for (int k = 0; k < 4; k++)                                                                \
-                    m[k] = fold(_mm256_madd_epi16(corr, _mm256_loadu_si256(                                \
-                        (const __m256i *)(bsums + (t + k) * nb16 + 16 * b))));                             \
-                int32_t raw[4], cor[4];                                                                    \
-                _mm_storeu_si128((__m128i *)raw, hsum4(fold(sum[i][0]), fold(sum[i][1]), fold(sum[i][2]),  \
-                                                       fold(sum[i][3])));                                  \
-                _mm_storeu_si128((__m128i *)cor, hsum4(m[0], m[1], m[2], m[3]));                           \
-                for (int k = 0; k < 4; k++) BLOCK_FLOATS(has_min, p, raw[k], cor[k], xd[(t + k) * nb + b], acc[i][k]); \
-            }                                                                                              \
-        }                                                                                                  \
-        for (int i = 0; i < ROWS; i++)                                                                     \
-            for (int k = 0; k < 4; k++) out[(t + k) * n_rows + r + i] = acc[i][k];                        \
+static inline TARGET_AVX2 void put_d(pair_block *o, int i, float d, float dmin) {
+    _mm_storeu_ps(o->d + 4 * i, _mm_set1_ps(d));
+    _mm_storeu_ps(o->dmin + 4 * i, _mm_set1_ps(dmin));
+}
+
+/* Mins as pairs of int16 in the dwords of `pairs_v` (pair p in dword p), into row i. */
+static inline TARGET_AVX2 void put_mins(pair_block *o, int i, __m256i pairs_v, int pairs) {
+    for (int p = 0; p < pairs; p++)
+        _mm_storeu_si128((__m128i *)(o->u.mn[p] + 4 * i),
+                         _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(pairs_v, _mm256_set1_epi32(p))));
+}
+
+/* Formats without mins: 128 * sum_g sc[g] * (sum of q over g), from row i's q and lanes. */
+static inline TARGET_AVX2 void put_corr(pair_block *o, int i) {
+    __m256i s = _mm256_setzero_si256();
+    for (int c = 0; c < 8; c++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(o->q[i] + 32 * c));
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q),
+                                                  _mm256_loadu_si256((const __m256i *)o->lanes[i][c])));
     }
-DEFINE_MICRO(1)
-DEFINE_MICRO(2)
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+    _mm_storeu_si128((__m128i *)(o->u.corr + 4 * i), _mm_slli_epi32(h, 7));
+}
+
+/* get_scale_min_k4 on all eight sub-blocks at once: scales in bytes 0..7, mins in 8..15. */
+static inline __m128i scales_mins_k4_v(const uint8_t *b) {
+    uint32_t u[4];
+    memcpy(u, b, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+    const uint32_t mins_lo = u[1] & 0x3f3f3f3f;
+    u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+    u[2] = mins_lo;
+    u[0] &= 0x3f3f3f3f;
+    return _mm_loadu_si128((const __m128i *)u);
+}
+
+static inline TARGET_AVX2 void put_k4_scales(const uint8_t *blk, pair_block *o, int i) {
+    const __m128i sm = scales_mins_k4_v(blk + 4);
+    uint8_t sc[8];
+    _mm_storel_epi64((__m128i *)sc, sm);
+    lanes_32(sc, o->lanes[i]);
+    put_mins(o, i, _mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_srli_si128(sm, 8))), PAIRS_32);
+    put_d(o, i, fp16_to_fp32(read_u16(blk)), fp16_to_fp32(read_u16(blk + 2)));
+}
+
+static TARGET_AVX2 void put_q4_k(const uint8_t *blk, pair_block *o, int i) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    for (int j = 0; j < 4; j++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j));
+        _mm256_storeu_si256((__m256i *)(o->q[i] + 64 * j), _mm256_and_si256(v, m4));
+        _mm256_storeu_si256((__m256i *)(o->q[i] + 64 * j + 32), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+    }
+    put_k4_scales(blk, o, i);
+}
+
+static TARGET_AVX2 void put_q5_k(const uint8_t *blk, pair_block *o, int i) {
+    const __m256i m4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+    __m256i h = _mm256_loadu_si256((const __m256i *)(blk + 16)); /* bit 2j (2j+1) of each byte: sub-block 2j (2j+1) */
+    for (int j = 0; j < 4; j++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 48 + 32 * j));
+        const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(h, one), 4);
+        const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 1), one), 4);
+        _mm256_storeu_si256((__m256i *)(o->q[i] + 64 * j), _mm256_or_si256(_mm256_and_si256(v, m4), h0));
+        _mm256_storeu_si256((__m256i *)(o->q[i] + 64 * j + 32),
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), h1));
+        h = _mm256_srli_epi16(h, 2);
+    }
+    put_k4_scales(blk, o, i);
+}
+
+static TARGET_AVX2 void put_q6_k(const uint8_t *blk, pair_block *o, int i) {
+    const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(3 << 4), m32 = _mm256_set1_epi8(32);
+    for (int half = 0; half < 2; half++) {
+        const __m256i l0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * half));
+        const __m256i l1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * half + 32));
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * half));
+        int8_t *q = o->q[i] + 128 * half;
+        /* high bits 2k, 2k+1 of qh to bits 4, 5 */
+        const __m256i h0 = _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2), h1 = _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2);
+        const __m256i h2 = _mm256_and_si256(qh, m2), h3 = _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2);
+        _mm256_storeu_si256((__m256i *)q, _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l0, m4), h0), m32));
+        _mm256_storeu_si256((__m256i *)(q + 32), _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l1, m4), h1), m32));
+        _mm256_storeu_si256((__m256i *)(q + 64),
+                            _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), h2), m32));
+        _mm256_storeu_si256((__m256i *)(q + 96),
+                            _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), h3), m32));
+    }
+    lanes_16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192))), o->lanes[i]);
+    put_d(o, i, fp16_to_fp32(read_u16(blk + 208)), 0.0f);
+    put_corr(o, i);
+}
+
+static TARGET_AVX2 void put_q3_k(const uint8_t *blk, pair_block *o, int i) {
+    const __m256i m2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1), four = _mm256_set1_epi8(4);
+    __m256i h = _mm256_loadu_si256((const __m256i *)blk); /* bit 4j+k: values 32k.. of half j */
+    for (int j = 0; j < 2; j++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 32 + 32 * j));
+        for (int k = 0; k < 4; k++) {
+            const __m256i high = _mm256_slli_epi16(_mm256_and_si256(h, one), 2);
+            _mm256_storeu_si256((__m256i *)(o->q[i] + 128 * j + 32 * k),
+                                _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(v, m2), high), four));
+            v = _mm256_srli_epi16(v, 2);
+            h = _mm256_srli_epi16(h, 1);
+        }
+    }
+    /* sixteen 6-bit scales: low nibbles in bytes 0..7 (two each), high pairs in 8..11 */
+    uint32_t a[3], s[4];
+    memcpy(a, blk + 96, 12);
+    s[0] = (a[0] & 0x0f0f0f0f) | ((a[2] & 0x03030303) << 4);
+    s[1] = (a[1] & 0x0f0f0f0f) | (((a[2] >> 2) & 0x03030303) << 4);
+    s[2] = ((a[0] >> 4) & 0x0f0f0f0f) | (((a[2] >> 4) & 0x03030303) << 4);
+    s[3] = ((a[1] >> 4) & 0x0f0f0f0f) | (((a[2] >> 6) & 0x03030303) << 4);
+    const __m128i sc = _mm_sub_epi8(_mm_loadu_si128((const __m128i *)s), _mm_set1_epi8(32));
+    lanes_16(_mm256_cvtepi8_epi16(sc), o->lanes[i]);
+    put_d(o, i, fp16_to_fp32(read_u16(blk + 108)), 0.0f);
+    put_corr(o, i);
+}
+
+static TARGET_AVX2 void put_q2_k(const uint8_t *blk, pair_block *o, int i) {
+    const __m256i m2 = _mm256_set1_epi8(3);
+    for (int j = 0; j < 2; j++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j));
+        for (int k = 0; k < 4; k++) {
+            _mm256_storeu_si256((__m256i *)(o->q[i] + 128 * j + 32 * k), _mm256_and_si256(v, m2));
+            v = _mm256_srli_epi16(v, 2);
+        }
+    }
+    const __m128i sm = _mm_loadu_si128((const __m128i *)blk), m4 = _mm_set1_epi8(15);
+    lanes_16(_mm256_cvtepu8_epi16(_mm_and_si128(sm, m4)), o->lanes[i]);
+    put_mins(o, i, _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sm, 4), m4)), PAIRS_16);
+    put_d(o, i, fp16_to_fp32(read_u16(blk + 80)), fp16_to_fp32(read_u16(blk + 82)));
+}
+
+#define DEFINE_PACK_PAIR(name)                                                                      \
+    static TARGET_AVX2 void pack_pair_##name(const uint8_t *blk0, const uint8_t *blk1, pair_block *o) { \
+        put_##name(blk0, o, 0);                                                                     \
+        put_##name(blk1, o, 1);                                                                     \
+    }
+DEFINE_PACK_PAIR(q2_k)
+DEFINE_PACK_PAIR(q3_k)
+DEFINE_PACK_PAIR(q4_k)
+DEFINE_PACK_PAIR(q5_k)
+DEFINE_PACK_PAIR(q6_k)
+
+typedef void (*pack_pair_fn)(const uint8_t *blk0, const uint8_t *blk1, pair_block *o);
+
+static pack_pair_fn pair_packer(const tiled_format *f, int *pairs) {
+    static const struct { const char *name; pack_pair_fn fn; int pairs; } table[] = {
+        {"Q2_K", pack_pair_q2_k, PAIRS_16}, {"Q3_K", pack_pair_q3_k, 0}, {"Q4_K", pack_pair_q4_k, PAIRS_32},
+        {"Q5_K", pack_pair_q5_k, PAIRS_32}, {"Q6_K", pack_pair_q6_k, 0},
+    };
+    for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++)
+        if (strcmp(table[i].name, f->name) == 0) return *pairs = table[i].pairs, table[i].fn;
+    return NULL;
+}
+
+/* Four tokens' activations, as the micro-kernel reads them (token rows past n_tokens are zero). */
+typedef struct {
+    const int8_t *x;     /* [4][n_cols]: the quants, + 128 (as uint8) for formats without mins */
+    const float *d;      /* [nb][4] */
+    const int16_t *bs;   /* [nb][pairs][4][2]: each token's bsums of the sub-block pair */
+} token_group;
+
+/* Tokens 4g .. 4g+3 into their group (x: 4 * n_cols bytes, d: 4 * nb, bs: 8 * pairs * nb). */
+static TARGET_AVX2 void pack_group(const int8_t *xq, const float *xd, const int16_t *bsums, int n_cols,
+                                   ptrdiff_t n_tokens, ptrdiff_t g, int pairs, int8_t *x, float *d, int16_t *bs) {
+    const int nb = n_cols / QK_K, nb16 = n_cols / 16;
+    for (int k = 0; k < 4; k++) {
+        const ptrdiff_t t = 4 * g + k;
+        int8_t *xo = x + (size_t)k * n_cols;
+        if (t >= n_tokens) {
+            memset(xo, 0, (size_t)n_cols);
+        } else if (pairs) {
+            memcpy(xo, xq + t * n_cols, (size_t)n_cols);
+        } else {
+            const int8_t *xi = xq + t * n_cols;
+            for (int e = 0; e < n_cols; e++) xo[e] = (int8_t)(xi[e] ^ 0x80);
+        }
+        for (int b = 0; b < nb; b++) {
+            d[4 * b + k] = t < n_tokens ? xd[t * nb + b] : 0.0f;
+            const int16_t *s = bsums + t * nb16 + 16 * b;
+            for (int p = 0; p < pairs; p++) {
+                int16_t *o = bs + ((size_t)(b * pairs + p) * 4 + k) * 2;
+                if (t >= n_tokens)
+                    o[0] = o[1] = 0;
+                else if (pairs == PAIRS_32) /* sums of 32 int8 fit int16 */
+                    o[0] = (int16_t)(s[4 * p] + s[4 * p + 1]), o[1] = (int16_t)(s[4 * p + 2] + s[4 * p + 3]);
+                else
+                    o[0] = s[2 * p], o[1] = s[2 * p + 1];
+            }
+        }
+    }
+}
+
+/* An empty asm that the accumulators pass through, so that the compiler keeps them in
+ * registers in this order instead of re-associating the sums (which spilled them). */
+#define KEEP(v) __asm__("" : "+x"(v))
+
+/* Rows 2 pairs .. of one pair against four tokens, every block: the float accumulators, row
+ * 0 x tokens 0..3 then row 1. */
+INLINE TARGET_AVX2 __m256 micro_2x4(int pairs, const pair_block *pb, int nb, const token_group *tg, int n_cols) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const pair_block *p = pb + b;
+        const int8_t *x = tg->x + b * QK_K;
+        __m256i sum[2][4];
+        for (int i = 0; i < 2; i++)
+            for (int k = 0; k < 4; k++) sum[i][k] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++) {
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(p->q[0] + 32 * c));
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(p->q[1] + 32 * c));
+            const __m256i s0 = _mm256_loadu_si256((const __m256i *)p->lanes[0][c]);
+            const __m256i s1 = _mm256_loadu_si256((const __m256i *)p->lanes[1][c]);
+            for (int k = 0; k < 4; k++) {
+                const __m256i xk = _mm256_loadu_si256((const __m256i *)(x + (size_t)k * n_cols + 32 * c));
+                const __m256i p0 = pairs ? _mm256_maddubs_epi16(w0, xk) : _mm256_maddubs_epi16(xk, w0);
+                const __m256i p1 = pairs ? _mm256_maddubs_epi16(w1, xk) : _mm256_maddubs_epi16(xk, w1);
+                sum[0][k] = _mm256_add_epi32(sum[0][k], _mm256_madd_epi16(p0, s0));
+                sum[1][k] = _mm256_add_epi32(sum[1][k], _mm256_madd_epi16(p1, s1));
+                KEEP(sum[0][k]);
+                KEEP(sum[1][k]);
+            }
+        }
+        /* the eight sums, lane 4i + k for row i and token k (exact integers) */
+        const __m256i g0 = _mm256_hadd_epi32(_mm256_hadd_epi32(sum[0][0], sum[0][1]), _mm256_hadd_epi32(sum[0][2], sum[0][3]));
+        const __m256i g1 = _mm256_hadd_epi32(_mm256_hadd_epi32(sum[1][0], sum[1][1]), _mm256_hadd_epi32(sum[1][2], sum[1][3]));
+        __m256i s1 = _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20), _mm256_permute2x128_si256(g0, g1, 0x31));
+        const __m256 xd = _mm256_broadcast_ps((const __m128 *)(tg->d + 4 * b));
+        __m256 res;
+        if (pairs) {
+            __m256i s2 = _mm256_setzero_si256();
+            for (int q = 0; q < pairs; q++) {
+                const __m256i bs = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tg->bs + (b * pairs + q) * 8)));
+                s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(bs, _mm256_loadu_si256((const __m256i *)p->u.mn[q])));
+            }
+            res = _mm256_mul_ps(_mm256_loadu_ps(p->d), _mm256_cvtepi32_ps(s1));
+            res = _mm256_fnmadd_ps(_mm256_loadu_ps(p->dmin), _mm256_cvtepi32_ps(s2), res);
+        } else {
+            s1 = _mm256_sub_epi32(s1, _mm256_loadu_si256((const __m256i *)p->u.corr));
+            res = _mm256_mul_ps(_mm256_loadu_ps(p->d), _mm256_cvtepi32_ps(s1));
+        }
+        acc = _mm256_fmadd_ps(res, xd, acc);
+    }
+    return acc;
+}
+
+/* The micro-kernel compiled for each kind of format (the pair count a constant). */
+#define DEFINE_RUN(pairs)                                                                             \
+    static TARGET_AVX2 void run_##pairs(const pair_block *pb, int nb, const token_group *tg, int n_cols, \
+                                        float out[8]) {                                               \
+        _mm256_storeu_ps(out, micro_2x4(pairs, pb, nb, tg, n_cols));                                  \
+    }
+DEFINE_RUN(0)
+DEFINE_RUN(4)
+DEFINE_RUN(8)
+
+/* A buffer per thread kept from call to call (OpenMP's threads persist), grown when short:
+ * no allocation and no fresh pages in the calls of a prompt. */
+static void *thread_buffer(int which, size_t bytes) {
+    static _Thread_local struct {
+        void *p;
+        size_t n;
+    } held[2];
+    if (held[which].n < bytes) {
+        free(held[which].p);
+        held[which].p = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        held[which].n = held[which].p ? bytes : 0;
+    }
+    return held[which].p;
+}
+
+/* Threads share out tiles of row pairs; each packs its tile once and runs it against every
+ * group of four tokens, the group's activations (a few KB) staying in L1 while the tile's
+ * pairs stream through. The activations are packed first, in parallel, into a buffer of
+ * the calling thread. */
+static int tiled_matmul_avx2(const tiled_format *f, const uint8_t *w, const int8_t *xq, const float *xd,
+                             const int16_t *bsums, float *out, ptrdiff_t n_rows, int n_cols, ptrdiff_t n_tokens) {
+    int pairs;
+    const pack_pair_fn pack = pair_packer(f, &pairs);
+    const int nb = n_cols / QK_K;
+    const size_t row_bytes = (size_t)nb * f->block_bytes;
+    const ptrdiff_t n_groups = (n_tokens + 3) / 4, n_pairs = (n_rows + 1) / 2;
+    const int threads = omp_get_max_threads();
+    /* tiles of up to 8 pairs, at least one per thread when the matrix is small */
+    ptrdiff_t tile_pairs = (n_pairs + threads - 1) / threads;
+    if (tile_pairs > ROW_TILE / 2) tile_pairs = ROW_TILE / 2;
+    if (tile_pairs < 1) tile_pairs = 1;
+    const ptrdiff_t n_tiles = (n_pairs + tile_pairs - 1) / tile_pairs;
+    const size_t x_bytes = (size_t)n_groups * 4 * n_cols, d_bytes = (size_t)n_groups * nb * 16,
+                 bs_bytes = (size_t)n_groups * nb * pairs * 16;
+    uint8_t *act = thread_buffer(0, x_bytes + d_bytes + bs_bytes);
+    if (!act) return -2;
+    int8_t *ax = (int8_t *)act;
+    float *ad = (float *)(act + x_bytes);
+    int16_t *abs_ = (int16_t *)(act + x_bytes + d_bytes);
+    int failed = 0;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (ptrdiff_t g = 0; g < n_groups; g++)
+            pack_group(xq, xd, bsums, n_cols, n_tokens, g, pairs, ax + (size_t)g * 4 * n_cols, ad + (size_t)g * nb * 4,
+                       abs_ + (size_t)g * nb * pairs * 8);
+        pair_block *tile = thread_buffer(1, sizeof(pair_block) * (size_t)tile_pairs * nb);
+        if (!tile) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (ptrdiff_t ti = 0; ti < n_tiles; ti++) {
+            if (!tile) continue;
+            const ptrdiff_t p0 = ti * tile_pairs, p1 = p0 + tile_pairs < n_pairs ? p0 + tile_pairs : n_pairs;
+            for (ptrdiff_t p = p0; p < p1; p++) {
+                const uint8_t *row0 = w + (size_t)(2 * p) * row_bytes;
+                const uint8_t *row1 = 2 * p + 1 < n_rows ? row0 + row_bytes : row0; /* an odd last row is run twice */
+                for (int b = 0; b < nb; b++)
+                    pack((row0 + (size_t)b * f->block_bytes), row1 + (size_t)b * f->block_bytes,
+                         tile + (p - p0) * nb + b);
+            }
+            for (ptrdiff_t g = 0; g < n_groups; g++) {
+                const token_group tg = {ax + (size_t)g * 4 * n_cols, ad + (size_t)g * nb * 4, abs_ + (size_t)g * nb * pairs * 8};
+                const int live = n_tokens - 4 * g < 4 ? (int)(n_tokens - 4 * g) : 4;
+                for (ptrdiff_t p = p0; p < p1; p++) {
+                    float o[8];
+                    const pair_block *pb = tile + (p - p0) * nb;
+                    if (pairs == PAIRS_32) run_4(pb, nb, &tg, n_cols, o);
+                    else if (pairs == PAIRS_16) run_8(pb, nb, &tg, n_cols, o);
+                    else run_0(pb, nb, &tg, n_cols, o);
+                    const int rows = 2 * p + 1 < n_rows ? 2 : 1;
+                    for (int i = 0; i < rows; i++)
+                        for (int k = 0; k < live; k++) out[(4 * g + k) * n_rows + 2 * p + i] = o[4 * i + k];
+                }
+            }
+        }
+    }
+    return failed ? -2 : 0;
+}
 #endif
 
 
@@ -409,12 +738,10 @@ int tiled_matmul(const char *name, const uint8_t *w, const int8_t *xq, const flo
                  float *out, ptrdiff_t n_rows, int n_cols, ptrdiff_t n_tokens, int isa_level) {
     const tiled_format *f = find_tiled(name);
     if (!f) return -1;
-#ifndef OFFLOAD_X86
-    isa_level = 0;
-#else
+#ifdef OFFLOAD_X86
     if (isa_level >= 2) return tiled_matmul_vnni(f, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens);
+    if (isa_level == 1) return tiled_matmul_avx2(f, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens);
 #endif
-    const int use_avx2 = isa_level >= 1;
     const int nb = n_cols / QK_K, nb16 = n_cols / 16;
     const size_t row_bytes = (size_t)nb * f->block_bytes;
     const ptrdiff_t n_tiles = (n_rows + ROW_TILE - 1) / ROW_TILE;
@@ -433,23 +760,7 @@ int tiled_matmul(const char *name, const uint8_t *w, const int8_t *xq, const flo
             pack_rows(f, w, row_bytes, r0, r1, nb, rows);
             for (ptrdiff_t t0 = 0; t0 < n_tokens; t0 += TOKEN_TILE) {
                 const ptrdiff_t t1 = t0 + TOKEN_TILE < n_tokens ? t0 + TOKEN_TILE : n_tokens;
-                ptrdiff_t t = t0;
-#ifdef OFFLOAD_X86
-                if (use_avx2) {
-                    for (; t + 4 <= t1; t += 4) {
-                        ptrdiff_t r = r0;
-                        for (; r + 2 <= r1; r += 2) {
-                            const packed_block *pair[2] = {rows + (r - r0) * nb, rows + (r + 1 - r0) * nb};
-                            micro_2x4(f->has_min, pair, nb, xq, xd, bsums, out, r, n_rows, n_cols, t);
-                        }
-                        if (r < r1) {
-                            const packed_block *one[1] = {rows + (r - r0) * nb};
-                            micro_1x4(f->has_min, one, nb, xq, xd, bsums, out, r, n_rows, n_cols, t);
-                        }
-                    }
-                }
-#endif
-                for (; t < t1; t++)
+                for (ptrdiff_t t = t0; t < t1; t++)
                     for (ptrdiff_t r = r0; r < r1; r++)
                         out[t * n_rows + r] = row_token_portable(f->has_min, rows + (r - r0) * nb, nb, xq + t * n_cols,
                                                                  xd + t * nb, bsums + t * nb16);
