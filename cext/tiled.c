@@ -261,16 +261,18 @@ static inline TARGET_AVX2 void lanes_16(__m256i words, int16_t lanes[8][16]) {
                             _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(words, _mm256_set1_epi32(c)), pick));
 }
 
-static inline TARGET_AVX2 void put_d(pair_block *o, int i, float d, float dmin) {
-    _mm_storeu_ps(o->d + 4 * i, _mm_set1_ps(d));
-    _mm_storeu_ps(o->dmin + 4 * i, _mm_set1_ps(dmin));
+/* d (and dmin) from their f16 at p (F16C's conversion, exact as fp16_to_fp32). */
+static inline TARGET_AVX2 void put_d(pair_block *o, int i, const uint8_t *d, const uint8_t *dmin) {
+    _mm_storeu_ps(o->d + 4 * i, _mm_set1_ps(_cvtsh_ss(read_u16(d))));
+    _mm_storeu_ps(o->dmin + 4 * i, dmin ? _mm_set1_ps(_cvtsh_ss(read_u16(dmin))) : _mm_setzero_ps());
 }
 
-/* Mins as pairs of int16 in the dwords of `pairs_v` (pair p in dword p), into row i. */
-static inline TARGET_AVX2 void put_mins(pair_block *o, int i, __m256i pairs_v, int pairs) {
-    for (int p = 0; p < pairs; p++)
-        _mm_storeu_si128((__m128i *)(o->u.mn[p] + 4 * i),
-                         _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(pairs_v, _mm256_set1_epi32(p))));
+/* Four pairs of mins, int16 pairs in the dwords of v, into mn[0..3] for row i. */
+static inline TARGET_AVX2 void put_mins4(int32_t (*mn)[8], int i, __m128i v) {
+    _mm_storeu_si128((__m128i *)(mn[0] + 4 * i), _mm_shuffle_epi32(v, 0x00));
+    _mm_storeu_si128((__m128i *)(mn[1] + 4 * i), _mm_shuffle_epi32(v, 0x55));
+    _mm_storeu_si128((__m128i *)(mn[2] + 4 * i), _mm_shuffle_epi32(v, 0xaa));
+    _mm_storeu_si128((__m128i *)(mn[3] + 4 * i), _mm_shuffle_epi32(v, 0xff));
 }
 
 /* Formats without mins: 128 * sum_g sc[g] * (sum of q over g), from row i's q and lanes. */
@@ -304,11 +306,11 @@ static inline TARGET_AVX2 void put_k4_scales(const uint8_t *blk, pair_block *o, 
     uint8_t sc[8];
     _mm_storel_epi64((__m128i *)sc, sm);
     lanes_32(sc, o->lanes[i]);
-    put_mins(o, i, _mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_srli_si128(sm, 8))), PAIRS_32);
-    put_d(o, i, fp16_to_fp32(read_u16(blk)), fp16_to_fp32(read_u16(blk + 2)));
+    put_mins4(o->u.mn, i, _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
+    put_d(o, i, blk, blk + 2);
 }
 
-static TARGET_AVX2 void put_q4_k(const uint8_t *blk, pair_block *o, int i) {
+static inline TARGET_AVX2 void put_q4_k(const uint8_t *blk, pair_block *o, int i) {
     const __m256i m4 = _mm256_set1_epi8(15);
     for (int j = 0; j < 4; j++) {
         const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j));
@@ -318,7 +320,7 @@ static TARGET_AVX2 void put_q4_k(const uint8_t *blk, pair_block *o, int i) {
     put_k4_scales(blk, o, i);
 }
 
-static TARGET_AVX2 void put_q5_k(const uint8_t *blk, pair_block *o, int i) {
+static inline TARGET_AVX2 void put_q5_k(const uint8_t *blk, pair_block *o, int i) {
     const __m256i m4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
     __m256i h = _mm256_loadu_si256((const __m256i *)(blk + 16)); /* bit 2j (2j+1) of each byte: sub-block 2j (2j+1) */
     for (int j = 0; j < 4; j++) {
@@ -333,7 +335,7 @@ static TARGET_AVX2 void put_q5_k(const uint8_t *blk, pair_block *o, int i) {
     put_k4_scales(blk, o, i);
 }
 
-static TARGET_AVX2 void put_q6_k(const uint8_t *blk, pair_block *o, int i) {
+static inline TARGET_AVX2 void put_q6_k(const uint8_t *blk, pair_block *o, int i) {
     const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(3 << 4), m32 = _mm256_set1_epi8(32);
     for (int half = 0; half < 2; half++) {
         const __m256i l0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * half));
@@ -351,11 +353,11 @@ static TARGET_AVX2 void put_q6_k(const uint8_t *blk, pair_block *o, int i) {
                             _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), h3), m32));
     }
     lanes_16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192))), o->lanes[i]);
-    put_d(o, i, fp16_to_fp32(read_u16(blk + 208)), 0.0f);
+    put_d(o, i, blk + 208, NULL);
     put_corr(o, i);
 }
 
-static TARGET_AVX2 void put_q3_k(const uint8_t *blk, pair_block *o, int i) {
+static inline TARGET_AVX2 void put_q3_k(const uint8_t *blk, pair_block *o, int i) {
     const __m256i m2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1), four = _mm256_set1_epi8(4);
     __m256i h = _mm256_loadu_si256((const __m256i *)blk); /* bit 4j+k: values 32k.. of half j */
     for (int j = 0; j < 2; j++) {
@@ -377,11 +379,11 @@ static TARGET_AVX2 void put_q3_k(const uint8_t *blk, pair_block *o, int i) {
     s[3] = ((a[1] >> 4) & 0x0f0f0f0f) | (((a[2] >> 6) & 0x03030303) << 4);
     const __m128i sc = _mm_sub_epi8(_mm_loadu_si128((const __m128i *)s), _mm_set1_epi8(32));
     lanes_16(_mm256_cvtepi8_epi16(sc), o->lanes[i]);
-    put_d(o, i, fp16_to_fp32(read_u16(blk + 108)), 0.0f);
+    put_d(o, i, blk + 108, NULL);
     put_corr(o, i);
 }
 
-static TARGET_AVX2 void put_q2_k(const uint8_t *blk, pair_block *o, int i) {
+static inline TARGET_AVX2 void put_q2_k(const uint8_t *blk, pair_block *o, int i) {
     const __m256i m2 = _mm256_set1_epi8(3);
     for (int j = 0; j < 2; j++) {
         __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j));
@@ -392,22 +394,27 @@ static TARGET_AVX2 void put_q2_k(const uint8_t *blk, pair_block *o, int i) {
     }
     const __m128i sm = _mm_loadu_si128((const __m128i *)blk), m4 = _mm_set1_epi8(15);
     lanes_16(_mm256_cvtepu8_epi16(_mm_and_si128(sm, m4)), o->lanes[i]);
-    put_mins(o, i, _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sm, 4), m4)), PAIRS_16);
-    put_d(o, i, fp16_to_fp32(read_u16(blk + 80)), fp16_to_fp32(read_u16(blk + 82)));
+    const __m256i mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sm, 4), m4));
+    put_mins4(o->u.mn, i, _mm256_castsi256_si128(mins));
+    put_mins4(o->u.mn + 4, i, _mm256_extracti128_si256(mins, 1));
+    put_d(o, i, blk + 80, blk + 82);
 }
 
-#define DEFINE_PACK_PAIR(name)                                                                      \
-    static TARGET_AVX2 void pack_pair_##name(const uint8_t *blk0, const uint8_t *blk1, pair_block *o) { \
-        put_##name(blk0, o, 0);                                                                     \
-        put_##name(blk1, o, 1);                                                                     \
+/* Every block of rows row0 and row1 (of nb blocks of `bytes`) into o[0 .. nb-1]. */
+#define DEFINE_PACK_PAIR(name, bytes)                                                                 \
+    static TARGET_AVX2 void pack_pair_##name(const uint8_t *row0, const uint8_t *row1, int nb, pair_block *o) { \
+        for (int b = 0; b < nb; b++) {                                                                \
+            put_##name(row0 + (size_t)b * (bytes), o + b, 0);                                         \
+            put_##name(row1 + (size_t)b * (bytes), o + b, 1);                                         \
+        }                                                                                             \
     }
-DEFINE_PACK_PAIR(q2_k)
-DEFINE_PACK_PAIR(q3_k)
-DEFINE_PACK_PAIR(q4_k)
-DEFINE_PACK_PAIR(q5_k)
-DEFINE_PACK_PAIR(q6_k)
+DEFINE_PACK_PAIR(q2_k, 84)
+DEFINE_PACK_PAIR(q3_k, 110)
+DEFINE_PACK_PAIR(q4_k, 144)
+DEFINE_PACK_PAIR(q5_k, 176)
+DEFINE_PACK_PAIR(q6_k, 210)
 
-typedef void (*pack_pair_fn)(const uint8_t *blk0, const uint8_t *blk1, pair_block *o);
+typedef void (*pack_pair_fn)(const uint8_t *row0, const uint8_t *row1, int nb, pair_block *o);
 
 static pack_pair_fn pair_packer(const tiled_format *f, int *pairs) {
     static const struct { const char *name; pack_pair_fn fn; int pairs; } table[] = {
@@ -578,9 +585,7 @@ static int tiled_matmul_avx2(const tiled_format *f, const uint8_t *w, const int8
             for (ptrdiff_t p = p0; p < p1; p++) {
                 const uint8_t *row0 = w + (size_t)(2 * p) * row_bytes;
                 const uint8_t *row1 = 2 * p + 1 < n_rows ? row0 + row_bytes : row0; /* an odd last row is run twice */
-                for (int b = 0; b < nb; b++)
-                    pack((row0 + (size_t)b * f->block_bytes), row1 + (size_t)b * f->block_bytes,
-                         tile + (p - p0) * nb + b);
+                pack(row0, row1, nb, tile + (p - p0) * nb);
             }
             for (ptrdiff_t g = 0; g < n_groups; g++) {
                 const token_group tg = {ax + (size_t)g * 4 * n_cols, ad + (size_t)g * nb * 4, abs_ + (size_t)g * nb * pairs * 8};
