@@ -216,38 +216,37 @@ static float row_token_portable(int has_min, const packed_block *row, int nb, co
 }
 
 #ifdef OFFLOAD_X86
-/* AVX2: two weight rows x four tokens per micro-kernel, with every per-block step after
- * the integer dot products done on all eight (row, token) pairs at once.
+/* AVX2: two weight rows x four tokens per micro-kernel, the per-block steps after the
+ * integer dot products done on all eight (row, token) pairs at once.
  *
- * A row pair's block is decoded once per call into `pair_block`. Formats with mins keep
- * their quants unsigned (0..31) against the signed activations: maddubs(q, x). The others
- * (Q3_K, Q6_K) keep them signed (-32..31) against the activations made unsigned, x + 128
- * (x ^ 0x80, once per call): maddubs(x + 128, q), at most 2 * 255 * 32 < 32768, so it
- * cannot saturate; the 128 * sum_g sc[g] * (sum of q over g) this adds depends on the
- * weight row alone and is taken back once per block (ggml's "act-bias" correction). The
- * mins' sum s2 = sum_s mn[s] * bsum[s] is one maddwd per pair of sub-blocks over the four
- * tokens' bsums. Lanes of the per-block vectors: row 0 x tokens 0..3, then row 1. */
+ * A row pair's block is decoded once per call into `pair_block`: the quants unsigned (the
+ * formats without mins biased as in packed_block: Q3_K + 4, Q6_K + 32), so maddubs(u, x)
+ * multiplies them by the signed activations (at most 2 * 63 * 128 < 32768: it cannot
+ * saturate); per 32-value chunk maddwd scales its int16 pair sums (the scale of each 16
+ * values in its lanes) into int32. The 8 lane sums of each (row, token) are transposed
+ * into one vector, row 0 x tokens 0..3 then row 1. The per-token correction
+ *     s2 = sum_s mn[s] * bsum[s]   (formats with mins: mn of 32-value sub-blocks for
+ *                                   Q4_K/Q5_K, of 16-value groups for Q2_K)
+ *     s2 = sum_g bias * sc[g] * bsum[g]   (Q3_K, Q6_K: what the bias added to s1)
+ * is one maddwd per pair of sub-blocks against the four tokens' bsums, laid out as int16
+ * pairs ([block][pair][token][2]) once per call. */
 typedef struct {
-    int8_t q[2][QK_K];
-    int16_t lanes[2][8][16]; /* as maddubs' int16 lanes of 32-value chunk c: sc[2c] x 8, sc[2c+1] x 8 */
-    union {
-        int32_t mn[8][8];    /* mins: pair p of row i in lanes 4i..4i+3, mn[first] | mn[second] << 16 */
-        int32_t corr[8];     /* no mins: 128 * sum_g sc[g] * (sum of q over g), row i in lanes 4i.. */
-    } u;
-    float d[8], dmin[8];
+    uint8_t q[2][QK_K];
+    int16_t lanes[2][8][16]; /* maddwd's int16 lanes of 32-value chunk c: sc[2c] x 8, sc[2c+1] x 8 */
+    int32_t mn[8][8];        /* pair p of row i in lanes 4i..4i+3: corr[first] | corr[second] << 16 */
+    float d[8], dmin[8];     /* row i in lanes 4i..4i+3 */
 } pair_block;
 
-/* Pairs of sub-blocks the mins come in: Q4_K/Q5_K four pairs of 32-value sub-blocks, Q2_K
- * eight pairs of 16-value ones; 0 without mins. */
+/* The correction comes in pairs of 32-value sub-blocks (Q4_K, Q5_K) or of 16-value groups. */
 #define PAIRS_32 4
 #define PAIRS_16 8
 
-/* Decoding into row i of a pair block, AVX2: bytes are split with 16-bit shifts and byte
- * masks (a shift's bits that cross into the next byte are masked off). */
+/* Decoding into row i of a pair block: bytes are split with 16-bit shifts and byte masks
+ * (the bits a shift moves across a byte boundary are masked off). */
 
 /* lanes[c] = sc[c] x 16 from eight scales (bytes) of 32-value sub-blocks. */
-static inline TARGET_AVX2 void lanes_32(const uint8_t *sc, int16_t lanes[8][16]) {
-    const __m256i words = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sc)));
+static inline TARGET_AVX2 void lanes_32(__m128i sc8, int16_t lanes[8][16]) {
+    const __m256i words = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc8));
     for (int c = 0; c < 8; c++)
         _mm256_storeu_si256((__m256i *)lanes[c], _mm256_shuffle_epi8(words, _mm256_set1_epi16((short)(0x0100 + 0x0202 * c))));
 }
@@ -261,32 +260,24 @@ static inline TARGET_AVX2 void lanes_16(__m256i words, int16_t lanes[8][16]) {
                             _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(words, _mm256_set1_epi32(c)), pick));
 }
 
-/* d (and dmin) from their f16 at p (F16C's conversion, exact as fp16_to_fp32). */
-static inline TARGET_AVX2 void put_d(pair_block *o, int i, const uint8_t *d, const uint8_t *dmin) {
-    _mm_storeu_ps(o->d + 4 * i, _mm_set1_ps(_cvtsh_ss(read_u16(d))));
-    _mm_storeu_ps(o->dmin + 4 * i, dmin ? _mm_set1_ps(_cvtsh_ss(read_u16(dmin))) : _mm_setzero_ps());
-}
-
-/* Four pairs of mins, int16 pairs in the dwords of v, into mn[0..3] for row i. */
-static inline TARGET_AVX2 void put_mins4(int32_t (*mn)[8], int i, __m128i v) {
+/* Four pairs of corrections, int16 pairs in the dwords of v, into mn[0..3] for row i. */
+static inline TARGET_AVX2 void put_pairs4(int32_t (*mn)[8], int i, __m128i v) {
     _mm_storeu_si128((__m128i *)(mn[0] + 4 * i), _mm_shuffle_epi32(v, 0x00));
     _mm_storeu_si128((__m128i *)(mn[1] + 4 * i), _mm_shuffle_epi32(v, 0x55));
     _mm_storeu_si128((__m128i *)(mn[2] + 4 * i), _mm_shuffle_epi32(v, 0xaa));
     _mm_storeu_si128((__m128i *)(mn[3] + 4 * i), _mm_shuffle_epi32(v, 0xff));
 }
 
-/* Formats without mins: 128 * sum_g sc[g] * (sum of q over g), from row i's q and lanes. */
-static inline TARGET_AVX2 void put_corr(pair_block *o, int i) {
-    __m256i s = _mm256_setzero_si256();
-    for (int c = 0; c < 8; c++) {
-        const __m256i q = _mm256_loadu_si256((const __m256i *)(o->q[i] + 32 * c));
-        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q),
-                                                  _mm256_loadu_si256((const __m256i *)o->lanes[i][c])));
-    }
-    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
-    _mm_storeu_si128((__m128i *)(o->u.corr + 4 * i), _mm_slli_epi32(h, 7));
+/* Eight pairs: sixteen int16 corrections of 16-value groups. */
+static inline TARGET_AVX2 void put_pairs8(int32_t (*mn)[8], int i, __m256i words) {
+    put_pairs4(mn, i, _mm256_castsi256_si128(words));
+    put_pairs4(mn + 4, i, _mm256_extracti128_si256(words, 1));
+}
+
+/* d (and dmin) from their f16 (F16C's conversion: exact, as ggml's AVX2 build converts). */
+static inline TARGET_AVX2 void put_d(pair_block *o, int i, const uint8_t *d, const uint8_t *dmin) {
+    _mm_storeu_ps(o->d + 4 * i, _mm_set1_ps(_cvtsh_ss(read_u16(d))));
+    _mm_storeu_ps(o->dmin + 4 * i, dmin ? _mm_set1_ps(_cvtsh_ss(read_u16(dmin))) : _mm_setzero_ps());
 }
 
 /* get_scale_min_k4 on all eight sub-blocks at once: scales in bytes 0..7, mins in 8..15. */
@@ -303,10 +294,8 @@ static inline __m128i scales_mins_k4_v(const uint8_t *b) {
 
 static inline TARGET_AVX2 void put_k4_scales(const uint8_t *blk, pair_block *o, int i) {
     const __m128i sm = scales_mins_k4_v(blk + 4);
-    uint8_t sc[8];
-    _mm_storel_epi64((__m128i *)sc, sm);
-    lanes_32(sc, o->lanes[i]);
-    put_mins4(o->u.mn, i, _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
+    lanes_32(sm, o->lanes[i]);
+    put_pairs4(o->mn, i, _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
     put_d(o, i, blk, blk + 2);
 }
 
@@ -335,52 +324,52 @@ static inline TARGET_AVX2 void put_q5_k(const uint8_t *blk, pair_block *o, int i
     put_k4_scales(blk, o, i);
 }
 
+/* Q6_K: the 6-bit codes as they are (q + 32); correction 32 * sc[g]. */
 static inline TARGET_AVX2 void put_q6_k(const uint8_t *blk, pair_block *o, int i) {
-    const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(3 << 4), m32 = _mm256_set1_epi8(32);
+    const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(3 << 4);
     for (int half = 0; half < 2; half++) {
         const __m256i l0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * half));
         const __m256i l1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * half + 32));
         const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * half));
-        int8_t *q = o->q[i] + 128 * half;
-        /* high bits 2k, 2k+1 of qh to bits 4, 5 */
+        uint8_t *q = o->q[i] + 128 * half;
+        /* bits 2k, 2k+1 of qh to bits 4, 5 */
         const __m256i h0 = _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2), h1 = _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2);
         const __m256i h2 = _mm256_and_si256(qh, m2), h3 = _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2);
-        _mm256_storeu_si256((__m256i *)q, _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l0, m4), h0), m32));
-        _mm256_storeu_si256((__m256i *)(q + 32), _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l1, m4), h1), m32));
-        _mm256_storeu_si256((__m256i *)(q + 64),
-                            _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), h2), m32));
-        _mm256_storeu_si256((__m256i *)(q + 96),
-                            _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), h3), m32));
+        _mm256_storeu_si256((__m256i *)q, _mm256_or_si256(_mm256_and_si256(l0, m4), h0));
+        _mm256_storeu_si256((__m256i *)(q + 32), _mm256_or_si256(_mm256_and_si256(l1, m4), h1));
+        _mm256_storeu_si256((__m256i *)(q + 64), _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), h2));
+        _mm256_storeu_si256((__m256i *)(q + 96), _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), h3));
     }
-    lanes_16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192))), o->lanes[i]);
+    const __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+    lanes_16(sc, o->lanes[i]);
+    put_pairs8(o->mn, i, _mm256_slli_epi16(sc, 5));
     put_d(o, i, blk + 208, NULL);
-    put_corr(o, i);
 }
 
+/* Q3_K: low 2 bits | high bit << 2 (q + 4); correction 4 * sc[g]. */
 static inline TARGET_AVX2 void put_q3_k(const uint8_t *blk, pair_block *o, int i) {
-    const __m256i m2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1), four = _mm256_set1_epi8(4);
+    const __m256i m2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
     __m256i h = _mm256_loadu_si256((const __m256i *)blk); /* bit 4j+k: values 32k.. of half j */
     for (int j = 0; j < 2; j++) {
         __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 32 + 32 * j));
         for (int k = 0; k < 4; k++) {
             const __m256i high = _mm256_slli_epi16(_mm256_and_si256(h, one), 2);
-            _mm256_storeu_si256((__m256i *)(o->q[i] + 128 * j + 32 * k),
-                                _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(v, m2), high), four));
+            _mm256_storeu_si256((__m256i *)(o->q[i] + 128 * j + 32 * k), _mm256_or_si256(_mm256_and_si256(v, m2), high));
             v = _mm256_srli_epi16(v, 2);
             h = _mm256_srli_epi16(h, 1);
         }
     }
-    /* sixteen 6-bit scales: low nibbles in bytes 0..7 (two each), high pairs in 8..11 */
+    /* sixteen 6-bit scales - 32: low nibbles in bytes 0..7 (two each), high pairs in 8..11 */
     uint32_t a[3], s[4];
     memcpy(a, blk + 96, 12);
     s[0] = (a[0] & 0x0f0f0f0f) | ((a[2] & 0x03030303) << 4);
     s[1] = (a[1] & 0x0f0f0f0f) | (((a[2] >> 2) & 0x03030303) << 4);
     s[2] = ((a[0] >> 4) & 0x0f0f0f0f) | (((a[2] >> 4) & 0x03030303) << 4);
     s[3] = ((a[1] >> 4) & 0x0f0f0f0f) | (((a[2] >> 6) & 0x03030303) << 4);
-    const __m128i sc = _mm_sub_epi8(_mm_loadu_si128((const __m128i *)s), _mm_set1_epi8(32));
-    lanes_16(_mm256_cvtepi8_epi16(sc), o->lanes[i]);
+    const __m256i sc = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_loadu_si128((const __m128i *)s), _mm_set1_epi8(32)));
+    lanes_16(sc, o->lanes[i]);
+    put_pairs8(o->mn, i, _mm256_slli_epi16(sc, 2));
     put_d(o, i, blk + 108, NULL);
-    put_corr(o, i);
 }
 
 static inline TARGET_AVX2 void put_q2_k(const uint8_t *blk, pair_block *o, int i) {
@@ -394,13 +383,11 @@ static inline TARGET_AVX2 void put_q2_k(const uint8_t *blk, pair_block *o, int i
     }
     const __m128i sm = _mm_loadu_si128((const __m128i *)blk), m4 = _mm_set1_epi8(15);
     lanes_16(_mm256_cvtepu8_epi16(_mm_and_si128(sm, m4)), o->lanes[i]);
-    const __m256i mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sm, 4), m4));
-    put_mins4(o->u.mn, i, _mm256_castsi256_si128(mins));
-    put_mins4(o->u.mn + 4, i, _mm256_extracti128_si256(mins, 1));
+    put_pairs8(o->mn, i, _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sm, 4), m4)));
     put_d(o, i, blk + 80, blk + 82);
 }
 
-/* Every block of rows row0 and row1 (of nb blocks of `bytes`) into o[0 .. nb-1]. */
+/* Every block of rows row0 and row1 (nb blocks of `bytes`) into o[0 .. nb-1]. */
 #define DEFINE_PACK_PAIR(name, bytes)                                                                 \
     static TARGET_AVX2 void pack_pair_##name(const uint8_t *row0, const uint8_t *row1, int nb, pair_block *o) { \
         for (int b = 0; b < nb; b++) {                                                                \
@@ -418,19 +405,19 @@ typedef void (*pack_pair_fn)(const uint8_t *row0, const uint8_t *row1, int nb, p
 
 static pack_pair_fn pair_packer(const tiled_format *f, int *pairs) {
     static const struct { const char *name; pack_pair_fn fn; int pairs; } table[] = {
-        {"Q2_K", pack_pair_q2_k, PAIRS_16}, {"Q3_K", pack_pair_q3_k, 0}, {"Q4_K", pack_pair_q4_k, PAIRS_32},
-        {"Q5_K", pack_pair_q5_k, PAIRS_32}, {"Q6_K", pack_pair_q6_k, 0},
+        {"Q2_K", pack_pair_q2_k, PAIRS_16}, {"Q3_K", pack_pair_q3_k, PAIRS_16}, {"Q4_K", pack_pair_q4_k, PAIRS_32},
+        {"Q5_K", pack_pair_q5_k, PAIRS_32}, {"Q6_K", pack_pair_q6_k, PAIRS_16},
     };
     for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++)
         if (strcmp(table[i].name, f->name) == 0) return *pairs = table[i].pairs, table[i].fn;
     return NULL;
 }
 
-/* Four tokens' activations, as the micro-kernel reads them (token rows past n_tokens are zero). */
+/* Four tokens' activations as the micro-kernel reads them (rows past n_tokens are zero). */
 typedef struct {
-    const int8_t *x;     /* [4][n_cols]: the quants, + 128 (as uint8) for formats without mins */
+    const int8_t *x;     /* [4][n_cols] */
     const float *d;      /* [nb][4] */
-    const int16_t *bs;   /* [nb][pairs][4][2]: each token's bsums of the sub-block pair */
+    const int16_t *bs;   /* [nb][pairs][4][2]: each token's bsums of the pair of sub-blocks */
 } token_group;
 
 /* Tokens 4g .. 4g+3 into their group (x: 4 * n_cols bytes, d: 4 * nb, bs: 8 * pairs * nb). */
@@ -439,15 +426,10 @@ static TARGET_AVX2 void pack_group(const int8_t *xq, const float *xd, const int1
     const int nb = n_cols / QK_K, nb16 = n_cols / 16;
     for (int k = 0; k < 4; k++) {
         const ptrdiff_t t = 4 * g + k;
-        int8_t *xo = x + (size_t)k * n_cols;
-        if (t >= n_tokens) {
-            memset(xo, 0, (size_t)n_cols);
-        } else if (pairs) {
-            memcpy(xo, xq + t * n_cols, (size_t)n_cols);
-        } else {
-            const int8_t *xi = xq + t * n_cols;
-            for (int e = 0; e < n_cols; e++) xo[e] = (int8_t)(xi[e] ^ 0x80);
-        }
+        if (t < n_tokens)
+            memcpy(x + (size_t)k * n_cols, xq + t * n_cols, (size_t)n_cols);
+        else
+            memset(x + (size_t)k * n_cols, 0, (size_t)n_cols);
         for (int b = 0; b < nb; b++) {
             d[4 * b + k] = t < n_tokens ? xd[t * nb + b] : 0.0f;
             const int16_t *s = bsums + t * nb16 + 16 * b;
@@ -455,7 +437,7 @@ static TARGET_AVX2 void pack_group(const int8_t *xq, const float *xd, const int1
                 int16_t *o = bs + ((size_t)(b * pairs + p) * 4 + k) * 2;
                 if (t >= n_tokens)
                     o[0] = o[1] = 0;
-                else if (pairs == PAIRS_32) /* sums of 32 int8 fit int16 */
+                else if (pairs == PAIRS_32) /* sums of 32 int8: they fit int16 */
                     o[0] = (int16_t)(s[4 * p] + s[4 * p + 1]), o[1] = (int16_t)(s[4 * p + 2] + s[4 * p + 3]);
                 else
                     o[0] = s[2 * p], o[1] = s[2 * p + 1];
@@ -465,12 +447,13 @@ static TARGET_AVX2 void pack_group(const int8_t *xq, const float *xd, const int1
 }
 
 /* An empty asm that the accumulators pass through, so that the compiler keeps them in
- * registers in this order instead of re-associating the sums (which spilled them). */
+ * registers in this order instead of re-associating the sums (which spilled them all). */
 #define KEEP(v) __asm__("" : "+x"(v))
 
-/* Rows 2 pairs .. of one pair against four tokens, every block: the float accumulators, row
- * 0 x tokens 0..3 then row 1. */
-INLINE TARGET_AVX2 __m256 micro_2x4(int pairs, const pair_block *pb, int nb, const token_group *tg, int n_cols) {
+/* One row pair against four tokens over every block: the float accumulators, row 0 x
+ * tokens 0..3 then row 1. The float steps are ggml's, lane by lane. */
+INLINE TARGET_AVX2 __m256 micro_2x4(int has_min, int pairs, const pair_block *pb, int nb, const token_group *tg,
+                                    int n_cols) {
     __m256 acc = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const pair_block *p = pb + b;
@@ -486,10 +469,8 @@ INLINE TARGET_AVX2 __m256 micro_2x4(int pairs, const pair_block *pb, int nb, con
             const __m256i s1 = _mm256_loadu_si256((const __m256i *)p->lanes[1][c]);
             for (int k = 0; k < 4; k++) {
                 const __m256i xk = _mm256_loadu_si256((const __m256i *)(x + (size_t)k * n_cols + 32 * c));
-                const __m256i p0 = pairs ? _mm256_maddubs_epi16(w0, xk) : _mm256_maddubs_epi16(xk, w0);
-                const __m256i p1 = pairs ? _mm256_maddubs_epi16(w1, xk) : _mm256_maddubs_epi16(xk, w1);
-                sum[0][k] = _mm256_add_epi32(sum[0][k], _mm256_madd_epi16(p0, s0));
-                sum[1][k] = _mm256_add_epi32(sum[1][k], _mm256_madd_epi16(p1, s1));
+                sum[0][k] = _mm256_add_epi32(sum[0][k], _mm256_madd_epi16(_mm256_maddubs_epi16(w0, xk), s0));
+                sum[1][k] = _mm256_add_epi32(sum[1][k], _mm256_madd_epi16(_mm256_maddubs_epi16(w1, xk), s1));
                 KEEP(sum[0][k]);
                 KEEP(sum[1][k]);
             }
@@ -497,35 +478,35 @@ INLINE TARGET_AVX2 __m256 micro_2x4(int pairs, const pair_block *pb, int nb, con
         /* the eight sums, lane 4i + k for row i and token k (exact integers) */
         const __m256i g0 = _mm256_hadd_epi32(_mm256_hadd_epi32(sum[0][0], sum[0][1]), _mm256_hadd_epi32(sum[0][2], sum[0][3]));
         const __m256i g1 = _mm256_hadd_epi32(_mm256_hadd_epi32(sum[1][0], sum[1][1]), _mm256_hadd_epi32(sum[1][2], sum[1][3]));
-        __m256i s1 = _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20), _mm256_permute2x128_si256(g0, g1, 0x31));
-        const __m256 xd = _mm256_broadcast_ps((const __m128 *)(tg->d + 4 * b));
+        const __m256i s1 = _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20), _mm256_permute2x128_si256(g0, g1, 0x31));
+        __m256i s2 = _mm256_setzero_si256();
+        for (int q = 0; q < pairs; q++) {
+            const __m256i bs = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tg->bs + (b * pairs + q) * 8)));
+            s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(bs, _mm256_loadu_si256((const __m256i *)p->mn[q])));
+        }
         __m256 res;
-        if (pairs) {
-            __m256i s2 = _mm256_setzero_si256();
-            for (int q = 0; q < pairs; q++) {
-                const __m256i bs = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tg->bs + (b * pairs + q) * 8)));
-                s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(bs, _mm256_loadu_si256((const __m256i *)p->u.mn[q])));
-            }
+        if (has_min) { /* res = d * float(s1); res = fma(-dmin, float(s2), res) */
             res = _mm256_mul_ps(_mm256_loadu_ps(p->d), _mm256_cvtepi32_ps(s1));
             res = _mm256_fnmadd_ps(_mm256_loadu_ps(p->dmin), _mm256_cvtepi32_ps(s2), res);
-        } else {
-            s1 = _mm256_sub_epi32(s1, _mm256_loadu_si256((const __m256i *)p->u.corr));
-            res = _mm256_mul_ps(_mm256_loadu_ps(p->d), _mm256_cvtepi32_ps(s1));
+        } else { /* res = d * float(s1 - bias correction) */
+            res = _mm256_mul_ps(_mm256_loadu_ps(p->d), _mm256_cvtepi32_ps(_mm256_sub_epi32(s1, s2)));
         }
-        acc = _mm256_fmadd_ps(res, xd, acc);
+        acc = _mm256_fmadd_ps(res, _mm256_broadcast_ps((const __m128 *)(tg->d + 4 * b)), acc); /* acc = fma(res, x.d, acc) */
     }
     return acc;
 }
 
-/* The micro-kernel compiled for each kind of format (the pair count a constant). */
-#define DEFINE_RUN(pairs)                                                                             \
-    static TARGET_AVX2 void run_##pairs(const pair_block *pb, int nb, const token_group *tg, int n_cols, \
-                                        float out[8]) {                                               \
-        _mm256_storeu_ps(out, micro_2x4(pairs, pb, nb, tg, n_cols));                                  \
+/* The micro-kernel compiled for each kind of format. */
+#define DEFINE_RUN(name, has_min, pairs)                                                               \
+    static TARGET_AVX2 void run_##name(const pair_block *pb, int nb, const token_group *tg, int n_cols, \
+                                       float out[8]) {                                                 \
+        _mm256_storeu_ps(out, micro_2x4(has_min, pairs, pb, nb, tg, n_cols));                          \
     }
-DEFINE_RUN(0)
-DEFINE_RUN(4)
-DEFINE_RUN(8)
+DEFINE_RUN(min32, 1, PAIRS_32) /* Q4_K, Q5_K */
+DEFINE_RUN(min16, 1, PAIRS_16) /* Q2_K */
+DEFINE_RUN(bias16, 0, PAIRS_16) /* Q3_K, Q6_K */
+
+typedef void (*run_fn)(const pair_block *pb, int nb, const token_group *tg, int n_cols, float out[8]);
 
 /* A buffer per thread kept from call to call (OpenMP's threads persist), grown when short:
  * no allocation and no fresh pages in the calls of a prompt. */
@@ -548,13 +529,14 @@ static void *thread_buffer(int which, size_t bytes) {
  * the calling thread. */
 static int tiled_matmul_avx2(const tiled_format *f, const uint8_t *w, const int8_t *xq, const float *xd,
                              const int16_t *bsums, float *out, ptrdiff_t n_rows, int n_cols, ptrdiff_t n_tokens) {
-    int pairs;
+    int pairs = 0;
     const pack_pair_fn pack = pair_packer(f, &pairs);
+    const run_fn run = pairs == PAIRS_32 ? run_min32 : f->has_min ? run_min16 : run_bias16;
     const int nb = n_cols / QK_K;
     const size_t row_bytes = (size_t)nb * f->block_bytes;
     const ptrdiff_t n_groups = (n_tokens + 3) / 4, n_pairs = (n_rows + 1) / 2;
     const int threads = omp_get_max_threads();
-    /* tiles of up to 8 pairs, at least one per thread when the matrix is small */
+    /* tiles of up to ROW_TILE rows, at least one per thread when the matrix is small */
     ptrdiff_t tile_pairs = (n_pairs + threads - 1) / threads;
     if (tile_pairs > ROW_TILE / 2) tile_pairs = ROW_TILE / 2;
     if (tile_pairs < 1) tile_pairs = 1;
@@ -592,10 +574,7 @@ static int tiled_matmul_avx2(const tiled_format *f, const uint8_t *w, const int8
                 const int live = n_tokens - 4 * g < 4 ? (int)(n_tokens - 4 * g) : 4;
                 for (ptrdiff_t p = p0; p < p1; p++) {
                     float o[8];
-                    const pair_block *pb = tile + (p - p0) * nb;
-                    if (pairs == PAIRS_32) run_4(pb, nb, &tg, n_cols, o);
-                    else if (pairs == PAIRS_16) run_8(pb, nb, &tg, n_cols, o);
-                    else run_0(pb, nb, &tg, n_cols, o);
+                    run(tile + (p - p0) * nb, nb, &tg, n_cols, o);
                     const int rows = 2 * p + 1 < n_rows ? 2 : 1;
                     for (int i = 0; i < rows; i++)
                         for (int k = 0; k < live; k++) out[(4 * g + k) * n_rows + 2 * p + i] = o[4 * i + k];
