@@ -189,6 +189,21 @@ static void pack_rows(const tiled_format *f, const uint8_t *w, size_t row_bytes,
             pack_block(f, w + (size_t)r * row_bytes + (size_t)b * f->block_bytes, rows + (r - r0) * nb + b);
 }
 
+/* A buffer per thread kept from call to call (OpenMP's threads persist), grown when short:
+ * no allocation and no fresh pages in the calls of a prompt. */
+static void *thread_buffer(int which, size_t bytes) {
+    static _Thread_local struct {
+        void *p;
+        size_t n;
+    } held[2];
+    if (held[which].n < bytes) {
+        free(held[which].p);
+        held[which].p = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        held[which].n = held[which].p ? bytes : 0;
+    }
+    return held[which].p;
+}
+
 /* ggml's float steps for one block's integers (see the top of the file). */
 #define BLOCK_FLOATS(has_min, b, raw, corr, xd, acc)                            \
     do {                                                                       \
@@ -401,16 +416,62 @@ DEFINE_PACK_PAIR(q4_k, 144)
 DEFINE_PACK_PAIR(q5_k, 176)
 DEFINE_PACK_PAIR(q6_k, 210)
 
+/* The portable and AVX-512 layout (packed_block) through the same decoding, for the AVX-512
+ * path: row 0 of a pair block holds its quants and lanes as they are, and its correction
+ * pairs give corr per 16 values. Byte for byte what pack_block makes (the d and dmin of a
+ * NaN f16 aside, whose quiet bit F16C sets). */
+static inline TARGET_AVX2 void pair_to_packed(const pair_block *t, int pairs, packed_block *o) {
+    for (int c = 0; c < 8; c++) {
+        _mm256_storeu_si256((__m256i *)(o->u + 32 * c), _mm256_loadu_si256((const __m256i *)(t->q[0] + 32 * c)));
+        _mm256_storeu_si256((__m256i *)o->lanes[c], _mm256_loadu_si256((const __m256i *)t->lanes[0][c]));
+    }
+    for (int p = 0; p < pairs; p++) {
+        const int16_t lo = (int16_t)(t->mn[p][0] & 0xffff), hi = (int16_t)((uint32_t)t->mn[p][0] >> 16);
+        if (pairs == PAIRS_32) /* corr per 16 values: each sub-block's min twice */
+            o->corr[4 * p] = o->corr[4 * p + 1] = lo, o->corr[4 * p + 2] = o->corr[4 * p + 3] = hi;
+        else
+            o->corr[2 * p] = lo, o->corr[2 * p + 1] = hi;
+    }
+    o->d = t->d[0];
+    o->dmin = t->dmin[0];
+}
+
+/* Rows r0 .. r1 - 1 of w, every block, into rows[(r - r0) * nb + b] (as pack_rows). */
+#define DEFINE_PACK_ROWS(name, bytes, pairs)                                                            \
+    static TARGET_AVX2 void pack_rows_##name(const uint8_t *w, size_t row_bytes, ptrdiff_t r0, ptrdiff_t r1, \
+                                             int nb, packed_block *rows) {                              \
+        pair_block t;                                                                                   \
+        for (ptrdiff_t r = r0; r < r1; r++)                                                             \
+            for (int b = 0; b < nb; b++) {                                                              \
+                put_##name(w + (size_t)r * row_bytes + (size_t)b * (bytes), &t, 0);                     \
+                pair_to_packed(&t, pairs, rows + (r - r0) * nb + b);                                    \
+            }                                                                                           \
+    }
+DEFINE_PACK_ROWS(q2_k, 84, PAIRS_16)
+DEFINE_PACK_ROWS(q3_k, 110, PAIRS_16)
+DEFINE_PACK_ROWS(q4_k, 144, PAIRS_32)
+DEFINE_PACK_ROWS(q5_k, 176, PAIRS_32)
+DEFINE_PACK_ROWS(q6_k, 210, PAIRS_16)
+
+typedef void (*pack_rows_fn)(const uint8_t *w, size_t row_bytes, ptrdiff_t r0, ptrdiff_t r1, int nb, packed_block *rows);
+
 typedef void (*pack_pair_fn)(const uint8_t *row0, const uint8_t *row1, int nb, pair_block *o);
 
-static pack_pair_fn pair_packer(const tiled_format *f, int *pairs) {
-    static const struct { const char *name; pack_pair_fn fn; int pairs; } table[] = {
-        {"Q2_K", pack_pair_q2_k, PAIRS_16}, {"Q3_K", pack_pair_q3_k, PAIRS_16}, {"Q4_K", pack_pair_q4_k, PAIRS_32},
-        {"Q5_K", pack_pair_q5_k, PAIRS_32}, {"Q6_K", pack_pair_q6_k, PAIRS_16},
-    };
-    for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++)
-        if (strcmp(table[i].name, f->name) == 0) return *pairs = table[i].pairs, table[i].fn;
-    return NULL;
+static const struct {
+    const char *name;
+    pack_pair_fn pair;
+    pack_rows_fn rows;
+    int pairs;
+} avx2_packers[] = {
+    {"Q2_K", pack_pair_q2_k, pack_rows_q2_k, PAIRS_16}, {"Q3_K", pack_pair_q3_k, pack_rows_q3_k, PAIRS_16},
+    {"Q4_K", pack_pair_q4_k, pack_rows_q4_k, PAIRS_32}, {"Q5_K", pack_pair_q5_k, pack_rows_q5_k, PAIRS_32},
+    {"Q6_K", pack_pair_q6_k, pack_rows_q6_k, PAIRS_16},
+};
+
+static int avx2_packer(const tiled_format *f) {
+    for (int i = 0; i < (int)(sizeof(avx2_packers) / sizeof(avx2_packers[0])); i++)
+        if (strcmp(avx2_packers[i].name, f->name) == 0) return i;
+    return 0; /* not reached: every tiled format has one */
 }
 
 /* Four tokens' activations as the micro-kernel reads them (rows past n_tokens are zero). */
@@ -508,20 +569,6 @@ DEFINE_RUN(bias16, 0, PAIRS_16) /* Q3_K, Q6_K */
 
 typedef void (*run_fn)(const pair_block *pb, int nb, const token_group *tg, int n_cols, float out[8]);
 
-/* A buffer per thread kept from call to call (OpenMP's threads persist), grown when short:
- * no allocation and no fresh pages in the calls of a prompt. */
-static void *thread_buffer(int which, size_t bytes) {
-    static _Thread_local struct {
-        void *p;
-        size_t n;
-    } held[2];
-    if (held[which].n < bytes) {
-        free(held[which].p);
-        held[which].p = aligned_alloc(64, (bytes + 63) / 64 * 64);
-        held[which].n = held[which].p ? bytes : 0;
-    }
-    return held[which].p;
-}
 
 /* Threads share out tiles of row pairs; each packs its tile once and runs it against every
  * group of four tokens, the group's activations (a few KB) staying in L1 while the tile's
@@ -529,8 +576,8 @@ static void *thread_buffer(int which, size_t bytes) {
  * the calling thread. */
 static int tiled_matmul_avx2(const tiled_format *f, const uint8_t *w, const int8_t *xq, const float *xd,
                              const int16_t *bsums, float *out, ptrdiff_t n_rows, int n_cols, ptrdiff_t n_tokens) {
-    int pairs = 0;
-    const pack_pair_fn pack = pair_packer(f, &pairs);
+    const int pk = avx2_packer(f), pairs = avx2_packers[pk].pairs;
+    const pack_pair_fn pack = avx2_packers[pk].pair;
     const run_fn run = pairs == PAIRS_32 ? run_min32 : f->has_min ? run_min16 : run_bias16;
     const int nb = n_cols / QK_K;
     const size_t row_bytes = (size_t)nb * f->block_bytes;
@@ -669,51 +716,48 @@ static TARGET_AVX512 void rows_x16_vnni(int has_min, const packed_block *const *
 
 static int tiled_matmul_vnni(const tiled_format *f, const uint8_t *w, const int8_t *xq, const float *xd,
                              const int16_t *bsums, float *out, ptrdiff_t n_rows, int n_cols, ptrdiff_t n_tokens) {
-    const int nb = n_cols / QK_K;
+    const int nb = n_cols / QK_K, pk = avx2_packer(f);
     const size_t row_bytes = (size_t)nb * f->block_bytes;
     const ptrdiff_t n_ttiles = (n_tokens + 15) / 16, n_rtiles = (n_rows + ROW_TILE - 1) / ROW_TILE;
-    /* every token tile packed once, up front (both threads read all of them) */
-    int8_t *q = aligned_alloc(64, (size_t)n_ttiles * nb * 64 * 64);
-    int16_t *bs = aligned_alloc(64, (size_t)n_ttiles * nb * 8 * 64);
-    float *d = aligned_alloc(64, (size_t)n_ttiles * nb * 64);
-    int failed = !q || !bs || !d;
-    if (!failed) {
-#pragma omp parallel for schedule(static)
+    /* every token tile packed once, up front (all threads read all of them) */
+    const size_t q_bytes = (size_t)n_ttiles * nb * 64 * 64, bs_bytes = (size_t)n_ttiles * nb * 8 * 64;
+    uint8_t *buf = thread_buffer(0, q_bytes + bs_bytes + (size_t)n_ttiles * nb * 64);
+    if (!buf) return -2;
+    int8_t *q = (int8_t *)buf;
+    int16_t *bs = (int16_t *)(buf + q_bytes);
+    float *d = (float *)(buf + q_bytes + bs_bytes);
+    int failed = 0;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
         for (ptrdiff_t tt = 0; tt < n_ttiles; tt++) {
             packed_tokens p = {q + (size_t)tt * nb * 4096, bs + (size_t)tt * nb * 256, d + (size_t)tt * nb * 16};
             pack_tokens(xq, xd, bsums, n_cols, 16 * tt, n_tokens, &p);
         }
-#pragma omp parallel
-        {
-            packed_block *rows = malloc(sizeof(packed_block) * ROW_TILE * (size_t)nb);
-            if (!rows) {
+        packed_block *rows = thread_buffer(1, sizeof(packed_block) * ROW_TILE * (size_t)nb);
+        if (!rows) {
 #pragma omp atomic write
-                failed = 1;
-            }
+            failed = 1;
+        }
 #pragma omp for schedule(static)
-            for (ptrdiff_t tile = 0; tile < n_rtiles; tile++) {
-                if (!rows) continue;
-                const ptrdiff_t r0 = tile * ROW_TILE, r1 = r0 + ROW_TILE < n_rows ? r0 + ROW_TILE : n_rows;
-                pack_rows(f, w, row_bytes, r0, r1, nb, rows);
-                for (ptrdiff_t tt = 0; tt < n_ttiles; tt++) {
-                    const packed_tokens p = {q + (size_t)tt * nb * 4096, bs + (size_t)tt * nb * 256, d + (size_t)tt * nb * 16};
-                    for (ptrdiff_t r = r0; r < r1; r += VNNI_ROWS) {
-                        const int n_r = r1 - r < VNNI_ROWS ? (int)(r1 - r) : VNNI_ROWS;
-                        const packed_block *group[VNNI_ROWS];
-                        for (int i = 0; i < VNNI_ROWS; i++) group[i] = rows + (r + (i < n_r ? i : 0) - r0) * nb;
-                        float acc[VNNI_ROWS][16];
-                        rows_x16_vnni(f->has_min, group, n_r, nb, &p, acc);
-                        for (int i = 0; i < n_r; i++)
-                            for (int t = 0; t < 16 && 16 * tt + t < n_tokens; t++) out[(16 * tt + t) * n_rows + r + i] = acc[i][t];
-                    }
+        for (ptrdiff_t tile = 0; tile < n_rtiles; tile++) {
+            if (!rows) continue;
+            const ptrdiff_t r0 = tile * ROW_TILE, r1 = r0 + ROW_TILE < n_rows ? r0 + ROW_TILE : n_rows;
+            avx2_packers[pk].rows(w, row_bytes, r0, r1, nb, rows); /* the AVX2 decoding: same bytes as pack_rows */
+            for (ptrdiff_t tt = 0; tt < n_ttiles; tt++) {
+                const packed_tokens p = {q + (size_t)tt * nb * 4096, bs + (size_t)tt * nb * 256, d + (size_t)tt * nb * 16};
+                for (ptrdiff_t r = r0; r < r1; r += VNNI_ROWS) {
+                    const int n_r = r1 - r < VNNI_ROWS ? (int)(r1 - r) : VNNI_ROWS;
+                    const packed_block *group[VNNI_ROWS];
+                    for (int i = 0; i < VNNI_ROWS; i++) group[i] = rows + (r + (i < n_r ? i : 0) - r0) * nb;
+                    float acc[VNNI_ROWS][16];
+                    rows_x16_vnni(f->has_min, group, n_r, nb, &p, acc);
+                    for (int i = 0; i < n_r; i++)
+                        for (int t = 0; t < 16 && 16 * tt + t < n_tokens; t++) out[(16 * tt + t) * n_rows + r + i] = acc[i][t];
                 }
             }
-            free(rows);
         }
     }
-    free(q);
-    free(bs);
-    free(d);
     return failed ? -2 : 0;
 }
 #endif
@@ -725,6 +769,8 @@ int tiled_matmul(const char *name, const uint8_t *w, const int8_t *xq, const flo
 #ifdef OFFLOAD_X86
     if (isa_level >= 2) return tiled_matmul_vnni(f, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens);
     if (isa_level == 1) return tiled_matmul_avx2(f, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens);
+#else
+    (void)isa_level;
 #endif
     const int nb = n_cols / QK_K, nb16 = n_cols / 16;
     const size_t row_bytes = (size_t)nb * f->block_bytes;
@@ -732,7 +778,7 @@ int tiled_matmul(const char *name, const uint8_t *w, const int8_t *xq, const flo
     int failed = 0;
 #pragma omp parallel
     {
-        packed_block *rows = malloc(sizeof(packed_block) * ROW_TILE * (size_t)nb);
+        packed_block *rows = thread_buffer(1, sizeof(packed_block) * ROW_TILE * (size_t)nb);
         if (!rows) {
 #pragma omp atomic write
             failed = 1;
@@ -750,7 +796,6 @@ int tiled_matmul(const char *name, const uint8_t *w, const int8_t *xq, const flo
                                                                  xd + t * nb, bsums + t * nb16);
             }
         }
-        free(rows);
     }
     return failed ? -2 : 0;
 }
