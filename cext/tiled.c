@@ -237,8 +237,11 @@ static float row_token_portable(int has_min, const packed_block *row, int nb, co
  * A row pair's block is decoded once per call into `pair_block`: the quants unsigned (the
  * formats without mins biased as in packed_block: Q3_K + 4, Q6_K + 32), so maddubs(u, x)
  * multiplies them by the signed activations (at most 2 * 63 * 128 < 32768: it cannot
- * saturate); per 32-value chunk maddwd scales its int16 pair sums (the scale of each 16
- * values in its lanes) into int32. The 8 lane sums of each (row, token) are transposed
+ * saturate); per 32-value chunk maddwd scales its int16 pair sums into int32 by a
+ * broadcast dword of two scales: its even int16 lanes take the first, its odd ones the
+ * second. Formats with a scale per 16 values (Q2_K, Q3_K, Q6_K) therefore hold each chunk
+ * interleaved, the two groups' values alternating in pairs (group A's 0, 1, group B's 0, 1,
+ * A's 2, 3, ...), quants and activations alike. The 8 lane sums of each (row, token) are transposed
  * into one vector, row 0 x tokens 0..3 then row 1. The per-token correction
  *     s2 = sum_s mn[s] * bsum[s]   (formats with mins: mn of 32-value sub-blocks for
  *                                   Q4_K/Q5_K, of 16-value groups for Q2_K)
@@ -247,7 +250,7 @@ static float row_token_portable(int has_min, const packed_block *row, int nb, co
  * pairs ([block][pair][token][2]) once per call. */
 typedef struct {
     uint8_t q[2][QK_K];
-    int16_t lanes[2][8][16]; /* maddwd's int16 lanes of 32-value chunk c: sc[2c] x 8, sc[2c+1] x 8 */
+    int32_t sc[2][8];        /* chunk c: sc[2c] | sc[2c+1] << 16 (a 32-value sub-block's scale twice) */
     int32_t mn[8][8];        /* pair p of row i in lanes 4i..4i+3: corr[first] | corr[second] << 16 */
     float d[8], dmin[8];     /* row i in lanes 4i..4i+3 */
 } pair_block;
@@ -259,20 +262,23 @@ typedef struct {
 /* Decoding into row i of a pair block: bytes are split with 16-bit shifts and byte masks
  * (the bits a shift moves across a byte boundary are masked off). */
 
-/* lanes[c] = sc[c] x 16 from eight scales (bytes) of 32-value sub-blocks. */
-static inline TARGET_AVX2 void lanes_32(__m128i sc8, int16_t lanes[8][16]) {
-    const __m256i words = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc8));
-    for (int c = 0; c < 8; c++)
-        _mm256_storeu_si256((__m256i *)lanes[c], _mm256_shuffle_epi8(words, _mm256_set1_epi16((short)(0x0100 + 0x0202 * c))));
+/* sc[c] = sc | sc << 16 from eight scales (bytes) of 32-value sub-blocks. */
+static inline TARGET_AVX2 void scales_32(__m128i sc8, int32_t sc[8]) {
+    const __m128i words = _mm_cvtepu8_epi16(sc8);
+    _mm_storeu_si128((__m128i *)sc, _mm_unpacklo_epi16(words, words));
+    _mm_storeu_si128((__m128i *)(sc + 4), _mm_unpackhi_epi16(words, words));
 }
 
-/* lanes[c] = sc[2c] x 8, sc[2c+1] x 8 from sixteen int16 scales of 16-value groups. */
-static inline TARGET_AVX2 void lanes_16(__m256i words, int16_t lanes[8][16]) {
-    const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
-                                          2, 3, 2, 3, 2, 3);
-    for (int c = 0; c < 8; c++) /* dword c holds sc[2c], sc[2c+1] */
-        _mm256_storeu_si256((__m256i *)lanes[c],
-                            _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(words, _mm256_set1_epi32(c)), pick));
+/* A 32-value chunk of two 16-value groups A, B interleaved: A0 A1 B0 B1 A2 A3 B2 B3 ... */
+static inline TARGET_AVX2 __m256i interleave(__m256i v) {
+    const __m256i pairs = _mm256_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15, 0, 1, 8, 9, 2, 3, 10, 11,
+                                           4, 5, 12, 13, 6, 7, 14, 15);
+    return _mm256_shuffle_epi8(_mm256_permute4x64_epi64(v, 0xd8), pairs);
+}
+
+/* Chunk c of row i's quants, interleaved if ilv (for the AVX2 kernel), else in order. */
+static inline TARGET_AVX2 void put_chunk(pair_block *o, int i, int c, __m256i v, int ilv) {
+    _mm256_storeu_si256((__m256i *)(o->q[i] + 32 * c), ilv ? interleave(v) : v);
 }
 
 /* Four pairs of corrections, int16 pairs in the dwords of v, into mn[0..3] for row i. */
@@ -309,12 +315,13 @@ static inline __m128i scales_mins_k4_v(const uint8_t *b) {
 
 static inline TARGET_AVX2 void put_k4_scales(const uint8_t *blk, pair_block *o, int i) {
     const __m128i sm = scales_mins_k4_v(blk + 4);
-    lanes_32(sm, o->lanes[i]);
+    scales_32(sm, o->sc[i]);
     put_pairs4(o->mn, i, _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
     put_d(o, i, blk, blk + 2);
 }
 
-static inline TARGET_AVX2 void put_q4_k(const uint8_t *blk, pair_block *o, int i) {
+static inline TARGET_AVX2 void put_q4_k(const uint8_t *blk, pair_block *o, int i, int ilv) {
+    (void)ilv; /* one scale per chunk: nothing to interleave */
     const __m256i m4 = _mm256_set1_epi8(15);
     for (int j = 0; j < 4; j++) {
         const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j));
@@ -324,7 +331,8 @@ static inline TARGET_AVX2 void put_q4_k(const uint8_t *blk, pair_block *o, int i
     put_k4_scales(blk, o, i);
 }
 
-static inline TARGET_AVX2 void put_q5_k(const uint8_t *blk, pair_block *o, int i) {
+static inline TARGET_AVX2 void put_q5_k(const uint8_t *blk, pair_block *o, int i, int ilv) {
+    (void)ilv;
     const __m256i m4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
     __m256i h = _mm256_loadu_si256((const __m256i *)(blk + 16)); /* bit 2j (2j+1) of each byte: sub-block 2j (2j+1) */
     for (int j = 0; j < 4; j++) {
@@ -340,36 +348,35 @@ static inline TARGET_AVX2 void put_q5_k(const uint8_t *blk, pair_block *o, int i
 }
 
 /* Q6_K: the 6-bit codes as they are (q + 32); correction 32 * sc[g]. */
-static inline TARGET_AVX2 void put_q6_k(const uint8_t *blk, pair_block *o, int i) {
+static inline TARGET_AVX2 void put_q6_k(const uint8_t *blk, pair_block *o, int i, int ilv) {
     const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(3 << 4);
     for (int half = 0; half < 2; half++) {
         const __m256i l0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * half));
         const __m256i l1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * half + 32));
         const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * half));
-        uint8_t *q = o->q[i] + 128 * half;
         /* bits 2k, 2k+1 of qh to bits 4, 5 */
         const __m256i h0 = _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2), h1 = _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2);
         const __m256i h2 = _mm256_and_si256(qh, m2), h3 = _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2);
-        _mm256_storeu_si256((__m256i *)q, _mm256_or_si256(_mm256_and_si256(l0, m4), h0));
-        _mm256_storeu_si256((__m256i *)(q + 32), _mm256_or_si256(_mm256_and_si256(l1, m4), h1));
-        _mm256_storeu_si256((__m256i *)(q + 64), _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), h2));
-        _mm256_storeu_si256((__m256i *)(q + 96), _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), h3));
+        put_chunk(o, i, 4 * half, _mm256_or_si256(_mm256_and_si256(l0, m4), h0), ilv);
+        put_chunk(o, i, 4 * half + 1, _mm256_or_si256(_mm256_and_si256(l1, m4), h1), ilv);
+        put_chunk(o, i, 4 * half + 2, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), h2), ilv);
+        put_chunk(o, i, 4 * half + 3, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), h3), ilv);
     }
     const __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
-    lanes_16(sc, o->lanes[i]);
+    _mm256_storeu_si256((__m256i *)o->sc[i], sc); /* dword c: sc[2c], sc[2c+1] */
     put_pairs8(o->mn, i, _mm256_slli_epi16(sc, 5));
     put_d(o, i, blk + 208, NULL);
 }
 
 /* Q3_K: low 2 bits | high bit << 2 (q + 4); correction 4 * sc[g]. */
-static inline TARGET_AVX2 void put_q3_k(const uint8_t *blk, pair_block *o, int i) {
+static inline TARGET_AVX2 void put_q3_k(const uint8_t *blk, pair_block *o, int i, int ilv) {
     const __m256i m2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
     __m256i h = _mm256_loadu_si256((const __m256i *)blk); /* bit 4j+k: values 32k.. of half j */
     for (int j = 0; j < 2; j++) {
         __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 32 + 32 * j));
         for (int k = 0; k < 4; k++) {
             const __m256i high = _mm256_slli_epi16(_mm256_and_si256(h, one), 2);
-            _mm256_storeu_si256((__m256i *)(o->q[i] + 128 * j + 32 * k), _mm256_or_si256(_mm256_and_si256(v, m2), high));
+            put_chunk(o, i, 4 * j + k, _mm256_or_si256(_mm256_and_si256(v, m2), high), ilv);
             v = _mm256_srli_epi16(v, 2);
             h = _mm256_srli_epi16(h, 1);
         }
@@ -382,22 +389,22 @@ static inline TARGET_AVX2 void put_q3_k(const uint8_t *blk, pair_block *o, int i
     s[2] = ((a[0] >> 4) & 0x0f0f0f0f) | (((a[2] >> 4) & 0x03030303) << 4);
     s[3] = ((a[1] >> 4) & 0x0f0f0f0f) | (((a[2] >> 6) & 0x03030303) << 4);
     const __m256i sc = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_loadu_si128((const __m128i *)s), _mm_set1_epi8(32)));
-    lanes_16(sc, o->lanes[i]);
+    _mm256_storeu_si256((__m256i *)o->sc[i], sc);
     put_pairs8(o->mn, i, _mm256_slli_epi16(sc, 2));
     put_d(o, i, blk + 108, NULL);
 }
 
-static inline TARGET_AVX2 void put_q2_k(const uint8_t *blk, pair_block *o, int i) {
+static inline TARGET_AVX2 void put_q2_k(const uint8_t *blk, pair_block *o, int i, int ilv) {
     const __m256i m2 = _mm256_set1_epi8(3);
     for (int j = 0; j < 2; j++) {
         __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j));
         for (int k = 0; k < 4; k++) {
-            _mm256_storeu_si256((__m256i *)(o->q[i] + 128 * j + 32 * k), _mm256_and_si256(v, m2));
+            put_chunk(o, i, 4 * j + k, _mm256_and_si256(v, m2), ilv);
             v = _mm256_srli_epi16(v, 2);
         }
     }
     const __m128i sm = _mm_loadu_si128((const __m128i *)blk), m4 = _mm_set1_epi8(15);
-    lanes_16(_mm256_cvtepu8_epi16(_mm_and_si128(sm, m4)), o->lanes[i]);
+    _mm256_storeu_si256((__m256i *)o->sc[i], _mm256_cvtepu8_epi16(_mm_and_si128(sm, m4)));
     put_pairs8(o->mn, i, _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sm, 4), m4)));
     put_d(o, i, blk + 80, blk + 82);
 }
@@ -406,8 +413,8 @@ static inline TARGET_AVX2 void put_q2_k(const uint8_t *blk, pair_block *o, int i
 #define DEFINE_PACK_PAIR(name, bytes)                                                                 \
     static TARGET_AVX2 void pack_pair_##name(const uint8_t *row0, const uint8_t *row1, int nb, pair_block *o) { \
         for (int b = 0; b < nb; b++) {                                                                \
-            put_##name(row0 + (size_t)b * (bytes), o + b, 0);                                         \
-            put_##name(row1 + (size_t)b * (bytes), o + b, 1);                                         \
+            put_##name(row0 + (size_t)b * (bytes), o + b, 0, 1);                                      \
+            put_##name(row1 + (size_t)b * (bytes), o + b, 1, 1);                                      \
         }                                                                                             \
     }
 DEFINE_PACK_PAIR(q2_k, 84)
@@ -417,13 +424,15 @@ DEFINE_PACK_PAIR(q5_k, 176)
 DEFINE_PACK_PAIR(q6_k, 210)
 
 /* The portable and AVX-512 layout (packed_block) through the same decoding, for the AVX-512
- * path: row 0 of a pair block holds its quants and lanes as they are, and its correction
- * pairs give corr per 16 values. Byte for byte what pack_block makes (the d and dmin of a
+ * path: row 0 of a pair block decoded without interleaving holds its quants as they are,
+ * its scales give the lanes and its correction pairs corr per 16 values. Byte for byte what pack_block makes (the d and dmin of a
  * NaN f16 aside, whose quiet bit F16C sets). */
 static inline TARGET_AVX2 void pair_to_packed(const pair_block *t, int pairs, packed_block *o) {
     for (int c = 0; c < 8; c++) {
         _mm256_storeu_si256((__m256i *)(o->u + 32 * c), _mm256_loadu_si256((const __m256i *)(t->q[0] + 32 * c)));
-        _mm256_storeu_si256((__m256i *)o->lanes[c], _mm256_loadu_si256((const __m256i *)t->lanes[0][c]));
+        const __m256i sc = _mm256_set1_epi32(t->sc[0][c]); /* lanes: sc[2c] x 8, sc[2c+1] x 8 */
+        _mm256_storeu_si256((__m256i *)o->lanes[c], _mm256_permute4x64_epi64(_mm256_shuffle_epi8(sc, _mm256_setr_epi8(
+            0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3)), 0xd8));
     }
     for (int p = 0; p < pairs; p++) {
         const int16_t lo = (int16_t)(t->mn[p][0] & 0xffff), hi = (int16_t)((uint32_t)t->mn[p][0] >> 16);
@@ -443,7 +452,7 @@ static inline TARGET_AVX2 void pair_to_packed(const pair_block *t, int pairs, pa
         pair_block t;                                                                                   \
         for (ptrdiff_t r = r0; r < r1; r++)                                                             \
             for (int b = 0; b < nb; b++) {                                                              \
-                put_##name(w + (size_t)r * row_bytes + (size_t)b * (bytes), &t, 0);                     \
+                put_##name(w + (size_t)r * row_bytes + (size_t)b * (bytes), &t, 0, 0);                  \
                 pair_to_packed(&t, pairs, rows + (r - r0) * nb + b);                                    \
             }                                                                                           \
     }
@@ -487,10 +496,14 @@ static TARGET_AVX2 void pack_group(const int8_t *xq, const float *xd, const int1
     const int nb = n_cols / QK_K, nb16 = n_cols / 16;
     for (int k = 0; k < 4; k++) {
         const ptrdiff_t t = 4 * g + k;
-        if (t < n_tokens)
-            memcpy(x + (size_t)k * n_cols, xq + t * n_cols, (size_t)n_cols);
-        else
-            memset(x + (size_t)k * n_cols, 0, (size_t)n_cols);
+        int8_t *xo = x + (size_t)k * n_cols;
+        if (t >= n_tokens)
+            memset(xo, 0, (size_t)n_cols);
+        else if (pairs == PAIRS_32)
+            memcpy(xo, xq + t * n_cols, (size_t)n_cols);
+        else /* in the quants' interleaved order */
+            for (int c = 0; c < n_cols; c += 32)
+                _mm256_storeu_si256((__m256i *)(xo + c), interleave(_mm256_loadu_si256((const __m256i *)(xq + t * n_cols + c))));
         for (int b = 0; b < nb; b++) {
             d[4 * b + k] = t < n_tokens ? xd[t * nb + b] : 0.0f;
             const int16_t *s = bsums + t * nb16 + 16 * b;
@@ -526,8 +539,7 @@ INLINE TARGET_AVX2 __m256 micro_2x4(int has_min, int pairs, const pair_block *pb
         for (int c = 0; c < 8; c++) {
             const __m256i w0 = _mm256_loadu_si256((const __m256i *)(p->q[0] + 32 * c));
             const __m256i w1 = _mm256_loadu_si256((const __m256i *)(p->q[1] + 32 * c));
-            const __m256i s0 = _mm256_loadu_si256((const __m256i *)p->lanes[0][c]);
-            const __m256i s1 = _mm256_loadu_si256((const __m256i *)p->lanes[1][c]);
+            const __m256i s0 = _mm256_set1_epi32(p->sc[0][c]), s1 = _mm256_set1_epi32(p->sc[1][c]);
             for (int k = 0; k < 4; k++) {
                 const __m256i xk = _mm256_loadu_si256((const __m256i *)(x + (size_t)k * n_cols + 32 * c));
                 sum[0][k] = _mm256_add_epi32(sum[0][k], _mm256_madd_epi16(_mm256_maddubs_epi16(w0, xk), s0));
