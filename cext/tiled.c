@@ -582,10 +582,11 @@ DEFINE_RUN(bias16, 0, PAIRS_16) /* Q3_K, Q6_K */
 typedef void (*run_fn)(const pair_block *pb, int nb, const token_group *tg, int n_cols, float out[8]);
 
 
-/* Threads share out tiles of row pairs; each packs its tile once and runs it against every
- * group of four tokens, the group's activations (a few KB) staying in L1 while the tile's
- * pairs stream through. The activations are packed first, in parallel, into a buffer of
- * the calling thread. */
+/* Threads take tiles of row pairs as they come (a late or preempted thread leaves its
+ * share to the others); each packs its tile once and runs it against every group of four
+ * tokens, the group's activations (a few KB) staying in L1 while the tile's pairs stream
+ * through. The calling thread packs the activations first (a copy of the input, about
+ * 1/rows of the matmul's work): one barrier per call, the one that ends it. */
 static int tiled_matmul_avx2(const tiled_format *f, const uint8_t *w, const int8_t *xq, const float *xd,
                              const int16_t *bsums, float *out, ptrdiff_t n_rows, int n_cols, ptrdiff_t n_tokens) {
     const int pk = avx2_packer(f), pairs = avx2_packers[pk].pairs;
@@ -607,19 +608,18 @@ static int tiled_matmul_avx2(const tiled_format *f, const uint8_t *w, const int8
     int8_t *ax = (int8_t *)act;
     float *ad = (float *)(act + x_bytes);
     int16_t *abs_ = (int16_t *)(act + x_bytes + d_bytes);
+    for (ptrdiff_t g = 0; g < n_groups; g++)
+        pack_group(xq, xd, bsums, n_cols, n_tokens, g, pairs, ax + (size_t)g * 4 * n_cols, ad + (size_t)g * nb * 4,
+                   abs_ + (size_t)g * nb * pairs * 8);
     int failed = 0;
 #pragma omp parallel
     {
-#pragma omp for schedule(static)
-        for (ptrdiff_t g = 0; g < n_groups; g++)
-            pack_group(xq, xd, bsums, n_cols, n_tokens, g, pairs, ax + (size_t)g * 4 * n_cols, ad + (size_t)g * nb * 4,
-                       abs_ + (size_t)g * nb * pairs * 8);
         pair_block *tile = thread_buffer(1, sizeof(pair_block) * (size_t)tile_pairs * nb);
         if (!tile) {
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (ptrdiff_t ti = 0; ti < n_tiles; ti++) {
             if (!tile) continue;
             const ptrdiff_t p0 = ti * tile_pairs, p1 = p0 + tile_pairs < n_pairs ? p0 + tile_pairs : n_pairs;
