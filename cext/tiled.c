@@ -11,10 +11,17 @@
  *     acc = fma(res, x.d, acc)                                     (blocks in order, acc = 0)
  * and out[t, r] = acc.
  *
- * Here each weight block is first decoded into a uniform layout (`decoded_block`): 256
- * signed int8 quants, a scale and a min per 16 values, d and dmin. Then one integer kernel
- * serves every format. A thread decodes ROW_TILE rows once and runs them against the
- * tokens TOKEN_TILE at a time, so the decoded rows and the tokens' activations stay in cache.
+ * The integer sums are exact, so any order and width gives them; only the float steps
+ * above are kept as they are, in every path. A weight block is decoded once per call and
+ * run against all tokens. Three paths:
+ *   AVX2 (tiled_matmul_avx2): rows decoded in pairs with AVX2 into `pair_block`; a 2-row x
+ *     4-token micro-kernel (maddubs/maddwd, the block's eight sums transposed into one
+ *     vector, the float steps on eight lanes at once); tiles of row pairs shared out
+ *     dynamically across threads.
+ *   AVX-512 VNNI (tiled_matmul_vnni): 16 tokens in the lanes (vpdpbusd), rows decoded by
+ *     the AVX2 decoders into `packed_block`.
+ *   portable: `decoded_block` (plain C decoders) -> `packed_block`, one row x one token.
+ * Buffers are kept per thread from call to call.
  */
 #include <math.h>
 #include <omp.h>
