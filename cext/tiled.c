@@ -244,14 +244,14 @@ static float row_token_portable(int has_min, const packed_block *row, int nb, co
  * A row pair's block is decoded once per call into `pair_block`: the quants unsigned (the
  * formats without mins biased as in packed_block: Q3_K + 4, Q6_K + 32), so maddubs(u, x)
  * multiplies them by the signed activations (at most 2 * 63 * 128 < 32768: it cannot
- * saturate); per 32-value chunk maddwd scales its int16 pair sums into int32 by a
- * broadcast dword of two scales: its even int16 lanes take the first, its odd ones the
- * second. Formats with a scale per 16 values (Q2_K, Q3_K, Q6_K) therefore hold each chunk
- * interleaved, the two groups' values alternating in pairs (group A's 0, 1, group B's 0, 1,
- * A's 2, 3, ...), quants and activations alike. The 8 lane sums of each (row, token) are transposed
- * into one vector, row 0 x tokens 0..3 then row 1. The per-token correction
- *     s2 = sum_s mn[s] * bsum[s]   (formats with mins: mn of 32-value sub-blocks for
- *                                   Q4_K/Q5_K, of 16-value groups for Q2_K)
+ * saturate). Per 32-value chunk maddwd scales its int16 pair sums into int32 by a
+ * broadcast dword of two scales, the first in the even int16 lanes and the second in the
+ * odd ones; so the formats with a scale per 16 values (Q2_K, Q3_K, Q6_K) hold each chunk
+ * interleaved, its two groups' values alternating in pairs (A0 A1 B0 B1 A2 A3 ...), quants
+ * and activations alike. The 8 lane sums of each (row, token) are transposed into one
+ * vector, row 0 x tokens 0..3 then row 1. The per-token correction
+ *     s2 = sum_s mn[s] * bsum[s]          (formats with mins: per 32-value sub-block for
+ *                                          Q4_K/Q5_K, per 16 values for Q2_K)
  *     s2 = sum_g bias * sc[g] * bsum[g]   (Q3_K, Q6_K: what the bias added to s1)
  * is one maddwd per pair of sub-blocks against the four tokens' bsums, laid out as int16
  * pairs ([block][pair][token][2]) once per call. */
