@@ -17,13 +17,13 @@ routing is discontinuous: a small drift in activations flips expert choices.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from .arch import ModelArgs
 from .errors import ContextOverflowError
 from .kernels import ggml_math, matmul, matmuls
 from .kernels.attention import attention
 from .kernels.ggml_math import apply_rope, rms_norm
+from .kernels.jit import njit
 from .weights import FFN, Attention, ExpertStore, MoE, Weights
 
 

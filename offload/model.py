@@ -478,12 +478,10 @@ def _peak_rss() -> int:
 
 def set_threads(n: int) -> None:
     """Threads for every kernel, Numba's and the C extension's (OpenMP)."""
-    import numba
+    from .kernels import cext, jit
 
-    from .kernels import cext
-
-    available = numba.config.NUMBA_NUM_THREADS
+    available = jit.max_threads()
     if not 1 <= n <= available:
         raise OffloadError(f"thread count {n} is outside 1..{available}")
-    numba.set_num_threads(n)
+    jit.set_num_threads(n)
     cext.set_num_threads(n)

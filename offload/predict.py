@@ -28,9 +28,9 @@ from __future__ import annotations
 from typing import Iterable, NamedTuple, Protocol
 
 import numpy as np
-from numba import njit
 
 from .kernels import dequantize_rows
+from .kernels.jit import njit
 
 
 class Prediction(NamedTuple):

@@ -13,11 +13,11 @@ length and needs no padded copies. `attention_ref` is the same in numpy, step by
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
 
 from . import cext, ggml_math
 from .dispatch import matmul_f32_arrays
 from .ggml_math import _expf1
+from .jit import njit, prange
 from .numba_intrinsics import fma32
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
 
 from . import cext
+from .jit import njit
 from .numba_intrinsics import bits_f32, f32_bits, fma32
 
 _F32 = np.float32

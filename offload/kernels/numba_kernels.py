@@ -21,8 +21,8 @@ A faster (C, SIMD) kernel with the same signature and order can replace any of t
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
 
+from .jit import njit, prange
 from .numba_intrinsics import round_f16
 
 QK = 32  # values per Q8_0/Q4_0 block
