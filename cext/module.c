@@ -18,6 +18,11 @@
  *   formats() -> {name: (vec_dot_type, [isa, ...])}
  *   isa() / set_isa(name)   the SIMD level in use ("avx512", "avx2" or "portable")
  *   set_num_threads(n)
+ *   rms_norm(x, w, eps, out, n_rows, n) / softmax(x, out, n_rows, n) / expf(x, out, n) /
+ *   silu(x, out, n_rows, n) / rope(x, cos, sin, n_tokens, n_heads, head_dim, rope_dim, neox) /
+ *   top_k(probs, n_rows, n, k, normalize, chosen, weights) /
+ *   lookahead(x, n, w, n_targets, e, eps, k, m, ratio, experts, counts, conf)
+ *       the step's small ops in ggml's order (ops.c), twins of the Numba ones
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -27,6 +32,7 @@
 
 #include "attention.h"
 #include "kernels.h"
+#include "ops.h"
 #include "quantize.h"
 #include "swiglu.h"
 #include "tiled.h"
@@ -419,6 +425,159 @@ static PyObject *py_set_num_threads(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* -- the small ops (ops.c): arguments checked, GIL released -- */
+
+/* (n_rows, n) float32 buffers: each at least that long, n in int range. */
+static int rows_fit(const char *op, Py_ssize_t n_rows, Py_ssize_t n, const Py_buffer *a, const Py_buffer *b) {
+    if (n_rows >= 0 && n >= 0 && n <= INT32_MAX && a->len >= n_rows * n * 4 && b->len >= n_rows * n * 4) return 1;
+    PyErr_Format(PyExc_ValueError, "%s: a buffer is smaller than (%zd, %zd) float32", op, n_rows, n);
+    return 0;
+}
+
+static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
+    Py_buffer x = {0}, w = {0}, out = {0};
+    float eps;
+    Py_ssize_t n_rows, n;
+    if (!PyArg_ParseTuple(args, "y*y*fw*nn", &x, &w, &eps, &out, &n_rows, &n)) return NULL;
+    PyObject *result = NULL;
+    if (!rows_fit("rms_norm", n_rows, n, &x, &out)) goto done;
+    if (w.len < n * 4) {
+        PyErr_SetString(PyExc_ValueError, "rms_norm: the weight is shorter than a row");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rms_norm_rows(x.buf, w.buf, eps, out.buf, n_rows, (int)n);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* softmax and silu: (x, out, n_rows, n) */
+static PyObject *row_op(PyObject *args, const char *op, void (*fn)(const float *, float *, ptrdiff_t, int, int)) {
+    Py_buffer x = {0}, out = {0};
+    Py_ssize_t n_rows, n;
+    if (!PyArg_ParseTuple(args, "y*w*nn", &x, &out, &n_rows, &n)) return NULL;
+    PyObject *result = NULL;
+    if (!rows_fit(op, n_rows, n, &x, &out)) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    fn(x.buf, out.buf, n_rows, (int)n, isa >= ISA_AVX2);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *py_softmax(PyObject *self, PyObject *args) { return row_op(args, "softmax", softmax_rows); }
+
+static PyObject *py_silu(PyObject *self, PyObject *args) { return row_op(args, "silu", silu_rows); }
+
+static PyObject *py_expf(PyObject *self, PyObject *args) {
+    Py_buffer x = {0}, out = {0};
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "y*w*n", &x, &out, &n)) return NULL;
+    PyObject *result = NULL;
+    if (n < 0 || x.len < n * 4 || out.len < n * 4) {
+        PyErr_SetString(PyExc_ValueError, "expf: a buffer is shorter than n float32");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    expf_ggml_array(x.buf, out.buf, n, isa >= ISA_AVX2);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *py_rope(PyObject *self, PyObject *args) {
+    Py_buffer x = {0}, c = {0}, s = {0};
+    Py_ssize_t n_tokens;
+    int n_heads, head_dim, rope_dim, neox;
+    if (!PyArg_ParseTuple(args, "w*y*y*niiip", &x, &c, &s, &n_tokens, &n_heads, &head_dim, &rope_dim, &neox))
+        return NULL;
+    PyObject *result = NULL;
+    const Py_ssize_t table = n_tokens * (rope_dim / 2) * 4;
+    if (n_tokens < 0 || n_heads < 0 || rope_dim < 0 || rope_dim % 2 || rope_dim > head_dim ||
+        x.len < n_tokens * n_heads * head_dim * 4 || c.len < table || s.len < table) {
+        PyErr_SetString(PyExc_ValueError, "rope: bad shape or a buffer smaller than it says");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rope_rows(x.buf, c.buf, s.buf, n_tokens, n_heads, head_dim, rope_dim, neox, isa >= ISA_AVX2);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&c);
+    PyBuffer_Release(&s);
+    return result;
+}
+
+static PyObject *py_top_k(PyObject *self, PyObject *args) {
+    Py_buffer p = {0}, chosen = {0}, weights = {0};
+    Py_ssize_t n_rows;
+    int n, k, normalize;
+    if (!PyArg_ParseTuple(args, "y*niipw*w*", &p, &n_rows, &n, &k, &normalize, &chosen, &weights)) return NULL;
+    PyObject *result = NULL;
+    if (n_rows < 0 || k < 0 || k > n || p.len < n_rows * n * 4 || chosen.len < n_rows * k * 8 ||
+        weights.len < n_rows * k * 4) {
+        PyErr_Format(PyExc_ValueError, "top_k: bad shape (rows=%zd n=%d k=%d) or a buffer smaller than it says", n_rows,
+                     n, k);
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    top_k_rows(p.buf, n_rows, n, k, normalize, chosen.buf, weights.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&p);
+    PyBuffer_Release(&chosen);
+    PyBuffer_Release(&weights);
+    return result;
+}
+
+static PyObject *py_lookahead(PyObject *self, PyObject *args) {
+    Py_buffer x = {0}, w = {0}, experts = {0}, counts = {0}, conf = {0};
+    int n, n_targets, e, k, m;
+    double eps;
+    float ratio;
+    if (!PyArg_ParseTuple(args, "y*iy*iidiifw*w*w*", &x, &n, &w, &n_targets, &e, &eps, &k, &m, &ratio, &experts,
+                          &counts, &conf))
+        return NULL;
+    PyObject *result = NULL;
+    float *logits = NULL;
+    const Py_ssize_t n_out = (Py_ssize_t)n_targets * e;
+    if (n <= 0 || n_targets < 0 || e <= 0 || k < 0 || m < 0 || k + m > e || x.len < (Py_ssize_t)n * 4 ||
+        w.len < n * n_out * 4 || experts.len < n_targets * (k + m) * 8 || counts.len < n_targets * 8 ||
+        conf.len < n_targets * 4) {
+        PyErr_SetString(PyExc_ValueError, "lookahead: bad shape or a buffer smaller than it says");
+        goto done;
+    }
+    if (!(logits = malloc((size_t)(n_out ? n_out : 1) * sizeof(float)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    lookahead_one(x.buf, n, w.buf, n_targets, e, eps, k, m, ratio, logits, experts.buf, counts.buf, conf.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    free(logits);
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&experts);
+    PyBuffer_Release(&counts);
+    PyBuffer_Release(&conf);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "matmul(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)"},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(x, g, out, n_rows, n)"},
@@ -432,6 +591,13 @@ static PyMethodDef methods[] = {
     {"best_isa", py_best_isa, METH_NOARGS, "best SIMD level this CPU supports"},
     {"set_isa", py_set_isa, METH_VARARGS, "use a lower SIMD level (tests)"},
     {"set_num_threads", py_set_num_threads, METH_VARARGS, "threads for the row loop"},
+    {"rms_norm", py_rms_norm, METH_VARARGS, "rms_norm(x, w, eps, out, n_rows, n)"},
+    {"softmax", py_softmax, METH_VARARGS, "softmax(x, out, n_rows, n)"},
+    {"expf", py_expf, METH_VARARGS, "expf(x, out, n): ggml_v_expf"},
+    {"silu", py_silu, METH_VARARGS, "silu(x, out, n_rows, n)"},
+    {"rope", py_rope, METH_VARARGS, "rope(x, cos, sin, n_tokens, n_heads, head_dim, rope_dim, neox)"},
+    {"top_k", py_top_k, METH_VARARGS, "top_k(probs, n_rows, n, k, normalize, chosen, weights)"},
+    {"lookahead", py_lookahead, METH_VARARGS, "lookahead(x, n, w, n_targets, e, eps, k, m, ratio, experts, counts, conf)"},
     {NULL, NULL, 0, NULL},
 };
 

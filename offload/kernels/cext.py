@@ -3,6 +3,10 @@
 `c_kernel(fmt_name)` returns `kernel(w, act, out, vec_dot)` like the Numba ones, or None
 when the extension was not built or has no kernel for the format. The C kernels sum in
 the same ggml order as the Numba ones, so either gives the same bits.
+
+The step's small ops (RMS norm, softmax, SiLU, RoPE, top-k routing, the lookahead
+predictor) have C twins too: `selected()` says whether this run uses them, which is when it
+uses the C matmuls (`dispatch.select_kernels`). Then Numba is never imported.
 """
 
 from __future__ import annotations
@@ -17,6 +21,18 @@ except ImportError:  # built without a compiler: Numba only
     _cext = None
 
 Kernel = Callable[[np.ndarray, tuple, np.ndarray, bool], None]
+_selected = False  # select(): the C kernels and ops serve this run
+
+
+def select(on: bool) -> None:
+    """Use the C ops (when built: a build from before them keeps the Numba ones)."""
+    global _selected
+    _selected = on and _cext is not None and hasattr(_cext, "rms_norm")
+
+
+def selected() -> bool:
+    """Whether the small ops take their C twins (the C kernels were built and chosen)."""
+    return _selected
 
 
 def available() -> bool:
@@ -64,10 +80,6 @@ def matmul_x(x: np.ndarray, n_tokens: int, specs: tuple) -> None:
     _cext.matmul_x(x, n_tokens, x.shape[1], specs)
 
 
-def has_silu_mul() -> bool:
-    return _cext is not None and hasattr(_cext, "silu_mul")
-
-
 def silu_mul(x: np.ndarray, g: np.ndarray, out: np.ndarray, n_rows: int, n: int) -> None:
     """SwiGLU in ggml's order (cext/swiglu.c); every array float32, C-contiguous; out may be x."""
     _cext.silu_mul(x, g, out, n_rows, n)
@@ -81,6 +93,43 @@ def quantize(kind: str, x: np.ndarray, out: tuple) -> tuple:
 
 def attention(q, k, v, out, n: int, start: int, n_head: int, n_head_kv: int, head_dim: int) -> None:
     _cext.attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim)
+
+
+# -- the step's small ops (cext/ops.c); float32 C-contiguous arrays, as ggml_math's callers pass
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray, n_rows: int, n: int) -> None:
+    _cext.rms_norm(x, np.ascontiguousarray(weight, dtype=np.float32), float(eps), out, n_rows, n)
+
+
+def softmax(x: np.ndarray, out: np.ndarray, n_rows: int, n: int) -> None:
+    _cext.softmax(x, out, n_rows, n)
+
+
+def expf(x: np.ndarray, out: np.ndarray) -> None:
+    _cext.expf(x, out, x.size)
+
+
+def silu(x: np.ndarray, out: np.ndarray, n_rows: int, n: int) -> None:
+    _cext.silu(x, out, n_rows, n)
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: int, neox: bool) -> None:
+    """In place on x (n_tokens, n_heads, head_dim)."""
+    n_tokens, n_heads, head_dim = x.shape
+    _cext.rope(x, np.ascontiguousarray(cos, dtype=np.float32), np.ascontiguousarray(sin, dtype=np.float32), n_tokens,
+               n_heads, head_dim, rope_dim, neox)
+
+
+def top_k(probs: np.ndarray, k: int, normalize: bool, chosen: np.ndarray, weights: np.ndarray) -> None:
+    """forward._top_k's twin: chosen int64 (n, k), weights float32 (n, k)."""
+    _cext.top_k(probs, probs.shape[0], probs.shape[1], k, normalize, chosen, weights)
+
+
+def lookahead(x: np.ndarray, w: np.ndarray, eps: float, n_targets: int, k: int, m: int, ratio: float,
+              experts: np.ndarray, counts: np.ndarray, conf: np.ndarray) -> None:
+    """predict._lookahead_one's twin (same arguments)."""
+    _cext.lookahead(x, x.shape[0], w, n_targets, w.shape[1] // max(n_targets, 1), eps, k, m, ratio, experts, counts,
+                    conf)
 
 
 def c_kernel(fmt_name: str) -> Kernel | None:

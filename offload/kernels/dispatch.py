@@ -76,6 +76,7 @@ def select_kernels(implementation: str | None = None) -> None:
     TILED_KERNELS.clear()
     for t in TILED_TYPES:
         TILED_KERNELS[t] = _numba_tiled(t)
+    cext.select(False)
     C_FORMATS.clear()
     global _ONE_CALL
     _ONE_CALL = False
@@ -85,6 +86,7 @@ def select_kernels(implementation: str | None = None) -> None:
         warnings.warn("offload: the C kernels were not built (no C compiler at install?); using the slower "
                       "Numba kernels for every format", RuntimeWarning, stacklevel=2)
         return
+    cext.select(True)
     for t in NUMBA_KERNELS:
         kernel = cext.c_kernel(t.name)
         if kernel is not None:
