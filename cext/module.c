@@ -18,6 +18,9 @@
  *   formats() -> {name: (vec_dot_type, [isa, ...])}
  *   isa() / set_isa(name)   the SIMD level in use ("avx512", "avx2" or "portable")
  *   set_num_threads(n)
+ *   matmul_float(fmt, w, x, out, n_rows, n_cols, n_tokens, order)
+ *       F32/F16/BF16 weights (floats.c) in one of ggml's float orders (0 GEMM8, 1 VECDOT,
+ *       2 VECDOT_BF16), x float32 already rounded to the weight type
  *   rms_norm(x, w, eps, out, n_rows, n) / softmax(x, out, n_rows, n) / expf(x, out, n) /
  *   silu(x, out, n_rows, n) / rope(x, cos, sin, n_tokens, n_heads, head_dim, rope_dim, neox) /
  *   top_k(probs, n_rows, n, k, normalize, chosen, weights) /
@@ -31,6 +34,7 @@
 #include <stdlib.h>
 
 #include "attention.h"
+#include "floats.h"
 #include "kernels.h"
 #include "ops.h"
 #include "quantize.h"
@@ -425,7 +429,37 @@ static PyObject *py_set_num_threads(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* -- the small ops (ops.c): arguments checked, GIL released -- */
+/* -- float matmuls and the small ops (floats.c, ops.c): arguments checked, GIL released -- */
+
+static PyObject *py_matmul_float(PyObject *self, PyObject *args) {
+    const char *name;
+    Py_buffer w = {0}, x = {0}, out = {0};
+    Py_ssize_t n_rows, n_cols, n_tokens;
+    int order;
+    if (!PyArg_ParseTuple(args, "sy*y*w*nnni", &name, &w, &x, &out, &n_rows, &n_cols, &n_tokens, &order)) return NULL;
+    PyObject *result = NULL;
+    const int type = !strcmp(name, "F32") ? FLOAT_F32 : !strcmp(name, "F16") ? FLOAT_F16 : !strcmp(name, "BF16") ? FLOAT_BF16 : -1;
+    const Py_ssize_t row_bytes = n_cols * (type == FLOAT_F32 ? 4 : 2);
+    if (type < 0 || order < ORDER_GEMM8 || order > ORDER_VECDOT_BF16 || n_rows < 0 || n_tokens < 0 || n_cols <= 0 ||
+        n_cols > INT32_MAX || w.len < n_rows * row_bytes || x.len < n_tokens * n_cols * 4 ||
+        out.len < n_rows * n_tokens * 4) {
+        PyErr_Format(PyExc_ValueError, "matmul_float %s: bad call (order %d, rows=%zd cols=%zd tokens=%zd)", name, order,
+                     n_rows, n_cols, n_tokens);
+        goto done;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = matmul_float(type, w.buf, x.buf, out.buf, n_rows, (int)n_cols, n_tokens, order, isa >= ISA_AVX2,
+                      (size_t)n_rows * (size_t)row_bytes * (size_t)n_tokens >= PARALLEL_BYTES);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) PyErr_NoMemory();
+    else result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    return result;
+}
 
 /* (n_rows, n) float32 buffers: each at least that long, n in int range. */
 static int rows_fit(const char *op, Py_ssize_t n_rows, Py_ssize_t n, const Py_buffer *a, const Py_buffer *b) {
@@ -591,6 +625,7 @@ static PyMethodDef methods[] = {
     {"best_isa", py_best_isa, METH_NOARGS, "best SIMD level this CPU supports"},
     {"set_isa", py_set_isa, METH_VARARGS, "use a lower SIMD level (tests)"},
     {"set_num_threads", py_set_num_threads, METH_VARARGS, "threads for the row loop"},
+    {"matmul_float", py_matmul_float, METH_VARARGS, "matmul_float(fmt, w, x, out, n_rows, n_cols, n_tokens, order)"},
     {"rms_norm", py_rms_norm, METH_VARARGS, "rms_norm(x, w, eps, out, n_rows, n)"},
     {"softmax", py_softmax, METH_VARARGS, "softmax(x, out, n_rows, n)"},
     {"expf", py_expf, METH_VARARGS, "expf(x, out, n): ggml_v_expf"},

@@ -1,4 +1,4 @@
-"""The C twins of the step's small ops (cext/ops.c) against their
+"""The C twins of the step's small ops and float matmuls (cext/ops.c, floats.c) against their
 Numba versions, bit for bit, at every SIMD level this CPU runs: random rows with magnitudes
 from subnormal to near overflow, negative zero, infinities where the op meets them, widths
 that are not multiples of 8 (ggml's scalar tails). The Numba versions are held to numpy
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as T
 
 from offload import forward, predict
-from offload.kernels import cext, ggml_math, select_kernels
+from offload.kernels import NUMBA_KERNELS, cext, ggml_math, select_kernels
+from offload.kernels.formats import f32_to_bf16
 
 pytestmark = pytest.mark.skipif(not cext.selected(), reason="C extension (with its ops) not built")
 
@@ -153,11 +155,45 @@ def test_lookahead(n_targets, e, k, m):
         np.testing.assert_array_equal(bits(gf), bits(wf))
 
 
+def float_weights(t: T, n_rows: int, n_cols: int, seed: int) -> np.ndarray:
+    """Rows of t over many magnitudes (subnormal halves, -0.0, the largest half)."""
+    x = rows(n_rows, n_cols, seed, lo=-5, hi=4 if t == T.F16 else 30)
+    if t == T.F32:
+        return x.view(np.uint8)
+    if t == T.F16:
+        h = x.astype(np.float16)
+        h.reshape(-1)[:4] = [65504.0, -65504.0, 2.0**-24, -0.0]
+        return h.view(np.uint8)
+    return f32_to_bf16(x).view(np.uint8)
+
+
+@pytest.mark.parametrize("t", [T.F32, T.F16, T.BF16])
+@pytest.mark.parametrize("n_rows,n_cols", [(8, 64), (12, 256), (6, 40), (5, 100), (4, 8), (300, 512)])
+@pytest.mark.parametrize("n_tokens,vec_dot", [(1, False), (3, False), (3, True), (9, False)])
+def test_float_matmul(t, n_rows, n_cols, n_tokens, vec_dot, level):
+    """Every order (GEMM8 for batches when rows % 4 == 0 and n_cols % 8 == 0, else vec_dot) and
+    tail (n_cols % 32) of ggml's float dots; activations rounded to the weight type first."""
+    w = float_weights(t, n_rows, n_cols, seed=n_rows * n_cols + n_tokens)
+    x = rows(n_tokens, n_cols, seed=n_cols, lo=-3, hi=3)
+    from offload.kernels.dispatch import ACTIVATION_CONVERTERS
+
+    act = ACTIVATION_CONVERTERS[t.name](x)
+    want = np.full((n_tokens, n_rows), np.nan, np.float32)
+    NUMBA_KERNELS[t](w, act, want, vec_dot)
+    got = np.full((n_tokens, n_rows), np.nan, np.float32)
+    cext.c_float_kernel(t.name)(w, act, got, vec_dot)
+    np.testing.assert_array_equal(bits(got), bits(want))
+
+
 def test_selection_follows_select_kernels():
     """OFFLOAD_KERNELS=numba (select_kernels("numba")) puts every op on Numba; "c" back on C."""
+    from offload.kernels import KERNELS, kernels_in_use
+
     try:
         select_kernels("numba")
-        assert not cext.selected()
+        assert not cext.selected() and KERNELS[T.F32] is NUMBA_KERNELS[T.F32]
+        assert "C/" not in kernels_in_use()
     finally:
         select_kernels()
-    assert cext.selected()
+    assert cext.selected() and KERNELS[T.F32] is not NUMBA_KERNELS[T.F32]
+    assert "F32" in kernels_in_use().split(";")[0]

@@ -15,6 +15,8 @@ from typing import Callable
 
 import numpy as np
 
+from .numba_kernels import float_order
+
 try:
     from .. import _cext
 except ImportError:  # built without a compiler: Numba only
@@ -130,6 +132,21 @@ def lookahead(x: np.ndarray, w: np.ndarray, eps: float, n_targets: int, k: int, 
     """predict._lookahead_one's twin (same arguments)."""
     _cext.lookahead(x, x.shape[0], w, n_targets, w.shape[1] // max(n_targets, 1), eps, k, m, ratio, experts, counts,
                     conf)
+
+
+def c_float_kernel(fmt_name: str) -> Kernel | None:
+    """The C kernel for F32, F16 or BF16 weights (cext/floats.c), or None."""
+    if _cext is None or not hasattr(_cext, "matmul_float") or fmt_name not in ("F32", "F16", "BF16"):
+        return None
+    matmul_float, bf16 = _cext.matmul_float, fmt_name == "BF16"
+
+    def kernel(w: np.ndarray, act: tuple, out: np.ndarray, vec_dot: bool = False) -> None:
+        (x,) = act  # rounded to the weight type by the converter
+        order = float_order(x, out.shape[1], vec_dot, bf16)
+        matmul_float(fmt_name, w, x, out, out.shape[1], x.shape[1], out.shape[0], order)
+
+    kernel.__name__ = f"c_matmul_{fmt_name.lower()}"
+    return kernel
 
 
 def c_kernel(fmt_name: str) -> Kernel | None:

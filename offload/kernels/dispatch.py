@@ -8,8 +8,8 @@ steps are tables here, so a new format or a faster kernel is one entry:
 * `KERNELS[ggml_type](w.data, act, out, expert)`, filling out in place. `expert` says the
   matrix is a routed expert (ggml's mul_mat_id), whose float kernels sum in another order.
 
-Every format has a Numba kernel (`NUMBA_KERNELS`); the hottest ones also have C kernels
-(cext/, SIMD), which sum in the same order and so give the same bits. `select_kernels`
+Every format has a Numba kernel (`NUMBA_KERNELS`); most also have C kernels (cext/, SIMD),
+which sum in the same order and so give the same bits. `select_kernels`
 fills `KERNELS` with the C kernel where the extension was built, else the Numba one.
 
 One more rule of ggml's: a K-quant matmul of 8 or more tokens goes through its tiled GEMM,
@@ -55,6 +55,8 @@ NUMBA_KERNELS: dict[GGMLQuantizationType, Kernel] = {
     GGMLQuantizationType.Q4_0: nk.matmul_q4_0,
 }
 
+FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
 # The kernels `matmul` uses, per format: filled by select_kernels().
 KERNELS: dict[GGMLQuantizationType, Kernel] = {}
 TILED_KERNELS: dict[GGMLQuantizationType, Kernel] = {}  # K-quants with >= TILED_MIN_TOKENS tokens
@@ -87,6 +89,10 @@ def select_kernels(implementation: str | None = None) -> None:
                       "Numba kernels for every format", RuntimeWarning, stacklevel=2)
         return
     cext.select(True)
+    for t in FLOAT_TYPES:  # float weights: their own C call (not matmul_x's), outside C_FORMATS
+        kernel = cext.c_float_kernel(t.name)
+        if kernel is not None:
+            KERNELS[t] = kernel
     for t in NUMBA_KERNELS:
         kernel = cext.c_kernel(t.name)
         if kernel is not None:
@@ -110,8 +116,8 @@ def _numba_tiled(t: GGMLQuantizationType) -> Kernel:
 
 def kernels_in_use() -> str:
     """One line for users: which implementation serves which format."""
-    c = sorted(t.name for t in C_FORMATS)
-    numba = sorted(t.name for t in KERNELS if t not in C_FORMATS)
+    c = sorted(t.name for t in KERNELS if KERNELS[t] is not NUMBA_KERNELS.get(t))
+    numba = sorted(t.name for t in KERNELS if KERNELS[t] is NUMBA_KERNELS.get(t))
     parts = [f"C/{cext.isa()}: {' '.join(c)}"] if c else []
     return "; ".join(parts + [f"Numba: {' '.join(numba)}"])
 
@@ -248,5 +254,5 @@ def matmul_f32_arrays(w: np.ndarray, x: np.ndarray, src1_contiguous: bool = True
     w = np.ascontiguousarray(w, dtype=np.float32)
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
-    nk.matmul_f32(w, (x,), out, vec_dot=not src1_contiguous)
+    KERNELS[GGMLQuantizationType.F32](w.view(np.uint8), (x,), out, not src1_contiguous)
     return out
