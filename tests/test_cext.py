@@ -158,7 +158,7 @@ GROUPS = [("Q8_0",), ("Q4_0", "Q4_0", "Q4_0"), ("Q4_K", "Q6_K"), ("Q8_0", "Q4_K"
 def test_one_call_equals_two_steps(group, n_tokens, monkeypatch):
     """matmuls() through cext.matmul_x (one call: quantize once per activation type, run every
     matrix) gives the bits of the two-step path (Numba quantizer, a kernel call per matrix)."""
-    from offload.kernels import dispatch
+    from offload.kernels import dispatch, numba_kernels as nk
     from offload.kernels.formats import QMatrix
 
     if not set(group) <= set(cext.formats()):
@@ -176,6 +176,8 @@ def test_one_call_equals_two_steps(group, n_tokens, monkeypatch):
     # the group in one call unless a matrix goes to a tiled kernel, then each matrix alone that does not
     assert len(calls) == (0 if any(tiled) else 1) + tiled.count(False)
     monkeypatch.setattr(dispatch, "_ONE_CALL", False)
+    monkeypatch.setitem(dispatch.ACTIVATION_CONVERTERS, "Q8_0", nk.quantize_q8_0)  # the C path takes C ones
+    monkeypatch.setitem(dispatch.ACTIVATION_CONVERTERS, "Q8_K", nk.quantize_q8_k)
     want = dispatch.matmuls(tuple(ws), x)
     for g, o, w in zip(got, one, want):
         np.testing.assert_array_equal(bits(g), bits(w))

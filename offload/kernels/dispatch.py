@@ -9,8 +9,9 @@ steps are tables here, so a new format or a faster kernel is one entry:
   matrix is a routed expert (ggml's mul_mat_id), whose float kernels sum in another order.
 
 Every format has a Numba kernel (`NUMBA_KERNELS`); most also have C kernels (cext/, SIMD),
-which sum in the same order and so give the same bits. `select_kernels`
-fills `KERNELS` with the C kernel where the extension was built, else the Numba one.
+which sum in the same order and so give the same bits. `select_kernels` fills `KERNELS`
+with the C kernel where the extension was built, else the Numba one, and the Q8_0/Q8_K
+converters likewise: a run with the C kernels never loads Numba (see `jit`).
 
 One more rule of ggml's: a K-quant matmul of 8 or more tokens goes through its tiled GEMM,
 which rounds in another order (see `tiled`); `TILED_KERNELS` serve those calls.
@@ -39,12 +40,12 @@ Activations = tuple[np.ndarray, ...]
 Converter = Callable[[np.ndarray], Activations]
 Kernel = Callable[[np.ndarray, Activations, np.ndarray, bool], None]
 
+_NUMBA_QUANTIZERS: dict[str, Converter] = {"Q8_0": nk.quantize_q8_0, "Q8_K": nk.quantize_q8_k}
 ACTIVATION_CONVERTERS: dict[str, Converter] = {
     "F32": lambda x: (x,),
     "F16": lambda x: (round_f16(x),),
     "BF16": lambda x: (round_bf16(x),),
-    "Q8_0": nk.quantize_q8_0,
-    "Q8_K": nk.quantize_q8_k,
+    **_NUMBA_QUANTIZERS,  # or their C twins (select_kernels)
 }
 
 NUMBA_KERNELS: dict[GGMLQuantizationType, Kernel] = {
@@ -78,6 +79,7 @@ def select_kernels(implementation: str | None = None) -> None:
     TILED_KERNELS.clear()
     for t in TILED_TYPES:
         TILED_KERNELS[t] = _numba_tiled(t)
+    ACTIVATION_CONVERTERS.update(_NUMBA_QUANTIZERS)
     cext.select(False)
     C_FORMATS.clear()
     global _ONE_CALL
@@ -89,6 +91,7 @@ def select_kernels(implementation: str | None = None) -> None:
                       "Numba kernels for every format", RuntimeWarning, stacklevel=2)
         return
     cext.select(True)
+    ACTIVATION_CONVERTERS.update({kind: _c_quantizer(kind) for kind in _NUMBA_QUANTIZERS})
     for t in FLOAT_TYPES:  # float weights: their own C call (not matmul_x's), outside C_FORMATS
         kernel = cext.c_float_kernel(t.name)
         if kernel is not None:
@@ -103,6 +106,14 @@ def select_kernels(implementation: str | None = None) -> None:
         if kernel is not None:
             TILED_KERNELS[t] = kernel
     _ONE_CALL = cext.has_matmul_x() and os.environ.get("OFFLOAD_ONE_CALL", "1") != "0"
+
+
+def _c_quantizer(kind: str) -> Converter:
+    """cext.quantize behind the Numba quantizers' signature: (x, out=None) -> out."""
+    def convert(x: np.ndarray, out: tuple | None = None) -> Activations:
+        return cext.quantize(kind, x, out if out is not None else _ACT_LAYOUTS[kind](*x.shape))
+
+    return convert
 
 
 def _numba_tiled(t: GGMLQuantizationType) -> Kernel:
