@@ -150,7 +150,7 @@ def test_c_quantize_equals_numba(kind, n_cols):
 
 
 GROUPS = [("Q8_0",), ("Q4_0", "Q4_0", "Q4_0"), ("Q4_K", "Q6_K"), ("Q8_0", "Q4_K", "Q6_K"), ("Q2_K", "Q3_K", "Q5_K"),
-          ("MXFP4", "Q8_0")]
+          ("MXFP4", "Q8_0"), ("Q5_0", "Q4_K")]
 
 
 @pytest.mark.parametrize("group", GROUPS, ids="+".join)
