@@ -46,6 +46,14 @@ BF16_TO_F32 = _readonly((np.arange(1 << 16, dtype=np.uint32) << 16).view(np.floa
 
 # -- activation conversion --------------------------------------------------------------
 
+@njit(inline="always")
+def _to_int8(v):
+    """float -> int8 as the C twins' to_int8 (cext/quantize.c): in range, truncation; NaN and
+    infinities (from a block whose largest value is below ~4e-37) give 0. A bare np.int8(v)
+    is LLVM's fptosi, undefined out of range: vectorized, it gives -128 instead."""
+    return np.int8(v) if v >= np.float32(-128.0) and v <= np.float32(127.0) else np.int8(0)
+
+
 @njit(cache=True, nogil=True)
 def _quantize_q8_0(x, qs, d):
     """Fill qs (n, k) int8 and d (n, k/32) float32 (scale before fp16 rounding) from x,
@@ -62,7 +70,7 @@ def _quantize_q8_0(x, qs, d):
             d[t, b] = round_f16(amax / np.float32(127.0))  # stored as fp16
             inv = np.float32(127.0) / amax if amax != np.float32(0.0) else np.float32(0.0)
             for j in range(QK):
-                qs[t, base + j] = np.int8(np.rint(x[t, base + j] * inv))
+                qs[t, base + j] = _to_int8(np.rint(x[t, base + j] * inv))
 
 
 def quantize_q8_0(x: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +106,7 @@ def _quantize_q8_k(x, qs, d, bsums):
             iscale = np.float32(-127.0) / vmax
             for j in range(256):
                 q = np.rint(iscale * x[t, base + j])
-                qs[t, base + j] = np.int8(min(q, 127.0))
+                qs[t, base + j] = _to_int8(min(q, 127.0))
             for g in range(16):
                 s = 0
                 for j in range(16):
