@@ -108,6 +108,14 @@ def select_kernels(implementation: str | None = None) -> None:
     _ONE_CALL = cext.has_matmul_x() and os.environ.get("OFFLOAD_ONE_CALL", "1") != "0"
 
 
+def uses_numba(ggml_types) -> bool:
+    """Whether weights of these types run any Numba kernel (which loads Numba): every type
+    without the C kernels, else those whose format has no C kernel (Q4_1, Q5_1)."""
+    if not cext.selected():
+        return True
+    return any(t in KERNELS and KERNELS[t] is NUMBA_KERNELS.get(t) for t in ggml_types)
+
+
 def _c_quantizer(kind: str) -> Converter:
     """cext.quantize behind the Numba quantizers' signature: (x, out=None) -> out."""
     def convert(x: np.ndarray, out: tuple | None = None) -> Activations:
