@@ -125,7 +125,7 @@ class _NoKernels:
         self._real = real
 
     def __getattr__(self, name):
-        if name in ("matmul", "matmul_x", "matmul_tiled", "attention", "silu_mul"):
+        if name in ("matmul", "matmul_x", "matmul_tiled", "matmul_float", "attention", "silu_mul"):
             return lambda *args: None
         return getattr(self._real, name)
 

@@ -6,7 +6,8 @@ the same ggml order as the Numba ones, so either gives the same bits.
 
 The step's small ops (RMS norm, softmax, SiLU, RoPE, top-k routing, the lookahead
 predictor) have C twins too: `selected()` says whether this run uses them, which is when it
-uses the C matmuls (`dispatch.select_kernels`). Then Numba is never imported.
+uses the C matmuls (`dispatch.select_kernels`). Then Numba is never imported, unless the
+model has a format without a C kernel (Q4_1, Q5_1).
 """
 
 from __future__ import annotations

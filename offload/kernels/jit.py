@@ -1,13 +1,14 @@
 """Numba, loaded on first use.
 
 The C kernels (cext/) serve a whole run when the extension is built; importing Numba then
-would only cost its LLVM (about 50 MiB of RSS and 0.2-0.4 s per process, more on the first
-run after an install, which compiles). So the Numba kernels are declared with this module's
-`njit`, `intrinsic` and `prange`, which record the function and do nothing else until one of
-them is first called (the Numba fallback: OFFLOAD_KERNELS=numba, or no C compiler at
-install). That call imports Numba, makes every recorded function a Numba dispatcher and puts
-the dispatcher where the placeholder was (compilation itself stays lazy, per function, as
-Numba's always is), so jitted code calling other jitted code finds real dispatchers.
+would only cost memory and time (about 110 MiB of RSS with its LLVM and a few tenths of a
+second per process, more on the first run after an install, which compiles). So the Numba
+kernels are declared with this module's `njit`, `intrinsic` and `prange`, which record the
+function and do nothing else until one of them is first called (the Numba fallback:
+OFFLOAD_KERNELS=numba, no C compiler at install, a format without a C kernel). That call
+imports Numba, makes every recorded function a Numba dispatcher and puts the dispatcher
+where the placeholder was (compilation itself stays lazy, per function, as Numba's always
+is), so jitted code calling other jitted code finds real dispatchers.
 """
 
 from __future__ import annotations
