@@ -88,6 +88,15 @@ static inline TARGET_AVX2 float hsum_float_8(__m256 x) {
     res = _mm_add_ss(res, _mm_movehdup_ps(res));
     return _mm_cvtss_f32(res);
 }
+
+/* sum of four consecutive int8 x int8 products per int32 lane, as float (ggml's
+ * mul_sum_i8_pairs_float): maddubs needs an unsigned left side, so move x's signs onto y. */
+static inline TARGET_AVX2 __m256 mul_sum_i8_pairs_float(__m256i x, __m256i y) {
+    const __m256i ax = _mm256_sign_epi8(x, x);
+    const __m256i sy = _mm256_sign_epi8(y, x);
+    const __m256i dot = _mm256_maddubs_epi16(ax, sy);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot));
+}
 #endif
 
 #endif

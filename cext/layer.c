@@ -5,7 +5,7 @@
  * biases, q/k norms, two RoPE calls, the cache writes, attention, the output matmul, the
  * residual add) costs as much as the steps. Here they run back to back in C, each as
  * offload computes it step by step (ggml_math, dispatch, attention), so the bits are the
- * same:
+ * same (the small ops are ops.c's, the twins of ggml_math's):
  *
  *   rms_norm     squares summed in double in order; scale = 1 / sqrtf(float(sum / n) + eps)
  *   q, k, v      the activations quantized once per kind, the row dots (run_matmul)
@@ -21,27 +21,8 @@
 #include <stdlib.h>
 
 #include "attention.h"
+#include "ops.h"
 #include "quantize.h"
-
-void rms_norm_row(const float *x, const float *weight, float eps, float *out, int n) {
-    double total = 0.0;
-    for (int i = 0; i < n; i++) total += (double)(x[i] * x[i]);
-    const float scale = 1.0f / sqrtf((float)(total / n) + eps);
-    for (int i = 0; i < n; i++) out[i] = (x[i] * scale) * weight[i];
-}
-
-void rope_row(float *x, const float *cos, const float *sin, int n_heads, int head_dim, int rope_dim, int neox) {
-    const int half = rope_dim / 2;
-    for (int h = 0; h < n_heads; h++) {
-        float *xh = x + (size_t)h * head_dim;
-        for (int i = 0; i < half; i++) {
-            const int ia = neox ? i : 2 * i, ib = neox ? i + half : 2 * i + 1;
-            const float a = xh[ia], b = xh[ib], c = cos[i], s = sin[i];
-            xh[ia] = fmaf(a, c, -(b * s));
-            xh[ib] = fmaf(a, s, b * c);
-        }
-    }
-}
 
 /* out = m . x for one token: x quantized for m's kind into `act` (a buffer of n_cols int8,
  * n_cols/32 floats, n_cols/16 int16), then the row dots. */
@@ -75,7 +56,7 @@ int attention_token(const attention_block *b, float *x, float *scratch, int use_
     act.bsums = (int16_t *)(act.d[1] + widest / 32);
     act.done[0] = act.done[1] = NULL;
 
-    rms_norm_row(x, b->norm, b->eps, h, n_embd);
+    rms_norm_rows(x, b->norm, b->eps, h, 1, n_embd);
     matvec(&b->wq, h, n_embd, q, &act);
     matvec(&b->wk, h, n_embd, k, &act);
     matvec(&b->wv, h, n_embd, v, &act);
@@ -83,14 +64,14 @@ int attention_token(const attention_block *b, float *x, float *scratch, int use_
     add_bias(k, b->bk, kv_dim);
     add_bias(v, b->bv, kv_dim);
     if (b->qk_norm == QK_NORM_FULL) {
-        rms_norm_row(q, b->q_norm, b->eps, q, q_dim);
-        rms_norm_row(k, b->k_norm, b->eps, k, kv_dim);
+        rms_norm_rows(q, b->q_norm, b->eps, q, 1, q_dim);
+        rms_norm_rows(k, b->k_norm, b->eps, k, 1, kv_dim);
     } else if (b->qk_norm == QK_NORM_HEAD) {
-        for (int i = 0; i < b->n_head; i++) rms_norm_row(q + i * hd, b->q_norm, b->eps, q + i * hd, hd);
-        for (int i = 0; i < b->n_head_kv; i++) rms_norm_row(k + i * hd, b->k_norm, b->eps, k + i * hd, hd);
+        rms_norm_rows(q, b->q_norm, b->eps, q, b->n_head, hd);
+        rms_norm_rows(k, b->k_norm, b->eps, k, b->n_head_kv, hd);
     }
-    rope_row(q, b->cos, b->sin, b->n_head, hd, b->rope_dim, b->neox);
-    rope_row(k, b->cos, b->sin, b->n_head_kv, hd, b->rope_dim, b->neox);
+    rope_rows(q, b->cos, b->sin, 1, b->n_head, hd, b->rope_dim, b->neox, use_avx2);
+    rope_rows(k, b->cos, b->sin, 1, b->n_head_kv, hd, b->rope_dim, b->neox, use_avx2);
     float *k_row = b->k_cache + (size_t)b->pos * kv_dim, *v_row = b->v_cache + (size_t)b->pos * kv_dim;
     for (int i = 0; i < kv_dim; i++) k_row[i] = k[i], v_row[i] = v[i];
 

@@ -40,8 +40,4 @@ typedef struct {
 int attention_token(const attention_block *b, float *x, float *scratch, int use_avx2);
 size_t attention_token_scratch_bytes(int n_embd, int n_head, int n_head_kv, int head_dim);
 
-/* ggml_rms_norm then the weight (out may be x), and RoPE of n_heads heads in place. */
-void rms_norm_row(const float *x, const float *weight, float eps, float *out, int n);
-void rope_row(float *x, const float *cos, const float *sin, int n_heads, int head_dim, int rope_dim, int neox);
-
 #endif

@@ -5,9 +5,6 @@
  *       out preallocated float32 (n_tokens, n_rows); bsums None unless fmt dots with Q8_K.
  *   matmul_tiled(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)
  *       the same for Q2_K..Q6_K in the order of ggml's tiled GEMM (8+ tokens, see tiled.c)
- *   matmul_float(fmt, w, x, out, n_rows, n_cols, n_tokens, mode)
- *       F32 or F16 weights, float32 activations (F16-rounded for F16), in ggml's order `mode`
- *       (0: tinyBLAS's 8 lanes, 1: vec_dot's 4 x 8 lanes; float_dot.c)
  *   matmul_x(x, n_tokens, n_cols, specs)
  *       x float32 (n_tokens, n_cols), specs a tuple of (fmt, w, out, n_rows): quantizes x once
  *       per activation type (as ggml converts it) and runs each matmul (the row-dot kernels,
@@ -36,6 +33,14 @@
  *   formats() -> {name: (vec_dot_type, [isa, ...])}
  *   isa() / set_isa(name)   the SIMD level in use ("avx512", "avx2" or "portable")
  *   set_num_threads(n)
+ *   matmul_float(fmt, w, x, out, n_rows, n_cols, n_tokens, order)
+ *       F32/F16/BF16 weights (floats.c) in one of ggml's float orders (0 GEMM8, 1 VECDOT,
+ *       2 VECDOT_BF16), x float32 already rounded to the weight type
+ *   rms_norm(x, w, eps, out, n_rows, n) / softmax(x, out, n_rows, n) / expf(x, out, n) /
+ *   silu(x, out, n_rows, n) / rope(x, cos, sin, n_tokens, n_heads, head_dim, rope_dim, neox) /
+ *   top_k(probs, n_rows, n, k, normalize, chosen, weights) /
+ *   lookahead(x, n, w, n_targets, e, eps, k, m, ratio, experts, counts, conf)
+ *       the step's small ops in ggml's order (ops.c), twins of the Numba ones
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -44,10 +49,11 @@
 #include <stdlib.h>
 
 #include "attention.h"
-#include "float_dot.h"
+#include "floats.h"
 #include "kernels.h"
 #include "layer.h"
 #include "moe.h"
+#include "ops.h"
 #include "quantize.h"
 #include "swiglu.h"
 #include "tiled.h"
@@ -156,36 +162,6 @@ done:
     PyBuffer_Release(&xq);
     PyBuffer_Release(&xd);
     if (bs.obj) PyBuffer_Release(&bs);
-    PyBuffer_Release(&out);
-    return result;
-}
-
-static PyObject *py_matmul_float(PyObject *self, PyObject *args) {
-    const char *name;
-    Py_buffer w = {0}, x = {0}, out = {0};
-    Py_ssize_t n_rows, n_cols, n_tokens;
-    int mode;
-    if (!PyArg_ParseTuple(args, "sy*y*w*nnni", &name, &w, &x, &out, &n_rows, &n_cols, &n_tokens, &mode)) return NULL;
-    PyObject *result = NULL;
-    const int f16 = strcmp(name, "F16") == 0;
-    if (!f16 && strcmp(name, "F32") != 0) {
-        PyErr_Format(PyExc_ValueError, "matmul_float: no C kernel for %s", name);
-        goto done;
-    }
-    if (n_rows < 0 || n_tokens < 0 || n_cols <= 0 || n_cols > INT32_MAX || (mode != FLOAT_VECDOT && mode != FLOAT_GEMM8) ||
-        (mode == FLOAT_GEMM8 && n_cols % 8) || w.len < n_rows * n_cols * (f16 ? 2 : 4) ||
-        x.len < n_tokens * n_cols * 4 || out.len < n_rows * n_tokens * 4) {
-        PyErr_Format(PyExc_ValueError, "%s matmul_float: bad shape or buffer (rows=%zd cols=%zd tokens=%zd mode=%d)", name,
-                     n_rows, n_cols, n_tokens, mode);
-        goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    matmul_float(w.buf, f16, x.buf, out.buf, n_rows, (int)n_cols, n_tokens, mode, isa >= ISA_AVX2);
-    Py_END_ALLOW_THREADS
-    result = Py_NewRef(Py_None);
-done:
-    PyBuffer_Release(&w);
-    PyBuffer_Release(&x);
     PyBuffer_Release(&out);
     return result;
 }
@@ -734,6 +710,189 @@ static PyObject *py_set_num_threads(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* -- float matmuls and the small ops (floats.c, ops.c): arguments checked, GIL released -- */
+
+static PyObject *py_matmul_float(PyObject *self, PyObject *args) {
+    const char *name;
+    Py_buffer w = {0}, x = {0}, out = {0};
+    Py_ssize_t n_rows, n_cols, n_tokens;
+    int order;
+    if (!PyArg_ParseTuple(args, "sy*y*w*nnni", &name, &w, &x, &out, &n_rows, &n_cols, &n_tokens, &order)) return NULL;
+    PyObject *result = NULL;
+    const int type = !strcmp(name, "F32") ? FLOAT_F32 : !strcmp(name, "F16") ? FLOAT_F16 : !strcmp(name, "BF16") ? FLOAT_BF16 : -1;
+    const Py_ssize_t row_bytes = n_cols * (type == FLOAT_F32 ? 4 : 2);
+    if (type < 0 || order < ORDER_GEMM8 || order > ORDER_VECDOT_BF16 || n_rows < 0 || n_tokens < 0 || n_cols <= 0 ||
+        n_cols > INT32_MAX || w.len < n_rows * row_bytes || x.len < n_tokens * n_cols * 4 ||
+        out.len < n_rows * n_tokens * 4) {
+        PyErr_Format(PyExc_ValueError, "matmul_float %s: bad call (order %d, rows=%zd cols=%zd tokens=%zd)", name, order,
+                     n_rows, n_cols, n_tokens);
+        goto done;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = matmul_float(type, w.buf, x.buf, out.buf, n_rows, (int)n_cols, n_tokens, order, isa >= ISA_AVX2,
+                      (size_t)n_rows * (size_t)row_bytes * (size_t)n_tokens >= PARALLEL_BYTES);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) PyErr_NoMemory();
+    else result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* (n_rows, n) float32 buffers: each at least that long, n in int range. */
+static int rows_fit(const char *op, Py_ssize_t n_rows, Py_ssize_t n, const Py_buffer *a, const Py_buffer *b) {
+    if (n_rows >= 0 && n >= 0 && n <= INT32_MAX && a->len >= n_rows * n * 4 && b->len >= n_rows * n * 4) return 1;
+    PyErr_Format(PyExc_ValueError, "%s: a buffer is smaller than (%zd, %zd) float32", op, n_rows, n);
+    return 0;
+}
+
+static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
+    Py_buffer x = {0}, w = {0}, out = {0};
+    float eps;
+    Py_ssize_t n_rows, n;
+    if (!PyArg_ParseTuple(args, "y*y*fw*nn", &x, &w, &eps, &out, &n_rows, &n)) return NULL;
+    PyObject *result = NULL;
+    if (!rows_fit("rms_norm", n_rows, n, &x, &out)) goto done;
+    if (w.len < n * 4) {
+        PyErr_SetString(PyExc_ValueError, "rms_norm: the weight is shorter than a row");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rms_norm_rows(x.buf, w.buf, eps, out.buf, n_rows, (int)n);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* softmax and silu: (x, out, n_rows, n) */
+static PyObject *row_op(PyObject *args, const char *op, void (*fn)(const float *, float *, ptrdiff_t, int, int)) {
+    Py_buffer x = {0}, out = {0};
+    Py_ssize_t n_rows, n;
+    if (!PyArg_ParseTuple(args, "y*w*nn", &x, &out, &n_rows, &n)) return NULL;
+    PyObject *result = NULL;
+    if (!rows_fit(op, n_rows, n, &x, &out)) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    fn(x.buf, out.buf, n_rows, (int)n, isa >= ISA_AVX2);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *py_softmax(PyObject *self, PyObject *args) { return row_op(args, "softmax", softmax_rows); }
+
+static PyObject *py_silu(PyObject *self, PyObject *args) { return row_op(args, "silu", silu_rows); }
+
+static PyObject *py_expf(PyObject *self, PyObject *args) {
+    Py_buffer x = {0}, out = {0};
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "y*w*n", &x, &out, &n)) return NULL;
+    PyObject *result = NULL;
+    if (n < 0 || x.len < n * 4 || out.len < n * 4) {
+        PyErr_SetString(PyExc_ValueError, "expf: a buffer is shorter than n float32");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    expf_ggml_array(x.buf, out.buf, n, isa >= ISA_AVX2);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *py_rope(PyObject *self, PyObject *args) {
+    Py_buffer x = {0}, c = {0}, s = {0};
+    Py_ssize_t n_tokens;
+    int n_heads, head_dim, rope_dim, neox;
+    if (!PyArg_ParseTuple(args, "w*y*y*niiip", &x, &c, &s, &n_tokens, &n_heads, &head_dim, &rope_dim, &neox))
+        return NULL;
+    PyObject *result = NULL;
+    const Py_ssize_t table = n_tokens * (rope_dim / 2) * 4;
+    if (n_tokens < 0 || n_heads < 0 || rope_dim < 0 || rope_dim % 2 || rope_dim > head_dim ||
+        x.len < n_tokens * n_heads * head_dim * 4 || c.len < table || s.len < table) {
+        PyErr_SetString(PyExc_ValueError, "rope: bad shape or a buffer smaller than it says");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rope_rows(x.buf, c.buf, s.buf, n_tokens, n_heads, head_dim, rope_dim, neox, isa >= ISA_AVX2);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&c);
+    PyBuffer_Release(&s);
+    return result;
+}
+
+static PyObject *py_top_k(PyObject *self, PyObject *args) {
+    Py_buffer p = {0}, chosen = {0}, weights = {0};
+    Py_ssize_t n_rows;
+    int n, k, normalize;
+    if (!PyArg_ParseTuple(args, "y*niipw*w*", &p, &n_rows, &n, &k, &normalize, &chosen, &weights)) return NULL;
+    PyObject *result = NULL;
+    if (n_rows < 0 || k < 0 || k > n || p.len < n_rows * n * 4 || chosen.len < n_rows * k * 8 ||
+        weights.len < n_rows * k * 4) {
+        PyErr_Format(PyExc_ValueError, "top_k: bad shape (rows=%zd n=%d k=%d) or a buffer smaller than it says", n_rows,
+                     n, k);
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    top_k_rows(p.buf, n_rows, n, k, normalize, chosen.buf, weights.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&p);
+    PyBuffer_Release(&chosen);
+    PyBuffer_Release(&weights);
+    return result;
+}
+
+static PyObject *py_lookahead(PyObject *self, PyObject *args) {
+    Py_buffer x = {0}, w = {0}, experts = {0}, counts = {0}, conf = {0};
+    int n, n_targets, e, k, m;
+    double eps;
+    float ratio;
+    if (!PyArg_ParseTuple(args, "y*iy*iidiifw*w*w*", &x, &n, &w, &n_targets, &e, &eps, &k, &m, &ratio, &experts,
+                          &counts, &conf))
+        return NULL;
+    PyObject *result = NULL;
+    float *logits = NULL;
+    const Py_ssize_t n_out = (Py_ssize_t)n_targets * e;
+    if (n <= 0 || n_targets < 0 || e <= 0 || k < 0 || m < 0 || k + m > e || x.len < (Py_ssize_t)n * 4 ||
+        w.len < n * n_out * 4 || experts.len < n_targets * (k + m) * 8 || counts.len < n_targets * 8 ||
+        conf.len < n_targets * 4) {
+        PyErr_SetString(PyExc_ValueError, "lookahead: bad shape or a buffer smaller than it says");
+        goto done;
+    }
+    if (!(logits = malloc((size_t)(n_out ? n_out : 1) * sizeof(float)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    lookahead_one(x.buf, n, w.buf, n_targets, e, eps, k, m, ratio, logits, experts.buf, counts.buf, conf.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    free(logits);
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&experts);
+    PyBuffer_Release(&counts);
+    PyBuffer_Release(&conf);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "matmul(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)"},
     {"moe_ffn", py_moe_ffn, METH_VARARGS, "moe_ffn(x, out, shared_out, workspace, n_embd, n_routed, jobs, weights)"},
@@ -743,7 +902,6 @@ static PyMethodDef methods[] = {
      "attention_token_scratch_bytes(n_embd, n_head, n_head_kv, head_dim)"},
     {"moe_batch", py_moe_batch, METH_VARARGS, "moe_batch(x, per_slot, weights, n_tokens, n_embd, k, jobs, counts, pairs)"},
     {"moe_workspace_bytes", py_moe_workspace_bytes, METH_VARARGS, "moe_workspace_bytes(n_embd, (n_ff, ...))"},
-    {"matmul_float", py_matmul_float, METH_VARARGS, "matmul_float(fmt, w, x, out, n_rows, n_cols, n_tokens, mode)"},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(x, g, out, n_rows, n)"},
     {"matmul_x", py_matmul_x, METH_VARARGS, "matmul_x(x, n_tokens, n_cols, ((fmt, w, out, n_rows), ...))"},
     {"quantize", py_quantize, METH_VARARGS, "quantize(kind, x, qs, d, bsums, n_tokens, n_cols)"},
@@ -755,6 +913,14 @@ static PyMethodDef methods[] = {
     {"best_isa", py_best_isa, METH_NOARGS, "best SIMD level this CPU supports"},
     {"set_isa", py_set_isa, METH_VARARGS, "use a lower SIMD level (tests)"},
     {"set_num_threads", py_set_num_threads, METH_VARARGS, "threads for the row loop"},
+    {"matmul_float", py_matmul_float, METH_VARARGS, "matmul_float(fmt, w, x, out, n_rows, n_cols, n_tokens, order)"},
+    {"rms_norm", py_rms_norm, METH_VARARGS, "rms_norm(x, w, eps, out, n_rows, n)"},
+    {"softmax", py_softmax, METH_VARARGS, "softmax(x, out, n_rows, n)"},
+    {"expf", py_expf, METH_VARARGS, "expf(x, out, n): ggml_v_expf"},
+    {"silu", py_silu, METH_VARARGS, "silu(x, out, n_rows, n)"},
+    {"rope", py_rope, METH_VARARGS, "rope(x, cos, sin, n_tokens, n_heads, head_dim, rope_dim, neox)"},
+    {"top_k", py_top_k, METH_VARARGS, "top_k(probs, n_rows, n, k, normalize, chosen, weights)"},
+    {"lookahead", py_lookahead, METH_VARARGS, "lookahead(x, n, w, n_targets, e, eps, k, m, ratio, experts, counts, conf)"},
     {NULL, NULL, 0, NULL},
 };
 

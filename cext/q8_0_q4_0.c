@@ -48,15 +48,6 @@ static float dot_q4_0_portable(const uint8_t *w, const act_row *x, int n_cols) {
 }
 
 #ifdef OFFLOAD_X86
-/* sum of four consecutive int8 x int8 products per int32 lane, as float (ggml's
- * mul_sum_i8_pairs_float): maddubs needs an unsigned left side, so move x's signs onto y. */
-static inline TARGET_AVX2 __m256 mul_sum_i8_pairs_float(__m256i x, __m256i y) {
-    const __m256i ax = _mm256_sign_epi8(x, x);
-    const __m256i sy = _mm256_sign_epi8(y, x);
-    const __m256i dot = _mm256_maddubs_epi16(ax, sy);
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot));
-}
-
 static TARGET_AVX2 float dot_q8_0_avx2(const uint8_t *w, const act_row *x, int n_cols) {
     __m256 acc = _mm256_setzero_ps();
     for (int b = 0; b < n_cols / QK; b++) {

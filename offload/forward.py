@@ -17,14 +17,13 @@ routing is discontinuous: a small drift in activations flips expert choices.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from .arch import ModelArgs
 from .errors import ContextOverflowError
-from .kernels import ggml_math, matmul, matmuls
+from .kernels import block, cext, ggml_math, matmul, matmuls
 from .kernels.attention import attention
 from .kernels.ggml_math import apply_rope, rms_norm
-from .kernels import block, cext
+from .kernels.jit import njit
 from .kernels.moe import can_fuse, moe_batch, moe_ffn, types_fuse
 from .weights import FFN, Attention, ExpertStore, MoE, Weights
 
@@ -52,14 +51,15 @@ def route(router_logits: np.ndarray, k: int, kind: str) -> tuple[np.ndarray, np.
     probs = ggml_math.softmax(router_logits)
     chosen = np.empty((len(probs), k), dtype=np.int64)
     weights = np.empty((len(probs), k), dtype=np.float32)
-    _top_k(probs, k, kind == "softmax_topk_norm", chosen, weights)
+    (cext.top_k if cext.selected() else _top_k)(probs, k, kind == "softmax_topk_norm", chosen, weights)
     return chosen, weights
 
 
 @njit(cache=True, nogil=True)
 def _top_k(probs, k, normalize, chosen, weights):
     """The k largest of each row, largest first, ties to the lower index (ggml_argsort_top_k's
-    order, as a stable argsort of -probs); normalized as ggml_sum_rows does, summed in double."""
+    order, as a stable argsort of -probs); normalized as ggml_sum_rows does, summed in double.
+    (C twin: cext.top_k.)"""
     for r in range(probs.shape[0]):
         for j in range(k):
             best = -1

@@ -111,7 +111,7 @@ class Model:
             else:
                 budget, source = parse_budget(memory_budget), "given"
             plan = make_plan(gguf, args, n_ctx, budget, source, o_direct=o_direct, scope=cache_scope,
-                             prefetch_slots=prefetch_slots)
+                             prefetch_slots=prefetch_slots, gpu=_gpu_wanted(vram_budget))
             plan.check()
             weights = load_weights(gguf, args)
             if not plan.pools or (memory_budget is None and plan.all_resident and not o_direct):
@@ -431,17 +431,27 @@ class Model:
         self.close()
 
 
+def _gpu_wanted(vram_budget) -> bool:
+    """Whether the GPU tier will be tried: asked for, or by default with an NVIDIA GPU present
+    (and $OFFLOAD_VRAM_BUDGET not "off")."""
+    from . import gpu
+
+    if vram_budget is None:
+        return os.environ.get(gpu.DEFAULT_ENV, "auto").strip().lower() not in gpu.OFF and gpu.gpu_present()
+    return str(vram_budget).strip().lower() not in gpu.OFF
+
+
 def _attach_gpu(transformer, weights, experts, gguf, args, vram_budget, gpu_options) -> None:
     """The GPU tier: as asked (`vram_budget` a size or share), or by default ("auto", or
     $OFFLOAD_VRAM_BUDGET) when an NVIDIA GPU is present, falling back to the CPU with a
     warning if it cannot be used."""
     from . import gpu
 
+    if not _gpu_wanted(vram_budget):
+        return
     implicit = vram_budget is None
     if implicit:
         vram_budget = os.environ.get(gpu.DEFAULT_ENV, "auto")
-    if str(vram_budget).strip().lower() in gpu.OFF or (implicit and not gpu.gpu_present()):
-        return
     from .weights import expert_layouts
 
     try:
@@ -478,12 +488,10 @@ def _peak_rss() -> int:
 
 def set_threads(n: int) -> None:
     """Threads for every kernel, Numba's and the C extension's (OpenMP)."""
-    import numba
+    from .kernels import cext, jit
 
-    from .kernels import cext
-
-    available = numba.config.NUMBA_NUM_THREADS
+    available = jit.max_threads()
     if not 1 <= n <= available:
         raise OffloadError(f"thread count {n} is outside 1..{available}")
-    numba.set_num_threads(n)
+    jit.set_num_threads(n)
     cext.set_num_threads(n)

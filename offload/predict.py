@@ -28,9 +28,9 @@ from __future__ import annotations
 from typing import Iterable, NamedTuple, Protocol
 
 import numpy as np
-from numba import njit
 
-from .kernels import dequantize_rows
+from .kernels import cext, dequantize_rows
+from .kernels.jit import njit
 
 
 class Prediction(NamedTuple):
@@ -102,7 +102,8 @@ def _select_rows(targets: list[int], probs: np.ndarray, k: int, margin: int, mar
 def _lookahead_one(x, w, eps, n_targets, k, m, ratio, experts, counts, conf):
     """One token's lookahead for every target in one pass: rms scale, the folded routers
     (w: n_embd x n_targets*E), softmax per target, top-k, then up to m extras while their
-    probability is >= ratio x the k-th one. Fills experts (T, k+m), counts (T,), conf (T,)."""
+    probability is >= ratio x the k-th one. Fills experts (T, k+m), counts (T,), conf (T,).
+    (C twin: cext.lookahead, used with the C kernels.)"""
     n = x.shape[0]
     n_out = w.shape[1]
     e = n_out // n_targets
@@ -213,8 +214,9 @@ class LookaheadPredictor(_Scoring):
         experts = np.empty((len(targets), k + m), dtype=np.int64)
         counts = np.empty(len(targets), dtype=np.int64)
         conf = np.empty(len(targets), dtype=np.float32)
-        _lookahead_one(np.ascontiguousarray(x[0], dtype=np.float32), w, float(self.eps), len(targets), k, m,
-                       np.float32(self.margin_ratio), experts, counts, conf)
+        lookahead = cext.lookahead if cext.selected() else _lookahead_one
+        lookahead(np.ascontiguousarray(x[0], dtype=np.float32), w, float(self.eps), len(targets), k, m,
+                  np.float32(self.margin_ratio), experts, counts, conf)
         return [Prediction(t, experts[j, : counts[j]], float(conf[j])) for j, t in enumerate(targets)]
 
     def _folded(self, targets: list[int]) -> np.ndarray:

@@ -150,7 +150,7 @@ def test_c_quantize_equals_numba(kind, n_cols):
 
 
 GROUPS = [("Q8_0",), ("Q4_0", "Q4_0", "Q4_0"), ("Q4_K", "Q6_K"), ("Q8_0", "Q4_K", "Q6_K"), ("Q2_K", "Q3_K", "Q5_K"),
-          ("MXFP4", "Q8_0")]
+          ("MXFP4", "Q8_0"), ("Q5_0", "Q4_K")]
 
 
 @pytest.mark.parametrize("group", GROUPS, ids="+".join)
@@ -158,7 +158,7 @@ GROUPS = [("Q8_0",), ("Q4_0", "Q4_0", "Q4_0"), ("Q4_K", "Q6_K"), ("Q8_0", "Q4_K"
 def test_one_call_equals_two_steps(group, n_tokens, monkeypatch):
     """matmuls() through cext.matmul_x (one call: quantize once per activation type, run every
     matrix) gives the bits of the two-step path (Numba quantizer, a kernel call per matrix)."""
-    from offload.kernels import dispatch
+    from offload.kernels import dispatch, numba_kernels as nk
     from offload.kernels.formats import QMatrix
 
     if not set(group) <= set(cext.formats()):
@@ -176,6 +176,8 @@ def test_one_call_equals_two_steps(group, n_tokens, monkeypatch):
     # the group in one call unless a matrix goes to a tiled kernel, then each matrix alone that does not
     assert len(calls) == (0 if any(tiled) else 1) + tiled.count(False)
     monkeypatch.setattr(dispatch, "_ONE_CALL", False)
+    monkeypatch.setitem(dispatch.ACTIVATION_CONVERTERS, "Q8_0", nk.quantize_q8_0)  # the C path takes C ones
+    monkeypatch.setitem(dispatch.ACTIVATION_CONVERTERS, "Q8_K", nk.quantize_q8_k)
     want = dispatch.matmuls(tuple(ws), x)
     for g, o, w in zip(got, one, want):
         np.testing.assert_array_equal(bits(g), bits(w))
@@ -218,38 +220,3 @@ def test_c_silu_mul_equals_numba(level, n, isa_level):
     with pytest.raises(ValueError, match="smaller"):
         cext.silu_mul(x, g[:2], got, 4, n)
 
-
-# -- float weights (routers stay F32 in quantized files) ----------------------------------
-
-@pytest.mark.parametrize("t", [T.F32, T.F16])
-@pytest.mark.parametrize("n_cols", [8, 64, 200, 1000, 1024])
-@pytest.mark.parametrize("level", cext.levels())
-def test_float_kernels_equal_numba_in_both_orders(t, n_cols, level, isa_level):
-    from offload.kernels import numba_kernels as nk
-
-    cext.set_isa(level)
-    kernel = cext.c_float_kernel(t.name, nk._float_mode)
-    rng = np.random.default_rng(n_cols)
-    n_rows = 68
-    values = (rng.standard_normal((n_rows, n_cols)) * np.exp(rng.uniform(-8, 8, size=(n_rows, 1)))).astype(np.float32)
-    values[3] = 0.0
-    w = values.astype(np.float16) if t == T.F16 else values
-    raw = np.ascontiguousarray(w).view(np.uint8).reshape(n_rows, -1)
-    for n_tokens in (1, 2, 9):
-        x = ACTIVATION_CONVERTERS[FORMATS[t].vec_dot_type](tokens(n_tokens, n_cols, seed=n_tokens))
-        for vec_dot in (False, True):  # a dense matmul's order, an expert's (mul_mat_id)
-            want = np.full((n_tokens, n_rows), np.nan, np.float32)
-            got = want.copy()
-            NUMBA_KERNELS[t](raw, x, want, vec_dot)
-            kernel(raw, x, got, vec_dot)
-            np.testing.assert_array_equal(bits(got), bits(want), err_msg=f"{n_tokens} tokens, vec_dot={vec_dot}")
-
-
-def test_float_kernels_serve_f32_and_f16_when_built():
-    select_kernels()
-    assert KERNELS[T.F32].__name__ == "c_matmul_f32" and KERNELS[T.F16].__name__ == "c_matmul_f16"
-    select_kernels("numba")
-    try:
-        assert KERNELS[T.F32] is NUMBA_KERNELS[T.F32]
-    finally:
-        select_kernels()

@@ -557,14 +557,13 @@ def test_rms_norm_and_rope_compiled_match_numpy():
 
 
 def test_round_f16_in_numba_matches_numpy():
-    from numba import njit
-
-    from offload.kernels.numba_intrinsics import round_f16 as round_f16_scalar
+    from offload.kernels import numba_intrinsics
+    from offload.kernels.jit import njit
 
     @njit
     def run(x, out):
         for i in range(x.size):
-            out[i] = round_f16_scalar(x[i])
+            out[i] = numba_intrinsics.round_f16(x[i])
 
     rng = np.random.default_rng(34)
     x = np.concatenate([

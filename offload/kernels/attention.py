@@ -13,11 +13,11 @@ length and needs no padded copies. `attention_ref` is the same in numpy, step by
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
 
 from . import cext, ggml_math
 from .dispatch import matmul_f32_arrays
 from .ggml_math import _expf1
+from .jit import njit, prange
 from .numba_intrinsics import fma32
 
 
@@ -100,10 +100,10 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: in
               head_dim: int, out: np.ndarray | None = None) -> np.ndarray:
     """Attention of the n new queries q (n, n_head*head_dim) at positions start.. over one
     layer's cache (filled up to start + n); returns (n, n_head*head_dim). All arrays float32
-    and C-contiguous. The C kernel when built, else the Numba one (same bits)."""
+    and C-contiguous. The C kernel with the C kernels, else the Numba one (same bits)."""
     if out is None:
         out = np.empty_like(q)
-    if cext.available():
+    if cext.selected():
         cext.attention(q, k_cache, v_cache, out, q.shape[0], start, n_head, n_head_kv, head_dim)
         return out
     return attention_numba(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, out)

@@ -3,6 +3,11 @@
 `c_kernel(fmt_name)` returns `kernel(w, act, out, vec_dot)` like the Numba ones, or None
 when the extension was not built or has no kernel for the format. The C kernels sum in
 the same ggml order as the Numba ones, so either gives the same bits.
+
+The step's small ops (RMS norm, softmax, SiLU, RoPE, top-k routing, the lookahead
+predictor) have C twins too: `selected()` says whether this run uses them, which is when it
+uses the C matmuls (`dispatch.select_kernels`). Then Numba is never imported, unless the
+model has a format without a C kernel (Q4_1, Q5_1).
 """
 
 from __future__ import annotations
@@ -11,12 +16,26 @@ from typing import Callable
 
 import numpy as np
 
+from .numba_kernels import float_order
+
 try:
     from .. import _cext
 except ImportError:  # built without a compiler: Numba only
     _cext = None
 
 Kernel = Callable[[np.ndarray, tuple, np.ndarray, bool], None]
+_selected = False  # select(): the C kernels and ops serve this run
+
+
+def select(on: bool) -> None:
+    """Use the C ops (when built: a build from before them keeps the Numba ones)."""
+    global _selected
+    _selected = on and _cext is not None and hasattr(_cext, "rms_norm")
+
+
+def selected() -> bool:
+    """Whether the small ops take their C twins (the C kernels were built and chosen)."""
+    return _selected
 
 
 def available() -> bool:
@@ -123,6 +142,58 @@ def attention(q, k, v, out, n: int, start: int, n_head: int, n_head_kv: int, hea
     _cext.attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim)
 
 
+# -- the step's small ops (cext/ops.c); float32 C-contiguous arrays, as ggml_math's callers pass
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray, n_rows: int, n: int) -> None:
+    _cext.rms_norm(x, np.ascontiguousarray(weight, dtype=np.float32), float(eps), out, n_rows, n)
+
+
+def softmax(x: np.ndarray, out: np.ndarray, n_rows: int, n: int) -> None:
+    _cext.softmax(x, out, n_rows, n)
+
+
+def expf(x: np.ndarray, out: np.ndarray) -> None:
+    _cext.expf(x, out, x.size)
+
+
+def silu(x: np.ndarray, out: np.ndarray, n_rows: int, n: int) -> None:
+    _cext.silu(x, out, n_rows, n)
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: int, neox: bool) -> None:
+    """In place on x (n_tokens, n_heads, head_dim)."""
+    n_tokens, n_heads, head_dim = x.shape
+    _cext.rope(x, np.ascontiguousarray(cos, dtype=np.float32), np.ascontiguousarray(sin, dtype=np.float32), n_tokens,
+               n_heads, head_dim, rope_dim, neox)
+
+
+def top_k(probs: np.ndarray, k: int, normalize: bool, chosen: np.ndarray, weights: np.ndarray) -> None:
+    """forward._top_k's twin: chosen int64 (n, k), weights float32 (n, k)."""
+    _cext.top_k(probs, probs.shape[0], probs.shape[1], k, normalize, chosen, weights)
+
+
+def lookahead(x: np.ndarray, w: np.ndarray, eps: float, n_targets: int, k: int, m: int, ratio: float,
+              experts: np.ndarray, counts: np.ndarray, conf: np.ndarray) -> None:
+    """predict._lookahead_one's twin (same arguments)."""
+    _cext.lookahead(x, x.shape[0], w, n_targets, w.shape[1] // max(n_targets, 1), eps, k, m, ratio, experts, counts,
+                    conf)
+
+
+def c_float_kernel(fmt_name: str) -> Kernel | None:
+    """The C kernel for F32, F16 or BF16 weights (cext/floats.c), or None."""
+    if _cext is None or not hasattr(_cext, "matmul_float") or fmt_name not in ("F32", "F16", "BF16"):
+        return None
+    matmul_float, bf16 = _cext.matmul_float, fmt_name == "BF16"
+
+    def kernel(w: np.ndarray, act: tuple, out: np.ndarray, vec_dot: bool = False) -> None:
+        (x,) = act  # rounded to the weight type by the converter
+        order = float_order(x, out.shape[1], vec_dot, bf16)
+        matmul_float(fmt_name, w, x, out, out.shape[1], x.shape[1], out.shape[0], order)
+
+    kernel.__name__ = f"c_matmul_{fmt_name.lower()}"
+    return kernel
+
+
 def c_kernel(fmt_name: str) -> Kernel | None:
     if fmt_name not in formats():
         return None
@@ -132,21 +203,6 @@ def c_kernel(fmt_name: str) -> Kernel | None:
         xq, xd = act[0], act[1]
         bsums = act[2] if len(act) > 2 else None
         matmul(fmt_name, w, xq, xd, bsums, out, out.shape[1], xq.shape[1], out.shape[0])
-
-    kernel.__name__ = f"c_matmul_{fmt_name.lower()}"
-    return kernel
-
-
-def c_float_kernel(fmt_name: str, mode_of: Callable[[np.ndarray, int, bool], int]) -> Kernel | None:
-    """The C kernel for F32 or F16 weights (routers stay F32 in quantized files), or None.
-    `mode_of(x, n_rows, vec_dot)` picks ggml's summation order (numba_kernels._float_mode)."""
-    if _cext is None or not hasattr(_cext, "matmul_float") or fmt_name not in ("F32", "F16"):
-        return None
-    matmul_float = _cext.matmul_float
-
-    def kernel(w: np.ndarray, act: tuple, out: np.ndarray, vec_dot: bool = False) -> None:
-        (x,) = act
-        matmul_float(fmt_name, w, x, out, out.shape[1], x.shape[1], out.shape[0], mode_of(x, out.shape[1], vec_dot))
 
     kernel.__name__ = f"c_matmul_{fmt_name.lower()}"
     return kernel

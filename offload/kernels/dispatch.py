@@ -8,9 +8,10 @@ steps are tables here, so a new format or a faster kernel is one entry:
 * `KERNELS[ggml_type](w.data, act, out, expert)`, filling out in place. `expert` says the
   matrix is a routed expert (ggml's mul_mat_id), whose float kernels sum in another order.
 
-Every format has a Numba kernel (`NUMBA_KERNELS`); the hottest ones also have C kernels
-(cext/, SIMD), which sum in the same order and so give the same bits. `select_kernels`
-fills `KERNELS` with the C kernel where the extension was built, else the Numba one.
+Every format has a Numba kernel (`NUMBA_KERNELS`); most also have C kernels (cext/, SIMD),
+which sum in the same order and so give the same bits. `select_kernels` fills `KERNELS`
+with the C kernel where the extension was built, else the Numba one, and the Q8_0/Q8_K
+converters likewise: a run with the C kernels never loads Numba (see `jit`).
 
 One more rule of ggml's: a K-quant matmul of 8 or more tokens goes through its tiled GEMM,
 which rounds in another order (see `tiled`); `TILED_KERNELS` serve those calls.
@@ -39,12 +40,12 @@ Activations = tuple[np.ndarray, ...]
 Converter = Callable[[np.ndarray], Activations]
 Kernel = Callable[[np.ndarray, Activations, np.ndarray, bool], None]
 
+_NUMBA_QUANTIZERS: dict[str, Converter] = {"Q8_0": nk.quantize_q8_0, "Q8_K": nk.quantize_q8_k}
 ACTIVATION_CONVERTERS: dict[str, Converter] = {
     "F32": lambda x: (x,),
     "F16": lambda x: (round_f16(x),),
     "BF16": lambda x: (round_bf16(x),),
-    "Q8_0": nk.quantize_q8_0,
-    "Q8_K": nk.quantize_q8_k,
+    **_NUMBA_QUANTIZERS,  # or their C twins (select_kernels)
 }
 
 NUMBA_KERNELS: dict[GGMLQuantizationType, Kernel] = {
@@ -54,6 +55,8 @@ NUMBA_KERNELS: dict[GGMLQuantizationType, Kernel] = {
     GGMLQuantizationType.Q8_0: nk.matmul_q8_0,
     GGMLQuantizationType.Q4_0: nk.matmul_q4_0,
 }
+
+FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 # The kernels `matmul` uses, per format: filled by select_kernels().
 KERNELS: dict[GGMLQuantizationType, Kernel] = {}
@@ -77,6 +80,8 @@ def select_kernels(implementation: str | None = None) -> None:
     TILED_KERNELS.clear()
     for t in TILED_TYPES:
         TILED_KERNELS[t] = _numba_tiled(t)
+    ACTIVATION_CONVERTERS.update(_NUMBA_QUANTIZERS)
+    cext.select(False)
     C_FORMATS.clear()
     global _ONE_CALL, _FUSED
     _ONE_CALL = _FUSED = False
@@ -86,15 +91,17 @@ def select_kernels(implementation: str | None = None) -> None:
         warnings.warn("offload: the C kernels were not built (no C compiler at install?); using the slower "
                       "Numba kernels for every format", RuntimeWarning, stacklevel=2)
         return
+    cext.select(True)
+    ACTIVATION_CONVERTERS.update({kind: _c_quantizer(kind) for kind in _NUMBA_QUANTIZERS})
+    for t in FLOAT_TYPES:  # float weights: their own C call (not matmul_x's), outside C_FORMATS
+        kernel = cext.c_float_kernel(t.name)
+        if kernel is not None:
+            KERNELS[t] = kernel
     for t in NUMBA_KERNELS:
         kernel = cext.c_kernel(t.name)
         if kernel is not None:
             KERNELS[t] = kernel
             C_FORMATS.add(t)
-    for t in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):  # float kernels: not in C_FORMATS (no matmul_x)
-        kernel = cext.c_float_kernel(t.name, nk._float_mode)
-        if kernel is not None:
-            KERNELS[t] = kernel
     for t in TILED_TYPES:
         kernel = cext.c_tiled_kernel(t.name)
         if kernel is not None:
@@ -109,6 +116,22 @@ def fused_enabled() -> bool:
     return _FUSED
 
 
+def uses_numba(ggml_types) -> bool:
+    """Whether weights of these types run any Numba kernel (which loads Numba): every type
+    without the C kernels, else those whose format has no C kernel (Q4_1, Q5_1)."""
+    if not cext.selected():
+        return True
+    return any(t in KERNELS and KERNELS[t] is NUMBA_KERNELS.get(t) for t in ggml_types)
+
+
+def _c_quantizer(kind: str) -> Converter:
+    """cext.quantize behind the Numba quantizers' signature: (x, out=None) -> out."""
+    def convert(x: np.ndarray, out: tuple | None = None) -> Activations:
+        return cext.quantize(kind, x, out if out is not None else _ACT_LAYOUTS[kind](*x.shape))
+
+    return convert
+
+
 def _numba_tiled(t: GGMLQuantizationType) -> Kernel:
     from .formats import FORMATS
 
@@ -120,8 +143,8 @@ def _numba_tiled(t: GGMLQuantizationType) -> Kernel:
 
 def kernels_in_use() -> str:
     """One line for users: which implementation serves which format."""
-    c = sorted(t.name for t, k in KERNELS.items() if k.__name__.startswith("c_"))
-    numba = sorted(t.name for t, k in KERNELS.items() if not k.__name__.startswith("c_"))
+    c = sorted(t.name for t in KERNELS if KERNELS[t] is not NUMBA_KERNELS.get(t))
+    numba = sorted(t.name for t in KERNELS if KERNELS[t] is NUMBA_KERNELS.get(t))
     parts = [f"C/{cext.isa()}: {' '.join(c)}"] if c else []
     return "; ".join(parts + [f"Numba: {' '.join(numba)}"])
 
@@ -258,5 +281,5 @@ def matmul_f32_arrays(w: np.ndarray, x: np.ndarray, src1_contiguous: bool = True
     w = np.ascontiguousarray(w, dtype=np.float32)
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
-    nk.matmul_f32(w, (x,), out, vec_dot=not src1_contiguous)
+    KERNELS[GGMLQuantizationType.F32](w.view(np.uint8), (x,), out, not src1_contiguous)
     return out

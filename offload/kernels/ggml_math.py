@@ -4,9 +4,11 @@ ggml's exp is its own polynomial (`ggml_v_expf`), not libm's, and its softmax su
 chunks of eight. Results differ from numpy's by an ulp here and there, and an ulp is
 enough to flip a later rounding of the activations to F16 or Q8_0, which an MoE
 router can amplify into a different expert. So softmax and SiLU follow ggml step by
-step. The Numba functions (`expf`, `softmax`, `silu_mul`) are what the forward pass
-calls; the numpy ones (`*_ref`, each fused multiply-add computed in float64 and rounded
-once, exact for these operands) spell the same steps for reading and testing.
+step. The public functions (`expf`, `softmax`, `silu_mul`, `rms_norm`, `apply_rope`, ...)
+are what the forward pass calls: each runs its C twin (cext/ops.c, swiglu.c) when the C
+kernels serve the run (`cext.selected()`), else its Numba one here, with the same bits; the
+numpy ones (`*_ref`, each fused multiply-add computed in float64 and rounded once, exact
+for these operands) spell the same steps for reading and testing.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
 
 from . import cext
+from .jit import njit
 from .numba_intrinsics import bits_f32, f32_bits, fma32
 
 _F32 = np.float32
@@ -192,7 +194,10 @@ def expf(x: np.ndarray) -> np.ndarray:
     """ggml_v_expf over a float32 array (compiled twin of expf_ref)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty_like(x)
-    _expf(x.reshape(-1), out.reshape(-1))
+    if cext.selected():
+        cext.expf(x, out)
+    else:
+        _expf(x.reshape(-1), out.reshape(-1))
     return out
 
 
@@ -228,7 +233,11 @@ def softmax(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty_like(x)
     if x.size:
-        _softmax_rows(x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1]))
+        n = x.shape[-1]
+        if cext.selected():
+            cext.softmax(x, out, x.size // n, n)
+        else:
+            _softmax_rows(x.reshape(-1, n), out.reshape(-1, n))
     return out
 
 
@@ -243,19 +252,16 @@ def _silu_mul_rows(x, g, out):
             out[r, i] = (x[r, i] / (np.float32(1.0) + np.float32(math.exp(-x[r, i])))) * g[r, i]
 
 
-_C_SILU = cext.has_silu_mul()
-
-
 def silu_mul(x: np.ndarray, g: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """ggml_vec_swiglu_f32: silu(x) * g (compiled twin of silu_mul_ref): the C kernel
-    (cext/swiglu.c, 8 lanes) where built, else the Numba one; the same bits."""
+    (cext/swiglu.c, 8 lanes) with the C kernels, else the Numba one; the same bits."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     g = np.ascontiguousarray(g, dtype=np.float32)
     if out is None:
         out = np.empty_like(x)
     if x.size:
         n = x.shape[-1]
-        if _C_SILU and out.flags.c_contiguous:
+        if cext.selected() and out.flags.c_contiguous:
             cext.silu_mul(x, g, out, x.size // n, n)
         else:
             _silu_mul_rows(x.reshape(-1, n), g.reshape(-1, n), out.reshape(-1, n))
@@ -280,7 +286,11 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray | No
     if out is None:
         out = np.empty_like(x)
     if x.size:
-        _rms_norm_rows(x.reshape(-1, x.shape[-1]), weight, np.float32(eps), out.reshape(-1, x.shape[-1]))
+        n = x.shape[-1]
+        if cext.selected():
+            cext.rms_norm(x, weight, np.float32(eps), out, x.size // n, n)
+        else:
+            _rms_norm_rows(x.reshape(-1, n), weight, np.float32(eps), out.reshape(-1, n))
     return out
 
 
@@ -300,7 +310,10 @@ def _rope(x, cos, sin, rope_dim, neox):
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: int, style: str) -> None:
     """Rotate x (n_tokens, n_heads, head_dim) float32 C-contiguous in place; cos/sin (n_tokens,
     rope_dim/2). style "normal" pairs (x0, x1), (x2, x3)...; "neox" pairs (x_i, x_{i+rope_dim/2})."""
-    _rope(x, cos, sin, rope_dim, style == "neox")
+    if cext.selected():
+        cext.rope(x, cos, sin, rope_dim, style == "neox")
+    else:
+        _rope(x, cos, sin, rope_dim, style == "neox")
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -310,6 +323,10 @@ def silu(x: np.ndarray) -> np.ndarray:
     n = x.shape[-1]
     main = n - n % 8
     out = np.empty_like(x)
+    if cext.selected():
+        if x.size:
+            cext.silu(x, out, x.size // n, n)
+        return out
     with np.errstate(over="ignore"):
         if main:
             out[..., :main] = x[..., :main] / (_F32(1.0) + expf(_F32(0.0) - x[..., :main]))

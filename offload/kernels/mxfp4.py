@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import njit, prange
 
 from .formats import QK8_0, BlockFormat
+from .jit import njit, prange
 from .numba_intrinsics import fma32
 from .numba_kernels import _fma, _hsum8, _readonly
 

@@ -1,19 +1,21 @@
 """Float operations Numba does not spell: a float32 fused multiply-add, float32 <-> uint32 bit
-casts (ggml's exp builds a power of two from the bits of a float), and rounding to half."""
+casts (ggml's exp builds a power of two from the bits of a float), and rounding to half.
+Declared lazily (see `jit`): Numba and llvmlite are imported only when a kernel needs them."""
 
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba import njit
-from numba.extending import intrinsic
+
+from .jit import intrinsic, njit
 
 
 @intrinsic
 def fma32(typingctx, a, b, c):
     """a * b + c in float32 with one rounding (llvm.fma.f32: an FMA instruction, or libm's
     fmaf where the CPU has none), as ggml's _mm256_fmadd_ps."""
+    from llvmlite import ir
+    from numba import types
+
     sig = types.float32(types.float32, types.float32, types.float32)
 
     def codegen(context, builder, signature, args):
@@ -27,6 +29,9 @@ def fma32(typingctx, a, b, c):
 @intrinsic
 def f32_bits(typingctx, x):
     """The IEEE bit pattern of a float32, as uint32."""
+    from llvmlite import ir
+    from numba import types
+
     sig = types.uint32(types.float32)
 
     def codegen(context, builder, signature, args):
@@ -38,6 +43,9 @@ def f32_bits(typingctx, x):
 @intrinsic
 def bits_f32(typingctx, u):
     """The float32 whose bit pattern is the uint32 u."""
+    from llvmlite import ir
+    from numba import types
+
     sig = types.float32(types.uint32)
 
     def codegen(context, builder, signature, args):

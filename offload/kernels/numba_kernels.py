@@ -21,9 +21,9 @@ A faster (C, SIMD) kernel with the same signature and order can replace any of t
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
 
-from .numba_intrinsics import round_f16
+from .jit import njit, prange
+from .numba_intrinsics import fma32, round_f16
 
 QK = 32  # values per Q8_0/Q4_0 block
 Q8_0_BYTES = 34  # f16 d + 32 int8
@@ -48,10 +48,10 @@ BF16_TO_F32 = _readonly((np.arange(1 << 16, dtype=np.uint32) << 16).view(np.floa
 
 @njit(inline="always")
 def _to_int8(v):
-    """float -> int8 as the C twin (cext/quantize.c) converts: in range, truncation; NaN and
-    infinities (from inf activations, or a block whose largest value is below ~4e-37) give 0.
-    np.int8(v) of those is whatever the CPU's conversion gives: -128 on some, 0 on others."""
-    return np.int8(v) if v >= -128.0 and v <= 127.0 else np.int8(0)
+    """float -> int8 as the C twins' to_int8 (cext/quantize.c): in range, truncation; NaN and
+    infinities (from a block whose largest value is below ~4e-37) give 0. A bare np.int8(v)
+    is LLVM's fptosi, undefined out of range: vectorized, it gives -128 instead."""
+    return np.int8(v) if v >= np.float32(-128.0) and v <= np.float32(127.0) else np.int8(0)
 
 
 @njit(cache=True, nogil=True)
@@ -155,16 +155,18 @@ def _hsum8(l0, l1, l2, l3, l4, l5, l6, l7):
 
 @njit(inline="always")
 def _float_dot(wrow, x, t, mode, double_tail, acc):
-    """Dot of a decoded weight row with activation row t in one of the orders above."""
+    """Dot of a decoded weight row with activation row t in one of the orders above. A true
+    FMA (fma32): float weights and activations are any floats, for which a float64 multiply-add
+    rounded twice is not always ggml's one rounding."""
     n = x.shape[1]
     acc[:] = 0.0
     if mode == GEMM8:
         for c in range(n):
-            acc[c % 8] = _fma(wrow[c], x[t, c], acc[c % 8])
+            acc[c % 8] = fma32(wrow[c], x[t, c], acc[c % 8])
         return _hsum8(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7])
     main = n - n % 32
     for c in range(main):
-        acc[c % 32] = _fma(wrow[c], x[t, c], acc[c % 32])
+        acc[c % 32] = fma32(wrow[c], x[t, c], acc[c % 32])
     for i in range(8):  # fold the four accumulators: lane i needs only lanes i, 8+i, 16+i, 24+i
         acc[i] = (acc[i] + acc[16 + i]) + (acc[8 + i] + acc[24 + i])
     if mode == VECDOT_BF16:
@@ -229,7 +231,7 @@ def _matmul_16bit_serial(w_bits, table, x, out, mode):
             out[t, r] = _float_dot(wrow, x, t, mode, True, acc)
 
 
-def _float_mode(x: np.ndarray, n_rows: int, vec_dot: bool, bf16: bool = False) -> int:
+def float_order(x: np.ndarray, n_rows: int, vec_dot: bool, bf16: bool = False) -> int:
     """tinyBLAS takes batches of 2+ tokens when rows % 4 == 0 and the row length % 8 == 0."""
     if x.shape[0] >= 2 and not vec_dot and n_rows % 4 == 0 and x.shape[1] % 8 == 0:
         return GEMM8
@@ -239,19 +241,19 @@ def _float_mode(x: np.ndarray, n_rows: int, vec_dot: bool, bf16: bool = False) -
 def matmul_f32(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, vec_dot: bool = False) -> None:
     (x,) = act
     run = _matmul_f32_serial if out.size * x.shape[1] < SERIAL_BELOW else _matmul_f32
-    run(_readonly(w, np.float32), _readonly(x), out, _float_mode(x, out.shape[1], vec_dot))
+    run(_readonly(w, np.float32), _readonly(x), out, float_order(x, out.shape[1], vec_dot))
 
 
 def matmul_f16(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, vec_dot: bool = False) -> None:
     (x,) = act  # F16-rounded float32
     run = _matmul_16bit_serial if out.size * x.shape[1] < SERIAL_BELOW else _matmul_16bit
-    run(_readonly(w, np.uint16), F16_TO_F32, _readonly(x), out, _float_mode(x, out.shape[1], vec_dot))
+    run(_readonly(w, np.uint16), F16_TO_F32, _readonly(x), out, float_order(x, out.shape[1], vec_dot))
 
 
 def matmul_bf16(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, vec_dot: bool = False) -> None:
     (x,) = act  # BF16-rounded float32
     run = _matmul_16bit_serial if out.size * x.shape[1] < SERIAL_BELOW else _matmul_16bit
-    run(_readonly(w, np.uint16), BF16_TO_F32, _readonly(x), out, _float_mode(x, out.shape[1], vec_dot, bf16=True))
+    run(_readonly(w, np.uint16), BF16_TO_F32, _readonly(x), out, float_order(x, out.shape[1], vec_dot, bf16=True))
 
 
 # -- block-quantized weights x Q8_0 activations ------------------------------------------------

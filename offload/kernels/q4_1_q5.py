@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import njit, prange
 
 from .formats import QK8_0, BlockFormat
+from .jit import njit, prange
 from .numba_kernels import F16_TO_F32, _fma, _hsum8, _readonly
 
 QK = QK8_0  # values per block, in all three formats and in Q8_0/Q8_1

@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import njit, prange
 
 from .formats import QK_K, BlockFormat
+from .jit import njit, prange
 from .numba_kernels import F16_TO_F32, _fma, _hsum8, _readonly
 
 K_SCALE_SIZE = 12  # 8 six-bit scales + 8 six-bit mins

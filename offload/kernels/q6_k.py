@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import njit, prange
 
 from .formats import QK_K, BlockFormat
+from .jit import njit, prange
 from .numba_kernels import F16_TO_F32, _fma, _hsum8, _readonly
 
 Q6_K_BYTES = 210

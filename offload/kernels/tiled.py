@@ -27,9 +27,9 @@ from typing import NamedTuple
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import njit, prange
 
 from .formats import QK_K
+from .jit import njit, prange
 from .numba_intrinsics import fma32
 from .q2_k_q3_k import _low_bits, _q3_k_scales
 from .q4_k_q5_k import _nibbles, scale_min_k4

@@ -2,8 +2,9 @@
 
     always resident  non-expert weights (file pages of the memory map, counted with the
                      kernel's fault-around windows), norms decoded to float32, KV cache,
-                     RoPE tables, activation scratch, tokenizer, and the runtime's compiled
-                     kernels (Numba/LLVM, paid by the first model a process loads)
+                     RoPE tables, activation scratch, tokenizer, and the libraries the
+                     runtime loads at first use (llama.cpp's; Numba's LLVM only where Numba
+                     serves a kernel), paid by the first model a process loads
     expert slots     the rest of the budget, as a fixed arena of slots (one expert each)
 
 A budget below the minimum (resident + the slots one layer's top-k needs + the prefetch
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from ..arch import ModelArgs
 from ..errors import BudgetError
 from ..gguf_file import GGUFFile
+from ..kernels import dispatch
 from ..weights import ExpertLayout, expert_layouts
 
 PAGE = 4096
@@ -27,14 +29,16 @@ N_UBATCH = 512  # forward.N_UBATCH: the longest batch the forward pass runs at o
 LOGITS_ROWS = 32  # rows of logits planned for (a generation needs one; `logits` returns one per token)
 TOKENIZER_BYTES_PER_TOKEN = 256  # llama.cpp's vocabulary tables, measured (~7 MiB at 32k)
 BASE_OVERHEAD = 2 << 20  # Python objects of the model, thread stack, file tables
-# The first kernel a process runs brings up Numba's LLVM code generator and maps llvmlite's
-# library: 43 MiB of RSS (29 MiB of it shared-library pages), then 0.1-1.3 MiB per kernel
-# loaded from the on-disk cache; 45-46 MiB in all for Q8_0 and Q4_K_M models with the C
-# kernels, up to 49 MiB with the Numba ones alone (OFFLOAD_KERNELS=numba, or no compiler at
-# install). Counted in every plan (a second model in the same process does not pay it
-# again: the plan is then conservative by this much). tests/test_store.py checks it in a
-# fresh process.
-RUNTIME_BYTES = 52 << 20
+# Libraries a process loads with its first model, counted in every plan (a second model in
+# the same process does not pay them again: the plan is then conservative by this much);
+# tests/test_store.py checks both in a fresh process. Always: llama.cpp's library for the
+# tokenizer (11 MiB of RSS) and the C kernels' OpenMP team (0.1-0.5 MiB for 2-32 threads).
+RUNTIME_BYTES = 16 << 20
+# And where Numba serves any kernel (OFFLOAD_KERNELS=numba, no C compiler at install, a
+# format without a C kernel, the GPU tier): importing it (59 MiB), its LLVM code generator
+# at the first kernel (50 MiB, 29 MiB of it llvmlite's library), then about 1 MiB per kernel
+# loaded from its on-disk cache (a first run after an install compiles them: more).
+NUMBA_RUNTIME_BYTES = 120 << 20
 
 
 def _up(n: int, a: int) -> int:
@@ -126,7 +130,7 @@ class MemoryPlan:
         lines = [
             f"memory budget     {_h(self.budget)} ({self.budget_source})",
             f"resident          {_h(self.fixed)}: weights {_h(self.resident_weights)}, KV cache {_h(self.kv_cache)}, "
-            f"scratch {_h(self.scratch)}, compiled kernels {_h(self.runtime)}, other {_h(self.overhead)}",
+            f"scratch {_h(self.scratch)}, libraries {_h(self.runtime)}, other {_h(self.overhead)}",
         ]
         if self.pools:
             sizes = sorted({p.slot_bytes for p in self.pools})
@@ -200,9 +204,18 @@ def kv_cache_bytes(args: ModelArgs, n_ctx: int) -> int:
     return 2 * args.n_layer * n_ctx * args.n_head_kv * args.head_dim * 4
 
 
+def runtime_bytes(gguf: GGUFFile, gpu: bool = False) -> int:
+    """The libraries' share of the plan: Numba's only where it will serve a kernel (the GPU
+    tier's numba.cuda brings it too)."""
+    numba = gpu or dispatch.uses_numba({t.ggml_type for t in gguf.tensors.values()})
+    return RUNTIME_BYTES + (NUMBA_RUNTIME_BYTES if numba else 0)
+
+
 def make_plan(gguf: GGUFFile, args: ModelArgs, n_ctx: int, budget: int, budget_source: str = "given", *,
-              o_direct: bool = False, scope: str = "global", prefetch_slots: int | None = None) -> MemoryPlan:
-    """Split `budget` into the resident set and slot pools (not checked: call .check())."""
+              o_direct: bool = False, scope: str = "global", prefetch_slots: int | None = None,
+              gpu: bool = False) -> MemoryPlan:
+    """Split `budget` into the resident set and slot pools (not checked: call .check()); `gpu`:
+    the GPU tier will be tried."""
     if scope not in ("global", "layer"):
         raise BudgetError(f"cache scope {scope!r} is not 'global' or 'layer'")
     layouts = expert_layouts(gguf, args)
@@ -214,6 +227,7 @@ def make_plan(gguf: GGUFFile, args: ModelArgs, n_ctx: int, budget: int, budget_s
         kv_cache=kv_cache_bytes(args, n_ctx),
         scratch=scratch_bytes(args, n_ctx),
         overhead=BASE_OVERHEAD + TOKENIZER_BYTES_PER_TOKEN * args.n_vocab,
+        runtime=runtime_bytes(gguf, gpu),
         o_direct=o_direct, scope=scope,
         expert_bytes_total=sum(l.expert_bytes * l.n_expert for l in layouts.values()),
         n_expert_used=k, prefetch_slots=reserve,
