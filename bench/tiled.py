@@ -10,6 +10,10 @@ llama_cpp, Q8_K activations so it converts nothing), several copies of the matmu
 graph so that the graph's own overhead is spread; its outputs are checked bit for bit
 against ours. --base times a second build of offload's extension (an A/B in one process).
 Writes bench/out/tiled.json.
+
+On a shared machine the 2-thread figures are only as good as the other core is free: a
+call waits at its end for both threads, so one preempted thread costs a time slice (the
+table then shows a few GFLOP/s for every implementation alike); trust the 1-thread rows.
 """
 
 from __future__ import annotations
