@@ -109,8 +109,14 @@ def test_dense_weights_on_device(model_path, cpu_result):
 def test_three_tiers_with_a_memory_budget(model_path, cpu_result):
     """Host slots fed from disk (TieredExperts, prefetch on) under the VRAM tier: predictions
     move experts RAM -> VRAM ahead of need."""
-    with Model.load(model_path, n_ctx=64) as m:
-        full, slot = m.plan.full, m.plan.pools[0].slot_bytes
+    from offload import arch
+    from offload.gguf_file import GGUFFile
+    from offload.store import make_plan
+
+    g = GGUFFile(model_path)
+    p = make_plan(g, arch.model_args(g), 64, 0, gpu=True)  # a GPU run's plan: it counts Numba (numba.cuda)
+    g.close()
+    full, slot = p.full, p.pools[0].slot_bytes
     tokens, _, st, m = _run(model_path, memory_budget=full - 2 * slot, vram_budget=_budget(model_path, 0.5),
                             gpu_options=dict(calibration=ALWAYS_COPY, output=False, dense=False))
     assert tokens == cpu_result[0]
