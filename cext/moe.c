@@ -156,14 +156,16 @@ void moe_ffn_run(const float *x, int n_embd, const moe_ffn_job *jobs, int n_jobs
  * gathered row equals a row quantized alone), then gate and up, SwiGLU, down, each matmul
  * through the row dots or, from 8 tokens on for K-quants, the tiled GEMM (tiled.c), as
  * dispatch.matmul picks for the same token count. Each (token, slot) result is scaled by its
- * routing weight into per_slot; the caller sums the slots in order. With enough experts the
- * threads take whole experts (dynamic: token counts differ); otherwise each matmul spreads
- * its rows over the threads.
+ * routing weight into per_slot; the caller sums the slots in order. With enough experts (and
+ * per-thread buffers of at most MOE_THREAD_SCRATCH_MAX) the threads take whole experts
+ * (dynamic: token counts differ); otherwise each matmul spreads its rows over the threads.
  */
 #include <stdlib.h>
 #include <string.h>
 
 #include "tiled.h"
+
+#define MOE_THREAD_SCRATCH_MAX (8u << 20)
 
 /* An expert's share of the batch: its (token, slot) pairs. */
 typedef struct {
@@ -272,7 +274,10 @@ int moe_batch_run(const float *x, int n_tokens, int n_embd, int k, const float *
 #pragma omp parallel for schedule(static) if (n_tokens >= 16)
         for (int t = 0; t < n_tokens; t++) quantize_into(kind, x + (size_t)t * n_embd, &x_rows[kind], (size_t)t, n_embd);
     }
-    const int by_expert = n_jobs >= 2 * omp_get_max_threads();
+    /* whole experts per thread when there are enough of them and each thread's buffers stay
+     * small (a 512-token prompt of Mixtral-sized experts would need ~60 MB a thread) */
+    const size_t thread_bytes = (size_t)max_n * (2 * (size_t)max_ff + (size_t)n_embd) * sizeof(float);
+    const int by_expert = n_jobs >= 2 * omp_get_max_threads() && thread_bytes <= MOE_THREAD_SCRATCH_MAX;
 #pragma omp parallel if (by_expert && !failed)
     {
         act_rows xg[2] = {{0}}, hq = {0};
