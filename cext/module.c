@@ -343,6 +343,22 @@ static int moe_matrix_of(const char *name, unsigned long long address, int n_col
     return 0;
 }
 
+/* A job from its spec (gate fmt, address, up fmt, address, down fmt, address, n_ff), the
+ * FFN.kernel_spec tuple moe_ffn and moe_batch both take. */
+static int moe_job_of(PyObject *spec, int n_embd, moe_ffn_job *job) {
+    const char *fg, *fu, *fd;
+    unsigned long long ag, au, ad;
+    if (!PyArg_ParseTuple(spec, "sKsKsKi", &fg, &ag, &fu, &au, &fd, &ad, &job->n_ff)) return -1;
+    if (job->n_ff <= 0) {
+        PyErr_Format(PyExc_ValueError, "moe: bad hidden size %d", job->n_ff);
+        return -1;
+    }
+    return moe_matrix_of(fg, ag, n_embd, &job->gate) < 0 || moe_matrix_of(fu, au, n_embd, &job->up) < 0 ||
+                   moe_matrix_of(fd, ad, job->n_ff, &job->down) < 0
+               ? -1
+               : 0;
+}
+
 static PyObject *py_moe_ffn(PyObject *self, PyObject *args) {
     Py_buffer x = {0}, out = {0}, shared = {0}, ws = {0}, wts = {0};
     PyObject *shared_obj, *job_specs;
@@ -360,23 +376,11 @@ static PyObject *py_moe_ffn(PyObject *self, PyObject *args) {
     }
     size_t weight_bytes = 0;
     for (Py_ssize_t j = 0; j < n_jobs; j++) {
-        const char *fg, *fu, *fd;
-        unsigned long long ag, au, ad;
-        int n_ff;
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(job_specs, j), "sKsKsKi", &fg, &ag, &fu, &au, &fd, &ad, &n_ff))
-            goto done;
-        if (n_ff <= 0) {
-            PyErr_Format(PyExc_ValueError, "moe_ffn: bad hidden size %d", n_ff);
-            goto done;
-        }
         moe_ffn_job *job = &jobs[j];
-        if (moe_matrix_of(fg, ag, n_embd, &job->gate) < 0 || moe_matrix_of(fu, au, n_embd, &job->up) < 0 ||
-            moe_matrix_of(fd, ad, n_ff, &job->down) < 0)
-            goto done;
-        job->n_ff = n_ff;
+        if (moe_job_of(PyTuple_GET_ITEM(job_specs, j), n_embd, job) < 0) goto done;
         job->weight = j < n_routed ? ((const float *)wts.buf)[j] : 0.0f;
-        weight_bytes += (size_t)n_ff * (row_bytes_of(job->gate.f, n_embd) + row_bytes_of(job->up.f, n_embd)) +
-                        (size_t)n_embd * row_bytes_of(job->down.f, n_ff);
+        weight_bytes += (size_t)job->n_ff * (row_bytes_of(job->gate.f, n_embd) + row_bytes_of(job->up.f, n_embd)) +
+                        (size_t)n_embd * row_bytes_of(job->down.f, job->n_ff);
     }
     if (shared_obj != Py_None && PyObject_GetBuffer(shared_obj, &shared, PyBUF_WRITABLE) < 0) goto done;
     const Py_ssize_t row = (Py_ssize_t)n_embd * (Py_ssize_t)sizeof(float);
@@ -434,22 +438,11 @@ static PyObject *py_moe_batch(PyObject *self, PyObject *args) {
             goto done;
         }
     for (Py_ssize_t j = 0; j < n_jobs; j++) {
-        const char *fg, *fu, *fd;
-        unsigned long long ag, au, ad;
-        int n_ff;
         if (cnt[j] < 0) {
             PyErr_SetString(PyExc_ValueError, "moe_batch: a negative count");
             goto done;
         }
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(job_specs, j), "sKsKsKi", &fg, &ag, &fu, &au, &fd, &ad, &n_ff)) goto done;
-        if (n_ff <= 0) {
-            PyErr_Format(PyExc_ValueError, "moe_batch: bad hidden size %d", n_ff);
-            goto done;
-        }
-        if (moe_matrix_of(fg, ag, n_embd, &jobs[j].gate) < 0 || moe_matrix_of(fu, au, n_embd, &jobs[j].up) < 0 ||
-            moe_matrix_of(fd, ad, n_ff, &jobs[j].down) < 0)
-            goto done;
-        jobs[j].n_ff = n_ff;
+        if (moe_job_of(PyTuple_GET_ITEM(job_specs, j), n_embd, &jobs[j]) < 0) goto done;
         jobs[j].weight = 0.0f;
     }
     int rc;
