@@ -10,6 +10,11 @@
  * exp chunks add +0.0 to the double sum and whose products add +0 to V lanes that start at
  * +0 (a sum with +0 never becomes -0), so leaving them out changes no bit and halves the
  * work of a causal prompt.
+ *
+ * Sliding-window layers keep a ring of cells (llama.cpp's SWA cache: position p in cell
+ * p % n_cells, once the positions outgrow it); the sums run over cells in cell order, as
+ * llama.cpp's do, with the cells outside a query's window masked. A sink (gpt-oss) joins
+ * the softmax's max, and its exp (libm's, as ggml's) is added after the chunked sum.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -26,6 +31,29 @@ static inline float fold32(const float acc[32]) {
     return (t0 + t1) + (t2 + t3);
 }
 
+/* Which cells query t visits (0 .. n_visit) and which of them it sees: while the positions
+ * fit the cells, cell c holds position c and the causal tail is not visited; once they wrap,
+ * cell c holds the latest position written there. */
+typedef struct {
+    int pos, last, n_visit, n_cells, window, wrapped;
+} cell_view;
+
+static inline cell_view view_of(const attention_args *a, int t) {
+    cell_view w;
+    w.pos = a->start + t;
+    w.last = a->start + a->n - 1;
+    w.n_cells = a->n_cells;
+    w.window = a->window;
+    w.wrapped = w.last >= a->n_cells;
+    w.n_visit = w.wrapped ? a->n_cells : w.pos + 1;
+    return w;
+}
+
+static inline int sees(const cell_view *w, int c) {
+    const int p = w->wrapped ? w->last - (w->last - c) % w->n_cells : c;
+    return p <= w->pos && (w->window == 0 || w->pos - p < w->window);
+}
+
 /* -- portable -------------------------------------------------------------------------- */
 
 static float dot_f32_portable(const float *x, const float *y, int n) {
@@ -37,30 +65,36 @@ static float dot_f32_portable(const float *x, const float *y, int n) {
     return s;
 }
 
-/* probs[0..end) = softmax of probs[0..end) in place (masked entries are -inf). */
-static void softmax_portable(float *probs, int end) {
+/* probs[0..end) = softmax of probs[0..end) in place (masked entries are -inf), with the
+ * head's sink logit if `sink`. */
+static void softmax_portable(float *probs, int end, const float *sink) {
     float m = -INFINITY;
     for (int p = 0; p < end; p++) m = probs[p] > m ? probs[p] : m;
+    if (sink) m = m > *sink ? m : *sink;
     double total = 0.0;
     for (int c = 0; c < end; c += 8) {
         float lanes[8] = {0};
         for (int p = c; p < c + 8 && p < end; p++) lanes[p - c] = probs[p] = expf_ggml(probs[p] - m);
         total += (double)hsum8_portable(lanes);
     }
+    if (sink) total += (double)expf(*sink - m);
     const float inv = (float)(1.0 / total);
     for (int p = 0; p < end; p++) probs[p] *= inv;
 }
 
 static void attend_portable(const attention_args *a, int h, int t, float *probs, float *vacc) {
-    const int hd = a->head_dim, live = a->start + t + 1;  /* the positions this query sees */
+    const cell_view cells = view_of(a, t);
+    const int hd = a->head_dim, live = cells.n_visit;
     const int kv0 = (h / (a->n_head / a->n_head_kv)) * hd;
     const float *q = a->q + (size_t)t * a->q_stride + (size_t)h * hd;
     for (int p = 0; p < live; p++)
-        probs[p] = dot_f32_portable(a->k + (size_t)p * a->kv_stride + kv0, q, hd) * a->scale;
-    softmax_portable(probs, live);
+        probs[p] = sees(&cells, p) ? dot_f32_portable(a->k + (size_t)p * a->kv_stride + kv0, q, hd) * a->scale
+                                   : -INFINITY;
+    softmax_portable(probs, live, a->sinks ? a->sinks + h : NULL);
     const int width = a->gemm8 ? 8 : 32;
     memset(vacc, 0, sizeof(float) * 32 * hd);
     for (int p = 0; p < live; p++) {
+        if (probs[p] == 0.0f) continue; /* masked: adds exactly +0 */
         float *lane = vacc + (p % width) * hd;
         const float *v = a->v + (size_t)p * a->kv_stride + kv0;
         for (int d = 0; d < hd; d++) lane[d] = fmaf(v[d], probs[p], lane[d]);
@@ -93,9 +127,10 @@ static TARGET_AVX2 float dot_f32_avx2(const float *x, const float *y, int n) {
     return s;
 }
 
-static TARGET_AVX2 void softmax_avx2(float *probs, int end) {
+static TARGET_AVX2 void softmax_avx2(float *probs, int end, const float *sink) {
     float m = -INFINITY;
     for (int p = 0; p < end; p++) m = probs[p] > m ? probs[p] : m;
+    if (sink) m = m > *sink ? m : *sink;
     const int padded = (end + 7) / 8 * 8;  /* the caller leaves room: -inf weighs 0 */
     for (int p = end; p < padded; p++) probs[p] = -INFINITY;
     const __m256 vm = _mm256_set1_ps(m);
@@ -105,20 +140,23 @@ static TARGET_AVX2 void softmax_avx2(float *probs, int end) {
         _mm256_storeu_ps(probs + c, e);
         total += (double)hsum_float_8(e);
     }
+    if (sink) total += (double)expf(*sink - m);
     const __m256 inv = _mm256_set1_ps((float)(1.0 / total));
     for (int c = 0; c < padded; c += 8) _mm256_storeu_ps(probs + c, _mm256_mul_ps(_mm256_loadu_ps(probs + c), inv));
 }
 
 static TARGET_AVX2 void attend_avx2(const attention_args *a, int h, int t, float *probs, float *vacc) {
-    const int hd = a->head_dim, live = a->start + t + 1;  /* the positions this query sees */
+    const cell_view cells = view_of(a, t);
+    const int hd = a->head_dim, live = cells.n_visit;
     const int kv0 = (h / (a->n_head / a->n_head_kv)) * hd;
     const float *q = a->q + (size_t)t * a->q_stride + (size_t)h * hd;
     for (int p = 0; p < live; p++)
-        probs[p] = dot_f32_avx2(a->k + (size_t)p * a->kv_stride + kv0, q, hd) * a->scale;
-    softmax_avx2(probs, live);
+        probs[p] = sees(&cells, p) ? dot_f32_avx2(a->k + (size_t)p * a->kv_stride + kv0, q, hd) * a->scale : -INFINITY;
+    softmax_avx2(probs, live, a->sinks ? a->sinks + h : NULL);
     const int width = a->gemm8 ? 8 : 32, hd8 = hd - hd % 8;
     memset(vacc, 0, sizeof(float) * 32 * hd);
     for (int p = 0; p < live; p++) {
+        if (probs[p] == 0.0f) continue; /* masked: adds exactly +0 */
         float *lane = vacc + (p % width) * hd;
         const float *v = a->v + (size_t)p * a->kv_stride + kv0;
         const __m256 w = _mm256_set1_ps(probs[p]);
@@ -138,7 +176,7 @@ static TARGET_AVX2 void attend_avx2(const attention_args *a, int h, int t, float
 
 int attention_run(const attention_args *a, int use_avx2) {
     const int items = a->n_head * a->n;
-    const int end = a->start + a->n;
+    const int end = a->start + a->n < a->n_cells ? a->start + a->n : a->n_cells; /* cells visited at most */
     int failed = 0;
 #pragma omp parallel if (items > 1 && (size_t)items * end * a->head_dim >= 16384)
     {

@@ -4,9 +4,12 @@
 
 typedef struct {
     const float *q;      /* (n, q_stride): queries of the new tokens, head h at h*head_dim */
-    const float *k, *v;  /* (n_ctx, kv_stride): this layer's cache, filled to start + n */
+    const float *k, *v;  /* (n_cells, kv_stride): this layer's cache, position p in cell p % n_cells */
     float *out;          /* (n, q_stride) */
+    const float *sinks;  /* NULL, or one logit per head that joins its softmax (no value) */
     int n, start, n_head, n_head_kv, head_dim, q_stride, kv_stride;
+    int n_cells;         /* rows of the cache: >= start + n, or a ring of >= window + n rows */
+    int window;          /* a query sees keys < window positions back; 0: all */
     int gemm8;           /* V sums in tinyBLAS's 8-lane order (else vec_dot_f32's 32) */
     float scale;
 } attention_args;

@@ -26,10 +26,13 @@
  *       per_slot (n_tokens, k, n_embd)
  *   quantize(kind, x, qs, d, bsums, n_tokens, n_cols)
  *       the activation conversion alone ("Q8_0": bsums None, or "Q8_K"), for tests
+ *   swiglu_oai(g, u, out, alpha, limit)
+ *       gpt-oss's clamped SwiGLU (ops.c)
  *   silu_mul(x, g, out, n_rows, n)
  *       SwiGLU as ggml computes it (swiglu.c); out may be x
- *   attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim)
- *       causal GQA of n new queries over one layer's F32 cache (see attention.c)
+ *   attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim, n_cells, window[, sinks])
+ *       causal GQA of n new queries over one layer's F32 cache of n_cells rows, a sliding
+ *       window and sink logits optional (see attention.c)
  *   formats() -> {name: (vec_dot_type, [isa, ...])}
  *   isa() / set_isa(name)   the SIMD level in use ("avx512", "avx2" or "portable")
  *   set_num_threads(n)
@@ -547,6 +550,26 @@ done:
     return result;
 }
 
+static PyObject *py_swiglu_oai(PyObject *self, PyObject *args) {
+    Py_buffer g = {0}, u = {0}, out = {0};
+    float alpha, limit;
+    if (!PyArg_ParseTuple(args, "y*y*w*ff", &g, &u, &out, &alpha, &limit)) return NULL;
+    PyObject *result = NULL;
+    if (g.len != u.len || out.len < g.len) {
+        PyErr_SetString(PyExc_ValueError, "swiglu_oai: gate, up and out differ in size");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    swiglu_oai(g.buf, u.buf, out.buf, g.len / (Py_ssize_t)sizeof(float), alpha, limit);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&g);
+    PyBuffer_Release(&u);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyObject *py_attention_token_scratch_bytes(PyObject *self, PyObject *args) {
     int n_embd, n_head, n_head_kv, head_dim;
     if (!PyArg_ParseTuple(args, "iiii", &n_embd, &n_head, &n_head_kv, &head_dim)) return NULL;
@@ -614,21 +637,32 @@ done:
 
 static PyObject *py_attention(PyObject *self, PyObject *args) {
     Py_buffer q = {0}, k = {0}, v = {0}, out = {0};
+    PyObject *sinks_obj = Py_None;
+    Py_buffer sinks = {0};
     attention_args a = {0};
-    if (!PyArg_ParseTuple(args, "y*y*y*w*iiiii", &q, &k, &v, &out, &a.n, &a.start, &a.n_head, &a.n_head_kv,
-                          &a.head_dim))
+    if (!PyArg_ParseTuple(args, "y*y*y*w*iiiiiii|O", &q, &k, &v, &out, &a.n, &a.start, &a.n_head, &a.n_head_kv,
+                          &a.head_dim, &a.n_cells, &a.window, &sinks_obj))
         return NULL;
     PyObject *result = NULL;
-    if (a.n < 0 || a.start < 0 || a.head_dim <= 0 || a.n_head_kv <= 0 || a.n_head % a.n_head_kv) {
-        PyErr_SetString(PyExc_ValueError, "attention: bad shape");
+    if (a.n < 0 || a.start < 0 || a.head_dim <= 0 || a.n_head_kv <= 0 || a.n_head % a.n_head_kv || a.window < 0 ||
+        a.n_cells <= 0 || (a.start + a.n > a.n_cells && (a.window == 0 || a.n_cells < a.window + a.n))) {
+        PyErr_SetString(PyExc_ValueError, "attention: bad shape (or a ring of cells too small for its window)");
         goto done;
     }
     a.q_stride = a.n_head * a.head_dim;
     a.kv_stride = a.n_head_kv * a.head_dim;
-    const Py_ssize_t qbytes = (Py_ssize_t)a.n * a.q_stride * 4, kvbytes = (Py_ssize_t)(a.start + a.n) * a.kv_stride * 4;
+    const Py_ssize_t qbytes = (Py_ssize_t)a.n * a.q_stride * 4, kvbytes = (Py_ssize_t)a.n_cells * a.kv_stride * 4;
     if (q.len < qbytes || out.len < qbytes || k.len < kvbytes || v.len < kvbytes) {
         PyErr_SetString(PyExc_ValueError, "attention: a buffer is smaller than its shape says");
         goto done;
+    }
+    if (sinks_obj != Py_None) {
+        if (PyObject_GetBuffer(sinks_obj, &sinks, PyBUF_SIMPLE) < 0) goto done;
+        if (sinks.len < (Py_ssize_t)a.n_head * 4) {
+            PyErr_SetString(PyExc_ValueError, "attention: one sink per head expected");
+            goto done;
+        }
+        a.sinks = sinks.buf;
     }
     a.q = q.buf, a.k = k.buf, a.v = v.buf, a.out = out.buf;
     a.gemm8 = (a.n_head / a.n_head_kv) * a.n >= 2 && a.head_dim % 4 == 0;
@@ -644,6 +678,7 @@ done:
     PyBuffer_Release(&k);
     PyBuffer_Release(&v);
     PyBuffer_Release(&out);
+    if (sinks.obj) PyBuffer_Release(&sinks);
     return result;
 }
 
@@ -896,6 +931,7 @@ static PyMethodDef methods[] = {
     {"moe_batch", py_moe_batch, METH_VARARGS, "moe_batch(x, per_slot, weights, n_tokens, n_embd, k, jobs, counts, pairs)"},
     {"moe_workspace_bytes", py_moe_workspace_bytes, METH_VARARGS, "moe_workspace_bytes(n_embd, (n_ff, ...))"},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(x, g, out, n_rows, n)"},
+    {"swiglu_oai", py_swiglu_oai, METH_VARARGS, "swiglu_oai(g, u, out, alpha, limit)"},
     {"matmul_x", py_matmul_x, METH_VARARGS, "matmul_x(x, n_tokens, n_cols, ((fmt, w, out, n_rows), ...))"},
     {"quantize", py_quantize, METH_VARARGS, "quantize(kind, x, qs, d, bsums, n_tokens, n_cols)"},
     {"matmul_tiled", py_matmul_tiled, METH_VARARGS, "matmul_tiled(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)"},

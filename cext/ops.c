@@ -90,6 +90,14 @@ void expf_ggml_array(const float *x, float *out, ptrdiff_t n, int use_avx2) {
     for (; i < n; i++) out[i] = expf_ggml(x[i]);
 }
 
+void swiglu_oai(const float *g, const float *u, float *out, ptrdiff_t n, float alpha, float limit) {
+    for (ptrdiff_t i = 0; i < n; i++) {
+        const float a = limit < g[i] ? limit : g[i];                         /* std::min(g, limit) */
+        const float b = u[i] < -limit ? -limit : (limit < u[i] ? limit : u[i]); /* std::clamp */
+        out[i] = a / (1.0f + expf(alpha * -a)) * (b + 1.0f);
+    }
+}
+
 void silu_rows(const float *x, float *out, ptrdiff_t n_rows, int n, int use_avx2) {
     const int main = n - n % 8;
     for (ptrdiff_t r = 0; r < n_rows; r++) {

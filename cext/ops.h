@@ -18,6 +18,11 @@ void expf_ggml_array(const float *x, float *out, ptrdiff_t n, int use_avx2);
 
 /* ggml_vec_silu_f32 per row of n: x / (1 + exp(-x)), ggml_v_expf in chunks of 8, libm's expf
  * for the n % 8 values left over (out may be x) */
+/* ggml_compute_forward_swiglu_oai_f32 over n values (gpt-oss's experts): a = min(g, limit),
+ * b = clamp(u, -limit, limit), out = a / (1 + expf(alpha * -a)) * (b + 1), libm's expf.
+ * out may be g. */
+void swiglu_oai(const float *g, const float *u, float *out, ptrdiff_t n, float alpha, float limit);
+
 void silu_rows(const float *x, float *out, ptrdiff_t n_rows, int n, int use_avx2);
 
 /* RoPE in place on x (n_tokens, n_heads, head_dim); cos/sin (n_tokens, rope_dim/2); neox pairs

@@ -6,8 +6,13 @@ every layer, appending their keys and values to the KV cache:
     x = embed(tokens)
     for each layer:
         x += attention(rms_norm(x))          # RoPE, grouped-query, causal over the cache
+                                             # (or its sliding window), sinks if any
         x += ffn(rms_norm(x))                # dense SwiGLU, or routed experts (+ shared)
     logits = output(rms_norm(x))
+
+What differs between architectures are small named pieces that ModelArgs picks: the RoPE
+pairing and scaling (YaRN), the window per layer, the routing kind (softmax then top-k, or
+top-k then softmax), the experts' activation and biases, the optional norms and biases.
 
 Numerics follow llama.cpp's CPU backend (float32 activations; each matmul converts its
 input the way ggml does for the weight's type, see `offload.kernels`), because MoE
@@ -33,25 +38,66 @@ from .weights import FFN, Attention, ExpertStore, MoE, Weights
 # activations agree with llama.cpp's to the bit: a one-ulp difference can flip a
 # rounding to F16 or Q8_0 in the next matmul, and an MoE router amplifies such flips.
 
-def rope_tables(args: ModelArgs, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(args: ModelArgs, n_ctx: int, base: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin of every (position, pair) as ggml computes them: theta *= powf(base, -2/d) in
-    float32, then the C library's cosf/sinf."""
+    float32, then the C library's cosf/sinf; with YaRN, ggml's rope_yarn on each."""
+    f32 = np.float32
     n_pairs = args.rope_dim // 2
-    theta_scale = ggml_math.libm("powf", np.float32(args.rope_base), np.float32(-2.0) / np.float32(args.rope_dim))
+    base = args.rope_base if base is None else base
+    theta_scale = ggml_math.libm("powf", f32(base), f32(-2.0) / f32(args.rope_dim))
     theta = np.empty((n_ctx, n_pairs), dtype=np.float32)
     theta[:, 0] = np.arange(n_ctx, dtype=np.float32)
     for i in range(1, n_pairs):
         theta[:, i] = theta[:, i - 1] * theta_scale
-    theta *= np.float32(args.rope_freq_scale)
-    return ggml_math.libm("cosf", theta), ggml_math.libm("sinf", theta)
+    freq_scale = f32(args.rope_freq_scale)
+    if args.yarn is None:
+        theta *= freq_scale
+        return ggml_math.libm("cosf", theta), ggml_math.libm("sinf", theta)
+    ramp_mix, mscale = yarn_ramp_and_mscale(args, base)
+    interp = freq_scale * theta
+    # theta_interp * (1 - ramp_mix) + theta_extrap * ramp_mix, as GCC contracts it: one FMA
+    # (exact where the ramp is 0 or 1, so only the ramp's pairs need the C library's fmaf)
+    mixed = (ramp_mix > 0) & (ramp_mix < 1)
+    extrap_part = theta[:, mixed] * ramp_mix[mixed]
+    theta[:, ~mixed] = np.where(ramp_mix[~mixed] == 0, interp[:, ~mixed], theta[:, ~mixed])
+    theta[:, mixed] = ggml_math.libm("fmaf", interp[:, mixed], np.broadcast_to(f32(1) - ramp_mix[mixed], extrap_part.shape),
+                                     extrap_part)
+    return ggml_math.libm("cosf", theta) * mscale, ggml_math.libm("sinf", theta) * mscale
+
+
+def yarn_ramp_and_mscale(args: ModelArgs, base: float) -> tuple[np.ndarray, np.float32]:
+    """YaRN's per-pair extrapolation mix and its cos/sin magnitude, in float32 step by step as
+    llama.cpp computes them (ggml_rope_yarn_corr_dims, rope_yarn_ramp; the attention factor
+    from llama_context's get_mscale, cancelled as it cancels it, times rope_yarn's own)."""
+    f32, y = np.float32, args.yarn
+    logf = lambda v: ggml_math.libm("logf", np.asarray(v, dtype=np.float32))[()]  # noqa: E731
+    n_dims = f32(args.rope_dim)
+
+    def corr_dim(beta: float) -> np.float32:
+        return n_dims * logf(f32(y.orig_ctx) / (f32(beta) * f32(2) * f32(np.pi))) / (f32(2) * logf(f32(base)))
+
+    low = max(f32(0), f32(np.floor(corr_dim(y.beta_fast))))
+    high = min(n_dims - f32(1), f32(np.ceil(corr_dim(y.beta_slow))))
+    i = np.arange(args.rope_dim // 2, dtype=np.float32)  # i0 / 2
+    ramp = f32(1) - np.minimum(f32(1), np.maximum(f32(0), (i - low) / max(f32(0.001), high - low)))
+    ramp_mix = (ramp * f32(y.ext_factor)).astype(np.float32)
+    factor = f32(1) / f32(args.rope_freq_scale)
+    attn_factor = f32(f32(0.1) * f32(1) * logf(factor) + f32(1)) * (f32(1) / (f32(1) + f32(0.1) * logf(factor)))
+    mscale = f32(attn_factor * (f32(1) + f32(0.1) * logf(f32(1) / f32(args.rope_freq_scale))))
+    return ramp_mix, mscale
 
 
 def route(router_logits: np.ndarray, k: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """Pick each token's experts and their weights: (n, k) expert ids, (n, k) weights."""
-    probs = ggml_math.softmax(router_logits)
-    chosen = np.empty((len(probs), k), dtype=np.int64)
-    weights = np.empty((len(probs), k), dtype=np.float32)
-    (cext.top_k if cext.selected() else _top_k)(probs, k, kind == "softmax_topk_norm", chosen, weights)
+    """Pick each token's experts and their weights: (n, k) expert ids, (n, k) weights.
+    softmax_topk[_norm]: softmax over every expert, the k largest (renormalized or not);
+    topk_softmax: the k largest logits, softmax over those k."""
+    scores = router_logits if kind == "topk_softmax" else ggml_math.softmax(router_logits)
+    chosen = np.empty((len(scores), k), dtype=np.int64)
+    weights = np.empty((len(scores), k), dtype=np.float32)
+    (cext.top_k if cext.selected() else _top_k)(np.ascontiguousarray(scores, dtype=np.float32), k,
+                                                kind == "softmax_topk_norm", chosen, weights)
+    if kind == "topk_softmax":
+        weights = ggml_math.softmax(weights)
     return chosen, weights
 
 
@@ -85,18 +131,37 @@ def _top_k(probs, k, normalize, chosen, weights):
 N_UBATCH = 512
 
 
-class KVCache:
-    """Keys and values of every past position, per layer, allocated once for the context."""
+def kv_cells(args: ModelArgs, layer: int, n_ctx: int) -> int:
+    """Rows of a layer's KV cache: the whole context, or for a sliding-window layer a ring as
+    large as llama.cpp's SWA cache (the window plus a micro-batch, padded to 256), so that
+    position p lands in cell p % rows there and here alike and attention sums in its order."""
+    window = args.window(layer)
+    if not window:
+        return n_ctx
+    return min(n_ctx, -(-min(n_ctx, window + N_UBATCH) // 256) * 256)
 
-    def __init__(self, n_layer: int, n_ctx: int, kv_dim: int):
-        self.k = np.zeros((n_layer, n_ctx, kv_dim), dtype=np.float32)
-        self.v = np.zeros((n_layer, n_ctx, kv_dim), dtype=np.float32)
+
+class KVCache:
+    """Keys and values of past positions, per layer, allocated once for the context: every
+    position for full-attention layers, a ring of the last ones for sliding-window layers."""
+
+    def __init__(self, args: ModelArgs, n_ctx: int):
+        kv_dim = args.n_head_kv * args.head_dim
+        self.k = [np.zeros((kv_cells(args, i, n_ctx), kv_dim), dtype=np.float32) for i in range(args.n_layer)]
+        self.v = [np.zeros_like(k) for k in self.k]
         self.n_ctx = n_ctx
         self.n_past = 0
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.k, self.v))
+
+    def write(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Keys and values (n, kv_dim) of positions start.. into their cells."""
+        rows = len(self.k[layer])
+        cells = slice(start, start + len(k)) if start + len(k) <= rows else np.arange(start, start + len(k)) % rows
+        self.k[layer][cells] = k
+        self.v[layer][cells] = v
 
 
 class Scratch:
@@ -121,8 +186,10 @@ class Transformer:
         self.args = args
         self.weights = weights
         self.experts = experts
-        self.cache = KVCache(args.n_layer, n_ctx, args.n_head_kv * args.head_dim)
-        self.rope_cos, self.rope_sin = rope_tables(args, n_ctx)
+        self.cache = KVCache(args, n_ctx)
+        bases = {args.rope_base_of(i) for i in range(args.n_layer)}
+        tables = {base: rope_tables(args, n_ctx, base) for base in bases}  # shared by the layers of a base
+        self.rope = [tables[args.rope_base_of(i)] for i in range(args.n_layer)]  # (cos, sin) per layer
         self.scratch = Scratch()
         self.recorder = None  # a TraceRecorder (offload.trace) sees every routing decision when set
         self.prefetcher = None  # offload.predict.Prefetcher: predicts the next layers' experts for a tiered store
@@ -187,11 +254,18 @@ class Transformer:
     def _matmuls(self, ws, x: np.ndarray, outs) -> list[np.ndarray]:
         return matmuls(ws, x, outs=outs) if self.gpu is None else self.gpu.matmuls(ws, x, outs=outs)
 
-    def _expert(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
-        """A routed expert's output: from the store on the CPU, or where the GPU tier runs it."""
+    def _expert(self, layer: int, expert: int, x: np.ndarray, ffn: FFN | None = None) -> np.ndarray:
+        """A routed expert's output (its activation, its biases if any): from the store on the
+        CPU, or where the GPU tier runs it."""
+        biases = self.weights.layers[layer].moe.expert_biases
+        kind = dict(expert=True, act=self.args.expert_act, bias=None if biases is None else biases.of(expert))
         if self.gpu is None:
-            return _ffn(self.experts.get(layer, expert), x, self.scratch, expert=True)
-        return self.gpu.expert_ffn(layer, expert, x, lambda w, x: _ffn(w, x, self.scratch, expert=True))
+            return _ffn(ffn or self.experts.get(layer, expert), x, self.scratch, **kind)
+        return self.gpu.expert_ffn(layer, expert, x, lambda w, x: _ffn(w, x, self.scratch, **kind))
+
+    def _fused_experts(self, w: MoE) -> bool:
+        """Whether kernels.moe runs this layer's experts (plain SwiGLU experts without biases)."""
+        return self.gpu is None and self.args.expert_act == "swiglu" and w.expert_biases is None
 
     def _predict(self, layer: int, x: np.ndarray) -> None:
         """Hand the predictor's guesses for the next MoE layers to the store (and the recorder)."""
@@ -214,33 +288,38 @@ class Transformer:
         k = k.reshape(n, a.n_head_kv, hd)
         if a.qk_norm == "head":
             q, k = rms_norm(q, w.q_norm, a.rms_eps), rms_norm(k, w.k_norm, a.rms_eps)
-        cos, sin = self.rope_cos[start : start + n], self.rope_sin[start : start + n]
-        apply_rope(q, cos, sin, a.rope_dim, a.rope_style)
-        apply_rope(k, cos, sin, a.rope_dim, a.rope_style)
-        self.cache.k[layer, start : start + n] = k.reshape(n, -1)
-        self.cache.v[layer, start : start + n] = v
+        cos, sin = self.rope[layer]
+        apply_rope(q, cos[start : start + n], sin[start : start + n], a.rope_dim, a.rope_style)
+        apply_rope(k, cos[start : start + n], sin[start : start + n], a.rope_dim, a.rope_style)
+        self.cache.write(layer, start, k.reshape(n, -1), v)
         out = attention(q.reshape(n, -1), self.cache.k[layer], self.cache.v[layer], start, a.n_head, a.n_head_kv, hd,
-                        out=buf("attn", n, a.n_head * hd))
-        return self._matmul(w.wo, out, out=buf("attn_out", n, a.n_embd))
+                        out=buf("attn", n, a.n_head * hd), window=a.window(layer), sinks=w.sinks)
+        out = self._matmul(w.wo, out, out=buf("attn_out", n, a.n_embd))
+        if w.bo is not None:
+            out += w.bo
+        return out
 
     def _attention_token(self, layer: int, w: Attention, x: np.ndarray, start: int) -> bool:
         """x += the attention block of one decoding token, in one C call (kernels.block) where
         the C kernels serve its matrices and no GPU tier runs them; False if not run."""
-        if self.gpu is not None or not block.attention_fits(w):
-            return False
         a = self.args
+        if self.gpu is not None or not block.attention_fits(w) or a.window(layer) or w.sinks is not None or w.bo is not None:
+            return False
         if self._block_scratch is None:
             self._block_scratch = block.attention_scratch(a)
-        block.attention_token(a, w, x, start, self.rope_cos[start], self.rope_sin[start], self.cache.k[layer],
-                              self.cache.v[layer], self._block_scratch)
+        cos, sin = self.rope[layer]
+        block.attention_token(a, w, x, start, cos[start], sin[start], self.cache.k[layer], self.cache.v[layer],
+                              self._block_scratch)
         return True
 
     def _moe(self, layer: int, w: MoE, x: np.ndarray) -> np.ndarray:
         """Route each token to its top-k experts; run each chosen expert once on its tokens.
         Each token's expert outputs, weighted, are summed in slot order as llama.cpp does."""
         a, buf = self.args, self.scratch
-        chosen, weights = route(self._matmul(w.router, x, out=buf("router", len(x), w.router.n_rows)), a.n_expert_used,
-                                a.routing)
+        logits = self._matmul(w.router, x, out=buf("router", len(x), w.router.n_rows))
+        if w.router_bias is not None:
+            logits += w.router_bias
+        chosen, weights = route(logits, a.n_expert_used, a.routing)
         if self.recorder is not None:
             self.recorder.record(layer, chosen, weights)
         prefetch = getattr(self.experts, "prefetch", None)
@@ -267,7 +346,7 @@ class Transformer:
         one expert at a time. Returns (out, the shared expert's output or None if not run)."""
         a, buf = self.args, self.scratch
         out = buf("moe", 1, a.n_embd)
-        if self.gpu is not None:
+        if not self._fused_experts(w):
             routed = [lambda e=int(e): self._expert(layer, e, x) for e in chosen]
         else:
             ffns = [self.experts.get(layer, int(e)) for e in chosen]
@@ -276,7 +355,7 @@ class Transformer:
                 shared_out = buf("moe_shared", 1, a.n_embd) if shared else None
                 moe_ffn(x, ffns, weights, out, shared, shared_out)
                 return out, shared_out
-            routed = [lambda f=f: _ffn(f, x, buf, expert=True) for f in ffns]
+            routed = [lambda e=int(e), f=f: self._expert(layer, e, x, f) for e, f in zip(chosen, ffns)]
         for slot, expert_output in enumerate(routed):
             y = expert_output()
             if slot == 0:
@@ -293,7 +372,7 @@ class Transformer:
         a = self.args
         per_slot = np.zeros((len(x), a.n_expert_used, a.n_embd), dtype=np.float32)
         experts, counts = np.unique(chosen, return_counts=True)
-        if self.gpu is None and types_fuse(w.expert_types):
+        if self._fused_experts(w) and types_fuse(w.expert_types):
             pairs = np.stack(np.divmod(np.argsort(chosen, axis=None, kind="stable"), a.n_expert_used), axis=1)
             # a tiered store keeps n_expert_used experts of a layer pinned at most
             per_call = min(len(experts) if getattr(self.experts, "all_resident", True) else a.n_expert_used,
@@ -315,15 +394,24 @@ class Transformer:
         return out
 
 
-def _ffn(w: FFN, x: np.ndarray, buf: Scratch, expert: bool = False, gpu=None) -> np.ndarray:
-    """SwiGLU; `expert` marks a routed expert (llama.cpp's mul_mat_id sums in its own order).
-    The result may live in `buf`: use it before the next _ffn with the same buffers. `gpu`:
-    the GPU tier, for a dense or shared FFN whose matrices it placed in VRAM."""
+def _ffn(w: FFN, x: np.ndarray, buf: Scratch, expert: bool = False, gpu=None, act: str = "swiglu",
+         bias: tuple | None = None) -> np.ndarray:
+    """down(act(gate·x, up·x)); `expert` marks a routed expert (llama.cpp's mul_mat_id sums in
+    its own order); `act` "swiglu" or "swiglu_oai"; `bias`: (gate, up, down) biases added
+    after each matmul. The result may live in `buf`: use it before the next _ffn with the
+    same buffers. `gpu`: the GPU tier, for a dense or shared FFN whose matrices it placed in VRAM."""
     n = len(x)
     mm, mms = (matmul, matmuls) if gpu is None else (gpu.matmul, gpu.matmuls)
     gate, up = mms((w.gate, w.up), x, expert=expert,
                    outs=(buf("ffn_gate", n, w.gate.n_rows), buf("ffn_up", n, w.up.n_rows)))
-    return mm(w.down, ggml_math.silu_mul(gate, up, out=gate), expert=expert, out=buf("ffn_down", n, w.down.n_rows))
+    if bias is not None:
+        gate += bias[0]
+        up += bias[1]
+    h = ggml_math.silu_mul(gate, up, out=gate) if act == "swiglu" else ggml_math.swiglu_oai(gate, up, out=gate)
+    out = mm(w.down, h, expert=expert, out=buf("ffn_down", n, w.down.n_rows))
+    if bias is not None:
+        out += bias[2]
+    return out
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

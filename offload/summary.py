@@ -13,6 +13,8 @@ KV_BYTES_PER_VALUE = 4  # the KV cache is float32
 
 def tensor_class(name: str) -> str:
     """Which part of the model a tensor belongs to (llama.cpp tensor names)."""
+    if "_exps.bias" in name:
+        return "expert biases"  # small: resident beside the router (gpt-oss)
     if "_exps." in name:
         return "experts"
     if "_shexp." in name:
@@ -58,8 +60,9 @@ class ModelSummary:
 
     @property
     def kv_cache_bytes(self) -> int:
-        a = self.args
-        return 2 * a.n_layer * self.n_ctx * a.n_head_kv * a.head_dim * KV_BYTES_PER_VALUE
+        from .store.plan import kv_cache_bytes
+
+        return kv_cache_bytes(self.args, self.n_ctx)
 
     @property
     def minimum_budget(self) -> int:
@@ -83,7 +86,7 @@ def summarize(gguf: GGUFFile, args: ModelArgs, n_ctx: int, memory_budget: int | 
         cls = tensor_class(t.name)
         by_class[(cls, t.type_name)] += t.n_bytes
         s.params_total += t.n_elements
-        if cls == "experts":
+        if cls in ("experts", "expert biases"):
             s.params_experts += t.n_elements
             layer = _layer_of(t)
             s.expert_bytes_per_layer[layer] = s.expert_bytes_per_layer.get(layer, 0) + t.n_bytes // args.n_expert
@@ -122,6 +125,11 @@ def format_summary(path: str, s: ModelSummary) -> str:
         lines.append(f"experts       {a.n_expert} per layer, {a.n_expert_used} used per token, hidden {a.n_ff_exp}")
     else:
         lines.append(f"ffn           hidden {a.n_ff}")
+    sliding = [i for i in range(a.n_layer) if a.window(i)]
+    if sliding:
+        which = "even" if sliding == list(range(0, a.n_layer, 2)) else ", ".join(map(str, sliding))
+        lines.append(f"attention     sliding window {a.sliding_window} on {len(sliding)} of {a.n_layer} layers ({which}), "
+                     f"full on the others" + ("; a sink logit per head" if a.attn_sinks else ""))
     lines += [
         f"context       {a.n_ctx_train} trained; {s.n_ctx} planned here",
         f"parameters    {human_count(s.params_total)} total, {human_count(s.params_active)} active per token",
@@ -135,7 +143,8 @@ def format_summary(path: str, s: ModelSummary) -> str:
         f"always resident   {human_bytes(s.resident_bytes)} (all but the routed experts)",
         f"routed experts    {human_bytes(s.expert_bytes)}"
         + (f" ({human_bytes(max(s.expert_bytes_per_layer.values()))} per expert, largest layer)" if a.is_moe else ""),
-        f"KV cache          {human_bytes(s.kv_cache_bytes)} for {s.n_ctx} tokens (float32)",
+        f"KV cache          {human_bytes(s.kv_cache_bytes)} for {s.n_ctx} tokens (float32"
+        + ("; sliding layers keep only a ring of their last positions)" if sliding else ")"),
         f"minimum budget    {human_bytes(s.minimum_budget)} (resident + KV cache + scratch + one layer's "
         f"top-{a.n_expert_used or 0} experts + prefetch reserve)",
         f"whole model       {human_bytes(s.resident_bytes + s.expert_bytes + s.kv_cache_bytes)} with its KV cache"

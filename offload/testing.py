@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, RopeScalingType
 from gguf.quants import quantize
 
 _BUNDLED_VOCAB = Path(__file__).parent / "data" / "ggml-vocab-llama-spm.gguf"
@@ -58,8 +58,11 @@ class TinyConfig:
     rope_base: float = 10000.0
     rms_eps: float = 1e-5
     vocab: str = "llama-spm"
-    arch: str = "llama"  # also qwen2moe, qwen3moe, olmoe (MoE only; see write_model)
+    arch: str = "llama"  # also qwen2moe, qwen3moe, olmoe, gpt-oss (MoE only; see write_model)
     n_ff_shexp: int = 0  # qwen2moe's shared expert hidden size (default: n_ff)
+    sliding_window: int = 16  # gpt-oss: the window of its sliding layers (the even ones)
+    yarn_factor: float = 32.0  # gpt-oss: YaRN RoPE scaling (0: none)
+    yarn_orig_ctx: int = 64
 
 
 _FILE_TYPES = {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16, "BF16": LlamaFileType.MOSTLY_BF16,
@@ -70,8 +73,10 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
                 seed: int = 0) -> Path:
     """Write a random-weight model as GGUF: a llama-arch model (MoE when n_expert > 0), or with
     `config.arch` one of llama.cpp's qwen2moe (q/k/v biases, a sigmoid-gated shared expert),
-    qwen3moe (per-head q/k RMSNorm, expert_feed_forward_length) or olmoe (q/k RMSNorm over the
-    whole projection), with the metadata keys and tensors llama.cpp's loader asks of each."""
+    qwen3moe (per-head q/k RMSNorm, expert_feed_forward_length), olmoe (q/k RMSNorm over the
+    whole projection) or gpt-oss (biases everywhere, attention sinks, sliding-window layers,
+    YaRN, a router bias, swiglu_oai experts with biases), with the metadata keys and tensors
+    llama.cpp's loader asks of each."""
     c, path = config, Path(path)
     qtype = GGMLQuantizationType[weight_type]
     rng = np.random.default_rng(seed)
@@ -80,7 +85,7 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
     n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)
 
     arch = c.arch
-    if arch not in ("llama", "qwen2moe", "qwen3moe", "olmoe"):
+    if arch not in ("llama", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss"):
         raise ValueError(f"write_model does not write arch {arch!r}")
     if arch != "llama" and not c.n_expert:
         raise ValueError(f"{arch} is an MoE arch: n_expert must be > 0")
@@ -108,10 +113,16 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
     if c.n_expert:
         w.add_expert_count(c.n_expert)
         w.add_expert_used_count(c.n_expert_used)
-        if arch in ("qwen2moe", "qwen3moe"):
+        if arch in ("qwen2moe", "qwen3moe", "gpt-oss"):
             w.add_expert_feed_forward_length(c.n_ff)
         if arch == "qwen2moe":
             w.add_expert_shared_feed_forward_length(n_ff_shexp)
+    if arch == "gpt-oss":
+        w.add_sliding_window(c.sliding_window)
+        if c.yarn_factor:
+            w.add_rope_scaling_type(RopeScalingType.YARN)
+            w.add_rope_scaling_factor(c.yarn_factor)
+            w.add_rope_scaling_orig_ctx_len(c.yarn_orig_ctx)
     for key, f in vocab.fields.items():
         if key.startswith("tokenizer."):
             sub = f.types[-1] if len(f.types) > 1 else None
@@ -146,12 +157,22 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
         elif arch == "olmoe":
             norm(p + "attn_q_norm.weight", c.n_head * head_dim)
             norm(p + "attn_k_norm.weight", c.n_head_kv * head_dim)
-        norm(p + "ffn_norm.weight", c.n_embd)
+        elif arch == "gpt-oss":
+            bias(p + "attn_q.bias", c.n_head * head_dim)
+            bias(p + "attn_k.bias", c.n_head_kv * head_dim)
+            bias(p + "attn_v.bias", c.n_head_kv * head_dim)
+            bias(p + "attn_output.bias", c.n_embd)
+            w.add_tensor(p + "attn_sinks.weight", rng.standard_normal(c.n_head).astype(np.float32))
+        norm(p + ("post_attention_norm.weight" if arch == "gpt-oss" else "ffn_norm.weight"), c.n_embd)
         if c.n_expert:
             matrix(p + "ffn_gate_inp.weight", c.n_expert, c.n_embd, keep_f32=True)
             matrix(p + "ffn_gate_exps.weight", c.n_expert, c.n_ff, c.n_embd)
             matrix(p + "ffn_up_exps.weight", c.n_expert, c.n_ff, c.n_embd)
             matrix(p + "ffn_down_exps.weight", c.n_expert, c.n_embd, c.n_ff)
+            if arch == "gpt-oss":
+                bias(p + "ffn_gate_inp.bias", c.n_expert)
+                for part, n in (("gate", c.n_ff), ("up", c.n_ff), ("down", c.n_embd)):
+                    w.add_tensor(p + f"ffn_{part}_exps.bias", (0.5 * rng.standard_normal((c.n_expert, n))).astype(np.float32))
             if arch == "qwen2moe":
                 w.add_tensor(p + "ffn_gate_inp_shexp.weight",  # one row, stored 1-D as in converted files
                              (rng.standard_normal(c.n_embd) / np.sqrt(c.n_embd)).astype(np.float32))

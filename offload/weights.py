@@ -48,6 +48,8 @@ class Attention:
     bv: np.ndarray | None = None
     q_norm: np.ndarray | None = None
     k_norm: np.ndarray | None = None
+    bo: np.ndarray | None = None  # the output projection's bias
+    sinks: np.ndarray | None = None  # (n_head,) one extra softmax logit per head, with no value
 
     @cached_property
     def kernel_spec(self) -> tuple:
@@ -56,12 +58,28 @@ class Attention:
         return tuple((m.fmt.name, m.address, m.n_rows) for m in (self.wq, self.wk, self.wv, self.wo))
 
 
+@dataclass(frozen=True)
+class ExpertBiases:
+    """The biases of a layer's routed experts, one row per expert. They are small (0.2% of
+    gpt-oss's experts), so they stay resident beside the router while the matrices they go
+    with move through the expert store."""
+
+    gate: np.ndarray  # (n_expert, n_ff_exp) float32
+    up: np.ndarray  # (n_expert, n_ff_exp)
+    down: np.ndarray  # (n_expert, n_embd)
+
+    def of(self, expert: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.gate[expert], self.up[expert], self.down[expert]
+
+
 @dataclass
 class MoE:
     router: QMatrix  # n_expert rows
     expert_types: tuple = ()  # ggml types of the routed experts' gate, up and down (the same for every expert)
     shared: FFN | None = None
     shared_gate: QMatrix | None = None  # one row: sigmoid(shared_gate·x) scales the shared expert
+    router_bias: np.ndarray | None = None  # (n_expert,) added to the router logits
+    expert_biases: ExpertBiases | None = None
 
 
 @dataclass
@@ -123,6 +141,17 @@ def _vector(t: TensorInfo) -> np.ndarray:
     _format(t)
     flat = QMatrix.from_raw(t.ggml_type, t.data, n_rows=1, n_cols=t.n_elements)
     return dequantize_rows(flat, np.zeros(1, dtype=np.int64))[0]
+
+
+def _bias_rows(t: TensorInfo, n_rows: int) -> np.ndarray:
+    """A stack of biases (n_rows, n) as float32: a view of the file when stored as F32."""
+    fmt = _format(t)
+    if t.n_elements % n_rows:
+        raise UnsupportedModelError(f"tensor {t.name} has shape {t.shape}, expected {n_rows} rows")
+    m = QMatrix.from_raw(t.ggml_type, t.data, n_rows=n_rows, n_cols=t.n_elements // n_rows)
+    if fmt.name == "F32":
+        return m.data.view(np.float32).reshape(n_rows, -1)
+    return dequantize_rows(m, np.arange(n_rows))
 
 
 def _expert_matrices(t: TensorInfo, n_expert: int) -> list[QMatrix]:
@@ -220,6 +249,13 @@ def load_weights(gguf: GGUFFile, args: ModelArgs) -> Weights:
         if args.qk_norm:
             attn.q_norm = _vector(gguf.tensor(p + "attn_q_norm.weight"))
             attn.k_norm = _vector(gguf.tensor(p + "attn_k_norm.weight"))
+        if args.attn_out_bias:
+            attn.bo = _vector(gguf.tensor(p + "attn_output.bias"))
+        if args.attn_sinks:
+            attn.sinks = _vector(gguf.tensor(p + "attn_sinks.weight"))
+            if attn.sinks.shape != (args.n_head,):
+                raise UnsupportedModelError(f"tensor {p}attn_sinks.weight holds {attn.sinks.size} values, "
+                                            f"expected one per head ({args.n_head})")
         dense = moe = None
         if args.is_moe_layer(i):
             if opt(p + "ffn_gate_exps.weight") is None and opt(p + "ffn_gate.0.weight") is not None:
@@ -229,13 +265,18 @@ def load_weights(gguf: GGUFFile, args: ModelArgs) -> Weights:
                 )
             moe = MoE(router=_matrix(gguf.tensor(p + "ffn_gate_inp.weight")),
                       expert_types=tuple(gguf.tensor(p + f"ffn_{x}_exps.weight").ggml_type for x in ("gate", "up", "down")))
+            if args.router_bias:
+                moe.router_bias = _vector(gguf.tensor(p + "ffn_gate_inp.bias"))
+            if args.expert_bias:
+                moe.expert_biases = ExpertBiases(*(_bias_rows(gguf.tensor(p + f"ffn_{x}_exps.bias"), args.n_expert)
+                                                   for x in ("gate", "up", "down")))
             if args.shared_expert:
                 moe.shared = FFN(*(_matrix(gguf.tensor(p + f"ffn_{x}_shexp.weight")) for x in ("gate", "up", "down")))
                 if opt(p + "ffn_gate_inp_shexp.weight") is not None:
                     moe.shared_gate = _matrix(gguf.tensor(p + "ffn_gate_inp_shexp.weight"))
         else:
             dense = FFN(*(_matrix(gguf.tensor(p + f"ffn_{x}.weight")) for x in ("gate", "up", "down")))
-        ffn_norm = _vector(gguf.tensor(p + "ffn_norm.weight"))
+        ffn_norm = _vector(gguf.tensor(p + args.ffn_norm + ".weight"))
         layers.append(Layer(attn=attn, ffn_norm=ffn_norm, dense=dense, moe=moe))
 
     token_embd = _matrix(gguf.tensor("token_embd.weight"))

@@ -9,7 +9,7 @@ from typing import Callable
 
 from ..errors import UnsupportedModelError
 from ..gguf_file import GGUFFile
-from . import llama, olmoe, qwen2moe, qwen3moe
+from . import gpt_oss, llama, olmoe, qwen2moe, qwen3moe
 from .base import ModelArgs
 
 ARCHITECTURES: dict[str, Callable[[GGUFFile], ModelArgs]] = {
@@ -17,6 +17,7 @@ ARCHITECTURES: dict[str, Callable[[GGUFFile], ModelArgs]] = {
     "qwen2moe": qwen2moe.model_args,
     "qwen3moe": qwen3moe.model_args,
     "olmoe": olmoe.model_args,
+    "gpt-oss": gpt_oss.model_args,
 }
 
 
@@ -32,6 +33,8 @@ def model_args(gguf: GGUFFile) -> ModelArgs:
         raise UnsupportedModelError(
             f"{gguf.path}: expert_used_count {args.n_expert_used} does not fit expert_count {args.n_expert}"
         )
+    if args.sliding_window < 0 or (args.swa_layers and len(args.swa_layers) != args.n_layer):
+        raise UnsupportedModelError(f"{gguf.path}: bad sliding window settings")
     return args
 
 

@@ -16,8 +16,25 @@ from ..errors import UnsupportedModelError
 from ..gguf_file import GGUFFile
 
 RopeStyle = Literal["normal", "neox"]  # pairs (x0,x1),(x2,x3)... or halves (x_i, x_{i+d/2})
-Routing = Literal["softmax_topk_norm", "softmax_topk"]
+# softmax over all experts then the top k (renormalized or not), or (gpt-oss) the top k of the
+# raw logits, then softmax over those k only
+Routing = Literal["softmax_topk_norm", "softmax_topk", "topk_softmax"]
 QKNorm = Literal["head", "full"]  # RMSNorm per head (Qwen3) or over the whole projection (OLMoE)
+# down(silu(gate) * up), or gpt-oss's clamped variant: a = min(gate, 7), b = clamp(up, -7, 7),
+# a * sigmoid(1.702 a) * (b + 1)
+ExpertActivation = Literal["swiglu", "swiglu_oai"]
+
+
+@dataclass(frozen=True)
+class Yarn:
+    """YaRN RoPE scaling (llama.cpp's rope_yarn): frequencies interpolated by 1/factor outside a
+    ramp of dims between the beta_fast and beta_slow corrections, cos/sin scaled by mscale."""
+
+    factor: float
+    orig_ctx: int  # the context the model was trained at before scaling
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    ext_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -35,11 +52,21 @@ class ModelArgs:
     rope_dim: int
     rope_style: RopeStyle
     rope_freq_scale: float = 1.0
+    yarn: Yarn | None = None
+    rope_base_swa: float | None = None  # sliding-window layers' RoPE base, when it differs
+    sliding_window: int = 0  # keys at most this many positions back, on the layers swa_layers marks
+    swa_layers: tuple[bool, ...] = ()
+    attn_sinks: bool = False  # one learned logit per head joins each softmax (gpt-oss)
+    attn_out_bias: bool = False
     n_ff: int = 0  # hidden size of a dense FFN
     n_expert: int = 0  # 0: a dense model
     n_expert_used: int = 0
     n_ff_exp: int = 0  # hidden size of one expert
     routing: Routing = "softmax_topk_norm"
+    router_bias: bool = False  # added to the router logits before the choice
+    expert_act: ExpertActivation = "swiglu"
+    expert_bias: bool = False  # each expert's gate, up and down add a bias
+    ffn_norm: str = "ffn_norm"  # the FFN's norm tensor (gpt-oss: post_attention_norm)
     qk_norm: QKNorm | None = None
     attn_bias: bool = False
     shared_expert: bool = False
@@ -51,6 +78,13 @@ class ModelArgs:
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.is_moe and layer >= self.n_dense_lead
+
+    def window(self, layer: int) -> int:
+        """How many positions back this layer's attention reaches (0: all of them)."""
+        return self.sliding_window if self.swa_layers and self.swa_layers[layer] else 0
+
+    def rope_base_of(self, layer: int) -> float:
+        return self.rope_base_swa if self.rope_base_swa is not None and self.window(layer) else self.rope_base
 
 
 def hparam(gguf: GGUFFile, key: str, default=None):
@@ -72,14 +106,22 @@ def per_layer_constant(gguf: GGUFFile, key: str, default=None) -> int:
     return int(value)
 
 
-def rope_freq_scale(gguf: GGUFFile) -> float:
-    """Linear RoPE scaling is a frequency scale; other scaling types change the math."""
+def rope_scaling(gguf: GGUFFile) -> dict:
+    """rope_freq_scale and yarn from the file: linear scaling is a frequency scale; YaRN also
+    changes the frequencies near its ramp and the magnitude of cos/sin."""
     kind = gguf.get(f"{gguf.architecture}.rope.scaling.type", "none")
+    factor = float(gguf.get(f"{gguf.architecture}.rope.scaling.factor", 0.0) or 0.0)
+    scale = 1.0 / factor if factor else 1.0
     if kind in ("none", None):
-        return 1.0
+        return dict(rope_freq_scale=1.0)
     if kind == "linear":
-        factor = float(gguf.get(f"{gguf.architecture}.rope.scaling.factor", 1.0))
-        return 1.0 / factor if factor else 1.0
+        return dict(rope_freq_scale=scale)
+    if kind == "yarn":
+        orig = int(gguf.get(f"{gguf.architecture}.rope.scaling.original_context_length",
+                            hparam(gguf, "context_length", 4096)))
+        if gguf.get(f"{gguf.architecture}.rope.scaling.yarn_log_multiplier", 0.0):
+            raise UnsupportedModelError(f"{gguf.path}: YaRN with a log multiplier (DeepSeek's mscale) is not supported yet")
+        return dict(rope_freq_scale=scale, yarn=Yarn(factor=factor or 1.0, orig_ctx=orig))
     raise UnsupportedModelError(f"{gguf.path}: RoPE scaling type '{kind}' is not supported yet")
 
 
@@ -100,7 +142,7 @@ def common_fields(gguf: GGUFFile, rms_eps_default: float = 1e-6) -> dict:
         rms_eps=float(hparam(gguf, "attention.layer_norm_rms_epsilon", rms_eps_default)),
         rope_base=float(hparam(gguf, "rope.freq_base", 10000.0)),
         rope_dim=int(hparam(gguf, "rope.dimension_count", head_dim)),
-        rope_freq_scale=rope_freq_scale(gguf),
+        **rope_scaling(gguf),
     )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 
-from ..errors import BudgetError
+from ..errors import BudgetError, OffloadError
 
 AUTO_SHARE_OF_FREE = 0.9  # --vram-budget auto: this share of the free GPU memory
 
@@ -57,6 +57,10 @@ def attach(transformer, weights, host_store, layouts, n_expert_used: int, vram_b
     `dense`: False leaves every non-expert matrix on the CPU (only experts use VRAM)."""
     from .device import Device, calibrate
 
+    a = transformer.args
+    if a.expert_act != "swiglu" or a.expert_bias:
+        # its device kernels run plain SwiGLU experts; gpt-oss's would need their biases and clamp
+        raise OffloadError(f"the GPU tier does not run {a.arch}'s experts yet ({a.expert_act}, biases)")
     device = Device()  # first: it chooses the simulator or the GPU before numba.cuda is imported
     from .vram import GpuTier, plan_vram
 

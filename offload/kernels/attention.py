@@ -8,9 +8,17 @@ llama.cpp computes, per KV head g and its group of query heads:
                      holds 2+ query rows and head_dim % 4 == 0, else ggml_vec_dot_f32.
 Padding adds exact zeros in every one of these orders, so the kernel runs to the real
 length and needs no padded copies. `attention_ref` is the same in numpy, step by step.
+
+Sliding-window layers (gpt-oss) keep their keys in a ring, as llama.cpp's SWA cache does:
+position p in cell p % n_cells once the positions outgrow the cells; the sums above run
+over cells in cell order, the cells outside a query's window masked (weighing exactly 0).
+A sink logit per head (gpt-oss) joins the softmax's max, and its exp (libm's expf, as in
+ggml_compute_forward_soft_max_f32) is added to the sum after the chunks.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -36,27 +44,41 @@ def _hsum8(acc):
     return (a0 + a2) + (a1 + a3)
 
 
+@njit(inline="always")
+def _cell_position(c, last, n_cells, wrapped):
+    """The position cell c holds once positions up to `last` are written."""
+    return last - (last - c) % n_cells if wrapped else c
+
+
 @njit(cache=True, nogil=True, parallel=True)
-def _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, scale, out):
-    """q (n, n_head*hd); k_cache, v_cache (n_ctx, n_head_kv*hd) of one layer, filled up
-    to start + n; out (n, n_head*hd)."""
+def _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, scale, window, sinks, out):
+    """q (n, n_head*hd); k_cache, v_cache (n_cells, n_head_kv*hd) of one layer, positions
+    up to start + n written (position p in cell p % n_cells); out (n, n_head*hd); window 0:
+    none; sinks: (n_head,) or empty."""
     n = q.shape[0]
-    end = start + n
+    n_cells = k_cache.shape[0]
+    last = start + n - 1
+    wrapped = last >= n_cells
     hd = head_dim
     group = n_head // n_head_kv
     gemm8 = group * n >= 2 and hd % 4 == 0
     main = hd - hd % 32
     for h in prange(n_head):
         acc = np.zeros(32, dtype=np.float32)
-        probs = np.empty(end, dtype=np.float32)
+        probs = np.empty(min(start + n, n_cells), dtype=np.float32)
         vacc = np.zeros((32, hd), dtype=np.float32)  # (lane, d)
         g = h // group
         kv0 = g * hd
         for t in range(n):
             qrow = q[t, h * hd:(h + 1) * hd]
-            live = start + t + 1  # causal: later positions are masked, weigh exactly +0 and are skipped
+            pos = start + t
+            live = n_cells if wrapped else pos + 1  # causal: later positions weigh exactly +0 and are skipped
             m = np.float32(-np.inf)
             for p in range(live):
+                cp = _cell_position(p, last, n_cells, wrapped)
+                if cp > pos or (window > 0 and pos - cp >= window):
+                    probs[p] = -np.inf
+                    continue
                 acc[:] = 0.0
                 for c in range(0, main, 32):
                     for lane in range(32):
@@ -68,6 +90,8 @@ def _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, scale, o
                 probs[p] = s
                 if s > m:
                     m = s
+            if len(sinks) and sinks[h] > m:
+                m = sinks[h]
             # ggml's softmax: exp in chunks of 8, each chunk's hsum added in double
             total = 0.0
             for c in range(0, live, 8):
@@ -78,6 +102,8 @@ def _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, scale, o
                     probs[p] = e
                     lanes[p - c] = e
                 total += np.float64(_hsum8(lanes))
+            if len(sinks):
+                total += np.float64(np.float32(math.exp(sinks[h] - m)))  # libm's expf
             inv = np.float32(1.0 / total)
             for p in range(live):
                 probs[p] = probs[p] * inv
@@ -85,6 +111,8 @@ def _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, scale, o
             vacc[:, :] = 0.0
             width = 8 if gemm8 else 32
             for p in range(live):
+                if probs[p] == 0.0:
+                    continue  # masked: adds exactly +0
                 lane = vacc[p % width]
                 w = probs[p]
                 for d in range(hd):
@@ -97,47 +125,68 @@ def _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, scale, o
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, n_head: int, n_head_kv: int,
-              head_dim: int, out: np.ndarray | None = None) -> np.ndarray:
+              head_dim: int, out: np.ndarray | None = None, window: int = 0,
+              sinks: np.ndarray | None = None) -> np.ndarray:
     """Attention of the n new queries q (n, n_head*head_dim) at positions start.. over one
-    layer's cache (filled up to start + n); returns (n, n_head*head_dim). All arrays float32
-    and C-contiguous. The C kernel with the C kernels, else the Numba one (same bits)."""
+    layer's cache (n_cells rows, positions up to start + n written, position p in cell
+    p % n_cells); returns (n, n_head*head_dim). `window`: keys fewer than this many
+    positions back (0: all); `sinks`: (n_head,) sink logits. All arrays float32 and
+    C-contiguous. The C kernel with the C kernels, else the Numba one (same bits)."""
     if out is None:
         out = np.empty_like(q)
     if cext.selected():
-        cext.attention(q, k_cache, v_cache, out, q.shape[0], start, n_head, n_head_kv, head_dim)
+        cext.attention(q, k_cache, v_cache, out, q.shape[0], start, n_head, n_head_kv, head_dim, window, sinks)
         return out
-    return attention_numba(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, out)
+    return attention_numba(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, out, window, sinks)
 
 
 def attention_numba(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, n_head: int,
-                    n_head_kv: int, head_dim: int, out: np.ndarray | None = None) -> np.ndarray:
+                    n_head_kv: int, head_dim: int, out: np.ndarray | None = None, window: int = 0,
+                    sinks: np.ndarray | None = None) -> np.ndarray:
     if out is None:
         out = np.empty_like(q)
     scale = np.float32(1.0) / np.sqrt(np.float32(head_dim))
-    _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, scale, out)
+    sinks = np.zeros(0, dtype=np.float32) if sinks is None else np.ascontiguousarray(sinks, dtype=np.float32)
+    _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, scale, window, sinks, out)
     return out
 
 
+def cell_positions(n_cells: int, end: int) -> np.ndarray:
+    """The position each cell holds once positions 0 .. end-1 are written (-1: empty)."""
+    cells = np.arange(n_cells)
+    if end <= n_cells:
+        return np.where(cells < end, cells, -1)
+    return (end - 1) - ((end - 1) - cells) % n_cells
+
+
 def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, n_head: int, n_head_kv: int,
-                  head_dim: int) -> np.ndarray:
-    """The same with numpy and the general matmul, over explicitly padded copies."""
+                  head_dim: int, window: int = 0, sinks: np.ndarray | None = None) -> np.ndarray:
+    """The same with numpy and the general matmul, over explicitly padded copies in cell order."""
     n, hd = q.shape[0], head_dim
     end = start + n
+    n_cells = k_cache.shape[0]
+    live = min(end, n_cells)
     q = q.reshape(n, n_head, hd)
     out = np.empty((n, n_head, hd), dtype=np.float32)
     scale = np.float32(1.0) / np.sqrt(np.float32(hd))
-    n_kv = -(-end // 32) * 32  # llama.cpp pads its KV length to 32
-    future = np.arange(n_kv)[None, :] > (start + np.arange(n))[:, None]
+    n_kv = -(-live // 32) * 32  # llama.cpp pads its KV length (to 256 now; any multiple of 32 sums alike)
+    cell_pos = np.full(n_kv, -1)
+    cell_pos[:live] = cell_positions(n_cells, end)[:live]
+    query_pos = (start + np.arange(n))[:, None]
+    masked = (cell_pos[None, :] < 0) | (cell_pos[None, :] > query_pos)
+    if window:
+        masked |= query_pos - cell_pos[None, :] >= window
     group = n_head // n_head_kv  # query heads g*group .. share KV head g
     for g in range(n_head_kv):
         heads = slice(g * group, (g + 1) * group)
         keys = np.zeros((n_kv, hd), dtype=np.float32)
-        keys[:end] = k_cache[:end, g * hd:(g + 1) * hd]
+        keys[:live] = k_cache[:live, g * hd:(g + 1) * hd]
         queries = q[:, heads].transpose(1, 0, 2).reshape(group * n, hd)
         scores = matmul_f32_arrays(keys, queries, src1_contiguous=False).reshape(group, n, n_kv) * scale
-        scores[:, future] = -np.inf
-        probs = ggml_math.softmax_ref(scores).reshape(group * n, n_kv)
+        scores[:, masked] = -np.inf
+        sink = None if sinks is None else np.repeat(sinks[heads], n)
+        probs = ggml_math.softmax_ref(scores.reshape(group * n, n_kv), sinks=sink)
         values_t = np.zeros((hd, n_kv), dtype=np.float32)  # llama.cpp keeps V transposed
-        values_t[:, :end] = v_cache[:end, g * hd:(g + 1) * hd].T
+        values_t[:, :live] = v_cache[:live, g * hd:(g + 1) * hd].T
         out[:, heads] = matmul_f32_arrays(values_t, probs).reshape(group, n, hd).transpose(1, 0, 2)
     return out.reshape(n, n_head * hd)

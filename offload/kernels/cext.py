@@ -127,6 +127,11 @@ def has_silu_mul() -> bool:
     return _cext is not None and hasattr(_cext, "silu_mul")
 
 
+def swiglu_oai(g: np.ndarray, u: np.ndarray, out: np.ndarray, alpha: float, limit: float) -> None:
+    """gpt-oss's clamped SwiGLU (cext/ops.c); every array float32, C-contiguous; out may be g."""
+    _cext.swiglu_oai(g, u, out, alpha, limit)
+
+
 def silu_mul(x: np.ndarray, g: np.ndarray, out: np.ndarray, n_rows: int, n: int) -> None:
     """SwiGLU in ggml's order (cext/swiglu.c); every array float32, C-contiguous; out may be x."""
     _cext.silu_mul(x, g, out, n_rows, n)
@@ -138,8 +143,9 @@ def quantize(kind: str, x: np.ndarray, out: tuple) -> tuple:
     return out
 
 
-def attention(q, k, v, out, n: int, start: int, n_head: int, n_head_kv: int, head_dim: int) -> None:
-    _cext.attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim)
+def attention(q, k, v, out, n: int, start: int, n_head: int, n_head_kv: int, head_dim: int, window: int = 0,
+              sinks=None) -> None:
+    _cext.attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim, k.shape[0], window, sinks)
 
 
 # -- the step's small ops (cext/ops.c); float32 C-contiguous arrays, as ggml_math's callers pass

@@ -80,15 +80,31 @@ def silu_mul_ref(x: np.ndarray, g: np.ndarray) -> np.ndarray:
     return out
 
 
-def softmax_ref(x: np.ndarray) -> np.ndarray:
+SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT = np.float32(1.702), np.float32(7.0)  # build_moe_ffn's constants
+
+
+def swiglu_oai_ref(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """ggml_compute_forward_swiglu_oai_f32 (gpt-oss): a = min(g, 7), b = clamp(u, -7, 7),
+    a / (1 + expf(1.702 * -a)) * (b + 1), with libm's expf; NaN stays NaN as in std::min."""
+    g, u = np.asarray(g, dtype=np.float32), np.asarray(u, dtype=np.float32)
+    a = np.where(SWIGLU_OAI_LIMIT < g, SWIGLU_OAI_LIMIT, g)
+    b = np.where(u < -SWIGLU_OAI_LIMIT, -SWIGLU_OAI_LIMIT, np.where(SWIGLU_OAI_LIMIT < u, SWIGLU_OAI_LIMIT, u))
+    with np.errstate(over="ignore", invalid="ignore"):
+        return a / (_F32(1.0) + libm("expf", SWIGLU_OAI_ALPHA * -a)) * (b + _F32(1.0))
+
+
+def softmax_ref(x: np.ndarray, sinks: np.ndarray | None = None) -> np.ndarray:
     """ggml_vec_soft_max_f32 over the last axis, then the scale by float(1 / sum): exp(x - max)
     in chunks of 8 (ggml_v_expf), each chunk's sum folded as hsum_float_8 and added to a
     double; the n % 8 values left over go through libm's expf and are added to the double
-    one at a time."""
+    one at a time. `sinks` (one per row: attention sinks) join the max, and their libm exp
+    the sum, last (ggml_compute_forward_soft_max_f32)."""
     x = np.asarray(x, dtype=np.float32)
     n = x.shape[-1]
     main = n - n % 8
     m = x.max(axis=-1, keepdims=True)
+    if sinks is not None:
+        m = np.maximum(m, np.asarray(sinks, dtype=np.float32).reshape(m.shape))
     e = np.empty_like(x)
     e[..., :main] = expf_ref(x[..., :main] - m)
     chunks = e[..., :main].reshape(e.shape[:-1] + (-1, 8))
@@ -100,6 +116,8 @@ def softmax_ref(x: np.ndarray) -> np.ndarray:
     for i in range(main, n):
         e[..., i] = libm("expf", x[..., i] - m[..., 0])
         total += e[..., i]
+    if sinks is not None:
+        total += libm("expf", np.asarray(sinks, dtype=np.float32).reshape(m.shape)[..., 0] - m[..., 0])
     inv = (1.0 / total).astype(np.float32)[..., None]
     return e * inv
 
@@ -136,7 +154,7 @@ def _libm():
     import ctypes.util
 
     lib = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
-    for name, n_args in (("cosf", 1), ("sinf", 1), ("powf", 2), ("expf", 1)):
+    for name, n_args in (("cosf", 1), ("sinf", 1), ("powf", 2), ("expf", 1), ("logf", 1), ("fmaf", 3)):
         fn = getattr(lib, name)
         fn.restype = ctypes.c_float
         fn.argtypes = [ctypes.c_float] * n_args
@@ -147,7 +165,7 @@ _LIBM = None
 
 
 def libm(name: str, *args: np.ndarray) -> np.ndarray:
-    """Elementwise C-library float function `name` (cosf, sinf, powf, expf) over float32 arrays."""
+    """Elementwise C-library float function `name` (cosf, sinf, powf, expf, logf, fmaf) over float32 arrays."""
     global _LIBM
     if _LIBM is None:
         _LIBM = _libm()
@@ -265,6 +283,29 @@ def silu_mul(x: np.ndarray, g: np.ndarray, out: np.ndarray | None = None) -> np.
             cext.silu_mul(x, g, out, x.size // n, n)
         else:
             _silu_mul_rows(x.reshape(-1, n), g.reshape(-1, n), out.reshape(-1, n))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _swiglu_oai(g, u, out, alpha, limit):
+    for i in range(g.size):
+        a = limit if limit < g[i] else g[i]
+        b = -limit if u[i] < -limit else (limit if limit < u[i] else u[i])
+        out[i] = a / (np.float32(1.0) + np.float32(math.exp(alpha * -a))) * (b + np.float32(1.0))  # libm's expf
+
+
+def swiglu_oai(g: np.ndarray, u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """gpt-oss's expert activation (compiled twin of swiglu_oai_ref): C with the C kernels,
+    else Numba; the same bits. `out` may be g."""
+    g = np.ascontiguousarray(g, dtype=np.float32)
+    u = np.ascontiguousarray(u, dtype=np.float32)
+    if out is None:
+        out = np.empty_like(g)
+    if g.size:
+        if cext.selected() and out.flags.c_contiguous:
+            cext.swiglu_oai(g, u, out, float(SWIGLU_OAI_ALPHA), float(SWIGLU_OAI_LIMIT))
+        else:
+            _swiglu_oai(g.reshape(-1), u.reshape(-1), out.reshape(-1), SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT)
     return out
 
 

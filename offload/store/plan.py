@@ -175,7 +175,7 @@ def resident_weight_bytes(gguf: GGUFFile) -> int:
     RSS: each tensor's span widened to the kernel's fault-around windows, the union."""
     spans = [(0, min(t.offset for t in gguf.tensors.values()))] if gguf.tensors else []
     for t in gguf.tensors.values():
-        if "_exps." not in t.name:
+        if "_exps.weight" not in t.name:  # (gpt-oss's expert biases stay resident)
             spans.append((_down(t.offset, FAULT_AROUND), _up(t.offset + t.n_bytes, FAULT_AROUND)))
     total, end = 0, 0
     for a, b in sorted(spans):
@@ -196,12 +196,16 @@ def scratch_bytes(args: ModelArgs, n_ctx: int) -> int:
     k = max(1, args.n_expert_used)
     width = (6 * args.n_embd + 3 * args.n_head * args.head_dim + k * (args.n_embd + 2 * args.n_ff_exp)
              + args.n_expert + 2 * args.n_ff)
-    rope = 2 * n_ctx * (args.rope_dim // 2) * 4
+    rope = 2 * n_ctx * (args.rope_dim // 2) * 4 * len({args.rope_base_of(i) for i in range(args.n_layer)})
     return 2 * tokens * width * 4 + LOGITS_ROWS * args.n_vocab * 4 + rope
 
 
 def kv_cache_bytes(args: ModelArgs, n_ctx: int) -> int:
-    return 2 * args.n_layer * n_ctx * args.n_head_kv * args.head_dim * 4
+    """float32 keys and values: every position on full-attention layers, a ring of the last
+    ones on sliding-window layers (forward.kv_cells)."""
+    from ..forward import kv_cells
+
+    return sum(2 * kv_cells(args, i, n_ctx) * args.n_head_kv * args.head_dim * 4 for i in range(args.n_layer))
 
 
 def runtime_bytes(gguf: GGUFFile, gpu: bool = False) -> int:
