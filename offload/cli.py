@@ -2,7 +2,7 @@
 
 Flag names follow llama.cpp's (`-p`, `-n`, `-c`, `-t`, `--temp`, ...) where the concept
 is the same. A problem with the user's input ends the command with one line on stderr
-and exit code 1; Ctrl-C ends it with 130.
+and exit code 1 (a malformed command line: exit code 2); Ctrl-C ends it with 130.
 """
 
 from __future__ import annotations
@@ -15,11 +15,16 @@ from .errors import OffloadError
 
 
 class _Group(click.Group):
-    """Turns OffloadError into one line on stderr instead of a traceback."""
+    """Turns OffloadError, and a command's usage error, into one line on stderr instead of a
+    traceback or click's usage block."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else ctx.command_path
+            click.echo(f"offload: error: {e.format_message()} ('{where} -h' for help)", err=True)
+            sys.exit(e.exit_code)
         except OffloadError as e:
             click.echo(f"offload: error: {e}", err=True)
             sys.exit(1)
