@@ -10,10 +10,16 @@ conversation has become.
 `ChatSession` is the conversation of `offload chat`; `Model.chat` and
 `Model.create_chat_completion` use `run_chat` directly on any list of messages (a client
 that resends the history gets the same reuse).
+
+A reply streams as `Delta`s: content, and for a model that reasons in OpenAI's harmony
+format (gpt-oss, `offload.harmony`) also reasoning and tool calls. A later turn's template
+may render a reply otherwise than it was generated (gpt-oss's drops the reasoning): the
+common prefix then ends inside the cached reply, and everything after it runs again.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,7 +27,9 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from . import harmony
 from .errors import ContextOverflowError, OffloadError
+from .harmony import CONTENT, REASONING, TOOL_CALL, Delta
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder
 
@@ -40,11 +48,13 @@ class ContextFullError(ContextOverflowError):
 class TurnResult:
     """What one reply did: filled in while it streams, final once it ends."""
 
-    text: str = ""
+    text: str = ""  # the answer (content)
+    reasoning: str = ""  # a harmony reply's analysis channel
+    tool_calls: list[dict] = field(default_factory=list)  # OpenAI-shaped: id, type, function {name, arguments}
     prompt_tokens: int = 0  # the whole rendered conversation
     cached_tokens: int = 0  # of those, already in the KV cache
     completion_tokens: int = 0
-    finish_reason: str | None = None  # "stop" (end of turn), "length" (max_tokens or context full)
+    finish_reason: str | None = None  # "stop" (end of turn), "tool_calls", "length" (max_tokens or context full)
     stop_reason: str = ""  # "eos", "stop", "length", "context", "interrupted"
     time_to_first_token: float = 0.0
     prompt_seconds: float = 0.0
@@ -85,31 +95,67 @@ def reply_frame(template) -> tuple[str, bool]:
     return tail, text[:at].endswith(" ")
 
 
-def prompt_ids(model: "Model", template, messages: list[dict]) -> list[int]:
-    text = template.render(messages, add_generation_prompt=True)
+def prompt_ids(model: "Model", template, messages: list[dict], template_vars: dict | None = None) -> list[int]:
+    """The conversation rendered (`template_vars`: extra template variables, e.g. tools) and tokenized."""
+    if harmony.is_harmony(template):
+        messages = harmony.prepare_messages(messages)
+    text = template.render(messages, add_generation_prompt=True, **(template_vars or {}))
     return model.tokenizer.encode(text, add_special=not template.renders_bos(), parse_special=True)
 
 
+class PlainReply:
+    """A reply without structure: all of it is content (HarmonyParser's interface)."""
+
+    reasoning = ""
+
+    def __init__(self) -> None:
+        self.content = ""
+        self.tool_calls: list[dict] = []
+
+    def feed(self, text: str) -> list[Delta]:
+        if not text:
+            return []
+        self.content += text
+        return [Delta(CONTENT, text)]
+
+    def finish(self) -> list[Delta]:
+        return []
+
+
 def run_chat(model: "Model", template, messages: list[dict], params: SamplingParams, max_tokens: int | None = None,
-             stop: list[str] | None = None, result: TurnResult | None = None) -> Iterator[str]:
-    """Stream the assistant's reply to `messages` as text pieces, reusing the KV cache.
+             stop: list[str] | None = None, result: TurnResult | None = None,
+             template_vars: dict | None = None) -> Iterator[Delta]:
+    """Stream the assistant's reply to `messages` as Deltas, reusing the KV cache.
 
     `max_tokens` None or <= 0: until end of turn or a full context. `stop`: extra stop
-    strings (never part of the text). `result` (a TurnResult) is filled in as it goes; it
-    stays valid if the caller stops early (Ctrl-C, closing the iterator)."""
+    strings (never part of the text). `template_vars`: extra template variables (tools,
+    reasoning_effort). `result` (a TurnResult) is filled in as it goes; it stays valid if
+    the caller stops early (Ctrl-C, closing the iterator).
+
+    A harmony template's reply is decoded with the control tokens' text and parsed into
+    reasoning, content and tool calls; it ends at `<|return|>` or `<|call|>` (end-of-generation
+    tokens in gpt-oss's vocabulary, stop strings where the markers are plain text), never at
+    the `<|end|>` that closes the analysis message."""
     res = result if result is not None else TurnResult()
-    ids = prompt_ids(model, template, messages)
+    ids = prompt_ids(model, template, messages, template_vars)
     if not ids:
         raise OffloadError("the chat template rendered an empty prompt")
     n_ctx = model.n_ctx
     if len(ids) >= n_ctx:
         raise ContextFullError(f"the conversation has {len(ids)} tokens, it does not fit the context of {n_ctx}")
     model._check_tokens(ids)
+    is_harmony = harmony.is_harmony(template)
+    reply = harmony.HarmonyParser() if is_harmony else PlainReply()
+    res.tool_calls = reply.tool_calls
     end_text, strip_space = reply_frame(template)
-    stops = [s for s in [end_text, *(stop or [])] if s]
+    # a harmony turn ends at <|return|> or <|call|>, whatever the template writes after a finished reply
+    ends = list(harmony.TURN_ENDS) if is_harmony else [end_text]
+    stops = [s for s in [*ends, *(stop or [])] if s]
     t_start = time.perf_counter()
     cache = model.transformer.cache
     kv = model._kv_sync()
+    # Everything after the first token that differs from the cache runs again, also when the cache
+    # holds a reply that this rendering writes otherwise (e.g. without its reasoning).
     prefix = min(common_prefix(kv, ids), len(ids) - 1)  # at least one token runs: its logits start the reply
     res.prompt_tokens, res.cached_tokens = len(ids), prefix
     stats = model._begin_generation(len(ids) - prefix)
@@ -122,15 +168,22 @@ def run_chat(model: "Model", template, messages: list[dict], params: SamplingPar
     logits = model.transformer.forward(np.asarray(ids[prefix:], dtype=np.int64))[-1]
     kv.extend(ids[prefix:])
     stats.prompt_seconds = res.prompt_seconds = time.perf_counter() - t_start
-    decoder = StreamDecoder(model.tokenizer)
+    decoder = StreamDecoder(model.tokenizer, special=is_harmony)
     pending = ""  # text held back while it could be the start of a stop string
     limit = max_tokens if max_tokens and max_tokens > 0 else None
     res.stop_reason, res.finish_reason = "interrupted", None
     t0 = time.perf_counter()
+
+    def take(deltas: list[Delta]) -> list[Delta]:
+        if deltas and not res.time_to_first_token:
+            res.time_to_first_token = time.perf_counter() - t_start
+        res.text, res.reasoning = reply.content, reply.reasoning
+        return deltas
+
     try:
         while True:
             token = sampler.sample(logits)
-            if model.tokenizer.is_end_of_generation(token):
+            if model.tokenizer.is_end_of_generation(token) and not (is_harmony and _harmony_end(model, token)):
                 res.stop_reason, res.finish_reason = "eos", "stop"
                 break
             sampler.accept(token)
@@ -141,9 +194,7 @@ def run_chat(model: "Model", template, messages: list[dict], params: SamplingPar
                 cut = _find_stop(pending, stops)
                 if cut is not None:
                     out, pending = pending[:cut], ""
-                    if out:
-                        res.text += out
-                        yield out
+                    yield from take(reply.feed(out))
                     res.stop_reason, res.finish_reason = "stop", "stop"
                     # the sampled token is not in the cache; the next turn renders the end of turn itself
                     break
@@ -151,11 +202,7 @@ def run_chat(model: "Model", template, messages: list[dict], params: SamplingPar
                     pending = pending.lstrip(" ")
                 keep = _partial_stop(pending, stops)
                 out, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
-                if out:
-                    if not res.time_to_first_token:
-                        res.time_to_first_token = time.perf_counter() - t_start
-                    res.text += out
-                    yield out
+                yield from take(reply.feed(out))
             if limit is not None and res.completion_tokens >= limit:
                 res.stop_reason, res.finish_reason = "length", "length"
                 break
@@ -168,15 +215,22 @@ def run_chat(model: "Model", template, messages: list[dict], params: SamplingPar
             pending += decoder.flush()
             if strip_space and not res.text:
                 pending = pending.lstrip(" ")
-            if pending:
-                res.text += pending
-                yield pending
+            yield from take(reply.feed(pending))
+        yield from take(reply.finish())
+        if res.tool_calls and res.finish_reason == "stop":
+            res.finish_reason = "tool_calls"
     finally:
         if not res.time_to_first_token:
             res.time_to_first_token = time.perf_counter() - t_start
         stats.generate_seconds = res.generate_seconds = time.perf_counter() - t0
         stats.time_to_first_token = res.time_to_first_token
         stats.stop_reason = res.stop_reason
+
+
+def _harmony_end(model: "Model", token: int) -> bool:
+    """`<|end|>` closes one harmony message, not the turn; llama.cpp's vocabulary takes it off
+    the end-of-generation tokens when `<|return|>` and `<|call|>` are there, an older one may not."""
+    return model.tokenizer.piece(token, special=True) == harmony.END.encode()
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:
@@ -205,6 +259,7 @@ class ChatSession:
     max_tokens: int | None = None
     system: str | None = None
     context_shift: bool = False
+    template_vars: dict = field(default_factory=dict)  # extra template variables (reasoning_effort)
     messages: list[dict] = field(default_factory=list)
     last: TurnResult | None = None
     turns: list[TurnResult] = field(default_factory=list)
@@ -223,8 +278,10 @@ class ChatSession:
         ids: list[int] = []
         if self.system:
             try:  # the rendered system message up to where the first user message would go
-                with_user = prompt_ids(self.model, self.template, self.messages + [{"role": "user", "content": "\x01"}])
-                alone = prompt_ids(self.model, self.template, self.messages + [{"role": "user", "content": "\x02"}])
+                with_user = prompt_ids(self.model, self.template, self.messages + [{"role": "user", "content": "\x01"}],
+                                       self.template_vars)
+                alone = prompt_ids(self.model, self.template, self.messages + [{"role": "user", "content": "\x02"}],
+                                   self.template_vars)
                 ids = with_user[: common_prefix(with_user, alone)]
             except OffloadError:
                 ids = []
@@ -247,15 +304,17 @@ class ChatSession:
         kv.extend(ids)
         return len(ids)
 
-    def send(self, text: str, result: TurnResult | None = None) -> Iterator[str]:
-        """Add a user message and stream the reply; the reply (even a partial one, when the
-        caller stops early) joins the conversation."""
+    def send(self, text: str, result: TurnResult | None = None) -> Iterator[Delta]:
+        """Add a user message and stream the reply (Deltas); the reply (even a partial one, when
+        the caller stops early) joins the conversation, with its reasoning and tool calls (the
+        template decides what of them later turns see)."""
         self.messages.append({"role": "user", "content": text})
         res = result if result is not None else TurnResult()
         self.last = res
         while True:
             try:
-                stream = run_chat(self.model, self.template, self.messages, self.params, self.max_tokens, result=res)
+                stream = run_chat(self.model, self.template, self.messages, self.params, self.max_tokens, result=res,
+                                  template_vars=self.template_vars)
                 first = next(stream, None)  # renders, checks the context, prefills
                 break
             except ContextFullError:
@@ -272,7 +331,7 @@ class ChatSession:
                 yield from stream
         finally:
             stream.close()
-            self.messages.append({"role": "assistant", "content": res.text})
+            self.messages.append(assistant_message(res))
             self.turns.append(res)
 
     def _shift(self) -> bool:
@@ -300,6 +359,32 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4()}"
 
 
+def assistant_message(res: TurnResult) -> dict:
+    """The reply as an OpenAI assistant message, with llama.cpp's `reasoning_content` when there is
+    reasoning; content None beside tool calls when there is no text, as OpenAI returns it."""
+    msg: dict = {"role": "assistant", "content": res.text}
+    if res.reasoning:
+        msg["reasoning_content"] = res.reasoning
+    if res.tool_calls:
+        msg["tool_calls"] = copy.deepcopy(res.tool_calls)
+        if not res.text:
+            msg["content"] = None
+    return msg
+
+
+def delta_dict(d: Delta, res: TurnResult) -> dict | None:
+    """A Delta as a chat.completion.chunk's delta (None: nothing to send)."""
+    if d.kind == REASONING:
+        return {"reasoning_content": d.text} if d.text else None
+    if d.kind == TOOL_CALL:
+        if d.name:  # opens the call: its id, type and name, as OpenAI's first tool-call chunk
+            call = res.tool_calls[d.index]
+            return {"tool_calls": [{"index": d.index, "id": call["id"], "type": "function",
+                                    "function": {"name": d.name, "arguments": d.text}}]}
+        return {"tool_calls": [{"index": d.index, "function": {"arguments": d.text}}]} if d.text else None
+    return {"content": d.text} if d.text else None
+
+
 def completion_dict(cid: str, created: int, model: str, res: TurnResult) -> dict:
     return {
         "id": cid,
@@ -308,7 +393,7 @@ def completion_dict(cid: str, created: int, model: str, res: TurnResult) -> dict
         "model": model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": res.text},
+            "message": assistant_message(res),
             "logprobs": None,
             "finish_reason": res.finish_reason,
         }],

@@ -2,7 +2,7 @@
 
 Flag names follow llama.cpp's (`-p`, `-n`, `-c`, `-t`, `--temp`, ...) where the concept
 is the same. A problem with the user's input ends the command with one line on stderr
-and exit code 1; Ctrl-C ends it with 130.
+and exit code 1 (a malformed command line: exit code 2); Ctrl-C ends it with 130.
 """
 
 from __future__ import annotations
@@ -15,11 +15,16 @@ from .errors import OffloadError
 
 
 class _Group(click.Group):
-    """Turns OffloadError into one line on stderr instead of a traceback."""
+    """Turns OffloadError, and a command's usage error, into one line on stderr instead of a
+    traceback or click's usage block."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else ctx.command_path
+            click.echo(f"offload: error: {e.format_message()} ('{where} -h' for help)", err=True)
+            sys.exit(e.exit_code)
         except OffloadError as e:
             click.echo(f"offload: error: {e}", err=True)
             sys.exit(1)
@@ -272,13 +277,23 @@ CHAT_HELP = """commands:
               help="Read the chat template from this file.")
 @click.option("--context-shift", is_flag=True,
               help="When the context is full, drop the oldest exchanges instead of asking for /reset.")
+@click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default=None,
+              help="How long a reasoning model thinks, as its template takes it (gpt-oss; default: the template's, "
+                   "medium).")
+@click.option("--hide-reasoning", is_flag=True,
+              help="Do not show a reasoning model's reasoning (by default it goes to stderr, dimmed on a terminal, "
+                   "before the answer on stdout).")
 def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, ctx_size, threads, memory_budget,
          cache_policy, cache_scope, o_direct, prefetch_depth, no_prefetch, chat_template, chat_template_file,
-         context_shift, vram_budget=None) -> None:
+         context_shift, vram_budget=None, reasoning_effort=None, hide_reasoning=False) -> None:
     """Chat with MODEL (a GGUF file; default: the demo model) in its own chat template.
 
     Reads one message per line (from a terminal or a pipe) and streams each reply. Type /help
-    for the commands. Ctrl-C stops a reply; Ctrl-C at the prompt or Ctrl-D leaves."""
+    for the commands. Ctrl-C stops a reply; Ctrl-C at the prompt or Ctrl-D leaves.
+
+    A reasoning model's reasoning (gpt-oss: its analysis channel) is shown apart from the
+    answer: on stderr, dimmed on a terminal, so that stdout holds only the answers;
+    --hide-reasoning leaves it out (later turns never see it: the template drops it)."""
     from .chat import ChatSession, ContextFullError, TurnResult
     from .model import DEFAULT_PREFETCH_DEPTH, Model
     from .sampling import SamplingParams
@@ -303,7 +318,8 @@ def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, se
             bar.step("reading the chat template")
             params = SamplingParams(temp, top_k, top_p, min_p, repeat_penalty, seed=seed)
             session = ChatSession(m, m.chat_template, params, max_tokens=n_predict, system=system,
-                                  context_shift=context_shift)
+                                  context_shift=context_shift,
+                                  template_vars={"reasoning_effort": reasoning_effort} if reasoning_effort else {})
             bar.step("warming up")
             session.warm_up()
         except BaseException:
@@ -311,6 +327,9 @@ def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, se
             raise
         bar.done()
         _memory_line(m, memory_budget)
+        if reasoning_effort and "reasoning_effort" not in m.chat_template.template:
+            click.echo("offload: note: this chat template has no reasoning effort; --reasoning-effort changes nothing",
+                       err=True)
         if interactive:
             click.echo(f"chatting with {m.path} ({m.n_ctx} tokens of context); /help for commands, Ctrl-D to leave",
                        err=True)
@@ -332,11 +351,13 @@ def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, se
                     return
                 continue
             res = TurnResult()
+            shown = _ReplyPrinter(show_reasoning=not hide_reasoning)
             try:
-                for piece in session.send(line.rstrip("\r\n"), result=res):
-                    click.echo(piece, nl=False)
-                click.echo()
+                for delta in session.send(line.rstrip("\r\n"), result=res):
+                    shown.print(delta)
+                shown.end(res)
             except KeyboardInterrupt:
+                shown.end_reasoning()
                 click.echo("\n[reply stopped]", err=True)
                 if res.prompt_tokens:
                     click.echo(_status_line(m, res, session), err=True)
@@ -352,6 +373,39 @@ def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, se
                 click.echo(f"the context of {m.n_ctx} tokens is full: /reset to start over"
                            + (" (or continue: the oldest messages will be dropped)" if context_shift else
                               ", or run with --context-shift"), err=True)
+
+
+class _ReplyPrinter:
+    """A reply as it streams: the answer on stdout; reasoning on stderr, dimmed on a terminal
+    (click drops the style elsewhere), so that a pipe's stdout holds only answers; a tool call
+    (the chat command offers no tools, but a model may call one) as a line on stderr."""
+
+    def __init__(self, show_reasoning: bool):
+        self.show_reasoning = show_reasoning
+        self.in_reasoning = False
+
+    def print(self, delta) -> None:
+        from .harmony import CONTENT, REASONING
+
+        if delta.kind == REASONING:
+            if self.show_reasoning and delta.text:
+                click.echo(click.style(delta.text, dim=True), nl=False, err=True)
+                self.in_reasoning = True
+        elif delta.kind == CONTENT:
+            self.end_reasoning()
+            click.echo(delta.text, nl=False)
+
+    def end_reasoning(self) -> None:
+        if self.in_reasoning:
+            click.echo("", err=True)
+            self.in_reasoning = False
+
+    def end(self, res) -> None:
+        self.end_reasoning()
+        click.echo()
+        for call in res.tool_calls:
+            f = call["function"]
+            click.echo(f"[tool call: {f['name']} {f['arguments']}]", err=True)
 
 
 class _Progress:

@@ -258,19 +258,34 @@ class Model:
         seed: int | None = None,
         stop: str | list[str] | None = None,
         stream: bool = True,
+        tools: list[dict] | None = None,
+        reasoning_effort: str | None = None,
     ) -> Iterator[str] | str:
         """The assistant's reply to `messages` (OpenAI-style dicts: role, content), rendered with
         the model's chat template: an iterator of text pieces, or with `stream=False` one string.
 
         The KV cache is kept between calls: a conversation that grows by a message prefills only
         what is new (the longest common prefix with the cached tokens is not run again).
-        `max_tokens` None: until the end of the turn or a full context."""
-        from .chat import run_chat
+        `max_tokens` None: until the end of the turn or a full context. `tools` (OpenAI
+        function specs) and `reasoning_effort` ("low", "medium", "high": gpt-oss) go to the
+        template. The text is the answer only: a reasoning model's reasoning and tool calls
+        come with `create_chat_completion` (`reasoning_content`, `tool_calls`)."""
+        from .chat import CONTENT, run_chat
 
         params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        pieces = run_chat(self, self.chat_template, list(messages), params, max_tokens, stops)
-        return pieces if stream else "".join(pieces)
+        deltas = run_chat(self, self.chat_template, list(messages), params, max_tokens, stops,
+                          template_vars=_template_vars(tools, reasoning_effort))
+
+        def pieces():
+            try:
+                for d in deltas:
+                    if d.kind == CONTENT:
+                        yield d.text
+            finally:
+                deltas.close()  # a caller that stops early stops the generation (and its stats) now
+
+        return pieces() if stream else "".join(pieces())
 
     def create_chat_completion(
         self,
@@ -287,13 +302,22 @@ class Model:
         model: str | None = None,
         logprobs: bool | None = None,
         top_logprobs: int | None = None,
+        tools: list[dict] | None = None,
+        reasoning_effort: str | None = None,
     ):
         """An OpenAI chat completion, shaped as llama-cpp-python's `Llama.create_chat_completion`
         returns it (same defaults): a dict (object "chat.completion": choices[0].message,
-        finish_reason "stop" or "length", usage), or with `stream=True` an iterator of
-        "chat.completion.chunk" dicts: delta {"role"} first, then {"content"} pieces, then {}
-        with the finish_reason. Keeps the KV cache between calls, as `chat` does."""
-        from .chat import TurnResult, chunk_dict, completion_dict, completion_id, run_chat
+        finish_reason "stop", "tool_calls" or "length", usage), or with `stream=True` an
+        iterator of "chat.completion.chunk" dicts: delta {"role"} first, then {"content"}
+        pieces, then {} with the finish_reason. Keeps the KV cache between calls, as `chat` does.
+
+        A model that writes OpenAI's harmony format (gpt-oss) gets its reply split as llama.cpp's
+        server splits it: the analysis channel in `message.reasoning_content` (streamed as
+        `delta.reasoning_content`), the final channel in `content`, a call to a function in
+        `tool_calls` (finish_reason "tool_calls"). `tools` (OpenAI function specs) and
+        `reasoning_effort` ("low", "medium", "high") go to the template; assistant messages sent
+        back may carry `reasoning_content` and `tool_calls` (arguments as a JSON string)."""
+        from .chat import TurnResult, chunk_dict, completion_dict, completion_id, delta_dict, run_chat
 
         if logprobs or top_logprobs:
             raise OffloadError("logprobs are not supported")
@@ -301,19 +325,25 @@ class Model:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         cid, created, name = completion_id(), int(time.time()), model if model is not None else self.path
         res = TurnResult()
-        pieces = run_chat(self, self.chat_template, list(messages), params, max_tokens, stops, result=res)
+        deltas = run_chat(self, self.chat_template, list(messages), params, max_tokens, stops, result=res,
+                          template_vars=_template_vars(tools, reasoning_effort))
         if not stream:
-            for _ in pieces:
+            for _ in deltas:
                 pass
             return completion_dict(cid, created, name, res)
 
         def chunks():
             first = True
-            for piece in pieces:
-                if first:
-                    yield chunk_dict(cid, created, name, {"role": "assistant"})
-                    first = False
-                yield chunk_dict(cid, created, name, {"content": piece})
+            try:
+                for d in deltas:
+                    if first:
+                        yield chunk_dict(cid, created, name, {"role": "assistant"})
+                        first = False
+                    delta = delta_dict(d, res)
+                    if delta:
+                        yield chunk_dict(cid, created, name, delta)
+            finally:
+                deltas.close()
             if first:
                 yield chunk_dict(cid, created, name, {"role": "assistant"})
             yield chunk_dict(cid, created, name, {}, res.finish_reason)
@@ -429,6 +459,18 @@ class Model:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _template_vars(tools, reasoning_effort) -> dict:
+    """The chat API's keywords that become template variables (only those given)."""
+    from .harmony import check_reasoning_effort
+
+    out: dict = {}
+    if tools is not None:
+        out["tools"] = tools
+    if check_reasoning_effort(reasoning_effort) is not None:
+        out["reasoning_effort"] = reasoning_effort
+    return out
 
 
 def _gpu_wanted(vram_budget) -> bool:

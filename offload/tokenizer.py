@@ -88,14 +88,18 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns generated tokens into text as they come, never splitting a UTF-8 character."""
+    """Turns generated tokens into text as they come, never splitting a UTF-8 character.
 
-    def __init__(self, tokenizer: Tokenizer):
+    `special`: render control tokens as their text (e.g. "<|channel|>"), for a reply whose
+    structure is written in them (gpt-oss's harmony format); otherwise they render as nothing."""
+
+    def __init__(self, tokenizer: Tokenizer, special: bool = False):
         self._tokenizer = tokenizer
+        self._special = special
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token: int) -> str:
-        return self._utf8.decode(self._tokenizer.piece(token))
+        return self._utf8.decode(self._tokenizer.piece(token, special=self._special))
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
