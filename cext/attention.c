@@ -84,25 +84,26 @@ static void softmax_portable(float *probs, int end, const float *sink) {
 
 static void attend_portable(const attention_args *a, int h, int t, float *probs, float *vacc) {
     const cell_view cells = view_of(a, t);
-    const int hd = a->head_dim, live = cells.n_visit;
-    const int kv0 = (h / (a->n_head / a->n_head_kv)) * hd;
+    const int hd = a->head_dim, live = cells.n_visit, g = h / (a->n_head / a->n_head_kv);
+    const int vd = a->v_dim ? a->v_dim : hd, vs = a->v_stride ? a->v_stride : a->kv_stride;
+    const int kv0 = g * hd, v0 = g * vd;
     const float *q = a->q + (size_t)t * a->q_stride + (size_t)h * hd;
     for (int p = 0; p < live; p++)
         probs[p] = sees(&cells, p) ? dot_f32_portable(a->k + (size_t)p * a->kv_stride + kv0, q, hd) * a->scale
                                    : -INFINITY;
     softmax_portable(probs, live, a->sinks ? a->sinks + h : NULL);
     const int width = a->gemm8 ? 8 : 32;
-    memset(vacc, 0, sizeof(float) * 32 * hd);
+    memset(vacc, 0, sizeof(float) * 32 * vd);
     for (int p = 0; p < live; p++) {
         if (probs[p] == 0.0f) continue; /* masked: adds exactly +0 */
-        float *lane = vacc + (p % width) * hd;
-        const float *v = a->v + (size_t)p * a->kv_stride + kv0;
-        for (int d = 0; d < hd; d++) lane[d] = fmaf(v[d], probs[p], lane[d]);
+        float *lane = vacc + (p % width) * vd;
+        const float *v = a->v + (size_t)p * vs + v0;
+        for (int d = 0; d < vd; d++) lane[d] = fmaf(v[d], probs[p], lane[d]);
     }
-    float *o = a->out + (size_t)t * a->q_stride + (size_t)h * hd;
-    for (int d = 0; d < hd; d++) {
+    float *o = a->out + ((size_t)t * a->n_head + h) * vd;
+    for (int d = 0; d < vd; d++) {
         float col[32];
-        for (int l = 0; l < width; l++) col[l] = vacc[l * hd + d];
+        for (int l = 0; l < width; l++) col[l] = vacc[l * vd + d];
         o[d] = a->gemm8 ? hsum8_portable(col) : fold32(col);
     }
 }
@@ -147,28 +148,29 @@ static TARGET_AVX2 void softmax_avx2(float *probs, int end, const float *sink) {
 
 static TARGET_AVX2 void attend_avx2(const attention_args *a, int h, int t, float *probs, float *vacc) {
     const cell_view cells = view_of(a, t);
-    const int hd = a->head_dim, live = cells.n_visit;
-    const int kv0 = (h / (a->n_head / a->n_head_kv)) * hd;
+    const int hd = a->head_dim, live = cells.n_visit, g = h / (a->n_head / a->n_head_kv);
+    const int vd = a->v_dim ? a->v_dim : hd, vs = a->v_stride ? a->v_stride : a->kv_stride;
+    const int kv0 = g * hd, v0 = g * vd;
     const float *q = a->q + (size_t)t * a->q_stride + (size_t)h * hd;
     for (int p = 0; p < live; p++)
         probs[p] = sees(&cells, p) ? dot_f32_avx2(a->k + (size_t)p * a->kv_stride + kv0, q, hd) * a->scale : -INFINITY;
     softmax_avx2(probs, live, a->sinks ? a->sinks + h : NULL);
-    const int width = a->gemm8 ? 8 : 32, hd8 = hd - hd % 8;
-    memset(vacc, 0, sizeof(float) * 32 * hd);
+    const int width = a->gemm8 ? 8 : 32, vd8 = vd - vd % 8;
+    memset(vacc, 0, sizeof(float) * 32 * vd);
     for (int p = 0; p < live; p++) {
         if (probs[p] == 0.0f) continue; /* masked: adds exactly +0 */
-        float *lane = vacc + (p % width) * hd;
-        const float *v = a->v + (size_t)p * a->kv_stride + kv0;
+        float *lane = vacc + (p % width) * vd;
+        const float *v = a->v + (size_t)p * vs + v0;
         const __m256 w = _mm256_set1_ps(probs[p]);
         int d = 0;
-        for (; d < hd8; d += 8)
+        for (; d < vd8; d += 8)
             _mm256_storeu_ps(lane + d, _mm256_fmadd_ps(_mm256_loadu_ps(v + d), w, _mm256_loadu_ps(lane + d)));
-        for (; d < hd; d++) lane[d] = fmaf(v[d], probs[p], lane[d]);
+        for (; d < vd; d++) lane[d] = fmaf(v[d], probs[p], lane[d]);
     }
-    float *o = a->out + (size_t)t * a->q_stride + (size_t)h * hd;
-    for (int d = 0; d < hd; d++) {
+    float *o = a->out + ((size_t)t * a->n_head + h) * vd;
+    for (int d = 0; d < vd; d++) {
         float col[32];
-        for (int l = 0; l < width; l++) col[l] = vacc[l * hd + d];
+        for (int l = 0; l < width; l++) col[l] = vacc[l * vd + d];
         o[d] = a->gemm8 ? hsum8_portable(col) : fold32(col);
     }
 }
@@ -182,7 +184,7 @@ int attention_run(const attention_args *a, int use_avx2) {
     {
         /* per-thread scratch: probabilities (padded to 8) and the 32 lanes of V sums */
         float *probs = malloc(sizeof(float) * ((size_t)end + 8));
-        float *vacc = malloc(sizeof(float) * 32 * (size_t)a->head_dim);
+        float *vacc = malloc(sizeof(float) * 32 * (size_t)(a->v_dim > a->head_dim ? a->v_dim : a->head_dim));
 #pragma omp for schedule(static, 1) /* interleaved: a causal prompt's later queries cost more */
         for (int i = 0; i < items; i++) {
             const int h = i / a->n, t = i % a->n;

@@ -3,13 +3,16 @@
 #define OFFLOAD_ATTENTION_H
 
 typedef struct {
-    const float *q;      /* (n, q_stride): queries of the new tokens, head h at h*head_dim */
+    const float *q;      /* (n, q_stride): queries of the new tokens, head h at h*head_dim;
+                          * out is (n, n_head * v_dim), head h at h*v_dim */
     const float *k, *v;  /* (n_cells, kv_stride): this layer's cache, position p in cell p % n_cells */
-    float *out;          /* (n, q_stride) */
+    float *out;
     const float *sinks;  /* NULL, or one logit per head that joins its softmax (no value) */
     int n, start, n_head, n_head_kv, head_dim, q_stride, kv_stride;
     int n_cells;         /* rows of the cache: >= start + n, or a ring of >= window + n rows */
     int window;          /* a query sees keys < window positions back; 0: all */
+    int v_dim, v_stride; /* a value head's width and the V rows' stride (0: head_dim, kv_stride);
+                          * MLA passes v = k, v_dim < head_dim: values are a prefix of the keys */
     int gemm8;           /* V sums in tinyBLAS's 8-lane order (else vec_dot_f32's 32) */
     float scale;
 } attention_args;

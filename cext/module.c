@@ -26,13 +26,14 @@
  *       per_slot (n_tokens, k, n_embd)
  *   quantize(kind, x, qs, d, bsums, n_tokens, n_cols)
  *       the activation conversion alone ("Q8_0": bsums None, or "Q8_K"), for tests
- *   swiglu_oai(g, u, out, alpha, limit)
- *       gpt-oss's clamped SwiGLU (ops.c)
+ *   swiglu_oai(g, u, out, alpha, limit) / sigmoid(x, out)
+ *       gpt-oss's clamped SwiGLU, routers' sigmoid (ops.c)
  *   silu_mul(x, g, out, n_rows, n)
  *       SwiGLU as ggml computes it (swiglu.c); out may be x
- *   attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim, n_cells, window[, sinks])
+ *   attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim, n_cells, window[, sinks, v_dim, v_stride, scale])
  *       causal GQA of n new queries over one layer's F32 cache of n_cells rows, a sliding
- *       window and sink logits optional (see attention.c)
+ *       window and sink logits optional, values narrower than keys (MLA: v is k) and a
+ *       scale other than 1/sqrt(head_dim) too (see attention.c)
  *   formats() -> {name: (vec_dot_type, [isa, ...])}
  *   isa() / set_isa(name)   the SIMD level in use ("avx512", "avx2" or "portable")
  *   set_num_threads(n)
@@ -570,6 +571,22 @@ done:
     return result;
 }
 
+static PyObject *py_sigmoid(PyObject *self, PyObject *args) {
+    Py_buffer x = {0}, out = {0};
+    if (!PyArg_ParseTuple(args, "y*w*", &x, &out)) return NULL;
+    PyObject *result = NULL;
+    if (out.len < x.len) {
+        PyErr_SetString(PyExc_ValueError, "sigmoid: out is smaller than x");
+        goto done;
+    }
+    sigmoid(x.buf, out.buf, x.len / (Py_ssize_t)sizeof(float));
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyObject *py_attention_token_scratch_bytes(PyObject *self, PyObject *args) {
     int n_embd, n_head, n_head_kv, head_dim;
     if (!PyArg_ParseTuple(args, "iiii", &n_embd, &n_head, &n_head_kv, &head_dim)) return NULL;
@@ -640,8 +657,8 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
     PyObject *sinks_obj = Py_None;
     Py_buffer sinks = {0};
     attention_args a = {0};
-    if (!PyArg_ParseTuple(args, "y*y*y*w*iiiiiii|O", &q, &k, &v, &out, &a.n, &a.start, &a.n_head, &a.n_head_kv,
-                          &a.head_dim, &a.n_cells, &a.window, &sinks_obj))
+    if (!PyArg_ParseTuple(args, "y*y*y*w*iiiiiii|Oiif", &q, &k, &v, &out, &a.n, &a.start, &a.n_head, &a.n_head_kv,
+                          &a.head_dim, &a.n_cells, &a.window, &sinks_obj, &a.v_dim, &a.v_stride, &a.scale))
         return NULL;
     PyObject *result = NULL;
     if (a.n < 0 || a.start < 0 || a.head_dim <= 0 || a.n_head_kv <= 0 || a.n_head % a.n_head_kv || a.window < 0 ||
@@ -651,8 +668,12 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
     }
     a.q_stride = a.n_head * a.head_dim;
     a.kv_stride = a.n_head_kv * a.head_dim;
+    if (a.v_dim <= 0) a.v_dim = a.head_dim;
+    if (a.v_stride <= 0) a.v_stride = a.n_head_kv * a.v_dim;
     const Py_ssize_t qbytes = (Py_ssize_t)a.n * a.q_stride * 4, kvbytes = (Py_ssize_t)a.n_cells * a.kv_stride * 4;
-    if (q.len < qbytes || out.len < qbytes || k.len < kvbytes || v.len < kvbytes) {
+    const Py_ssize_t vbytes = ((Py_ssize_t)(a.n_cells - 1) * a.v_stride + (Py_ssize_t)a.n_head_kv * a.v_dim) * 4;
+    const Py_ssize_t obytes = (Py_ssize_t)a.n * a.n_head * a.v_dim * 4;
+    if (q.len < qbytes || out.len < obytes || k.len < kvbytes || v.len < vbytes) {
         PyErr_SetString(PyExc_ValueError, "attention: a buffer is smaller than its shape says");
         goto done;
     }
@@ -665,8 +686,8 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
         a.sinks = sinks.buf;
     }
     a.q = q.buf, a.k = k.buf, a.v = v.buf, a.out = out.buf;
-    a.gemm8 = (a.n_head / a.n_head_kv) * a.n >= 2 && a.head_dim % 4 == 0;
-    a.scale = 1.0f / sqrtf((float)a.head_dim);
+    a.gemm8 = (a.n_head / a.n_head_kv) * a.n >= 2 && a.v_dim % 4 == 0;
+    if (a.scale == 0.0f) a.scale = 1.0f / sqrtf((float)a.head_dim);
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = attention_run(&a, isa >= ISA_AVX2);
@@ -932,6 +953,7 @@ static PyMethodDef methods[] = {
     {"moe_workspace_bytes", py_moe_workspace_bytes, METH_VARARGS, "moe_workspace_bytes(n_embd, (n_ff, ...))"},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(x, g, out, n_rows, n)"},
     {"swiglu_oai", py_swiglu_oai, METH_VARARGS, "swiglu_oai(g, u, out, alpha, limit)"},
+    {"sigmoid", py_sigmoid, METH_VARARGS, "sigmoid(x, out)"},
     {"matmul_x", py_matmul_x, METH_VARARGS, "matmul_x(x, n_tokens, n_cols, ((fmt, w, out, n_rows), ...))"},
     {"quantize", py_quantize, METH_VARARGS, "quantize(kind, x, qs, d, bsums, n_tokens, n_cols)"},
     {"matmul_tiled", py_matmul_tiled, METH_VARARGS, "matmul_tiled(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)"},

@@ -98,6 +98,10 @@ void swiglu_oai(const float *g, const float *u, float *out, ptrdiff_t n, float a
     }
 }
 
+void sigmoid(const float *x, float *out, ptrdiff_t n) {
+    for (ptrdiff_t i = 0; i < n; i++) out[i] = 1.0f / (1.0f + expf(-x[i]));
+}
+
 void silu_rows(const float *x, float *out, ptrdiff_t n_rows, int n, int use_avx2) {
     const int main = n - n % 8;
     for (ptrdiff_t r = 0; r < n_rows; r++) {

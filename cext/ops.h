@@ -23,6 +23,9 @@ void expf_ggml_array(const float *x, float *out, ptrdiff_t n, int use_avx2);
  * out may be g. */
 void swiglu_oai(const float *g, const float *u, float *out, ptrdiff_t n, float alpha, float limit);
 
+/* ggml_vec_sigmoid_f32 / op_sigmoid over n values: 1 / (1 + expf(-x)), libm's expf. */
+void sigmoid(const float *x, float *out, ptrdiff_t n);
+
 void silu_rows(const float *x, float *out, ptrdiff_t n_rows, int n, int use_avx2);
 
 /* RoPE in place on x (n_tokens, n_heads, head_dim); cos/sin (n_tokens, rope_dim/2); neox pairs

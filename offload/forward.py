@@ -30,7 +30,7 @@ from .kernels.attention import attention
 from .kernels.ggml_math import apply_rope, rms_norm
 from .kernels.jit import njit
 from .kernels.moe import can_fuse, moe_batch, moe_ffn, types_fuse
-from .weights import FFN, Attention, ExpertStore, MoE, Weights
+from .weights import FFN, Attention, ExpertStore, LatentAttention, MoE, Weights
 
 
 # Every op rounds where ggml rounds (sums of squares in double, then one float32 scale;
@@ -69,8 +69,7 @@ def yarn_ramp_and_mscale(args: ModelArgs, base: float) -> tuple[np.ndarray, np.f
     """YaRN's per-pair extrapolation mix and its cos/sin magnitude, in float32 step by step as
     llama.cpp computes them (ggml_rope_yarn_corr_dims, rope_yarn_ramp; the attention factor
     from llama_context's get_mscale, cancelled as it cancels it, times rope_yarn's own)."""
-    f32, y = np.float32, args.yarn
-    logf = lambda v: ggml_math.libm("logf", np.asarray(v, dtype=np.float32))[()]  # noqa: E731
+    f32, y, logf = np.float32, args.yarn, _logf
     n_dims = f32(args.rope_dim)
 
     def corr_dim(beta: float) -> np.float32:
@@ -81,24 +80,92 @@ def yarn_ramp_and_mscale(args: ModelArgs, base: float) -> tuple[np.ndarray, np.f
     i = np.arange(args.rope_dim // 2, dtype=np.float32)  # i0 / 2
     ramp = f32(1) - np.minimum(f32(1), np.maximum(f32(0), (i - low) / max(f32(0.001), high - low)))
     ramp_mix = (ramp * f32(y.ext_factor)).astype(np.float32)
-    factor = f32(1) / f32(args.rope_freq_scale)
-    attn_factor = f32(f32(0.1) * f32(1) * logf(factor) + f32(1)) * (f32(1) / (f32(1) + f32(0.1) * logf(factor)))
-    mscale = f32(attn_factor * (f32(1) + f32(0.1) * logf(f32(1) / f32(args.rope_freq_scale))))
+    mscale = f32(yarn_attn_factor(args) * (f32(1) + f32(0.1) * logf(f32(1) / f32(args.rope_freq_scale))))
     return ramp_mix, mscale
 
 
-def route(router_logits: np.ndarray, k: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """Pick each token's experts and their weights: (n, k) expert ids, (n, k) weights.
-    softmax_topk[_norm]: softmax over every expert, the k largest (renormalized or not);
-    topk_softmax: the k largest logits, softmax over those k."""
-    scores = router_logits if kind == "topk_softmax" else ggml_math.softmax(router_logits)
+def _logf(v) -> np.float32:
+    return ggml_math.libm("logf", np.asarray(v, dtype=np.float32))[()]
+
+
+def yarn_attn_factor(args: ModelArgs) -> np.float32:
+    """llama_context's yarn_attn_factor: with YaRN, get_mscale(factor, mscale) over
+    get_mscale(factor, log_mul) (or get_mscale(factor, 1) without log_mul), cancelled by
+    1 / (1 + 0.1 ln factor) (ggml's rope multiplies it back); 1 without YaRN."""
+    f32, y = np.float32, args.yarn
+    if y is None:
+        return f32(1)
+    factor = f32(1) / f32(args.rope_freq_scale)
+
+    def get_mscale(m: float) -> np.float32:
+        return f32(1) if factor <= 1 else f32(f32(f32(0.1) * f32(m)) * _logf(factor) + f32(1))
+
+    attn = get_mscale(y.mscale) / get_mscale(y.log_mul) if y.log_mul else get_mscale(1.0)
+    return f32(attn * (f32(1) / (f32(1) + f32(0.1) * _logf(factor))))
+
+
+def mla_score_scale(args: ModelArgs) -> np.float32:
+    """MLA's softmax scale as deepseek2.cpp computes it: mscale^2 / sqrt(head_dim), where
+    mscale undoes the attention factor's cancellation and applies YaRN's log_mul."""
+    f32 = np.float32
+    inv_fs = f32(1) / f32(args.rope_freq_scale)
+    log_mul = args.yarn.log_mul if args.yarn is not None else 0.0
+    attn_factor_org = f32(yarn_attn_factor(args) * (f32(1) + f32(0.1) * _logf(inv_fs)))
+    mscale = f32(attn_factor_org * (f32(1) + f32(f32(0.1) * f32(log_mul)) * _logf(inv_fs)))
+    return f32(f32(f32(1) * mscale) * mscale) / np.sqrt(f32(args.head_dim))
+
+
+def route(router_logits: np.ndarray, k: int, kind: str, selection_bias: np.ndarray | None = None,
+          groups: tuple[int, int] = (0, 0), scale: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Pick each token's experts and their weights: (n, k) expert ids, (n, k) weights, as
+    llama.cpp's build_moe_ffn does.
+
+    kind: softmax_topk[_norm] / sigmoid_topk[_norm]: scores over every expert, the k largest
+    (their weights renormalized or not); topk_softmax: the k largest logits, softmax over
+    those k. `selection_bias` is added to the scores for choosing only; `groups` (count,
+    used): only the `used` groups whose two best scores sum highest compete; `scale`
+    multiplies the weights (0 or 1: not)."""
+    gating = kind.split("_")[0]
+    scores = {"topk": lambda x: x, "softmax": ggml_math.softmax, "sigmoid": ggml_math.sigmoid}[gating](router_logits)
+    scores = np.ascontiguousarray(scores, dtype=np.float32)
+    normalize = kind.endswith("_norm")
     chosen = np.empty((len(scores), k), dtype=np.int64)
     weights = np.empty((len(scores), k), dtype=np.float32)
-    (cext.top_k if cext.selected() else _top_k)(np.ascontiguousarray(scores, dtype=np.float32), k,
-                                                kind == "softmax_topk_norm", chosen, weights)
+    top_k = cext.top_k if cext.selected() else _top_k
+    if selection_bias is None and groups[0] <= 1:
+        top_k(scores, k, normalize, chosen, weights)
+    else:
+        choose = scores if selection_bias is None else scores + selection_bias
+        if groups[0] > 1:
+            choose = _best_groups(choose, *groups, top_k)
+        top_k(np.ascontiguousarray(choose), k, False, chosen, weights)
+        weights = np.take_along_axis(scores, chosen, axis=1)  # the unbiased scores
+        if normalize:  # ggml_sum_rows (in double), clamped, ggml_div
+            total = np.maximum(weights.astype(np.float64).sum(axis=1).astype(np.float32), np.float32(6.103515625e-5))
+            weights = weights / total[:, None]
     if kind == "topk_softmax":
         weights = ggml_math.softmax(weights)
+    if scale not in (0.0, 1.0):
+        weights = weights * np.float32(scale)
     return chosen, weights
+
+
+def _best_groups(scores: np.ndarray, n_groups: int, n_used: int, top_k) -> np.ndarray:
+    """DeepSeek-V3's group-limited choice: each group scored by the sum of its two best
+    scores (ggml_argsort_top_k, get_rows, sum_rows in double); the n_used best groups keep
+    their scores, the others become -inf."""
+    n, n_expert = scores.shape
+    per_group = scores.reshape(n * n_groups, n_expert // n_groups)
+    best2 = np.empty((len(per_group), 2), dtype=np.int64)
+    top_k(np.ascontiguousarray(per_group), 2, False, best2, np.empty((len(per_group), 2), dtype=np.float32))
+    pair = np.take_along_axis(per_group, best2, axis=1).astype(np.float64)
+    group_scores = (pair[:, 0] + pair[:, 1]).astype(np.float32).reshape(n, n_groups)
+    keep = np.empty((n, n_used), dtype=np.int64)
+    top_k(group_scores, n_used, False, keep, np.empty((n, n_used), dtype=np.float32))
+    masked = np.full((n, n_groups, n_expert // n_groups), -np.inf, dtype=np.float32)
+    rows = np.arange(n)[:, None]
+    masked[rows, keep] = scores.reshape(n, n_groups, -1)[rows, keep]
+    return masked.reshape(n, n_expert)
 
 
 @njit(cache=True, nogil=True)
@@ -146,22 +213,23 @@ class KVCache:
     position for full-attention layers, a ring of the last ones for sliding-window layers."""
 
     def __init__(self, args: ModelArgs, n_ctx: int):
-        kv_dim = args.n_head_kv * args.head_dim
-        self.k = [np.zeros((kv_cells(args, i, n_ctx), kv_dim), dtype=np.float32) for i in range(args.n_layer)]
-        self.v = [np.zeros_like(k) for k in self.k]
+        self.k = [np.zeros((kv_cells(args, i, n_ctx), args.kv_dim), dtype=np.float32) for i in range(args.n_layer)]
+        # MLA's values are the first kv_lora_rank floats of its keys: no cache of their own
+        self.v = [None if args.attention == "mla" else np.zeros_like(k) for k in self.k]
         self.n_ctx = n_ctx
         self.n_past = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.k, self.v))
+        return sum(k.nbytes + (0 if v is None else v.nbytes) for k, v in zip(self.k, self.v))
 
-    def write(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
-        """Keys and values (n, kv_dim) of positions start.. into their cells."""
+    def write(self, layer: int, start: int, k: np.ndarray, v: np.ndarray | None) -> None:
+        """Keys and values (n, kv_dim) of positions start.. into their cells (v None: MLA)."""
         rows = len(self.k[layer])
         cells = slice(start, start + len(k)) if start + len(k) <= rows else np.arange(start, start + len(k)) % rows
         self.k[layer][cells] = k
-        self.v[layer][cells] = v
+        if v is not None:
+            self.v[layer][cells] = v
 
 
 class Scratch:
@@ -190,6 +258,7 @@ class Transformer:
         bases = {args.rope_base_of(i) for i in range(args.n_layer)}
         tables = {base: rope_tables(args, n_ctx, base) for base in bases}  # shared by the layers of a base
         self.rope = [tables[args.rope_base_of(i)] for i in range(args.n_layer)]  # (cos, sin) per layer
+        self._mla_scale = mla_score_scale(args) if args.attention == "mla" else None
         self.scratch = Scratch()
         self.recorder = None  # a TraceRecorder (offload.trace) sees every routing decision when set
         self.prefetcher = None  # offload.predict.Prefetcher: predicts the next layers' experts for a tiered store
@@ -275,7 +344,12 @@ class Transformer:
             for target, experts, _ in preds:
                 rec.record_prediction(layer, target, experts)
 
-    def _attention(self, layer: int, w: Attention, x: np.ndarray, start: int) -> np.ndarray:
+    def _attention(self, layer: int, w: Attention | LatentAttention, x: np.ndarray, start: int) -> np.ndarray:
+        """The attention block's output for x (its input, normed): grouped-query or latent."""
+        return self._latent_attention(layer, w, x, start) if self.args.attention == "mla" else \
+            self._gqa_attention(layer, w, x, start)
+
+    def _gqa_attention(self, layer: int, w: Attention, x: np.ndarray, start: int) -> np.ndarray:
         a, buf = self.args, self.scratch
         n, hd = len(x), a.head_dim
         q, k, v = self._matmuls((w.wq, w.wk, w.wv), x, outs=(buf("q", n, w.wq.n_rows), buf("k", n, w.wk.n_rows),
@@ -299,11 +373,43 @@ class Transformer:
             out += w.bo
         return out
 
+    def _latent_attention(self, layer: int, w: LatentAttention, x: np.ndarray, start: int) -> np.ndarray:
+        """DeepSeek's MLA in llama.cpp's absorbed form: the cache holds [latent, rope key] per
+        token; each head's query is [k_b . q_nope, rope(q_pe)], the attention runs over the
+        cache as one KV head whose first kv_lora_rank floats are the values, and v_b maps
+        each head's result back out (deepseek2.cpp)."""
+        a, n = self.args, len(x)
+        r, rope, nope = a.kv_lora_rank, a.rope_dim, a.head_dim - a.rope_dim
+        if w.wq is not None:
+            q = self._matmul(w.wq, x)
+        else:
+            q = self._matmul(w.wq_b, rms_norm(self._matmul(w.wq_a, x), w.q_a_norm, a.rms_eps))
+        q = q.reshape(n, a.n_head, a.head_dim)
+        kv = self._matmul(w.wkv_a, x)  # (n, r + rope)
+        cos, sin = self.rope[layer]
+        cos, sin = cos[start : start + n], sin[start : start + n]
+        k_pe = np.ascontiguousarray(kv[:, None, r:])
+        apply_rope(k_pe, cos, sin, rope, a.rope_style)
+        latent = rms_norm(np.ascontiguousarray(kv[:, :r]), w.kv_a_norm, a.rms_eps)
+        q_pe = np.ascontiguousarray(q[:, :, nope:])
+        apply_rope(q_pe, cos, sin, rope, a.rope_style)
+        queries = np.empty((n, a.n_head, r + rope), dtype=np.float32)
+        queries[:, :, r:] = q_pe
+        for h in range(a.n_head):  # q_nope through k_b (ggml reads q_nope as a permuted view)
+            queries[:, h, :r] = _head_matmul(w.wk_b[h], q[:, h, :nope], src1_contiguous=False)
+        self.cache.write(layer, start, np.concatenate([latent, k_pe[:, 0]], axis=1), None)
+        out = attention(queries.reshape(n, -1), self.cache.k[layer], None, start, a.n_head, 1, r + rope, v_dim=r,
+                        scale=self._mla_scale)
+        heads = np.empty((n, a.n_head, a.v_head_dim), dtype=np.float32)
+        for h in range(a.n_head):
+            heads[:, h] = _head_matmul(w.wv_b[h], out[:, h * r : (h + 1) * r], src1_contiguous=True)
+        return self._matmul(w.wo, heads.reshape(n, -1))
+
     def _attention_token(self, layer: int, w: Attention, x: np.ndarray, start: int) -> bool:
         """x += the attention block of one decoding token, in one C call (kernels.block) where
         the C kernels serve its matrices and no GPU tier runs them; False if not run."""
         a = self.args
-        if self.gpu is not None or not block.attention_fits(w) or a.window(layer) or w.sinks is not None or w.bo is not None:
+        if a.attention != "gqa" or self.gpu is not None or not block.attention_fits(w) or a.window(layer) or w.sinks is not None or w.bo is not None:
             return False
         if self._block_scratch is None:
             self._block_scratch = block.attention_scratch(a)
@@ -319,7 +425,11 @@ class Transformer:
         logits = self._matmul(w.router, x, out=buf("router", len(x), w.router.n_rows))
         if w.router_bias is not None:
             logits += w.router_bias
-        chosen, weights = route(logits, a.n_expert_used, a.routing)
+        if w.selection_bias is None and a.expert_groups <= 1 and a.expert_weights_scale in (0.0, 1.0):
+            chosen, weights = route(logits, a.n_expert_used, a.routing)
+        else:
+            chosen, weights = route(logits, a.n_expert_used, a.routing, w.selection_bias,
+                                    (a.expert_groups, a.expert_groups_used), a.expert_weights_scale)
         if self.recorder is not None:
             self.recorder.record(layer, chosen, weights)
         prefetch = getattr(self.experts, "prefetch", None)
@@ -412,6 +522,14 @@ def _ffn(w: FFN, x: np.ndarray, buf: Scratch, expert: bool = False, gpu=None, ac
     if bias is not None:
         out += bias[2]
     return out
+
+
+def _head_matmul(w, x: np.ndarray, src1_contiguous: bool) -> np.ndarray:
+    """One head's slice of ggml's batched mul_mat: float32 weights on a non-contiguous
+    operand (a permuted view) skip tinyBLAS, which `expert` order stands for; other types
+    convert the operand into a contiguous buffer first, so they take the plain order."""
+    float32 = w.fmt.name == "F32"
+    return matmul(w, np.ascontiguousarray(x), expert=float32 and not src1_contiguous)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, RopeScalingType
+from gguf import ExpertGatingFuncType, GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, RopeScalingType
 from gguf.quants import quantize
 
 _BUNDLED_VOCAB = Path(__file__).parent / "data" / "ggml-vocab-llama-spm.gguf"
@@ -61,8 +61,24 @@ class TinyConfig:
     arch: str = "llama"  # also qwen2moe, qwen3moe, olmoe, gpt-oss (MoE only; see write_model)
     n_ff_shexp: int = 0  # qwen2moe's shared expert hidden size (default: n_ff)
     sliding_window: int = 16  # gpt-oss: the window of its sliding layers (the even ones)
-    yarn_factor: float = 32.0  # gpt-oss: YaRN RoPE scaling (0: none)
+    yarn_factor: float = 32.0  # gpt-oss, deepseek2: YaRN RoPE scaling (0: none)
     yarn_orig_ctx: int = 64
+    # deepseek2 (MLA): head_dim is the query/key head (nope + rope_dim), the cache holds
+    # kv_lora_rank + rope_dim per token; q_lora_rank 0: a plain query (V2-Lite)
+    kv_lora_rank: int = 32
+    q_lora_rank: int = 0
+    rope_dim: int = 16
+    v_head_dim: int = 16
+    n_dense_lead: int = 1
+    n_ff_dense: int = 96
+    n_expert_shared: int = 1
+    gating: str = "softmax"  # or "sigmoid"
+    selection_bias: bool = False  # exp_probs_b
+    expert_groups: int = 0
+    expert_groups_used: int = 0
+    weights_norm: bool = False
+    weights_scale: float = 0.0
+    yarn_log_mul: float = 0.0
 
 
 _FILE_TYPES = {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16, "BF16": LlamaFileType.MOSTLY_BF16,
@@ -85,7 +101,7 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
     n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)
 
     arch = c.arch
-    if arch not in ("llama", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss"):
+    if arch not in ("llama", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss", "deepseek2"):
         raise ValueError(f"write_model does not write arch {arch!r}")
     if arch != "llama" and not c.n_expert:
         raise ValueError(f"{arch} is an MoE arch: n_expert must be > 0")
@@ -101,28 +117,48 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
     w.add_context_length(c.n_ctx)
     w.add_embedding_length(c.n_embd)
     w.add_block_count(c.n_layer)
-    w.add_feed_forward_length(c.n_ff)
+    w.add_feed_forward_length(c.n_ff_dense if arch == "deepseek2" else c.n_ff)
     w.add_head_count(c.n_head)
     w.add_head_count_kv(c.n_head_kv)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
+    if arch == "deepseek2":  # MLA: the cached latent and rope key are "the" key and value
+        w.add_key_length(c.kv_lora_rank + c.rope_dim)
+        w.add_value_length(c.kv_lora_rank)
+        w.add_key_length_mla(head_dim)
+        w.add_value_length_mla(c.v_head_dim)
+        w.add_rope_dimension_count(c.rope_dim)
+    else:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(c.rope_base)
     w.add_layer_norm_rms_eps(c.rms_eps)
     w.add_vocab_size(n_vocab)
     if c.n_expert:
         w.add_expert_count(c.n_expert)
         w.add_expert_used_count(c.n_expert_used)
-        if arch in ("qwen2moe", "qwen3moe", "gpt-oss"):
+        if arch in ("qwen2moe", "qwen3moe", "gpt-oss", "deepseek2"):
             w.add_expert_feed_forward_length(c.n_ff)
         if arch == "qwen2moe":
             w.add_expert_shared_feed_forward_length(n_ff_shexp)
+    if arch == "deepseek2":
+        w.add_leading_dense_block_count(c.n_dense_lead)
+        w.add_q_lora_rank(c.q_lora_rank)
+        w.add_kv_lora_rank(c.kv_lora_rank)
+        w.add_expert_shared_count(c.n_expert_shared)
+        w.add_expert_weights_scale(c.weights_scale)
+        w.add_expert_weights_norm(c.weights_norm)
+        w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID if c.gating == "sigmoid" else ExpertGatingFuncType.SOFTMAX)
+        if c.expert_groups:
+            w.add_expert_group_count(c.expert_groups)
+            w.add_expert_group_used_count(c.expert_groups_used)
+    if arch in ("gpt-oss", "deepseek2") and c.yarn_factor:
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(c.yarn_factor)
+        w.add_rope_scaling_orig_ctx_len(c.yarn_orig_ctx)
+        if c.yarn_log_mul:
+            w.add_rope_scaling_yarn_log_mul(c.yarn_log_mul)
     if arch == "gpt-oss":
         w.add_sliding_window(c.sliding_window)
-        if c.yarn_factor:
-            w.add_rope_scaling_type(RopeScalingType.YARN)
-            w.add_rope_scaling_factor(c.yarn_factor)
-            w.add_rope_scaling_orig_ctx_len(c.yarn_orig_ctx)
     for key, f in vocab.fields.items():
         if key.startswith("tokenizer."):
             sub = f.types[-1] if len(f.types) > 1 else None
@@ -143,10 +179,13 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
     for i in range(c.n_layer):
         p = f"blk.{i}."
         norm(p + "attn_norm.weight", c.n_embd)
-        matrix(p + "attn_q.weight", c.n_head * head_dim, c.n_embd)
-        matrix(p + "attn_k.weight", c.n_head_kv * head_dim, c.n_embd)
-        matrix(p + "attn_v.weight", c.n_head_kv * head_dim, c.n_embd)
-        matrix(p + "attn_output.weight", c.n_embd, c.n_head * head_dim)
+        if arch == "deepseek2":
+            _mla_tensors(w, c, p, head_dim, matrix, norm)
+        else:
+            matrix(p + "attn_q.weight", c.n_head * head_dim, c.n_embd)
+            matrix(p + "attn_k.weight", c.n_head_kv * head_dim, c.n_embd)
+            matrix(p + "attn_v.weight", c.n_head_kv * head_dim, c.n_embd)
+            matrix(p + "attn_output.weight", c.n_embd, c.n_head * head_dim)
         if arch == "qwen2moe":
             bias(p + "attn_q.bias", c.n_head * head_dim)
             bias(p + "attn_k.bias", c.n_head_kv * head_dim)
@@ -164,11 +203,22 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
             bias(p + "attn_output.bias", c.n_embd)
             w.add_tensor(p + "attn_sinks.weight", rng.standard_normal(c.n_head).astype(np.float32))
         norm(p + ("post_attention_norm.weight" if arch == "gpt-oss" else "ffn_norm.weight"), c.n_embd)
-        if c.n_expert:
+        if arch == "deepseek2" and i < c.n_dense_lead:
+            matrix(p + "ffn_gate.weight", c.n_ff_dense, c.n_embd)
+            matrix(p + "ffn_up.weight", c.n_ff_dense, c.n_embd)
+            matrix(p + "ffn_down.weight", c.n_embd, c.n_ff_dense)
+        elif c.n_expert:
             matrix(p + "ffn_gate_inp.weight", c.n_expert, c.n_embd, keep_f32=True)
             matrix(p + "ffn_gate_exps.weight", c.n_expert, c.n_ff, c.n_embd)
             matrix(p + "ffn_up_exps.weight", c.n_expert, c.n_ff, c.n_embd)
             matrix(p + "ffn_down_exps.weight", c.n_expert, c.n_embd, c.n_ff)
+            if arch == "deepseek2":
+                if c.selection_bias:
+                    bias(p + "exp_probs_b.bias", c.n_expert)
+                shexp = c.n_ff * c.n_expert_shared
+                matrix(p + "ffn_gate_shexp.weight", shexp, c.n_embd)
+                matrix(p + "ffn_up_shexp.weight", shexp, c.n_embd)
+                matrix(p + "ffn_down_shexp.weight", c.n_embd, shexp)
             if arch == "gpt-oss":
                 bias(p + "ffn_gate_inp.bias", c.n_expert)
                 for part, n in (("gate", c.n_ff), ("up", c.n_ff), ("down", c.n_embd)):
@@ -191,6 +241,21 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _mla_tensors(w: GGUFWriter, c: TinyConfig, p: str, head_dim: int, matrix, norm) -> None:
+    """deepseek2's attention tensors (MLA form: k_b and v_b stacked per head)."""
+    if c.q_lora_rank:
+        matrix(p + "attn_q_a.weight", c.q_lora_rank, c.n_embd)
+        norm(p + "attn_q_a_norm.weight", c.q_lora_rank)
+        matrix(p + "attn_q_b.weight", c.n_head * head_dim, c.q_lora_rank)
+    else:
+        matrix(p + "attn_q.weight", c.n_head * head_dim, c.n_embd)
+    matrix(p + "attn_kv_a_mqa.weight", c.kv_lora_rank + c.rope_dim, c.n_embd)
+    norm(p + "attn_kv_a_norm.weight", c.kv_lora_rank)
+    matrix(p + "attn_k_b.weight", c.n_head, c.kv_lora_rank, head_dim - c.rope_dim)
+    matrix(p + "attn_v_b.weight", c.n_head, c.v_head_dim, c.kv_lora_rank)
+    matrix(p + "attn_output.weight", c.n_embd, c.n_head * c.v_head_dim)
 
 
 def _add(w: GGUFWriter, name: str, data: np.ndarray, qtype: GGMLQuantizationType) -> None:

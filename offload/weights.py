@@ -58,6 +58,24 @@ class Attention:
         return tuple((m.fmt.name, m.address, m.n_rows) for m in (self.wq, self.wk, self.wv, self.wo))
 
 
+@dataclass
+class LatentAttention:
+    """DeepSeek's multi-head latent attention (MLA), in llama.cpp's absorbed form: per head,
+    k_b maps the query's non-RoPE part into the latent space and v_b maps the attention
+    output back out of it (both one matrix per head, from the stacked tensors)."""
+
+    norm: np.ndarray
+    wkv_a: QMatrix  # x -> [latent (kv_lora_rank), rope key (rope_dim)]
+    kv_a_norm: np.ndarray
+    wk_b: list[QMatrix]  # per head: (kv_lora_rank, head_dim - rope_dim)
+    wv_b: list[QMatrix]  # per head: (v_head_dim, kv_lora_rank)
+    wo: QMatrix
+    wq: QMatrix | None = None  # a plain query (V2-Lite), or:
+    wq_a: QMatrix | None = None  # x -> q_lora_rank
+    q_a_norm: np.ndarray | None = None
+    wq_b: QMatrix | None = None  # q_lora_rank -> n_head * head_dim
+
+
 @dataclass(frozen=True)
 class ExpertBiases:
     """The biases of a layer's routed experts, one row per expert. They are small (0.2% of
@@ -79,12 +97,13 @@ class MoE:
     shared: FFN | None = None
     shared_gate: QMatrix | None = None  # one row: sigmoid(shared_gate·x) scales the shared expert
     router_bias: np.ndarray | None = None  # (n_expert,) added to the router logits
+    selection_bias: np.ndarray | None = None  # (n_expert,) added to the scores for choosing only
     expert_biases: ExpertBiases | None = None
 
 
 @dataclass
 class Layer:
-    attn: Attention
+    attn: Attention | LatentAttention
     ffn_norm: np.ndarray
     dense: FFN | None  # exactly one of dense / moe is set
     moe: MoE | None
@@ -154,14 +173,64 @@ def _bias_rows(t: TensorInfo, n_rows: int) -> np.ndarray:
     return dequantize_rows(m, np.arange(n_rows))
 
 
-def _expert_matrices(t: TensorInfo, n_expert: int) -> list[QMatrix]:
-    """Split a stacked `ffn_*_exps` tensor (expert index outermost) into one view per expert."""
+def _expert_matrices(t: TensorInfo, n_expert: int, what: str = "experts") -> list[QMatrix]:
+    """Split a stacked tensor (`ffn_*_exps`; MLA's per-head k_b, v_b) whose outermost index
+    is the expert (head) into one view per expert."""
+    if len(t.shape) != 3:
+        raise UnsupportedModelError(f"tensor {t.name} has shape {t.shape}, expected a stack of matrices")
     n_cols, n_rows, n = t.shape
     if n != n_expert:
-        raise UnsupportedModelError(f"tensor {t.name} holds {n} experts, metadata says {n_expert}")
+        raise UnsupportedModelError(f"tensor {t.name} holds {n} {what}, metadata says {n_expert}")
     fmt = _format(t)
     raw = t.data.view(np.uint8).reshape(n_expert, n_rows, fmt.row_bytes(n_cols))
     return [QMatrix(fmt, n_rows, n_cols, raw[e]) for e in range(n_expert)]
+
+
+def _attention(gguf: GGUFFile, args: ModelArgs, p: str) -> Attention:
+    attn = Attention(
+        norm=_vector(gguf.tensor(p + "attn_norm.weight")),
+        wq=_matrix(gguf.tensor(p + "attn_q.weight")),
+        wk=_matrix(gguf.tensor(p + "attn_k.weight")),
+        wv=_matrix(gguf.tensor(p + "attn_v.weight")),
+        wo=_matrix(gguf.tensor(p + "attn_output.weight")),
+    )
+    if args.attn_bias:
+        attn.bq, attn.bk, attn.bv = (_vector(gguf.tensor(p + f"attn_{x}.bias")) for x in "qkv")
+    if args.qk_norm:
+        attn.q_norm = _vector(gguf.tensor(p + "attn_q_norm.weight"))
+        attn.k_norm = _vector(gguf.tensor(p + "attn_k_norm.weight"))
+    if args.attn_out_bias:
+        attn.bo = _vector(gguf.tensor(p + "attn_output.bias"))
+    if args.attn_sinks:
+        attn.sinks = _vector(gguf.tensor(p + "attn_sinks.weight"))
+        if attn.sinks.shape != (args.n_head,):
+            raise UnsupportedModelError(f"tensor {p}attn_sinks.weight holds {attn.sinks.size} values, "
+                                        f"expected one per head ({args.n_head})")
+    return attn
+
+
+def _latent_attention(gguf: GGUFFile, args: ModelArgs, p: str) -> LatentAttention:
+    attn = LatentAttention(
+        norm=_vector(gguf.tensor(p + "attn_norm.weight")),
+        wkv_a=_matrix(gguf.tensor(p + "attn_kv_a_mqa.weight")),
+        kv_a_norm=_vector(gguf.tensor(p + "attn_kv_a_norm.weight")),
+        wk_b=_expert_matrices(gguf.tensor(p + "attn_k_b.weight"), args.n_head, "heads"),
+        wv_b=_expert_matrices(gguf.tensor(p + "attn_v_b.weight"), args.n_head, "heads"),
+        wo=_matrix(gguf.tensor(p + "attn_output.weight")),
+    )
+    if args.q_lora_rank > 0:
+        attn.wq_a = _matrix(gguf.tensor(p + "attn_q_a.weight"))
+        attn.q_a_norm = _vector(gguf.tensor(p + "attn_q_a_norm.weight"))
+        attn.wq_b = _matrix(gguf.tensor(p + "attn_q_b.weight"))
+    else:
+        attn.wq = _matrix(gguf.tensor(p + "attn_q.weight"))
+    nope = args.head_dim - args.rope_dim
+    shapes = ((attn.wkv_a.n_rows, args.kv_lora_rank + args.rope_dim), (attn.wk_b[0].n_rows, args.kv_lora_rank),
+              (attn.wk_b[0].n_cols, nope), (attn.wv_b[0].n_rows, args.v_head_dim),
+              (attn.wv_b[0].n_cols, args.kv_lora_rank), (attn.wo.n_cols, args.n_head * args.v_head_dim))
+    if any(have != want for have, want in shapes):
+        raise UnsupportedModelError(f"{p}attn_*: MLA tensor shapes do not fit the metadata's head sizes")
+    return attn
 
 
 @dataclass(frozen=True)
@@ -237,25 +306,10 @@ def load_weights(gguf: GGUFFile, args: ModelArgs) -> Weights:
     layers = []
     for i in range(args.n_layer):
         p = f"blk.{i}."
-        attn = Attention(
-            norm=_vector(gguf.tensor(p + "attn_norm.weight")),
-            wq=_matrix(gguf.tensor(p + "attn_q.weight")),
-            wk=_matrix(gguf.tensor(p + "attn_k.weight")),
-            wv=_matrix(gguf.tensor(p + "attn_v.weight")),
-            wo=_matrix(gguf.tensor(p + "attn_output.weight")),
-        )
-        if args.attn_bias:
-            attn.bq, attn.bk, attn.bv = (_vector(gguf.tensor(p + f"attn_{x}.bias")) for x in "qkv")
-        if args.qk_norm:
-            attn.q_norm = _vector(gguf.tensor(p + "attn_q_norm.weight"))
-            attn.k_norm = _vector(gguf.tensor(p + "attn_k_norm.weight"))
-        if args.attn_out_bias:
-            attn.bo = _vector(gguf.tensor(p + "attn_output.bias"))
-        if args.attn_sinks:
-            attn.sinks = _vector(gguf.tensor(p + "attn_sinks.weight"))
-            if attn.sinks.shape != (args.n_head,):
-                raise UnsupportedModelError(f"tensor {p}attn_sinks.weight holds {attn.sinks.size} values, "
-                                            f"expected one per head ({args.n_head})")
+        if args.attention == "mla":
+            attn = _latent_attention(gguf, args, p)
+        else:
+            attn = _attention(gguf, args, p)
         dense = moe = None
         if args.is_moe_layer(i):
             if opt(p + "ffn_gate_exps.weight") is None and opt(p + "ffn_gate.0.weight") is not None:
@@ -267,6 +321,8 @@ def load_weights(gguf: GGUFFile, args: ModelArgs) -> Weights:
                       expert_types=tuple(gguf.tensor(p + f"ffn_{x}_exps.weight").ggml_type for x in ("gate", "up", "down")))
             if args.router_bias:
                 moe.router_bias = _vector(gguf.tensor(p + "ffn_gate_inp.bias"))
+            if opt(p + "exp_probs_b.bias") is not None:  # optional, as in llama.cpp
+                moe.selection_bias = _vector(gguf.tensor(p + "exp_probs_b.bias"))
             if args.expert_bias:
                 moe.expert_biases = ExpertBiases(*(_bias_rows(gguf.tensor(p + f"ffn_{x}_exps.bias"), args.n_expert)
                                                    for x in ("gate", "up", "down")))

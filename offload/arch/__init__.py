@@ -9,7 +9,7 @@ from typing import Callable
 
 from ..errors import UnsupportedModelError
 from ..gguf_file import GGUFFile
-from . import gpt_oss, llama, olmoe, qwen2moe, qwen3moe
+from . import deepseek2, gpt_oss, llama, olmoe, qwen2moe, qwen3moe
 from .base import ModelArgs
 
 ARCHITECTURES: dict[str, Callable[[GGUFFile], ModelArgs]] = {
@@ -18,6 +18,7 @@ ARCHITECTURES: dict[str, Callable[[GGUFFile], ModelArgs]] = {
     "qwen3moe": qwen3moe.model_args,
     "olmoe": olmoe.model_args,
     "gpt-oss": gpt_oss.model_args,
+    "deepseek2": deepseek2.model_args,
 }
 
 
@@ -27,6 +28,9 @@ def model_args(gguf: GGUFFile) -> ModelArgs:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise UnsupportedModelError(f"{gguf.path}: architecture '{arch}' is not supported (supported: {supported})")
     args = ARCHITECTURES[arch](gguf)
+    if args.expert_groups > 1 and (args.n_expert % args.expert_groups or not 0 < args.expert_groups_used <= args.expert_groups):
+        raise UnsupportedModelError(f"{gguf.path}: {args.n_expert} experts do not split into {args.expert_groups} groups "
+                                    f"of which {args.expert_groups_used} are used")
     if args.n_head % args.n_head_kv:
         raise UnsupportedModelError(f"{gguf.path}: {args.n_head} heads do not group over {args.n_head_kv} KV heads")
     if args.is_moe and not 0 < args.n_expert_used <= args.n_expert:

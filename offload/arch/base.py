@@ -18,7 +18,11 @@ from ..gguf_file import GGUFFile
 RopeStyle = Literal["normal", "neox"]  # pairs (x0,x1),(x2,x3)... or halves (x_i, x_{i+d/2})
 # softmax over all experts then the top k (renormalized or not), or (gpt-oss) the top k of the
 # raw logits, then softmax over those k only
-Routing = Literal["softmax_topk_norm", "softmax_topk", "topk_softmax"]
+# (DeepSeek V3, GLM-4.5: sigmoid scores then the top k, renormalized or not)
+Routing = Literal["softmax_topk_norm", "softmax_topk", "topk_softmax", "sigmoid_topk_norm", "sigmoid_topk"]
+# grouped-query attention, or DeepSeek's multi-head latent attention: one compressed
+# latent (+ one RoPE key) cached per token, queries absorbed into the latent space
+AttentionKind = Literal["gqa", "mla"]
 QKNorm = Literal["head", "full"]  # RMSNorm per head (Qwen3) or over the whole projection (OLMoE)
 # down(silu(gate) * up), or gpt-oss's clamped variant: a = min(gate, 7), b = clamp(up, -7, 7),
 # a * sigmoid(1.702 a) * (b + 1)
@@ -35,6 +39,8 @@ class Yarn:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     ext_factor: float = 1.0
+    log_mul: float = 0.0  # DeepSeek's mscale_all_dim (rope.scaling.yarn_log_multiplier / 0.1)
+    mscale: float = 1.0  # the numerator's mscale where log_mul is set (DeepSeek: log_mul too)
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,10 @@ class ModelArgs:
     swa_layers: tuple[bool, ...] = ()
     attn_sinks: bool = False  # one learned logit per head joins each softmax (gpt-oss)
     attn_out_bias: bool = False
+    attention: AttentionKind = "gqa"
+    q_lora_rank: int = 0  # MLA: queries through a low-rank bottleneck (0: one plain matrix)
+    kv_lora_rank: int = 0  # MLA: the latent's width; the cache holds it plus rope_dim per token
+    v_head_dim: int = 0  # MLA: a value head's width after v_b
     n_ff: int = 0  # hidden size of a dense FFN
     n_expert: int = 0  # 0: a dense model
     n_expert_used: int = 0
@@ -66,6 +76,10 @@ class ModelArgs:
     router_bias: bool = False  # added to the router logits before the choice
     expert_act: ExpertActivation = "swiglu"
     expert_bias: bool = False  # each expert's gate, up and down add a bias
+    expert_selection_bias: bool = False  # exp_probs_b: added to the scores for choosing only
+    expert_groups: int = 0  # experts in groups; only the expert_groups_used best groups compete
+    expert_groups_used: int = 0
+    expert_weights_scale: float = 0.0  # the chosen weights times this (0 or 1: unscaled)
     ffn_norm: str = "ffn_norm"  # the FFN's norm tensor (gpt-oss: post_attention_norm)
     qk_norm: QKNorm | None = None
     attn_bias: bool = False
@@ -78,6 +92,12 @@ class ModelArgs:
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.is_moe and layer >= self.n_dense_lead
+
+    @property
+    def kv_dim(self) -> int:
+        """Floats a layer's cache keeps per token for keys (MLA: the latent and the RoPE key,
+        whose first kv_lora_rank floats are also the values)."""
+        return self.kv_lora_rank + self.rope_dim if self.attention == "mla" else self.n_head_kv * self.head_dim
 
     def window(self, layer: int) -> int:
         """How many positions back this layer's attention reaches (0: all of them)."""
@@ -119,8 +139,6 @@ def rope_scaling(gguf: GGUFFile) -> dict:
     if kind == "yarn":
         orig = int(gguf.get(f"{gguf.architecture}.rope.scaling.original_context_length",
                             hparam(gguf, "context_length", 4096)))
-        if gguf.get(f"{gguf.architecture}.rope.scaling.yarn_log_multiplier", 0.0):
-            raise UnsupportedModelError(f"{gguf.path}: YaRN with a log multiplier (DeepSeek's mscale) is not supported yet")
         return dict(rope_freq_scale=scale, yarn=Yarn(factor=factor or 1.0, orig_ctx=orig))
     raise UnsupportedModelError(f"{gguf.path}: RoPE scaling type '{kind}' is not supported yet")
 

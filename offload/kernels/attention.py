@@ -51,24 +51,25 @@ def _cell_position(c, last, n_cells, wrapped):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, scale, window, sinks, out):
-    """q (n, n_head*hd); k_cache, v_cache (n_cells, n_head_kv*hd) of one layer, positions
-    up to start + n written (position p in cell p % n_cells); out (n, n_head*hd); window 0:
-    none; sinks: (n_head,) or empty."""
+def _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, v_dim, scale, window, sinks, out):
+    """q (n, n_head*hd); k_cache (n_cells, n_head_kv*hd), v_cache (n_cells, >= n_head_kv*v_dim)
+    of one layer, positions up to start + n written (position p in cell p % n_cells); out
+    (n, n_head*v_dim); window 0: none; sinks: (n_head,) or empty."""
     n = q.shape[0]
     n_cells = k_cache.shape[0]
     last = start + n - 1
     wrapped = last >= n_cells
-    hd = head_dim
+    hd, vd = head_dim, v_dim
     group = n_head // n_head_kv
-    gemm8 = group * n >= 2 and hd % 4 == 0
+    gemm8 = group * n >= 2 and vd % 4 == 0
     main = hd - hd % 32
     for h in prange(n_head):
         acc = np.zeros(32, dtype=np.float32)
         probs = np.empty(min(start + n, n_cells), dtype=np.float32)
-        vacc = np.zeros((32, hd), dtype=np.float32)  # (lane, d)
+        vacc = np.zeros((32, vd), dtype=np.float32)  # (lane, d)
         g = h // group
         kv0 = g * hd
+        v0 = g * vd
         for t in range(n):
             qrow = q[t, h * hd:(h + 1) * hd]
             pos = start + t
@@ -115,39 +116,46 @@ def _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, scale, w
                     continue  # masked: adds exactly +0
                 lane = vacc[p % width]
                 w = probs[p]
-                for d in range(hd):
-                    lane[d] = fma32(v_cache[p, kv0 + d], w, lane[d])
-            for d in range(hd):
+                for d in range(vd):
+                    lane[d] = fma32(v_cache[p, v0 + d], w, lane[d])
+            for d in range(vd):
                 col = acc  # this output's lanes, gathered
                 for lane in range(width):
                     col[lane] = vacc[lane, d]
-                out[t, h * hd + d] = _hsum8(col) if gemm8 else _fold32(col)
+                out[t, h * vd + d] = _hsum8(col) if gemm8 else _fold32(col)
 
 
-def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, n_head: int, n_head_kv: int,
-              head_dim: int, out: np.ndarray | None = None, window: int = 0,
-              sinks: np.ndarray | None = None) -> np.ndarray:
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray | None, start: int, n_head: int,
+              n_head_kv: int, head_dim: int, out: np.ndarray | None = None, window: int = 0,
+              sinks: np.ndarray | None = None, v_dim: int | None = None, scale: float | None = None) -> np.ndarray:
     """Attention of the n new queries q (n, n_head*head_dim) at positions start.. over one
     layer's cache (n_cells rows, positions up to start + n written, position p in cell
-    p % n_cells); returns (n, n_head*head_dim). `window`: keys fewer than this many
-    positions back (0: all); `sinks`: (n_head,) sink logits. All arrays float32 and
+    p % n_cells); returns (n, n_head*v_dim). `window`: keys fewer than this many positions
+    back (0: all); `sinks`: (n_head,) sink logits; `v_dim`: a value head's width (default
+    head_dim); v_cache None: the values are the first v_dim floats of each key row (MLA's
+    latent); `scale`: of the scores (default 1/sqrt(head_dim)). All arrays float32 and
     C-contiguous. The C kernel with the C kernels, else the Numba one (same bits)."""
+    v_dim = head_dim if v_dim is None else v_dim
     if out is None:
-        out = np.empty_like(q)
+        out = np.empty((q.shape[0], n_head * v_dim), dtype=np.float32)
     if cext.selected():
-        cext.attention(q, k_cache, v_cache, out, q.shape[0], start, n_head, n_head_kv, head_dim, window, sinks)
+        cext.attention(q, k_cache, v_cache, out, q.shape[0], start, n_head, n_head_kv, head_dim, window, sinks, v_dim,
+                       0.0 if scale is None else float(scale))
         return out
-    return attention_numba(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, out, window, sinks)
+    return attention_numba(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, out, window, sinks, v_dim, scale)
 
 
-def attention_numba(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, n_head: int,
+def attention_numba(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray | None, start: int, n_head: int,
                     n_head_kv: int, head_dim: int, out: np.ndarray | None = None, window: int = 0,
-                    sinks: np.ndarray | None = None) -> np.ndarray:
+                    sinks: np.ndarray | None = None, v_dim: int | None = None,
+                    scale: float | None = None) -> np.ndarray:
+    v_dim = head_dim if v_dim is None else v_dim
     if out is None:
-        out = np.empty_like(q)
-    scale = np.float32(1.0) / np.sqrt(np.float32(head_dim))
+        out = np.empty((q.shape[0], n_head * v_dim), dtype=np.float32)
+    scale = np.float32(1.0) / np.sqrt(np.float32(head_dim)) if scale is None else np.float32(scale)
     sinks = np.zeros(0, dtype=np.float32) if sinks is None else np.ascontiguousarray(sinks, dtype=np.float32)
-    _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, scale, window, sinks, out)
+    _attention(q, k_cache, k_cache if v_cache is None else v_cache, start, n_head, n_head_kv, head_dim, v_dim, scale,
+               window, sinks, out)
     return out
 
 
@@ -159,16 +167,20 @@ def cell_positions(n_cells: int, end: int) -> np.ndarray:
     return (end - 1) - ((end - 1) - cells) % n_cells
 
 
-def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, n_head: int, n_head_kv: int,
-                  head_dim: int, window: int = 0, sinks: np.ndarray | None = None) -> np.ndarray:
+def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray | None, start: int, n_head: int,
+                  n_head_kv: int, head_dim: int, window: int = 0, sinks: np.ndarray | None = None,
+                  v_dim: int | None = None, scale: float | None = None) -> np.ndarray:
     """The same with numpy and the general matmul, over explicitly padded copies in cell order."""
     n, hd = q.shape[0], head_dim
+    vd = hd if v_dim is None else v_dim
+    if v_cache is None:
+        v_cache = k_cache[:, :vd]
     end = start + n
     n_cells = k_cache.shape[0]
     live = min(end, n_cells)
     q = q.reshape(n, n_head, hd)
-    out = np.empty((n, n_head, hd), dtype=np.float32)
-    scale = np.float32(1.0) / np.sqrt(np.float32(hd))
+    out = np.empty((n, n_head, vd), dtype=np.float32)
+    scale = np.float32(1.0) / np.sqrt(np.float32(hd)) if scale is None else np.float32(scale)
     n_kv = -(-live // 32) * 32  # llama.cpp pads its KV length (to 256 now; any multiple of 32 sums alike)
     cell_pos = np.full(n_kv, -1)
     cell_pos[:live] = cell_positions(n_cells, end)[:live]
@@ -186,7 +198,7 @@ def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start
         scores[:, masked] = -np.inf
         sink = None if sinks is None else np.repeat(sinks[heads], n)
         probs = ggml_math.softmax_ref(scores.reshape(group * n, n_kv), sinks=sink)
-        values_t = np.zeros((hd, n_kv), dtype=np.float32)  # llama.cpp keeps V transposed
-        values_t[:, :live] = v_cache[:live, g * hd:(g + 1) * hd].T
-        out[:, heads] = matmul_f32_arrays(values_t, probs).reshape(group, n, hd).transpose(1, 0, 2)
-    return out.reshape(n, n_head * hd)
+        values_t = np.zeros((vd, n_kv), dtype=np.float32)  # llama.cpp keeps V transposed
+        values_t[:, :live] = v_cache[:live, g * vd:(g + 1) * vd].T
+        out[:, heads] = matmul_f32_arrays(values_t, probs).reshape(group, n, vd).transpose(1, 0, 2)
+    return out.reshape(n, n_head * vd)

@@ -127,6 +127,11 @@ def has_silu_mul() -> bool:
     return _cext is not None and hasattr(_cext, "silu_mul")
 
 
+def sigmoid(x: np.ndarray, out: np.ndarray) -> None:
+    """1 / (1 + expf(-x)) (cext/ops.c); float32, C-contiguous."""
+    _cext.sigmoid(x, out)
+
+
 def swiglu_oai(g: np.ndarray, u: np.ndarray, out: np.ndarray, alpha: float, limit: float) -> None:
     """gpt-oss's clamped SwiGLU (cext/ops.c); every array float32, C-contiguous; out may be g."""
     _cext.swiglu_oai(g, u, out, alpha, limit)
@@ -144,8 +149,11 @@ def quantize(kind: str, x: np.ndarray, out: tuple) -> tuple:
 
 
 def attention(q, k, v, out, n: int, start: int, n_head: int, n_head_kv: int, head_dim: int, window: int = 0,
-              sinks=None) -> None:
-    _cext.attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim, k.shape[0], window, sinks)
+              sinks=None, v_dim: int = 0, scale: float = 0.0) -> None:
+    """v None: the values are the first v_dim floats of each key row (MLA)."""
+    v_stride = k.shape[1] if v is None else 0
+    _cext.attention(q, k, k if v is None else v, out, n, start, n_head, n_head_kv, head_dim, k.shape[0], window, sinks,
+                    v_dim, v_stride, scale)
 
 
 # -- the step's small ops (cext/ops.c); float32 C-contiguous arrays, as ggml_math's callers pass

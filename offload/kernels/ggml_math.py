@@ -80,6 +80,13 @@ def silu_mul_ref(x: np.ndarray, g: np.ndarray) -> np.ndarray:
     return out
 
 
+def sigmoid_ref(x: np.ndarray) -> np.ndarray:
+    """ggml's sigmoid (op_sigmoid): 1 / (1 + expf(-x)) with libm's expf (MoE routers)."""
+    x = np.asarray(x, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        return _F32(1.0) / (_F32(1.0) + libm("expf", -x))
+
+
 SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT = np.float32(1.702), np.float32(7.0)  # build_moe_ffn's constants
 
 
@@ -283,6 +290,24 @@ def silu_mul(x: np.ndarray, g: np.ndarray, out: np.ndarray | None = None) -> np.
             cext.silu_mul(x, g, out, x.size // n, n)
         else:
             _silu_mul_rows(x.reshape(-1, n), g.reshape(-1, n), out.reshape(-1, n))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _sigmoid(x, out):
+    for i in range(x.size):
+        out[i] = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-x[i])))  # libm's expf
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """ggml's sigmoid (compiled twin of sigmoid_ref): C with the C kernels, else Numba."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    if x.size:
+        if cext.selected():
+            cext.sigmoid(x, out)
+        else:
+            _sigmoid(x.reshape(-1), out.reshape(-1))
     return out
 
 

@@ -1,0 +1,175 @@
+"""DeepSeek (llama.cpp's deepseek2 arch) against llama.cpp: tiny random-weight models of its
+variants, MLA in the absorbed form llama.cpp runs (a cache of one latent and one RoPE key
+per token), leading dense layers, shared experts:
+
+- V2-Lite-like: a plain query, softmax routing, no YaRN;
+- V3-like: a low-rank query (q_a, q_a_norm, q_b), sigmoid scores with a selection bias
+  (exp_probs_b), group-limited choice, renormalized and scaled weights, YaRN with
+  DeepSeek's log multiplier (which also scales the scores).
+
+Logits per position and greedy tokens must be llama.cpp's to the bit, on F32, F16, Q8_0 and
+a K-quant mix (whose short k_b/v_b rows fall back to Q5_0/Q8_0, as llama-quantize decides),
+under tiered budgets with prefetch, and on the Numba kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from offload import Model
+from offload.arch import model_args
+from offload.gguf_file import GGUFFile
+from offload.kernels.attention import attention, attention_numba, attention_ref
+from offload.kernels.dispatch import select_kernels
+from offload.sampling import SamplingParams
+from offload.store.plan import make_plan
+from offload.testing import TinyConfig, llama_cpp_greedy, llama_cpp_logits, quantize_model, write_model
+
+_BASE = dict(arch="deepseek2", n_layer=3, n_embd=64, n_head=4, n_head_kv=1, head_dim=48, n_ff=32, n_expert=16,
+             n_expert_used=4, kv_lora_rank=32, rope_dim=16, v_head_dim=32, n_dense_lead=1, n_ff_dense=96,
+             yarn_factor=0.0)
+LITE = TinyConfig(**_BASE)
+V3 = TinyConfig(**{**_BASE, "q_lora_rank": 64, "gating": "sigmoid", "selection_bias": True, "expert_groups": 4,
+                   "expert_groups_used": 2, "weights_norm": True, "weights_scale": 2.5, "yarn_factor": 40.0,
+                   "yarn_orig_ctx": 64, "yarn_log_mul": 0.1, "n_expert_shared": 2})
+# rows of 256 where llama-quantize keeps K-quants
+WIDE = TinyConfig(**{**_BASE, "n_embd": 256, "n_ff": 256, "n_ff_dense": 256, "kv_lora_rank": 256, "head_dim": 96,
+                     "rope_dim": 32, "v_head_dim": 64, "n_expert": 8, "q_lora_rank": 256, "gating": "sigmoid",
+                     "selection_bias": True, "weights_norm": True, "weights_scale": 2.5})
+
+
+def bits(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deepseek")
+    made = {}
+
+    def get(config: TinyConfig, ftype: str) -> str:
+        key = (config, ftype)
+        if key not in made:
+            direct = ftype if ftype in ("F32", "F16", "Q8_0") else "F32"
+            path = write_model(root / f"m{len(made)}-{direct}.gguf", config, direct, seed=5)
+            if direct != ftype:
+                path = quantize_model(path, root / f"m{len(made)}-{ftype}.gguf", ftype)
+            made[key] = path
+        return made[key]
+
+    return get
+
+
+def prompt(n: int, seed: int = 0) -> list[int]:
+    return [1] + [int(t) for t in np.random.default_rng(seed).integers(100, 31999, n - 1)]
+
+
+@pytest.mark.parametrize("config,ftype", [(LITE, "F32"), (LITE, "Q8_0"), (V3, "F32"), (V3, "F16"), (V3, "Q8_0"),
+                                          (WIDE, "Q4_K_M")])
+def test_logits_are_llama_cpps_to_the_bit(models, config, ftype):
+    path = models(config, ftype)
+    ids = prompt(30)
+    with Model.load(path, n_ctx=256) as m:
+        assert m.args.attention == "mla"
+        ours = m.logits(ids)
+    ref = llama_cpp_logits(path, ids, n_ctx=256)
+    np.testing.assert_array_equal(bits(ours), bits(ref))
+
+
+def test_model_args_follow_llama_cpp_conventions(models):
+    lite = model_args(GGUFFile(models(LITE, "F32")))
+    assert (lite.attention, lite.q_lora_rank, lite.kv_lora_rank, lite.head_dim, lite.rope_dim, lite.v_head_dim) == \
+        ("mla", 0, 32, 48, 16, 32)
+    assert lite.routing == "softmax_topk" and lite.rope_style == "normal" and lite.n_dense_lead == 1
+    assert lite.shared_expert and not lite.expert_selection_bias and lite.yarn is None
+    v3 = model_args(GGUFFile(models(V3, "F32")))
+    assert v3.routing == "sigmoid_topk_norm" and v3.expert_selection_bias and v3.q_lora_rank == 64
+    assert (v3.expert_groups, v3.expert_groups_used, v3.expert_weights_scale) == (4, 2, 2.5)
+    assert v3.yarn is not None and v3.yarn.factor == 40.0 and v3.yarn.log_mul == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("config", [LITE, V3])
+def test_greedy_decode_matches_llama_cpp(models, config):
+    path = models(config, "Q8_0")
+    ids = prompt(10, seed=1)
+    with Model.load(path, n_ctx=256) as m:
+        ours = list(m.generate_tokens(ids, 40, SamplingParams(temperature=0.0)))
+    ref = llama_cpp_greedy(path, ids, 40, n_ctx=256)
+    assert len(ref) >= 30, "llama.cpp stopped early: the check would be weak"
+    assert ours == ref
+
+
+def test_the_cache_holds_the_latent_and_one_rope_key_per_token(models):
+    """MLA's promise: kv_lora_rank + rope_dim floats per token and layer (V3: 576), where
+    a plain multi-head cache of the same heads would hold n_head * (head_dim + v_head_dim)."""
+    c = V3
+    with Model.load(models(c, "F32"), n_ctx=128) as m:
+        per_token_layer = m.transformer.cache.nbytes // (128 * c.n_layer)
+        assert per_token_layer == (c.kv_lora_rank + c.rope_dim) * 4
+        assert per_token_layer < c.n_head * (c.head_dim + c.v_head_dim) * 4
+        assert m.stats()["kv_cache_bytes"] == m.transformer.cache.nbytes
+
+
+def test_tiered_budgets_and_the_numba_kernels_give_the_same_tokens(models):
+    path = models(V3, "Q8_0")
+    ids = prompt(16, seed=2)
+    params = SamplingParams(temperature=0.0)
+    with Model.load(path, n_ctx=128) as m:
+        tokens = list(m.generate_tokens(ids, 20, params))
+        logits = m.logits(ids)
+    g = GGUFFile(path)
+    p = make_plan(g, model_args(g), 128, 0)
+    g.close()
+    for budget, prefetch in ((p.minimum, True), ((p.minimum + p.full) // 2, False)):
+        with Model.load(path, n_ctx=128, memory_budget=budget, prefetch=prefetch) as m:
+            assert not getattr(m.transformer.experts, "all_resident", True), "the budget should tier the experts"
+            assert list(m.generate_tokens(ids, 20, params)) == tokens, budget
+    select_kernels("numba")
+    try:
+        with Model.load(path, n_ctx=128) as m:
+            np.testing.assert_array_equal(bits(m.logits(ids)), bits(logits))
+    finally:
+        select_kernels()
+
+
+@pytest.mark.parametrize("n,start", [(1, 40), (6, 0), (3, 20)])
+def test_latent_attention_kernel_matches_its_reference(n, start):
+    """One KV head of width r + rope whose first r floats are the values, a given scale:
+    the C and Numba kernels against the numpy reference."""
+    rng = np.random.default_rng(n + start)
+    n_head, r, rope = 4, 32, 16
+    q = rng.standard_normal((n, n_head * (r + rope))).astype(np.float32)
+    k = rng.standard_normal((64, r + rope)).astype(np.float32)
+    scale = np.float32(0.0873)
+    ref = attention_ref(q, k, None, start, n_head, 1, r + rope, v_dim=r, scale=scale)
+    assert ref.shape == (n, n_head * r)
+    np.testing.assert_array_equal(bits(attention(q, k, None, start, n_head, 1, r + rope, v_dim=r, scale=scale)), bits(ref))
+    np.testing.assert_array_equal(bits(attention_numba(q, k, None, start, n_head, 1, r + rope, v_dim=r, scale=scale)),
+                                  bits(ref))
+
+
+def test_an_old_conversion_without_mla_sizes_is_refused_in_one_line(tmp_path):
+    """Files converted before llama.cpp split attn_kv_b into k_b and v_b carry no *_mla keys."""
+    import subprocess
+    import sys
+
+    from gguf import GGUFReader, GGUFWriter
+
+    src = GGUFReader(write_model(tmp_path / "m.gguf", LITE, "F32"))
+    out = tmp_path / "legacy.gguf"
+    w = GGUFWriter(out, "deepseek2")
+    for name, f in src.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture" or name.endswith("_mla"):
+            continue
+        w.add_key_value(name, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
+    for t in src.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = subprocess.run([sys.executable, "-m", "offload", "inspect", str(out)], capture_output=True, text=True,
+                       timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode != 0
+    assert "attn_kv_b" in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
