@@ -4,7 +4,7 @@
  *   probs    = ggml softmax: exp in chunks of 8 (ggml_v_expf), each chunk's hsum added
  *              in double, then times (float)(1 / sum)
  *   out[d]   = sum_p V[p, d] * probs[p], lanes over positions: 8 lanes + hsum_float_8
- *              (tinyBLAS) when `gemm8`, else 32 lanes folded as vec_dot_f32.
+ *              (tinyBLAS) when `gemm8` (2+ new tokens), else 32 lanes folded as vec_dot_f32.
  * Positions past the end weigh exactly 0 in all three, so no padding is needed. Nor are the
  * masked positions after a query's own visited: their probabilities are exactly +0, whose
  * exp chunks add +0.0 to the double sum and whose products add +0 to V lanes that start at

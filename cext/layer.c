@@ -80,7 +80,7 @@ int attention_token(const attention_block *b, float *x, float *scratch, int use_
     a.n = 1, a.start = b->pos, a.n_head = b->n_head, a.n_head_kv = b->n_head_kv, a.head_dim = hd;
     a.q_stride = q_dim, a.kv_stride = kv_dim;
     a.n_cells = b->pos + 1; /* a full cache, no window, no sinks (attention_fits) */
-    a.gemm8 = b->n_head / b->n_head_kv >= 2 && hd % 4 == 0; /* as py_attention decides for one token */
+    a.gemm8 = 0; /* one token: llama.cpp sums V by vec_dot_f32 (tinyBLAS wants 2+ columns) */
     a.scale = 1.0f / sqrtf((float)hd);
     if (attention_run(&a, use_avx2) < 0) return -1;
 

@@ -686,7 +686,7 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
         a.sinks = sinks.buf;
     }
     a.q = q.buf, a.k = k.buf, a.v = v.buf, a.out = out.buf;
-    a.gemm8 = (a.n_head / a.n_head_kv) * a.n >= 2 && a.v_dim % 4 == 0;
+    a.gemm8 = a.n >= 2 && a.v_dim % 4 == 0; /* tinyBLAS per query head, over its n tokens: n >= 2 */
     if (a.scale == 0.0f) a.scale = 1.0f / sqrtf((float)a.head_dim);
     int rc;
     Py_BEGIN_ALLOW_THREADS

@@ -3,9 +3,11 @@
 llama.cpp computes, per KV head g and its group of query heads:
   scores = K_g . Q   ggml_vec_dot_f32 per (position, query) (Q is a permuted, non-contiguous
                      view, so tinyBLAS is not used), times 1/sqrt(head_dim), future masked
-  probs  = softmax   ggml's, over the KV length padded to 32 (padding weighs exactly 0)
-  out    = V_g^T . probs   tinyBLAS (8 lanes over positions, hsum_float_8) when the group
-                     holds 2+ query rows and head_dim % 4 == 0, else ggml_vec_dot_f32.
+  probs  = softmax   ggml's, over the KV length padded to 256 (n_kv; padding weighs exactly 0)
+  out    = V_g^T . probs   one mul_mat per query head over the batch's n tokens: tinyBLAS
+                     (8 lanes over positions, hsum_float_8) when n >= 2 and head_dim % 4 == 0,
+                     else ggml_vec_dot_f32 (32 lanes). A decoding token (n = 1) is always
+                     vec_dot: llamafile_sgemm declines n < 2 however many heads share a KV head.
 Padding adds exact zeros in every one of these orders, so the kernel runs to the real
 length and needs no padded copies. `attention_ref` is the same in numpy, step by step.
 
@@ -61,7 +63,7 @@ def _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, v_dim, s
     wrapped = last >= n_cells
     hd, vd = head_dim, v_dim
     group = n_head // n_head_kv
-    gemm8 = group * n >= 2 and vd % 4 == 0
+    gemm8 = n >= 2 and vd % 4 == 0
     main = hd - hd % 32
     for h in prange(n_head):
         acc = np.zeros(32, dtype=np.float32)
@@ -197,8 +199,9 @@ def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray | None
         scores = matmul_f32_arrays(keys, queries, src1_contiguous=False).reshape(group, n, n_kv) * scale
         scores[:, masked] = -np.inf
         sink = None if sinks is None else np.repeat(sinks[heads], n)
-        probs = ggml_math.softmax_ref(scores.reshape(group * n, n_kv), sinks=sink)
+        probs = ggml_math.softmax_ref(scores.reshape(group * n, n_kv), sinks=sink).reshape(group, n, n_kv)
         values_t = np.zeros((vd, n_kv), dtype=np.float32)  # llama.cpp keeps V transposed
         values_t[:, :live] = v_cache[:live, g * vd:(g + 1) * vd].T
-        out[:, heads] = matmul_f32_arrays(values_t, probs).reshape(group, n, vd).transpose(1, 0, 2)
+        # ggml's mul_mat calls tinyBLAS once per query head, with that head's n tokens as its batch
+        out[:, heads] = np.stack([matmul_f32_arrays(values_t, probs[j]) for j in range(group)], axis=1)
     return out.reshape(n, n_head * vd)
