@@ -291,7 +291,8 @@ class Transformer:
     def _ubatch(self, tokens: np.ndarray, outputs: str) -> np.ndarray | None:
         """One micro-batch through every layer; `outputs` says whose logits are wanted: "all",
         "last" or "none". Like llama.cpp, the last layer keeps only those rows after its
-        attention (whose keys and values every row still adds to the cache)."""
+        attention (whose keys and values every row still adds to the cache), or after the
+        layer where the arch's graph drops them there (ModelArgs.early_row_drop)."""
         n = len(tokens)
         start = self.cache.n_past
         a, buf = self.args, self.scratch
@@ -301,7 +302,7 @@ class Transformer:
             if n > 1 or not self._attention_token(i, layer.attn, x, start):  # (a decoding token: x += in one C call)
                 h = rms_norm(x, layer.attn.norm, a.rms_eps, out=buf("norm", n, a.n_embd))
                 attn = self._attention(i, layer.attn, h, start)
-                if i == last and outputs != "all" and n > 1:
+                if i == last and outputs != "all" and n > 1 and (a.early_row_drop or outputs == "none"):
                     keep = slice(n - 1, n) if outputs == "last" else slice(0, 0)
                     x, attn = x[keep].copy(), attn[keep]
                 if len(x) == 0:
@@ -314,6 +315,8 @@ class Transformer:
         self.cache.n_past = start + n
         if outputs == "none":
             return None
+        if outputs == "last":
+            x = x[-1:]
         x = rms_norm(x, self.weights.output_norm, a.rms_eps)
         return self._matmul(self.weights.output, np.ascontiguousarray(x))
 

@@ -202,3 +202,23 @@ def test_inspect_shows_the_window_and_counts_parameters(models):
     assert r.returncode == 0, r.stderr
     assert "sliding window 16 on 1 of 2 layers (even), full on the others; a sink logit per head" in r.stdout
     assert f"{human_count(s.params_total)} total, {human_count(s.params_active)} active per token" in r.stdout
+
+
+@pytest.mark.parametrize("ftype", ["MXFP4_MOE", "F32"])
+def test_a_prompts_last_logits_are_llama_cpps_when_only_they_are_computed(models, ftype):
+    """Generation asks llama.cpp for the last row only; gpt-oss's graph drops the other rows
+    after the last layer (not after its attention, as the other archs' graphs do), so the
+    last layer's matmuls see every row: the logits must still be its bits."""
+    from offload.testing import llama_cpp_model
+
+    path = models(WIDE if ftype == "MXFP4_MOE" else SMALL, ftype)
+    ids = prompt(33, seed=7)
+    llm = llama_cpp_model(path, n_ctx=256, logits_all=False)
+    try:
+        llm.eval(ids)
+        ref = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy()
+    finally:
+        llm.close()
+    with Model.load(path, n_ctx=256) as m:
+        ours = m.transformer.forward(np.array(ids))[-1]
+    np.testing.assert_array_equal(bits(ours), bits(ref))

@@ -81,6 +81,10 @@ class ModelArgs:
     expert_groups_used: int = 0
     expert_weights_scale: float = 0.0  # the chosen weights times this (0 or 1: unscaled)
     ffn_norm: str = "ffn_norm"  # the FFN's norm tensor (gpt-oss: post_attention_norm)
+    # rows whose logits are not wanted leave after the last layer's attention, as most of
+    # llama.cpp's graphs drop them; gpt-oss's graph drops them after the last layer (which
+    # changes the last layer's matmul shapes, and so their sums)
+    early_row_drop: bool = True
     qk_norm: QKNorm | None = None
     attn_bias: bool = False
     shared_expert: bool = False

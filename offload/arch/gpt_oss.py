@@ -10,6 +10,8 @@ Conventions, as llama.cpp runs this arch (src/models/openai-moe.cpp, build_moe_f
 - the FFN's norm is `post_attention_norm`; the router adds a bias to its logits, takes the
   top-k of the raw logits and a softmax over those k; each expert's gate, up and down add a
   bias, and the activation is swiglu_oai (clamped at 7, sigmoid(1.702 a)).
+- the rows whose logits are not wanted are dropped after the last layer, not after its
+  attention (openai-moe.cpp without embeddings_nextn_masked).
 """
 
 from __future__ import annotations
@@ -40,4 +42,5 @@ def model_args(gguf: GGUFFile) -> ModelArgs:
                      sliding_window=int(hparam(gguf, "attention.sliding_window")),
                      swa_layers=swa_layers(gguf, common["n_layer"]),
                      rope_base_swa=float(base_swa) if base_swa is not None else None,
-                     router_bias=True, expert_bias=True, expert_act="swiglu_oai", ffn_norm="post_attention_norm")
+                     router_bias=True, expert_bias=True, expert_act="swiglu_oai", ffn_norm="post_attention_norm",
+                     early_row_drop=False)
