@@ -215,7 +215,8 @@ class KVCache:
     def __init__(self, args: ModelArgs, n_ctx: int):
         self.k = [np.zeros((kv_cells(args, i, n_ctx), args.kv_dim), dtype=np.float32) for i in range(args.n_layer)]
         # MLA's values are the first kv_lora_rank floats of its keys: no cache of their own
-        self.v = [None if args.attention == "mla" else np.zeros_like(k) for k in self.k]
+        self.v = [None if args.attention == "mla" else
+                  np.zeros((len(k), args.n_head_kv * args.v_dim), dtype=np.float32) for k in self.k]
         self.n_ctx = n_ctx
         self.n_past = 0
 
@@ -258,7 +259,7 @@ class Transformer:
         bases = {args.rope_base_of(i) for i in range(args.n_layer)}
         tables = {base: rope_tables(args, n_ctx, base) for base in bases}  # shared by the layers of a base
         self.rope = [tables[args.rope_base_of(i)] for i in range(args.n_layer)]  # (cos, sin) per layer
-        self._mla_scale = mla_score_scale(args) if args.attention == "mla" else None
+        self._mla_scale = mla_score_scale(args) if args.attention != "gqa" else None
         self.scratch = Scratch()
         self.recorder = None  # a TraceRecorder (offload.trace) sees every routing decision when set
         self.prefetcher = None  # offload.predict.Prefetcher: predicts the next layers' experts for a tiered store
@@ -349,8 +350,12 @@ class Transformer:
 
     def _attention(self, layer: int, w: Attention | LatentAttention, x: np.ndarray, start: int) -> np.ndarray:
         """The attention block's output for x (its input, normed): grouped-query or latent."""
-        return self._latent_attention(layer, w, x, start) if self.args.attention == "mla" else \
-            self._gqa_attention(layer, w, x, start)
+        kind = self.args.attention
+        if kind == "gqa":
+            return self._gqa_attention(layer, w, x, start)
+        if kind == "mla":
+            return self._latent_attention(layer, w, x, start)
+        return self._decompressed_attention(layer, w, x, start)
 
     def _gqa_attention(self, layer: int, w: Attention, x: np.ndarray, start: int) -> np.ndarray:
         a, buf = self.args, self.scratch
@@ -383,6 +388,42 @@ class Transformer:
         each head's result back out (deepseek2.cpp)."""
         a, n = self.args, len(x)
         r, rope, nope = a.kv_lora_rank, a.rope_dim, a.head_dim - a.rope_dim
+        q, q_pe, latent, k_pe = self._mla_inputs(layer, w, x, start)
+        queries = np.empty((n, a.n_head, r + rope), dtype=np.float32)
+        queries[:, :, r:] = q_pe
+        for h in range(a.n_head):  # q_nope through k_b (ggml reads q_nope as a permuted view)
+            queries[:, h, :r] = _head_matmul(w.wk_b[h], q[:, h, :nope], src1_contiguous=False)
+        self.cache.write(layer, start, np.concatenate([latent, k_pe[:, 0]], axis=1), None)
+        out = attention(queries.reshape(n, -1), self.cache.k[layer], None, start, a.n_head, 1, r + rope, v_dim=r,
+                        scale=self._mla_scale)
+        heads = np.empty((n, a.n_head, a.v_head_dim), dtype=np.float32)
+        for h in range(a.n_head):
+            heads[:, h] = _head_matmul(w.wv_b[h], out[:, h * r : (h + 1) * r], src1_contiguous=True)
+        return self._matmul(w.wo, heads.reshape(n, -1))
+
+    def _decompressed_attention(self, layer: int, w: LatentAttention, x: np.ndarray, start: int) -> np.ndarray:
+        """MLA as older DeepSeek files run in llama.cpp (one attn_kv_b): the latent decompressed
+        into per-head [k_nope, v], each head's key [k_nope, rope key], plain attention over
+        a cache of those keys and values."""
+        a, n = self.args, len(x)
+        nope = a.head_dim - a.rope_dim
+        q, q_pe, latent, k_pe = self._mla_inputs(layer, w, x, start)
+        q[:, :, nope:] = q_pe
+        kv = self._matmul(w.wkv_b, latent).reshape(n, a.n_head, nope + a.v_dim)
+        keys = np.empty((n, a.n_head, a.head_dim), dtype=np.float32)
+        keys[:, :, :nope] = kv[:, :, :nope]
+        keys[:, :, nope:] = k_pe  # the one rope key, repeated for every head
+        self.cache.write(layer, start, keys.reshape(n, -1), kv[:, :, nope:].reshape(n, -1))
+        out = attention(np.ascontiguousarray(q.reshape(n, -1)), self.cache.k[layer], self.cache.v[layer], start,
+                        a.n_head, a.n_head_kv, a.head_dim, v_dim=a.v_dim, scale=self._mla_scale)
+        return self._matmul(w.wo, out)
+
+    def _mla_inputs(self, layer: int, w: LatentAttention, x: np.ndarray, start: int):
+        """Both MLA forms' first steps: queries (n, n_head, head_dim) and their RoPE'd
+        trailing part (n, n_head, rope_dim), the normed latent (n, kv_lora_rank) and the
+        RoPE'd shared key (n, 1, rope_dim)."""
+        a, n = self.args, len(x)
+        r, rope, nope = a.kv_lora_rank, a.rope_dim, a.head_dim - a.rope_dim
         if w.wq is not None:
             q = self._matmul(w.wq, x)
         else:
@@ -396,17 +437,7 @@ class Transformer:
         latent = rms_norm(np.ascontiguousarray(kv[:, :r]), w.kv_a_norm, a.rms_eps)
         q_pe = np.ascontiguousarray(q[:, :, nope:])
         apply_rope(q_pe, cos, sin, rope, a.rope_style)
-        queries = np.empty((n, a.n_head, r + rope), dtype=np.float32)
-        queries[:, :, r:] = q_pe
-        for h in range(a.n_head):  # q_nope through k_b (ggml reads q_nope as a permuted view)
-            queries[:, h, :r] = _head_matmul(w.wk_b[h], q[:, h, :nope], src1_contiguous=False)
-        self.cache.write(layer, start, np.concatenate([latent, k_pe[:, 0]], axis=1), None)
-        out = attention(queries.reshape(n, -1), self.cache.k[layer], None, start, a.n_head, 1, r + rope, v_dim=r,
-                        scale=self._mla_scale)
-        heads = np.empty((n, a.n_head, a.v_head_dim), dtype=np.float32)
-        for h in range(a.n_head):
-            heads[:, h] = _head_matmul(w.wv_b[h], out[:, h * r : (h + 1) * r], src1_contiguous=True)
-        return self._matmul(w.wo, heads.reshape(n, -1))
+        return q, q_pe, latent, k_pe
 
     def _attention_token(self, layer: int, w: Attention, x: np.ndarray, start: int) -> bool:
         """x += the attention block of one decoding token, in one C call (kernels.block) where

@@ -79,6 +79,7 @@ class TinyConfig:
     weights_norm: bool = False
     weights_scale: float = 0.0
     yarn_log_mul: float = 0.0
+    mla_legacy: bool = False  # deepseek2 as converted before llama.cpp split attn_kv_b (no *_mla keys)
 
 
 _FILE_TYPES = {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16, "BF16": LlamaFileType.MOSTLY_BF16,
@@ -120,7 +121,11 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
     w.add_feed_forward_length(c.n_ff_dense if arch == "deepseek2" else c.n_ff)
     w.add_head_count(c.n_head)
     w.add_head_count_kv(c.n_head_kv)
-    if arch == "deepseek2":  # MLA: the cached latent and rope key are "the" key and value
+    if arch == "deepseek2" and c.mla_legacy:  # per-head keys (nope + rope) and values (n_head_kv = n_head)
+        w.add_key_length(head_dim)
+        w.add_value_length(c.v_head_dim)
+        w.add_rope_dimension_count(c.rope_dim)
+    elif arch == "deepseek2":  # MLA: the cached latent and rope key are "the" key and value
         w.add_key_length(c.kv_lora_rank + c.rope_dim)
         w.add_value_length(c.kv_lora_rank)
         w.add_key_length_mla(head_dim)
@@ -253,8 +258,11 @@ def _mla_tensors(w: GGUFWriter, c: TinyConfig, p: str, head_dim: int, matrix, no
         matrix(p + "attn_q.weight", c.n_head * head_dim, c.n_embd)
     matrix(p + "attn_kv_a_mqa.weight", c.kv_lora_rank + c.rope_dim, c.n_embd)
     norm(p + "attn_kv_a_norm.weight", c.kv_lora_rank)
-    matrix(p + "attn_k_b.weight", c.n_head, c.kv_lora_rank, head_dim - c.rope_dim)
-    matrix(p + "attn_v_b.weight", c.n_head, c.v_head_dim, c.kv_lora_rank)
+    if c.mla_legacy:
+        matrix(p + "attn_kv_b.weight", c.n_head * (head_dim - c.rope_dim + c.v_head_dim), c.kv_lora_rank)
+    else:
+        matrix(p + "attn_k_b.weight", c.n_head, c.kv_lora_rank, head_dim - c.rope_dim)
+        matrix(p + "attn_v_b.weight", c.n_head, c.v_head_dim, c.kv_lora_rank)
     matrix(p + "attn_output.weight", c.n_embd, c.n_head * c.v_head_dim)
 
 

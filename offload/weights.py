@@ -67,9 +67,10 @@ class LatentAttention:
     norm: np.ndarray
     wkv_a: QMatrix  # x -> [latent (kv_lora_rank), rope key (rope_dim)]
     kv_a_norm: np.ndarray
-    wk_b: list[QMatrix]  # per head: (kv_lora_rank, head_dim - rope_dim)
-    wv_b: list[QMatrix]  # per head: (v_head_dim, kv_lora_rank)
+    wk_b: list[QMatrix] | None  # per head: (kv_lora_rank, head_dim - rope_dim)
+    wv_b: list[QMatrix] | None  # per head: (v_head_dim, kv_lora_rank)
     wo: QMatrix
+    wkv_b: QMatrix | None = None  # older files instead: latent -> per head [k_nope, v]
     wq: QMatrix | None = None  # a plain query (V2-Lite), or:
     wq_a: QMatrix | None = None  # x -> q_lora_rank
     q_a_norm: np.ndarray | None = None
@@ -214,20 +215,25 @@ def _latent_attention(gguf: GGUFFile, args: ModelArgs, p: str) -> LatentAttentio
         norm=_vector(gguf.tensor(p + "attn_norm.weight")),
         wkv_a=_matrix(gguf.tensor(p + "attn_kv_a_mqa.weight")),
         kv_a_norm=_vector(gguf.tensor(p + "attn_kv_a_norm.weight")),
-        wk_b=_expert_matrices(gguf.tensor(p + "attn_k_b.weight"), args.n_head, "heads"),
-        wv_b=_expert_matrices(gguf.tensor(p + "attn_v_b.weight"), args.n_head, "heads"),
+        wk_b=None, wv_b=None,
         wo=_matrix(gguf.tensor(p + "attn_output.weight")),
     )
+    nope = args.head_dim - args.rope_dim
+    if args.attention == "mla":
+        attn.wk_b = _expert_matrices(gguf.tensor(p + "attn_k_b.weight"), args.n_head, "heads")
+        attn.wv_b = _expert_matrices(gguf.tensor(p + "attn_v_b.weight"), args.n_head, "heads")
+        shapes = [(attn.wk_b[0].n_rows, args.kv_lora_rank), (attn.wk_b[0].n_cols, nope),
+                  (attn.wv_b[0].n_rows, args.v_dim), (attn.wv_b[0].n_cols, args.kv_lora_rank)]
+    else:
+        attn.wkv_b = _matrix(gguf.tensor(p + "attn_kv_b.weight"))
+        shapes = [(attn.wkv_b.n_rows, args.n_head * (nope + args.v_dim)), (attn.wkv_b.n_cols, args.kv_lora_rank)]
     if args.q_lora_rank > 0:
         attn.wq_a = _matrix(gguf.tensor(p + "attn_q_a.weight"))
         attn.q_a_norm = _vector(gguf.tensor(p + "attn_q_a_norm.weight"))
         attn.wq_b = _matrix(gguf.tensor(p + "attn_q_b.weight"))
     else:
         attn.wq = _matrix(gguf.tensor(p + "attn_q.weight"))
-    nope = args.head_dim - args.rope_dim
-    shapes = ((attn.wkv_a.n_rows, args.kv_lora_rank + args.rope_dim), (attn.wk_b[0].n_rows, args.kv_lora_rank),
-              (attn.wk_b[0].n_cols, nope), (attn.wv_b[0].n_rows, args.v_head_dim),
-              (attn.wv_b[0].n_cols, args.kv_lora_rank), (attn.wo.n_cols, args.n_head * args.v_head_dim))
+    shapes += [(attn.wkv_a.n_rows, args.kv_lora_rank + args.rope_dim), (attn.wo.n_cols, args.n_head * args.v_dim)]
     if any(have != want for have, want in shapes):
         raise UnsupportedModelError(f"{p}attn_*: MLA tensor shapes do not fit the metadata's head sizes")
     return attn
@@ -306,7 +312,7 @@ def load_weights(gguf: GGUFFile, args: ModelArgs) -> Weights:
     layers = []
     for i in range(args.n_layer):
         p = f"blk.{i}."
-        if args.attention == "mla":
+        if args.attention in ("mla", "mla_decompressed"):
             attn = _latent_attention(gguf, args, p)
         else:
             attn = _attention(gguf, args, p)

@@ -5,7 +5,9 @@ per token), leading dense layers, shared experts:
 - V2-Lite-like: a plain query, softmax routing, no YaRN;
 - V3-like: a low-rank query (q_a, q_a_norm, q_b), sigmoid scores with a selection bias
   (exp_probs_b), group-limited choice, renormalized and scaled weights, YaRN with
-  DeepSeek's log multiplier (which also scales the scores).
+  DeepSeek's log multiplier (which also scales the scores);
+- legacy: a file converted before llama.cpp split attn_kv_b into k_b and v_b (no *_mla
+  keys), which llama.cpp runs decompressed: per-head keys and values in the cache.
 
 Logits per position and greedy tokens must be llama.cpp's to the bit, on F32, F16, Q8_0 and
 a K-quant mix (whose short k_b/v_b rows fall back to Q5_0/Q8_0, as llama-quantize decides),
@@ -33,6 +35,8 @@ LITE = TinyConfig(**_BASE)
 V3 = TinyConfig(**{**_BASE, "q_lora_rank": 64, "gating": "sigmoid", "selection_bias": True, "expert_groups": 4,
                    "expert_groups_used": 2, "weights_norm": True, "weights_scale": 2.5, "yarn_factor": 40.0,
                    "yarn_orig_ctx": 64, "yarn_log_mul": 0.1, "n_expert_shared": 2})
+LEGACY = TinyConfig(**{**_BASE, "mla_legacy": True, "n_head_kv": 4, "q_lora_rank": 64, "yarn_factor": 40.0,
+                       "yarn_orig_ctx": 64, "yarn_log_mul": 0.1})
 # rows of 256 where llama-quantize keeps K-quants
 WIDE = TinyConfig(**{**_BASE, "n_embd": 256, "n_ff": 256, "n_ff_dense": 256, "kv_lora_rank": 256, "head_dim": 96,
                      "rope_dim": 32, "v_head_dim": 64, "n_expert": 8, "q_lora_rank": 256, "gating": "sigmoid",
@@ -66,12 +70,12 @@ def prompt(n: int, seed: int = 0) -> list[int]:
 
 
 @pytest.mark.parametrize("config,ftype", [(LITE, "F32"), (LITE, "Q8_0"), (V3, "F32"), (V3, "F16"), (V3, "Q8_0"),
-                                          (WIDE, "Q4_K_M")])
+                                          (WIDE, "Q4_K_M"), (LEGACY, "F32"), (LEGACY, "Q8_0")])
 def test_logits_are_llama_cpps_to_the_bit(models, config, ftype):
     path = models(config, ftype)
     ids = prompt(30)
     with Model.load(path, n_ctx=256) as m:
-        assert m.args.attention == "mla"
+        assert m.args.attention == ("mla_decompressed" if config.mla_legacy else "mla")
         ours = m.logits(ids)
     ref = llama_cpp_logits(path, ids, n_ctx=256)
     np.testing.assert_array_equal(bits(ours), bits(ref))
@@ -89,7 +93,7 @@ def test_model_args_follow_llama_cpp_conventions(models):
     assert v3.yarn is not None and v3.yarn.factor == 40.0 and v3.yarn.log_mul == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("config", [LITE, V3])
+@pytest.mark.parametrize("config", [LITE, V3, LEGACY])
 def test_greedy_decode_matches_llama_cpp(models, config):
     path = models(config, "Q8_0")
     ids = prompt(10, seed=1)
@@ -102,13 +106,16 @@ def test_greedy_decode_matches_llama_cpp(models, config):
 
 def test_the_cache_holds_the_latent_and_one_rope_key_per_token(models):
     """MLA's promise: kv_lora_rank + rope_dim floats per token and layer (V3: 576), where
-    a plain multi-head cache of the same heads would hold n_head * (head_dim + v_head_dim)."""
-    c = V3
-    with Model.load(models(c, "F32"), n_ctx=128) as m:
-        per_token_layer = m.transformer.cache.nbytes // (128 * c.n_layer)
-        assert per_token_layer == (c.kv_lora_rank + c.rope_dim) * 4
-        assert per_token_layer < c.n_head * (c.head_dim + c.v_head_dim) * 4
-        assert m.stats()["kv_cache_bytes"] == m.transformer.cache.nbytes
+    the decompressed form of the same heads (a legacy file) holds n_head * (head_dim +
+    v_head_dim); the memory plan counts what the cache allocates."""
+    from offload.store.plan import kv_cache_bytes
+
+    for c, per_token_layer in ((V3, (V3.kv_lora_rank + V3.rope_dim) * 4),
+                               (LEGACY, LEGACY.n_head * (LEGACY.head_dim + LEGACY.v_head_dim) * 4)):
+        with Model.load(models(c, "F32"), n_ctx=128) as m:
+            assert m.transformer.cache.nbytes == 128 * c.n_layer * per_token_layer
+            assert kv_cache_bytes(m.args, 128) == m.transformer.cache.nbytes == m.stats()["kv_cache_bytes"]
+    assert (V3.kv_lora_rank + V3.rope_dim) < LEGACY.n_head * (LEGACY.head_dim + LEGACY.v_head_dim) / 4
 
 
 def test_tiered_budgets_and_the_numba_kernels_give_the_same_tokens(models):
@@ -149,27 +156,12 @@ def test_latent_attention_kernel_matches_its_reference(n, start):
                                   bits(ref))
 
 
-def test_an_old_conversion_without_mla_sizes_is_refused_in_one_line(tmp_path):
-    """Files converted before llama.cpp split attn_kv_b into k_b and v_b carry no *_mla keys."""
+def test_groups_that_do_not_divide_the_experts_are_refused_in_one_line(tmp_path):
     import subprocess
     import sys
 
-    from gguf import GGUFReader, GGUFWriter
-
-    src = GGUFReader(write_model(tmp_path / "m.gguf", LITE, "F32"))
-    out = tmp_path / "legacy.gguf"
-    w = GGUFWriter(out, "deepseek2")
-    for name, f in src.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture" or name.endswith("_mla"):
-            continue
-        w.add_key_value(name, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
-    for t in src.tensors:
-        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    r = subprocess.run([sys.executable, "-m", "offload", "inspect", str(out)], capture_output=True, text=True,
+    path = write_model(tmp_path / "bad.gguf", TinyConfig(**{**_BASE, "expert_groups": 3, "expert_groups_used": 2}))
+    r = subprocess.run([sys.executable, "-m", "offload", "inspect", str(path)], capture_output=True, text=True,
                        timeout=120, stdin=subprocess.DEVNULL)
     assert r.returncode != 0
-    assert "attn_kv_b" in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "groups" in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

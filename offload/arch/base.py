@@ -21,8 +21,10 @@ RopeStyle = Literal["normal", "neox"]  # pairs (x0,x1),(x2,x3)... or halves (x_i
 # (DeepSeek V3, GLM-4.5: sigmoid scores then the top k, renormalized or not)
 Routing = Literal["softmax_topk_norm", "softmax_topk", "topk_softmax", "sigmoid_topk_norm", "sigmoid_topk"]
 # grouped-query attention, or DeepSeek's multi-head latent attention: one compressed
-# latent (+ one RoPE key) cached per token, queries absorbed into the latent space
-AttentionKind = Literal["gqa", "mla"]
+# latent (+ one RoPE key) cached per token, queries absorbed into the latent space; or
+# (older DeepSeek files, one attn_kv_b) the latent decompressed into per-head keys and
+# values, cached as such
+AttentionKind = Literal["gqa", "mla", "mla_decompressed"]
 QKNorm = Literal["head", "full"]  # RMSNorm per head (Qwen3) or over the whole projection (OLMoE)
 # down(silu(gate) * up), or gpt-oss's clamped variant: a = min(gate, 7), b = clamp(up, -7, 7),
 # a * sigmoid(1.702 a) * (b + 1)
@@ -67,7 +69,7 @@ class ModelArgs:
     attention: AttentionKind = "gqa"
     q_lora_rank: int = 0  # MLA: queries through a low-rank bottleneck (0: one plain matrix)
     kv_lora_rank: int = 0  # MLA: the latent's width; the cache holds it plus rope_dim per token
-    v_head_dim: int = 0  # MLA: a value head's width after v_b
+    v_head_dim: int = 0  # MLA: a value head's width (after v_b); 0: head_dim
     n_ff: int = 0  # hidden size of a dense FFN
     n_expert: int = 0  # 0: a dense model
     n_expert_used: int = 0
@@ -102,6 +104,11 @@ class ModelArgs:
         """Floats a layer's cache keeps per token for keys (MLA: the latent and the RoPE key,
         whose first kv_lora_rank floats are also the values)."""
         return self.kv_lora_rank + self.rope_dim if self.attention == "mla" else self.n_head_kv * self.head_dim
+
+    @property
+    def v_dim(self) -> int:
+        """A value head's width (its query/key head may be wider: DeepSeek)."""
+        return self.v_head_dim or self.head_dim
 
     def window(self, layer: int) -> int:
         """How many positions back this layer's attention reaches (0: all of them)."""

@@ -7,7 +7,9 @@ Conventions, as llama.cpp runs this arch (src/models/deepseek2.cpp, build_moe_ff
   absorbed into the latent space through attn_k_b, and a RoPE part; attention runs over
   [latent, rope key] as one KV head, the latent doubling as the values, and attn_v_b maps
   each head's result back out. Head sizes come from key_length_mla / value_length_mla.
-  With YaRN the score scale carries mscale^2 (rope.scaling.yarn_log_multiplier).
+  With YaRN the score scale carries mscale^2 (rope.scaling.yarn_log_multiplier). Older
+  conversions (one attn_kv_b, no *_mla keys) decompress the latent into per-head keys
+  (+ the shared rope key) and values, and cache those (llama.cpp's non-MLA path).
 - the first leading_dense_block_count layers have a dense FFN; the others route over the
   experts and add expert_shared_count shared experts (one FFN of that many times the width).
 - routing: softmax or sigmoid scores (expert_gating_func), `exp_probs_b` added for choosing
@@ -32,9 +34,11 @@ def model_args(gguf: GGUFFile) -> ModelArgs:
     common = common_fields(gguf)
     k_mla = int(gguf.get(f"{gguf.architecture}.attention.key_length_mla", 0) or 0)
     v_mla = int(gguf.get(f"{gguf.architecture}.attention.value_length_mla", 0) or 0)
-    if not (k_mla and v_mla):
-        raise UnsupportedModelError(f"{gguf.path}: a DeepSeek file without MLA head sizes (an old conversion with "
-                                    "attn_kv_b) is not supported yet; re-convert it with a current llama.cpp")
+    if k_mla and v_mla:  # MLA, absorbed: one KV "head" of [latent, rope key]
+        attention, head_dim, v_head_dim, n_head_kv = "mla", k_mla, v_mla, 1
+    else:  # an older conversion (attn_kv_b): per-head keys and values, as llama.cpp runs it
+        attention, head_dim, n_head_kv = "mla_decompressed", common["head_dim"], common["n_head"]
+        v_head_dim = int(hparam(gguf, "attention.value_length"))
     gating = int(hparam(gguf, "expert_gating_func", 0))
     if gating not in GATING:
         raise UnsupportedModelError(f"{gguf.path}: expert_gating_func {gating} is not supported")
@@ -46,11 +50,11 @@ def model_args(gguf: GGUFFile) -> ModelArgs:
         log_mul = float(np.float32(log_mul) / np.float32(0.1))
         # llama_context: "special-case DEEPSEEK v2": mscale = mscale_all_dims when it is not 1
         common["yarn"] = dataclasses.replace(yarn, log_mul=log_mul, mscale=log_mul if log_mul not in (0.0, 1.0) else 1.0)
-    common.update(head_dim=k_mla, n_head_kv=1)
+    common.update(head_dim=head_dim, n_head_kv=n_head_kv)
     return ModelArgs(**common, **moe_fields(gguf), rope_style="normal",
                      routing=f"{GATING[gating]}_topk{'_norm' if norm else ''}",
-                     attention="mla", q_lora_rank=int(hparam(gguf, "attention.q_lora_rank", 0)),
-                     kv_lora_rank=int(hparam(gguf, "attention.kv_lora_rank")), v_head_dim=v_mla,
+                     attention=attention, q_lora_rank=int(hparam(gguf, "attention.q_lora_rank", 0)),
+                     kv_lora_rank=int(hparam(gguf, "attention.kv_lora_rank")), v_head_dim=v_head_dim,
                      shared_expert=int(hparam(gguf, "expert_shared_count", 0)) > 0,
                      n_dense_lead=int(hparam(gguf, "leading_dense_block_count", 0)),
                      expert_selection_bias=any(n.endswith("exp_probs_b.bias") for n in gguf.tensors),
