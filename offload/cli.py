@@ -57,7 +57,10 @@ def _model_path(model: str | None) -> str:
 @click.option("--cache-scope", type=click.Choice(["global", "layer"]), default="global", show_default=True,
               help="Expert slots shared by all layers, or a quota per layer.")
 @click.option("--o-direct", is_flag=True, help="Plan slots for O_DIRECT reads.")
-def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_scope: str, o_direct: bool) -> None:
+@click.option("--disk-bandwidth", default="3GB", show_default=True,
+              help="Read bandwidth per second of the disk holding the model (e.g. 3GB, 500MB), for the decode bound.")
+def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_scope: str, o_direct: bool,
+            disk_bandwidth: str) -> None:
     """What is in MODEL and what it needs to run."""
     from . import arch
     from .gguf_file import GGUFFile
@@ -72,7 +75,15 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
     from .store import parse_budget
 
     budget = parse_budget(memory_budget) if memory_budget is not None else None
-    click.echo(format_summary(path, summarize(gguf, args, n_ctx, budget, scope=cache_scope, o_direct=o_direct)))
+    summary = summarize(gguf, args, n_ctx, budget, scope=cache_scope, o_direct=o_direct)
+    try:
+        summary.plan.disk_bandwidth = parse_budget(disk_bandwidth.removesuffix("/s")) if "%" not in disk_bandwidth else 0
+    except OffloadError:
+        summary.plan.disk_bandwidth = 0
+    if not summary.plan.disk_bandwidth:
+        raise click.BadParameter(f"{disk_bandwidth!r} is not a size per second (examples: 3GB, 500MB)",
+                                 param_hint="--disk-bandwidth")
+    click.echo(format_summary(path, summary))
     problem = unsupported_tensor(gguf)
     click.echo(f"runs in offload   {'no: ' + problem if problem else 'yes'}")
 

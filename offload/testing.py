@@ -403,3 +403,107 @@ def ggml_quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray
     if size != raw.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {size} bytes for {qtype.name}, expected {raw.nbytes}")
     return raw
+
+
+# -- models too large for this machine, on paper ------------------------------------------
+
+def write_tensor_table(path: str | os.PathLike[str], arch: str, configure, tensors) -> Path:
+    """A GGUF with real metadata and a real tensor table whose data is a hole: a sparse file
+    as large as the model, for planning (`offload inspect`) models no test machine holds.
+    `configure(writer)` adds the metadata; `tensors` is [(name, numpy-order shape, type)]."""
+    from gguf import GGML_QUANT_SIZES
+
+    path = Path(path)
+    w = GGUFWriter(path, arch)
+    configure(w)
+    total = 0
+    for name, shape, qtype in tensors:
+        block, size = GGML_QUANT_SIZES[qtype]
+        n_bytes = int(np.prod(shape)) // block * size
+        w.add_tensor_info(name, shape, np.dtype(np.float32), n_bytes, raw_dtype=qtype)
+        total += GGUFWriter.ggml_pad(n_bytes, w.data_alignment)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    with open(path, "r+b") as f:
+        f.truncate(GGUFWriter.ggml_pad(f.seek(0, os.SEEK_END), w.data_alignment) + total)
+    return path
+
+
+def deepseek_table(path: str | os.PathLike[str], size: str = "V3") -> Path:
+    """DeepSeek-V3 / R1 (671B: 61 layers, 256 experts top-8, MLA) or V2-Lite (16B: 27 layers,
+    64 experts top-6) as llama.cpp's converter writes them, in a Q4_K_M-like mix (experts
+    Q4_K with Q6_K down projections, Q8_0 where rows are not a multiple of 256, the rest
+    Q8_0, norms F32): real metadata and tensor table, no data."""
+    T = GGMLQuantizationType
+    v3 = size == "V3"
+    n_embd, n_layer, n_head, n_vocab = (7168, 61, 128, 129280) if v3 else (2048, 27, 16, 102400)
+    n_ff, n_ff_exp, n_expert, n_used, lead = (18432, 2048, 256, 8, 3) if v3 else (10944, 1408, 64, 6, 1)
+    q_lora, kv_lora, rope, nope, v_dim = (1536 if v3 else 0), 512, 64, 128, 128
+    down = T.Q6_K if n_ff_exp % 256 == 0 else T.Q8_0  # llama-quantize's fallback for rows of 1408
+
+    def configure(w: GGUFWriter) -> None:
+        w.add_name(f"DeepSeek-{size} (tensor table only)")
+        w.add_context_length(163840)
+        w.add_embedding_length(n_embd)
+        w.add_block_count(n_layer)
+        w.add_feed_forward_length(n_ff)
+        w.add_head_count(n_head)
+        w.add_head_count_kv(1)
+        w.add_key_length(kv_lora + rope)
+        w.add_value_length(kv_lora)
+        w.add_key_length_mla(nope + rope)
+        w.add_value_length_mla(v_dim)
+        w.add_rope_dimension_count(rope)
+        w.add_rope_freq_base(10000.0)
+        w.add_layer_norm_rms_eps(1e-6)
+        w.add_vocab_size(n_vocab)
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(n_used)
+        w.add_expert_feed_forward_length(n_ff_exp)
+        w.add_expert_shared_count(1 if v3 else 2)
+        w.add_leading_dense_block_count(lead)
+        w.add_q_lora_rank(q_lora)
+        w.add_kv_lora_rank(kv_lora)
+        w.add_expert_weights_scale(2.5 if v3 else 1.0)
+        w.add_expert_weights_norm(v3)
+        w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID if v3 else ExpertGatingFuncType.SOFTMAX)
+        if v3:
+            w.add_expert_group_count(8)
+            w.add_expert_group_used_count(4)
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(40.0)
+        w.add_rope_scaling_orig_ctx_len(4096)
+        w.add_rope_scaling_yarn_log_mul(0.1)
+
+    tensors = [("token_embd.weight", (n_vocab, n_embd), T.Q4_K), ("output_norm.weight", (n_embd,), T.F32),
+               ("output.weight", (n_vocab, n_embd), T.Q6_K)]
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        tensors += [(p + "attn_norm.weight", (n_embd,), T.F32), (p + "ffn_norm.weight", (n_embd,), T.F32),
+                    (p + "attn_kv_a_norm.weight", (kv_lora,), T.F32),
+                    (p + "attn_kv_a_mqa.weight", (kv_lora + rope, n_embd), T.Q8_0),
+                    (p + "attn_k_b.weight", (n_head, kv_lora, nope), T.Q8_0),
+                    (p + "attn_v_b.weight", (n_head, v_dim, kv_lora), T.Q8_0),
+                    (p + "attn_output.weight", (n_embd, n_head * v_dim), T.Q8_0)]
+        if q_lora:
+            tensors += [(p + "attn_q_a.weight", (q_lora, n_embd), T.Q8_0), (p + "attn_q_a_norm.weight", (q_lora,), T.F32),
+                        (p + "attn_q_b.weight", (n_head * (nope + rope), q_lora), T.Q8_0)]
+        else:
+            tensors.append((p + "attn_q.weight", (n_head * (nope + rope), n_embd), T.Q8_0))
+        if i < lead:
+            tensors += [(p + "ffn_gate.weight", (n_ff, n_embd), T.Q8_0), (p + "ffn_up.weight", (n_ff, n_embd), T.Q8_0),
+                        (p + "ffn_down.weight", (n_embd, n_ff), T.Q8_0)]
+            continue
+        shexp = n_ff_exp * (1 if v3 else 2)
+        tensors += [(p + "ffn_gate_inp.weight", (n_expert, n_embd), T.F32),
+                    (p + "ffn_gate_exps.weight", (n_expert, n_ff_exp, n_embd), T.Q4_K),
+                    (p + "ffn_up_exps.weight", (n_expert, n_ff_exp, n_embd), T.Q4_K),
+                    (p + "ffn_down_exps.weight", (n_expert, n_embd, n_ff_exp), down),
+                    (p + "ffn_gate_shexp.weight", (shexp, n_embd), T.Q8_0),
+                    (p + "ffn_up_shexp.weight", (shexp, n_embd), T.Q8_0),
+                    (p + "ffn_down_shexp.weight", (n_embd, shexp), T.Q8_0)]
+        if v3:
+            tensors.append((p + "exp_probs_b.bias", (n_expert,), T.F32))
+    return write_tensor_table(path, "deepseek2", configure, tensors)

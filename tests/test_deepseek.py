@@ -165,3 +165,32 @@ def test_groups_that_do_not_divide_the_experts_are_refused_in_one_line(tmp_path)
                        timeout=120, stdin=subprocess.DEVNULL)
     assert r.returncode != 0
     assert "groups" in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_inspect_plans_a_deepseek_sized_file_it_could_not_hold(tmp_path):
+    """A V2-Lite-sized file (real metadata and tensor table, its data a sparse hole): the plan
+    for a 4 GB budget keeps the attention and shared parts resident, caches some experts,
+    and says what a token reads from disk and the speed the disk allows."""
+    import subprocess
+    import sys
+
+    from offload.testing import deepseek_table
+
+    path = deepseek_table(tmp_path / "v2-lite.gguf", "V2-Lite")
+    r = subprocess.run([sys.executable, "-m", "offload", "inspect", str(path), "--memory-budget", "4GB",
+                        "--disk-bandwidth", "2GB"], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "architecture  deepseek2 (MoE)" in out and "experts       64 per layer, 6 used per token" in out
+    assert "cold experts are read from the file on demand" in out
+    g = GGUFFile(path)
+    p = make_plan(g, model_args(g), 4096, 4 * 10**9)
+    per_token = p.expert_bytes_per_token
+    gate_up = 2 * 1408 * (2048 // 256) * 144  # Q4_K rows of 2048: 144 bytes per 256
+    down = 2048 * (1408 // 32) * 34  # Q8_0 rows of 1408 (not a multiple of 256): 34 bytes per 32
+    assert per_token == 26 * 6 * (gate_up + down)  # 26 MoE layers (one dense lead), top-6
+    assert p.kv_cache == 27 * 4096 * (512 + 64) * 4  # MLA: the latent and one rope key per token and layer
+    assert f"at most {2e9 / (0.5 * per_token):.1f} / {2e9 / (0.2 * per_token):.1f} / {2e9 / (0.05 * per_token):.1f} tok/s at 2.0 GB/s" in out
+    bad = subprocess.run([sys.executable, "-m", "offload", "inspect", str(path), "--disk-bandwidth", "fast"],
+                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--disk-bandwidth" in bad.stderr

@@ -80,6 +80,8 @@ class MemoryPlan:
     expert_bytes_total: int = 0  # routed experts in the file
     n_expert_used: int = 0
     prefetch_slots: int = 0
+    expert_bytes_per_token: int = 0  # the routed experts one token runs through, every MoE layer
+    disk_bandwidth: float = 3e9  # bytes/s: for the decode bound the plan prints (inspect --disk-bandwidth)
 
     @property
     def fixed(self) -> int:
@@ -142,8 +144,26 @@ class MemoryPlan:
                 f"                  " + ("every expert fits: all loaded at start, no I/O after load"
                                          if self.all_resident else "cold experts are read from the file on demand"),
             ]
+        if self.pools and not self.all_resident and self.expert_bytes_per_token:
+            lines += self._disk_lines()
         lines.append(f"minimum budget    {_h(self.minimum)}; every expert resident from {_h(self.full)}")
         return lines
+
+    HIT_RATES = (0.5, 0.8, 0.95)
+
+    def _disk_lines(self) -> list[str]:
+        """What a token reads from the file at a few cache hit rates, and the decode speed that
+        reading alone allows at the disk's bandwidth (compute and the resident weights' memory
+        traffic come on top)."""
+        per_token = self.expert_bytes_per_token
+        reads = [(1 - h) * per_token for h in self.HIT_RATES]
+        rates = " / ".join(f"{h:.0%}" for h in self.HIT_RATES)
+        return [
+            f"per token         {_h(per_token)} of routed experts (top-{self.n_expert_used} in every MoE layer)",
+            f"from disk         at hit rates {rates}: " + " / ".join(_h(r) for r in reads) + " per token,",
+            f"                  at most " + " / ".join(f"{self.disk_bandwidth / r:.1f}" for r in reads)
+            + f" tok/s at {self.disk_bandwidth / 1e9:.1f} GB/s (--disk-bandwidth)",
+        ]
 
 
 def _h(n: float) -> str:
@@ -236,6 +256,7 @@ def make_plan(gguf: GGUFFile, args: ModelArgs, n_ctx: int, budget: int, budget_s
         o_direct=o_direct, scope=scope,
         expert_bytes_total=sum(l.expert_bytes * l.n_expert for l in layouts.values()),
         n_expert_used=k, prefetch_slots=reserve,
+        expert_bytes_per_token=sum(k * l.expert_bytes for l in layouts.values()),
     )
     groups: dict = {}
     for layer, layout in layouts.items():
