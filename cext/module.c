@@ -362,15 +362,63 @@ static int moe_job_of(PyObject *spec, int n_embd, moe_ffn_job *job) {
                : 0;
 }
 
+/* The first n_biased jobs' activation (act: MOE_ACT_*) and biases: `biases` None, or a tuple
+ * of n_biased entries, each None or (gate, up, down) float32 vectors of n_ff, n_ff and n_embd
+ * values (held in views[3 j ..] until the call ends). The other jobs (shared experts):
+ * SwiGLU without biases. */
+static int moe_biases_of(PyObject *biases, int act, moe_ffn_job *jobs, Py_ssize_t n_jobs, Py_ssize_t n_biased,
+                         int n_embd, Py_buffer *views) {
+    if (act != MOE_ACT_SWIGLU && act != MOE_ACT_SWIGLU_OAI) {
+        PyErr_Format(PyExc_ValueError, "moe: unknown activation %d", act);
+        return -1;
+    }
+    for (Py_ssize_t j = 0; j < n_jobs; j++) {
+        jobs[j].act = j < n_biased ? act : MOE_ACT_SWIGLU;
+        jobs[j].bg = jobs[j].bu = jobs[j].bd = NULL;
+    }
+    if (biases == Py_None) return 0;
+    if (!PyTuple_Check(biases) || PyTuple_GET_SIZE(biases) != n_biased) {
+        PyErr_Format(PyExc_ValueError, "moe: biases must be None or a tuple of %zd entries", n_biased);
+        return -1;
+    }
+    for (Py_ssize_t j = 0; j < n_biased; j++) {
+        PyObject *entry = PyTuple_GET_ITEM(biases, j);
+        if (entry == Py_None) continue;
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 3) {
+            PyErr_SetString(PyExc_ValueError, "moe: a job's biases are None or (gate, up, down)");
+            return -1;
+        }
+        const float **dst[3] = {&jobs[j].bg, &jobs[j].bu, &jobs[j].bd};
+        const Py_ssize_t n[3] = {jobs[j].n_ff, jobs[j].n_ff, n_embd};
+        for (int i = 0; i < 3; i++) {
+            Py_buffer *v = &views[3 * j + i];
+            if (PyObject_GetBuffer(PyTuple_GET_ITEM(entry, i), v, PyBUF_SIMPLE) < 0) return -1;
+            if (v->len < n[i] * (Py_ssize_t)sizeof(float)) {
+                PyErr_Format(PyExc_ValueError, "moe: a bias holds %zd bytes, %zd floats expected", v->len, n[i]);
+                return -1;
+            }
+            *dst[i] = v->buf;
+        }
+    }
+    return 0;
+}
+
+static void release_views(Py_buffer *views, int n) {
+    for (int i = 0; i < n; i++)
+        if (views[i].obj) PyBuffer_Release(&views[i]);
+}
+
 static PyObject *py_moe_ffn(PyObject *self, PyObject *args) {
     Py_buffer x = {0}, out = {0}, shared = {0}, ws = {0}, wts = {0};
-    PyObject *shared_obj, *job_specs;
-    int n_embd, n_routed;
-    if (!PyArg_ParseTuple(args, "y*w*Ow*iiO!y*", &x, &out, &shared_obj, &ws, &n_embd, &n_routed, &PyTuple_Type,
-                          &job_specs, &wts))
+    PyObject *shared_obj, *job_specs, *biases = Py_None;
+    int n_embd, n_routed, act = MOE_ACT_SWIGLU;
+    if (!PyArg_ParseTuple(args, "y*w*Ow*iiO!y*|iO", &x, &out, &shared_obj, &ws, &n_embd, &n_routed, &PyTuple_Type,
+                          &job_specs, &wts, &act, &biases))
         return NULL;
     PyObject *result = NULL;
     moe_ffn_job jobs[MOE_MAX_JOBS];
+    Py_buffer bias_views[3 * MOE_MAX_JOBS];
+    memset(bias_views, 0, sizeof(bias_views));
     const Py_ssize_t n_jobs = PyTuple_GET_SIZE(job_specs);
     if (n_embd <= 0 || n_jobs > MOE_MAX_JOBS || n_routed < 0 || n_routed > n_jobs ||
         wts.len < n_routed * (Py_ssize_t)sizeof(float)) {
@@ -385,6 +433,7 @@ static PyObject *py_moe_ffn(PyObject *self, PyObject *args) {
         weight_bytes += (size_t)job->n_ff * (row_bytes_of(job->gate.f, n_embd) + row_bytes_of(job->up.f, n_embd)) +
                         (size_t)n_embd * row_bytes_of(job->down.f, job->n_ff);
     }
+    if (moe_biases_of(biases, act, jobs, n_jobs, n_routed, n_embd, bias_views) < 0) goto done;
     if (shared_obj != Py_None && PyObject_GetBuffer(shared_obj, &shared, PyBUF_WRITABLE) < 0) goto done;
     const Py_ssize_t row = (Py_ssize_t)n_embd * (Py_ssize_t)sizeof(float);
     if (x.len < row || out.len < row || (n_jobs > n_routed && shared.len < (n_jobs - n_routed) * row) ||
@@ -403,18 +452,21 @@ done:
     if (shared.obj) PyBuffer_Release(&shared);
     PyBuffer_Release(&ws);
     PyBuffer_Release(&wts);
+    release_views(bias_views, 3 * MOE_MAX_JOBS);
     return result;
 }
 
 static PyObject *py_moe_batch(PyObject *self, PyObject *args) {
     Py_buffer x = {0}, per_slot = {0}, wts = {0}, counts = {0}, pairs = {0};
-    PyObject *job_specs;
-    int n_tokens, n_embd, k;
-    if (!PyArg_ParseTuple(args, "y*w*y*iiiO!y*y*", &x, &per_slot, &wts, &n_tokens, &n_embd, &k, &PyTuple_Type,
-                          &job_specs, &counts, &pairs))
+    PyObject *job_specs, *biases = Py_None;
+    int n_tokens, n_embd, k, act = MOE_ACT_SWIGLU;
+    if (!PyArg_ParseTuple(args, "y*w*y*iiiO!y*y*|iO", &x, &per_slot, &wts, &n_tokens, &n_embd, &k, &PyTuple_Type,
+                          &job_specs, &counts, &pairs, &act, &biases))
         return NULL;
     PyObject *result = NULL;
     moe_ffn_job jobs[MOE_MAX_JOBS];
+    Py_buffer bias_views[3 * MOE_MAX_JOBS];
+    memset(bias_views, 0, sizeof(bias_views));
     const Py_ssize_t n_jobs = PyTuple_GET_SIZE(job_specs);
     const int32_t *cnt = counts.buf, *pr = pairs.buf;
     const size_t nk = (size_t)n_tokens * (size_t)k;
@@ -448,6 +500,7 @@ static PyObject *py_moe_batch(PyObject *self, PyObject *args) {
         if (moe_job_of(PyTuple_GET_ITEM(job_specs, j), n_embd, &jobs[j]) < 0) goto done;
         jobs[j].weight = 0.0f;
     }
+    if (moe_biases_of(biases, act, jobs, n_jobs, n_jobs, n_embd, bias_views) < 0) goto done;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = moe_batch_run(x.buf, n_tokens, n_embd, k, wts.buf, jobs, cnt, pr, (int)n_jobs, per_slot.buf, isa);
@@ -460,6 +513,7 @@ done:
     PyBuffer_Release(&wts);
     PyBuffer_Release(&counts);
     PyBuffer_Release(&pairs);
+    release_views(bias_views, 3 * MOE_MAX_JOBS);
     return result;
 }
 
