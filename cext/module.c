@@ -544,23 +544,26 @@ static int layer_matrix_of(PyObject *spec, int n_cols, layer_matrix *m) {
 }
 
 static PyObject *py_attention_token(PyObject *self, PyObject *args) {
-    PyObject *objs[12]; /* x, scratch, norm, bq, bk, bv, q_norm, k_norm, cos, sin, k_cache, v_cache */
+    /* x, scratch, norm, bq, bk, bv, q_norm, k_norm, cos, sin, k_cache, v_cache, bo, sinks */
+    PyObject *objs[14] = {NULL};
+    objs[12] = objs[13] = Py_None;
     PyObject *mats;
     attention_block b = {0};
-    int n_ctx;
-    if (!PyArg_ParseTuple(args, "(iiiiiiiif)iO!OOOOOOOOOOOO", &b.n_embd, &b.n_head, &b.n_head_kv, &b.head_dim,
-                          &b.rope_dim, &b.neox, &b.qk_norm, &b.pos, &b.eps, &n_ctx, &PyTuple_Type, &mats, &objs[0],
-                          &objs[1], &objs[2], &objs[3], &objs[4], &objs[5], &objs[6], &objs[7], &objs[8], &objs[9],
-                          &objs[10], &objs[11]))
+    int n_cells;
+    if (!PyArg_ParseTuple(args, "(iiiiiiiifi)iO!OOOOOOOOOOOO|OO", &b.n_embd, &b.n_head, &b.n_head_kv, &b.head_dim,
+                          &b.rope_dim, &b.neox, &b.qk_norm, &b.pos, &b.eps, &b.window, &n_cells, &PyTuple_Type, &mats,
+                          &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &objs[5], &objs[6], &objs[7], &objs[8],
+                          &objs[9], &objs[10], &objs[11], &objs[12], &objs[13]))
         return NULL;
-    Py_buffer views[12];
+    Py_buffer views[14];
     memset(views, 0, sizeof(views));
     PyObject *result = NULL;
     const int hd = b.head_dim, q_dim = b.n_head * hd, kv_dim = b.n_head_kv * hd;
     if (b.n_embd <= 0 || hd <= 0 || b.n_head <= 0 || b.n_head_kv <= 0 || b.n_head % b.n_head_kv || b.rope_dim < 0 ||
-        b.rope_dim > hd || b.rope_dim % 2 || b.pos < 0 || b.pos >= n_ctx || b.qk_norm < 0 || b.qk_norm > 2 ||
+        b.rope_dim > hd || b.rope_dim % 2 || b.pos < 0 || b.window < 0 || n_cells <= 0 ||
+        (b.pos >= n_cells && (b.window == 0 || n_cells < b.window + 1)) || b.qk_norm < 0 || b.qk_norm > 2 ||
         PyTuple_GET_SIZE(mats) != 4) {
-        PyErr_SetString(PyExc_ValueError, "attention_token: bad shape");
+        PyErr_SetString(PyExc_ValueError, "attention_token: bad shape (or a ring of cells too small for its window)");
         goto done;
     }
     if (layer_matrix_of(PyTuple_GET_ITEM(mats, 0), b.n_embd, &b.wq) < 0 ||
@@ -584,14 +587,16 @@ static PyObject *py_attention_token(PyObject *self, PyObject *args) {
         float_arg(objs[7], &views[7], norm_k, 0, b.qk_norm == QK_NORM_NONE, &b.k_norm) < 0 ||
         float_arg(objs[8], &views[8], b.rope_dim / 2, 0, 0, &b.cos) < 0 ||
         float_arg(objs[9], &views[9], b.rope_dim / 2, 0, 0, &b.sin) < 0 ||
-        float_arg(objs[10], &views[10], (Py_ssize_t)n_ctx * kv_dim, 1, 0, &k_cache) < 0 ||
-        float_arg(objs[11], &views[11], (Py_ssize_t)n_ctx * kv_dim, 1, 0, &v_cache) < 0)
+        float_arg(objs[10], &views[10], (Py_ssize_t)n_cells * kv_dim, 1, 0, &k_cache) < 0 ||
+        float_arg(objs[11], &views[11], (Py_ssize_t)n_cells * kv_dim, 1, 0, &v_cache) < 0 ||
+        float_arg(objs[12], &views[12], b.n_embd, 0, 1, &b.bo) < 0 ||
+        float_arg(objs[13], &views[13], b.n_head, 0, 1, &b.sinks) < 0)
         goto done;
     if ((b.bq == NULL) != (b.bk == NULL) || (b.bq == NULL) != (b.bv == NULL)) {
         PyErr_SetString(PyExc_ValueError, "attention_token: q, k and v biases come together");
         goto done;
     }
-    b.k_cache = (float *)k_cache, b.v_cache = (float *)v_cache;
+    b.k_cache = (float *)k_cache, b.v_cache = (float *)v_cache, b.n_cells = n_cells;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = attention_token(&b, (float *)x, (float *)scratch, isa >= ISA_AVX2);
@@ -599,7 +604,7 @@ static PyObject *py_attention_token(PyObject *self, PyObject *args) {
     if (rc < 0) PyErr_NoMemory();
     else result = Py_NewRef(Py_None);
 done:
-    for (int i = 0; i < 12; i++)
+    for (int i = 0; i < 14; i++)
         if (views[i].obj) PyBuffer_Release(&views[i]);
     return result;
 }
@@ -977,12 +982,13 @@ done:
 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "matmul(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)"},
-    {"moe_ffn", py_moe_ffn, METH_VARARGS, "moe_ffn(x, out, shared_out, workspace, n_embd, n_routed, jobs, weights)"},
+    {"moe_ffn", py_moe_ffn, METH_VARARGS, "moe_ffn(x, out, shared_out, workspace, n_embd, n_routed, jobs, weights, act=0, biases=None)"},
     {"attention_token", py_attention_token, METH_VARARGS,
-     "attention_token(dims, n_ctx, mats, x, scratch, norm, bq, bk, bv, q_norm, k_norm, cos, sin, k_cache, v_cache)"},
+     "attention_token(dims, n_cells, mats, x, scratch, norm, bq, bk, bv, q_norm, k_norm, cos, sin, k_cache, v_cache, "
+     "bo=None, sinks=None)"},
     {"attention_token_scratch_bytes", py_attention_token_scratch_bytes, METH_VARARGS,
      "attention_token_scratch_bytes(n_embd, n_head, n_head_kv, head_dim)"},
-    {"moe_batch", py_moe_batch, METH_VARARGS, "moe_batch(x, per_slot, weights, n_tokens, n_embd, k, jobs, counts, pairs)"},
+    {"moe_batch", py_moe_batch, METH_VARARGS, "moe_batch(x, per_slot, weights, n_tokens, n_embd, k, jobs, counts, pairs, act=0, biases=None)"},
     {"moe_workspace_bytes", py_moe_workspace_bytes, METH_VARARGS, "moe_workspace_bytes(n_embd, (n_ff, ...))"},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(x, g, out, n_rows, n)"},
     {"swiglu_oai", py_swiglu_oai, METH_VARARGS, "swiglu_oai(g, u, out, alpha, limit)"},

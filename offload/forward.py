@@ -310,13 +310,13 @@ class Transformer:
         """x += the attention block of one decoding token, in one C call (kernels.block) where
         the C kernels serve its matrices and no GPU tier runs them; False if not run."""
         a = self.args
-        if self.gpu is not None or not block.attention_fits(w) or a.window(layer) or w.sinks is not None or w.bo is not None:
+        if self.gpu is not None or not block.attention_fits(w):
             return False
         if self._block_scratch is None:
             self._block_scratch = block.attention_scratch(a)
         cos, sin = self.rope[layer]
         block.attention_token(a, w, x, start, cos[start], sin[start], self.cache.k[layer], self.cache.v[layer],
-                              self._block_scratch)
+                              self._block_scratch, a.window(layer))
         return True
 
     def _moe(self, layer: int, w: MoE, x: np.ndarray) -> np.ndarray:

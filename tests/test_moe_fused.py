@@ -229,35 +229,42 @@ SHARED = TinyConfig(arch="qwen2moe", n_layer=2, n_embd=256, n_head=4, n_head_kv=
 MIXTRAL = TinyConfig(n_layer=2, n_embd=256, n_head=8, n_head_kv=2, n_ff=512, n_expert=4, n_expert_used=2, n_ctx=256)
 OLMOE = TinyConfig(arch="olmoe", n_layer=2, n_embd=256, n_head=4, n_head_kv=4, n_ff=256, n_expert=8, n_expert_used=4,
                    n_ctx=256)
+# gpt-oss: expert biases and swiglu_oai, q/k/v/o biases, sinks, a window of 16 on the even layers
+GPT_OSS = TinyConfig(arch="gpt-oss", n_layer=2, n_embd=256, n_head=4, n_head_kv=1, head_dim=64, n_ff=256, n_expert=8,
+                     n_expert_used=4, sliding_window=16)
 
 
 # every attention kind of the block: GQA with NORM RoPE (llama), q/k/v biases (qwen2moe), per-head
-# q/k norms (qwen3moe), whole-projection q/k norms (olmoe)
-@pytest.fixture(scope="module", params=[(FINE, "Q4_K_M"), (SHARED, "Q8_0"), (MIXTRAL, "Q4_0"), (OLMOE, "Q8_0")],
-                ids=["qwen3moe-Q4_K_M", "qwen2moe-Q8_0", "llama-Q4_0", "olmoe-Q8_0"])
+# q/k norms (qwen3moe), whole-projection q/k norms (olmoe), sliding windows, sinks and an output
+# bias (gpt-oss, whose prompts of ~60 tokens and 24 more decoded run past its window of 16)
+@pytest.fixture(scope="module", params=[(FINE, "Q4_K_M"), (SHARED, "Q8_0"), (MIXTRAL, "Q4_0"), (OLMOE, "Q8_0"),
+                                        (GPT_OSS, "MXFP4_MOE"), (GPT_OSS, "Q8_0")],
+                ids=["qwen3moe-Q4_K_M", "qwen2moe-Q8_0", "llama-Q4_0", "olmoe-Q8_0", "gpt-oss-MXFP4_MOE", "gpt-oss-Q8_0"])
 def quantized(request, model_factory, tmp_path_factory):
     config, ftype = request.param
     f16 = model_factory(config, "F16", seed=7)
     return quantize_model(f16, tmp_path_factory.mktemp("fused") / f"{ftype}.gguf", ftype)
 
 
-def decode(path, monkeypatch, fused: bool, **load) -> tuple[list[int], np.ndarray]:
-    """24 greedy tokens after a prompt, one forward step each, and the logits of every step."""
+def decode(path, monkeypatch, fused: bool, ids: list[int] | None = None, n_ctx: int = 128, n_new: int = 24,
+           **load) -> tuple[list[int], np.ndarray]:
+    """n_new greedy tokens after a prompt, one forward step each, and the logits of every step."""
     monkeypatch.setenv("OFFLOAD_FUSED", "1" if fused else "0")
     select_kernels()
     calls, blocks = [], []
     monkeypatch.setattr(forward, "moe_ffn", lambda *a, **k: calls.append(1) or moe_ffn(*a, **k))
     monkeypatch.setattr(block, "attention_token", lambda *a, real=block.attention_token: blocks.append(1) or real(*a))
     try:
-        with Model.load(path, n_ctx=128, **load) as m:
-            ids = m.tokenize("The experts of a fine-grained layer " * 8)  # some get 8+ tokens: the tiled GEMM
+        with Model.load(path, n_ctx=n_ctx, **load) as m:
+            if ids is None:
+                ids = m.tokenize("The experts of a fine-grained layer " * 8)  # some get 8+ tokens: the tiled GEMM
             t = m.transformer
             logits = [t.forward(np.array(ids, dtype=np.int64))[-1]]
             tokens: list[int] = []
-            for _ in range(24):
+            for _ in range(n_new):
                 tokens.append(int(np.argmax(logits[-1])))
                 logits.append(t.forward(np.array([tokens[-1]], dtype=np.int64))[-1])
-            assert list(m.generate_tokens(ids, 24, SamplingParams(temperature=0.0))) == tokens
+            assert list(m.generate_tokens(ids, n_new, SamplingParams(temperature=0.0))) == tokens
             assert (len(calls) > 0) == fused and (len(blocks) > 0) == fused  # the path asked for is the one that ran
             return tokens, np.stack(logits)
     finally:
@@ -284,3 +291,17 @@ def test_fused_path_under_tight_budgets_with_prefetch(quantized, monkeypatch):
         t2, l2 = decode(quantized, monkeypatch, fused=True, memory_budget=budget, prefetch=prefetch)
         assert t2 == tokens, budget
         np.testing.assert_array_equal(bits(l2), bits(logits))
+
+
+def test_gpt_oss_ring_of_cells_wraps_the_same_on_either_path(model_factory, tmp_path, monkeypatch):
+    """With a context of 1024 the sliding layers keep a ring of 768 cells: a prompt of 760 and
+    20 decoded tokens write past its end, so the fused block's cell pos % n_cells and its
+    window over the wrapped ring must be the step-by-step path's."""
+    path = quantize_model(model_factory(GPT_OSS, "F16", seed=7), tmp_path / "MXFP4_MOE.gguf", "MXFP4_MOE")
+    with Model.load(path, n_ctx=1024) as m:
+        assert [len(k) for k in m.transformer.cache.k] == [768, 1024]
+    ids = [1] + [int(t) for t in np.random.default_rng(2).integers(100, 31999, 759)]
+    tokens, logits = decode(path, monkeypatch, fused=True, ids=ids, n_ctx=1024, n_new=20)
+    tokens_ref, logits_ref = decode(path, monkeypatch, fused=False, ids=ids, n_ctx=1024, n_new=20)
+    assert tokens == tokens_ref
+    np.testing.assert_array_equal(bits(logits), bits(logits_ref))
