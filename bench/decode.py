@@ -1,6 +1,6 @@
 """Decode and prefill speed of offload against llama.cpp, on the MoE shapes people run.
 
-    .venv/bin/python bench/decode.py [--shapes mixtral,qwen3moe,olmoe,qwen2moe] [--quants Q4_K_M,Q4_0]
+    .venv/bin/python bench/decode.py [--shapes mixtral,qwen3moe,olmoe,qwen2moe,gptoss] [--quants Q4_K_M,Q4_0]
                                      [--threads 2] [--decode 128] [--prefill 512]
     .venv/bin/python bench/decode.py --model FILE.gguf   # race this file instead (e.g. the demo model)
 
@@ -94,6 +94,13 @@ SHAPES = [
                                  n_ff=768, n_ff_shexp=3072, n_expert=60, n_expert_used=4, n_ctx=2048),
           "Qwen1.5-MoE-A2.7B (2048 wide, 24 layers; here 1/2 wide, 7 layers): 60 experts of 0.69x the width "
           "(here 0.75x), top-4, a gated shared expert 4x an expert, no GQA, head dim 128, q/k/v biases"),
+    Shape("gptoss", TinyConfig(arch="gpt-oss", n_layer=8, n_embd=1024, n_head=16, n_head_kv=2, head_dim=64,
+                               n_ff=1024, n_expert=32, n_expert_used=4, n_ctx=2048, sliding_window=128,
+                               yarn_factor=32.0, yarn_orig_ctx=4096),
+          "gpt-oss-20b (2880 wide, 24 layers; here 1024 wide, 8 layers): 32 experts as wide as the model, top-4, "
+          "swiglu_oai with biases, GQA 8:1, head dim 64 (q 1x the width; real 64 heads, 1.4x), biases on q/k/v/o, "
+          "a sink per head, a window of 128 on every other layer, YaRN x32 over 4096; its real files' quant is "
+          "MXFP4_MOE (--quants MXFP4_MOE: MXFP4 experts, Q8_0 elsewhere)"),
 ]
 N_PROMPT = 16  # the decode runs' prompt
 
@@ -344,7 +351,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default=",".join(s.name for s in SHAPES),
                     help=f"comma-separated, of: {', '.join(s.name for s in SHAPES)}")
-    ap.add_argument("--quants", default="Q4_K_M,Q4_0")
+    ap.add_argument("--quants", default="Q4_K_M,Q4_0",
+                    help="comma-separated llama-quantize file types: Q4_K_M, Q4_0, Q8_0, MXFP4_MOE (gpt-oss's), F16, ...")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--prefill", type=int, default=512)

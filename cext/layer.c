@@ -12,8 +12,9 @@
  *   biases       q + bq, k + bk, v + bv in float32
  *   q/k norms    rms_norm per head (qk_norm 1) or over the whole projection (qk_norm 2)
  *   RoPE         (a, b) -> (fma(a, cos, -(b sin)), fma(a, sin, b cos)), NORM or NEOX pairs
- *   attention    attention.c over the cache, after writing this token's k and v into it
- *   wo           the row dots again; then x += out in float32
+ *   attention    attention.c over the cache, after writing this token's k and v into cell
+ *                pos % n_cells (a sliding-window layer's ring), with the window and sinks
+ *   wo           the row dots again; out += bo if any; then x += out in float32
  */
 #include "layer.h"
 
@@ -72,20 +73,22 @@ int attention_token(const attention_block *b, float *x, float *scratch, int use_
     }
     rope_rows(q, b->cos, b->sin, 1, b->n_head, hd, b->rope_dim, b->neox, use_avx2);
     rope_rows(k, b->cos, b->sin, 1, b->n_head_kv, hd, b->rope_dim, b->neox, use_avx2);
-    float *k_row = b->k_cache + (size_t)b->pos * kv_dim, *v_row = b->v_cache + (size_t)b->pos * kv_dim;
+    const size_t cell = (size_t)(b->pos % b->n_cells);
+    float *k_row = b->k_cache + cell * kv_dim, *v_row = b->v_cache + cell * kv_dim;
     for (int i = 0; i < kv_dim; i++) k_row[i] = k[i], v_row[i] = v[i];
 
     attention_args a = {0};
     a.q = q, a.k = b->k_cache, a.v = b->v_cache, a.out = att;
     a.n = 1, a.start = b->pos, a.n_head = b->n_head, a.n_head_kv = b->n_head_kv, a.head_dim = hd;
     a.q_stride = q_dim, a.kv_stride = kv_dim;
-    a.n_cells = b->pos + 1; /* a full cache, no window, no sinks (attention_fits) */
+    a.n_cells = b->n_cells, a.window = b->window, a.sinks = b->sinks;
     a.gemm8 = 0; /* one token: llama.cpp sums V by vec_dot_f32 (tinyBLAS wants 2+ columns) */
     a.scale = 1.0f / sqrtf((float)hd);
     if (attention_run(&a, use_avx2) < 0) return -1;
 
     act.done[0] = act.done[1] = NULL;
     matvec(&b->wo, att, q_dim, o, &act);
+    add_bias(o, b->bo, n_embd);
     for (int i = 0; i < n_embd; i++) x[i] = x[i] + o[i];
     return 0;
 }

@@ -26,17 +26,22 @@ enum { QK_NORM_NONE = 0, QK_NORM_HEAD = 1, QK_NORM_FULL = 2 };
 
 typedef struct {
     int n_embd, n_head, n_head_kv, head_dim, rope_dim, neox, qk_norm, pos;
+    int window;                          /* keys fewer than this many positions back; 0: all */
     float eps;
     const float *norm;                   /* attn_norm (n_embd) */
     layer_matrix wq, wk, wv, wo;
     const float *bq, *bk, *bv;           /* or NULL */
     const float *q_norm, *k_norm;        /* per head (head_dim) or whole (n_head * head_dim ...), or NULL */
+    const float *bo;                     /* or NULL: the output projection's bias (n_embd) */
+    const float *sinks;                  /* or NULL: one sink logit per head (n_head) */
     const float *cos, *sin;              /* this position's RoPE table row (rope_dim / 2) */
-    float *k_cache, *v_cache;            /* this layer's (n_ctx, n_head_kv * head_dim) */
+    float *k_cache, *v_cache;            /* this layer's (n_cells, n_head_kv * head_dim): position p in
+                                          * cell p % n_cells (a ring for a sliding-window layer) */
+    int n_cells;
 } attention_block;
 
 /* x (n_embd) += the block's output for the token at position pos, whose k and v are written
- * into the cache. scratch: attention_token_scratch_bytes. 0, or -1 if out of memory. */
+ * into cell pos % n_cells of the cache. scratch: attention_token_scratch_bytes. 0, or -1 if out of memory. */
 int attention_token(const attention_block *b, float *x, float *scratch, int use_avx2);
 size_t attention_token_scratch_bytes(int n_embd, int n_head, int n_head_kv, int head_dim);
 

@@ -363,15 +363,63 @@ static int moe_job_of(PyObject *spec, int n_embd, moe_ffn_job *job) {
                : 0;
 }
 
+/* The first n_biased jobs' activation (act: MOE_ACT_*) and biases: `biases` None, or a tuple
+ * of n_biased entries, each None or (gate, up, down) float32 vectors of n_ff, n_ff and n_embd
+ * values (held in views[3 j ..] until the call ends). The other jobs (shared experts):
+ * SwiGLU without biases. */
+static int moe_biases_of(PyObject *biases, int act, moe_ffn_job *jobs, Py_ssize_t n_jobs, Py_ssize_t n_biased,
+                         int n_embd, Py_buffer *views) {
+    if (act != MOE_ACT_SWIGLU && act != MOE_ACT_SWIGLU_OAI) {
+        PyErr_Format(PyExc_ValueError, "moe: unknown activation %d", act);
+        return -1;
+    }
+    for (Py_ssize_t j = 0; j < n_jobs; j++) {
+        jobs[j].act = j < n_biased ? act : MOE_ACT_SWIGLU;
+        jobs[j].bg = jobs[j].bu = jobs[j].bd = NULL;
+    }
+    if (biases == Py_None) return 0;
+    if (!PyTuple_Check(biases) || PyTuple_GET_SIZE(biases) != n_biased) {
+        PyErr_Format(PyExc_ValueError, "moe: biases must be None or a tuple of %zd entries", n_biased);
+        return -1;
+    }
+    for (Py_ssize_t j = 0; j < n_biased; j++) {
+        PyObject *entry = PyTuple_GET_ITEM(biases, j);
+        if (entry == Py_None) continue;
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 3) {
+            PyErr_SetString(PyExc_ValueError, "moe: a job's biases are None or (gate, up, down)");
+            return -1;
+        }
+        const float **dst[3] = {&jobs[j].bg, &jobs[j].bu, &jobs[j].bd};
+        const Py_ssize_t n[3] = {jobs[j].n_ff, jobs[j].n_ff, n_embd};
+        for (int i = 0; i < 3; i++) {
+            Py_buffer *v = &views[3 * j + i];
+            if (PyObject_GetBuffer(PyTuple_GET_ITEM(entry, i), v, PyBUF_SIMPLE) < 0) return -1;
+            if (v->len < n[i] * (Py_ssize_t)sizeof(float)) {
+                PyErr_Format(PyExc_ValueError, "moe: a bias holds %zd bytes, %zd floats expected", v->len, n[i]);
+                return -1;
+            }
+            *dst[i] = v->buf;
+        }
+    }
+    return 0;
+}
+
+static void release_views(Py_buffer *views, int n) {
+    for (int i = 0; i < n; i++)
+        if (views[i].obj) PyBuffer_Release(&views[i]);
+}
+
 static PyObject *py_moe_ffn(PyObject *self, PyObject *args) {
     Py_buffer x = {0}, out = {0}, shared = {0}, ws = {0}, wts = {0};
-    PyObject *shared_obj, *job_specs;
-    int n_embd, n_routed;
-    if (!PyArg_ParseTuple(args, "y*w*Ow*iiO!y*", &x, &out, &shared_obj, &ws, &n_embd, &n_routed, &PyTuple_Type,
-                          &job_specs, &wts))
+    PyObject *shared_obj, *job_specs, *biases = Py_None;
+    int n_embd, n_routed, act = MOE_ACT_SWIGLU;
+    if (!PyArg_ParseTuple(args, "y*w*Ow*iiO!y*|iO", &x, &out, &shared_obj, &ws, &n_embd, &n_routed, &PyTuple_Type,
+                          &job_specs, &wts, &act, &biases))
         return NULL;
     PyObject *result = NULL;
     moe_ffn_job jobs[MOE_MAX_JOBS];
+    Py_buffer bias_views[3 * MOE_MAX_JOBS];
+    memset(bias_views, 0, sizeof(bias_views));
     const Py_ssize_t n_jobs = PyTuple_GET_SIZE(job_specs);
     if (n_embd <= 0 || n_jobs > MOE_MAX_JOBS || n_routed < 0 || n_routed > n_jobs ||
         wts.len < n_routed * (Py_ssize_t)sizeof(float)) {
@@ -386,6 +434,7 @@ static PyObject *py_moe_ffn(PyObject *self, PyObject *args) {
         weight_bytes += (size_t)job->n_ff * (row_bytes_of(job->gate.f, n_embd) + row_bytes_of(job->up.f, n_embd)) +
                         (size_t)n_embd * row_bytes_of(job->down.f, job->n_ff);
     }
+    if (moe_biases_of(biases, act, jobs, n_jobs, n_routed, n_embd, bias_views) < 0) goto done;
     if (shared_obj != Py_None && PyObject_GetBuffer(shared_obj, &shared, PyBUF_WRITABLE) < 0) goto done;
     const Py_ssize_t row = (Py_ssize_t)n_embd * (Py_ssize_t)sizeof(float);
     if (x.len < row || out.len < row || (n_jobs > n_routed && shared.len < (n_jobs - n_routed) * row) ||
@@ -404,18 +453,21 @@ done:
     if (shared.obj) PyBuffer_Release(&shared);
     PyBuffer_Release(&ws);
     PyBuffer_Release(&wts);
+    release_views(bias_views, 3 * MOE_MAX_JOBS);
     return result;
 }
 
 static PyObject *py_moe_batch(PyObject *self, PyObject *args) {
     Py_buffer x = {0}, per_slot = {0}, wts = {0}, counts = {0}, pairs = {0};
-    PyObject *job_specs;
-    int n_tokens, n_embd, k;
-    if (!PyArg_ParseTuple(args, "y*w*y*iiiO!y*y*", &x, &per_slot, &wts, &n_tokens, &n_embd, &k, &PyTuple_Type,
-                          &job_specs, &counts, &pairs))
+    PyObject *job_specs, *biases = Py_None;
+    int n_tokens, n_embd, k, act = MOE_ACT_SWIGLU;
+    if (!PyArg_ParseTuple(args, "y*w*y*iiiO!y*y*|iO", &x, &per_slot, &wts, &n_tokens, &n_embd, &k, &PyTuple_Type,
+                          &job_specs, &counts, &pairs, &act, &biases))
         return NULL;
     PyObject *result = NULL;
     moe_ffn_job jobs[MOE_MAX_JOBS];
+    Py_buffer bias_views[3 * MOE_MAX_JOBS];
+    memset(bias_views, 0, sizeof(bias_views));
     const Py_ssize_t n_jobs = PyTuple_GET_SIZE(job_specs);
     const int32_t *cnt = counts.buf, *pr = pairs.buf;
     const size_t nk = (size_t)n_tokens * (size_t)k;
@@ -449,6 +501,7 @@ static PyObject *py_moe_batch(PyObject *self, PyObject *args) {
         if (moe_job_of(PyTuple_GET_ITEM(job_specs, j), n_embd, &jobs[j]) < 0) goto done;
         jobs[j].weight = 0.0f;
     }
+    if (moe_biases_of(biases, act, jobs, n_jobs, n_jobs, n_embd, bias_views) < 0) goto done;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = moe_batch_run(x.buf, n_tokens, n_embd, k, wts.buf, jobs, cnt, pr, (int)n_jobs, per_slot.buf, isa);
@@ -461,6 +514,7 @@ done:
     PyBuffer_Release(&wts);
     PyBuffer_Release(&counts);
     PyBuffer_Release(&pairs);
+    release_views(bias_views, 3 * MOE_MAX_JOBS);
     return result;
 }
 
@@ -491,23 +545,26 @@ static int layer_matrix_of(PyObject *spec, int n_cols, layer_matrix *m) {
 }
 
 static PyObject *py_attention_token(PyObject *self, PyObject *args) {
-    PyObject *objs[12]; /* x, scratch, norm, bq, bk, bv, q_norm, k_norm, cos, sin, k_cache, v_cache */
+    /* x, scratch, norm, bq, bk, bv, q_norm, k_norm, cos, sin, k_cache, v_cache, bo, sinks */
+    PyObject *objs[14] = {NULL};
+    objs[12] = objs[13] = Py_None;
     PyObject *mats;
     attention_block b = {0};
-    int n_ctx;
-    if (!PyArg_ParseTuple(args, "(iiiiiiiif)iO!OOOOOOOOOOOO", &b.n_embd, &b.n_head, &b.n_head_kv, &b.head_dim,
-                          &b.rope_dim, &b.neox, &b.qk_norm, &b.pos, &b.eps, &n_ctx, &PyTuple_Type, &mats, &objs[0],
-                          &objs[1], &objs[2], &objs[3], &objs[4], &objs[5], &objs[6], &objs[7], &objs[8], &objs[9],
-                          &objs[10], &objs[11]))
+    int n_cells;
+    if (!PyArg_ParseTuple(args, "(iiiiiiiifi)iO!OOOOOOOOOOOO|OO", &b.n_embd, &b.n_head, &b.n_head_kv, &b.head_dim,
+                          &b.rope_dim, &b.neox, &b.qk_norm, &b.pos, &b.eps, &b.window, &n_cells, &PyTuple_Type, &mats,
+                          &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &objs[5], &objs[6], &objs[7], &objs[8],
+                          &objs[9], &objs[10], &objs[11], &objs[12], &objs[13]))
         return NULL;
-    Py_buffer views[12];
+    Py_buffer views[14];
     memset(views, 0, sizeof(views));
     PyObject *result = NULL;
     const int hd = b.head_dim, q_dim = b.n_head * hd, kv_dim = b.n_head_kv * hd;
     if (b.n_embd <= 0 || hd <= 0 || b.n_head <= 0 || b.n_head_kv <= 0 || b.n_head % b.n_head_kv || b.rope_dim < 0 ||
-        b.rope_dim > hd || b.rope_dim % 2 || b.pos < 0 || b.pos >= n_ctx || b.qk_norm < 0 || b.qk_norm > 2 ||
+        b.rope_dim > hd || b.rope_dim % 2 || b.pos < 0 || b.window < 0 || n_cells <= 0 ||
+        (b.pos >= n_cells && (b.window == 0 || n_cells < b.window + 1)) || b.qk_norm < 0 || b.qk_norm > 2 ||
         PyTuple_GET_SIZE(mats) != 4) {
-        PyErr_SetString(PyExc_ValueError, "attention_token: bad shape");
+        PyErr_SetString(PyExc_ValueError, "attention_token: bad shape (or a ring of cells too small for its window)");
         goto done;
     }
     if (layer_matrix_of(PyTuple_GET_ITEM(mats, 0), b.n_embd, &b.wq) < 0 ||
@@ -531,14 +588,16 @@ static PyObject *py_attention_token(PyObject *self, PyObject *args) {
         float_arg(objs[7], &views[7], norm_k, 0, b.qk_norm == QK_NORM_NONE, &b.k_norm) < 0 ||
         float_arg(objs[8], &views[8], b.rope_dim / 2, 0, 0, &b.cos) < 0 ||
         float_arg(objs[9], &views[9], b.rope_dim / 2, 0, 0, &b.sin) < 0 ||
-        float_arg(objs[10], &views[10], (Py_ssize_t)n_ctx * kv_dim, 1, 0, &k_cache) < 0 ||
-        float_arg(objs[11], &views[11], (Py_ssize_t)n_ctx * kv_dim, 1, 0, &v_cache) < 0)
+        float_arg(objs[10], &views[10], (Py_ssize_t)n_cells * kv_dim, 1, 0, &k_cache) < 0 ||
+        float_arg(objs[11], &views[11], (Py_ssize_t)n_cells * kv_dim, 1, 0, &v_cache) < 0 ||
+        float_arg(objs[12], &views[12], b.n_embd, 0, 1, &b.bo) < 0 ||
+        float_arg(objs[13], &views[13], b.n_head, 0, 1, &b.sinks) < 0)
         goto done;
     if ((b.bq == NULL) != (b.bk == NULL) || (b.bq == NULL) != (b.bv == NULL)) {
         PyErr_SetString(PyExc_ValueError, "attention_token: q, k and v biases come together");
         goto done;
     }
-    b.k_cache = (float *)k_cache, b.v_cache = (float *)v_cache;
+    b.k_cache = (float *)k_cache, b.v_cache = (float *)v_cache, b.n_cells = n_cells;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = attention_token(&b, (float *)x, (float *)scratch, isa >= ISA_AVX2);
@@ -546,7 +605,7 @@ static PyObject *py_attention_token(PyObject *self, PyObject *args) {
     if (rc < 0) PyErr_NoMemory();
     else result = Py_NewRef(Py_None);
 done:
-    for (int i = 0; i < 12; i++)
+    for (int i = 0; i < 14; i++)
         if (views[i].obj) PyBuffer_Release(&views[i]);
     return result;
 }
@@ -944,12 +1003,13 @@ done:
 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "matmul(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)"},
-    {"moe_ffn", py_moe_ffn, METH_VARARGS, "moe_ffn(x, out, shared_out, workspace, n_embd, n_routed, jobs, weights)"},
+    {"moe_ffn", py_moe_ffn, METH_VARARGS, "moe_ffn(x, out, shared_out, workspace, n_embd, n_routed, jobs, weights, act=0, biases=None)"},
     {"attention_token", py_attention_token, METH_VARARGS,
-     "attention_token(dims, n_ctx, mats, x, scratch, norm, bq, bk, bv, q_norm, k_norm, cos, sin, k_cache, v_cache)"},
+     "attention_token(dims, n_cells, mats, x, scratch, norm, bq, bk, bv, q_norm, k_norm, cos, sin, k_cache, v_cache, "
+     "bo=None, sinks=None)"},
     {"attention_token_scratch_bytes", py_attention_token_scratch_bytes, METH_VARARGS,
      "attention_token_scratch_bytes(n_embd, n_head, n_head_kv, head_dim)"},
-    {"moe_batch", py_moe_batch, METH_VARARGS, "moe_batch(x, per_slot, weights, n_tokens, n_embd, k, jobs, counts, pairs)"},
+    {"moe_batch", py_moe_batch, METH_VARARGS, "moe_batch(x, per_slot, weights, n_tokens, n_embd, k, jobs, counts, pairs, act=0, biases=None)"},
     {"moe_workspace_bytes", py_moe_workspace_bytes, METH_VARARGS, "moe_workspace_bytes(n_embd, (n_ff, ...))"},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(x, g, out, n_rows, n)"},
     {"swiglu_oai", py_swiglu_oai, METH_VARARGS, "swiglu_oai(g, u, out, alpha, limit)"},

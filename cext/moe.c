@@ -7,18 +7,21 @@
  * llama.cpp's mul_mat_id spreads its threads over the rows of every selected expert:
  *
  *   1. gate and up rows of every job (the token's activations quantized once per type)
- *   2. per job: SwiGLU, then its hidden row quantized for the down matrix
- *   3. down rows of every job
+ *   2. per job: its gate and up biases if any, SwiGLU (or gpt-oss's swiglu_oai), then its
+ *      hidden row quantized for the down matrix
+ *   3. down rows of every job (plus the down bias if any)
  *   4. the routed outputs weighted and summed in slot order, per column
  *
  * Only the schedule differs from one matmul call per matrix: each output value is the same
- * row dot (kernels.h), SwiGLU and the quantizers are the same functions, and the weighted
- * sum adds in llama.cpp's order, so the bits equal the per-matrix path's.
+ * row dot (kernels.h), SwiGLU and the quantizers are the same functions, the biases are
+ * float32 adds in the places forward._ffn adds them, and the weighted sum adds in llama.cpp's
+ * order, so the bits equal the per-matrix path's.
  */
 #include "moe.h"
 
 #include <omp.h>
 
+#include "ops.h"
 #include "quantize.h"
 #include "swiglu.h"
 
@@ -67,6 +70,23 @@ static void share(size_t n, int ith, int nth, size_t *lo, size_t *hi) {
     const size_t per = (n + (size_t)nth - 1) / (size_t)nth;
     *lo = per * (size_t)ith < n ? per * (size_t)ith : n;
     *hi = *lo + per < n ? *lo + per : n;
+}
+
+/* n_rows hidden rows of a job (gate and up, n_ff each) in place: gate += bg and up += bu per
+ * row (forward._ffn's adds), then the activation into gate. */
+static void activate(const moe_ffn_job *job, float *gate, float *up, int n_rows, int use_avx2) {
+    const int n_ff = job->n_ff;
+    for (int r = 0; r < n_rows; r++) {
+        float *g = gate + (size_t)r * n_ff, *u = up + (size_t)r * n_ff;
+        if (job->bg)
+            for (int i = 0; i < n_ff; i++) g[i] = g[i] + job->bg[i];
+        if (job->bu)
+            for (int i = 0; i < n_ff; i++) u[i] = u[i] + job->bu[i];
+    }
+    if (job->act == MOE_ACT_SWIGLU_OAI)
+        swiglu_oai(gate, up, gate, (ptrdiff_t)n_rows * n_ff, 1.702f, 7.0f); /* build_moe_ffn's alpha and limit */
+    else
+        silu_mul_rows(gate, up, gate, n_rows, n_ff, use_avx2);
 }
 
 static size_t row_bytes(const moe_matrix *m, int n_cols) {
@@ -123,7 +143,7 @@ void moe_ffn_run(const float *x, int n_embd, const moe_ffn_job *jobs, int n_jobs
         /* 2. SwiGLU and the down matrix's quantization of each job's hidden row */
         share((size_t)n_jobs, ith, nth, &lo, &hi);
         for (size_t j = lo; j < hi; j++) {
-            silu_mul_rows(buf[j].gate, buf[j].up, buf[j].gate, 1, jobs[j].n_ff, use_avx2);
+            activate(&jobs[j], buf[j].gate, buf[j].up, 1, use_avx2);
             quantize_act(jobs[j].down.f->act, buf[j].gate, buf[j].h, jobs[j].n_ff);
         }
 #pragma omp barrier
@@ -134,7 +154,8 @@ void moe_ffn_run(const float *x, int n_embd, const moe_ffn_job *jobs, int n_jobs
             const size_t j = lo / (size_t)n_embd, r = lo % (size_t)n_embd;
             const moe_ffn_job *job = &jobs[j];
             const act_row h = act_at(buf[j].h, (size_t)job->n_ff);
-            buf[j].y[r] = job->down.dot(job->down.w + r * row_bytes(&job->down, job->n_ff), &h, job->n_ff);
+            const float y = job->down.dot(job->down.w + r * row_bytes(&job->down, job->n_ff), &h, job->n_ff);
+            buf[j].y[r] = job->bd ? y + job->bd[r] : y;
         }
 #pragma omp barrier
 
@@ -153,7 +174,8 @@ void moe_ffn_run(const float *x, int n_embd, const moe_ffn_job *jobs, int n_jobs
  *
  * Each expert runs once on the tokens routed to it (llama.cpp's mul_mat_id): their rows of
  * the batch's activations, quantized once for the whole batch (quantizing is per row, so a
- * gathered row equals a row quantized alone), then gate and up, SwiGLU, down, each matmul
+ * gathered row equals a row quantized alone), then gate and up (+ their biases), the
+ * activation, down (+ its bias), each matmul
  * through the row dots or, from 8 tokens on for K-quants, the tiled GEMM (tiled.c), as
  * dispatch.matmul picks for the same token count. Each (token, slot) result is scaled by its
  * routing weight into per_slot; the caller sums the slots in order. With enough experts (and
@@ -239,7 +261,7 @@ static int run_expert(const moe_ffn_job *job, const expert_rows *rows, const act
     if (matmul_by_count(&job->gate, &ag, gate, n_ff, n_embd, n, isa_level) < 0 ||
         matmul_by_count(&job->up, &au, up, n_ff, n_embd, n, isa_level) < 0)
         return -1;
-    silu_mul_rows(gate, up, gate, n, n_ff, isa_level >= 1);
+    activate(job, gate, up, n, isa_level >= 1);
     for (int i = 0; i < n; i++) quantize_into(kd, gate + (size_t)i * n_ff, hq, (size_t)i, n_ff);
     const act_row ah = act_rows_at(hq, kd, 0, (size_t)n_ff);
     if (matmul_by_count(&job->down, &ah, y, n_embd, n_ff, n, isa_level) < 0) return -1;
@@ -248,7 +270,10 @@ static int run_expert(const moe_ffn_job *job, const expert_rows *rows, const act
         const float w = weights[t * (size_t)k + s];
         float *dst = per_slot + (t * (size_t)k + s) * (size_t)n_embd;
         const float *src = y + (size_t)i * n_embd;
-        for (int c = 0; c < n_embd; c++) dst[c] = src[c] * w;
+        if (job->bd)
+            for (int c = 0; c < n_embd; c++) dst[c] = (src[c] + job->bd[c]) * w; /* two roundings: no FMA here */
+        else
+            for (int c = 0; c < n_embd; c++) dst[c] = src[c] * w;
     }
     return 0;
 }

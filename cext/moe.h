@@ -14,11 +14,17 @@ typedef struct {
     const uint8_t *w;
 } moe_matrix;
 
-/* One SwiGLU FFN to run on the token: a routed expert (its routing weight) or a shared one. */
+/* The activation between gate and up and the down matrix. */
+enum { MOE_ACT_SWIGLU = 0, MOE_ACT_SWIGLU_OAI = 1 };
+
+/* One FFN to run on the token: a routed expert (its routing weight) or a shared one. */
 typedef struct {
     moe_matrix gate, up, down;
     int n_ff;
-    float weight; /* routed: the output is scaled by it and summed; shared: unused */
+    int act;              /* MOE_ACT_SWIGLU: silu(gate) * up; MOE_ACT_SWIGLU_OAI: ops.c's swiglu_oai */
+    const float *bg, *bu; /* or NULL: biases added to gate and up (n_ff each) right after their matmuls */
+    const float *bd;      /* or NULL: added to the down matmul's output (n_embd), before the routing weight */
+    float weight;         /* routed: the output is scaled by it and summed; shared: unused */
 } moe_ffn_job;
 
 /* Bytes of workspace moe_ffn_run needs for these jobs at width n_embd. */

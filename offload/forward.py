@@ -337,8 +337,15 @@ class Transformer:
         return self.gpu.expert_ffn(layer, expert, x, lambda w, x: _ffn(w, x, self.scratch, **kind))
 
     def _fused_experts(self, w: MoE) -> bool:
-        """Whether kernels.moe runs this layer's experts (plain SwiGLU experts without biases)."""
-        return self.gpu is None and self.args.expert_act == "swiglu" and w.expert_biases is None
+        """Whether kernels.moe may run this layer's experts (SwiGLU or swiglu_oai, with or without
+        biases): on the CPU only; the formats are checked where the experts are at hand."""
+        return self.gpu is None
+
+    @staticmethod
+    def _expert_biases(w: MoE, experts) -> list | None:
+        """Each expert's (gate, up, down) bias rows, for kernels.moe; None without biases."""
+        b = w.expert_biases
+        return None if b is None else [b.of(int(e)) for e in experts]
 
     def _predict(self, layer: int, x: np.ndarray) -> None:
         """Hand the predictor's guesses for the next MoE layers to the store (and the recorder)."""
@@ -443,13 +450,13 @@ class Transformer:
         """x += the attention block of one decoding token, in one C call (kernels.block) where
         the C kernels serve its matrices and no GPU tier runs them; False if not run."""
         a = self.args
-        if a.attention != "gqa" or self.gpu is not None or not block.attention_fits(w) or a.window(layer) or w.sinks is not None or w.bo is not None:
+        if a.attention != "gqa" or self.gpu is not None or not block.attention_fits(w):
             return False
         if self._block_scratch is None:
             self._block_scratch = block.attention_scratch(a)
         cos, sin = self.rope[layer]
         block.attention_token(a, w, x, start, cos[start], sin[start], self.cache.k[layer], self.cache.v[layer],
-                              self._block_scratch)
+                              self._block_scratch, a.window(layer))
         return True
 
     def _moe(self, layer: int, w: MoE, x: np.ndarray) -> np.ndarray:
@@ -497,7 +504,8 @@ class Transformer:
             shared = () if w.shared is None else (w.shared,)
             if can_fuse(ffns[:1] + list(shared)):  # a layer's routed experts share their formats
                 shared_out = buf("moe_shared", 1, a.n_embd) if shared else None
-                moe_ffn(x, ffns, weights, out, shared, shared_out)
+                moe_ffn(x, ffns, weights, out, shared, shared_out, act=a.expert_act,
+                        biases=self._expert_biases(w, chosen))
                 return out, shared_out
             routed = [lambda e=int(e), f=f: self._expert(layer, e, x, f) for e, f in zip(chosen, ffns)]
         for slot, expert_output in enumerate(routed):
@@ -525,7 +533,8 @@ class Transformer:
             for i in range(0, len(experts), per_call):
                 ffns = [self.experts.get(layer, int(e)) for e in experts[i : i + per_call]]
                 n = int(counts[i : i + per_call].sum())
-                moe_batch(x, ffns, counts[i : i + per_call], pairs[done : done + n], weights, per_slot)
+                moe_batch(x, ffns, counts[i : i + per_call], pairs[done : done + n], weights, per_slot,
+                          act=a.expert_act, biases=self._expert_biases(w, experts[i : i + per_call]))
                 done += n
         else:
             for expert in experts:

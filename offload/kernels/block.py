@@ -3,7 +3,8 @@
 For one token each step of the attention block is small, and the Python between the steps
 (the norm, the Q/K/V matmuls, biases, q/k norms, two RoPE calls, the cache writes,
 attention, the output matmul, the residual add) cost as much as the steps themselves on
-the models people run on laptops. `attention_token` runs them back to back in C; each step
+the models people run on laptops. `attention_token` runs them back to back in C (with
+gpt-oss's sliding window over a ring of cells, sinks and output bias too); each step
 is computed as forward.Transformer._attention computes it (the reference, and the path for
 prompts, float weights and the GPU tier), so the bits are the same.
 """
@@ -32,12 +33,14 @@ def attention_scratch(args) -> np.ndarray:
 
 
 def attention_token(args, w, x: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray, k_cache: np.ndarray,
-                    v_cache: np.ndarray, scratch: np.ndarray) -> None:
+                    v_cache: np.ndarray, scratch: np.ndarray, window: int = 0) -> None:
     """x (1, n_embd) float32 += the attention block's output for the token at `pos` (ModelArgs
-    args, weights.Attention w), whose key and value are written into row pos of this layer's
-    k_cache / v_cache (n_ctx, n_head_kv * head_dim); cos/sin: the position's RoPE row."""
+    args, weights.Attention w: its biases, q/k norms, sinks and output bias if any), whose key
+    and value are written into cell pos % n_cells of this layer's k_cache / v_cache (n_cells,
+    n_head_kv * head_dim), as forward.KVCache.write does; `window`: the layer's sliding window
+    (0: none); cos/sin: the position's RoPE row."""
     a = args
     dims = (a.n_embd, a.n_head, a.n_head_kv, a.head_dim, a.rope_dim, int(a.rope_style == "neox"), _QK_NORM[a.qk_norm],
-            pos, a.rms_eps)
+            pos, a.rms_eps, window)
     cext.attention_token(dims, k_cache.shape[0], w.kernel_spec, x, scratch, w.norm, w.bq, w.bk, w.bv, w.q_norm, w.k_norm,
-                         cos, sin, k_cache, v_cache)
+                         cos, sin, k_cache, v_cache, w.bo, w.sinks)

@@ -91,22 +91,30 @@ def moe_workspace_bytes(n_embd: int, n_ffs: tuple[int, ...]) -> int:
     return _cext.moe_workspace_bytes(n_embd, n_ffs)
 
 
-def moe_ffn(x, out, shared_out, workspace, n_routed: int, specs: tuple, weights: np.ndarray) -> None:
+MOE_ACTS = {"swiglu": 0, "swiglu_oai": 1}  # cext/moe.h's MOE_ACT_*
+
+
+def moe_ffn(x, out, shared_out, workspace, n_routed: int, specs: tuple, weights: np.ndarray, act: str = "swiglu",
+            biases: tuple | None = None) -> None:
     """One token through a MoE layer's experts in one parallel region (cext/moe.c): specs are
     (gate fmt, gate address, up fmt, up address, down fmt, down address, n_ff), the n_routed
     routed experts first (scaled by weights, float32, and summed into out), then the shared
-    ones (rows of shared_out)."""
-    _cext.moe_ffn(x, out, shared_out, workspace, x.shape[1], n_routed, specs, weights)
+    ones (rows of shared_out). The routed experts' activation is `act` ("swiglu" or
+    "swiglu_oai"); `biases`: None or, per routed expert, None or its (gate, up, down) float32
+    bias rows. Shared experts are SwiGLU without biases."""
+    _cext.moe_ffn(x, out, shared_out, workspace, x.shape[1], n_routed, specs, weights, MOE_ACTS[act], biases)
 
 
 MOE_MAX_JOBS = getattr(_cext, "MOE_MAX_JOBS", 0)  # experts one moe_ffn / moe_batch call takes
 
 
-def moe_batch(x, per_slot, weights, specs: tuple, counts: np.ndarray, pairs: np.ndarray) -> None:
+def moe_batch(x, per_slot, weights, specs: tuple, counts: np.ndarray, pairs: np.ndarray, act: str = "swiglu",
+              biases: tuple | None = None) -> None:
     """A micro-batch's experts in one call (cext/moe.c): spec j runs on the counts[j] (token,
     slot) pairs after the previous specs' (int32) and writes weights[token, slot] * its output
-    into per_slot[token, slot]."""
-    _cext.moe_batch(x, per_slot, weights, x.shape[0], x.shape[1], weights.shape[1], specs, counts, pairs)
+    into per_slot[token, slot]. `act` and `biases` (one entry per spec) as in moe_ffn."""
+    _cext.moe_batch(x, per_slot, weights, x.shape[0], x.shape[1], weights.shape[1], specs, counts, pairs,
+                    MOE_ACTS[act], biases)
 
 
 def has_attention_token() -> bool:
@@ -117,10 +125,13 @@ def attention_token_scratch_bytes(n_embd: int, n_head: int, n_head_kv: int, head
     return _cext.attention_token_scratch_bytes(n_embd, n_head, n_head_kv, head_dim)
 
 
-def attention_token(dims: tuple, n_ctx: int, mats: tuple, x, scratch, norm, bq, bk, bv, q_norm, k_norm, cos, sin,
-                    k_cache, v_cache) -> None:
-    """A decoding token's attention block (cext/layer.c): x += wo . attention of rms_norm(x)."""
-    _cext.attention_token(dims, n_ctx, mats, x, scratch, norm, bq, bk, bv, q_norm, k_norm, cos, sin, k_cache, v_cache)
+def attention_token(dims: tuple, n_cells: int, mats: tuple, x, scratch, norm, bq, bk, bv, q_norm, k_norm, cos, sin,
+                    k_cache, v_cache, bo=None, sinks=None) -> None:
+    """A decoding token's attention block (cext/layer.c): x += wo . attention of rms_norm(x)
+    (+ bo); dims end with the layer's window (0: none); the caches hold n_cells rows, position
+    p in cell p % n_cells; sinks: one logit per head, or None."""
+    _cext.attention_token(dims, n_cells, mats, x, scratch, norm, bq, bk, bv, q_norm, k_norm, cos, sin, k_cache, v_cache,
+                          bo, sinks)
 
 
 def has_silu_mul() -> bool:
