@@ -1,6 +1,6 @@
 """Decode and prefill speed of offload against llama.cpp, on the MoE shapes people run.
 
-    .venv/bin/python bench/decode.py [--shapes mixtral,qwen3moe,olmoe,qwen2moe,gptoss] [--quants Q4_K_M,Q4_0]
+    .venv/bin/python bench/decode.py [--shapes mixtral,qwen3moe,olmoe,qwen2moe,gptoss,deepseek] [--quants Q4_K_M,Q4_0]
                                      [--threads 2] [--decode 128] [--prefill 512]
     .venv/bin/python bench/decode.py --model FILE.gguf   # race this file instead (e.g. the demo model)
 
@@ -101,6 +101,14 @@ SHAPES = [
           "swiglu_oai with biases, GQA 8:1, head dim 64 (q 1x the width; real 64 heads, 1.4x), biases on q/k/v/o, "
           "a sink per head, a window of 128 on every other layer, YaRN x32 over 4096; its real files' quant is "
           "MXFP4_MOE (--quants MXFP4_MOE: MXFP4 experts, Q8_0 elsewhere)"),
+    Shape("deepseek", TinyConfig(arch="deepseek2", n_layer=8, n_embd=1024, n_head=8, n_head_kv=1, head_dim=192,
+                                 rope_dim=64, kv_lora_rank=512, v_head_dim=128, n_ff=768, n_ff_dense=5376,
+                                 n_expert=64, n_expert_used=6, n_expert_shared=2, n_dense_lead=1, n_ctx=2048,
+                                 yarn_factor=40.0, yarn_orig_ctx=4096, yarn_log_mul=0.0707),
+          "DeepSeek-V2-Lite (2048 wide, 27 layers; here 1/2 wide, 8 layers): MLA (a plain query, 16 heads of "
+          "128 + 64 RoPE dims; here 8), a cache of a 512-wide latent and one 64-wide RoPE key per token, "
+          "64 experts of 0.69x the width (here 0.75x), top-6, softmax routing, 2 shared experts, one dense "
+          "leading layer, YaRN x40 with DeepSeek's log multiplier"),
 ]
 N_PROMPT = 16  # the decode runs' prompt
 
