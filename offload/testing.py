@@ -80,6 +80,7 @@ class TinyConfig:
     weights_scale: float = 0.0
     yarn_log_mul: float = 0.0
     mla_legacy: bool = False  # deepseek2 as converted before llama.cpp split attn_kv_b (no *_mla keys)
+    attn_bias: bool = True  # qwen2moe: attn_q/k/v biases (llama.cpp loads them where present)
 
 
 _FILE_TYPES = {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16, "BF16": LlamaFileType.MOSTLY_BF16,
@@ -191,7 +192,7 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
             matrix(p + "attn_k.weight", c.n_head_kv * head_dim, c.n_embd)
             matrix(p + "attn_v.weight", c.n_head_kv * head_dim, c.n_embd)
             matrix(p + "attn_output.weight", c.n_embd, c.n_head * head_dim)
-        if arch == "qwen2moe":
+        if arch == "qwen2moe" and c.attn_bias:
             bias(p + "attn_q.bias", c.n_head * head_dim)
             bias(p + "attn_k.bias", c.n_head_kv * head_dim)
             bias(p + "attn_v.bias", c.n_head_kv * head_dim)
