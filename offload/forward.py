@@ -369,8 +369,12 @@ class Transformer:
         n, hd = len(x), a.head_dim
         q, k, v = self._matmuls((w.wq, w.wk, w.wv), x, outs=(buf("q", n, w.wq.n_rows), buf("k", n, w.wk.n_rows),
                                                             buf("v", n, w.wv.n_rows)))
-        if w.bq is not None:
-            q, k, v = q + w.bq, k + w.bk, v + w.bv
+        if w.bq is not None:  # each bias is optional on its own
+            q = q + w.bq
+        if w.bk is not None:
+            k = k + w.bk
+        if w.bv is not None:
+            v = v + w.bv
         if a.qk_norm == "full":
             q, k = rms_norm(q, w.q_norm, a.rms_eps), rms_norm(k, w.k_norm, a.rms_eps)
         q = q.reshape(n, a.n_head, hd)
@@ -451,6 +455,8 @@ class Transformer:
         the C kernels serve its matrices and no GPU tier runs them; False if not run."""
         a = self.args
         if a.attention != "gqa" or self.gpu is not None or not block.attention_fits(w):
+            return False
+        if not (w.bq is None) == (w.bk is None) == (w.bv is None):  # the C call takes all three biases or none
             return False
         if self._block_scratch is None:
             self._block_scratch = block.attention_scratch(a)

@@ -83,6 +83,8 @@ def summarize(gguf: GGUFFile, args: ModelArgs, n_ctx: int, memory_budget: int | 
     s.plan = make_plan(gguf, args, n_ctx, memory_budget or 0, budget_source, **plan_options)
     by_class: dict[tuple[str, str], int] = defaultdict(int)
     for t in gguf.tensors.values():
+        if t.name.startswith("blk.") and _layer_of(t) >= args.n_layer:
+            continue  # a next-token-prediction layer (glm4moe's nextn), which offload does not run
         cls = tensor_class(t.name)
         by_class[(cls, t.type_name)] += t.n_bytes
         s.params_total += t.n_elements

@@ -72,7 +72,7 @@ class TinyConfig:
     n_dense_lead: int = 1
     n_ff_dense: int = 96
     n_expert_shared: int = 1
-    gating: str = "softmax"  # or "sigmoid"
+    gating: str = "softmax"  # or "sigmoid", or "none" (no expert_gating_func key)
     selection_bias: bool = False  # exp_probs_b
     expert_groups: int = 0
     expert_groups_used: int = 0
@@ -80,6 +80,13 @@ class TinyConfig:
     weights_scale: float = 0.0
     yarn_log_mul: float = 0.0
     mla_legacy: bool = False  # deepseek2 as converted before llama.cpp split attn_kv_b (no *_mla keys)
+    # glm4moe: partial NEOX RoPE on rope_dim of head_dim, leading dense layers (n_dense_lead,
+    # n_ff_dense), n_expert_shared, gating / weights_norm / weights_scale as deepseek2, always
+    # an exp_probs_b; per-head q/k norms (GLM-4.5 355B) when qk_norm; n_nextn trailing
+    # next-token-prediction layers in block_count (which llama.cpp and offload skip)
+    qk_norm: bool = False
+    n_nextn: int = 0
+    attn_bias: bool = True  # qwen2moe, glm4moe: attn_q/k/v biases (llama.cpp loads them where present)
 
 
 _FILE_TYPES = {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16, "BF16": LlamaFileType.MOSTLY_BF16,
@@ -91,9 +98,10 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
     """Write a random-weight model as GGUF: a llama-arch model (MoE when n_expert > 0), or with
     `config.arch` one of llama.cpp's qwen2moe (q/k/v biases, a sigmoid-gated shared expert),
     qwen3moe (per-head q/k RMSNorm, expert_feed_forward_length), olmoe (q/k RMSNorm over the
-    whole projection) or gpt-oss (biases everywhere, attention sinks, sliding-window layers,
-    YaRN, a router bias, swiglu_oai experts with biases), with the metadata keys and tensors
-    llama.cpp's loader asks of each."""
+    whole projection), gpt-oss (biases everywhere, attention sinks, sliding-window layers,
+    YaRN, a router bias, swiglu_oai experts with biases), deepseek2 (MLA) or glm4moe (partial
+    RoPE, leading dense layers, sigmoid routing with exp_probs_b, shared experts, nextn
+    layers), with the metadata keys and tensors llama.cpp's loader asks of each."""
     c, path = config, Path(path)
     qtype = GGMLQuantizationType[weight_type]
     rng = np.random.default_rng(seed)
@@ -102,7 +110,7 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
     n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)
 
     arch = c.arch
-    if arch not in ("llama", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss", "deepseek2"):
+    if arch not in ("llama", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss", "deepseek2", "glm4moe"):
         raise ValueError(f"write_model does not write arch {arch!r}")
     if arch != "llama" and not c.n_expert:
         raise ValueError(f"{arch} is an MoE arch: n_expert must be > 0")
@@ -117,8 +125,11 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
     w.add_file_type(_FILE_TYPES[weight_type])
     w.add_context_length(c.n_ctx)
     w.add_embedding_length(c.n_embd)
-    w.add_block_count(c.n_layer)
-    w.add_feed_forward_length(c.n_ff_dense if arch == "deepseek2" else c.n_ff)
+    n_nextn = c.n_nextn if arch == "glm4moe" else 0
+    w.add_block_count(c.n_layer + n_nextn)
+    if n_nextn:
+        w.add_nextn_predict_layers(n_nextn)
+    w.add_feed_forward_length(c.n_ff_dense if arch in ("deepseek2", "glm4moe") else c.n_ff)
     w.add_head_count(c.n_head)
     w.add_head_count_kv(c.n_head_kv)
     if arch == "deepseek2" and c.mla_legacy:  # per-head keys (nope + rope) and values (n_head_kv = n_head)
@@ -131,6 +142,10 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
         w.add_key_length_mla(head_dim)
         w.add_value_length_mla(c.v_head_dim)
         w.add_rope_dimension_count(c.rope_dim)
+    elif arch == "glm4moe":  # RoPE on the first rope_dim dims of each head
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_rope_dimension_count(c.rope_dim)
     else:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -141,18 +156,20 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
     if c.n_expert:
         w.add_expert_count(c.n_expert)
         w.add_expert_used_count(c.n_expert_used)
-        if arch in ("qwen2moe", "qwen3moe", "gpt-oss", "deepseek2"):
+        if arch in ("qwen2moe", "qwen3moe", "gpt-oss", "deepseek2", "glm4moe"):
             w.add_expert_feed_forward_length(c.n_ff)
         if arch == "qwen2moe":
             w.add_expert_shared_feed_forward_length(n_ff_shexp)
-    if arch == "deepseek2":
+    if arch in ("deepseek2", "glm4moe"):
         w.add_leading_dense_block_count(c.n_dense_lead)
-        w.add_q_lora_rank(c.q_lora_rank)
-        w.add_kv_lora_rank(c.kv_lora_rank)
+        if arch == "deepseek2":
+            w.add_q_lora_rank(c.q_lora_rank)
+            w.add_kv_lora_rank(c.kv_lora_rank)
         w.add_expert_shared_count(c.n_expert_shared)
         w.add_expert_weights_scale(c.weights_scale)
         w.add_expert_weights_norm(c.weights_norm)
-        w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID if c.gating == "sigmoid" else ExpertGatingFuncType.SOFTMAX)
+        if c.gating != "none":  # no key: deepseek2 reads softmax, glm4moe sigmoid
+            w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID if c.gating == "sigmoid" else ExpertGatingFuncType.SOFTMAX)
         if c.expert_groups:
             w.add_expert_group_count(c.expert_groups)
             w.add_expert_group_used_count(c.expert_groups_used)
@@ -181,7 +198,7 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
         w.add_tensor(name, (0.5 * rng.standard_normal(n)).astype(np.float32))
 
     _add(w, "token_embd.weight", rng.standard_normal((n_vocab, c.n_embd)).astype(np.float32), qtype)
-    for i in range(c.n_layer):
+    for i in range(c.n_layer + n_nextn):
         p = f"blk.{i}."
         norm(p + "attn_norm.weight", c.n_embd)
         if arch == "deepseek2":
@@ -191,10 +208,13 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
             matrix(p + "attn_k.weight", c.n_head_kv * head_dim, c.n_embd)
             matrix(p + "attn_v.weight", c.n_head_kv * head_dim, c.n_embd)
             matrix(p + "attn_output.weight", c.n_embd, c.n_head * head_dim)
-        if arch == "qwen2moe":
+        if arch in ("qwen2moe", "glm4moe") and c.attn_bias:
             bias(p + "attn_q.bias", c.n_head * head_dim)
             bias(p + "attn_k.bias", c.n_head_kv * head_dim)
             bias(p + "attn_v.bias", c.n_head_kv * head_dim)
+        if arch == "glm4moe" and c.qk_norm:
+            norm(p + "attn_q_norm.weight", head_dim)
+            norm(p + "attn_k_norm.weight", head_dim)
         elif arch == "qwen3moe":
             norm(p + "attn_q_norm.weight", head_dim)
             norm(p + "attn_k_norm.weight", head_dim)
@@ -207,8 +227,8 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
             bias(p + "attn_v.bias", c.n_head_kv * head_dim)
             bias(p + "attn_output.bias", c.n_embd)
             w.add_tensor(p + "attn_sinks.weight", rng.standard_normal(c.n_head).astype(np.float32))
-        norm(p + ("post_attention_norm.weight" if arch == "gpt-oss" else "ffn_norm.weight"), c.n_embd)
-        if arch == "deepseek2" and i < c.n_dense_lead:
+        norm(p + ("post_attention_norm.weight" if arch in ("gpt-oss", "glm4moe") else "ffn_norm.weight"), c.n_embd)
+        if arch in ("deepseek2", "glm4moe") and i < c.n_dense_lead:
             matrix(p + "ffn_gate.weight", c.n_ff_dense, c.n_embd)
             matrix(p + "ffn_up.weight", c.n_ff_dense, c.n_embd)
             matrix(p + "ffn_down.weight", c.n_embd, c.n_ff_dense)
@@ -217,8 +237,8 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
             matrix(p + "ffn_gate_exps.weight", c.n_expert, c.n_ff, c.n_embd)
             matrix(p + "ffn_up_exps.weight", c.n_expert, c.n_ff, c.n_embd)
             matrix(p + "ffn_down_exps.weight", c.n_expert, c.n_embd, c.n_ff)
-            if arch == "deepseek2":
-                if c.selection_bias:
+            if arch in ("deepseek2", "glm4moe"):
+                if c.selection_bias or arch == "glm4moe":
                     bias(p + "exp_probs_b.bias", c.n_expert)
                 shexp = c.n_ff * c.n_expert_shared
                 matrix(p + "ffn_gate_shexp.weight", shexp, c.n_embd)
@@ -238,6 +258,11 @@ def write_model(path: str | os.PathLike[str], config: TinyConfig = TinyConfig(),
             matrix(p + "ffn_gate.weight", c.n_ff, c.n_embd)
             matrix(p + "ffn_up.weight", c.n_ff, c.n_embd)
             matrix(p + "ffn_down.weight", c.n_embd, c.n_ff)
+        if i >= c.n_layer:  # glm4moe's next-token-prediction layer: its own head pieces too
+            matrix(p + "nextn.eh_proj.weight", c.n_embd, 2 * c.n_embd)
+            norm(p + "nextn.enorm.weight", c.n_embd)
+            norm(p + "nextn.hnorm.weight", c.n_embd)
+            norm(p + "nextn.shared_head_norm.weight", c.n_embd)
     norm("output_norm.weight", c.n_embd)
     matrix("output.weight", n_vocab, c.n_embd)
 

@@ -195,8 +195,10 @@ def _attention(gguf: GGUFFile, args: ModelArgs, p: str) -> Attention:
         wv=_matrix(gguf.tensor(p + "attn_v.weight")),
         wo=_matrix(gguf.tensor(p + "attn_output.weight")),
     )
-    if args.attn_bias:
-        attn.bq, attn.bk, attn.bv = (_vector(gguf.tensor(p + f"attn_{x}.bias")) for x in "qkv")
+    # q, k and v biases wherever the file has them, each on its own (llama.cpp's
+    # create_tensor_qkv loads every one as optional, for every GQA arch)
+    attn.bq, attn.bk, attn.bv = (_vector(t) if (t := gguf.tensors.get(p + f"attn_{x}.bias")) is not None else None
+                                 for x in "qkv")
     if args.qk_norm:
         attn.q_norm = _vector(gguf.tensor(p + "attn_q_norm.weight"))
         attn.k_norm = _vector(gguf.tensor(p + "attn_k_norm.weight"))

@@ -9,6 +9,7 @@ forward pass must give its logits (per position) and its greedy tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -98,6 +99,24 @@ def test_qwen2moe_loads_its_shared_expert_and_gate(model_factory):
         assert moe.shared is not None and moe.shared_gate is not None
         assert moe.shared.gate.n_rows == 128 and moe.shared_gate.n_rows == 1
         assert m.transformer.weights.layers[0].attn.bq is not None
+
+
+def test_qwen2moe_without_attention_biases_runs_as_llama_cpp_runs_it(model_factory, weight_type="Q8_0"):
+    """llama.cpp loads attn_q/k/v biases where present (create_tensor_qkv): a qwen2moe file
+    without them loads, runs without them, and gives llama.cpp's logits to the bit (the
+    decoding steps too: the one-call attention block serves a layer without biases)."""
+    c = dataclasses.replace(ARCHS["qwen2moe"], attn_bias=False)
+    path = model_factory(c, weight_type, 0)
+    assert not any(name.endswith(("attn_q.bias", "attn_k.bias", "attn_v.bias")) for name in GGUFFile(path).tensors)
+    with Model.load(path, n_ctx=256) as m:
+        attn = m.transformer.weights.layers[0].attn
+        assert attn.bq is None and attn.bk is None and attn.bv is None
+        ids = m.tokenize(PROMPT)
+        ours = m.logits(ids)
+        tokens = list(m.generate_tokens(ids[:6], 24, SamplingParams(temperature=0.0)))
+    ref = llama_cpp_logits(path, ids, n_ctx=256)
+    np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32))
+    assert tokens == llama_cpp_greedy(path, ids[:6], 24, n_ctx=256)
 
 
 def _expected_params(c: TinyConfig, n_vocab: int) -> tuple[int, int]:

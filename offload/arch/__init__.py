@@ -9,7 +9,7 @@ from typing import Callable
 
 from ..errors import UnsupportedModelError
 from ..gguf_file import GGUFFile
-from . import deepseek2, gpt_oss, llama, olmoe, qwen2moe, qwen3moe
+from . import deepseek2, glm4moe, gpt_oss, llama, olmoe, qwen2moe, qwen3moe
 from .base import ModelArgs
 
 ARCHITECTURES: dict[str, Callable[[GGUFFile], ModelArgs]] = {
@@ -19,6 +19,7 @@ ARCHITECTURES: dict[str, Callable[[GGUFFile], ModelArgs]] = {
     "olmoe": olmoe.model_args,
     "gpt-oss": gpt_oss.model_args,
     "deepseek2": deepseek2.model_args,
+    "glm4moe": glm4moe.model_args,
 }
 
 

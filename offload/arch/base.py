@@ -88,7 +88,7 @@ class ModelArgs:
     # changes the last layer's matmul shapes, and so their sums)
     early_row_drop: bool = True
     qk_norm: QKNorm | None = None
-    attn_bias: bool = False
+    attn_bias: bool = False  # the files carry q/k/v biases (informative: each is loaded where present)
     shared_expert: bool = False
     n_dense_lead: int = 0  # leading layers with a dense FFN in an MoE model (DeepSeek)
 
