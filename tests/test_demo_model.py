@@ -181,6 +181,8 @@ def test_the_next_layers_router_predicts_its_choice(demo):
         prompt = heldout_tokens(m)[:64].tolist()
         list(m.generate_tokens(prompt, 128, SamplingParams(temperature=0.0)))
         s = m.stats()
-    # Measured at shipping: 0.74 (precision 0.52). It predicts the top 2 plus near ties, at
-    # most 3 experts of 8: guessing would recall 3/8.
-    assert s["prediction_recall_d1"] >= 0.70, s["prediction_recall_d1"]
+    # Measured: 0.69 (precision 0.49) on this continuation, which is llama.cpp's greedy one
+    # token for token (0.74 / 0.52 at shipping, on a continuation that parted from llama.cpp's
+    # at token 21, when a decoding token's attention summed in another order). It predicts
+    # the top 2 plus near ties, at most 3 experts of 8: guessing would recall 3/8.
+    assert s["prediction_recall_d1"] >= 0.65, s["prediction_recall_d1"]
