@@ -117,9 +117,82 @@ static TARGET_AVX2 float dot_mxfp4_avx2(const uint8_t *w, const act_row *x, int 
     }
     return sum;
 }
+/* The row-dot above on many tokens at once: the row's blocks decoded once (|w|, w and the
+ * E8M0 scale per block) into a buffer on the stack, then run against four tokens at a time,
+ * each token with its own acc1/acc2 and exactly the row dot's steps in the row dot's order
+ * (the integer lanes are exact; the float steps are the same operations on the same values),
+ * so every result equals dot_mxfp4_avx2's to the bit. Rows longer than TOKENS_MAX_BLOCKS and
+ * the last n_tokens % 4 tokens go through the row dot itself. */
+#define TOKENS_MAX_BLOCKS 512
+#define TOKENS_TILE 4
+
+static TARGET_AVX2 void tokens_mxfp4_avx2(const uint8_t *w, const int8_t *xq, const float *xd, int n_cols,
+                                          ptrdiff_t n_tokens, float *out, ptrdiff_t out_stride) {
+    const int nb = n_cols / QK;
+    ptrdiff_t t = 0;
+    if (nb <= TOKENS_MAX_BLOCKS && n_tokens >= TOKENS_TILE) {
+        __m256i aw[TOKENS_MAX_BLOCKS], sw[TOKENS_MAX_BLOCKS];
+        float ew[TOKENS_MAX_BLOCKS];
+        __m256 ewv[TOKENS_MAX_BLOCKS]; /* ew broadcast: the scale product as one vector multiply */
+        const __m128i table = _mm_loadu_si128((const __m128i *)mxfp4_values);
+        const __m128i low_mask = _mm_set1_epi8(0x0F);
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int ib = 0; ib < nb; ib++) {
+            const uint8_t *b = w + (size_t)ib * MXFP4_BYTES;
+            const __m256i q = mxfp4_decode(b + 1, table, low_mask);
+            aw[ib] = _mm256_sign_epi8(q, q);
+            sw[ib] = q;
+            ew[ib] = e8m0_half(b[0]);
+            ewv[ib] = _mm256_set1_ps(ew[ib]);
+        }
+        const int n_pairs_end = nb & ~1;
+        for (; t + TOKENS_TILE <= n_tokens; t += TOKENS_TILE) {
+            const int8_t *x[TOKENS_TILE];
+            const float *d[TOKENS_TILE];
+            __m256 acc1[TOKENS_TILE], acc2[TOKENS_TILE];
+            for (int j = 0; j < TOKENS_TILE; j++) {
+                x[j] = xq + (t + j) * (ptrdiff_t)n_cols;
+                d[j] = xd + (t + j) * (ptrdiff_t)nb;
+                acc1[j] = _mm256_setzero_ps();
+                acc2[j] = _mm256_setzero_ps();
+            }
+            for (int ib = 0; ib < n_pairs_end; ib += 2) {
+                const __m256i a0 = aw[ib], a1 = aw[ib + 1], w0 = sw[ib], w1 = sw[ib + 1];
+                const __m256 e0 = ewv[ib], e1 = ewv[ib + 1];
+                for (int j = 0; j < TOKENS_TILE; j++) {
+                    const int8_t *q0 = x[j] + ib * QK;
+                    const __m256i x0 = _mm256_loadu_si256((const __m256i *)q0);
+                    const __m256i x1 = _mm256_loadu_si256((const __m256i *)(q0 + QK));
+                    const __m256 p0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(x0, w0)), ones));
+                    const __m256 p1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(x1, w1)), ones));
+                    acc1[j] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_broadcast_ss(d[j] + ib), e0), p0, acc1[j]);
+                    acc2[j] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_broadcast_ss(d[j] + ib + 1), e1), p1, acc2[j]);
+                }
+            }
+            for (int j = 0; j < TOKENS_TILE; j++) {
+                float sum = hsum_float_8(_mm256_add_ps(acc1[j], acc2[j]));
+                if (n_pairs_end < nb) { /* odd last block: its exact int sum, one FMA */
+                    const int ib = n_pairs_end;
+                    const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x[j] + ib * QK));
+                    int32_t lanes[8], sumi = 0;
+                    _mm256_storeu_si256((__m256i *)lanes,
+                                        _mm256_madd_epi16(_mm256_maddubs_epi16(aw[ib], _mm256_sign_epi8(x0, sw[ib])), ones));
+                    for (int i = 0; i < 8; i++) sumi += lanes[i];
+                    sum = fmaf((float)sumi, d[j][ib] * ew[ib], sum);
+                }
+                out[(t + j) * out_stride] = sum;
+            }
+        }
+    }
+    for (; t < n_tokens; t++) {
+        const act_row x = {xq + t * (ptrdiff_t)n_cols, xd + t * (ptrdiff_t)nb, NULL};
+        out[t * out_stride] = dot_mxfp4_avx2(w, &x, n_cols);
+    }
+}
 #define AVX2(fn) fn
 #else
 #define AVX2(fn) NULL
 #endif
 
-const format_kernels KERNELS_MXFP4 = {"MXFP4", ACT_Q8_0, QK, MXFP4_BYTES, dot_mxfp4_portable, AVX2(dot_mxfp4_avx2), NULL};
+const format_kernels KERNELS_MXFP4 = {"MXFP4",        ACT_Q8_0, QK, MXFP4_BYTES, dot_mxfp4_portable, AVX2(dot_mxfp4_avx2),
+                                      NULL,           AVX2(tokens_mxfp4_avx2)};

@@ -301,6 +301,79 @@ def test_c_kernel_equals_numba_kernel_on_odd_block_counts(n_cols):
         cext.set_isa(None)
 
 
+# -- the C kernel on several tokens at once (a row decoded once, run against 4 tokens) -------------
+
+def c_matmul(raw: np.ndarray, x: np.ndarray, one_token_at_a_time: bool = False) -> np.ndarray:
+    """The C kernel at the current level; with one_token_at_a_time, one call per token (the
+    row dot), else one call for all of them (from 4 tokens, the multi-token path at AVX2)."""
+    from offload.kernels import cext
+
+    act = quantize_q8_0(x)
+    out = np.full((x.shape[0], raw.shape[0]), np.nan, dtype=np.float32)
+    if not one_token_at_a_time:
+        cext.c_kernel("MXFP4")(raw, act, out, False)
+        return out
+    for t in range(x.shape[0]):
+        row = np.full((1, raw.shape[0]), np.nan, dtype=np.float32)
+        cext.c_kernel("MXFP4")(raw, (act[0][t : t + 1], act[1][t : t + 1]), row, False)
+        out[t] = row[0]
+    return out
+
+
+def _c_levels() -> list[str]:
+    from offload.kernels import cext
+
+    if "MXFP4" not in cext.formats():
+        pytest.skip("C extension not built")
+    return cext.levels()
+
+
+# block counts: 1, 2, 3, 5, 89, 90 (gpt-oss's 2880), 128; 513 is past the multi-token
+# path's stack buffer (the row dot serves it); token counts around the tile of 4
+@pytest.mark.parametrize("n_cols", [32, 64, 96, 160, 2848, 2880, 4096, 16416])
+@pytest.mark.parametrize("n_tokens", [4, 7, 9, 32])
+def test_c_multi_token_path_equals_row_dot(n_cols, n_tokens):
+    from offload.kernels import cext
+
+    levels = _c_levels()
+    raw = ggml_quantize(random_weights(np.random.default_rng(n_cols + 1), 11, n_cols), T.MXFP4)
+    x = make_tokens(n_tokens, n_cols, seed=n_tokens + 3)
+    x[1, :32] = 0.0  # a zero activation block
+    try:
+        for level in levels:
+            cext.set_isa(level)
+            np.testing.assert_array_equal(bits(c_matmul(raw, x)), bits(c_matmul(raw, x, one_token_at_a_time=True)),
+                                          err_msg=level)
+    finally:
+        cext.set_isa(None)
+
+
+@pytest.mark.parametrize("n_cols", [32, 96, 2880])
+def test_c_multi_token_path_is_bit_exact_with_ggml(n_cols):
+    from offload.kernels import cext
+
+    lib = _ggml_cpu()
+    levels = _c_levels()
+    rng = np.random.default_rng(n_cols)
+    raw = ggml_quantize(random_weights(rng, 16, n_cols), T.MXFP4)
+    x = make_tokens(9, n_cols, seed=4)
+    cases = [(raw, x, True), (random_raw(rng, 16, n_cols // 32), x, False), (random_raw(rng, 16, n_cols // 32, (80, 180)), x, True)]
+    if n_cols > 32:
+        cases.append((*rounding_tail_case(n_rows=16, n_blocks=n_cols // 32), True))
+    try:
+        for raw, x, finite in cases:
+            theirs = ggml_matmul(lib, raw, x)
+            for level in levels:
+                cext.set_isa(level)
+                ours = c_matmul(raw, x)
+                if finite:
+                    np.testing.assert_array_equal(bits(ours), bits(theirs), err_msg=level)
+                else:  # overflowing scales: inf, or NaN from inf - inf, in both
+                    assert_same(ours, theirs)
+    finally:
+        cext.set_isa(None)
+
+
 # -- a whole model, quantized by llama.cpp ----------------------------------------------------------
 
 PROMPT = "The old lighthouse keeper climbed the stairs every evening, counting each of the 117 steps twice."
