@@ -313,6 +313,16 @@ def quantize_model(src: str | os.PathLike[str], dst: str | os.PathLike[str], fty
     return Path(dst)
 
 
+def random_prompt(n: int, seed: int = 0, n_vocab: int = 32000) -> list[int]:
+    """BOS and n - 1 random ordinary token ids (above the byte tokens of Llama 2's vocabulary)."""
+    return [1] + [int(t) for t in np.random.default_rng(seed).integers(100, n_vocab - 1, n - 1)]
+
+
+def float_bits(x: np.ndarray) -> np.ndarray:
+    """float32 values as their bit patterns, to compare results to the bit (NaNs included)."""
+    return np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+
+
 # -- the oracle -----------------------------------------------------------------------
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import pytest
 # default); the GPU tier's tests ask for it explicitly.
 os.environ["OFFLOAD_VRAM_BUDGET"] = "off"
 
-from offload.testing import TinyConfig, llama_cpp_is_avx512_build, shared_data_dir, write_model
+from offload.testing import TinyConfig, llama_cpp_is_avx512_build, quantize_model, shared_data_dir, write_model
 
 
 def pytest_report_header(config):
@@ -31,6 +31,27 @@ def model_factory(tmp_path_factory):
         key = (config, weight_type, seed)
         if key not in made:
             made[key] = write_model(root / f"m{len(made)}-{weight_type}.gguf", config, weight_type, seed)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def quantized_factory(tmp_path_factory):
+    """quantized_factory(config, file_type, seed) -> path, written once per session: F32, F16
+    and Q8_0 by write_model, any other file type (MXFP4_MOE, Q4_K_M, ...) by llama.cpp's
+    quantizer from the F32 model, as users' files are made."""
+    root = tmp_path_factory.mktemp("quantized")
+    made: dict = {}
+
+    def make(config: TinyConfig, file_type: str, seed: int = 0):
+        key = (config, file_type, seed)
+        if key not in made:
+            direct = file_type if file_type in ("F32", "F16", "Q8_0") else "F32"
+            path = write_model(root / f"m{len(made)}-{direct}.gguf", config, direct, seed)
+            if direct != file_type:
+                path = quantize_model(path, root / f"m{len(made)}-{file_type}.gguf", file_type)
+            made[key] = path
         return made[key]
 
     return make

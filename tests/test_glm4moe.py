@@ -26,11 +26,13 @@ import pytest
 from offload import Model
 from offload.arch import model_args
 from offload.gguf_file import GGUFFile
-from offload.kernels.dispatch import select_kernels
 from offload.sampling import SamplingParams
-from offload.store.plan import make_plan
 from offload.summary import summarize
-from offload.testing import TinyConfig, llama_cpp_greedy, llama_cpp_logits, quantize_model, write_model
+from offload.testing import TinyConfig, llama_cpp_greedy, llama_cpp_logits
+from offload.testing import float_bits as bits
+from offload.testing import random_prompt as prompt
+
+from invariance import assert_same_under_budgets_and_kernels
 
 AIR = TinyConfig(arch="glm4moe", n_layer=3, n_embd=64, n_head=4, n_head_kv=2, head_dim=32, rope_dim=16, n_ff=32,
                  n_expert=16, n_expert_used=4, n_dense_lead=1, n_ff_dense=96, n_expert_shared=1, gating="none",
@@ -41,30 +43,10 @@ WIDE = dataclasses.replace(FULL, n_embd=256, head_dim=64, rope_dim=32, n_ff=256,
                            n_expert_used=2, n_expert_shared=1)
 
 
-def bits(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("glm4moe")
-    made = {}
-
-    def get(config: TinyConfig, ftype: str) -> str:
-        key = (config, ftype)
-        if key not in made:
-            direct = ftype if ftype in ("F32", "F16", "Q8_0") else "F32"
-            path = write_model(root / f"m{len(made)}-{direct}.gguf", config, direct, seed=7)
-            if direct != ftype:
-                path = quantize_model(path, root / f"m{len(made)}-{ftype}.gguf", ftype)
-            made[key] = path
-        return made[key]
-
-    return get
-
-
-def prompt(n: int, seed: int = 0) -> list[int]:
-    return [1] + [int(t) for t in np.random.default_rng(seed).integers(100, 31999, n - 1)]
+def models(quantized_factory):
+    """(config, file type) -> path (see conftest.quantized_factory)."""
+    return lambda config, ftype: quantized_factory(config, ftype, seed=7)
 
 
 @pytest.mark.parametrize("config,ftype", [(AIR, "F32"), (AIR, "Q8_0"), (FULL, "F32"), (FULL, "F16"), (FULL, "Q8_0"),
@@ -121,25 +103,7 @@ def test_greedy_decode_matches_llama_cpp(models, config):
 
 
 def test_tiered_budgets_and_the_numba_kernels_give_the_same_tokens(models):
-    path = models(FULL, "Q8_0")
-    ids = prompt(16, seed=2)
-    params = SamplingParams(temperature=0.0)
-    with Model.load(path, n_ctx=128) as m:
-        tokens = list(m.generate_tokens(ids, 20, params))
-        logits = m.logits(ids)
-    g = GGUFFile(path)
-    p = make_plan(g, model_args(g), 128, 0)
-    g.close()
-    for budget, prefetch in ((p.minimum, True), ((p.minimum + p.full) // 2, False)):
-        with Model.load(path, n_ctx=128, memory_budget=budget, prefetch=prefetch) as m:
-            assert not getattr(m.transformer.experts, "all_resident", True), "the budget should tier the experts"
-            assert list(m.generate_tokens(ids, 20, params)) == tokens, budget
-    select_kernels("numba")
-    try:
-        with Model.load(path, n_ctx=128) as m:
-            np.testing.assert_array_equal(bits(m.logits(ids)), bits(logits))
-    finally:
-        select_kernels()
+    assert_same_under_budgets_and_kernels(models(FULL, "Q8_0"), prompt(16, seed=2), 20)
 
 
 def test_a_file_without_exp_probs_b_is_refused_in_one_line_as_llama_cpp_refuses_it(models, tmp_path):

@@ -20,8 +20,11 @@ from offload.kernels import ggml_math
 from offload.kernels.attention import attention, attention_numba, attention_ref
 from offload.kernels.dispatch import select_kernels
 from offload.sampling import SamplingParams
-from offload.store.plan import make_plan
-from offload.testing import TinyConfig, llama_cpp_greedy, llama_cpp_logits, quantize_model
+from offload.testing import TinyConfig, llama_cpp_greedy, llama_cpp_logits
+from offload.testing import float_bits as bits
+from offload.testing import random_prompt as prompt
+
+from invariance import assert_same_under_budgets_and_kernels
 
 # gpt-oss-20b in miniature: head_dim 32 with 4 heads of width 64 (real: 64 x 64 over 2880),
 # GQA 2:1 (real 8:1), 8 experts top-4 (real 32 top-4), a window of 16 (real 128) on the even
@@ -33,33 +36,10 @@ WIDE = TinyConfig(arch="gpt-oss", n_layer=2, n_embd=256, n_head=4, n_head_kv=1, 
                   n_expert_used=4, sliding_window=16)
 
 
-def bits(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """(config, file type) -> path: F32/F16/Q8_0 written directly, the others quantized by llama.cpp."""
-    from offload.testing import write_model
-
-    root = tmp_path_factory.mktemp("gpt_oss")
-    made = {}
-
-    def get(config: TinyConfig, ftype: str) -> str:
-        key = (config, ftype)
-        if key not in made:
-            direct = ftype if ftype in ("F32", "F16", "Q8_0") else "F32"
-            path = write_model(root / f"m{len(made)}-{direct}.gguf", config, direct, seed=3)
-            if direct != ftype:
-                path = quantize_model(path, root / f"m{len(made)}-{ftype}.gguf", ftype)
-            made[key] = path
-        return made[key]
-
-    return get
-
-
-def prompt(n: int, seed: int = 0) -> list[int]:
-    return [1] + [int(t) for t in np.random.default_rng(seed).integers(100, 31999, n - 1)]
+def models(quantized_factory):
+    """(config, file type) -> path (see conftest.quantized_factory)."""
+    return lambda config, ftype: quantized_factory(config, ftype, seed=3)
 
 
 @pytest.mark.parametrize("config,ftype", [(SMALL, "F32"), (SMALL, "F16"), (SMALL, "Q8_0"), (SMALL, "MXFP4_MOE"),
@@ -119,25 +99,7 @@ def test_sliding_layers_keep_a_ring_that_wraps_as_llama_cpps(models):
 
 
 def test_tiered_budgets_and_the_numba_kernels_give_the_same_tokens(models):
-    path = models(WIDE, "MXFP4_MOE")
-    ids = prompt(20, seed=4)
-    params = SamplingParams(temperature=0.0)
-    with Model.load(path, n_ctx=128) as m:
-        tokens = list(m.generate_tokens(ids, 24, params))
-        logits = m.logits(ids)
-    g = GGUFFile(path)
-    p = make_plan(g, model_args(g), 128, 0)
-    g.close()
-    for budget, prefetch in ((p.minimum, True), ((p.minimum + p.full) // 2, False)):
-        with Model.load(path, n_ctx=128, memory_budget=budget, prefetch=prefetch) as m:
-            assert not getattr(m.transformer.experts, "all_resident", True), "the budget should tier the experts"
-            assert list(m.generate_tokens(ids, 24, params)) == tokens, budget
-    select_kernels("numba")
-    try:
-        with Model.load(path, n_ctx=128) as m:
-            np.testing.assert_array_equal(bits(m.logits(ids)), bits(logits))
-    finally:
-        select_kernels()
+    assert_same_under_budgets_and_kernels(models(WIDE, "MXFP4_MOE"), prompt(20, seed=4), 24)
 
 
 @pytest.mark.parametrize("n,start,n_cells,window", [(1, 40, 64, 0), (5, 0, 64, 16), (1, 100, 48, 16),
