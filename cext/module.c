@@ -26,7 +26,7 @@
  *       per_slot (n_tokens, k, n_embd)
  *   quantize(kind, x, qs, d, bsums, n_tokens, n_cols)
  *       the activation conversion alone ("Q8_0": bsums None, or "Q8_K"), for tests
- *   swiglu_oai(g, u, out, alpha, limit) / sigmoid(x, out)
+ *   swiglu_oai(g, u, out, n_rows, n) / sigmoid(x, out, n_rows, n)
  *       gpt-oss's clamped SwiGLU, routers' sigmoid (ops.c)
  *   silu_mul(x, g, out, n_rows, n)
  *       SwiGLU as ggml computes it (swiglu.c); out may be x
@@ -617,60 +617,26 @@ done:
     return result;
 }
 
-static PyObject *py_swiglu_oai(PyObject *self, PyObject *args) {
-    Py_buffer g = {0}, u = {0}, out = {0};
-    float alpha, limit;
-    if (!PyArg_ParseTuple(args, "y*y*w*ff", &g, &u, &out, &alpha, &limit)) return NULL;
-    PyObject *result = NULL;
-    if (g.len != u.len || out.len < g.len) {
-        PyErr_SetString(PyExc_ValueError, "swiglu_oai: gate, up and out differ in size");
-        goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    swiglu_oai(g.buf, u.buf, out.buf, g.len / (Py_ssize_t)sizeof(float), alpha, limit);
-    Py_END_ALLOW_THREADS
-    result = Py_NewRef(Py_None);
-done:
-    PyBuffer_Release(&g);
-    PyBuffer_Release(&u);
-    PyBuffer_Release(&out);
-    return result;
-}
-
-static PyObject *py_sigmoid(PyObject *self, PyObject *args) {
-    Py_buffer x = {0}, out = {0};
-    if (!PyArg_ParseTuple(args, "y*w*", &x, &out)) return NULL;
-    PyObject *result = NULL;
-    if (out.len < x.len) {
-        PyErr_SetString(PyExc_ValueError, "sigmoid: out is smaller than x");
-        goto done;
-    }
-    sigmoid(x.buf, out.buf, x.len / (Py_ssize_t)sizeof(float));
-    result = Py_NewRef(Py_None);
-done:
-    PyBuffer_Release(&x);
-    PyBuffer_Release(&out);
-    return result;
-}
-
 static PyObject *py_attention_token_scratch_bytes(PyObject *self, PyObject *args) {
     int n_embd, n_head, n_head_kv, head_dim;
     if (!PyArg_ParseTuple(args, "iiii", &n_embd, &n_head, &n_head_kv, &head_dim)) return NULL;
     return PyLong_FromSize_t(attention_token_scratch_bytes(n_embd, n_head, n_head_kv, head_dim));
 }
 
-static PyObject *py_silu_mul(PyObject *self, PyObject *args) {
+/* A gated activation of two (n_rows, n) float32 buffers into out: (x, g, out, n_rows, n). */
+static PyObject *glu_op(PyObject *args, const char *op,
+                        void (*fn)(const float *, const float *, float *, ptrdiff_t, int, int)) {
     Py_buffer x = {0}, g = {0}, out = {0};
     Py_ssize_t n_rows, n;
     if (!PyArg_ParseTuple(args, "y*y*w*nn", &x, &g, &out, &n_rows, &n)) return NULL;
     PyObject *result = NULL;
     const Py_ssize_t bytes = n_rows * n * (Py_ssize_t)sizeof(float);
     if (n_rows < 0 || n < 0 || n > INT32_MAX || x.len < bytes || g.len < bytes || out.len < bytes) {
-        PyErr_Format(PyExc_ValueError, "silu_mul: a buffer is smaller than (%zd, %zd) float32", n_rows, n);
+        PyErr_Format(PyExc_ValueError, "%s: a buffer is smaller than (%zd, %zd) float32", op, n_rows, n);
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    silu_mul_rows(x.buf, g.buf, out.buf, n_rows, (int)n, isa >= ISA_AVX2);
+    fn(x.buf, g.buf, out.buf, n_rows, (int)n, isa >= ISA_AVX2);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
@@ -679,6 +645,10 @@ done:
     PyBuffer_Release(&out);
     return result;
 }
+
+static PyObject *py_silu_mul(PyObject *self, PyObject *args) { return glu_op(args, "silu_mul", silu_mul_rows); }
+
+static PyObject *py_swiglu_oai(PyObject *self, PyObject *args) { return glu_op(args, "swiglu_oai", swiglu_oai_rows); }
 
 static PyObject *py_matmul_tiled(PyObject *self, PyObject *args) {
     const char *name;
@@ -907,6 +877,8 @@ static PyObject *py_softmax(PyObject *self, PyObject *args) { return row_op(args
 
 static PyObject *py_silu(PyObject *self, PyObject *args) { return row_op(args, "silu", silu_rows); }
 
+static PyObject *py_sigmoid(PyObject *self, PyObject *args) { return row_op(args, "sigmoid", sigmoid_rows); }
+
 static PyObject *py_expf(PyObject *self, PyObject *args) {
     Py_buffer x = {0}, out = {0};
     Py_ssize_t n;
@@ -1019,8 +991,8 @@ static PyMethodDef methods[] = {
     {"moe_batch", py_moe_batch, METH_VARARGS, "moe_batch(x, per_slot, weights, n_tokens, n_embd, k, jobs, counts, pairs, act=0, biases=None)"},
     {"moe_workspace_bytes", py_moe_workspace_bytes, METH_VARARGS, "moe_workspace_bytes(n_embd, (n_ff, ...))"},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(x, g, out, n_rows, n)"},
-    {"swiglu_oai", py_swiglu_oai, METH_VARARGS, "swiglu_oai(g, u, out, alpha, limit)"},
-    {"sigmoid", py_sigmoid, METH_VARARGS, "sigmoid(x, out)"},
+    {"swiglu_oai", py_swiglu_oai, METH_VARARGS, "swiglu_oai(g, u, out, n_rows, n)"},
+    {"sigmoid", py_sigmoid, METH_VARARGS, "sigmoid(x, out, n_rows, n)"},
     {"matmul_x", py_matmul_x, METH_VARARGS, "matmul_x(x, n_tokens, n_cols, ((fmt, w, out, n_rows), ...))"},
     {"quantize", py_quantize, METH_VARARGS, "quantize(kind, x, qs, d, bsums, n_tokens, n_cols)"},
     {"matmul_tiled", py_matmul_tiled, METH_VARARGS, "matmul_tiled(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)"},

@@ -84,7 +84,7 @@ static void activate(const moe_ffn_job *job, float *gate, float *up, int n_rows,
             for (int i = 0; i < n_ff; i++) u[i] = u[i] + job->bu[i];
     }
     if (job->act == MOE_ACT_SWIGLU_OAI)
-        swiglu_oai(gate, up, gate, (ptrdiff_t)n_rows * n_ff, 1.702f, 7.0f); /* build_moe_ffn's alpha and limit */
+        swiglu_oai_rows(gate, up, gate, n_rows, n_ff, use_avx2);
     else
         silu_mul_rows(gate, up, gate, n_rows, n_ff, use_avx2);
 }

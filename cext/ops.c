@@ -90,16 +90,19 @@ void expf_ggml_array(const float *x, float *out, ptrdiff_t n, int use_avx2) {
     for (; i < n; i++) out[i] = expf_ggml(x[i]);
 }
 
-void swiglu_oai(const float *g, const float *u, float *out, ptrdiff_t n, float alpha, float limit) {
-    for (ptrdiff_t i = 0; i < n; i++) {
+void swiglu_oai_rows(const float *g, const float *u, float *out, ptrdiff_t n_rows, int n, int use_avx2) {
+    const float limit = SWIGLU_OAI_LIMIT;
+    (void)use_avx2;
+    for (ptrdiff_t i = 0; i < n_rows * n; i++) {
         const float a = limit < g[i] ? limit : g[i];                         /* std::min(g, limit) */
         const float b = u[i] < -limit ? -limit : (limit < u[i] ? limit : u[i]); /* std::clamp */
-        out[i] = a / (1.0f + expf(alpha * -a)) * (b + 1.0f);
+        out[i] = a / (1.0f + expf(SWIGLU_OAI_ALPHA * -a)) * (b + 1.0f);
     }
 }
 
-void sigmoid(const float *x, float *out, ptrdiff_t n) {
-    for (ptrdiff_t i = 0; i < n; i++) out[i] = 1.0f / (1.0f + expf(-x[i]));
+void sigmoid_rows(const float *x, float *out, ptrdiff_t n_rows, int n, int use_avx2) {
+    (void)use_avx2;
+    for (ptrdiff_t i = 0; i < n_rows * n; i++) out[i] = 1.0f / (1.0f + expf(-x[i]));
 }
 
 void silu_rows(const float *x, float *out, ptrdiff_t n_rows, int n, int use_avx2) {

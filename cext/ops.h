@@ -16,16 +16,19 @@ void softmax_rows(const float *x, float *out, ptrdiff_t n_rows, int n, int use_a
 /* ggml_v_expf over n floats (out may be x) */
 void expf_ggml_array(const float *x, float *out, ptrdiff_t n, int use_avx2);
 
+/* ggml_compute_forward_swiglu_oai_f32 per row of n (gpt-oss's experts; the signature of
+ * swiglu.h's silu_mul_rows): a = min(g, 7), b = clamp(u, -7, 7),
+ * out = a / (1 + expf(1.702 * -a)) * (b + 1), libm's expf, the constants build_moe_ffn's.
+ * out may be g. Scalar: use_avx2 is not used. */
+#define SWIGLU_OAI_ALPHA 1.702f
+#define SWIGLU_OAI_LIMIT 7.0f
+void swiglu_oai_rows(const float *g, const float *u, float *out, ptrdiff_t n_rows, int n, int use_avx2);
+
+/* op_sigmoid per row of n (MoE routers): 1 / (1 + expf(-x)), libm's expf. Scalar. */
+void sigmoid_rows(const float *x, float *out, ptrdiff_t n_rows, int n, int use_avx2);
+
 /* ggml_vec_silu_f32 per row of n: x / (1 + exp(-x)), ggml_v_expf in chunks of 8, libm's expf
  * for the n % 8 values left over (out may be x) */
-/* ggml_compute_forward_swiglu_oai_f32 over n values (gpt-oss's experts): a = min(g, limit),
- * b = clamp(u, -limit, limit), out = a / (1 + expf(alpha * -a)) * (b + 1), libm's expf.
- * out may be g. */
-void swiglu_oai(const float *g, const float *u, float *out, ptrdiff_t n, float alpha, float limit);
-
-/* ggml_vec_sigmoid_f32 / op_sigmoid over n values: 1 / (1 + expf(-x)), libm's expf. */
-void sigmoid(const float *x, float *out, ptrdiff_t n);
-
 void silu_rows(const float *x, float *out, ptrdiff_t n_rows, int n, int use_avx2);
 
 /* RoPE in place on x (n_tokens, n_heads, head_dim); cos/sin (n_tokens, rope_dim/2); neox pairs

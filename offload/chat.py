@@ -191,16 +191,16 @@ def run_chat(model: "Model", template, messages: list[dict], params: SamplingPar
             stats.generated_tokens += 1
             pending += decoder.push(token)
             if pending:
-                cut = _find_stop(pending, stops)
-                if cut is not None:
-                    out, pending = pending[:cut], ""
+                found = harmony.first_marker(pending, stops)
+                if found is not None:
+                    out, pending = pending[: found[0]], ""
                     yield from take(reply.feed(out))
                     res.stop_reason, res.finish_reason = "stop", "stop"
                     # the sampled token is not in the cache; the next turn renders the end of turn itself
                     break
                 if strip_space and not res.text:
                     pending = pending.lstrip(" ")
-                keep = _partial_stop(pending, stops)
+                keep = harmony.partial_marker(pending, stops)
                 out, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
                 yield from take(reply.feed(out))
             if limit is not None and res.completion_tokens >= limit:
@@ -231,22 +231,6 @@ def _harmony_end(model: "Model", token: int) -> bool:
     """`<|end|>` closes one harmony message, not the turn; llama.cpp's vocabulary takes it off
     the end-of-generation tokens when `<|return|>` and `<|call|>` are there, an older one may not."""
     return model.tokenizer.piece(token, special=True) == harmony.END.encode()
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
-
-
-def _partial_stop(text: str, stops: list[str]) -> int:
-    """How many characters at the end of `text` could begin a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
 
 
 @dataclass

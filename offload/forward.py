@@ -39,6 +39,10 @@ from .weights import FFN, Attention, ExpertStore, LatentAttention, MoE, Weights
 # activations agree with llama.cpp's to the bit: a one-ulp difference can flip a
 # rounding to F16 or Q8_0 in the next matmul, and an MoE router amplifies such flips.
 
+# the router's scores per routing kind: its logits as they are, or their softmax or sigmoid
+_SCORES = {"topk": lambda x: x, "softmax": ggml_math.softmax, "sigmoid": ggml_math.sigmoid}
+
+
 def route(router_logits: np.ndarray, k: int, kind: str, selection_bias: np.ndarray | None = None,
           groups: tuple[int, int] = (0, 0), scale: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Pick each token's experts and their weights: (n, k) expert ids, (n, k) weights, as
@@ -49,9 +53,7 @@ def route(router_logits: np.ndarray, k: int, kind: str, selection_bias: np.ndarr
     those k. `selection_bias` is added to the scores for choosing only; `groups` (count,
     used): only the `used` groups whose two best scores sum highest compete; `scale`
     multiplies the weights (0 or 1: not)."""
-    gating = kind.split("_")[0]
-    scores = {"topk": lambda x: x, "softmax": ggml_math.softmax, "sigmoid": ggml_math.sigmoid}[gating](router_logits)
-    scores = np.ascontiguousarray(scores, dtype=np.float32)
+    scores = np.ascontiguousarray(_SCORES[kind.split("_")[0]](router_logits), dtype=np.float32)
     normalize = kind.endswith("_norm")
     chosen = np.empty((len(scores), k), dtype=np.int64)
     weights = np.empty((len(scores), k), dtype=np.float32)
@@ -138,9 +140,8 @@ class KVCache:
 
     def __init__(self, args: ModelArgs, n_ctx: int):
         self.k = [np.zeros((kv_cells(args, i, n_ctx), args.kv_dim), dtype=np.float32) for i in range(args.n_layer)]
-        # MLA's values are the first kv_lora_rank floats of its keys: no cache of their own
-        self.v = [None if args.attention == "mla" else
-                  np.zeros((len(k), args.n_head_kv * args.v_dim), dtype=np.float32) for k in self.k]
+        self.v = [np.zeros((len(k), args.v_cache_dim), dtype=np.float32) if args.v_cache_dim else None
+                  for k in self.k]
         self.n_ctx = n_ctx
         self.n_past = 0
 
@@ -260,11 +261,6 @@ class Transformer:
             return _ffn(ffn or self.experts.get(layer, expert), x, self.scratch, **kind)
         return self.gpu.expert_ffn(layer, expert, x, lambda w, x: _ffn(w, x, self.scratch, **kind))
 
-    def _fused_experts(self, w: MoE) -> bool:
-        """Whether kernels.moe may run this layer's experts (SwiGLU or swiglu_oai, with or without
-        biases): on the CPU only; the formats are checked where the experts are at hand."""
-        return self.gpu is None
-
     @staticmethod
     def _expert_biases(w: MoE, experts) -> list | None:
         """Each expert's (gate, up, down) bias rows, for kernels.moe; None without biases."""
@@ -380,8 +376,6 @@ class Transformer:
         a = self.args
         if a.attention != "gqa" or self.gpu is not None or not block.attention_fits(w):
             return False
-        if not (w.bq is None) == (w.bk is None) == (w.bv is None):  # the C call takes all three biases or none
-            return False
         if self._block_scratch is None:
             self._block_scratch = block.attention_scratch(a)
         cos, sin = self.rope[layer]
@@ -396,11 +390,8 @@ class Transformer:
         logits = self._matmul(w.router, x, out=buf("router", len(x), w.router.n_rows))
         if w.router_bias is not None:
             logits += w.router_bias
-        if w.selection_bias is None and a.expert_groups <= 1 and a.expert_weights_scale in (0.0, 1.0):
-            chosen, weights = route(logits, a.n_expert_used, a.routing)
-        else:
-            chosen, weights = route(logits, a.n_expert_used, a.routing, w.selection_bias,
-                                    (a.expert_groups, a.expert_groups_used), a.expert_weights_scale)
+        chosen, weights = route(logits, a.n_expert_used, a.routing, w.selection_bias,
+                                (a.expert_groups, a.expert_groups_used), a.expert_weights_scale)
         if self.recorder is not None:
             self.recorder.record(layer, chosen, weights)
         prefetch = getattr(self.experts, "prefetch", None)
@@ -427,7 +418,7 @@ class Transformer:
         one expert at a time. Returns (out, the shared expert's output or None if not run)."""
         a, buf = self.args, self.scratch
         out = buf("moe", 1, a.n_embd)
-        if not self._fused_experts(w):
+        if self.gpu is not None:  # kernels.moe runs on the CPU only (formats checked below)
             routed = [lambda e=int(e): self._expert(layer, e, x) for e in chosen]
         else:
             ffns = [self.experts.get(layer, int(e)) for e in chosen]
@@ -454,7 +445,7 @@ class Transformer:
         a = self.args
         per_slot = np.zeros((len(x), a.n_expert_used, a.n_embd), dtype=np.float32)
         experts, counts = np.unique(chosen, return_counts=True)
-        if self._fused_experts(w) and types_fuse(w.expert_types):
+        if self.gpu is None and types_fuse(w.expert_types):
             pairs = np.stack(np.divmod(np.argsort(chosen, axis=None, kind="stable"), a.n_expert_used), axis=1)
             # a tiered store keeps n_expert_used experts of a layer pinned at most
             per_call = min(len(experts) if getattr(self.experts, "all_resident", True) else a.n_expert_used,

@@ -111,8 +111,9 @@ def _parsed_arguments(call: Any) -> Any:
     return call
 
 
-def _partial_marker(text: str, markers: tuple[str, ...]) -> int:
-    """How many characters at the end of `text` could begin one of `markers`."""
+def partial_marker(text: str, markers) -> int:
+    """How many characters at the end of `text` could begin one of `markers` (chat's stop
+    strings too): the tail to hold back until the next piece says."""
     best = 0
     for s in markers:
         for k in range(min(len(s) - 1, len(text)), best, -1):
@@ -122,7 +123,8 @@ def _partial_marker(text: str, markers: tuple[str, ...]) -> int:
     return best
 
 
-def _first(text: str, markers: tuple[str, ...]) -> tuple[int, str] | None:
+def first_marker(text: str, markers) -> tuple[int, str] | None:
+    """Where the earliest of `markers` starts in `text`, and which it is; None if none does."""
     found = [(i, s) for s in markers if (i := text.find(s)) >= 0]
     return min(found) if found else None
 
@@ -183,7 +185,7 @@ class HarmonyParser:
                 return False  # could still become a header
             self._kind, self._in_body = CONTENT, True  # no header: plain text is the answer
             return True
-        found = _first(buf, (MESSAGE, END, RETURN, CALL))
+        found = first_marker(buf, (MESSAGE, END, RETURN, CALL))
         if found is None:
             return False
         at, marker = found
@@ -196,9 +198,9 @@ class HarmonyParser:
 
     def _body(self, out: list[Delta]) -> bool:
         buf = self._buf
-        found = _first(buf, _BODY_ENDS)
+        found = first_marker(buf, _BODY_ENDS)
         if found is None:
-            keep = _partial_marker(buf, _BODY_ENDS)
+            keep = partial_marker(buf, _BODY_ENDS)
             self._emit(buf[: len(buf) - keep], out)
             self._buf = buf[len(buf) - keep:]
             return False

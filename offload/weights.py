@@ -88,7 +88,12 @@ class ExpertBiases:
     down: np.ndarray  # (n_expert, n_embd)
 
     def of(self, expert: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.gate[expert], self.up[expert], self.down[expert]
+        return self._rows[expert]
+
+    @cached_property
+    def _rows(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Each expert's three rows as views, made once rather than per token and layer."""
+        return list(zip(self.gate, self.up, self.down))
 
 
 @dataclass

@@ -133,8 +133,8 @@ def test_recorded_trace_matches_routing_and_the_store(moe, tmp_path, monkeypatch
     routed = []
     real_route = forward.route
 
-    def spy(logits, k, kind):
-        chosen, weights = real_route(logits, k, kind)
+    def spy(logits, k, kind, *more):
+        chosen, weights = real_route(logits, k, kind, *more)
         routed.append((chosen.copy(), weights.copy()))
         return chosen, weights
 

@@ -110,6 +110,12 @@ class ModelArgs:
         """A value head's width (its query/key head may be wider: DeepSeek)."""
         return self.v_head_dim or self.head_dim
 
+    @property
+    def v_cache_dim(self) -> int:
+        """Floats a layer's cache keeps per token for values: 0 for MLA, whose values are the
+        first kv_lora_rank floats of its keys."""
+        return 0 if self.attention == "mla" else self.n_head_kv * self.v_dim
+
     def window(self, layer: int) -> int:
         """How many positions back this layer's attention reaches (0: all of them)."""
         return self.sliding_window if self.swa_layers and self.swa_layers[layer] else 0
@@ -173,6 +179,20 @@ def common_fields(gguf: GGUFFile, rms_eps_default: float = 1e-6) -> dict:
         rope_dim=int(hparam(gguf, "rope.dimension_count", head_dim)),
         **rope_scaling(gguf),
     )
+
+
+# llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE: 1 softmax, 2 sigmoid (0, unset: the arch's default)
+_GATING = {1: "softmax", 2: "sigmoid"}
+
+
+def gated_routing(gguf: GGUFFile, unset: str) -> str:
+    """The Routing kind of a file with expert_gating_func and expert_weights_norm keys
+    (deepseek2, glm4moe): their scores, top-k, renormalized or not."""
+    code = int(hparam(gguf, "expert_gating_func", 0))
+    if code not in (0, *_GATING):
+        raise UnsupportedModelError(f"{gguf.path}: expert_gating_func {code} is not supported")
+    norm = bool(hparam(gguf, "expert_weights_norm", False))
+    return f"{_GATING.get(code, unset)}_topk{'_norm' if norm else ''}"
 
 
 def moe_fields(gguf: GGUFFile, n_ff_exp_key: str = "expert_feed_forward_length") -> dict:

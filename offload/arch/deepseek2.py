@@ -23,11 +23,9 @@ import dataclasses
 
 import numpy as np
 
-from ..errors import UnsupportedModelError
 from ..gguf_file import GGUFFile
-from .base import ModelArgs, common_fields, hparam, moe_fields
+from .base import ModelArgs, common_fields, gated_routing, hparam, moe_fields
 
-GATING = {0: "softmax", 1: "softmax", 2: "sigmoid"}  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE (0: unset)
 
 
 def model_args(gguf: GGUFFile) -> ModelArgs:
@@ -39,10 +37,6 @@ def model_args(gguf: GGUFFile) -> ModelArgs:
     else:  # an older conversion (attn_kv_b): per-head keys and values, as llama.cpp runs it
         attention, head_dim, n_head_kv = "mla_decompressed", common["head_dim"], common["n_head"]
         v_head_dim = int(hparam(gguf, "attention.value_length"))
-    gating = int(hparam(gguf, "expert_gating_func", 0))
-    if gating not in GATING:
-        raise UnsupportedModelError(f"{gguf.path}: expert_gating_func {gating} is not supported")
-    norm = bool(hparam(gguf, "expert_weights_norm", False))
     yarn = common.get("yarn")
     if yarn is not None:
         log_mul = float(gguf.get(f"{gguf.architecture}.rope.scaling.yarn_log_multiplier", 0.0) or 0.0)
@@ -52,7 +46,7 @@ def model_args(gguf: GGUFFile) -> ModelArgs:
         common["yarn"] = dataclasses.replace(yarn, log_mul=log_mul, mscale=log_mul if log_mul not in (0.0, 1.0) else 1.0)
     common.update(head_dim=head_dim, n_head_kv=n_head_kv)
     return ModelArgs(**common, **moe_fields(gguf), rope_style="normal",
-                     routing=f"{GATING[gating]}_topk{'_norm' if norm else ''}",
+                     routing=gated_routing(gguf, unset="softmax"),
                      attention=attention, q_lora_rank=int(hparam(gguf, "attention.q_lora_rank", 0)),
                      kv_lora_rank=int(hparam(gguf, "attention.kv_lora_rank")), v_head_dim=v_head_dim,
                      shared_expert=int(hparam(gguf, "expert_shared_count", 0)) > 0,

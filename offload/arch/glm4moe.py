@@ -25,10 +25,8 @@ from __future__ import annotations
 
 from ..errors import UnsupportedModelError
 from ..gguf_file import GGUFFile
-from .base import ModelArgs, common_fields, hparam, moe_fields
+from .base import ModelArgs, common_fields, gated_routing, hparam, moe_fields
 
-# llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE; glm4moe turns NONE (0, or no key) into sigmoid
-GATING = {0: "sigmoid", 1: "softmax", 2: "sigmoid"}
 
 
 def model_args(gguf: GGUFFile) -> ModelArgs:
@@ -44,9 +42,6 @@ def model_args(gguf: GGUFFile) -> ModelArgs:
     sections = gguf.get(f"{gguf.architecture}.rope.dimension_sections")
     if isinstance(sections, list) and len(sections) >= 2 and sections[0] > 0 and sections[1] > 0:
         raise UnsupportedModelError(f"{gguf.path}: multimodal RoPE (rope.dimension_sections) is not supported")
-    gating = int(hparam(gguf, "expert_gating_func", 0))
-    if gating not in GATING:
-        raise UnsupportedModelError(f"{gguf.path}: expert_gating_func {gating} is not supported")
     if int(hparam(gguf, "expert_shared_count")) < 1:
         # llama.cpp's graph would add silu(x) in place of the missing shared expert
         raise UnsupportedModelError(f"{gguf.path}: glm4moe without a shared expert is not supported")
@@ -55,12 +50,11 @@ def model_args(gguf: GGUFFile) -> ModelArgs:
     if missing:
         raise UnsupportedModelError(f"{gguf.path}: tensor blk.{missing[0]}.exp_probs_b.bias is missing "
                                     f"(llama.cpp requires it in every MoE layer)")
-    norm = bool(hparam(gguf, "expert_weights_norm", False))
     has = [f"blk.0.attn_{x}_norm.weight" in gguf.tensors for x in "qk"]
     if any(has) and not all(has):
         raise UnsupportedModelError(f"{gguf.path}: only one of attn_q_norm / attn_k_norm is not supported")
     return ModelArgs(**common, **moe_fields(gguf), rope_style="neox",
-                     routing=f"{GATING[gating]}_topk{'_norm' if norm else ''}",
+                     routing=gated_routing(gguf, unset="sigmoid"),
                      qk_norm="head" if all(has) else None,
                      attn_bias="blk.0.attn_q.bias" in gguf.tensors,
                      shared_expert=True, n_dense_lead=n_dense_lead, expert_selection_bias=True,

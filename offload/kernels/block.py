@@ -21,9 +21,11 @@ _QK_NORM = {None: 0, "head": 1, "full": 2}
 
 def attention_fits(w) -> bool:
     """Whether attention_token serves this layer's weights (weights.Attention): the C call is
-    built and the C kernels serve its four matrices (OFFLOAD_FUSED=0 turns it off too)."""
+    built, the C kernels serve its four matrices and it has all three q/k/v biases or none
+    (OFFLOAD_FUSED=0 turns it off too)."""
     return (fused_enabled() and w.wq.fmt.ggml_type in C_FORMATS and w.wk.fmt.ggml_type in C_FORMATS
-            and w.wv.fmt.ggml_type in C_FORMATS and w.wo.fmt.ggml_type in C_FORMATS)
+            and w.wv.fmt.ggml_type in C_FORMATS and w.wo.fmt.ggml_type in C_FORMATS
+            and (w.bq is None) == (w.bk is None) == (w.bv is None))
 
 
 def attention_scratch(args) -> np.ndarray:

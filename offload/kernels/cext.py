@@ -138,14 +138,14 @@ def has_silu_mul() -> bool:
     return _cext is not None and hasattr(_cext, "silu_mul")
 
 
-def sigmoid(x: np.ndarray, out: np.ndarray) -> None:
+def sigmoid(x: np.ndarray, out: np.ndarray, n_rows: int, n: int) -> None:
     """1 / (1 + expf(-x)) (cext/ops.c); float32, C-contiguous."""
-    _cext.sigmoid(x, out)
+    _cext.sigmoid(x, out, n_rows, n)
 
 
-def swiglu_oai(g: np.ndarray, u: np.ndarray, out: np.ndarray, alpha: float, limit: float) -> None:
+def swiglu_oai(g: np.ndarray, u: np.ndarray, out: np.ndarray, n_rows: int, n: int) -> None:
     """gpt-oss's clamped SwiGLU (cext/ops.c); every array float32, C-contiguous; out may be g."""
-    _cext.swiglu_oai(g, u, out, alpha, limit)
+    _cext.swiglu_oai(g, u, out, n_rows, n)
 
 
 def silu_mul(x: np.ndarray, g: np.ndarray, out: np.ndarray, n_rows: int, n: int) -> None:

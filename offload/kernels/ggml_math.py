@@ -87,7 +87,7 @@ def sigmoid_ref(x: np.ndarray) -> np.ndarray:
         return _F32(1.0) / (_F32(1.0) + libm("expf", -x))
 
 
-SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT = np.float32(1.702), np.float32(7.0)  # build_moe_ffn's constants
+SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT = np.float32(1.702), np.float32(7.0)  # build_moe_ffn's (C: ops.h's)
 
 
 def swiglu_oai_ref(g: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -305,7 +305,7 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     out = np.empty_like(x)
     if x.size:
         if cext.selected():
-            cext.sigmoid(x, out)
+            cext.sigmoid(x, out, x.size // x.shape[-1], x.shape[-1])
         else:
             _sigmoid(x.reshape(-1), out.reshape(-1))
     return out
@@ -328,7 +328,7 @@ def swiglu_oai(g: np.ndarray, u: np.ndarray, out: np.ndarray | None = None) -> n
         out = np.empty_like(g)
     if g.size:
         if cext.selected() and out.flags.c_contiguous:
-            cext.swiglu_oai(g, u, out, float(SWIGLU_OAI_ALPHA), float(SWIGLU_OAI_LIMIT))
+            cext.swiglu_oai(g, u, out, g.size // g.shape[-1], g.shape[-1])
         else:
             _swiglu_oai(g.reshape(-1), u.reshape(-1), out.reshape(-1), SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT)
     return out

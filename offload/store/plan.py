@@ -225,8 +225,7 @@ def kv_cache_bytes(args: ModelArgs, n_ctx: int) -> int:
     ones on sliding-window layers (forward.kv_cells); MLA caches only its latent and rope key."""
     from ..forward import kv_cells
 
-    v_dim = 0 if args.attention == "mla" else args.n_head_kv * args.v_dim  # MLA's values are its keys' prefix
-    return sum(kv_cells(args, i, n_ctx) * (args.kv_dim + v_dim) * 4 for i in range(args.n_layer))
+    return sum(kv_cells(args, i, n_ctx) * (args.kv_dim + args.v_cache_dim) * 4 for i in range(args.n_layer))
 
 
 def runtime_bytes(gguf: GGUFFile, gpu: bool = False) -> int:
