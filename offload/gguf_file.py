@@ -31,7 +31,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf.constants import GGML_QUANT_SIZES, GGUF_MAGIC, GGUFValueType
 
-from .errors import CorruptModelError, OffloadError, UnsupportedModelError
+from .errors import CorruptModelError, ModelFileChangedError, OffloadError, UnsupportedModelError
 
 _HEADER = struct.Struct("<IIQQ")  # magic, version, tensor_count, kv_count
 _MIN_KV_BYTES = 8 + 4  # a key's length prefix + the value type: a lower bound per entry
@@ -110,6 +110,7 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         self.file_size = _check_header(self.path)
+        self._identity = _identity(os.stat(self.path))
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         self._bytes = self._map.view(np.ndarray)  # the same memory; slicing it skips memmap's overhead
         self._buf = memoryview(self._map)
@@ -180,11 +181,18 @@ class GGUFFile:
                 raise _Damaged(f"general.alignment {alignment} is not a power of two")
         data_start = -(-offset // alignment) * alignment
 
+        # llama.cpp's rule (gguf.cpp): each tensor starts where the one before it ends, padded
+        # to the alignment. That also rules out overlapping and misaligned tensors.
+        expected = 0
         for name, dims, type_id, rel_offset in infos:
-            info = self._tensor_info(name, dims, type_id, data_start + rel_offset)
             if name in self.tensors:
                 raise _Damaged(f"duplicate tensor {name}")
+            if rel_offset != expected:
+                raise _Damaged(f"tensor {name} has data offset {rel_offset}, expected {expected} "
+                               f"(tensors must follow each other, aligned to {alignment})")
+            info = self._tensor_info(name, dims, type_id, data_start + rel_offset)
             self.tensors[name] = info
+            expected += -(-info.n_bytes // alignment) * alignment
 
     def _read_value(self, vtype: int, offset: int, key: str) -> tuple[Any, int]:
         """The value of `key` (decoded, or a _LazyArray), and the offset after it."""
@@ -394,6 +402,22 @@ class GGUFFile:
         except KeyError:
             raise UnsupportedModelError(f"{self.path}: tensor {name} is missing") from None
 
+    def check_unchanged(self) -> None:
+        """Raise ModelFileChangedError if the file was truncated, replaced or rewritten since it
+        was opened: the memory map would then show other bytes (or end the process with SIGBUS
+        past a new end), and expert reads would return other weights. A stat per call: cheap
+        enough to run before every step."""
+        try:
+            now = _identity(os.stat(self.path))
+        except OSError as e:
+            raise ModelFileChangedError(f"{self.path} is gone while the model runs from it ({e.strerror})") from None
+        if now != self._identity:
+            dev, ino, size, _ = self._identity
+            what = ("replaced by another file" if now[:2] != (dev, ino) else
+                    f"truncated to {now[2]} bytes" if now[2] < size else
+                    f"resized to {now[2]} bytes" if now[2] != size else "rewritten")
+            raise ModelFileChangedError(f"{self.path} was {what} while the model was running from it: load it again")
+
     def close(self) -> None:
         """Drop the memory map (views handed out keep it alive until they go too)."""
         self.tensors = {}
@@ -405,6 +429,10 @@ class GGUFFile:
             except BufferError:  # something still reads through it: it goes when that does
                 pass
         self._map = self._bytes = None  # type: ignore[assignment]
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _utf8(raw: bytes, what: str) -> str:

@@ -194,14 +194,16 @@ def _payload(vtype: V, value) -> bytes:
 
 def build_gguf(kvs: list[tuple[str | bytes, int, object]],
                tensors: list[tuple[str | bytes, tuple[int, ...], int, bytes]] = (),
-               version: int = 3, alignment: int = 32) -> bytes:
-    """A GGUF file from raw parts: tensors as (name, ggml dims, type id, data)."""
+               version: int = 3, alignment: int = 32, offsets: list[int] | None = None) -> bytes:
+    """A GGUF file from raw parts: tensors as (name, ggml dims, type id, data); `offsets`
+    overrides the data offsets the table states (for damaged layouts)."""
     out = bytearray(struct.pack("<IIQQ", 0x46554747, version, len(tensors), len(kvs)))
     for key, vtype, value in kvs:
         out += _str(key) + struct.pack("<I", vtype) + _payload(vtype, value)
     offset, blobs = 0, []
-    for name, dims, type_id, data in tensors:
-        out += _str(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, type_id, offset)
+    for i, (name, dims, type_id, data) in enumerate(tensors):
+        stated = offset if offsets is None else offsets[i]
+        out += _str(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, type_id, stated)
         blobs.append(data + bytes(-len(data) % alignment))
         offset += len(blobs[-1])
     out += bytes(-len(out) % alignment)
@@ -435,6 +437,7 @@ def test_unknown_quant_type_id_names_the_id(models, tmp_path):
 def test_other_damage_is_one_clear_error(tmp_path):
     path = tmp_path / "d.gguf"
     f32 = [("t", (32, 2), int(T.F32), bytes(256))]
+    two = [("a", (32, 2), int(T.F32), bytes(256)), ("b", (32, 2), int(T.F32), bytes(256))]
     cases = {
         "bad magic": (b"GGUX" + bytes(40), "bad magic"),
         "short header": (build_gguf([])[:20], "truncated GGUF header"),
@@ -453,6 +456,14 @@ def test_other_damage_is_one_clear_error(tmp_path):
         "no dims": (build_gguf([], [("t", (), int(T.F32), bytes(4))]), "0 dimensions"),
         "five dims": (build_gguf([], [("t", (1, 1, 1, 1, 1), int(T.F32), bytes(4))]), "5 dimensions"),
         "data past the end": (build_gguf([], f32)[:-64], "truncated"),
+        "overlapping tensors": (build_gguf([], two, offsets=[0, 128]), "expected 256"),
+        "misaligned tensor": (build_gguf([], two, offsets=[0, 260]), "expected 256"),
+        "a gap between tensors": (build_gguf([], two, offsets=[0, 512]), "expected 256"),
+        "first tensor not at the start": (build_gguf([], f32, offsets=[32]), "expected 0"),
+        "dims whose product overflows": (build_gguf([], [("t", (2**32, 2**32, 2**32, 2**32), int(T.F32), b"")]),
+                                         "truncated"),
+        "alignment 0": (build_gguf([("general.alignment", V.UINT32, 0)], f32), "power of two"),
+        "a type id from the future": (build_gguf([], [("t", (32,), 2**20, bytes(128))]), "unknown quant type id"),
     }
     deep = bytearray(struct.pack("<IIQQ", 0x46554747, 3, 0, 1) + _str("k") + struct.pack("<I", V.ARRAY))
     deep += struct.pack("<IQ", V.ARRAY, 1) * 5000 + struct.pack("<IQ", V.UINT8, 0)
