@@ -14,6 +14,7 @@ router in F32, every other matrix in the chosen type.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,6 +312,47 @@ def quantize_model(src: str | os.PathLike[str], dst: str | os.PathLike[str], fty
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({src} -> {ftype}) failed with {rc}")
     return Path(dst)
+
+
+def rewrite_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], changes: dict | None = None) -> Path:
+    """A copy of a GGUF with some metadata changed: `changes` maps a key to (value, GGUFValueType)
+    to set or add it (arrays: (list, GGUFValueType.ARRAY, element type)), or to None to drop it.
+    Tensors are copied as they are. For tests of hostile or unusual metadata."""
+    from gguf import GGUFValueType
+
+    changes = dict(changes or {})
+    fields, tensors = _gguf_contents(str(src), os.stat(src).st_mtime_ns)
+    w = GGUFWriter(dst, None)  # the architecture is one of the keys copied below
+    for key, (value, vtype, sub) in fields.items():
+        if key in changes:
+            change = changes.pop(key)
+            if change is not None:
+                w.add_key_value(key, *change)
+            continue
+        w.add_key_value(key, value, vtype, sub_type=sub)
+    for key, change in changes.items():
+        if change is not None:
+            w.add_key_value(key, *change)
+    for name, data, shape, qtype in tensors:
+        w.add_tensor(name, data, raw_shape=shape, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(dst)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_contents(path: str, mtime_ns: int):
+    """A GGUF's metadata {key: (value, type, element type)} and tensors [(name, data, shape,
+    type)], read once (gguf-py's reader takes a while on a vocabulary)."""
+    from gguf import GGUFValueType
+
+    reader = GGUFReader(path)
+    fields = {key: (f.contents(), f.types[0], f.types[1] if f.types[0] == GGUFValueType.ARRAY else None)
+              for key, f in reader.fields.items() if not key.startswith("GGUF.")}
+    tensors = [(t.name, np.array(t.data), tuple(int(d) for d in reversed(t.shape)), t.tensor_type) for t in reader.tensors]
+    return fields, tensors
 
 
 def random_prompt(n: int, seed: int = 0, n_vocab: int = 32000) -> list[int]:

@@ -350,9 +350,75 @@ def load_weights(gguf: GGUFFile, args: ModelArgs) -> Weights:
 
     token_embd = _matrix(gguf.tensor("token_embd.weight"))
     output = opt("output.weight")
-    return Weights(
+    weights = Weights(
         token_embd=token_embd,
         layers=layers,
         output_norm=_vector(gguf.tensor("output_norm.weight")),
         output=_matrix(output) if output is not None else token_embd,
     )
+    check_shapes(gguf, args, weights)
+    return weights
+
+
+def check_shapes(gguf: GGUFFile, args: ModelArgs, w: Weights) -> None:
+    """Every tensor as large as the metadata says, as llama.cpp's create_tensor checks: a file
+    whose hyperparameters and tensors disagree is refused here, in one line, instead of
+    failing deep inside a matmul (or reading past a row) later."""
+    e, v = args.n_embd, args.v_dim
+    want: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []  # (what, found, expected)
+
+    def matrix(what, m, rows, cols):
+        want.append((what, (m.n_rows, m.n_cols), (rows, cols)))
+
+    def vector(what, x, n):
+        if x is not None:
+            want.append((what, (x.size,), (n,)))
+
+    matrix("token_embd", w.token_embd, args.n_vocab, e)
+    matrix("output", w.output, args.n_vocab, e)
+    vector("output_norm", w.output_norm, e)
+    for i, layer in enumerate(w.layers):
+        p, a = f"blk.{i}.", layer.attn
+        vector(p + "attn_norm", a.norm, e)
+        vector(p + "ffn_norm", layer.ffn_norm, e)
+        matrix(p + "attn_output", a.wo, e, a.wo.n_cols)  # MLA's input width is checked with its heads
+        if isinstance(a, Attention):
+            q, kv = args.n_head * args.head_dim, args.n_head_kv * args.head_dim
+            matrix(p + "attn_q", a.wq, q, e)
+            matrix(p + "attn_k", a.wk, kv, e)
+            matrix(p + "attn_v", a.wv, args.n_head_kv * v, e)
+            matrix(p + "attn_output", a.wo, e, args.n_head * v)
+            for what, x, n in (("attn_q.bias", a.bq, q), ("attn_k.bias", a.bk, kv), ("attn_v.bias", a.bv, args.n_head_kv * v),
+                               ("attn_output.bias", a.bo, e)):
+                vector(p + what, x, n)
+            if a.q_norm is not None and a.q_norm.size != args.head_dim:  # per head, or over the whole projection
+                vector(p + "attn_q_norm", a.q_norm, q)
+            if a.k_norm is not None and a.k_norm.size != args.head_dim:
+                vector(p + "attn_k_norm", a.k_norm, kv)
+        if layer.dense is not None:
+            f = layer.dense
+            matrix(p + "ffn_gate", f.gate, f.gate.n_rows, e)
+            matrix(p + "ffn_up", f.up, f.gate.n_rows, e)
+            matrix(p + "ffn_down", f.down, e, f.gate.n_rows)
+        if layer.moe is not None:
+            m = layer.moe
+            matrix(p + "ffn_gate_inp", m.router, args.n_expert, e)
+            vector(p + "ffn_gate_inp.bias", m.router_bias, args.n_expert)
+            vector(p + "exp_probs_b", m.selection_bias, args.n_expert)
+            gate, up, down = (gguf.tensor(f"{p}ffn_{x}_exps.weight").shape for x in ("gate", "up", "down"))
+            ff = gate[1] if len(gate) == 3 else 0
+            want += [(p + "ffn_gate_exps", tuple(gate), (e, ff, args.n_expert)),
+                     (p + "ffn_up_exps", tuple(up), (e, ff, args.n_expert)),
+                     (p + "ffn_down_exps", tuple(down), (ff, e, args.n_expert))]
+            if m.shared is not None:
+                f = m.shared
+                matrix(p + "ffn_gate_shexp", f.gate, f.gate.n_rows, e)
+                matrix(p + "ffn_up_shexp", f.up, f.gate.n_rows, e)
+                matrix(p + "ffn_down_shexp", f.down, e, f.gate.n_rows)
+            if m.shared_gate is not None:
+                matrix(p + "ffn_gate_inp_shexp", m.shared_gate, 1, e)
+    for what, found, expected in want:
+        if found != expected:
+            raise UnsupportedModelError(f"{gguf.path}: tensor {what} has shape {found}, but the metadata's sizes "
+                                        f"make it {expected} (a damaged file, or hyperparameters that do not "
+                                        "belong to it)")

@@ -130,6 +130,10 @@ def hparam(gguf: GGUFFile, key: str, default=None):
     value = gguf.get(full, default)
     if value is None:
         raise UnsupportedModelError(f"{gguf.path}: required metadata key {full} is missing")
+    if isinstance(value, (str, bytes)):  # every hyperparameter read here is a number (or a list of them)
+        raise UnsupportedModelError(f"{gguf.path}: metadata key {full} is the text {value[:40]!r}, expected a number")
+    if isinstance(value, list) and not all(isinstance(v, (int, float)) for v in value):
+        raise UnsupportedModelError(f"{gguf.path}: metadata key {full} holds non-numbers, expected numbers")
     return value
 
 
