@@ -125,6 +125,14 @@ class PlainReply:
 def run_chat(model: "Model", template, messages: list[dict], params: SamplingParams, max_tokens: int | None = None,
              stop: list[str] | None = None, result: TurnResult | None = None,
              template_vars: dict | None = None) -> Iterator[Delta]:
+    """A chat turn (see _chat_turn) holding the model for this thread until it ends or is closed."""
+    with model.exclusive():
+        yield from _chat_turn(model, template, messages, params, max_tokens, stop, result, template_vars)
+
+
+def _chat_turn(model: "Model", template, messages: list[dict], params: SamplingParams, max_tokens: int | None = None,
+               stop: list[str] | None = None, result: TurnResult | None = None,
+               template_vars: dict | None = None) -> Iterator[Delta]:
     """Stream the assistant's reply to `messages` as Deltas, reusing the KV cache.
 
     `max_tokens` None or <= 0: until end of turn or a full context. `stop`: extra stop
@@ -332,7 +340,9 @@ class ChatSession:
     def save(self, path: str) -> None:
         import json
 
-        with open(path, "w", encoding="utf-8") as f:
+        from .atomic import atomic_write
+
+        with atomic_write(path, "w", encoding="utf-8") as f:
             json.dump({"model": self.model.path, "messages": self.messages}, f, ensure_ascii=False, indent=2)
             f.write("\n")
 

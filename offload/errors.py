@@ -29,3 +29,15 @@ class BudgetError(OffloadError):
 
 class ExpertReadError(OffloadError):
     """Reading an expert's weights from the model file failed (I/O error, file changed)."""
+
+
+class NonFiniteError(OffloadError):
+    """A layer produced NaN or Inf: damaged weights, or activations that overflow float32."""
+
+
+class ModelBusyError(OffloadError):
+    """A Model was called from a second thread while another thread's call was running."""
+
+
+class ModelFileChangedError(OffloadError):
+    """The GGUF file was truncated, replaced or rewritten while the model was running from it."""

@@ -21,10 +21,12 @@ routing is discontinuous: a small drift in activations flips expert choices.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .arch import ModelArgs
-from .errors import ContextOverflowError
+from .errors import ContextOverflowError, NonFiniteError
 from .kernels import block, cext, ggml_math, matmul, matmuls
 from .kernels.attention import attention
 from .kernels.ggml_math import apply_rope, rms_norm
@@ -190,6 +192,7 @@ class Transformer:
         self.prefetcher = None  # offload.predict.Prefetcher: predicts the next layers' experts for a tiered store
         self.gpu = None  # offload.gpu.vram.GpuTier: runs the matmuls and experts placed in VRAM
         self._block_scratch = None  # kernels.block's buffer for a decoding token's attention block
+        self.file_check = None  # run before every step: raises if the model file changed under us (Model.load sets it)
 
     def reset(self) -> None:
         self.cache.n_past = 0
@@ -202,6 +205,8 @@ class Transformer:
         many tokens a matmul gets) the same as llama.cpp's."""
         n = len(tokens)
         start = self.cache.n_past
+        if self.file_check is not None:
+            self.file_check()
         if start + n > self.cache.n_ctx:
             raise ContextOverflowError(
                 f"{start + n} tokens do not fit the context of {self.cache.n_ctx} (raise -c / n_ctx)"
@@ -238,6 +243,9 @@ class Transformer:
                 self._predict(i, x)
             h = rms_norm(x, layer.ffn_norm, a.rms_eps, out=buf("norm", len(x), a.n_embd))
             x += self._moe(i, layer.moe, h) if layer.moe else _ffn(layer.dense, h, buf, gpu=self.gpu)
+            if not math.isfinite(x[-1].sum()):  # one row's sum: cheap, and attention spreads a NaN to it
+                raise NonFiniteError(f"layer {i} produced NaN or Inf activations (positions {start}..{start + n - 1}): "
+                                     "the file's weights are damaged or overflow float32")
         self.cache.n_past = start + n
         if outputs == "none":
             return None

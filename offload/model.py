@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -12,10 +13,10 @@ from typing import Iterator
 import numpy as np
 
 from . import arch
-from .errors import ContextOverflowError, OffloadError
+from .errors import ContextOverflowError, ModelBusyError, OffloadError
 from .forward import Transformer
 from .gguf_file import GGUFFile
-from .store import MemoryPlan, StoreStats, TieredExperts, default_budget, make_plan, parse_budget
+from .store import MemoryPlan, StoreStats, TieredExperts, check_within_limit, default_budget, make_plan, parse_budget
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 from .weights import ResidentExperts, load_weights
@@ -46,6 +47,37 @@ class GenerationStats:
         return self.generated_tokens / self.generate_seconds if self.generate_seconds else 0.0
 
 
+class _OneThreadAtATime:
+    """A Model holds one KV cache and one set of scratch buffers, so two threads computing
+    with it at once would corrupt each other's results silently. Calls (a generation lasts
+    from its first token to its end or close) may nest in one thread; a call from another
+    thread while one runs raises ModelBusyError. A server queues requests before this."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._depth = 0
+
+    def __enter__(self) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            if self._owner not in (None, me) and self._owner in _live_threads():
+                raise ModelBusyError("this Model is in use by another thread (calls on one Model must not overlap: "
+                                     "queue them, or load one Model per thread)")
+            self._depth = self._depth + 1 if self._owner == me else 1
+            self._owner = me
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth <= 0:
+                self._owner, self._depth = None, 0
+
+
+def _live_threads() -> set[int]:
+    return {t.ident for t in threading.enumerate()}
+
+
 @dataclass
 class Model:
     """A loaded model. Build it with `Model.load(path)`."""
@@ -64,6 +96,7 @@ class Model:
     chat_template_source: str | None = None  # Jinja text that overrides the model's chat template
     _kv_ids: list = field(default_factory=list)  # the token ids in the KV cache (chat reuses them)
     _chat_template: object = None
+    _busy: _OneThreadAtATime = field(default_factory=_OneThreadAtATime)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, n_ctx: int | None = None, n_threads: int | None = None,
@@ -110,6 +143,7 @@ class Model:
                 budget, source = default_budget()
             else:
                 budget, source = parse_budget(memory_budget), "given"
+                check_within_limit(budget)
             plan = make_plan(gguf, args, n_ctx, budget, source, o_direct=o_direct, scope=cache_scope,
                              prefetch_slots=prefetch_slots, gpu=_gpu_wanted(vram_budget))
             plan.check()
@@ -119,6 +153,7 @@ class Model:
             else:
                 experts = TieredExperts(gguf, plan, args, policy=cache_policy, io_threads=io_threads)
             transformer = Transformer(args, weights, experts, n_ctx)
+            transformer.file_check = gguf.check_unchanged
             _attach_gpu(transformer, weights, experts, gguf, args, vram_budget, gpu_options)
             if prefetch and prefetch_depth > 0 and isinstance(experts, TieredExperts) and not experts.all_resident:
                 from .predict import Prefetcher, make_predictor
@@ -153,9 +188,10 @@ class Model:
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Logits (len(tokens), n_vocab) float32 of every position, in a fresh context."""
         ids = self._check_tokens(tokens)
-        self.transformer.reset()
-        self._kv_ids = []
-        return self.transformer.forward(ids, all_logits=True)
+        with self._busy:
+            self.transformer.reset()
+            self._kv_ids = []
+            return self.transformer.forward(ids, all_logits=True)
 
     def generate(
         self,
@@ -196,10 +232,18 @@ class Model:
         `record_trace`: a path; every MoE layer's routing of every token run is recorded and
         saved there as a `.npz` routing trace (`offload.trace`) when the generation ends (or
         is closed early); also kept as `self.last_trace`."""
-        if record_trace is not None:
-            ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-            yield from self._recording(record_trace, ids, self.generate_tokens(ids, max_tokens, params))
-            return
+        with self._busy:
+            if record_trace is not None:
+                ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+                yield from self._recording(record_trace, ids, self._generate_tokens(ids, max_tokens, params))
+            else:
+                yield from self._generate_tokens(prompt, max_tokens, params)
+
+    def exclusive(self) -> _OneThreadAtATime:
+        """`with model.exclusive():` around work that uses the KV cache (chat turns do)."""
+        return self._busy
+
+    def _generate_tokens(self, prompt: str | list[int], max_tokens: int, params: SamplingParams) -> Iterator[int]:
         ids = self._check_tokens(self.tokenize(prompt) if isinstance(prompt, str) else prompt)
         stats = self.last_generation = GenerationStats(prompt_tokens=len(ids))
         sampler = Sampler(params)

@@ -49,6 +49,9 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -94,8 +97,8 @@ class RoutingTrace:
                 raise ValueError(f"predicted must be ({s}, {l}, depth, m), got {self.predicted.shape}")
         if k != self.k:
             raise ValueError(f"experts has {k} per token, k is {self.k}")
-        if s and self.experts.max(initial=-1) >= self.n_expert:
-            raise ValueError(f"an expert id is >= n_expert ({self.n_expert})")
+        if s and (self.experts.max(initial=-1) >= self.n_expert or self.experts.min(initial=-1) < -1):
+            raise ValueError(f"an expert id is outside -1..{self.n_expert - 1}")
 
     @property
     def n_steps(self) -> int:
@@ -122,7 +125,9 @@ class RoutingTrace:
                       batch=self.batch)
         if self.predicted is not None:
             arrays["predicted"] = self.predicted
-        with open(path, "wb") as f:
+        from .atomic import atomic_write
+
+        with atomic_write(path) as f:  # a full disk leaves no half-written trace
             np.savez_compressed(f, **arrays)
 
     @classmethod
@@ -137,13 +142,20 @@ class RoutingTrace:
                                        f"({FORMAT_VERSION})")
                 meta = json.loads(str(z["metadata"]))
                 data = {name: z[name] for name in z.files}
-        except (OSError, KeyError, ValueError) as e:
-            raise OffloadError(f"{path}: not a routing trace ({e})") from None
-        known = {"model", "n_expert", "k", "prompt_tokens"}
-        return cls(experts=data["experts"], weights=data["weights"], layers=data["layers"], tokens=data["tokens"],
-                   n_expert=int(meta["n_expert"]), k=int(meta["k"]), prompt_tokens=int(meta.get("prompt_tokens", 0)),
-                   batch=data.get("batch"), predicted=data.get("predicted"), model=meta.get("model", ""),
-                   meta={key: v for key, v in meta.items() if key not in known})
+            if not isinstance(meta, dict):
+                raise ValueError("its metadata is not a JSON object")
+            known = {"model", "n_expert", "k", "prompt_tokens"}
+            # __post_init__ checks the arrays' shapes and ids against each other
+            return cls(experts=data["experts"], weights=data["weights"], layers=data["layers"], tokens=data["tokens"],
+                       n_expert=int(meta["n_expert"]), k=int(meta["k"]), prompt_tokens=int(meta.get("prompt_tokens", 0)),
+                       batch=data.get("batch"), predicted=data.get("predicted"), model=str(meta.get("model", "")),
+                       meta={key: v for key, v in meta.items() if key not in known})
+        except OffloadError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError, EOFError, ArithmeticError, MemoryError, NotImplementedError,
+                struct.error, zipfile.BadZipFile, zlib.error) as e:
+            # whatever a damaged or foreign file makes numpy, zipfile or json raise: one line
+            raise OffloadError(f"{path}: not a routing trace ({type(e).__name__}: {e})") from None
 
     def equals(self, other: "RoutingTrace") -> bool:
         """Same fields and metadata (arrays compared exactly)."""

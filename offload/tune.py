@@ -20,8 +20,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import psutil
-
 from .errors import OffloadError
 
 KNEE_SHARE = 0.9  # the knee: the smallest budget reaching this share of the best result
@@ -54,7 +52,7 @@ def budgets_to_try(path: str, shares: Sequence[float], n_ctx: int, o_direct: boo
     available now), and the minimum and full budgets themselves."""
     from . import arch
     from .gguf_file import GGUFFile
-    from .store import make_plan
+    from .store import make_plan, memory
 
     gguf = GGUFFile(path)
     try:
@@ -63,7 +61,7 @@ def budgets_to_try(path: str, shares: Sequence[float], n_ctx: int, o_direct: boo
     finally:
         gguf.close()
     low, high = plan.minimum, plan.full
-    cap = int(psutil.virtual_memory().available * 0.9)
+    cap = int(memory().available * 0.9)  # within a cgroup's limit too
     if low > cap:
         raise OffloadError(f"this model needs at least {low / 2**20:.0f} MiB and only {cap / 2**20:.0f} MiB are free")
     budgets = sorted({min(cap, int(low + s * (high - low))) for s in shares})
