@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from offload import Model
 from offload.demo import demo_model_path
 from offload.sampling import SamplingParams
 from offload.server import ServerConfig, create_app
+from offload.server.app import STATIC
 
 PROMPTS = ["In the beginning", "And the LORD said unto Moses", "Blessed are the meek"]
 
@@ -358,6 +360,13 @@ def test_metrics_and_expert_panel(server):
     assert all(v == 1 for row in panel["held"] for v in row)  # the whole model in RAM
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    for ref in ("/static/app.js", "/static/style.css"):
+        assert ref in page.text and httpx.get(server.url + ref).status_code == 200
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="no node to check the page's JavaScript")
+def test_page_script_parses():
+    subprocess.run(["node", "--check", str(STATIC / "app.js")], check=True)
 
 
 # -- the command -----------------------------------------------------------------------------
