@@ -358,6 +358,7 @@ def test_metrics_and_expert_panel(server):
     panel = httpx.get(server.url + "/v1/offload/experts").json()
     assert sum(map(sum, panel["hits"])) > 0 and panel["live"]["tokens"] == 8
     assert all(v == 1 for row in panel["held"] for v in row)  # the whole model in RAM
+    assert [sum(v > 0 for v in row) for row in panel["last"]] == [2] * 4  # the last token's top-2 in each layer
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     for ref in ("/static/app.js", "/static/style.css"):

@@ -3,7 +3,7 @@
 `ExpertActivity` stands between the transformer and its expert store: every `get(layer,
 expert)` passes through it to the store unchanged (results never change) and is counted as a
 hit or a miss (a miss: the store's miss counter moved during the call). A decode step walks
-the MoE layers in order, so a layer index at or below the previous one starts a new step;
+the MoE layers in order, so a layer index below the previous one starts a new step;
 `last` keeps the most recent step's choice in each layer (a prefill counts as one step).
 
 `snapshot()` adds what the store holds right now (resident, prefetched and not yet used,
@@ -50,7 +50,7 @@ class ExpertActivity:
         row = self._row.get(layer)
         if row is not None:
             with self._lock:
-                if layer <= self._prev_layer:
+                if layer < self._prev_layer:
                     self.step += 1
                 self._prev_layer = layer
                 if self._row_step[row] != self.step:
