@@ -7,7 +7,8 @@ chunk shapes), and last ("done", response, usage): the whole non-streamed respon
 the usage. Closing the generator (a client gone) stops the generation before its next token.
 
 Chat replies come from offload.chat.run_chat (the model's chat template, the KV cache
-reused across requests where the tokens agree, harmony's reasoning and tool calls);
+reused across requests where the tokens agree, harmony's reasoning and tool calls; other
+models' tool calls parsed out of the text by offload.server.tools when the request offers tools);
 completions from Model.generate_tokens, the same tokens `Model.generate` gives.
 """
 
@@ -21,6 +22,7 @@ from .. import harmony
 from ..chat import TurnResult, chunk_dict, completion_dict, completion_id, delta_dict, prompt_ids, run_chat
 from ..tokenizer import StreamDecoder
 from .schemas import APIError, ChatRequest, CompletionRequest
+from .tools import ToolCallParser, call_delta, tool_format
 
 READY = ("ready", None)
 
@@ -59,6 +61,15 @@ def chat_work(req: ChatRequest, name: str, metrics, activity):
         cid, created = completion_id(), int(time.time())
         deltas = run_chat(model, template, req.messages, req.sampling, req.max_tokens, req.stop, result=res,
                           template_vars=tvars)
+        fmt = tool_format(template.template) if req.tools and not harmony.is_harmony(template) else None
+        calls = ToolCallParser(fmt) if fmt else None  # tool calls written as text, split from the content
+
+        def parsed(text_and_calls: tuple[str, list[dict]]) -> list[dict]:
+            """The parser's output as deltas: content, then each completed call."""
+            text, new_calls = text_and_calls
+            first = len(calls.calls) - len(new_calls)
+            return ([{"content": text}] if text else []) + [call_delta(first + i, c) for i, c in enumerate(new_calls)]
+
         seen = 0
         finished = False
         try:
@@ -67,9 +78,19 @@ def chat_work(req: ChatRequest, name: str, metrics, activity):
                 while seen < res.completion_tokens:
                     seen += 1
                     metrics.token()
-                delta = delta_dict(d, res)
-                if delta:
+                if calls is not None and d.kind == harmony.CONTENT:
+                    out = parsed(calls.feed(d.text))
+                else:
+                    out = [delta] if (delta := delta_dict(d, res)) else []
+                for delta in out:
                     yield "chunk", chunk_dict(cid, created, name, delta)
+            if calls is not None:
+                for delta in parsed(calls.finish()):
+                    yield "chunk", chunk_dict(cid, created, name, delta)
+                if calls.calls:
+                    res.text, res.tool_calls = calls.content.strip(), calls.calls
+                    if res.finish_reason == "stop":
+                        res.finish_reason = "tool_calls"
             finished = True
         finally:
             deltas.close()
