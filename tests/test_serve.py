@@ -221,6 +221,8 @@ def test_bad_requests_get_openai_errors(server):
                  "invalid_json")
     expect_error(post(chat, content=b"\xff\xfe", headers={"content-type": "application/json"}), 400, "invalid_json")
     expect_error(post(chat, json=[1, 2]), 400, "invalid_json")
+    expect_error(post(chat, content=b"[" * 100_000), 400, "invalid_json")
+    expect_error(post(chat, content=b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'), 400)
     expect_error(post(chat, json={}), 400, "missing_field")
     expect_error(post(chat, json={"messages": "hi"}), 400, "invalid_type")
     expect_error(post(chat, json={"messages": [{"role": "wizard", "content": "hi"}]}), 400)
@@ -290,6 +292,26 @@ def test_dropped_stream_stops_its_generation(slow_tiered_server, oracle):
     messages = [{"role": "user", "content": PROMPTS[2]}]
     r = s.client().chat.completions.create(model="demo", messages=messages, max_tokens=16, temperature=0)
     assert r.choices[0].message.content == oracle_chat(oracle, messages, max_tokens=16, temperature=0)
+
+
+def test_a_client_that_leaves_before_the_answer_stops_it(slow_tiered_server):
+    """Not streamed: the server notices the closed connection and cancels the generation."""
+    s = slow_tiered_server
+    cancelled = s.metric("generations_cancelled_total")
+    body = json.dumps({"prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0}).encode()
+    host, port = s.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 10
+        while s.metric("requests_running") == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    deadline = time.monotonic() + 10
+    while s.metric("generations_cancelled_total") == cancelled:
+        assert time.monotonic() < deadline, "the generation went on after the client left"
+        time.sleep(0.05)
+    assert s.metric("requests_running") == 0
 
 
 def test_concurrent_clients_get_their_solo_answers(slow_tiered_server, oracle):

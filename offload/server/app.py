@@ -142,6 +142,10 @@ def create_app(config: ServerConfig, load: Callable[[], Any], on_load_error: Cal
                     response = error_response(e)
                 except ClientDisconnect:
                     response = Response(status_code=499)
+                except Exception as e:  # a bug in offload: the traceback to the log, one line to the client
+                    log.exception("%s failed", route)
+                    response = error_response(APIError(500, f"internal error: {type(e).__name__}: {e}",
+                                                       type="server_error", code="internal_error"))
                 state.metrics.requests[(route, response.status_code)] += 1
                 return response
 
