@@ -32,7 +32,7 @@ PROMPTS = ["In the beginning", "And the LORD said unto Moses", "Blessed are the 
 class RunningServer:
     """An app served by uvicorn in a thread, on a free port of 127.0.0.1."""
 
-    def __init__(self, config: ServerConfig, load):
+    def __init__(self, config: ServerConfig, load, wait: bool = True):
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -40,10 +40,14 @@ class RunningServer:
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=1))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
+        if wait:
+            self.wait_until(lambda: httpx.get(self.url + "/health").status_code == 200)
+
+    def wait_until(self, ready) -> None:
         deadline = time.monotonic() + 60
         while True:
             try:
-                if httpx.get(self.url + "/health").status_code == 200:
+                if ready():
                     break
             except httpx.TransportError:
                 pass
@@ -267,6 +271,29 @@ def test_api_key():
         assert s.client("sesame").completions.create(model="demo", prompt="In", max_tokens=2).usage.completion_tokens
         assert httpx.get(s.url + "/health").status_code == 200  # not an API route
     finally:
+        s.stop()
+
+
+def test_503_while_the_model_loads_then_200():
+    go = threading.Event()
+
+    def load():
+        go.wait(30)
+        return Model.load(demo_model_path())
+
+    s = RunningServer(ServerConfig(model_name="demo"), load, wait=False)
+    try:
+        s.wait_until(lambda: httpx.get(s.url + "/health").status_code == 503)
+        assert httpx.get(s.url + "/health").json() == {"status": "loading"}
+        expect_error(httpx.post(s.url + "/v1/completions", json={"prompt": "In"}), 503, "model_loading")
+        expect_error(httpx.get(s.url + "/v1/offload/experts"), 503, "model_loading")
+        assert httpx.get(s.url + "/v1/models").status_code == 200  # the name is known before the model
+        go.set()
+        s.wait_until(lambda: httpx.get(s.url + "/health").status_code == 200)
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "In", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    finally:
+        go.set()
         s.stop()
 
 

@@ -179,15 +179,10 @@ def create_app(config: ServerConfig, load: Callable[[], Any], on_load_error: Cal
                            code="model_not_found", param="model")
         return JSONResponse(_model_card(config.model_name, state.started))
 
-    def n_ctx() -> int:
-        if not engine.loaded:  # the same 503 as submit() gives
-            engine.submit(lambda m: iter(()))
-        return engine.model.n_ctx
-
     @api("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await read_json(request)
-        req = chat_request(body, config.sampling, n_ctx())
+        req = chat_request(body, config.sampling, engine.require_model().n_ctx)
         if req.max_tokens is None:
             req.max_tokens = config.max_tokens
         return await run(request, engine.submit(chat_work(req, config.model_name, state.metrics, state.activity)),
@@ -196,16 +191,17 @@ def create_app(config: ServerConfig, load: Callable[[], Any], on_load_error: Cal
     @api("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await read_json(request)
-        req = completion_request(body, config.sampling, n_ctx())
+        req = completion_request(body, config.sampling, engine.require_model().n_ctx)
         return await run(request, engine.submit(completion_work(req, config.model_name, state.metrics,
                                                                 state.activity)), req.stream, req.include_usage)
 
     @api("/v1/offload/experts")
     async def experts(request: Request) -> Response:
-        if not engine.loaded or state.activity is None:
-            raise APIError(503, "the model is loading", type="server_error", code="model_loading")
+        model = engine.require_model()
+        if state.activity is None:  # set right after loading, in the worker thread
+            raise APIError(503, "the model is loading; try again shortly", type="server_error", code="model_loading")
         out = state.activity.snapshot()
-        out["live"] = state.metrics.live(engine.model)
+        out["live"] = state.metrics.live(model)
         out["queue_depth"] = engine.queue_depth
         return JSONResponse(out)
 

@@ -123,14 +123,19 @@ class Engine:
         with self._lock:
             return len(self._waiting)
 
-    def submit(self, work: Callable[[Any], Iterator[Any]]) -> Job:
+    def require_model(self) -> Any:
+        """The loaded model, or the 503 to answer while it loads (or when it could not)."""
+        if self._closed:
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         if not self.loaded:
             if self.load_error is not None:
                 raise APIError(503, f"the model failed to load: {self.load_error}", type="server_error",
                                code="model_load_failed")
             raise APIError(503, "the model is loading; try again shortly", type="server_error", code="model_loading")
-        if self._closed:
-            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        return self.model
+
+    def submit(self, work: Callable[[Any], Iterator[Any]]) -> Job:
+        self.require_model()
         job = Job(work, asyncio.get_running_loop())
         with self._lock:
             self._waiting.append(job)
