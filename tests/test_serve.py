@@ -468,3 +468,54 @@ def test_serve_command_refuses_a_bad_model(tmp_path):
         out, err = p.communicate(timeout=60)
         assert p.returncode == 1, err
         assert "Traceback" not in err and "offload: error:" in err
+
+
+def test_load_stays_within_the_memory_budget(oracle):
+    """A bounded load test: `offload serve` under a budget that holds a quarter of the experts,
+    3 clients x 2 requests at once; every answer is the model's own, and what the process
+    grew by from before the model loaded (its peak) stays within the budget, as test_store
+    checks it for one process that generates."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    p = offload_cli("serve", "--port", str(port), "--memory-budget", "54MB")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert p.poll() is None, p.communicate()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        answers, errors = {}, []
+
+        def client(c: int) -> None:
+            try:
+                for j in range(2):
+                    messages = [{"role": "user", "content": f"{PROMPTS[(c + j) % 3]} {c}"}]
+                    r = httpx.post(url + "/v1/chat/completions", timeout=120,
+                                   json={"messages": messages, "max_tokens": 24, "temperature": 0.7, "seed": c + j})
+                    answers[(c, j)] = (messages, r.json()["choices"][0]["message"]["content"])
+            except Exception as e:  # noqa: BLE001 (reported below)
+                errors.append(e)
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert len(answers) == 6
+        for (c, j), (messages, text) in answers.items():
+            assert text == oracle_chat(oracle, messages, max_tokens=24, temperature=0.7, seed=c + j)
+        metrics = {line.split()[0]: float(line.split()[1]) for line in httpx.get(url + "/metrics").text.splitlines()
+                   if line.startswith("offload_") and " " in line}
+        growth = metrics["offload_peak_resident_memory_bytes"] - metrics["offload_resident_memory_before_load_bytes"]
+        assert metrics["offload_resident_memory_before_load_bytes"] > 0
+        assert 0 < growth <= metrics["offload_memory_budget_bytes"], metrics
+        assert metrics["offload_expert_misses_total"] > 0 and metrics["offload_generations_total"] == 6
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=30)

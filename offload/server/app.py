@@ -164,7 +164,8 @@ def create_app(config: ServerConfig, load: Callable[[], Any], on_load_error: Cal
         return JSONResponse({"status": "loading"}, status_code=503)
 
     async def metrics(request: Request) -> Response:
-        text = state.metrics.prometheus(engine.model, engine.queue_depth, engine.running is not None, engine.loaded)
+        text = state.metrics.prometheus(engine.model, engine.queue_depth, engine.running is not None, engine.loaded,
+                                        engine.rss_before_load)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @api("/v1/models")

@@ -108,6 +108,7 @@ class Engine:
         self._waiting: list[Job] = []  # submitted, not started (for cancel-all and the queue depth)
         self._lock = threading.Lock()
         self._closed = False
+        self.rss_before_load = 0
 
     # -- the event loop's side -------------------------------------------------------
     def start(self) -> None:
@@ -156,6 +157,9 @@ class Engine:
 
     # -- the worker thread -------------------------------------------------------------
     def _run(self) -> None:
+        import psutil
+
+        self.rss_before_load = psutil.Process().memory_info().rss  # the budget counts what loading adds
         try:
             self.model = self._load()
             if self._on_ready is not None:

@@ -12,6 +12,7 @@ from collections import Counter
 
 import psutil
 
+from ..model import _peak_rss
 from ..store import TieredExperts
 
 
@@ -94,7 +95,7 @@ class Metrics:
             "expert_slots": plan.slots if plan is not None and isinstance(model.experts, TieredExperts) else 0,
         }
 
-    def prometheus(self, model, queue_depth: int, running: bool, loaded: bool) -> str:
+    def prometheus(self, model, queue_depth: int, running: bool, loaded: bool, rss_before_load: int = 0) -> str:
         """The Prometheus text exposition (version 0.0.4)."""
         out: list[str] = []
 
@@ -139,4 +140,7 @@ class Metrics:
             metric("kv_cache_bytes", "gauge", "The KV cache's size.", [("", model.transformer.cache.nbytes)])
         metric("resident_memory_bytes", "gauge", "The process's resident set size.",
                [("", self._process.memory_info().rss)])
+        metric("peak_resident_memory_bytes", "gauge", "The process's peak resident set size.", [("", _peak_rss())])
+        metric("resident_memory_before_load_bytes", "gauge", "The resident set size before the model loaded (the "
+               "interpreter and the server; the memory budget counts what comes after).", [("", rss_before_load)])
         return "\n".join(out) + "\n"
