@@ -260,9 +260,20 @@ def test_bad_requests_get_openai_errors(server):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
-def test_api_key():
-    s = RunningServer(ServerConfig(model_name="demo", api_key="sesame"), lambda: Model.load(demo_model_path()))
+def test_api_key_and_cors():
+    s = RunningServer(ServerConfig(model_name="demo", api_key="sesame", cors_origins=("http://app.example",)),
+                      lambda: Model.load(demo_model_path()))
     try:
+        # a page from the allowed origin may call the API (the preflight needs no key), others may not
+        pre = httpx.options(s.url + "/v1/chat/completions", headers={
+            "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://app.example"
+        other = httpx.options(s.url + "/v1/chat/completions", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        denied = httpx.get(s.url + "/v1/models", headers={"Origin": "http://app.example"})
+        assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == "http://app.example"
         expect_error(httpx.get(s.url + "/v1/models"), 401, "invalid_api_key")
         expect_error(httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
         expect_error(httpx.post(s.url + "/v1/completions", json={"prompt": "x"}), 401)

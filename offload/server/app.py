@@ -251,7 +251,10 @@ async def run(request: Request, job: Job, stream: bool, include_usage: bool) -> 
     events = job.events()
     watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:
-        first = await anext(events)  # READY, or the APIError raised by the checks
+        first = await anext(events, None)  # READY, or the APIError raised by the checks
+        if first is None:  # cancelled before its turn: the server is shutting down
+            raise APIError(503, "the request was cancelled: the server is shutting down", type="server_error",
+                           code="shutting_down")
         assert first == READY, first
     except BaseException:
         watcher.cancel()
