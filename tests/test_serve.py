@@ -251,6 +251,7 @@ def test_bad_requests_get_openai_errors(server):
     expect_error(post(comp, json={"prompt": ["a", "b"]}), 400, "unsupported_value")
     expect_error(post(comp, json={"prompt": ""}), 400)
     expect_error(post(comp, content=b"x" * (5 * 2**20)), 413, "request_too_large")
+    expect_error(post(comp, content=(b"x" * 2**20 for _ in range(5))), 413, "request_too_large")  # chunked
     expect_error(httpx.get(chat), 405)
     expect_error(httpx.get(server.url + "/v1/nothing"), 404)
     # neutral values of unsupported fields are fine; the server is still up and answering

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import os
@@ -87,28 +88,25 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
-        too_big = APIError(413, f"the request body is larger than {self.limit} bytes", code="request_too_large")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await error_response(too_big)(scope, receive, send)
+            return await error_response(BodyTooLarge(self.limit))(scope, receive, send)
         seen = 0
 
-        async def counted():
+        async def counted():  # a body sent in chunks, without a length
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _BodyTooLarge()
+                    raise BodyTooLarge(self.limit)  # an APIError: the route answers 413
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except _BodyTooLarge:
-            await error_response(too_big)(scope, receive, send)
+        await self.app(scope, counted, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(APIError):
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than {limit} bytes", code="request_too_large")
 
 
 def create_app(config: ServerConfig, load: Callable[[], Any], on_load_error: Callable[[BaseException], None]
@@ -126,7 +124,7 @@ def create_app(config: ServerConfig, load: Callable[[], Any], on_load_error: Cal
             return
         auth = request.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or token.strip() != key:
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise APIError(401, "a valid API key is needed: send the header Authorization: Bearer KEY",
                            type="authentication_error", code="invalid_api_key")
 
@@ -184,10 +182,8 @@ def create_app(config: ServerConfig, load: Callable[[], Any], on_load_error: Cal
     async def chat_completions(request: Request) -> Response:
         body = await read_json(request)
         req = chat_request(body, config.sampling, engine.require_model().n_ctx)
-        if req.max_tokens is None:
-            req.max_tokens = config.max_tokens
-        return await run(request, engine.submit(chat_work(req, config.model_name, state.metrics, state.activity)),
-                         req.stream, req.include_usage)
+        work = chat_work(req, config.model_name, state.metrics, state.activity, default_max_tokens=config.max_tokens)
+        return await run(request, engine.submit(work), req.stream, req.include_usage)
 
     @api("/v1/completions")
     async def completions(request: Request) -> Response:

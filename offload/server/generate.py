@@ -43,7 +43,10 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def chat_work(req: ChatRequest, name: str, metrics, activity):
+def chat_work(req: ChatRequest, name: str, metrics, activity, default_max_tokens: int | None = None):
+    """`default_max_tokens` (serve -n): the cap of a reply whose request gives none (a cap, not
+    a demand: the context may end the reply first)."""
+
     def work(model) -> Iterator[tuple]:
         template = model.chat_template
         tvars: dict = {}
@@ -59,7 +62,8 @@ def chat_work(req: ChatRequest, name: str, metrics, activity):
         metrics.begin(model, len(ids))
         res = TurnResult()
         cid, created = completion_id(), int(time.time())
-        deltas = run_chat(model, template, req.messages, req.sampling, req.max_tokens, req.stop, result=res,
+        limit = req.max_tokens if req.max_tokens is not None else default_max_tokens
+        deltas = run_chat(model, template, req.messages, req.sampling, limit, req.stop, result=res,
                           template_vars=tvars)
         fmt = tool_format(template.template) if req.tools and not harmony.is_harmony(template) else None
         calls = ToolCallParser(fmt) if fmt else None  # tool calls written as text, split from the content
