@@ -435,6 +435,8 @@ def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, 
     path = _model_path(model)
     if not os.path.exists(path):
         raise OffloadError(f"{path}: no such file")
+    if "%" in max_body:
+        raise click.BadParameter(f"{max_body!r} is not a size (examples: 4MB, 512KB)", param_hint="--max-body")
     depth = DEFAULT_PREFETCH_DEPTH if prefetch_depth is None else prefetch_depth
     config = ServerConfig(
         model_name=alias or os.path.basename(path),

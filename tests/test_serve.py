@@ -531,3 +531,13 @@ def test_load_stays_within_the_memory_budget(oracle):
     finally:
         p.send_signal(signal.SIGTERM)
         p.communicate(timeout=30)
+
+
+def test_serve_has_the_model_and_sampling_flags_of_chat():
+    from offload.cli import chat, serve
+
+    chat_only = {"system", "context_shift", "reasoning_effort", "hide_reasoning"}  # a session's, not a server's
+    flags = {p.name: p.opts for p in serve.params}
+    for p in chat.params:
+        if p.name not in chat_only:
+            assert flags.get(p.name) == p.opts, p.name

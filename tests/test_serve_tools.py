@@ -141,3 +141,38 @@ def test_tool_calls_through_the_openai_client(tool_server, scripted_reply):
     r = client.chat.completions.create(model="demo", messages=messages, tools=TOOLS, tool_choice="none")
     assert scripted_reply[-1] == {} and r.choices[0].message.tool_calls is None
     assert "<tool_call>" in r.choices[0].message.content
+
+
+def test_harmony_reasoning_and_tool_calls_reach_the_client(tool_server, monkeypatch):
+    """What offload.chat splits out of a harmony reply (gpt-oss) goes out as llama.cpp's server
+    sends it: reasoning_content, and tool_calls opened with their name, then the arguments."""
+    from offload.harmony import REASONING, TOOL_CALL
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+
+    def run_chat(model, template, messages, params, max_tokens=None, stop=None, result=None, template_vars=None):
+        result.prompt_tokens, result.tool_calls = 5, [call]
+        for d in (Delta(REASONING, "The user wants "), Delta(REASONING, "the weather."), Delta(CONTENT, "Checking."),
+                  Delta(TOOL_CALL, "", 0, "get_weather"), Delta(TOOL_CALL, '{"city":', 0),
+                  Delta(TOOL_CALL, '"Paris"}', 0)):
+            result.completion_tokens += 1
+            yield d
+        result.reasoning, result.text = "The user wants the weather.", "Checking."
+        result.finish_reason, result.stop_reason = "tool_calls", "eos"
+
+    monkeypatch.setattr(server_generate, "run_chat", run_chat)
+    client = tool_server.client()
+    messages = [{"role": "user", "content": "Weather?"}]
+    r = client.chat.completions.create(model="demo", messages=messages)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and msg.content == "Checking."
+    assert msg.model_extra["reasoning_content"] == "The user wants the weather."
+    assert [(c.id, c.function.name, c.function.arguments) for c in msg.tool_calls] == \
+        [("call_1", "get_weather", '{"city":"Paris"}')]
+    chunks = list(client.chat.completions.create(model="demo", messages=messages, stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == "The user wants the weather."
+    calls = [tc for d in deltas for tc in (d.tool_calls or [])]
+    assert calls[0].id == "call_1" and calls[0].function.name == "get_weather"
+    assert "".join(tc.function.arguments or "" for tc in calls) == '{"city":"Paris"}'
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
