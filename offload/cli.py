@@ -426,7 +426,7 @@ def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, 
 
     from .model import DEFAULT_PREFETCH_DEPTH, Model
     from .sampling import SamplingParams
-    from .server import ServerConfig, serve as run_server
+    from .server import ServerConfig, listen, serve as run_server
     from .store import parse_budget
 
     if chat_template_file:
@@ -447,6 +447,9 @@ def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, 
         max_body_bytes=parse_budget(max_body),
     )
 
+    sock = listen(host, port)
+    port = sock.getsockname()[1]  # --port 0: the one the system chose
+
     def load():
         m = Model.load(path, n_ctx=ctx_size, n_threads=threads, memory_budget=memory_budget,
                        cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
@@ -458,7 +461,7 @@ def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, 
                    f"http://{host}:{port}/" + (" (API key required)" if api_key else ""), err=True)
         return m
 
-    error = run_server(config, load, host=host, port=port, log_level="debug" if verbose else "info")
+    error = run_server(config, load, sock, log_level="debug" if verbose else "info")
     if error is not None:
         if isinstance(error, OffloadError):
             raise error

@@ -472,6 +472,16 @@ def test_serve_command_starts_and_stops_on_a_signal(sig, code):
     assert "Traceback" not in err and "serving" in err and "Application shutdown complete" in err
 
 
+def test_serve_command_refuses_a_port_in_use():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        p = offload_cli("serve", "--port", str(taken.getsockname()[1]))
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 1 and err.startswith("offload: error: cannot listen on 127.0.0.1:"), err
+    assert "serving" not in err  # refused before loading anything
+
+
 def test_serve_command_refuses_a_bad_model(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file at all" * 10)

@@ -15,18 +15,34 @@ batch is not done yet.
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Any, Callable
+
+from ..errors import OffloadError
 
 from .app import DEFAULT_MAX_BODY, ServerConfig, create_app
 
-__all__ = ["ServerConfig", "create_app", "serve", "DEFAULT_MAX_BODY"]
+__all__ = ["ServerConfig", "create_app", "listen", "serve", "DEFAULT_MAX_BODY"]
 
 
-def serve(config: ServerConfig, load: Callable[[], Any], host: str = "127.0.0.1", port: int = 8080,
-          log_level: str = "info", sockets=None) -> BaseException | None:
-    """Run the server until Ctrl-C / SIGTERM (uvicorn handles both: it stops accepting,
-    lets replies end for a few seconds, then cancels them, which stops their generation).
-    Returns the model's load error, if loading failed (the server then stops at once)."""
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything loads: a port in use is one line of error."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        raise OffloadError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def serve(config: ServerConfig, load: Callable[[], Any], sock: socket.socket, log_level: str = "info") \
+        -> BaseException | None:
+    """Run the server on `sock` (see listen()) until Ctrl-C / SIGTERM (uvicorn handles both: it
+    stops accepting, lets replies end for a few seconds, then cancels them, which stops their
+    generation). Returns the model's load error, if loading failed (the server then stops at once)."""
     import uvicorn
 
     server: uvicorn.Server | None = None
@@ -36,9 +52,9 @@ def serve(config: ServerConfig, load: Callable[[], Any], host: str = "127.0.0.1"
             server.should_exit = True
 
     app = create_app(config, load, on_load_error=load_failed)
-    uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3,
-                               lifespan="on", access_log=log_level == "debug")
+    uv_config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3, lifespan="on",
+                               access_log=log_level == "debug")
     server = uvicorn.Server(uv_config)
     logging.getLogger("offload.server").setLevel(log_level.upper())
-    server.run(sockets=sockets)
+    server.run(sockets=[sock])
     return app.state.offload.engine.load_error
