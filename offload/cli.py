@@ -455,7 +455,15 @@ def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, 
                        cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
                        prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
                        chat_template=chat_template, vram_budget=vram_budget)
-        m.chat_template  # noqa: B018 (a template that does not compile is refused now, not per request)
+        from .chat import ChatSession
+        from .chat_template import ChatTemplateError
+
+        # the kernels loaded by a first batch, so that the first request's first token is not slow;
+        # a chat template that does not compile leaves /v1/completions working
+        try:
+            ChatSession(m, m.chat_template).warm_up()
+        except ChatTemplateError as e:
+            click.echo(f"offload: warning: {str(e).rstrip('.')}; /v1/chat/completions will answer 400", err=True)
         _memory_line(m, memory_budget)
         click.echo(f"offload: serving {path} as {config.model_name!r} ({m.n_ctx} tokens of context) on "
                    f"http://{host}:{port}/" + (" (API key required)" if api_key else ""), err=True)
