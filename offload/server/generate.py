@@ -3,8 +3,9 @@
 First it checks what can only be checked with the model (the rendered prompt's length
 against the context, with max_tokens) and yields READY, so that the handler can still
 answer with a 4xx; then it yields ("chunk", dict) for every piece of the reply (OpenAI's
-chunk shapes), and last ("done", response, usage): the whole non-streamed response and
-the usage. Closing the generator (a client gone) stops the generation before its next token.
+chunk shapes) or TICK (a token gave nothing to send yet), and last ("done", response,
+usage): the whole non-streamed response and the usage. Closing the generator (a client
+gone) stops the generation before its next token.
 
 Chat replies come from offload.chat.run_chat (the model's chat template, the KV cache
 reused across requests where the tokens agree, harmony's reasoning and tool calls; other
@@ -25,6 +26,7 @@ from .schemas import APIError, ChatRequest, CompletionRequest
 from .tools import ToolCallParser, call_delta, tool_format
 
 READY = ("ready", None)
+TICK = ("tick", None)  # nothing to send yet; lets the engine check for a cancel between tokens
 
 
 def check_fits(prompt_tokens: int, max_tokens: int | None, n_ctx: int, name: str) -> None:
@@ -88,6 +90,8 @@ def chat_work(req: ChatRequest, name: str, metrics, activity, default_max_tokens
                     out = [delta] if (delta := delta_dict(d, res)) else []
                 for delta in out:
                     yield "chunk", chunk_dict(cid, created, name, delta)
+                if not out:
+                    yield TICK  # text held back (a tool call being written): still a point to stop at
             if calls is not None:
                 for delta in parsed(calls.finish()):
                     yield "chunk", chunk_dict(cid, created, name, delta)
@@ -142,6 +146,8 @@ def completion_work(req: CompletionRequest, name: str, metrics, activity):
                 if out:
                     text.append(out)
                     yield "chunk", chunk(out)
+                else:
+                    yield TICK
                 if finish:
                     break
             else:
