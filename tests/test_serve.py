@@ -22,7 +22,6 @@ import uvicorn
 
 from offload import Model
 from offload.demo import demo_model_path
-from offload.sampling import SamplingParams
 from offload.server import ServerConfig, create_app
 from offload.server.app import STATIC
 
