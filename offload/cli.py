@@ -386,6 +386,96 @@ def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, se
                               ", or run with --context-shift"), err=True)
 
 
+def _options_of(command: click.Command, *names: str):
+    """Another command's options, same flags, defaults and help (in the order given)."""
+
+    def decorate(f):
+        for name in reversed(names):
+            opt = next(p for p in command.params if p.name == name)
+            f = click.option(*opt.opts, **{k: getattr(opt, k) for k in ("type", "default", "help", "show_default")},
+                             is_flag=opt.is_flag)(f)
+        return f
+
+    return decorate
+
+
+@main.command()
+@model_argument
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to listen on.")
+@click.option("--api-key", envvar="OFFLOAD_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every /v1 route (also $OFFLOAD_API_KEY).")
+@click.option("--cors-origin", "cors_origins", multiple=True,
+              help="Let web pages from this origin call the API (repeat for several; * for any).")
+@click.option("--alias", default=None, help="The model's name in /v1/models and in responses (default: the file name).")
+@click.option("--max-body", default="4MB", show_default=True, help="Largest request body accepted (413 above).")
+@_options_of(chat, "n_predict")
+@_sampling_and_memory_options
+@_options_of(chat, "chat_template", "chat_template_file")
+@click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, temp, top_k, top_p, min_p,
+          repeat_penalty, seed, ctx_size, threads, memory_budget, cache_policy, cache_scope, o_direct, prefetch_depth,
+          no_prefetch, vram_budget, chat_template, chat_template_file, verbose) -> None:
+    """Serve MODEL (a GGUF file; default: the demo model) over HTTP: OpenAI's API and a chat page.
+
+    Routes: / (the chat page, with a live view of the expert cache), /v1/chat/completions,
+    /v1/completions, /v1/models, /health, /metrics. The sampling flags are the defaults of
+    requests that leave a field out. Requests take turns, in arrival order. Ctrl-C or
+    SIGTERM stops the server."""
+    import os
+
+    from .model import DEFAULT_PREFETCH_DEPTH, Model
+    from .sampling import SamplingParams
+    from .server import ServerConfig, listen, serve as run_server
+    from .store import parse_budget
+
+    if chat_template_file:
+        with open(chat_template_file, encoding="utf-8") as f:
+            chat_template = f.read()
+    path = _model_path(model)
+    if not os.path.exists(path):
+        raise OffloadError(f"{path}: no such file")
+    if "%" in max_body:
+        raise click.BadParameter(f"{max_body!r} is not a size (examples: 4MB, 512KB)", param_hint="--max-body")
+    depth = DEFAULT_PREFETCH_DEPTH if prefetch_depth is None else prefetch_depth
+    config = ServerConfig(
+        model_name=alias or os.path.basename(path),
+        sampling=SamplingParams(temp, top_k, top_p, min_p, repeat_penalty, seed=seed),
+        max_tokens=n_predict if n_predict > 0 else None,
+        api_key=api_key or None,
+        cors_origins=tuple(cors_origins),
+        max_body_bytes=parse_budget(max_body),
+    )
+
+    sock = listen(host, port)
+    port = sock.getsockname()[1]  # --port 0: the one the system chose
+
+    def load():
+        m = Model.load(path, n_ctx=ctx_size, n_threads=threads, memory_budget=memory_budget,
+                       cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
+                       prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
+                       chat_template=chat_template, vram_budget=vram_budget)
+        from .chat import ChatSession
+        from .chat_template import ChatTemplateError
+
+        # the kernels loaded by a first batch, so that the first request's first token is not slow;
+        # a chat template that does not compile leaves /v1/completions working
+        try:
+            ChatSession(m, m.chat_template).warm_up()
+        except ChatTemplateError as e:
+            click.echo(f"offload: warning: {str(e).rstrip('.')}; /v1/chat/completions will answer 400", err=True)
+        _memory_line(m, memory_budget)
+        click.echo(f"offload: serving {path} as {config.model_name!r} ({m.n_ctx} tokens of context) on "
+                   f"http://{host}:{port}/" + (" (API key required)" if api_key else ""), err=True)
+        return m
+
+    error = run_server(config, load, sock, log_level="debug" if verbose else "info")
+    if error is not None:
+        if isinstance(error, OffloadError):
+            raise error
+        raise OffloadError(f"loading the model failed: {type(error).__name__}: {error}")
+
+
 class _ReplyPrinter:
     """A reply as it streams: the answer on stdout; reasoning on stderr, dimmed on a terminal
     (click drops the style elsewhere), so that a pipe's stdout holds only answers; a tool call

@@ -465,6 +465,13 @@ class TieredExperts:
         with self._cond:
             return sum(1 for s in self.arena.slots if s.state == READY)
 
+    def residency(self) -> dict[tuple[int, int], str]:
+        """What each slot holds now, (layer, expert) -> "ready", "prefetched" (read ahead, not
+        used yet) or "loading": a snapshot for displays (offload serve's expert panel)."""
+        with self._cond:
+            return {s.key: ("loading" if s.state == LOADING else "prefetched" if s.prefetched else "ready")
+                    for s in self.arena.slots if s.key is not None and s.state in (LOADING, READY)}
+
     def slot_of(self, layer: int, expert: int) -> Slot | None:
         with self._cond:
             return self._index.get((layer, expert))
