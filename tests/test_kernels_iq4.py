@@ -314,3 +314,18 @@ def test_model_same_under_budgets_and_kernels(model, ftype):
     with Model.load(path, n_ctx=128) as m:
         ids = m.tokenize(PROMPT)
     assert_same_under_budgets_and_kernels(path, ids, 8)
+
+
+@pytest.mark.parametrize("ftype,bpw", [("IQ4_NL", "4.50"), ("IQ4_XS", "4.25"), ("TQ1_0", "1.69"), ("TQ2_0", "2.06")])
+def test_inspect_names_the_type_and_its_bits_per_weight(model, ftype, bpw):
+    from offload.arch import model_args
+    from offload.summary import format_summary, summarize
+
+    path = model(ftype)
+    g = GGUFFile(path)
+    try:
+        text = format_summary(str(path), summarize(g, model_args(g), 128))
+    finally:
+        g.close()
+    experts = [line.split() for line in text.splitlines() if line.startswith("experts ") and "per layer" not in line]
+    assert [(row[1], row[-1]) for row in experts] == [(ftype, bpw)], text
