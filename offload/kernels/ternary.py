@@ -75,45 +75,70 @@ class TQ2_0Format(BlockFormat):
         return t * blocks["d"].astype(np.float32)[..., None]
 
 
-# -- kernels: a row's digits decoded once (numpy), then dotted with every token ---------------------
+# -- kernels: a row's digits decoded once into a per-thread buffer, then dotted with every token --
+
+@njit(inline="always")
+def _decode_tq1_0(w, r, o, digits, t, base):
+    for n in range(5):
+        for m in range(32):
+            t[base + 32 * n + m] = digits[n, w[r, o + m]]
+        for m in range(16):
+            t[base + 160 + 16 * n + m] = digits[n, w[r, o + 32 + m]]
+    for n in range(4):
+        for m in range(4):
+            t[base + 240 + 4 * n + m] = digits[n, w[r, o + 48 + m]]
+
+
+@njit(inline="always")
+def _decode_tq2_0(w, r, o, t, base):
+    for h in range(2):
+        for l in range(4):
+            for m in range(32):
+                t[base + 128 * h + 32 * l + m] = (w[r, o + 32 * h + m] >> (2 * l)) & 3
+
 
 @njit(parallel=True, cache=True, nogil=True)
-def _matmul_ternary(t, dw, xq, xd, bsums, out):
-    n_rows, n_blocks = dw.shape
+def _matmul_ternary(w, tq1, digits, f16, xq, xd, bsums, out):
+    n_rows = w.shape[0]
+    n_blocks = xd.shape[1]
+    block_bytes = TQ1_0_BYTES if tq1 else TQ2_0_BYTES
     for r in prange(n_rows):
+        t = np.empty(n_blocks * QK_K, dtype=np.uint8)
+        dw = np.empty(n_blocks, dtype=np.float32)
+        prod = np.empty(n_blocks * QK_K, dtype=np.int32)
+        for b in range(n_blocks):
+            o = b * block_bytes
+            d_at = o + block_bytes - 2  # d is the last field of both layouts
+            dw[b] = f16[np.int32(w[r, d_at]) | (np.int32(w[r, d_at + 1]) << 8)]
+            if tq1:
+                _decode_tq1_0(w, r, o, digits, t, b * QK_K)
+            else:
+                _decode_tq2_0(w, r, o, t, b * QK_K)
         for tok in range(xq.shape[0]):
+            x = xq[tok]
+            for e in range(prod.shape[0]):  # exact products first: a loop LLVM vectorizes
+                prod[e] = np.int32(t[e]) * np.int32(x[e])
             a = np.zeros(8, dtype=np.float32)
             for b in range(n_blocks):
-                s = xd[tok, b] * dw[r, b]
+                s = xd[tok, b] * dw[b]
                 o = b * QK_K
                 for i in range(8):
                     lane = np.int32(0)
                     for c in range(8):
                         e = o + 32 * c + 4 * i
-                        lane += (np.int32(t[r, e]) * np.int32(xq[tok, e]) + np.int32(t[r, e + 1]) * np.int32(xq[tok, e + 1])) + (
-                            np.int32(t[r, e + 2]) * np.int32(xq[tok, e + 2]) + np.int32(t[r, e + 3]) * np.int32(xq[tok, e + 3]))
+                        lane += (prod[e] + prod[e + 1]) + (prod[e + 2] + prod[e + 3])
                     lane -= np.int32(bsums[tok, 16 * b + 2 * i]) + np.int32(bsums[tok, 16 * b + 2 * i + 1])
                     a[i] = _fma(np.float32(lane), s, a[i])
             out[tok, r] = _hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7])
 
 
-def _matmul(fmt: BlockFormat, digits, w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray) -> None:
-    blocks = np.ascontiguousarray(w).view(fmt.layout)  # (n_rows, n_blocks)
-    t = digits(blocks).reshape(len(w), -1)
-    dw = blocks["d"].astype(np.float32)
-    xq, xd, bsums = act
-    _matmul_ternary(_readonly(t), _readonly(dw), _readonly(xq), _readonly(xd), _readonly(bsums), out)
-
-
 def matmul_tq1_0(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, vec_dot: bool = False) -> None:
-    """out[t, r] = ggml_vec_dot_tq1_0_q8_K(row r, token t); act = Q8_K (qs, d, bsums). Decodes
-    the whole matrix first (4.7x its bytes, freed on return): the fallback, not the fast path."""
-    _matmul(_TQ1_0, tq1_0_digits, w, act, out)
+    """out[t, r] = ggml_vec_dot_tq1_0_q8_K(row r, token t); act = Q8_K (qs, d, bsums)."""
+    xq, xd, bsums = act
+    _matmul_ternary(_readonly(w), True, DIGITS, F16_TO_F32, _readonly(xq), _readonly(xd), _readonly(bsums), out)
 
 
 def matmul_tq2_0(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, vec_dot: bool = False) -> None:
-    """out[t, r] = ggml_vec_dot_tq2_0_q8_K(row r, token t), as matmul_tq1_0."""
-    _matmul(_TQ2_0, tq2_0_digits, w, act, out)
-
-
-_TQ1_0, _TQ2_0 = TQ1_0Format(), TQ2_0Format()
+    """out[t, r] = ggml_vec_dot_tq2_0_q8_K(row r, token t); act = Q8_K (qs, d, bsums)."""
+    xq, xd, bsums = act
+    _matmul_ternary(_readonly(w), False, DIGITS, F16_TO_F32, _readonly(xq), _readonly(xd), _readonly(bsums), out)
