@@ -13,6 +13,7 @@
  */
 #include <math.h>
 #include <omp.h>
+#include <stdlib.h>
 
 #include "kernels.h"
 
@@ -199,15 +200,89 @@ static TARGET_AVX2 float dot_iq4_xs_avx2(const uint8_t *w, const act_row *x, int
     }
     return hsum_float_8(acc);
 }
+/* The row dots above on many tokens at once: the row's blocks decoded once (|w|, w and the
+ * fp16 scale) into a stack buffer, then every token runs the row dot's exact steps on them
+ * (the integer lanes are exact, the float steps the same operations on the same values), so
+ * each result equals the row dot's to the bit. Longer rows take the row dot itself. */
+#define TOKENS_MAX_BLOCKS 256
+
+typedef struct {
+    __m256i aw, sw; /* |values|, values (maddubs' unsigned side and the signs for the tokens) */
+} nl_block;
+
+static inline TARGET_AVX2 __m256 nl_lanes(const nl_block *b, const int8_t *x, __m256i ones) {
+    const __m256i xv = _mm256_loadu_si256((const __m256i *)x);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(b->aw, _mm256_sign_epi8(xv, b->sw)), ones));
+}
+
+static TARGET_AVX2 void iq4_nl_tokens(const uint8_t *w, const int8_t *xq, const float *xd, int n_cols, ptrdiff_t n_tokens,
+                                      float *out, ptrdiff_t out_stride, int sgemm) {
+    const int nb = n_cols / QK;
+    if (nb > TOKENS_MAX_BLOCKS) {
+        for (ptrdiff_t t = 0; t < n_tokens; t++) {
+            const act_row x = {xq + t * (ptrdiff_t)n_cols, xd + t * (ptrdiff_t)nb, NULL};
+            out[t * out_stride] = sgemm ? dot_iq4_nl_sgemm_avx2(w, &x, n_cols) : dot_iq4_nl_avx2(w, &x, n_cols);
+        }
+        return;
+    }
+    nl_block rows[TOKENS_MAX_BLOCKS];
+    float dw[TOKENS_MAX_BLOCKS];
+    const __m128i table = _mm_loadu_si128((const __m128i *)kvalues_iq4nl);
+    const __m128i low_mask = _mm_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int ib = 0; ib < nb; ib++) {
+        const uint8_t *blk = w + (size_t)ib * IQ4_NL_BYTES;
+        const __m256i q = iq4_decode(blk + 2, table, low_mask);
+        rows[ib].aw = _mm256_sign_epi8(q, q);
+        rows[ib].sw = q;
+        dw[ib] = fp16_to_fp32(read_u16(blk));
+    }
+    for (ptrdiff_t t = 0; t < n_tokens; t++) {
+        const int8_t *x = xq + t * (ptrdiff_t)n_cols;
+        const float *d = xd + t * (ptrdiff_t)nb;
+        float sum;
+        if (sgemm) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int ib = 0; ib < nb; ib++)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(dw[ib] * d[ib]), nl_lanes(rows + ib, x + ib * QK, ones), acc);
+            sum = hsum_float_8(acc);
+        } else {
+            __m256 acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
+            int ib = 0;
+            for (; ib + 1 < nb; ib += 2) {
+                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d[ib] * dw[ib]), nl_lanes(rows + ib, x + ib * QK, ones), acc1);
+                acc2 = _mm256_fmadd_ps(_mm256_set1_ps(d[ib + 1] * dw[ib + 1]), nl_lanes(rows + ib + 1, x + (ib + 1) * QK, ones), acc2);
+            }
+            sum = hsum_float_8(_mm256_add_ps(acc1, acc2));
+            if (ib < nb) { /* odd last block: its exact int sum, one FMA */
+                int32_t lanes[8], sumi = 0;
+                _mm256_storeu_si256((__m256i *)lanes, _mm256_cvttps_epi32(nl_lanes(rows + ib, x + ib * QK, ones)));
+                for (int i = 0; i < 8; i++) sumi += lanes[i];
+                sum = fmaf(d[ib] * dw[ib], (float)sumi, sum);
+            }
+        }
+        out[t * out_stride] = sum;
+    }
+}
+
+static TARGET_AVX2 void tokens_iq4_nl_avx2(const uint8_t *w, const int8_t *xq, const float *xd, int n_cols,
+                                           ptrdiff_t n_tokens, float *out, ptrdiff_t out_stride) {
+    iq4_nl_tokens(w, xq, xd, n_cols, n_tokens, out, out_stride, 0);
+}
+
+static TARGET_AVX2 void tokens_iq4_nl_sgemm_avx2(const uint8_t *w, const int8_t *xq, const float *xd, int n_cols,
+                                                 ptrdiff_t n_tokens, float *out, ptrdiff_t out_stride) {
+    iq4_nl_tokens(w, xq, xd, n_cols, n_tokens, out, out_stride, 1);
+}
 #define AVX2(fn) fn
 #else
 #define AVX2(fn) NULL
 #endif
 
 const format_kernels KERNELS_IQ4_NL = {"IQ4_NL", ACT_Q8_0, QK, IQ4_NL_BYTES, dot_iq4_nl_portable, AVX2(dot_iq4_nl_avx2),
-                                       NULL, NULL};
+                                       NULL, AVX2(tokens_iq4_nl_avx2)};
 const format_kernels KERNELS_IQ4_NL_SGEMM = {"IQ4_NL_SGEMM", ACT_Q8_0, QK, IQ4_NL_BYTES, dot_iq4_nl_sgemm_portable,
-                                             AVX2(dot_iq4_nl_sgemm_avx2), NULL, NULL};
+                                             AVX2(dot_iq4_nl_sgemm_avx2), NULL, AVX2(tokens_iq4_nl_sgemm_avx2)};
 const format_kernels KERNELS_IQ4_XS = {"IQ4_XS", ACT_Q8_K, QK_K, IQ4_XS_BYTES, dot_iq4_xs_portable, AVX2(dot_iq4_xs_avx2),
                                        NULL, NULL};
 
@@ -227,18 +302,44 @@ static float iq4_xs_tiled_one(const uint8_t *w, const int8_t *x, const float *xd
 }
 
 #ifdef OFFLOAD_X86
-static TARGET_AVX2 float iq4_xs_tiled_one_avx2(const uint8_t *w, const int8_t *x, const float *xd, int nb) {
+/* AVX2: a row's super-blocks decoded once (|w|, w, the scales as int16 lanes, d) for all the
+ * tokens; the same exact s1 per super-block, the same two float steps. */
+typedef struct {
+    __m256i aw[8], sw[8], ls[8];
+    float d;
+} xs_block;
+
+static TARGET_AVX2 void iq4_xs_tiled_row_avx2(const uint8_t *w, const int8_t *xq, const float *xd, int nb, int n_cols,
+                                             ptrdiff_t n_tokens, float *out, ptrdiff_t out_stride, xs_block *row) {
     const __m128i table = _mm_loadu_si128((const __m128i *)kvalues_iq4nl);
     const __m128i low_mask = _mm_set1_epi8(0x0F);
-    float acc = 0.0f;
     for (int ib = 0; ib < nb; ib++) {
         const uint8_t *blk = w + (size_t)ib * IQ4_XS_BYTES;
-        int32_t lanes[8], s1 = 0;
-        _mm256_storeu_si256((__m256i *)lanes, iq4_xs_lanes_avx2(blk, x + ib * QK_K, table, low_mask));
-        for (int i = 0; i < 8; i++) s1 += lanes[i];
-        acc = fmaf(fp16_to_fp32(read_u16(blk)) * (float)s1, xd[ib], acc);
+        for (int s = 0; s < 8; s++) {
+            const __m256i q = iq4_decode(blk + 8 + 16 * s, table, low_mask);
+            row[ib].aw[s] = _mm256_sign_epi8(q, q);
+            row[ib].sw[s] = q;
+            row[ib].ls[s] = _mm256_set1_epi16((int16_t)iq4_xs_scale(blk, s));
+        }
+        row[ib].d = fp16_to_fp32(read_u16(blk));
     }
-    return acc;
+    for (ptrdiff_t t = 0; t < n_tokens; t++) {
+        const int8_t *x = xq + t * (ptrdiff_t)n_cols;
+        float acc = 0.0f;
+        for (int ib = 0; ib < nb; ib++) {
+            const xs_block *b = row + ib;
+            __m256i sumi = _mm256_setzero_si256();
+            for (int s = 0; s < 8; s++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + ib * QK_K + QK * s));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(b->aw[s], _mm256_sign_epi8(xv, b->sw[s])), b->ls[s]));
+            }
+            int32_t lanes[8], s1 = 0;
+            _mm256_storeu_si256((__m256i *)lanes, sumi);
+            for (int i = 0; i < 8; i++) s1 += lanes[i];
+            acc = fmaf(b->d * (float)s1, xd[t * (ptrdiff_t)nb + ib], acc);
+        }
+        out[t * out_stride] = acc;
+    }
 }
 #endif
 
@@ -246,15 +347,29 @@ int iq4_xs_tiled(const uint8_t *w, const int8_t *xq, const float *xd, float *out
                  ptrdiff_t n_tokens, int isa_level) {
     const int nb = n_cols / QK_K;
     const size_t row_bytes = (size_t)nb * IQ4_XS_BYTES;
-    float (*one)(const uint8_t *, const int8_t *, const float *, int) = iq4_xs_tiled_one;
 #ifdef OFFLOAD_X86
-    if (isa_level >= 1) one = iq4_xs_tiled_one_avx2;
+    if (isa_level >= 1) {
+        int failed = 0;
+#pragma omp parallel if (n_rows * n_tokens * nb > 64)
+        {
+            xs_block *row = aligned_alloc(32, sizeof(xs_block) * (size_t)nb);
+            if (!row) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(static)
+            for (ptrdiff_t r = 0; r < n_rows; r++)
+                if (row) iq4_xs_tiled_row_avx2(w + (size_t)r * row_bytes, xq, xd, nb, n_cols, n_tokens, out + r, n_rows, row);
+            free(row);
+        }
+        return failed ? -2 : 0;
+    }
 #else
     (void)isa_level;
 #endif
 #pragma omp parallel for schedule(static) if (n_rows * n_tokens * nb > 64)
     for (ptrdiff_t r = 0; r < n_rows; r++)
         for (ptrdiff_t t = 0; t < n_tokens; t++)
-            out[t * n_rows + r] = one(w + (size_t)r * row_bytes, xq + t * n_cols, xd + t * nb, nb);
+            out[t * n_rows + r] = iq4_xs_tiled_one(w + (size_t)r * row_bytes, xq + t * n_cols, xd + t * nb, nb);
     return 0;
 }

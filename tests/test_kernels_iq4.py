@@ -43,7 +43,8 @@ def bits(a: np.ndarray) -> np.ndarray:
 def make_tokens(n_tokens: int, n_cols: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((n_tokens, n_cols)) * np.exp(rng.uniform(-2, 2, size=(n_tokens, 1)))).astype(np.float32)
-    x[0, :32] = 0.0  # an all-zero activation block
+    if n_tokens > 1:
+        x[1, :32] = 0.0  # an all-zero activation block
     return x
 
 
@@ -179,9 +180,10 @@ def every_kernel(t: T, raw: np.ndarray, x: np.ndarray, order: str = "vec_dot"):
 
 @ids
 @pytest.mark.parametrize("n_blocks", [1, 2, 3, 9])  # IQ4_NL: pairs and ggml's odd tail block
-def test_kernels_are_bit_exact_with_ggml_vec_dot(t, n_blocks):
+@pytest.mark.parametrize("n_tokens", [1, 5])  # C: the row dot, and a row decoded once for 4+ tokens
+def test_kernels_are_bit_exact_with_ggml_vec_dot(t, n_blocks, n_tokens):
     n_cols = n_blocks * FORMATS[t].block_size
-    x = make_tokens(5, n_cols, seed=n_blocks)
+    x = make_tokens(n_tokens, n_cols, seed=n_blocks)
     for raw in (quantized_rows(t, 24, n_cols, seed=n_blocks), random_rows(t, 24, n_blocks, seed=n_blocks + 1)):
         theirs = ggml_matmul(t, raw, x)
         assert np.isfinite(theirs).all() and theirs.any()
