@@ -4,7 +4,7 @@
  *       out[t, r] = dot(row r of w, activations of token t); every buffer C-contiguous,
  *       out preallocated float32 (n_tokens, n_rows); bsums None unless fmt dots with Q8_K.
  *   matmul_tiled(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)
- *       the same for Q2_K..Q6_K in the order of ggml's tiled GEMM (8+ tokens, see tiled.c)
+ *       the same for Q2_K..Q6_K (and IQ4_XS) in the order of ggml's tiled GEMM (8+ tokens, see tiled.c)
  *   matmul_x(x, n_tokens, n_cols, specs)
  *       x float32 (n_tokens, n_cols), specs a tuple of (fmt, w, out, n_rows): quantizes x once
  *       per activation type (as ggml converts it) and runs each matmul (the row-dot kernels,

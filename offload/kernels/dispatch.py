@@ -15,6 +15,8 @@ converters likewise: a run with the C kernels never loads Numba (see `jit`).
 
 One more rule of ggml's: a K-quant matmul of 8 or more tokens goes through its tiled GEMM,
 which rounds in another order (see `tiled`); `TILED_KERNELS` serve those calls.
+IQ4_NL has a rule of its own: a plain matmul (not a routed expert's) of 2 or more tokens
+goes through llamafile's sgemm, another order again (see `iq4`); `SGEMM_KERNELS` serve it.
 
 Where the C kernels serve every matrix of a call (`C_FORMATS`), one C call converts the
 activations and runs the matrices that share them (`cext.matmul_x`): the same bits as the

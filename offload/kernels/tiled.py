@@ -1,6 +1,6 @@
 """K-quant matmuls of 8 or more tokens, in the order of llama.cpp's tiled GEMM.
 
-ggml-cpu computes a matmul with Q2_K..Q6_K weights whose right side has at least 8 rows
+ggml-cpu computes a matmul with Q2_K..Q6_K (or IQ4_XS) weights whose right side has at least 8 rows
 (a prompt's tokens, or the tokens one expert gets in mul_mat_id) through its "tiled" path
 (ggml-cpu/tiled/), not through vec_dot. Per output (row r, token t) and super-block b, with
 exact integers
