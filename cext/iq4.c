@@ -147,8 +147,8 @@ static TARGET_AVX2 float dot_iq4_nl_avx2(const uint8_t *w, const act_row *x, int
         const int8_t *q0 = x->qs + ib * QK;
         const __m256i p0 = _mm256_madd_epi16(mul_add_epi8(iq4_decode(b0 + 2, table, low_mask), _mm256_loadu_si256((const __m256i *)q0)), ones);
         const __m256i p1 = _mm256_madd_epi16(mul_add_epi8(iq4_decode(b1 + 2, table, low_mask), _mm256_loadu_si256((const __m256i *)(q0 + QK))), ones);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(x->d[ib] * fp16_to_fp32(read_u16(b0))), _mm256_cvtepi32_ps(p0), acc1);
-        acc2 = _mm256_fmadd_ps(_mm256_set1_ps(x->d[ib + 1] * fp16_to_fp32(read_u16(b1))), _mm256_cvtepi32_ps(p1), acc2);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(x->d[ib] * _cvtsh_ss(read_u16(b0))), _mm256_cvtepi32_ps(p0), acc1);
+        acc2 = _mm256_fmadd_ps(_mm256_set1_ps(x->d[ib + 1] * _cvtsh_ss(read_u16(b1))), _mm256_cvtepi32_ps(p1), acc2);
     }
     float sum = hsum_float_8(_mm256_add_ps(acc1, acc2));
     if (ib < nb) {
@@ -158,7 +158,7 @@ static TARGET_AVX2 float dot_iq4_nl_avx2(const uint8_t *w, const act_row *x, int
         decode32(blk + 2, q);
         lanes8(q, x->qs + ib * QK, lanes);
         for (int i = 0; i < 8; i++) sumi += lanes[i];
-        sum = fmaf(x->d[ib] * fp16_to_fp32(read_u16(blk)), (float)sumi, sum);
+        sum = fmaf(x->d[ib] * _cvtsh_ss(read_u16(blk)), (float)sumi, sum);
     }
     return sum;
 }
@@ -173,7 +173,7 @@ static TARGET_AVX2 float dot_iq4_nl_sgemm_avx2(const uint8_t *w, const act_row *
         const uint8_t *blk = w + (size_t)ib * IQ4_NL_BYTES;
         const __m256i p = _mm256_madd_epi16(mul_add_epi8(iq4_decode(blk + 2, table, low_mask),
                                                          _mm256_loadu_si256((const __m256i *)(x->qs + ib * QK))), ones);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_fp32(read_u16(blk)) * x->d[ib]), _mm256_cvtepi32_ps(p), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(read_u16(blk)) * x->d[ib]), _mm256_cvtepi32_ps(p), acc);
     }
     return hsum_float_8(acc);
 }
@@ -196,7 +196,7 @@ static TARGET_AVX2 float dot_iq4_xs_avx2(const uint8_t *w, const act_row *x, int
     for (int ib = 0; ib < nb; ib++) {
         const uint8_t *blk = w + (size_t)ib * IQ4_XS_BYTES;
         const __m256i lanes = iq4_xs_lanes_avx2(blk, x->qs + ib * QK_K, table, low_mask);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_fp32(read_u16(blk)) * x->d[ib]), _mm256_cvtepi32_ps(lanes), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(read_u16(blk)) * x->d[ib]), _mm256_cvtepi32_ps(lanes), acc);
     }
     return hsum_float_8(acc);
 }
@@ -235,7 +235,7 @@ static TARGET_AVX2 void iq4_nl_tokens(const uint8_t *w, const int8_t *xq, const 
         const __m256i q = iq4_decode(blk + 2, table, low_mask);
         rows[ib].aw = _mm256_sign_epi8(q, q);
         rows[ib].sw = q;
-        dw[ib] = fp16_to_fp32(read_u16(blk));
+        dw[ib] = _cvtsh_ss(read_u16(blk));
     }
     for (ptrdiff_t t = 0; t < n_tokens; t++) {
         const int8_t *x = xq + t * (ptrdiff_t)n_cols;
@@ -321,7 +321,7 @@ static TARGET_AVX2 void iq4_xs_tiled_row_avx2(const uint8_t *w, const int8_t *xq
             row[ib].sw[s] = q;
             row[ib].ls[s] = _mm256_set1_epi16((int16_t)iq4_xs_scale(blk, s));
         }
-        row[ib].d = fp16_to_fp32(read_u16(blk));
+        row[ib].d = _cvtsh_ss(read_u16(blk));
     }
     for (ptrdiff_t t = 0; t < n_tokens; t++) {
         const int8_t *x = xq + t * (ptrdiff_t)n_cols;

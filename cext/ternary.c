@@ -118,7 +118,7 @@ static TARGET_AVX2 float dot_tq1_0_avx2(const uint8_t *w, const act_row *x, int 
             sumi = _mm256_add_epi16(sumi, _mm256_maddubs_epi16(top_digit(q45), _mm256_loadu_si256((const __m256i *)(y + 224))));
         }
         const __m256i lanes = lanes_of(sumi, x->bsums + ib * (QK_K / 16));
-        const float d = x->d[ib] * fp16_to_fp32(read_u16(blk + 52));
+        const float d = x->d[ib] * _cvtsh_ss(read_u16(blk + 52));
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), _mm256_set1_ps(d), acc);
     }
     return hsum_float_8(acc);
@@ -140,7 +140,7 @@ static TARGET_AVX2 float dot_tq2_0_avx2(const uint8_t *w, const act_row *x, int 
             }
         }
         const __m256i lanes = lanes_of(sumi, x->bsums + ib * (QK_K / 16));
-        const float d = x->d[ib] * fp16_to_fp32(read_u16(blk + 64));
+        const float d = x->d[ib] * _cvtsh_ss(read_u16(blk + 64));
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), _mm256_set1_ps(d), acc);
     }
     return hsum_float_8(acc);
