@@ -4,7 +4,7 @@
  *       out[t, r] = dot(row r of w, activations of token t); every buffer C-contiguous,
  *       out preallocated float32 (n_tokens, n_rows); bsums None unless fmt dots with Q8_K.
  *   matmul_tiled(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)
- *       the same for Q2_K..Q6_K in the order of ggml's tiled GEMM (8+ tokens, see tiled.c)
+ *       the same for Q2_K..Q6_K (and IQ4_XS) in the order of ggml's tiled GEMM (8+ tokens, see tiled.c)
  *   matmul_x(x, n_tokens, n_cols, specs)
  *       x float32 (n_tokens, n_cols), specs a tuple of (fmt, w, out, n_rows): quantizes x once
  *       per activation type (as ggml converts it) and runs each matmul (the row-dot kernels,
@@ -64,12 +64,18 @@
 
 /* Format tables are defined in their own files; weak, so a format whose file is absent
  * from a build is simply not offered. */
-#define FORMATS(X) X(Q8_0) X(Q4_0) X(Q4_1) X(Q5_0) X(Q5_1) X(Q2_K) X(Q3_K) X(Q4_K) X(Q5_K) X(Q6_K) X(MXFP4)
+#define FORMATS(X) X(Q8_0) X(Q4_0) X(Q4_1) X(Q5_0) X(Q5_1) X(Q2_K) X(Q3_K) X(Q4_K) X(Q5_K) X(Q6_K) X(MXFP4) \
+    X(IQ4_NL) X(IQ4_XS) X(TQ1_0) X(TQ2_0)
 #define DECLARE(name) extern const format_kernels KERNELS_##name __attribute__((weak));
 FORMATS(DECLARE)
 #define ENTRY(name) &KERNELS_##name,
 static const format_kernels *const all_formats[] = {FORMATS(ENTRY)};
 #define N_FORMATS ((int)(sizeof(all_formats) / sizeof(all_formats[0])))
+/* Another summation order of a format, run by name but not listed by formats(): IQ4_NL's
+ * llamafile sgemm order (a plain matmul of 2+ tokens, see iq4.c). */
+#define VARIANTS(X) X(IQ4_NL_SGEMM)
+VARIANTS(DECLARE)
+static const format_kernels *const all_variants[] = {VARIANTS(ENTRY)};
 
 enum isa_level { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 static const char *const isa_names[] = {"portable", "avx2", "avx512"};
@@ -99,6 +105,8 @@ static row_dot_fn pick(const format_kernels *f) {
 static const format_kernels *find_format(const char *name) {
     for (int i = 0; i < N_FORMATS; i++)
         if (all_formats[i] && strcmp(all_formats[i]->name, name) == 0) return all_formats[i];
+    for (size_t i = 0; i < sizeof(all_variants) / sizeof(all_variants[0]); i++)
+        if (all_variants[i] && strcmp(all_variants[i]->name, name) == 0) return all_variants[i];
     return NULL;
 }
 

@@ -172,6 +172,7 @@ static const tiled_format *find_tiled(const char *name) {
 }
 
 int tiled_block_bytes(const char *name, int *has_min) {
+    if (strcmp(name, "IQ4_XS") == 0) return iq4_xs_tiled_bytes(has_min); /* its own kernel: iq4.c */
     const tiled_format *f = find_tiled(name);
     if (f && has_min) *has_min = f->has_min;
     return f ? f->block_bytes : 0;
@@ -783,6 +784,7 @@ static int tiled_matmul_vnni(const tiled_format *f, const uint8_t *w, const int8
 
 int tiled_matmul(const char *name, const uint8_t *w, const int8_t *xq, const float *xd, const int16_t *bsums,
                  float *out, ptrdiff_t n_rows, int n_cols, ptrdiff_t n_tokens, int isa_level) {
+    if (strcmp(name, "IQ4_XS") == 0) return iq4_xs_tiled(w, xq, xd, out, n_rows, n_cols, n_tokens, isa_level);
     const tiled_format *f = find_tiled(name);
     if (!f) return -1;
 #ifdef OFFLOAD_X86

@@ -14,4 +14,12 @@ int tiled_block_bytes(const char *name, int *has_min);
 int tiled_matmul(const char *name, const uint8_t *w, const int8_t *xq, const float *xd, const int16_t *bsums,
                  float *out, ptrdiff_t n_rows, int n_cols, ptrdiff_t n_tokens, int isa_level);
 
+/* IQ4_XS in the tiled order (iq4.c): the same contract as tiled_matmul. */
+int iq4_xs_tiled(const uint8_t *w, const int8_t *xq, const float *xd, float *out, ptrdiff_t n_rows, int n_cols,
+                 ptrdiff_t n_tokens, int isa_level);
+static inline int iq4_xs_tiled_bytes(int *has_min) {
+    if (has_min) *has_min = 0;
+    return 136;
+}
+
 #endif

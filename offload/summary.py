@@ -39,6 +39,7 @@ class ModelSummary:
     params_total: int = 0
     params_experts: int = 0
     bytes_by_class: dict[tuple[str, str], int] = field(default_factory=dict)  # (class, quant type) -> bytes
+    elements_by_class: dict[tuple[str, str], int] = field(default_factory=dict)  # (class, quant type) -> weights
     expert_bytes_per_layer: dict[int, int] = field(default_factory=dict)  # bytes of ONE expert of layer L
     plan: object = None  # store.MemoryPlan for the budget asked about (or for none: its minimum)
 
@@ -82,17 +83,20 @@ def summarize(gguf: GGUFFile, args: ModelArgs, n_ctx: int, memory_budget: int | 
     s = ModelSummary(args, n_ctx)
     s.plan = make_plan(gguf, args, n_ctx, memory_budget or 0, budget_source, **plan_options)
     by_class: dict[tuple[str, str], int] = defaultdict(int)
+    elements: dict[tuple[str, str], int] = defaultdict(int)
     for t in gguf.tensors.values():
         if t.name.startswith("blk.") and _layer_of(t) >= args.n_layer:
             continue  # a next-token-prediction layer (glm4moe's nextn), which offload does not run
         cls = tensor_class(t.name)
         by_class[(cls, t.type_name)] += t.n_bytes
+        elements[(cls, t.type_name)] += t.n_elements
         s.params_total += t.n_elements
         if cls in ("experts", "expert biases"):
             s.params_experts += t.n_elements
             layer = _layer_of(t)
             s.expert_bytes_per_layer[layer] = s.expert_bytes_per_layer.get(layer, 0) + t.n_bytes // args.n_expert
     s.bytes_by_class = dict(sorted(by_class.items()))
+    s.elements_by_class = dict(elements)
     return s
 
 
@@ -136,10 +140,12 @@ def format_summary(path: str, s: ModelSummary) -> str:
         f"context       {a.n_ctx_train} trained; {s.n_ctx} planned here",
         f"parameters    {human_count(s.params_total)} total, {human_count(s.params_active)} active per token",
         "",
-        f"{'tensor class':<16}{'type':<8}{'bytes':>12}",
+        f"{'tensor class':<16}{'type':<8}{'bytes':>12}{'bits/weight':>14}",
     ]
     for (cls, qtype), n in s.bytes_by_class.items():
-        lines.append(f"{cls:<16}{qtype:<8}{human_bytes(n):>12}")
+        elements = s.elements_by_class.get((cls, qtype), 0)
+        bpw = f"{8 * n / elements:>14.2f}" if elements else ""
+        lines.append(f"{cls:<16}{qtype:<8}{human_bytes(n):>12}{bpw}")
     lines += [
         "",
         f"always resident   {human_bytes(s.resident_bytes)} (all but the routed experts)",

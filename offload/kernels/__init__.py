@@ -35,6 +35,7 @@ from .formats import (
 )
 from .numba_kernels import quantize_q8_0, quantize_q8_k
 from . import mxfp4, q2_k_q3_k, q4_1_q5, q4_k_q5_k, q6_k
+from . import iq4, ternary
 
 # Formats that live in their own modules: registered here, with their kernels.
 for _fmt, _kernel in (
@@ -47,6 +48,10 @@ for _fmt, _kernel in (
     (q4_k_q5_k.Q5_KFormat(), q4_k_q5_k.matmul_q5_k),
     (q6_k.Q6_KFormat(), q6_k.matmul_q6_k),
     (mxfp4.MXFP4Format(), mxfp4.matmul_mxfp4),
+    (iq4.IQ4_NLFormat(), iq4.matmul_iq4_nl),
+    (iq4.IQ4_XSFormat(), iq4.matmul_iq4_xs),
+    (ternary.TQ1_0Format(), ternary.matmul_tq1_0),
+    (ternary.TQ2_0Format(), ternary.matmul_tq2_0),
 ):
     FORMATS[_fmt.ggml_type] = _fmt
     NUMBA_KERNELS[_fmt.ggml_type] = _kernel

@@ -219,8 +219,12 @@ def c_float_kernel(fmt_name: str) -> Kernel | None:
     return kernel
 
 
+# Other summation orders of a format that cext/module.c runs by name (not in formats()).
+VARIANTS = ("IQ4_NL_SGEMM",)
+
+
 def c_kernel(fmt_name: str) -> Kernel | None:
-    if fmt_name not in formats():
+    if fmt_name not in formats() and (fmt_name not in VARIANTS or _cext is None):
         return None
     matmul = _cext.matmul
 
@@ -233,9 +237,12 @@ def c_kernel(fmt_name: str) -> Kernel | None:
     return kernel
 
 
+TILED_NAMES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")  # cext/tiled.c's formats
+
+
 def c_tiled_kernel(fmt_name: str) -> Kernel | None:
-    """The C kernel for 8+ tokens in ggml's tiled order (Q2_K..Q6_K), or None."""
-    if _cext is None or not hasattr(_cext, "matmul_tiled") or fmt_name not in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+    """The C kernel for 8+ tokens in ggml's tiled order (Q2_K..Q6_K, IQ4_XS), or None."""
+    if _cext is None or not hasattr(_cext, "matmul_tiled") or fmt_name not in TILED_NAMES:
         return None
     matmul_tiled = _cext.matmul_tiled
 

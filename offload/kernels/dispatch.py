@@ -15,6 +15,8 @@ converters likewise: a run with the C kernels never loads Numba (see `jit`).
 
 One more rule of ggml's: a K-quant matmul of 8 or more tokens goes through its tiled GEMM,
 which rounds in another order (see `tiled`); `TILED_KERNELS` serve those calls.
+IQ4_NL has a rule of its own: a plain matmul (not a routed expert's) of 2 or more tokens
+goes through llamafile's sgemm, another order again (see `iq4`); `SGEMM_KERNELS` serve it.
 
 Where the C kernels serve every matrix of a call (`C_FORMATS`), one C call converts the
 activations and runs the matrices that share them (`cext.matmul_x`): the same bits as the
@@ -35,6 +37,7 @@ from . import cext
 from . import numba_kernels as nk
 from .formats import QMatrix, UnsupportedQuantType, activation_ref, round_bf16, round_f16
 from .tiled import TILED_MIN_TOKENS, TILED_TYPES, matmul_tiled_numba
+from . import iq4
 
 Activations = tuple[np.ndarray, ...]
 Converter = Callable[[np.ndarray], Activations]
@@ -62,6 +65,10 @@ FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizat
 KERNELS: dict[GGMLQuantizationType, Kernel] = {}
 TILED_KERNELS: dict[GGMLQuantizationType, Kernel] = {}  # K-quants with >= TILED_MIN_TOKENS tokens
 C_FORMATS: set[GGMLQuantizationType] = set()  # those served by the C extension now
+# IQ4_NL: a plain matmul (not a routed expert) of SGEMM_MIN_TOKENS+ tokens goes through
+# llamafile's sgemm in ggml, which sums in its own order (see iq4); these kernels serve it.
+SGEMM_MIN_TOKENS = 2
+SGEMM_KERNELS: dict[GGMLQuantizationType, Kernel] = {}
 _ONE_CALL = False  # cext.matmul_x serves the C formats (select_kernels)
 _FUSED = False  # whole blocks in one C call: a layer's experts (kernels.moe), a token's attention (kernels.block)
 
@@ -80,6 +87,8 @@ def select_kernels(implementation: str | None = None) -> None:
     TILED_KERNELS.clear()
     for t in TILED_TYPES:
         TILED_KERNELS[t] = _numba_tiled(t)
+    SGEMM_KERNELS.clear()
+    SGEMM_KERNELS[GGMLQuantizationType.IQ4_NL] = iq4.matmul_iq4_nl_sgemm
     ACTIVATION_CONVERTERS.update(_NUMBA_QUANTIZERS)
     cext.select(False)
     C_FORMATS.clear()
@@ -106,6 +115,9 @@ def select_kernels(implementation: str | None = None) -> None:
         kernel = cext.c_tiled_kernel(t.name)
         if kernel is not None:
             TILED_KERNELS[t] = kernel
+    kernel = cext.c_kernel("IQ4_NL_SGEMM")
+    if kernel is not None:
+        SGEMM_KERNELS[GGMLQuantizationType.IQ4_NL] = kernel
     _ONE_CALL = cext.has_matmul_x() and os.environ.get("OFFLOAD_ONE_CALL", "1") != "0"
     _FUSED = cext.has_moe_ffn() and cext.has_attention_token() and os.environ.get("OFFLOAD_FUSED", "1") != "0"
 
@@ -202,6 +214,8 @@ def _one_call(ws, n_tokens: int) -> bool:
         t = w.fmt.ggml_type
         if t not in C_FORMATS or (n_tokens >= TILED_MIN_TOKENS and t in TILED_TYPES):
             return False
+        if n_tokens >= SGEMM_MIN_TOKENS and t in SGEMM_KERNELS:  # expert or not: _run picks the order
+            return False
     return True
 
 
@@ -211,6 +225,8 @@ def _run(w: QMatrix, act: Activations, n_tokens: int, out: np.ndarray | None, ex
         return out
     if n_tokens >= TILED_MIN_TOKENS and w.fmt.ggml_type in TILED_TYPES:
         kernel = TILED_KERNELS[w.fmt.ggml_type]
+    elif n_tokens >= SGEMM_MIN_TOKENS and not expert and w.fmt.ggml_type in SGEMM_KERNELS:
+        kernel = SGEMM_KERNELS[w.fmt.ggml_type]
     else:
         kernel = KERNELS.get(w.fmt.ggml_type)
     if kernel is None:

@@ -1,6 +1,6 @@
 """K-quant matmuls of 8 or more tokens, in the order of llama.cpp's tiled GEMM.
 
-ggml-cpu computes a matmul with Q2_K..Q6_K weights whose right side has at least 8 rows
+ggml-cpu computes a matmul with Q2_K..Q6_K (or IQ4_XS) weights whose right side has at least 8 rows
 (a prompt's tokens, or the tokens one expert gets in mul_mat_id) through its "tiled" path
 (ggml-cpu/tiled/), not through vec_dot. Per output (row r, token t) and super-block b, with
 exact integers
@@ -32,6 +32,7 @@ from .formats import QK_K
 from .jit import njit, prange
 from .numba_intrinsics import fma32
 from .q2_k_q3_k import _low_bits, _q3_k_scales
+from .iq4 import KVALUES as IQ4_KVALUES, iq4_xs_scales
 from .q4_k_q5_k import _nibbles, scale_min_k4
 
 # llama.cpp takes the tiled path from this many rows of activations on (ggml_tiled_min_batch).
@@ -89,12 +90,21 @@ def _decode_q2_k(b: np.ndarray) -> DecodedBlocks:
                          b["d"].astype(np.float32), b["dmin"].astype(np.float32))
 
 
+def _decode_iq4_xs(b: np.ndarray) -> DecodedBlocks:
+    """IQ4_XS (tiled.cpp's unpack: the table's values, ls - 32 per 32 values, no min)."""
+    codes = np.concatenate([b["qs"].reshape(*b.shape, 8, 16) & 0x0F, b["qs"].reshape(*b.shape, 8, 16) >> 4], axis=-1)
+    zeros = np.zeros((*b.shape, 16), np.int16)
+    return DecodedBlocks(IQ4_KVALUES[codes].reshape(*b.shape, QK_K), _repeat2(iq4_xs_scales(b)), zeros,
+                         b["d"].astype(np.float32), np.zeros(b.shape, np.float32))
+
+
 _DECODERS = {
     GGMLQuantizationType.Q2_K: _decode_q2_k,
     GGMLQuantizationType.Q3_K: _decode_q3_k,
     GGMLQuantizationType.Q4_K: _decode_q4_k,
     GGMLQuantizationType.Q5_K: _decode_q5_k,
     GGMLQuantizationType.Q6_K: _decode_q6_k,
+    GGMLQuantizationType.IQ4_XS: _decode_iq4_xs,
 }
 TILED_TYPES = frozenset(_DECODERS)
 HAS_MIN = {GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K}
