@@ -7,6 +7,8 @@ import os
 from datetime import datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from offload import chat_template as ct
 from offload.chat_template import ChatTemplate, ChatTemplateError
@@ -451,3 +453,32 @@ def test_environment_is_sandboxed_and_immutable():
     assert isinstance(ct._ENV, ImmutableSandboxedEnvironment)
     assert ct._ENV.trim_blocks and ct._ENV.lstrip_blocks
     assert os.environ.get("OFFLOAD_TEST_SECRET") is None
+
+
+# -- hostile conversations, fuzzed over every real template ---------------------------
+
+_ANY_VALUE = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                          lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                          max_leaves=6)
+_MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant", "tool", "function", "ipython", "", "??"]) | _ANY_VALUE,
+     "content": st.text(max_size=40) | _ANY_VALUE},
+    optional={"tool_calls": _ANY_VALUE, "name": _ANY_VALUE, "reasoning_content": _ANY_VALUE})
+
+
+@settings(max_examples=int(os.environ.get("OFFLOAD_FUZZ_EXAMPLES", "300")), deadline=None, derandomize=True)
+@given(name=st.sampled_from(_template_names()), messages=st.lists(_MESSAGE, max_size=5) | _ANY_VALUE,
+       tools=st.none() | _ANY_VALUE, add_generation_prompt=st.booleans())
+def test_hostile_conversations_render_or_are_one_clear_error(name, messages, tools, add_generation_prompt):
+    """Messages of any shape (missing roles, numbers for text, nested junk in tool_calls) and
+    junk tools through each real template: text, or one ChatTemplateError line, never another
+    exception (templates index, iterate and call methods on whatever they are given)."""
+    shared = shared_data_dir()
+    if shared is None or not (shared / "templates").is_dir():
+        pytest.skip("no shared data")
+    try:
+        out = _load(shared, name).render(messages, add_generation_prompt=add_generation_prompt,
+                                         **({} if tools is None else {"tools": tools}))
+        assert isinstance(out, str)
+    except ChatTemplateError as e:
+        assert str(e) and "\n" not in str(e)

@@ -411,3 +411,56 @@ def test_damaged_routing_traces_are_one_clear_error(small, tmp_path_factory, dat
         _one_line(e)
     else:  # a flip in a stored checksum-free field can leave a valid trace: it must be consistent
         assert trace.experts.shape == trace.weights.shape
+
+
+def _make_memory_cgroup(limit: int) -> Path | None:
+    """A cgroup v1 memory group with this limit, where this machine lets us make one (root in
+    a container or VM with a writable cgroup tree); None where it does not."""
+    base = Path("/sys/fs/cgroup/memory")
+    if not (base / "memory.limit_in_bytes").exists():
+        return None
+    group = base / f"offload-test-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+    except OSError:
+        return None
+    return group
+
+
+def test_a_run_in_a_memory_cgroup_takes_its_budget_from_the_limit(tmp_path):
+    """`offload generate` with no --memory-budget inside a 400 MiB cgroup: the plan's budget
+    comes from the cgroup (psutil would say the host's RAM), the run completes, and the
+    group's peak stays under its limit (no OOM kill)."""
+    import subprocess
+    import sys
+
+    from offload.demo import demo_model_path
+
+    limit = 400 << 20
+    group = _make_memory_cgroup(limit)
+    if group is None:
+        pytest.skip("cannot make a memory cgroup here")
+    try:
+        run = ("from offload import Model; from offload.demo import demo_model_path\n"
+               "with Model.load(demo_model_path()) as m:\n"
+               "    print(m.plan.budget, m.plan.budget_source)\n"
+               "    print(m.generate('In the beginning', max_tokens=24, temperature=0, stream=False))\n")
+        enter = f"echo $$ > {group}/cgroup.procs && exec \"$@\""
+        r = subprocess.run(["sh", "-c", enter, "sh", sys.executable, "-c", run], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        budget_line, text = r.stdout.split("\n", 1)
+        assert int(budget_line.split()[0]) < limit and "cgroup limit" in budget_line, budget_line
+        assert text.strip()
+        peak = int((group / "memory.max_usage_in_bytes").read_text())
+        assert peak < limit
+    finally:
+        for _ in range(50):  # the group empties when the child has gone
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                import time
+
+                time.sleep(0.1)
