@@ -13,6 +13,7 @@
  */
 #include <math.h>
 
+#include "iq_grid.h"
 #include "iq_grids.h"
 #include "kernels.h"
 
@@ -258,3 +259,20 @@ DEFINE_IQ(IQ3_XXS, iq3_xxs, 98)
 DEFINE_IQ(IQ3_S, iq3_s, 110)
 DEFINE_IQ(IQ1_S, iq1_s, 50)
 DEFINE_IQ(IQ1_M, iq1_m, 56)
+
+/* -- ggml's tiled GEMM (8+ tokens, tiled.c) ------------------------------------------------
+ * It reads a block as exact signed values, grid * sign (IQ1: 8 * grid + shift, the shift's
+ * 1/8 folded into d), a scale 2 ls + 1 per 16 values and d times 1/8 (IQ2, IQ1), 1/4
+ * (IQ3_XXS) or 1 (IQ3_S): no -128 rule there. */
+static void tiled_view(const iq_format *f, float scale, const uint8_t *blk, int8_t q[QK_K], int16_t sc[16], float *d) {
+    iq_block b;
+    f->decode(blk, &b);
+    for (int e = 0; e < QK_K; e++)
+        q[e] = (int8_t)(f->kind == IQ_PLAIN ? b.sgn[e] * b.mag[e] : 8 * b.sgn[e] * b.mag[e] + b.shift[e]);
+    memcpy(sc, b.sc, sizeof(b.sc));
+    *d = b.d * scale;
+}
+
+#define DEFINE_TILED(NAME, name, scale) \
+    void iq_tiled_##name(const uint8_t *blk, int8_t *q, int16_t *sc, float *d) { tiled_view(&NAME, scale, blk, q, sc, d); }
+IQ_GRID_TILED(DEFINE_TILED)

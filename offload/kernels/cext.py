@@ -233,9 +233,15 @@ def c_kernel(fmt_name: str) -> Kernel | None:
     return kernel
 
 
+def _tiled_names() -> set[str]:
+    from .tiled import TILED_TYPES
+
+    return {t.name for t in TILED_TYPES}
+
+
 def c_tiled_kernel(fmt_name: str) -> Kernel | None:
-    """The C kernel for 8+ tokens in ggml's tiled order (Q2_K..Q6_K), or None."""
-    if _cext is None or not hasattr(_cext, "matmul_tiled") or fmt_name not in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+    """The C kernel for 8+ tokens in ggml's tiled order (Q2_K..Q6_K, the grid I-quants), or None."""
+    if _cext is None or not hasattr(_cext, "matmul_tiled") or fmt_name not in _tiled_names():
         return None
     matmul_tiled = _cext.matmul_tiled
 
