@@ -4,7 +4,8 @@
  * grid magnitude and a sign (+1/-1), per 16 values the scale 2 ls + 1; then
  *   lane[i] = sum over the eight 32-value groups c of sc[2c + (i >= 4)] * (the four products
  *             mag * sign(q8) of values 32c + 4i .. 32c + 4i + 3)
- * where sign(q8) is _mm256_sign_epi8's: a flipped -128 stays -128. Floats, d = f16(w.d) * x.d:
+ * where sign(q8) is _mm256_sign_epi8's: a flipped -128 stays -128 (Q8_K's quantizer never
+ * makes one; any int8 gives ggml's bits). Floats, d = f16(w.d) * x.d:
  *   IQ2_*, IQ3_*: acc[i] = fma(d, float(lane[i]), acc[i]); out = post * hsum_float_8(acc)
  *   IQ1_S: + acc1 = fma(d, float(s1), acc1), s1 the shifts through bsums; out = hsum + acc1 / 8
  *   IQ1_M: + the shifts' own lanes into acc2; out = hsum(acc) + hsum(acc2) / 8

@@ -29,7 +29,7 @@ the four products of values 32c + 4i .. 32c + 4i + 3 (maddubs, then madd with th
 ls' = 2 ls + 1 for the scale of those 16 values. A product is magnitude * sign(q8): ggml flips
 the activation's sign (_mm256_sign_epi8, or xor/sub), which leaves q8 = -128 at -128, so a
 negative weight times q8 = -128 gives -128 * magnitude, not +128 * magnitude. Q8_K's
-quantizer puts a -128 in nearly every block, so this is not rare: the kernels do the same.
+quantizer (scale -127 / max) never makes a -128, but the kernels take any int8 as ggml does.
 The floats, per super-block b, d = f16(w.d) * x.d:
 
 * IQ2_*, IQ3_*: acc[i] = fma(d, float(lane[i]), acc[i]); out = post * hsum_float_8(acc),
