@@ -213,6 +213,10 @@ class _IQ1Format(IQGridFormat):
     def _dequantize_blocks(self, blocks):
         dec = self.decode(blocks)
         lead = blocks.shape
+        with np.errstate(invalid="ignore", over="ignore"):
+            return self._values(dec, lead)
+
+    def _values(self, dec, lead):
         dl = np.repeat(dec.d[..., None] * (np.float32(2) * dec.ls.astype(np.float32) + np.float32(1)), 16, axis=-1)
         grid = np.where(dec.neg, np.float32(-1), np.float32(1)) * dec.mag.astype(np.float32)
         shift = np.repeat(np.where(dec.shift_neg, np.float32(-0.125), np.float32(0.125)), 8, axis=-1)
@@ -267,7 +271,8 @@ def tiled_blocks(fmt: IQGridFormat, blocks: np.ndarray):
     d * tiled_scale (exact: a power of two), no mins."""
     dec = fmt.decode(blocks)
     sc = (2 * dec.ls.astype(np.int16) + 1).astype(np.int16)
-    return fmt.signed_values(dec), sc, dec.d * fmt.tiled_scale
+    with np.errstate(invalid="ignore", over="ignore"):  # any d (IQ1_M's may be inf / NaN), as ggml
+        return fmt.signed_values(dec), sc, dec.d * fmt.tiled_scale
 
 
 # -- vec_dot kernel ---------------------------------------------------------------------------
