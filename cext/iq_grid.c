@@ -36,12 +36,20 @@ static inline uint32_t read_u32(const uint8_t *p) {
     return v;
 }
 
+/* Eight sign bits -> eight bytes, -1 (0xff) where the bit is set, else +1: each bit moved
+ * into its own byte, a nonzero byte's top bit set by adding 0x7f, then spread. Branchless. */
+static inline uint64_t sign_bytes(unsigned bits) {
+    const uint64_t ones = 0x0101010101010101ULL;
+    const uint64_t spread = ((uint64_t)(bits & 0xff) * ones) & 0x8040201008040201ULL;
+    const uint64_t top = ((spread + 0x7f7f7f7f7f7f7f7fULL) | spread) & 0x8080808080808080ULL;
+    return ((top >> 7) * 0xff) | ones;
+}
+
 /* n values (8 or 4) of a grid entry (value j in byte j) with their sign bits, at o[pos]. */
 static inline void put_grid(iq_block *o, int pos, uint64_t grid, unsigned signs, int n) {
-    for (int j = 0; j < n; j++) {
-        o->mag[pos + j] = (uint8_t)(grid >> (8 * j));
-        o->sgn[pos + j] = (signs >> j) & 1 ? -1 : 1;
-    }
+    const uint64_t sg = sign_bytes(signs);
+    memcpy(o->mag + pos, &grid, (size_t)n); /* little-endian: byte j is value j */
+    memcpy(o->sgn + pos, &sg, (size_t)n);
 }
 
 static inline void scale32(iq_block *o, int ib32, int ls) { o->sc[2 * ib32] = o->sc[2 * ib32 + 1] = (int16_t)(2 * ls + 1); }
@@ -108,14 +116,14 @@ static void decode_iq3_s(const uint8_t *blk, iq_block *o) {
     }
 }
 
-/* An IQ1 grid entry: int8 values -1, 0, 1 -> magnitude and sign; the group's shift sign. */
+/* An IQ1 grid entry: int8 values -1 (0xff), 0, 1 -> magnitude (the low bit) and sign (0xff
+ * stays -1, 0 and 1 give +1); the group's shift sign. */
 static inline void put_iq1(iq_block *o, int pos, uint64_t grid, int shift_neg) {
-    for (int j = 0; j < 8; j++) {
-        const int8_t v = (int8_t)(grid >> (8 * j));
-        o->mag[pos + j] = (uint8_t)(v < 0 ? -v : v);
-        o->sgn[pos + j] = v < 0 ? -1 : 1;
-        o->shift[pos + j] = shift_neg ? -1 : 1;
-    }
+    const uint64_t ones = 0x0101010101010101ULL, mag = grid & ones, sgn = grid | ones;
+    const uint64_t shift = shift_neg ? ~0ULL : ones;
+    memcpy(o->mag + pos, &mag, 8);
+    memcpy(o->sgn + pos, &sgn, 8);
+    memcpy(o->shift + pos, &shift, 8);
 }
 
 /* IQ1_S (50): f16 d; qs[32]; uint16 qh[8]: per 32 values 3 high index bits per 8, ls at bit 12, shift sign at 15. */
@@ -241,17 +249,115 @@ static TARGET_AVX2 float dot_iq_avx2(const iq_format *f, const uint8_t *w, const
 }
 #endif
 
+#ifdef OFFLOAD_X86
+/* Faster AVX2 row dots for the IQ2 / IQ3 formats, shaped like ggml's: each 32-value group
+ * built in registers (grid entries by _mm256_set_epi64x / _epi32, signs as 0x01 / 0xff
+ * bytes), no spelt-out block. The same integers, so the same bits as dot_iq_avx2. */
+static uint64_t SIGN8[256]; /* sign_bytes(k), filled when the library loads */
+
+__attribute__((constructor)) static void init_sign8(void) {
+    for (int k = 0; k < 256; k++) SIGN8[k] = sign_bytes((unsigned)k);
+}
+
+#define S8(bits) ((long long)SIGN8[(bits) & 255])
+#define SCALE_PAIR(lo, hi) _mm256_set_m128i(_mm_set1_epi16((int16_t)(hi)), _mm_set1_epi16((int16_t)(lo)))
+
+static inline TARGET_AVX2 void group_iq2_xxs(const uint8_t *blk, int c, __m256i *g, __m256i *s, __m256i *sc) {
+    const uint32_t idx = read_u32(blk + 2 + 8 * c), aux = read_u32(blk + 6 + 8 * c);
+    *g = _mm256_set_epi64x((long long)iq2xxs_grid[idx >> 24], (long long)iq2xxs_grid[(idx >> 16) & 255],
+                           (long long)iq2xxs_grid[(idx >> 8) & 255], (long long)iq2xxs_grid[idx & 255]);
+    *s = _mm256_set_epi64x(S8(ksigns_iq2xs[(aux >> 21) & 127]), S8(ksigns_iq2xs[(aux >> 14) & 127]),
+                           S8(ksigns_iq2xs[(aux >> 7) & 127]), S8(ksigns_iq2xs[aux & 127]));
+    *sc = _mm256_set1_epi16((int16_t)(2 * (aux >> 28) + 1));
+}
+
+static inline TARGET_AVX2 void group_iq2_xs(const uint8_t *blk, int c, __m256i *g, __m256i *s, __m256i *sc) {
+    uint16_t q[4];
+    memcpy(q, blk + 2 + 8 * c, 8);
+    *g = _mm256_set_epi64x((long long)iq2xs_grid[q[3] & 511], (long long)iq2xs_grid[q[2] & 511],
+                           (long long)iq2xs_grid[q[1] & 511], (long long)iq2xs_grid[q[0] & 511]);
+    *s = _mm256_set_epi64x(S8(ksigns_iq2xs[q[3] >> 9]), S8(ksigns_iq2xs[q[2] >> 9]), S8(ksigns_iq2xs[q[1] >> 9]),
+                           S8(ksigns_iq2xs[q[0] >> 9]));
+    *sc = SCALE_PAIR(2 * (blk[66 + c] & 15) + 1, 2 * (blk[66 + c] >> 4) + 1);
+}
+
+static inline TARGET_AVX2 void group_iq2_s(const uint8_t *blk, int c, __m256i *g, __m256i *s, __m256i *sc) {
+    const uint8_t *qs = blk + 2 + 4 * c, *signs = blk + 34 + 4 * c;
+    const int qh = blk[66 + c];
+    *g = _mm256_set_epi64x((long long)iq2s_grid[qs[3] | ((qh << 2) & 0x300)], (long long)iq2s_grid[qs[2] | ((qh << 4) & 0x300)],
+                           (long long)iq2s_grid[qs[1] | ((qh << 6) & 0x300)], (long long)iq2s_grid[qs[0] | ((qh << 8) & 0x300)]);
+    *s = _mm256_set_epi64x(S8(signs[3]), S8(signs[2]), S8(signs[1]), S8(signs[0]));
+    *sc = SCALE_PAIR(2 * (blk[74 + c] & 15) + 1, 2 * (blk[74 + c] >> 4) + 1);
+}
+
+static inline TARGET_AVX2 void group_iq3_xxs(const uint8_t *blk, int c, __m256i *g, __m256i *s, __m256i *sc) {
+    const uint8_t *q = blk + 2 + 8 * c;
+    const uint32_t aux = read_u32(blk + 66 + 4 * c);
+    *g = _mm256_set_epi32((int)iq3xxs_grid[q[7]], (int)iq3xxs_grid[q[6]], (int)iq3xxs_grid[q[5]], (int)iq3xxs_grid[q[4]],
+                          (int)iq3xxs_grid[q[3]], (int)iq3xxs_grid[q[2]], (int)iq3xxs_grid[q[1]], (int)iq3xxs_grid[q[0]]);
+    *s = _mm256_set_epi64x(S8(ksigns_iq2xs[(aux >> 21) & 127]), S8(ksigns_iq2xs[(aux >> 14) & 127]),
+                           S8(ksigns_iq2xs[(aux >> 7) & 127]), S8(ksigns_iq2xs[aux & 127]));
+    *sc = _mm256_set1_epi16((int16_t)(2 * (aux >> 28) + 1));
+}
+
+static inline TARGET_AVX2 void group_iq3_s(const uint8_t *blk, int c, __m256i *g, __m256i *s, __m256i *sc) {
+    const uint8_t *q = blk + 2 + 8 * c, *signs = blk + 74 + 4 * c;
+    const int qh = blk[66 + c];
+#define IQ3S(k) (int)iq3s_grid[q[k] | ((qh << (8 - (k))) & 256)]
+    *g = _mm256_set_epi32(IQ3S(7), IQ3S(6), IQ3S(5), IQ3S(4), IQ3S(3), IQ3S(2), IQ3S(1), IQ3S(0));
+#undef IQ3S
+    *s = _mm256_set_epi64x(S8(signs[3]), S8(signs[2]), S8(signs[1]), S8(signs[0]));
+    const int ls = c % 2 ? blk[106 + c / 2] >> 4 : blk[106 + c / 2] & 15;
+    *sc = _mm256_set1_epi16((int16_t)(2 * ls + 1));
+}
+
+#define DEFINE_FAST(name, bytes, post)                                                                           \
+    static TARGET_AVX2 float dot_##name##_fast(const uint8_t *w, const act_row *x, int n_cols) {                \
+        __m256 acc = _mm256_setzero_ps();                                                                        \
+        for (int ib = 0; ib < n_cols / QK_K; ib++) {                                                             \
+            const uint8_t *blk = w + (size_t)ib * (bytes);                                                       \
+            const int8_t *q8 = x->qs + (size_t)ib * QK_K;                                                        \
+            const float d = fp16_to_fp32(read_u16(blk)) * x->d[ib];                                              \
+            __m256i sum = _mm256_setzero_si256();                                                                \
+            for (int c = 0; c < 8; c++) {                                                                        \
+                __m256i g, s, sc;                                                                                \
+                group_##name(blk, c, &g, &s, &sc);                                                               \
+                const __m256i y = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(q8 + 32 * c)), s);       \
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(g, y), sc));                  \
+            }                                                                                                    \
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sum), acc);                              \
+        }                                                                                                        \
+        return (post) * hsum_float_8(acc);                                                                       \
+    }
+DEFINE_FAST(iq2_xxs, 66, 0.125f)
+DEFINE_FAST(iq2_xs, 74, 0.125f)
+DEFINE_FAST(iq2_s, 82, 0.125f)
+DEFINE_FAST(iq3_xxs, 98, 0.25f)
+DEFINE_FAST(iq3_s, 110, 1.0f)
+#endif
+
 /* One portable and one AVX2 row dot per format, and its table for module.c. */
 #ifdef OFFLOAD_X86
 #define DEFINE_IQ(NAME, name, bytes)                                                                                    \
     static float dot_##name##_portable(const uint8_t *w, const act_row *x, int n) { return dot_iq_portable(&NAME, w, x, n); } \
-    static TARGET_AVX2 float dot_##name##_avx2(const uint8_t *w, const act_row *x, int n) { return dot_iq_avx2(&NAME, w, x, n); } \
-    const format_kernels KERNELS_##NAME = {#NAME, ACT_Q8_K, QK_K, bytes, dot_##name##_portable, dot_##name##_avx2, NULL, NULL};
+    __attribute__((unused)) static TARGET_AVX2 float dot_##name##_avx2(const uint8_t *w, const act_row *x, int n) { \
+        return dot_iq_avx2(&NAME, w, x, n);                                                                      \
+    }                                                                                                             \
+    const format_kernels KERNELS_##NAME = {#NAME, ACT_Q8_K, QK_K, bytes, dot_##name##_portable, AVX2_DOT_##NAME, NULL, NULL};
 #else
 #define DEFINE_IQ(NAME, name, bytes)                                                                                    \
     static float dot_##name##_portable(const uint8_t *w, const act_row *x, int n) { return dot_iq_portable(&NAME, w, x, n); } \
     const format_kernels KERNELS_##NAME = {#NAME, ACT_Q8_K, QK_K, bytes, dot_##name##_portable, NULL, NULL, NULL};
 #endif
+
+/* the AVX2 row dot each table takes: the register-built ones for IQ2 / IQ3 */
+#define AVX2_DOT_IQ2_XXS dot_iq2_xxs_fast
+#define AVX2_DOT_IQ2_XS dot_iq2_xs_fast
+#define AVX2_DOT_IQ2_S dot_iq2_s_fast
+#define AVX2_DOT_IQ3_XXS dot_iq3_xxs_fast
+#define AVX2_DOT_IQ3_S dot_iq3_s_fast
+#define AVX2_DOT_IQ1_S dot_iq1_s_avx2
+#define AVX2_DOT_IQ1_M dot_iq1_m_avx2
 
 DEFINE_IQ(IQ2_XXS, iq2_xxs, 66)
 DEFINE_IQ(IQ2_XS, iq2_xs, 74)
