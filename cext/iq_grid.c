@@ -334,6 +334,69 @@ DEFINE_FAST(iq2_xs, 74, 0.125f)
 DEFINE_FAST(iq2_s, 82, 0.125f)
 DEFINE_FAST(iq3_xxs, 98, 0.25f)
 DEFINE_FAST(iq3_s, 110, 1.0f)
+
+/* IQ1_S and IQ1_M the same way: the int8 grid's magnitude is its low bit (and ones), its
+ * sign is the entry itself (or ones: 0xff stays -1, 0 and 1 give +1). */
+static TARGET_AVX2 float dot_iq1_s_fast(const uint8_t *w, const act_row *x, int n_cols) {
+    const __m256i ones = _mm256_set1_epi8(1);
+    __m256 acc = _mm256_setzero_ps();
+    float acc1 = 0.0f;
+    for (int ib = 0; ib < n_cols / QK_K; ib++) {
+        const uint8_t *blk = w + (size_t)ib * 50, *qs = blk + 2;
+        const int8_t *q8 = x->qs + (size_t)ib * QK_K;
+        const int16_t *bs = x->bsums + (size_t)ib * 16;
+        const float d = fp16_to_fp32(read_u16(blk)) * x->d[ib];
+        __m256i sum = _mm256_setzero_si256();
+        int32_t s1 = 0;
+        for (int c = 0; c < 8; c++) {
+            const uint16_t qh = read_u16(blk + 34 + 2 * c);
+            const uint8_t *q = qs + 4 * c;
+            const __m256i g = _mm256_set_epi64x((long long)iq1s_grid[q[3] | (((qh >> 9) & 7) << 8)],
+                                                (long long)iq1s_grid[q[2] | (((qh >> 6) & 7) << 8)],
+                                                (long long)iq1s_grid[q[1] | (((qh >> 3) & 7) << 8)],
+                                                (long long)iq1s_grid[q[0] | ((qh & 7) << 8)]);
+            const int ls = 2 * ((qh >> 12) & 7) + 1;
+            const __m256i y = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(q8 + 32 * c)), _mm256_or_si256(g, ones));
+            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(g, ones), y),
+                                                          _mm256_set1_epi16((int16_t)ls)));
+            s1 += (bs[2 * c] + bs[2 * c + 1]) * (qh & 0x8000 ? -1 : 1) * ls;
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sum), acc);
+        acc1 = fmaf(d, (float)s1, acc1);
+    }
+    return hsum_float_8(acc) + 0.125f * acc1;
+}
+
+static TARGET_AVX2 float dot_iq1_m_fast(const uint8_t *w, const act_row *x, int n_cols) {
+    const __m256i ones = _mm256_set1_epi8(1);
+    __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
+    for (int ib = 0; ib < n_cols / QK_K; ib++) {
+        const uint8_t *blk = w + (size_t)ib * 56, *qs = blk, *qh = blk + 32;
+        const int8_t *q8 = x->qs + (size_t)ib * QK_K;
+        uint16_t sw[4];
+        memcpy(sw, blk + 48, 8);
+        const float d = fp16_to_fp32((uint16_t)((sw[0] >> 12) | ((sw[1] >> 8) & 0x00f0) | ((sw[2] >> 4) & 0x0f00) |
+                                                (sw[3] & 0xf000))) * x->d[ib];
+        __m256i sum = _mm256_setzero_si256(), sum2 = _mm256_setzero_si256();
+        for (int c = 0; c < 8; c++) {
+            const uint8_t *q = qs + 4 * c;
+            const int h0 = qh[2 * c] & 15, h1 = qh[2 * c] >> 4, h2 = qh[2 * c + 1] & 15, h3 = qh[2 * c + 1] >> 4;
+            const __m256i g = _mm256_set_epi64x((long long)iq1s_grid[q[3] | ((h3 & 7) << 8)], (long long)iq1s_grid[q[2] | ((h2 & 7) << 8)],
+                                                (long long)iq1s_grid[q[1] | ((h1 & 7) << 8)], (long long)iq1s_grid[q[0] | ((h0 & 7) << 8)]);
+            const long long pos = 0x0101010101010101LL, neg = -1LL;
+            const __m256i shift = _mm256_set_epi64x(h3 & 8 ? neg : pos, h2 & 8 ? neg : pos, h1 & 8 ? neg : pos, h0 & 8 ? neg : pos);
+            const int sh = 6 * (c % 2);
+            const __m256i sc = SCALE_PAIR(2 * ((sw[c / 2] >> sh) & 7) + 1, 2 * ((sw[c / 2] >> (sh + 3)) & 7) + 1);
+            const __m256i x8 = _mm256_loadu_si256((const __m256i *)(q8 + 32 * c));
+            const __m256i y = _mm256_sign_epi8(x8, _mm256_or_si256(g, ones));
+            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(g, ones), y), sc));
+            sum2 = _mm256_add_epi32(sum2, _mm256_madd_epi16(_mm256_maddubs_epi16(ones, _mm256_sign_epi8(x8, shift)), sc));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sum), acc);
+        acc2 = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sum2), acc2);
+    }
+    return hsum_float_8(acc) + 0.125f * hsum_float_8(acc2);
+}
 #endif
 
 /* One portable and one AVX2 row dot per format, and its table for module.c. */
@@ -350,14 +413,15 @@ DEFINE_FAST(iq3_s, 110, 1.0f)
     const format_kernels KERNELS_##NAME = {#NAME, ACT_Q8_K, QK_K, bytes, dot_##name##_portable, NULL, NULL, NULL};
 #endif
 
-/* the AVX2 row dot each table takes: the register-built ones for IQ2 / IQ3 */
+/* the AVX2 row dot each table takes: the register-built ones (dot_iq_avx2, the spelt-out
+ * block, stays as their readable twin) */
 #define AVX2_DOT_IQ2_XXS dot_iq2_xxs_fast
 #define AVX2_DOT_IQ2_XS dot_iq2_xs_fast
 #define AVX2_DOT_IQ2_S dot_iq2_s_fast
 #define AVX2_DOT_IQ3_XXS dot_iq3_xxs_fast
 #define AVX2_DOT_IQ3_S dot_iq3_s_fast
-#define AVX2_DOT_IQ1_S dot_iq1_s_avx2
-#define AVX2_DOT_IQ1_M dot_iq1_m_avx2
+#define AVX2_DOT_IQ1_S dot_iq1_s_fast
+#define AVX2_DOT_IQ1_M dot_iq1_m_fast
 
 DEFINE_IQ(IQ2_XXS, iq2_xxs, 66)
 DEFINE_IQ(IQ2_XS, iq2_xs, 74)
