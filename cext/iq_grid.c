@@ -1,7 +1,8 @@
 /* The grid I-quants (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M) dotted with Q8_K,
  * as ggml_vec_dot_iq*_q8_K (x86 AVX2, arch/x86/quants.c). Layouts and the order of the sums:
- * offload/kernels/iq_grid.py. In short, a super-block is spelt out (`iq_block`): per value a
- * grid magnitude and a sign (+1/-1), per 16 values the scale 2 ls + 1; then
+ * offload/kernels/iq_grid.py. In short (the portable path spells a super-block out in an
+ * `iq_block`; the AVX2 path builds each 32-value group in registers): per value a grid
+ * magnitude and a sign (+1/-1), per 16 values the scale 2 ls + 1; then
  *   lane[i] = sum over the eight 32-value groups c of sc[2c + (i >= 4)] * (the four products
  *             mag * sign(q8) of values 32c + 4i .. 32c + 4i + 3)
  * where sign(q8) is _mm256_sign_epi8's: a flipped -128 stays -128 (Q8_K's quantizer never
@@ -217,42 +218,10 @@ static float dot_iq_portable(const iq_format *f, const uint8_t *w, const act_row
 }
 
 #ifdef OFFLOAD_X86
-static inline TARGET_AVX2 __m256i lanes_avx2(const uint8_t *mag, const int8_t *sgn, const int16_t *sc, const int8_t *q8) {
-    __m256i sum = _mm256_setzero_si256();
-    for (int c = 0; c < 8; c++) {
-        const __m256i g = _mm256_loadu_si256((const __m256i *)(mag + 32 * c));
-        const __m256i s = _mm256_loadu_si256((const __m256i *)(sgn + 32 * c));
-        const __m256i y = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(q8 + 32 * c)), s);
-        const __m256i scale = _mm256_set_m128i(_mm_set1_epi16(sc[2 * c + 1]), _mm_set1_epi16(sc[2 * c]));
-        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(g, y), scale));
-    }
-    return sum;
-}
-
-static TARGET_AVX2 float dot_iq_avx2(const iq_format *f, const uint8_t *w, const act_row *x, int n_cols) {
-    __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
-    float acc1 = 0.0f;
-    iq_block b;
-    for (int ib = 0; ib < n_cols / QK_K; ib++) {
-        f->decode(w + (size_t)ib * f->bytes, &b);
-        const int8_t *q8 = x->qs + (size_t)ib * QK_K;
-        const float d = b.d * x->d[ib];
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(lanes_avx2(b.mag, b.sgn, b.sc, q8)), acc);
-        if (f->kind == IQ_SHIFT_SUM)
-            acc1 = fmaf(d, (float)shift_sum(&b, x->bsums + (size_t)ib * 16), acc1);
-        else if (f->kind == IQ_SHIFT_LANES)
-            acc2 = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(lanes_avx2(ONES, b.shift, b.sc, q8)), acc2);
-    }
-    if (f->kind == IQ_SHIFT_SUM) return hsum_float_8(acc) + 0.125f * acc1;
-    if (f->kind == IQ_SHIFT_LANES) return hsum_float_8(acc) + 0.125f * hsum_float_8(acc2);
-    return f->post * hsum_float_8(acc);
-}
-#endif
-
-#ifdef OFFLOAD_X86
-/* Faster AVX2 row dots for the IQ2 / IQ3 formats, shaped like ggml's: each 32-value group
- * built in registers (grid entries by _mm256_set_epi64x / _epi32, signs as 0x01 / 0xff
- * bytes), no spelt-out block. The same integers, so the same bits as dot_iq_avx2. */
+/* The AVX2 row dots, shaped like ggml's: each 32-value group built in registers (grid
+ * entries by _mm256_set_epi64x / _epi32, signs as 0x01 / 0xff bytes), then maddubs on the
+ * magnitudes and the sign-flipped q8 (_mm256_sign_epi8: the -128 rule), madd with the
+ * scales. The integers are the portable path's, so are the bits. */
 static uint64_t SIGN8[256]; /* sign_bytes(k), filled when the library loads */
 
 __attribute__((constructor)) static void init_sign8(void) {
@@ -312,7 +281,7 @@ static inline TARGET_AVX2 void group_iq3_s(const uint8_t *blk, int c, __m256i *g
 }
 
 #define DEFINE_FAST(name, bytes, post)                                                                           \
-    static TARGET_AVX2 float dot_##name##_fast(const uint8_t *w, const act_row *x, int n_cols) {                \
+    static TARGET_AVX2 float dot_##name##_avx2(const uint8_t *w, const act_row *x, int n_cols) {                \
         __m256 acc = _mm256_setzero_ps();                                                                        \
         for (int ib = 0; ib < n_cols / QK_K; ib++) {                                                             \
             const uint8_t *blk = w + (size_t)ib * (bytes);                                                       \
@@ -337,7 +306,7 @@ DEFINE_FAST(iq3_s, 110, 1.0f)
 
 /* IQ1_S and IQ1_M the same way: the int8 grid's magnitude is its low bit (and ones), its
  * sign is the entry itself (or ones: 0xff stays -1, 0 and 1 give +1). */
-static TARGET_AVX2 float dot_iq1_s_fast(const uint8_t *w, const act_row *x, int n_cols) {
+static TARGET_AVX2 float dot_iq1_s_avx2(const uint8_t *w, const act_row *x, int n_cols) {
     const __m256i ones = _mm256_set1_epi8(1);
     __m256 acc = _mm256_setzero_ps();
     float acc1 = 0.0f;
@@ -367,7 +336,7 @@ static TARGET_AVX2 float dot_iq1_s_fast(const uint8_t *w, const act_row *x, int 
     return hsum_float_8(acc) + 0.125f * acc1;
 }
 
-static TARGET_AVX2 float dot_iq1_m_fast(const uint8_t *w, const act_row *x, int n_cols) {
+static TARGET_AVX2 float dot_iq1_m_avx2(const uint8_t *w, const act_row *x, int n_cols) {
     const __m256i ones = _mm256_set1_epi8(1);
     __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
     for (int ib = 0; ib < n_cols / QK_K; ib++) {
@@ -403,25 +372,12 @@ static TARGET_AVX2 float dot_iq1_m_fast(const uint8_t *w, const act_row *x, int 
 #ifdef OFFLOAD_X86
 #define DEFINE_IQ(NAME, name, bytes)                                                                                    \
     static float dot_##name##_portable(const uint8_t *w, const act_row *x, int n) { return dot_iq_portable(&NAME, w, x, n); } \
-    __attribute__((unused)) static TARGET_AVX2 float dot_##name##_avx2(const uint8_t *w, const act_row *x, int n) { \
-        return dot_iq_avx2(&NAME, w, x, n);                                                                      \
-    }                                                                                                             \
-    const format_kernels KERNELS_##NAME = {#NAME, ACT_Q8_K, QK_K, bytes, dot_##name##_portable, AVX2_DOT_##NAME, NULL, NULL};
+    const format_kernels KERNELS_##NAME = {#NAME, ACT_Q8_K, QK_K, bytes, dot_##name##_portable, dot_##name##_avx2, NULL, NULL};
 #else
 #define DEFINE_IQ(NAME, name, bytes)                                                                                    \
     static float dot_##name##_portable(const uint8_t *w, const act_row *x, int n) { return dot_iq_portable(&NAME, w, x, n); } \
     const format_kernels KERNELS_##NAME = {#NAME, ACT_Q8_K, QK_K, bytes, dot_##name##_portable, NULL, NULL, NULL};
 #endif
-
-/* the AVX2 row dot each table takes: the register-built ones (dot_iq_avx2, the spelt-out
- * block, stays as their readable twin) */
-#define AVX2_DOT_IQ2_XXS dot_iq2_xxs_fast
-#define AVX2_DOT_IQ2_XS dot_iq2_xs_fast
-#define AVX2_DOT_IQ2_S dot_iq2_s_fast
-#define AVX2_DOT_IQ3_XXS dot_iq3_xxs_fast
-#define AVX2_DOT_IQ3_S dot_iq3_s_fast
-#define AVX2_DOT_IQ1_S dot_iq1_s_fast
-#define AVX2_DOT_IQ1_M dot_iq1_m_fast
 
 DEFINE_IQ(IQ2_XXS, iq2_xxs, 66)
 DEFINE_IQ(IQ2_XS, iq2_xs, 74)
