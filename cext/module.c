@@ -64,8 +64,10 @@
 
 /* Format tables are defined in their own files; weak, so a format whose file is absent
  * from a build is simply not offered. */
+/* the grid I-quants (iq_grid.c) */
+#define IQ_GRID_FORMATS(X) X(IQ2_XXS) X(IQ2_XS) X(IQ2_S) X(IQ3_XXS) X(IQ3_S) X(IQ1_S) X(IQ1_M)
 #define FORMATS(X) X(Q8_0) X(Q4_0) X(Q4_1) X(Q5_0) X(Q5_1) X(Q2_K) X(Q3_K) X(Q4_K) X(Q5_K) X(Q6_K) X(MXFP4) \
-    X(IQ4_NL) X(IQ4_XS) X(TQ1_0) X(TQ2_0)
+    X(IQ4_NL) X(IQ4_XS) X(TQ1_0) X(TQ2_0) IQ_GRID_FORMATS(X)
 #define DECLARE(name) extern const format_kernels KERNELS_##name __attribute__((weak));
 FORMATS(DECLARE)
 #define ENTRY(name) &KERNELS_##name,

@@ -27,6 +27,7 @@
 #include <omp.h>
 #include <stdlib.h>
 
+#include "iq_grid.h"
 #include "kernels.h"
 #include "tiled.h"
 
@@ -152,6 +153,15 @@ INLINE void decode_q2_k(const uint8_t *blk, decoded_block *o) {
             for (int l = 0; l < 32; l++) o->q[128 * j + 32 * k + l] = (int8_t)((blk[16 + 32 * j + l] >> (2 * k)) & 3);
 }
 
+/* The grid I-quants (iq_grid.c): signed values -62..62 (IQ1: -9..9), 2 ls + 1 per 16 values, no mins. */
+#define DEFINE_DECODE_IQ(NAME, name, scale)                 \
+    INLINE void decode_##name(const uint8_t *blk, decoded_block *o) { \
+        iq_tiled_##name(blk, o->q, o->sc, &o->d);           \
+        memset(o->mn, 0, sizeof(o->mn));                    \
+        o->dmin = 0.0f;                                     \
+    }
+IQ_GRID_TILED(DEFINE_DECODE_IQ)
+
 typedef struct {
     const char *name;
     int block_bytes;
@@ -163,6 +173,10 @@ typedef struct {
 static const tiled_format tiled_formats[] = {
     {"Q2_K", 84, 1, 0, decode_q2_k},  {"Q3_K", 110, 0, 4, decode_q3_k}, {"Q4_K", 144, 1, 0, decode_q4_k},
     {"Q5_K", 176, 1, 0, decode_q5_k}, {"Q6_K", 210, 0, 32, decode_q6_k},
+    /* the grid I-quants, made unsigned by + 64 (<= 126: maddubs still cannot saturate) */
+    {"IQ2_XXS", 66, 0, 64, decode_iq2_xxs}, {"IQ2_XS", 74, 0, 64, decode_iq2_xs}, {"IQ2_S", 82, 0, 64, decode_iq2_s},
+    {"IQ3_XXS", 98, 0, 64, decode_iq3_xxs}, {"IQ3_S", 110, 0, 64, decode_iq3_s}, {"IQ1_S", 50, 0, 64, decode_iq1_s},
+    {"IQ1_M", 56, 0, 64, decode_iq1_m},
 };
 
 static const tiled_format *find_tiled(const char *name) {
@@ -417,6 +431,27 @@ static inline TARGET_AVX2 void put_q2_k(const uint8_t *blk, pair_block *o, int i
     put_d(o, i, blk + 80, blk + 82);
 }
 
+/* The grid I-quants through their plain decoding: the values + 64, scales per 16 values,
+ * correction 64 * sc[g]. */
+static inline TARGET_AVX2 void put_decoded(const decoded_block *b, pair_block *o, int i, int ilv) {
+    const __m256i bias = _mm256_set1_epi8(64);
+    for (int c = 0; c < 8; c++)
+        put_chunk(o, i, c, _mm256_add_epi8(_mm256_loadu_si256((const __m256i *)(b->q + 32 * c)), bias), ilv);
+    const __m256i sc = _mm256_loadu_si256((const __m256i *)b->sc);
+    _mm256_storeu_si256((__m256i *)o->sc[i], sc); /* dword c: sc[2c], sc[2c+1] */
+    put_pairs8(o->mn, i, _mm256_slli_epi16(sc, 6));
+    _mm_storeu_ps(o->d + 4 * i, _mm_set1_ps(b->d));
+    _mm_storeu_ps(o->dmin + 4 * i, _mm_setzero_ps());
+}
+
+#define DEFINE_PUT_IQ(NAME, name, scale)                                                      \
+    static inline TARGET_AVX2 void put_##name(const uint8_t *blk, pair_block *o, int i, int ilv) { \
+        decoded_block b;                                                                      \
+        decode_##name(blk, &b);                                                               \
+        put_decoded(&b, o, i, ilv);                                                           \
+    }
+IQ_GRID_TILED(DEFINE_PUT_IQ)
+
 /* Every block of rows row0 and row1 (nb blocks of `bytes`) into o[0 .. nb-1]. */
 #define DEFINE_PACK_PAIR(name, bytes)                                                                 \
     static TARGET_AVX2 void pack_pair_##name(const uint8_t *row0, const uint8_t *row1, int nb, pair_block *o) { \
@@ -430,6 +465,13 @@ DEFINE_PACK_PAIR(q3_k, 110)
 DEFINE_PACK_PAIR(q4_k, 144)
 DEFINE_PACK_PAIR(q5_k, 176)
 DEFINE_PACK_PAIR(q6_k, 210)
+DEFINE_PACK_PAIR(iq2_xxs, 66)
+DEFINE_PACK_PAIR(iq2_xs, 74)
+DEFINE_PACK_PAIR(iq2_s, 82)
+DEFINE_PACK_PAIR(iq3_xxs, 98)
+DEFINE_PACK_PAIR(iq3_s, 110)
+DEFINE_PACK_PAIR(iq1_s, 50)
+DEFINE_PACK_PAIR(iq1_m, 56)
 
 /* The portable and AVX-512 layout (packed_block) through the same decoding, for the AVX-512
  * path: row 0 of a pair block decoded without interleaving holds its quants as they are,
@@ -469,6 +511,13 @@ DEFINE_PACK_ROWS(q3_k, 110, PAIRS_16)
 DEFINE_PACK_ROWS(q4_k, 144, PAIRS_32)
 DEFINE_PACK_ROWS(q5_k, 176, PAIRS_32)
 DEFINE_PACK_ROWS(q6_k, 210, PAIRS_16)
+DEFINE_PACK_ROWS(iq2_xxs, 66, PAIRS_16)
+DEFINE_PACK_ROWS(iq2_xs, 74, PAIRS_16)
+DEFINE_PACK_ROWS(iq2_s, 82, PAIRS_16)
+DEFINE_PACK_ROWS(iq3_xxs, 98, PAIRS_16)
+DEFINE_PACK_ROWS(iq3_s, 110, PAIRS_16)
+DEFINE_PACK_ROWS(iq1_s, 50, PAIRS_16)
+DEFINE_PACK_ROWS(iq1_m, 56, PAIRS_16)
 
 typedef void (*pack_rows_fn)(const uint8_t *w, size_t row_bytes, ptrdiff_t r0, ptrdiff_t r1, int nb, packed_block *rows);
 
@@ -483,6 +532,10 @@ static const struct {
     {"Q2_K", pack_pair_q2_k, pack_rows_q2_k, PAIRS_16}, {"Q3_K", pack_pair_q3_k, pack_rows_q3_k, PAIRS_16},
     {"Q4_K", pack_pair_q4_k, pack_rows_q4_k, PAIRS_32}, {"Q5_K", pack_pair_q5_k, pack_rows_q5_k, PAIRS_32},
     {"Q6_K", pack_pair_q6_k, pack_rows_q6_k, PAIRS_16},
+    {"IQ2_XXS", pack_pair_iq2_xxs, pack_rows_iq2_xxs, PAIRS_16}, {"IQ2_XS", pack_pair_iq2_xs, pack_rows_iq2_xs, PAIRS_16},
+    {"IQ2_S", pack_pair_iq2_s, pack_rows_iq2_s, PAIRS_16}, {"IQ3_XXS", pack_pair_iq3_xxs, pack_rows_iq3_xxs, PAIRS_16},
+    {"IQ3_S", pack_pair_iq3_s, pack_rows_iq3_s, PAIRS_16}, {"IQ1_S", pack_pair_iq1_s, pack_rows_iq1_s, PAIRS_16},
+    {"IQ1_M", pack_pair_iq1_m, pack_rows_iq1_m, PAIRS_16},
 };
 
 static int avx2_packer(const tiled_format *f) {

@@ -299,8 +299,18 @@ def _add(w: GGUFWriter, name: str, data: np.ndarray, qtype: GGMLQuantizationType
         w.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)
 
 
-def quantize_model(src: str | os.PathLike[str], dst: str | os.PathLike[str], ftype: str, n_threads: int = 2) -> Path:
-    """Quantize with llama.cpp's own quantizer (`llama-quantize`), e.g. ftype="Q4_K_M"."""
+def quantize_model(src: str | os.PathLike[str], dst: str | os.PathLike[str], ftype: str, n_threads: int = 2,
+                   imatrix: str | dict[str, np.ndarray] | None = None,
+                   tensor_types: dict[str, str] | None = None) -> Path:
+    """Quantize with llama.cpp's own quantizer (`llama-quantize`), e.g. ftype="Q4_K_M".
+
+    imatrix: an importance matrix, which llama-quantize needs for IQ1_S, IQ1_M, IQ2_XXS,
+    IQ2_XS, IQ2_S and IQ3_XXS tensors: {tensor name: ne0 * ne2 positive floats}, or "random"
+    for seeded random positive values for every tensor of `src` (enough for tests).
+    tensor_types: {regex: ggml type name} overrides, as llama-quantize's --tensor-type, to
+    make a "dynamic" mix (a different type per tensor), e.g. {"ffn_down_exps": "Q4_K"}."""
+    import ctypes
+
     from .tokenizer import load_llama_cpp
 
     llama_cpp = load_llama_cpp()
@@ -308,6 +318,26 @@ def quantize_model(src: str | os.PathLike[str], dst: str | os.PathLike[str], fty
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(LlamaFileType[f"MOSTLY_{ftype}"])
     params.nthread = n_threads
+    keep = []  # the ctypes arrays the params point into, alive until the call returns
+    if imatrix is not None:
+        if isinstance(imatrix, str):
+            imatrix = random_imatrix(src, seed=0 if imatrix == "random" else int(imatrix.removeprefix("random:")))
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for entry, (name, values) in zip(entries, imatrix.items()):
+            values = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(values)
+            entry.name = name.encode()
+            entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entry.size = values.size
+        params.imatrix = entries  # ended by the zeroed entry: name NULL
+        keep.append(entries)
+    if tensor_types:
+        overrides = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for entry, (pattern, type_name) in zip(overrides, tensor_types.items()):
+            entry.pattern = pattern.encode()
+            entry.type = int(GGMLQuantizationType[type_name])
+        params.tt_overrides = overrides
+        keep.append(overrides)
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({src} -> {ftype}) failed with {rc}")
@@ -353,6 +383,18 @@ def _gguf_contents(path: str, mtime_ns: int):
               for key, f in reader.fields.items() if not key.startswith("GGUF.")}
     tensors = [(t.name, np.array(t.data), tuple(int(d) for d in reversed(t.shape)), t.tensor_type) for t in reader.tensors]
     return fields, tensors
+
+
+def random_imatrix(src: str | os.PathLike[str], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random positive importances (0.1 .. 2) for every matrix of a GGUF file: ne0 * ne2
+    values per tensor (a row's columns, per expert for stacked experts), as llama-quantize reads them."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for tensor in GGUFReader(src).tensors:
+        shape = [int(n) for n in tensor.shape]  # ggml order: ne0 first
+        if len(shape) >= 2:
+            out[tensor.name] = rng.uniform(0.1, 2.0, shape[0] * (shape[2] if len(shape) > 2 else 1)).astype(np.float32)
+    return out
 
 
 def random_prompt(n: int, seed: int = 0, n_vocab: int = 32000) -> list[int]:
@@ -452,11 +494,14 @@ def _ggml_lib(name: str):
 
 
 _GGML_BASE = None
+# the types llama-quantize will not make without an importance matrix
+_IMATRIX_TYPES = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
 
 
-def ggml_quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+def ggml_quantize(values: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
     """float32 (n_rows, n_cols) -> uint8 rows of `qtype` blocks, made by ggml_quantize_chunk
-    (llama-quantize's own code path, k-quants and MXFP4 included)."""
+    (llama-quantize's own code path, k-quants and MXFP4 included). The grid I-quants get
+    an importance matrix (n_cols positive floats): `imatrix`, else a seeded random one."""
     import ctypes
 
     from gguf import GGML_QUANT_SIZES
@@ -476,7 +521,14 @@ def ggml_quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray
         raise ValueError(f"{qtype.name} rows need a multiple of {block_size} values, got {n_cols}")
     _GGML_BASE.ggml_quantize_init(int(qtype))
     raw = np.zeros((n_rows, n_cols // block_size * type_size), dtype=np.uint8)
-    size = _GGML_BASE.ggml_quantize_chunk(int(qtype), values.ctypes.data, raw.ctypes.data, 0, n_rows, n_cols, None)
+    if imatrix is None and qtype.name in _IMATRIX_TYPES:
+        imatrix = np.random.default_rng(n_cols).uniform(0.1, 2.0, n_cols).astype(np.float32)
+    if imatrix is not None:
+        imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if imatrix.shape != (n_cols,):
+            raise ValueError(f"imatrix needs {n_cols} values, got {imatrix.shape}")
+    size = _GGML_BASE.ggml_quantize_chunk(int(qtype), values.ctypes.data, raw.ctypes.data, 0, n_rows, n_cols,
+                                          None if imatrix is None else imatrix.ctypes.data)
     if size != raw.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {size} bytes for {qtype.name}, expected {raw.nbytes}")
     return raw

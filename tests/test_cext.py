@@ -111,7 +111,7 @@ def test_c_kernel_rejects_short_buffers():
     with pytest.raises(ValueError, match="smaller"):
         cext._cext.matmul("Q8_0", raw[:3], xq, xd, None, out, 4, 64, 1)
     with pytest.raises(ValueError, match="no C kernel"):
-        cext._cext.matmul("IQ2_XXS", raw, xq, xd, None, out, 4, 64, 1)
+        cext._cext.matmul("I8", raw, xq, xd, None, out, 4, 64, 1)
     with pytest.raises(ValueError, match="bad shape"):
         cext._cext.matmul("Q8_0", raw, xq, xd, None, out, 4, 48, 1)
 
@@ -193,7 +193,7 @@ def test_one_call_rejects_bad_buffers():
     with pytest.raises(ValueError, match="does not fit"):
         cext.matmul_x(x, 1, (("Q8_0", raw, out[:, :3], 4),))
     with pytest.raises(ValueError, match="no C kernel"):
-        cext.matmul_x(x, 1, (("IQ2_XXS", raw, out, 4),))
+        cext.matmul_x(x, 1, (("I8", raw, out, 4),))
     with pytest.raises(ValueError, match="bad call"):
         cext.matmul_x(x, 1, ())
 

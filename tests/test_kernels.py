@@ -99,12 +99,12 @@ def test_row_bytes_rejects_partial_blocks():
 
 
 def test_unsupported_type_is_named():
-    with pytest.raises(UnsupportedQuantType, match="IQ2_XXS") as e:
-        format_for(T.IQ2_XXS)
+    with pytest.raises(UnsupportedQuantType, match="I8") as e:
+        format_for(T.I8)
     assert isinstance(e.value, ValueError)
     assert "Q4_0" in str(e.value)  # the message lists what is supported
-    with pytest.raises(UnsupportedQuantType, match="IQ2_XXS"):
-        format_for(int(T.IQ2_XXS))
+    with pytest.raises(UnsupportedQuantType, match="I8"):
+        format_for(int(T.I8))
     with pytest.raises(UnsupportedQuantType, match="12345"):
         format_for(12345)
 
@@ -421,7 +421,7 @@ def test_from_raw_rejects_bad_data():
     with pytest.raises(ValueError, match="contiguous"):
         QMatrix.from_raw(T.Q8_0, np.zeros((6, 136), np.uint8)[:, ::2], 6, 64)
     with pytest.raises(UnsupportedQuantType):
-        QMatrix.from_raw(T.IQ2_XXS, raw, 6, 256)
+        QMatrix.from_raw(T.I8, raw, 6, 256)
     with pytest.raises(ValueError, match="uint8"):
         QMatrix(FORMATS[T.Q8_0], 6, 64, raw[:, :-1])
 

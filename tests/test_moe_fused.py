@@ -54,6 +54,9 @@ MIXES = [
     (T.Q2_K, T.Q3_K, T.Q5_K),
     (T.MXFP4, T.MXFP4, T.MXFP4),  # gpt-oss's
     (T.Q4_K, T.Q8_0, T.Q4_0),  # Q8_K and Q8_0 activations in one call
+    (T.IQ2_XXS, T.IQ2_XS, T.IQ3_XXS),  # the grid I-quants of "dynamic" low-bit files
+    (T.IQ3_S, T.IQ1_S, T.IQ2_S),
+    (T.IQ1_M, T.IQ1_M, T.Q4_K),
 ]
 
 

@@ -36,6 +36,7 @@ from .formats import (
 from .numba_kernels import quantize_q8_0, quantize_q8_k
 from . import mxfp4, q2_k_q3_k, q4_1_q5, q4_k_q5_k, q6_k
 from . import iq4, ternary
+from . import iq_grid
 
 # Formats that live in their own modules: registered here, with their kernels.
 for _fmt, _kernel in (
@@ -55,6 +56,9 @@ for _fmt, _kernel in (
 ):
     FORMATS[_fmt.ggml_type] = _fmt
     NUMBA_KERNELS[_fmt.ggml_type] = _kernel
+for _fmt in iq_grid.FORMATS:  # IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M
+    FORMATS[_fmt.ggml_type] = _fmt
+    NUMBA_KERNELS[_fmt.ggml_type] = iq_grid.kernel_for(_fmt)
 ACTIVATION_CONVERTERS["Q8_1"] = q4_1_q5.quantize_q8_1
 select_kernels()
 

@@ -237,12 +237,15 @@ def c_kernel(fmt_name: str) -> Kernel | None:
     return kernel
 
 
-TILED_NAMES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")  # cext/tiled.c's formats
+def _tiled_names() -> set[str]:
+    from .tiled import TILED_TYPES
+
+    return {t.name for t in TILED_TYPES}
 
 
 def c_tiled_kernel(fmt_name: str) -> Kernel | None:
-    """The C kernel for 8+ tokens in ggml's tiled order (Q2_K..Q6_K, IQ4_XS), or None."""
-    if _cext is None or not hasattr(_cext, "matmul_tiled") or fmt_name not in TILED_NAMES:
+    """The C kernel for 8+ tokens in ggml's tiled order (Q2_K..Q6_K, IQ4_XS, the grid I-quants), or None."""
+    if _cext is None or not hasattr(_cext, "matmul_tiled") or fmt_name not in _tiled_names():
         return None
     matmul_tiled = _cext.matmul_tiled
 

@@ -23,11 +23,13 @@ one Numba kernel serves every format.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from . import iq_grid
 from .formats import QK_K
 from .jit import njit, prange
 from .numba_intrinsics import fma32
@@ -106,6 +108,15 @@ _DECODERS = {
     GGMLQuantizationType.Q6_K: _decode_q6_k,
     GGMLQuantizationType.IQ4_XS: _decode_iq4_xs,
 }
+
+
+def _decode_iq(fmt, b: np.ndarray) -> DecodedBlocks:
+    q, sc, d = iq_grid.tiled_blocks(fmt, b)
+    return DecodedBlocks(q, sc, np.zeros_like(sc), d, np.zeros(b.shape, np.float32))
+
+
+for _fmt in iq_grid.FORMATS:  # the grid I-quants (IQ2_XXS .. IQ1_M) take the tiled path too
+    _DECODERS[_fmt.ggml_type] = partial(_decode_iq, _fmt)
 TILED_TYPES = frozenset(_DECODERS)
 HAS_MIN = {GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K}
 
