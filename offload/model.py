@@ -12,6 +12,7 @@ from typing import Iterator
 import numpy as np
 
 from . import arch
+from .cache_types import DEFAULT_CACHE_TYPE, check_cache_types
 from .errors import ContextOverflowError, OffloadError
 from .forward import Transformer
 from .gguf_file import GGUFFile
@@ -71,7 +72,8 @@ class Model:
              o_direct: bool = False, prefetch_slots: int | None = None, io_threads: int = IO_THREADS,
              prefetch: bool = True, prefetch_depth: int = DEFAULT_PREFETCH_DEPTH,
              predictor: str = "lookahead", chat_template: str | None = None,
-             vram_budget: str | int | None = None, gpu_options: dict | None = None) -> "Model":
+             vram_budget: str | int | None = None, gpu_options: dict | None = None,
+             cache_type_k: str = DEFAULT_CACHE_TYPE, cache_type_v: str = DEFAULT_CACHE_TYPE) -> "Model":
         """Open `path`; `n_ctx` defaults to min(training context, 4096), `n_threads` to all cores.
 
         `memory_budget` ("6GB", "6GiB", "512MB", "60%" of RAM, or bytes) caps what the model
@@ -96,7 +98,10 @@ class Model:
         the device). Given without a GPU, it raises OffloadError (OFFLOAD_GPU_SIMULATOR=1:
         Numba's CUDA simulator). None (default): "auto" (or $OFFLOAD_VRAM_BUDGET) when an
         NVIDIA driver is loaded, with a warning and the CPU if the GPU cannot be used; without
-        one no GPU code is loaded. "off" (or 0): the CPU only."""
+        one no GPU code is loaded. "off" (or 0): the CPU only.
+
+        `cache_type_k` / `cache_type_v`: the KV cache's types (offload.cache_types: f32, f16,
+        bf16, q8_0, q4_0 for K; V not quantized, as llama.cpp without flash attention)."""
         gguf = GGUFFile(path)
         try:
             args = arch.model_args(gguf)
@@ -110,15 +115,17 @@ class Model:
                 budget, source = default_budget()
             else:
                 budget, source = parse_budget(memory_budget), "given"
+            check_cache_types(cache_type_k, cache_type_v, args.attention, args.head_dim)
             plan = make_plan(gguf, args, n_ctx, budget, source, o_direct=o_direct, scope=cache_scope,
-                             prefetch_slots=prefetch_slots, gpu=_gpu_wanted(vram_budget))
+                             prefetch_slots=prefetch_slots, gpu=_gpu_wanted(vram_budget),
+                             type_k=cache_type_k, type_v=cache_type_v)
             plan.check()
             weights = load_weights(gguf, args)
             if not plan.pools or (memory_budget is None and plan.all_resident and not o_direct):
                 experts = ResidentExperts(gguf, args)
             else:
                 experts = TieredExperts(gguf, plan, args, policy=cache_policy, io_threads=io_threads)
-            transformer = Transformer(args, weights, experts, n_ctx)
+            transformer = Transformer(args, weights, experts, n_ctx, cache_type_k, cache_type_v)
             _attach_gpu(transformer, weights, experts, gguf, args, vram_budget, gpu_options)
             if prefetch and prefetch_depth > 0 and isinstance(experts, TieredExperts) and not experts.all_resident:
                 from .predict import Prefetcher, make_predictor

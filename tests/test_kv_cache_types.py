@@ -1,0 +1,107 @@
+"""KV cache types (offload.cache_types) against llama.cpp with the same -ctk / -ctv, flash
+attention off: per-position logits of a prompt and a greedy decode past 64 tokens, equal to
+the bit, on a llama-like, a gpt-oss-like (sinks, sliding window ring) and a DeepSeek (MLA:
+one latent row per token, K and V one cache) tiny model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from offload import Model
+from offload.cache_types import encode_rows, cache_format
+from offload.errors import OffloadError
+from offload.kernels.formats import quantize_q8_0_ref
+from offload.sampling import SamplingParams
+from offload.store.plan import kv_bytes_per_cell
+from offload.testing import (TinyConfig, ggml_quantize, llama_cpp_greedy, llama_cpp_logits, random_prompt, write_model)
+from gguf import GGMLQuantizationType
+
+N_CTX = 256
+N_DECODE = 70  # past 64 positions after the prompt, so a second 64-wide stretch of cells is read
+
+MODELS = {
+    # head_dim 32 (a Q8_0 / Q4_0 block per head), GQA 2:1
+    "llama": TinyConfig(n_layer=2, n_embd=128, n_head=4, n_head_kv=2, head_dim=32, n_ff=64, n_expert=4,
+                        n_expert_used=2, n_ctx=N_CTX),
+    # sinks, a window of 16 on the even layers, YaRN
+    "gpt-oss": TinyConfig(arch="gpt-oss", n_layer=2, n_embd=64, n_head=4, n_head_kv=2, head_dim=32, n_ff=64,
+                          n_expert=8, n_expert_used=4, sliding_window=16, n_ctx=N_CTX),
+    # MLA: kv_lora_rank 32 + rope 16 per token
+    "deepseek2": TinyConfig(arch="deepseek2", n_layer=2, n_embd=64, n_head=4, n_head_kv=1, head_dim=48, n_ff=32,
+                            n_expert=8, n_expert_used=2, kv_lora_rank=32, rope_dim=16, v_head_dim=32, n_dense_lead=1,
+                            n_ff_dense=96, yarn_factor=0.0, n_ctx=N_CTX),
+}
+GQA_TYPES = [("f16", "f16"), ("bf16", "bf16"), ("q8_0", "f16"), ("q4_0", "f32"), ("f32", "f16"), ("q8_0", "bf16")]
+CASES = [(name, k, v) for name in ("llama", "gpt-oss") for k, v in GQA_TYPES] + \
+        [("deepseek2", "f16", "f16"), ("deepseek2", "bf16", "bf16")]
+
+
+@pytest.fixture(scope="module")
+def paths(model_factory):
+    return {name: model_factory(config, "F32", 3) for name, config in MODELS.items()}
+
+
+@pytest.mark.parametrize("name,type_k,type_v", CASES)
+def test_prompt_logits_and_greedy_decode_equal_llama_cpp(paths, name, type_k, type_v):
+    path = paths[name]
+    prompt = random_prompt(40, seed=5)
+    with Model.load(path, n_ctx=N_CTX, cache_type_k=type_k, cache_type_v=type_v) as m:
+        assert m.transformer.cache.type_k == type_k
+        ours = m.logits(prompt)
+        tokens = list(m.generate_tokens(prompt, N_DECODE, SamplingParams(temperature=0.0)))
+    ref = llama_cpp_logits(path, prompt, n_ctx=N_CTX, type_k=type_k, type_v=type_v)
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32)), f"max |diff| {np.abs(ours - ref).max():.3g}"
+    ref_tokens = llama_cpp_greedy(path, prompt, N_DECODE, n_ctx=N_CTX, type_k=type_k, type_v=type_v)
+    assert len(ref_tokens) == N_DECODE
+    assert tokens == ref_tokens
+
+
+def test_the_cache_type_changes_the_logits(paths):
+    """A check that cannot fail is no check: F16 keys and values do round the logits."""
+    prompt = random_prompt(40, seed=5)
+    with Model.load(paths["llama"], n_ctx=N_CTX, cache_type_k="f32", cache_type_v="f32") as m:
+        f32 = m.logits(prompt)
+    with Model.load(paths["llama"], n_ctx=N_CTX, cache_type_k="q8_0", cache_type_v="f16") as m:
+        q8 = m.logits(prompt)
+    assert not np.array_equal(f32, q8)
+
+
+def test_rows_are_stored_as_ggml_converts_them():
+    x = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32) * 3
+    assert np.array_equal(encode_rows(cache_format("f16"), x).view(np.float16).astype(np.float32),
+                          x.astype(np.float16).astype(np.float32))
+    # Q4_0: set_rows's from_float is quantize_row_q4_0_ref, the quantizer's own
+    assert np.array_equal(encode_rows(cache_format("q4_0"), x), ggml_quantize(x, GGMLQuantizationType.Q4_0))
+    # Q8_0: the x86 quantize_row_q8_0 (ties to even, unlike the reference), as activations are
+    qs, d = quantize_q8_0_ref(x)
+    blocks = encode_rows(cache_format("q8_0"), x).view(cache_format("q8_0").layout)
+    assert np.array_equal(blocks["qs"].reshape(5, -1), qs) and np.array_equal(blocks["d"].astype(np.float32), d)
+
+
+@pytest.mark.parametrize("type_k,type_v,message", [
+    ("f16", "q8_0", "needs flash attention"),
+    ("q3_k", "f16", "unknown KV cache type"),
+])
+def test_refused_in_one_line(paths, type_k, type_v, message):
+    with pytest.raises(OffloadError, match=message) as e:
+        Model.load(paths["llama"], n_ctx=N_CTX, cache_type_k=type_k, cache_type_v=type_v)
+    assert "\n" not in str(e.value)
+
+
+def test_mla_needs_one_type_for_k_and_v(paths):
+    with pytest.raises(OffloadError, match="must be the same type"):
+        Model.load(paths["deepseek2"], n_ctx=N_CTX, cache_type_k="f16", cache_type_v="f32")
+
+
+def test_bytes_per_token_by_type():
+    """The memory plan counts a position's key and value rows in their types."""
+    from offload.arch.base import ModelArgs  # noqa: F401  (the shape below is ModelArgs-like)
+
+    class Shape:
+        kv_dim, v_cache_dim = 1024, 1024
+    assert kv_bytes_per_cell(Shape, "f32", "f32") == 8192
+    assert kv_bytes_per_cell(Shape, "f16", "f16") == 4096
+    assert kv_bytes_per_cell(Shape, "q8_0", "f16") == 1088 + 2048
+    assert kv_bytes_per_cell(Shape, "q4_0", "bf16") == 576 + 2048
