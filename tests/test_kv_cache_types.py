@@ -105,3 +105,19 @@ def test_bytes_per_token_by_type():
     assert kv_bytes_per_cell(Shape, "f16", "f16") == 4096
     assert kv_bytes_per_cell(Shape, "q8_0", "f16") == 1088 + 2048
     assert kv_bytes_per_cell(Shape, "q4_0", "bf16") == 576 + 2048
+
+
+def test_cli_takes_cache_types_and_inspect_shows_bytes_per_token(paths):
+    from click.testing import CliRunner
+
+    from offload.cli import main
+
+    run = CliRunner().invoke
+    shown = run(main, ["inspect", str(paths["llama"]), "-c", "256", "-ctk", "q8_0", "-ctv", "f16"])
+    assert shown.exit_code == 0, shown.output
+    # 2 layers x (64 keys in Q8_0: 68 B + 64 values in F16: 128 B)
+    assert "K q8_0, V f16: 392 B per token" in shown.output
+    refused = run(main, ["generate", str(paths["llama"]), "-n", "1", "-ctv", "q4_0"])
+    assert refused.exit_code == 1 and "needs flash attention" in refused.stderr
+    ran = run(main, ["generate", str(paths["llama"]), "-n", "2", "--temp", "0", "--cache-type-k", "bf16"])
+    assert ran.exit_code == 0, ran.output
