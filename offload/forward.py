@@ -397,13 +397,15 @@ class Transformer:
         """x += the attention block of one decoding token, in one C call (kernels.block) where
         the C kernels serve its matrices and no GPU tier runs them; False if not run."""
         a = self.args
-        if a.attention != "gqa" or self.gpu is not None or not self.cache.float32 or not block.attention_fits(w):
+        c = self.cache
+        if (a.attention != "gqa" or self.gpu is not None or not block.attention_fits(w)
+                or c.k_fmt.name not in block.CACHE_TYPES or c.v_fmt.name not in block.CACHE_TYPES):
             return False
         if self._block_scratch is None:
             self._block_scratch = block.attention_scratch(a)
         cos, sin = self.rope[layer]
-        block.attention_token(a, w, x, start, cos[start], sin[start], self.cache.k[layer], self.cache.v[layer],
-                              self._block_scratch, a.window(layer))
+        block.attention_token(a, w, x, start, cos[start], sin[start], c.k[layer], c.v[layer], self._block_scratch,
+                              a.window(layer), c.k_fmt.name == "F16", c.v_fmt.name == "F16")
         return True
 
     def _moe(self, layer: int, w: MoE, x: np.ndarray) -> np.ndarray:

@@ -121,3 +121,44 @@ def test_cli_takes_cache_types_and_inspect_shows_bytes_per_token(paths):
     assert refused.exit_code == 1 and "needs flash attention" in refused.stderr
     ran = run(main, ["generate", str(paths["llama"]), "-n", "2", "--temp", "0", "--cache-type-k", "bf16"])
     assert ran.exit_code == 0, ran.output
+
+
+@pytest.mark.parametrize("type_k,type_v", [("f16", "f16"), ("f32", "f16"), ("f16", "f32")])
+def test_fused_decode_block_on_an_f16_cache_equals_llama_cpp(model_factory, monkeypatch, type_k, type_v):
+    """Q8_0 weights: a decoding token's attention block runs in one C call (kernels.block),
+    which writes and reads the F16 rows itself."""
+    from offload.kernels import block
+
+    path = model_factory(MODELS["llama"], "Q8_0", 3)
+    calls = []
+    monkeypatch.setattr(block, "attention_token", lambda *a, real=block.attention_token: calls.append(1) or real(*a))
+    prompt = random_prompt(40, seed=6)
+    with Model.load(path, n_ctx=N_CTX, cache_type_k=type_k, cache_type_v=type_v) as m:
+        tokens = list(m.generate_tokens(prompt, N_DECODE, SamplingParams(temperature=0.0)))
+    assert calls, "the fused block did not run"
+    assert tokens == llama_cpp_greedy(path, prompt, N_DECODE, n_ctx=N_CTX, type_k=type_k, type_v=type_v)
+
+
+@pytest.mark.parametrize("n,head_dim,window,sinks", [(1, 32, 0, False), (5, 32, 0, True), (3, 48, 0, False),
+                                                     (4, 20, 0, False), (1, 20, 6, True), (6, 64, 8, False)])
+def test_c_attention_on_f16_rows_equals_its_reference(n, head_dim, window, sinks):
+    """cext/attention.c over F16 rows, against attention_typed's matmul path (same bits),
+    including head sizes that take vec_dot_f16's tail (48) or no tinyBLAS (20), a ring of
+    cells and sinks."""
+    from offload.kernels import cext
+    from offload.kernels.attention import attention_typed
+
+    if not cext.selected():
+        pytest.skip("the C extension is not built")
+    rng = np.random.default_rng(n * head_dim)
+    n_head, n_head_kv, n_cells = 4, 2, 24 if window else 64
+    start = 30 if window else 17
+    f16 = cache_format("f16")
+    k = encode_rows(f16, rng.standard_normal((n_cells, n_head_kv * head_dim)).astype(np.float32))
+    v = encode_rows(f16, rng.standard_normal((n_cells, n_head_kv * head_dim)).astype(np.float32))
+    q = rng.standard_normal((n, n_head * head_dim)).astype(np.float32)
+    s = rng.standard_normal(n_head).astype(np.float32) if sinks else None
+    for k_fmt, v_fmt, kk, vv in ((f16, f16, k, v), (cache_format("f32"), f16, k.view(np.float16).astype(np.float32), v)):
+        args = (q, kk, k_fmt, vv, v_fmt, start, n_head, n_head_kv, head_dim, window, s)
+        fast, ref = attention_typed(*args), attention_typed(*args, compiled=False)
+        assert np.array_equal(fast.view(np.uint32), ref.view(np.uint32)), np.abs(fast - ref).max()

@@ -209,7 +209,7 @@ def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray | None
 
 def attention_typed(q: np.ndarray, k_rows: np.ndarray, k_fmt, v_rows: np.ndarray | None, v_fmt, start: int,
                     n_head: int, n_head_kv: int, head_dim: int, window: int = 0, sinks: np.ndarray | None = None,
-                    v_dim: int | None = None, scale: float | None = None) -> np.ndarray:
+                    v_dim: int | None = None, scale: float | None = None, compiled: bool = True) -> np.ndarray:
     """`attention` over a cache kept in another type than F32 (offload.cache_types): k_rows /
     v_rows are the cache's encoded rows (n_cells, bytes) in formats k_fmt / v_fmt (v_rows
     None: the values are the first v_dim values of each key row, in K's format: MLA).
@@ -219,12 +219,22 @@ def attention_typed(q: np.ndarray, k_rows: np.ndarray, k_fmt, v_rows: np.ndarray
     or Q8_0 blocks), V^T . probs with the probabilities converted (F16, BF16). Each runs per
     query head over the batch's n tokens, through the weight kernels (kernels.dispatch): its
     vec_dot for one token, tinyBLAS for two or more. ggml's first try with the unconverted
-    operand applies to F32 only, whose K . Q stays vec_dot (Q is a permuted view)."""
+    operand applies to F32 only, whose K . Q stays vec_dot (Q is a permuted view).
+
+    F16 and F32 caches run in the C kernel where built (`compiled`), which sums in these
+    orders directly over the cache (cext/attention.c); this path is its reference."""
     from .dispatch import matmul
     from .formats import QMatrix
 
     n, hd = q.shape[0], head_dim
     vd = hd if v_dim is None else v_dim
+    if compiled and cext.selected() and {k_fmt.name, v_fmt.name} <= {"F32", "F16"}:
+        out = np.empty((n, n_head * vd), dtype=np.float32)
+        k = k_rows if k_fmt.name == "F32" else k_rows.view(np.float16)
+        v = None if v_rows is None else v_rows if v_fmt.name == "F32" else v_rows.view(np.float16)
+        cext.attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim, window, sinks, vd,
+                       0.0 if scale is None else float(scale))
+        return out
     end = start + n
     n_cells = k_rows.shape[0]
     live = min(end, n_cells)
