@@ -64,6 +64,7 @@ class Model:
     last_trace: object = None  # the RoutingTrace of the last generate(record_trace=...)
     chat_template_source: str | None = None  # Jinja text that overrides the model's chat template
     _kv_ids: list = field(default_factory=list)  # the token ids in the KV cache (chat reuses them)
+    loaded_state_extra: dict = field(default_factory=dict)  # what the last load_state's file kept beside the cache
     _chat_template: object = None
 
     @classmethod
@@ -197,26 +198,38 @@ class Model:
             yield tail
 
     def generate_tokens(self, prompt: str | list[int], max_tokens: int, params: SamplingParams,
-                        record_trace: str | os.PathLike[str] | None = None) -> Iterator[int]:
+                        record_trace: str | os.PathLike[str] | None = None,
+                        reuse_cache: bool = False) -> Iterator[int]:
         """Token ids of the continuation; stops at end-of-generation, max_tokens or a full context.
 
         `record_trace`: a path; every MoE layer's routing of every token run is recorded and
         saved there as a `.npz` routing trace (`offload.trace`) when the generation ends (or
-        is closed early); also kept as `self.last_trace`."""
+        is closed early); also kept as `self.last_trace`. `reuse_cache`: the tokens the KV
+        cache already holds (a previous generation, or `load_state`) that begin the prompt
+        are not run again, as llama.cpp's prompt cache (the last prompt token always runs, for
+        its logits; a batch split so may round a last bit differently than one batch)."""
         if record_trace is not None:
             ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-            yield from self._recording(record_trace, ids, self.generate_tokens(ids, max_tokens, params))
+            yield from self._recording(record_trace, ids, self.generate_tokens(ids, max_tokens, params,
+                                                                               reuse_cache=reuse_cache))
             return
         ids = self._check_tokens(self.tokenize(prompt) if isinstance(prompt, str) else prompt)
         stats = self.last_generation = GenerationStats(prompt_tokens=len(ids))
         sampler = Sampler(params)
         for t in ids:
             sampler.accept(t)
-        self.transformer.reset()
-        self._kv_ids = []  # the cache now holds this prompt, not a chat's tokens
+        reused = self._reusable_prefix(ids) if reuse_cache else 0
+        if reused:
+            self.transformer.cache.n_past = reused
+            del self._kv_ids[reused:]
+        else:
+            self.transformer.reset()
+            self._kv_ids = []
+        stats.cached_tokens = reused
         self._store_at_start = self.store_stats()
         t0 = time.perf_counter()
-        logits = self.transformer.forward(ids)[-1]
+        logits = self.transformer.forward(ids[reused:])[-1]
+        self._kv_ids.extend(int(t) for t in ids[reused:])  # what the cache holds, for save_state
         stats.prompt_seconds = time.perf_counter() - t0
         stats.stop_reason = "length"
         t0 = time.perf_counter()
@@ -234,7 +247,44 @@ class Model:
                 stats.stop_reason = "context"
                 break
             logits = self.transformer.forward(np.array([token]))[-1]
+            self._kv_ids.append(int(token))
         stats.generate_seconds = time.perf_counter() - t0
+
+    def _reusable_prefix(self, ids: list[int]) -> int:
+        """How many leading tokens of ids the KV cache holds already and can keep: not all of
+        them (the last runs for its logits), and none once a sliding window's ring has
+        overwritten cells a shorter cache would need."""
+        kv, cache = self._kv_sync(), self.transformer.cache
+        n = 0
+        for a, b in zip(kv, ids):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(ids) - 1)
+        if n < cache.n_past and any(cache.n_past > len(k) for k in cache.k):
+            return 0
+        return max(n, 0)
+
+    # -- saved sessions --------------------------------------------------------------------
+    def save_state(self, path: str | os.PathLike[str], extra: dict | None = None) -> None:
+        """Write the KV cache and the tokens it holds to `path` (atomically: a temporary file
+        renamed over it), with the model's identity and cache types (offload.session);
+        `extra`: JSON-able facts to keep beside them."""
+        from .session import save_state
+
+        save_state(self, path, list(self._kv_sync()), extra)
+
+    def load_state(self, path: str | os.PathLike[str]) -> list[int]:
+        """Restore a state written by save_state for this model file and cache types (else a
+        one-line StateError); returns the tokens the cache now holds. Continue with
+        generate_tokens(those tokens + more, reuse_cache=True), or chat."""
+        from .session import load_state
+
+        self.transformer.reset()
+        self._kv_ids = []
+        tokens, self.loaded_state_extra = load_state(self, path)
+        self._kv_ids = list(tokens)
+        return list(tokens)
 
     # -- chat ----------------------------------------------------------------------------
     @property

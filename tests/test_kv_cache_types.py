@@ -162,3 +162,52 @@ def test_c_attention_on_f16_rows_equals_its_reference(n, head_dim, window, sinks
         args = (q, kk, k_fmt, vv, v_fmt, start, n_head, n_head_kv, head_dim, window, s)
         fast, ref = attention_typed(*args), attention_typed(*args, compiled=False)
         assert np.array_equal(fast.view(np.uint32), ref.view(np.uint32)), np.abs(fast - ref).max()
+
+
+# -- saved sessions ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,type_k,type_v", [("llama", "f16", "f16"), ("gpt-oss", "q8_0", "f32"),
+                                                ("deepseek2", "f16", "f16")])
+def test_a_saved_and_reloaded_session_continues_with_the_same_tokens(paths, tmp_path, name, type_k, type_v):
+    path, prompt, first, then = paths[name], random_prompt(30, seed=8), 12, 20
+    greedy = SamplingParams(temperature=0.0)
+    load = dict(n_ctx=N_CTX, cache_type_k=type_k, cache_type_v=type_v)
+    with Model.load(path, **load) as m:
+        uninterrupted = list(m.generate_tokens(prompt, first + then, greedy))
+    with Model.load(path, **load) as m:
+        head = list(m.generate_tokens(prompt, first, greedy))
+        m.save_state(tmp_path / "s.npz", extra={"note": "x"})
+    assert head == uninterrupted[:first]
+    with Model.load(path, **load) as m:
+        held = m.load_state(tmp_path / "s.npz")
+        assert held == prompt + head[:-1] and m.loaded_state_extra == {"note": "x"}
+        assert m.transformer.cache.n_past == len(held)
+        tail = list(m.generate_tokens(prompt + head, then, greedy, reuse_cache=True))
+        assert m.last_generation.cached_tokens == len(held)  # only the last token ran
+    assert tail == uninterrupted[first:]
+
+
+def test_a_state_from_another_model_cache_type_or_damaged_is_refused(paths, tmp_path):
+    from offload.session import StateError
+
+    saved = tmp_path / "s.npz"
+    with Model.load(paths["llama"], n_ctx=N_CTX) as m:
+        list(m.generate_tokens(random_prompt(10, seed=1), 3, SamplingParams(temperature=0.0)))
+        m.save_state(saved)
+    assert not [p for p in tmp_path.iterdir() if p.name != "s.npz"]  # the temporary file was renamed
+    with Model.load(paths["llama"], n_ctx=N_CTX, cache_type_k="f32") as m, pytest.raises(StateError, match="cache types"):
+        m.load_state(saved)
+    with Model.load(paths["gpt-oss"], n_ctx=N_CTX) as m, pytest.raises(StateError, match="another model"):
+        m.load_state(saved)
+    with Model.load(paths["llama"], n_ctx=2 * N_CTX) as m, pytest.raises(StateError, match="context size"):
+        m.load_state(saved)
+    data = bytearray(saved.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "bad.npz").write_bytes(bytes(data))
+    (tmp_path / "short.npz").write_bytes(bytes(data[: len(data) // 3]))
+    with Model.load(paths["llama"], n_ctx=N_CTX) as m:
+        for bad in ("bad.npz", "short.npz"):
+            with pytest.raises(StateError) as e:
+                m.load_state(tmp_path / bad)
+            assert "\n" not in str(e.value)
+        assert m.transformer.cache.n_past == 0
