@@ -191,21 +191,22 @@ def test_a_state_from_another_model_cache_type_or_damaged_is_refused(paths, tmp_
     from offload.session import StateError
 
     saved = tmp_path / "s.npz"
-    with Model.load(paths["llama"], n_ctx=N_CTX) as m:
+    f16 = dict(cache_type_k="f16", cache_type_v="f16")
+    with Model.load(paths["llama"], n_ctx=N_CTX, **f16) as m:
         list(m.generate_tokens(random_prompt(10, seed=1), 3, SamplingParams(temperature=0.0)))
         m.save_state(saved)
     assert not [p for p in tmp_path.iterdir() if p.name != "s.npz"]  # the temporary file was renamed
     with Model.load(paths["llama"], n_ctx=N_CTX, cache_type_k="f32") as m, pytest.raises(StateError, match="cache types"):
         m.load_state(saved)
-    with Model.load(paths["gpt-oss"], n_ctx=N_CTX) as m, pytest.raises(StateError, match="another model"):
+    with Model.load(paths["gpt-oss"], n_ctx=N_CTX, **f16) as m, pytest.raises(StateError, match="another model"):
         m.load_state(saved)
-    with Model.load(paths["llama"], n_ctx=2 * N_CTX) as m, pytest.raises(StateError, match="context size"):
+    with Model.load(paths["llama"], n_ctx=2 * N_CTX, **f16) as m, pytest.raises(StateError, match="context size"):
         m.load_state(saved)
     data = bytearray(saved.read_bytes())
     data[len(data) // 2] ^= 0xFF
     (tmp_path / "bad.npz").write_bytes(bytes(data))
     (tmp_path / "short.npz").write_bytes(bytes(data[: len(data) // 3]))
-    with Model.load(paths["llama"], n_ctx=N_CTX) as m:
+    with Model.load(paths["llama"], n_ctx=N_CTX, **f16) as m:
         for bad in ("bad.npz", "short.npz"):
             with pytest.raises(StateError) as e:
                 m.load_state(tmp_path / bad)
