@@ -26,7 +26,7 @@ CACHE_TYPES: dict[str, GGMLQuantizationType] = {
     "q8_0": GGMLQuantizationType.Q8_0,
     "q4_0": GGMLQuantizationType.Q4_0,
 }
-DEFAULT_CACHE_TYPE = "f32"  # llama.cpp defaults to f16; see the tests before changing
+DEFAULT_CACHE_TYPE = "f32"  # PENDING
 
 
 def cache_format(name: str) -> BlockFormat:

@@ -7,10 +7,12 @@ and exit code 1 (a malformed command line: exit code 2); Ctrl-C ends it with 130
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
+from .cache_types import DEFAULT_CACHE_TYPE
 from .errors import OffloadError
 
 
@@ -72,7 +74,7 @@ def _cache_type_options(f):
 @click.option("--disk-bandwidth", default="3GB", show_default=True,
               help="Read bandwidth per second of the disk holding the model (e.g. 3GB, 500MB), for the decode bound.")
 def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_scope: str, o_direct: bool,
-            disk_bandwidth: str, cache_type_k: str = "f32", cache_type_v: str = "f32") -> None:
+            disk_bandwidth: str, cache_type_k: str = DEFAULT_CACHE_TYPE, cache_type_v: str = DEFAULT_CACHE_TYPE) -> None:
     """What is in MODEL and what it needs to run."""
     from . import arch
     from .gguf_file import GGUFFile
@@ -132,9 +134,13 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
                    "(default: auto when an NVIDIA GPU is present; OFFLOAD_GPU_SIMULATOR=1: Numba's CUDA simulator).")
 @click.option("--record-trace", "record_trace", type=click.Path(dir_okay=False), default=None,
               help="Save every token's routing (experts and weights per MoE layer) to this .npz file.")
+@click.option("--prompt-cache", type=click.Path(dir_okay=False), default=None,
+              help="A KV state file: the prompt's start it holds is not run again, and the state is saved there "
+                   "after generating (created if missing).")
 def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, ctx_size, threads,
              memory_budget, cache_policy, cache_scope, o_direct, record_trace=None, prefetch_depth=None,
-             no_prefetch=False, vram_budget=None, cache_type_k="f32", cache_type_v="f32") -> None:
+             no_prefetch=False, vram_budget=None, cache_type_k=DEFAULT_CACHE_TYPE, cache_type_v=DEFAULT_CACHE_TYPE,
+             prompt_cache=None) -> None:
     """Continue PROMPT with MODEL (a GGUF file; default: the demo model)."""
     from .model import DEFAULT_PREFETCH_DEPTH, Model
     from .summary import human_bytes as hb
@@ -145,12 +151,19 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
                     prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
                     vram_budget=vram_budget, cache_type_k=cache_type_k, cache_type_v=cache_type_v) as m:
         _memory_line(m, memory_budget)
+        if prompt_cache and os.path.exists(prompt_cache):
+            m.load_state(prompt_cache)
         click.echo(prompt, nl=False)
         for piece in m.generate(prompt, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p,
-                                min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, record_trace=record_trace):
+                                min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, record_trace=record_trace,
+                                reuse_cache=bool(prompt_cache)):
             click.echo(piece, nl=False)
         click.echo()
         g = m.last_generation
+        if prompt_cache:
+            m.save_state(prompt_cache)
+            click.echo(f"prompt cache: {g.cached_tokens} prompt tokens reused; {m.transformer.cache.n_past} tokens "
+                       f"saved to {prompt_cache}", err=True)
         click.echo(
             f"prompt {g.prompt_tokens} tokens at {g.prompt_tok_s:.1f} tok/s; "
             f"generated {g.generated_tokens} tokens at {g.decode_tok_s:.1f} tok/s (stop: {g.stop_reason})",
@@ -222,7 +235,7 @@ def simulate(trace_file: str, capacities, scope: str, policies, decode_only: boo
               help="Where to draw the curve (PNG, needs matplotlib; \"\" for none).")
 @_cache_type_options
 def tune(model, trace_file, budgets, policies, depths, n_predict, prompt, threads, no_o_direct, plot,
-         cache_type_k="f32", cache_type_v="f32") -> None:
+         cache_type_k=DEFAULT_CACHE_TYPE, cache_type_v=DEFAULT_CACHE_TYPE) -> None:
     """Which --memory-budget, --cache-policy and --prefetch-depth to use for MODEL on this machine."""
     from . import tune as t
 
@@ -293,7 +306,8 @@ CHAT_HELP = """commands:
   /help         this list
   /reset        forget the conversation (the system prompt stays)
   /stats        speed, expert cache hits, bytes read, memory
-  /save FILE    write the conversation as JSON
+  /save FILE    write the conversation as JSON, and its KV cache to FILE.kv
+  /load FILE    continue a conversation saved with /save (its KV cache too, if it fits this model)
   /exit         leave (also Ctrl-D; Ctrl-C stops a reply, and at the prompt leaves)"""
 
 
@@ -316,8 +330,8 @@ CHAT_HELP = """commands:
                    "before the answer on stdout).")
 def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, ctx_size, threads, memory_budget,
          cache_policy, cache_scope, o_direct, prefetch_depth, no_prefetch, chat_template, chat_template_file,
-         context_shift, vram_budget=None, reasoning_effort=None, hide_reasoning=False, cache_type_k="f32",
-         cache_type_v="f32") -> None:
+         context_shift, vram_budget=None, reasoning_effort=None, hide_reasoning=False, cache_type_k=DEFAULT_CACHE_TYPE,
+         cache_type_v=DEFAULT_CACHE_TYPE) -> None:
     """Chat with MODEL (a GGUF file; default: the demo model) in its own chat template.
 
     Reads one message per line (from a terminal or a pipe) and streams each reply. Type /help
@@ -547,9 +561,21 @@ def _slash_command(text: str, session) -> bool:
         else:
             try:
                 session.save(arg)
-                click.echo(f"saved {len(session.messages)} messages to {arg}", err=True)
+                click.echo(f"saved {len(session.messages)} messages to {arg} and the KV cache "
+                           f"({m.transformer.cache.n_past} tokens) to {arg}.kv", err=True)
             except OSError as e:
                 click.echo(f"offload: cannot write {arg}: {e.strerror or e}", err=True)
+    elif cmd == "/load":
+        if not arg:
+            click.echo("usage: /load FILE", err=True)
+        else:
+            try:
+                restored = session.load(arg)
+                click.echo(f"loaded {len(session.messages)} messages from {arg}"
+                           + (f", {restored} tokens into the KV cache" if restored else
+                              " (no KV state beside it: the next turn runs the conversation again)"), err=True)
+            except OffloadError as e:
+                click.echo(f"offload: {e}", err=True)
     else:
         click.echo(f"unknown command {cmd}; /help lists them", err=True)
     return False

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from .arch import ModelArgs
-from .cache_types import check_cache_types, encode_rows
+from .cache_types import DEFAULT_CACHE_TYPE, check_cache_types, encode_rows
 from .errors import ContextOverflowError
 from .kernels import block, cext, ggml_math, matmul, matmuls
 from .kernels.attention import attention, attention_typed
@@ -141,7 +141,7 @@ class KVCache:
     Rows are kept in the cache types' encodings (cache_types): float32 arrays for F32, else
     uint8 rows of the type's blocks, converted on write as llama.cpp's set_rows does."""
 
-    def __init__(self, args: ModelArgs, n_ctx: int, type_k: str = "f32", type_v: str = "f32"):
+    def __init__(self, args: ModelArgs, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE):
         self.type_k, self.type_v = type_k, type_v
         self.k_fmt, self.v_fmt = check_cache_types(type_k, type_v, args.attention, args.head_dim)
         self.k = [_cache_rows(self.k_fmt, kv_cells(args, i, n_ctx), args.kv_dim) for i in range(args.n_layer)]
@@ -191,8 +191,8 @@ class Scratch:
 
 
 class Transformer:
-    def __init__(self, args: ModelArgs, weights: Weights, experts: ExpertStore, n_ctx: int, type_k: str = "f32",
-                 type_v: str = "f32"):
+    def __init__(self, args: ModelArgs, weights: Weights, experts: ExpertStore, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE,
+                 type_v: str = DEFAULT_CACHE_TYPE):
         self.args = args
         self.weights = weights
         self.experts = experts

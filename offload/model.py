@@ -177,19 +177,22 @@ class Model:
         seed: int | None = None,
         record_trace: str | os.PathLike[str] | None = None,
         stream: bool = True,
+        reuse_cache: bool = False,
     ) -> Iterator[str] | str:
         """Stream the continuation of `prompt` as text pieces (whole UTF-8 characters);
         `stream=False`: return it as one string.
-        `record_trace`: save the run's routing trace there (see `generate_tokens`)."""
+        `record_trace`: save the run's routing trace there; `reuse_cache`: do not run again
+        the prompt's start the KV cache holds (see `generate_tokens`)."""
         pieces = self._generate(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed,
-                                record_trace)
+                                record_trace, reuse_cache)
         return pieces if stream else "".join(pieces)
 
     def _generate(self, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed,
-                  record_trace) -> Iterator[str]:
+                  record_trace, reuse_cache=False) -> Iterator[str]:
         params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
         decoder = StreamDecoder(self.tokenizer)
-        for token in self.generate_tokens(prompt, max_tokens, params, record_trace=record_trace):
+        for token in self.generate_tokens(prompt, max_tokens, params, record_trace=record_trace,
+                                          reuse_cache=reuse_cache):
             text = decoder.push(token)
             if text:
                 yield text

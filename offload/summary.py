@@ -6,6 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .arch import ModelArgs
+from .cache_types import DEFAULT_CACHE_TYPE
 from .gguf_file import GGUFFile, TensorInfo
 
 def tensor_class(name: str) -> str:
@@ -38,8 +39,8 @@ class ModelSummary:
     bytes_by_class: dict[tuple[str, str], int] = field(default_factory=dict)  # (class, quant type) -> bytes
     expert_bytes_per_layer: dict[int, int] = field(default_factory=dict)  # bytes of ONE expert of layer L
     plan: object = None  # store.MemoryPlan for the budget asked about (or for none: its minimum)
-    type_k: str = "f32"  # the KV cache types (cache_types)
-    type_v: str = "f32"
+    type_k: str = DEFAULT_CACHE_TYPE  # the KV cache types (cache_types)
+    type_v: str = DEFAULT_CACHE_TYPE
 
     @property
     def params_active(self) -> int:
@@ -86,7 +87,7 @@ def summarize(gguf: GGUFFile, args: ModelArgs, n_ctx: int, memory_budget: int | 
     """Facts about the file; with `memory_budget`, the memory plan for it (see store.plan)."""
     from .store.plan import make_plan
 
-    s = ModelSummary(args, n_ctx, type_k=plan_options.get("type_k", "f32"), type_v=plan_options.get("type_v", "f32"))
+    s = ModelSummary(args, n_ctx, type_k=plan_options.get("type_k", DEFAULT_CACHE_TYPE), type_v=plan_options.get("type_v", DEFAULT_CACHE_TYPE))
     s.plan = make_plan(gguf, args, n_ctx, memory_budget or 0, budget_source, **plan_options)
     by_class: dict[tuple[str, str], int] = defaultdict(int)
     for t in gguf.tensors.values():

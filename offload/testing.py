@@ -22,6 +22,8 @@ import numpy as np
 from gguf import ExpertGatingFuncType, GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, RopeScalingType
 from gguf.quants import quantize
 
+from .cache_types import DEFAULT_CACHE_TYPE
+
 _BUNDLED_VOCAB = Path(__file__).parent / "data" / "ggml-vocab-llama-spm.gguf"
 
 
@@ -351,9 +353,10 @@ GGML_CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
 
 
 def llama_cpp_model(path: str | os.PathLike[str], n_ctx: int = 512, n_threads: int = 2, logits_all: bool = True,
-                    type_k: str = "f32", type_v: str = "f32", flash_attn: bool = False):
+                    type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE, flash_attn: bool = False):
     """llama-cpp-python's Llama on `path`, with the KV cache types given (offload.cache_types
-    names; F32 by default, offload's default) and flash attention off, as offload computes.
+    names; by default offload's default, F16 as llama.cpp's) and flash attention off, as
+    offload computes.
     A batch is evaluated at once (n_batch = n_ctx) in micro-batches of llama.cpp's default
     size, as offload's forward pass splits it (forward.N_UBATCH)."""
     from .forward import N_UBATCH

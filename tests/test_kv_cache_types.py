@@ -212,3 +212,32 @@ def test_a_state_from_another_model_cache_type_or_damaged_is_refused(paths, tmp_
                 m.load_state(tmp_path / bad)
             assert "\n" not in str(e.value)
         assert m.transformer.cache.n_past == 0
+
+
+def test_chat_save_and_load_continue_the_conversation(paths, tmp_path):
+    """ChatSession.save (chat's /save) keeps the KV cache beside the transcript; load (/load)
+    restores both, and the next reply is the one the uninterrupted conversation gives, with
+    the conversation taken from the cache instead of run again."""
+    from offload.chat import ChatSession
+    from test_chat import CHATML
+
+    def session(m):
+        return ChatSession(model=m, template=m.chat_template, params=SamplingParams(temperature=0.0), max_tokens=6)
+
+    def reply(s, text):
+        return "".join(d.text for d in s.send(text))
+
+    load = dict(n_ctx=N_CTX, chat_template=CHATML)
+    with Model.load(paths["llama"], **load) as m:
+        s = session(m)
+        reply(s, "Hello there")
+        uninterrupted = reply(s, "Tell me more")
+    with Model.load(paths["llama"], **load) as m:
+        s = session(m)
+        reply(s, "Hello there")
+        s.save(str(tmp_path / "c.json"))
+    with Model.load(paths["llama"], **load) as m:
+        s = session(m)
+        assert s.load(str(tmp_path / "c.json")) > 0
+        assert reply(s, "Tell me more") == uninterrupted
+        assert s.last.cached_tokens > 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..arch import ModelArgs
+from ..cache_types import DEFAULT_CACHE_TYPE
 from ..errors import BudgetError
 from ..gguf_file import GGUFFile
 from ..kernels import dispatch
@@ -220,7 +221,7 @@ def scratch_bytes(args: ModelArgs, n_ctx: int) -> int:
     return 2 * tokens * width * 4 + LOGITS_ROWS * args.n_vocab * 4 + rope
 
 
-def kv_bytes_per_cell(args: ModelArgs, type_k: str = "f32", type_v: str = "f32") -> int:
+def kv_bytes_per_cell(args: ModelArgs, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE) -> int:
     """Bytes one cached position takes on one layer: its key row and value row in their
     cache types (cache_types); MLA caches only its latent and rope key."""
     from ..cache_types import cache_format
@@ -229,7 +230,7 @@ def kv_bytes_per_cell(args: ModelArgs, type_k: str = "f32", type_v: str = "f32")
     return k_fmt.row_bytes(args.kv_dim) + (v_fmt.row_bytes(args.v_cache_dim) if args.v_cache_dim else 0)
 
 
-def kv_cache_bytes(args: ModelArgs, n_ctx: int, type_k: str = "f32", type_v: str = "f32") -> int:
+def kv_cache_bytes(args: ModelArgs, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE) -> int:
     """Keys and values in their cache types: every position on full-attention layers, a ring
     of the last ones on sliding-window layers (forward.kv_cells)."""
     from ..forward import kv_cells
@@ -247,7 +248,7 @@ def runtime_bytes(gguf: GGUFFile, gpu: bool = False) -> int:
 
 def make_plan(gguf: GGUFFile, args: ModelArgs, n_ctx: int, budget: int, budget_source: str = "given", *,
               o_direct: bool = False, scope: str = "global", prefetch_slots: int | None = None,
-              gpu: bool = False, type_k: str = "f32", type_v: str = "f32") -> MemoryPlan:
+              gpu: bool = False, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE) -> MemoryPlan:
     """Split `budget` into the resident set and slot pools (not checked: call .check()); `gpu`:
     the GPU tier will be tried; type_k / type_v: the KV cache types."""
     if scope not in ("global", "layer"):
