@@ -2,7 +2,8 @@
 
 llama.cpp stores each new key and value row by converting it from float32 to the cache's
 type (ggml_set_rows with the type's `from_float`: F16 and BF16 round to nearest even, Q8_0
-quantizes as its activation quantizer, Q4_0 as quantize_row_q4_0_ref). Attention then
+quantizes as its activation quantizer, Q4_0, Q4_1, Q5_0 and Q5_1 as ggml's reference
+quantizers quantize_row_q*_ref). Attention then
 reads the rows in that type: its matmuls convert the other operand to the type's
 vec_dot_type (kernels.attention.attention_typed).
 
@@ -25,8 +26,11 @@ CACHE_TYPES: dict[str, GGMLQuantizationType] = {
     "bf16": GGMLQuantizationType.BF16,
     "q8_0": GGMLQuantizationType.Q8_0,
     "q4_0": GGMLQuantizationType.Q4_0,
+    "q4_1": GGMLQuantizationType.Q4_1,
+    "q5_0": GGMLQuantizationType.Q5_0,
+    "q5_1": GGMLQuantizationType.Q5_1,
 }
-DEFAULT_CACHE_TYPE = "f32"  # PENDING
+DEFAULT_CACHE_TYPE = "f32"  # llama.cpp defaults to f16
 
 
 def cache_format(name: str) -> BlockFormat:
@@ -75,27 +79,56 @@ def encode_rows(fmt: BlockFormat, x: np.ndarray) -> np.ndarray:
 
         qs, d = ACTIVATION_CONVERTERS["Q8_0"](x)  # quantize_row_q8_0, as the activations
         return _blocks(fmt, d, qs.reshape(len(x), -1, 32))
-    if name == "Q4_0":
-        return _quantize_q4_0(fmt, x)
+    if name in ("Q4_0", "Q5_0"):
+        return _quantize_symmetric(fmt, x, bits=4 if name == "Q4_0" else 5)
+    if name in ("Q4_1", "Q5_1"):
+        return _quantize_with_min(fmt, x, bits=4 if name == "Q4_1" else 5)
     raise UnsupportedModelError(f"no KV cache encoding for {name}")
 
 
-def _blocks(fmt: BlockFormat, d: np.ndarray, qs: np.ndarray) -> np.ndarray:
-    """Blocks (fp16 scale, quants) of this format as uint8 rows."""
+def _blocks(fmt: BlockFormat, d: np.ndarray, q: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
+    """Blocks of this format as uint8 rows, from the fp16 scale d (and min m) and the 32
+    quants of each block: low nibbles of values j and j + 16 share byte j, fifth bits in qh."""
     blocks = np.empty(d.shape, dtype=fmt.layout)
     with np.errstate(over="ignore"):
         blocks["d"] = d.astype(np.float16)
-    blocks["qs"] = qs
+        if m is not None:
+            blocks["m"] = m.astype(np.float16)
+    if fmt.name == "Q8_0":
+        blocks["qs"] = q
+    else:
+        q = q.astype(np.uint8)
+        blocks["qs"] = (q[..., :16] & 0x0F) | ((q[..., 16:] & 0x0F) << 4)
+        if "qh" in fmt.layout.names:
+            fifth = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+            blocks["qh"] = np.bitwise_or.reduce(fifth, axis=-1).astype("<u4")[..., None].view(np.uint8)
     return blocks.view(np.uint8).reshape(len(d), -1)
 
 
-def _quantize_q4_0(fmt: BlockFormat, x: np.ndarray) -> np.ndarray:
-    """ggml's quantize_row_q4_0_ref: d = the signed absmax / -8, q = min(15, trunc(x/d + 8.5))."""
+def _div_or_zero(d: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+
+
+def _quantize_symmetric(fmt: BlockFormat, x: np.ndarray, bits: int) -> np.ndarray:
+    """quantize_row_q4_0_ref / q5_0_ref: d = the signed absmax / -2^(bits-1),
+    q = min(2^bits - 1, trunc(x / d + 2^(bits-1) + 0.5))."""
     b = x.reshape(len(x), -1, 32)
     pick = np.argmax(np.abs(b), axis=-1)  # the first of equal magnitudes, as `amax < |v|`
     signed_max = np.take_along_axis(b, pick[..., None], axis=-1)[..., 0]
-    d = signed_max / np.float32(-8)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
-    q = np.minimum(15, (b * inv[..., None] + np.float32(8.5)).astype(np.int8)).astype(np.uint8)
-    return _blocks(fmt, d, q[..., :16] | (q[..., 16:] << 4))
+    half = 1 << (bits - 1)
+    d = signed_max / np.float32(-half)
+    q = np.minimum(2 * half - 1, (b * _div_or_zero(d)[..., None] + np.float32(half + 0.5)).astype(np.int8))
+    return _blocks(fmt, d, q)
+
+
+def _quantize_with_min(fmt: BlockFormat, x: np.ndarray, bits: int) -> np.ndarray:
+    """quantize_row_q4_1_ref / q5_1_ref: d = (max - min) / (2^bits - 1), m = min,
+    q = trunc((x - min) / d + 0.5) (at most 15 for Q4_1)."""
+    b = x.reshape(len(x), -1, 32)
+    lo, hi = b.min(axis=-1), b.max(axis=-1)
+    d = (hi - lo) / np.float32((1 << bits) - 1)
+    q = ((b - lo[..., None]) * _div_or_zero(d)[..., None] + np.float32(0.5)).astype(np.int8)
+    if bits == 4:
+        q = np.minimum(15, q)
+    return _blocks(fmt, d, q, lo)

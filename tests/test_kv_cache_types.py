@@ -19,7 +19,7 @@ from offload.testing import (TinyConfig, ggml_quantize, llama_cpp_greedy, llama_
 from gguf import GGMLQuantizationType
 
 N_CTX = 256
-N_DECODE = 70  # past 64 positions after the prompt, so a second 64-wide stretch of cells is read
+N_DECODE = 30  # after a prompt of 40: positions past 64
 
 MODELS = {
     # head_dim 32 (a Q8_0 / Q4_0 block per head), GQA 2:1
@@ -33,9 +33,10 @@ MODELS = {
                             n_expert=8, n_expert_used=2, kv_lora_rank=32, rope_dim=16, v_head_dim=32, n_dense_lead=1,
                             n_ff_dense=96, yarn_factor=0.0, n_ctx=N_CTX),
 }
-GQA_TYPES = [("f16", "f16"), ("bf16", "bf16"), ("q8_0", "f16"), ("q4_0", "f32"), ("f32", "f16"), ("q8_0", "bf16")]
-CASES = [(name, k, v) for name in ("llama", "gpt-oss") for k, v in GQA_TYPES] + \
-        [("deepseek2", "f16", "f16"), ("deepseek2", "bf16", "bf16")]
+CASES = [("llama", k, v) for k, v in [("f16", "f16"), ("bf16", "bf16"), ("f32", "f16"), ("q8_0", "f16"),
+                                      ("q4_0", "f32"), ("q4_1", "f16"), ("q5_0", "bf16"), ("q5_1", "f16")]] + \
+        [("gpt-oss", "f16", "f16"), ("gpt-oss", "q8_0", "bf16"), ("deepseek2", "f16", "f16"),
+         ("deepseek2", "bf16", "bf16")]
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +73,10 @@ def test_rows_are_stored_as_ggml_converts_them():
     x = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32) * 3
     assert np.array_equal(encode_rows(cache_format("f16"), x).view(np.float16).astype(np.float32),
                           x.astype(np.float16).astype(np.float32))
-    # Q4_0: set_rows's from_float is quantize_row_q4_0_ref, the quantizer's own
-    assert np.array_equal(encode_rows(cache_format("q4_0"), x), ggml_quantize(x, GGMLQuantizationType.Q4_0))
+    # Q4_0, Q4_1, Q5_0, Q5_1: set_rows's from_float is quantize_row_q*_ref, the quantizer's own
+    for name in ("q4_0", "q4_1", "q5_0", "q5_1"):
+        got = encode_rows(cache_format(name), x)
+        assert np.array_equal(got, ggml_quantize(x, GGMLQuantizationType[name.upper()])), name
     # Q8_0: the x86 quantize_row_q8_0 (ties to even, unlike the reference), as activations are
     qs, d = quantize_q8_0_ref(x)
     blocks = encode_rows(cache_format("q8_0"), x).view(cache_format("q8_0").layout)
