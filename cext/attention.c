@@ -229,9 +229,10 @@ static TARGET_AVX2 void attend_avx2(const attention_args *a, int h, int t, float
         int d = 0;
         if (a->v16) {
             const uint16_t *v = a->v16 + (size_t)p * vs + v0;
-            for (; d < vd8; d += 8)
-                _mm256_storeu_ps(lane + d, _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + d))), w,
-                                                           _mm256_loadu_ps(lane + d)));
+            for (; d < vd8; d += 8) {
+                const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + d)));
+                _mm256_storeu_ps(lane + d, _mm256_fmadd_ps(vv, w, _mm256_loadu_ps(lane + d)));
+            }
             for (; d < vd; d++) lane[d] = fmaf(fp16_to_fp32(v[d]), wp, lane[d]);
         } else {
             const float *v = a->v + (size_t)p * vs + v0;

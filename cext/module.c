@@ -711,7 +711,8 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
     if (a.v_stride <= 0) a.v_stride = a.n_head_kv * a.v_dim;
     const Py_ssize_t qbytes = (Py_ssize_t)a.n * a.q_stride * 4;
     const Py_ssize_t kvbytes = (Py_ssize_t)a.n_cells * a.kv_stride * (k_f16 ? 2 : 4);
-    const Py_ssize_t vbytes = ((Py_ssize_t)(a.n_cells - 1) * a.v_stride + (Py_ssize_t)a.n_head_kv * a.v_dim) * (v_f16 ? 2 : 4);
+    const Py_ssize_t vbytes =
+        ((Py_ssize_t)(a.n_cells - 1) * a.v_stride + (Py_ssize_t)a.n_head_kv * a.v_dim) * (v_f16 ? 2 : 4);
     const Py_ssize_t obytes = (Py_ssize_t)a.n * a.n_head * a.v_dim * 4;
     if (q.len < qbytes || out.len < obytes || k.len < kvbytes || v.len < vbytes) {
         PyErr_SetString(PyExc_ValueError, "attention: a buffer is smaller than its shape says");

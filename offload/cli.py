@@ -74,7 +74,8 @@ def _cache_type_options(f):
 @click.option("--disk-bandwidth", default="3GB", show_default=True,
               help="Read bandwidth per second of the disk holding the model (e.g. 3GB, 500MB), for the decode bound.")
 def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_scope: str, o_direct: bool,
-            disk_bandwidth: str, cache_type_k: str = DEFAULT_CACHE_TYPE, cache_type_v: str = DEFAULT_CACHE_TYPE) -> None:
+            disk_bandwidth: str, cache_type_k: str = DEFAULT_CACHE_TYPE,
+            cache_type_v: str = DEFAULT_CACHE_TYPE) -> None:
     """What is in MODEL and what it needs to run."""
     from . import arch
     from .gguf_file import GGUFFile
@@ -295,7 +296,8 @@ def tune(model, trace_file, budgets, policies, depths, n_predict, prompt, thread
 def _sampling_and_memory_options(f):
     """The `generate` command's sampling and memory flags, same names and defaults."""
     for name in ("cache_type_v", "cache_type_k", "vram_budget", "no_prefetch", "prefetch_depth", "o_direct",
-                 "cache_scope", "cache_policy", "memory_budget", "threads", "ctx_size", "seed", "repeat_penalty", "min_p", "top_p", "top_k", "temp"):
+                 "cache_scope", "cache_policy", "memory_budget", "threads", "ctx_size", "seed", "repeat_penalty",
+                 "min_p", "top_p", "top_k", "temp"):
         opt = next(p for p in generate.params if p.name == name)
         f = click.option(*opt.opts, **{k: getattr(opt, k) for k in ("type", "default", "help", "show_default")},
                          is_flag=opt.is_flag)(f)

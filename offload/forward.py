@@ -191,8 +191,8 @@ class Scratch:
 
 
 class Transformer:
-    def __init__(self, args: ModelArgs, weights: Weights, experts: ExpertStore, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE,
-                 type_v: str = DEFAULT_CACHE_TYPE):
+    def __init__(self, args: ModelArgs, weights: Weights, experts: ExpertStore, n_ctx: int,
+                 type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE):
         self.args = args
         self.weights = weights
         self.experts = experts

@@ -87,7 +87,8 @@ def summarize(gguf: GGUFFile, args: ModelArgs, n_ctx: int, memory_budget: int | 
     """Facts about the file; with `memory_budget`, the memory plan for it (see store.plan)."""
     from .store.plan import make_plan
 
-    s = ModelSummary(args, n_ctx, type_k=plan_options.get("type_k", DEFAULT_CACHE_TYPE), type_v=plan_options.get("type_v", DEFAULT_CACHE_TYPE))
+    s = ModelSummary(args, n_ctx, type_k=plan_options.get("type_k", DEFAULT_CACHE_TYPE),
+                     type_v=plan_options.get("type_v", DEFAULT_CACHE_TYPE))
     s.plan = make_plan(gguf, args, n_ctx, memory_budget or 0, budget_source, **plan_options)
     by_class: dict[tuple[str, str], int] = defaultdict(int)
     for t in gguf.tensors.values():

@@ -62,7 +62,8 @@ def budgets_to_try(path: str, shares: Sequence[float], n_ctx: int, o_direct: boo
     try:
         args = arch.model_args(gguf)
         types = cache_types or {}
-        plan = make_plan(gguf, args, n_ctx, 1, "tune", o_direct=o_direct, type_k=types.get("cache_type_k", DEFAULT_CACHE_TYPE),
+        plan = make_plan(gguf, args, n_ctx, 1, "tune", o_direct=o_direct,
+                         type_k=types.get("cache_type_k", DEFAULT_CACHE_TYPE),
                          type_v=types.get("cache_type_v", DEFAULT_CACHE_TYPE))
     finally:
         gguf.close()

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType
 
 from offload import Model
-from offload.cache_types import encode_rows, cache_format
+from offload.cache_types import cache_format, encode_rows
 from offload.errors import OffloadError
 from offload.kernels.formats import quantize_q8_0_ref
 from offload.sampling import SamplingParams
 from offload.store.plan import kv_bytes_per_cell
-from offload.testing import (TinyConfig, ggml_quantize, llama_cpp_greedy, llama_cpp_logits, random_prompt, write_model)
-from gguf import GGMLQuantizationType
+from offload.testing import TinyConfig, ggml_quantize, llama_cpp_greedy, llama_cpp_logits, random_prompt
 
 N_CTX = 256
 N_DECODE = 30  # after a prompt of 40: positions past 64
@@ -100,9 +100,7 @@ def test_mla_needs_one_type_for_k_and_v(paths):
 
 def test_bytes_per_token_by_type():
     """The memory plan counts a position's key and value rows in their types."""
-    from offload.arch.base import ModelArgs  # noqa: F401  (the shape below is ModelArgs-like)
-
-    class Shape:
+    class Shape:  # the two ModelArgs fields the count reads
         kv_dim, v_cache_dim = 1024, 1024
     assert kv_bytes_per_cell(Shape, "f32", "f32") == 8192
     assert kv_bytes_per_cell(Shape, "f16", "f16") == 4096
@@ -161,7 +159,8 @@ def test_c_attention_on_f16_rows_equals_its_reference(n, head_dim, window, sinks
     v = encode_rows(f16, rng.standard_normal((n_cells, n_head_kv * head_dim)).astype(np.float32))
     q = rng.standard_normal((n, n_head * head_dim)).astype(np.float32)
     s = rng.standard_normal(n_head).astype(np.float32) if sinks else None
-    for k_fmt, v_fmt, kk, vv in ((f16, f16, k, v), (cache_format("f32"), f16, k.view(np.float16).astype(np.float32), v)):
+    k32 = k.view(np.float16).astype(np.float32)
+    for k_fmt, v_fmt, kk, vv in ((f16, f16, k, v), (cache_format("f32"), f16, k32, v)):
         args = (q, kk, k_fmt, vv, v_fmt, start, n_head, n_head_kv, head_dim, window, s)
         fast, ref = attention_typed(*args), attention_typed(*args, compiled=False)
         assert np.array_equal(fast.view(np.uint32), ref.view(np.uint32)), np.abs(fast - ref).max()

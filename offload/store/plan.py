@@ -230,7 +230,8 @@ def kv_bytes_per_cell(args: ModelArgs, type_k: str = DEFAULT_CACHE_TYPE, type_v:
     return k_fmt.row_bytes(args.kv_dim) + (v_fmt.row_bytes(args.v_cache_dim) if args.v_cache_dim else 0)
 
 
-def kv_cache_bytes(args: ModelArgs, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE) -> int:
+def kv_cache_bytes(args: ModelArgs, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE,
+                   type_v: str = DEFAULT_CACHE_TYPE) -> int:
     """Keys and values in their cache types: every position on full-attention layers, a ring
     of the last ones on sliding-window layers (forward.kv_cells)."""
     from ..forward import kv_cells
