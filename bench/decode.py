@@ -14,7 +14,7 @@ one process, same file, same thread count:
   position only);
 * llama.cpp two ways: as users get it (its default: weights repacked into its extra buffer
   types, `use_extra_bufts` on) and as the tests' oracle runs it (`use_extra_bufts = False`,
-  offload.testing.llama_cpp_model); both with an F32 KV cache like offload's. Its greedy
+  offload.testing.llama_cpp_model); both with offload's KV cache type (F32 by default). Its greedy
   token is the argmax of its own last logits row (llama_get_logits_ith(ctx, -1)), and its
   greedy tokens are checked against offload's (the oracle's way gives the same ones; the
   repacked buffers sum in another order, so near-ties may go the other way);
@@ -56,9 +56,10 @@ from common import machine, print_table, read_bandwidth, write_json  # noqa: E40
 
 from offload import Model  # noqa: E402
 from offload.arch.base import hparam  # noqa: E402
+from offload.cache_types import DEFAULT_CACHE_TYPE  # noqa: E402
 from offload.gguf_file import GGUFFile  # noqa: E402
 from offload.kernels import kernels_in_use  # noqa: E402
-from offload.testing import TinyConfig, llama_cpp_model, quantize_model, write_model  # noqa: E402
+from offload.testing import GGML_CACHE_TYPES, TinyConfig, llama_cpp_model, quantize_model, write_model  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "offload" / "bench"
 
@@ -268,7 +269,7 @@ def python_overhead(path: Path, threads: int, n_decode: int) -> dict:
 # -- llama.cpp --------------------------------------------------------------------------
 
 def llama_cpp_llm(path: Path, n_ctx: int, threads: int, repacked: bool):
-    """llama-cpp-python's Llama with an F32 KV cache and the oracle's batch sizes: with its
+    """llama-cpp-python's Llama with offload's KV cache type and the oracle's batch sizes: with its
     default weight buffers (repacked: True) or the oracle itself (use_extra_bufts = False)."""
     if not repacked:
         return llama_cpp_model(path, n_ctx=n_ctx, n_threads=threads, logits_all=False)
@@ -277,7 +278,8 @@ def llama_cpp_llm(path: Path, n_ctx: int, threads: int, repacked: bool):
     from offload.forward import N_UBATCH
 
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, N_UBATCH),
-                           n_threads=threads, n_threads_batch=threads, logits_all=False, type_k=0, type_v=0,
+                           n_threads=threads, n_threads_batch=threads, logits_all=False,
+                           type_k=GGML_CACHE_TYPES[DEFAULT_CACHE_TYPE], type_v=GGML_CACHE_TYPES[DEFAULT_CACHE_TYPE],
                            verbose=False)
 
 
@@ -391,7 +393,7 @@ def main() -> None:
     print_table(HEADERS, [row for r in results for row in table_rows(r)])
     print("\nllama.cpp: as users get it (repacked weight buffers"
           + ("" if repacked_ok else ": not run, they crash on CPUs with AMX") + "); no-repack: use_extra_bufts=False "
-          "(the tests' oracle); both with an F32 KV cache. vs: offload / llama.cpp. Python: offload's decode token "
+          "(the tests' oracle); both with offload's KV cache type. vs: offload / llama.cpp. Python: offload's decode token "
           "with the C kernels stubbed out, as a share of a real one.")
     stubbed, passed = ({n for r in results for n in r["stubbed_kernels"][k]} for k in ("stubbed", "passed_through"))
     print(f"Stubbed C entry points: {', '.join(sorted(stubbed))}; passed through (they return a value): "

@@ -29,7 +29,7 @@ process, page cache included, as offload's budget does:
   how many MoE layers ahead the lookahead predictor prefetches; each row reports the
   predictions' recall and precision per distance over the decode tokens, the prefetched
   MiB per token that went unused, and the reads cancelled.
-* llama.cpp (llama-cpp-python on the file's memory map, `use_extra_bufts` off, F32 KV cache,
+* llama.cpp (llama-cpp-python on the file's memory map, `use_extra_bufts` off, offload's KV cache type,
   as bench/decode.py runs it): decode tok/s and MiB read per token (/proc/self/io: page
   faults and their readahead).
 * the bound: 1 / (compute seconds per token + offload's bytes read per token / disk read

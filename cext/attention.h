@@ -1,6 +1,8 @@
-/* Attention over one layer's F32 KV cache (attention.c). */
+/* Attention over one layer's F32 or F16 KV cache (attention.c). */
 #ifndef OFFLOAD_ATTENTION_H
 #define OFFLOAD_ATTENTION_H
+
+#include <stdint.h>
 
 typedef struct {
     const float *q;      /* (n, q_stride): queries of the new tokens, head h at h*head_dim;
@@ -14,8 +16,14 @@ typedef struct {
     int v_dim, v_stride; /* a value head's width and the V rows' stride (0: head_dim, kv_stride);
                           * MLA passes v = k, v_dim < head_dim: values are a prefix of the keys */
     int gemm8;           /* V sums in tinyBLAS's 8-lane order (else vec_dot_f32's 32) */
+    const uint16_t *k16, *v16; /* or NULL: an F16 cache instead of k / v (same strides, in halves) */
+    int kq_gemm8;        /* with k16: K.q in tinyBLAS's 8-lane order (2+ tokens, head_dim % 8 == 0) */
     float scale;
 } attention_args;
+
+/* float -> IEEE half bits, rounded to nearest even (ggml's fp32_to_fp16, F16C's): how an
+ * F16 cache stores a key or value (ggml_set_rows). */
+uint16_t fp32_to_fp16_bits(float x);
 
 /* 0 on success, -1 when scratch memory could not be allocated */
 int attention_run(const attention_args *a, int use_avx2);

@@ -74,11 +74,26 @@ int attention_token(const attention_block *b, float *x, float *scratch, int use_
     rope_rows(q, b->cos, b->sin, 1, b->n_head, hd, b->rope_dim, b->neox, use_avx2);
     rope_rows(k, b->cos, b->sin, 1, b->n_head_kv, hd, b->rope_dim, b->neox, use_avx2);
     const size_t cell = (size_t)(b->pos % b->n_cells);
-    float *k_row = b->k_cache + cell * kv_dim, *v_row = b->v_cache + cell * kv_dim;
-    for (int i = 0; i < kv_dim; i++) k_row[i] = k[i], v_row[i] = v[i];
-
     attention_args a = {0};
-    a.q = q, a.k = b->k_cache, a.v = b->v_cache, a.out = att;
+    if (b->k_f16) {
+        uint16_t *row = (uint16_t *)b->k_cache + cell * kv_dim;
+        for (int i = 0; i < kv_dim; i++) row[i] = fp32_to_fp16_bits(k[i]);
+        a.k16 = (const uint16_t *)b->k_cache;
+    } else {
+        float *row = b->k_cache + cell * kv_dim;
+        for (int i = 0; i < kv_dim; i++) row[i] = k[i];
+        a.k = b->k_cache;
+    }
+    if (b->v_f16) {
+        uint16_t *row = (uint16_t *)b->v_cache + cell * kv_dim;
+        for (int i = 0; i < kv_dim; i++) row[i] = fp32_to_fp16_bits(v[i]);
+        a.v16 = (const uint16_t *)b->v_cache;
+    } else {
+        float *row = b->v_cache + cell * kv_dim;
+        for (int i = 0; i < kv_dim; i++) row[i] = v[i];
+        a.v = b->v_cache;
+    }
+    a.q = q, a.out = att;
     a.n = 1, a.start = b->pos, a.n_head = b->n_head, a.n_head_kv = b->n_head_kv, a.head_dim = hd;
     a.q_stride = q_dim, a.kv_stride = kv_dim;
     a.n_cells = b->n_cells, a.window = b->window, a.sinks = b->sinks;

@@ -38,6 +38,7 @@ typedef struct {
     float *k_cache, *v_cache;            /* this layer's (n_cells, n_head_kv * head_dim): position p in
                                           * cell p % n_cells (a ring for a sliding-window layer) */
     int n_cells;
+    int k_f16, v_f16;                    /* the cache holds F16 halves (uint16_t) instead of floats */
 } attention_block;
 
 /* x (n_embd) += the block's output for the token at position pos, whose k and v are written

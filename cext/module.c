@@ -568,10 +568,10 @@ static PyObject *py_attention_token(PyObject *self, PyObject *args) {
     PyObject *mats;
     attention_block b = {0};
     int n_cells;
-    if (!PyArg_ParseTuple(args, "(iiiiiiiifi)iO!OOOOOOOOOOOO|OO", &b.n_embd, &b.n_head, &b.n_head_kv, &b.head_dim,
+    if (!PyArg_ParseTuple(args, "(iiiiiiiifi)iO!OOOOOOOOOOOO|OOii", &b.n_embd, &b.n_head, &b.n_head_kv, &b.head_dim,
                           &b.rope_dim, &b.neox, &b.qk_norm, &b.pos, &b.eps, &b.window, &n_cells, &PyTuple_Type, &mats,
                           &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &objs[5], &objs[6], &objs[7], &objs[8],
-                          &objs[9], &objs[10], &objs[11], &objs[12], &objs[13]))
+                          &objs[9], &objs[10], &objs[11], &objs[12], &objs[13], &b.k_f16, &b.v_f16))
         return NULL;
     Py_buffer views[14];
     memset(views, 0, sizeof(views));
@@ -605,8 +605,9 @@ static PyObject *py_attention_token(PyObject *self, PyObject *args) {
         float_arg(objs[7], &views[7], norm_k, 0, b.qk_norm == QK_NORM_NONE, &b.k_norm) < 0 ||
         float_arg(objs[8], &views[8], b.rope_dim / 2, 0, 0, &b.cos) < 0 ||
         float_arg(objs[9], &views[9], b.rope_dim / 2, 0, 0, &b.sin) < 0 ||
-        float_arg(objs[10], &views[10], (Py_ssize_t)n_cells * kv_dim, 1, 0, &k_cache) < 0 ||
-        float_arg(objs[11], &views[11], (Py_ssize_t)n_cells * kv_dim, 1, 0, &v_cache) < 0 ||
+        /* an F16 cache: as many bytes as half as many floats */
+        float_arg(objs[10], &views[10], (Py_ssize_t)n_cells * kv_dim / (b.k_f16 ? 2 : 1), 1, 0, &k_cache) < 0 ||
+        float_arg(objs[11], &views[11], (Py_ssize_t)n_cells * kv_dim / (b.v_f16 ? 2 : 1), 1, 0, &v_cache) < 0 ||
         float_arg(objs[12], &views[12], b.n_embd, 0, 1, &b.bo) < 0 ||
         float_arg(objs[13], &views[13], b.n_head, 0, 1, &b.sinks) < 0)
         goto done;
@@ -703,8 +704,10 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
     PyObject *sinks_obj = Py_None;
     Py_buffer sinks = {0};
     attention_args a = {0};
-    if (!PyArg_ParseTuple(args, "y*y*y*w*iiiiiii|Oiif", &q, &k, &v, &out, &a.n, &a.start, &a.n_head, &a.n_head_kv,
-                          &a.head_dim, &a.n_cells, &a.window, &sinks_obj, &a.v_dim, &a.v_stride, &a.scale))
+    int k_f16 = 0, v_f16 = 0; /* an F16 cache (uint16 halves) instead of F32 */
+    if (!PyArg_ParseTuple(args, "y*y*y*w*iiiiiii|Oiifii", &q, &k, &v, &out, &a.n, &a.start, &a.n_head, &a.n_head_kv,
+                          &a.head_dim, &a.n_cells, &a.window, &sinks_obj, &a.v_dim, &a.v_stride, &a.scale, &k_f16,
+                          &v_f16))
         return NULL;
     PyObject *result = NULL;
     if (a.n < 0 || a.start < 0 || a.head_dim <= 0 || a.n_head_kv <= 0 || a.n_head % a.n_head_kv || a.window < 0 ||
@@ -716,8 +719,10 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
     a.kv_stride = a.n_head_kv * a.head_dim;
     if (a.v_dim <= 0) a.v_dim = a.head_dim;
     if (a.v_stride <= 0) a.v_stride = a.n_head_kv * a.v_dim;
-    const Py_ssize_t qbytes = (Py_ssize_t)a.n * a.q_stride * 4, kvbytes = (Py_ssize_t)a.n_cells * a.kv_stride * 4;
-    const Py_ssize_t vbytes = ((Py_ssize_t)(a.n_cells - 1) * a.v_stride + (Py_ssize_t)a.n_head_kv * a.v_dim) * 4;
+    const Py_ssize_t qbytes = (Py_ssize_t)a.n * a.q_stride * 4;
+    const Py_ssize_t kvbytes = (Py_ssize_t)a.n_cells * a.kv_stride * (k_f16 ? 2 : 4);
+    const Py_ssize_t vbytes =
+        ((Py_ssize_t)(a.n_cells - 1) * a.v_stride + (Py_ssize_t)a.n_head_kv * a.v_dim) * (v_f16 ? 2 : 4);
     const Py_ssize_t obytes = (Py_ssize_t)a.n * a.n_head * a.v_dim * 4;
     if (q.len < qbytes || out.len < obytes || k.len < kvbytes || v.len < vbytes) {
         PyErr_SetString(PyExc_ValueError, "attention: a buffer is smaller than its shape says");
@@ -731,8 +736,11 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
         }
         a.sinks = sinks.buf;
     }
-    a.q = q.buf, a.k = k.buf, a.v = v.buf, a.out = out.buf;
+    a.q = q.buf, a.out = out.buf;
+    if (k_f16) a.k16 = k.buf; else a.k = k.buf;
+    if (v_f16) a.v16 = v.buf; else a.v = v.buf;
     a.gemm8 = a.n >= 2 && a.v_dim % 4 == 0; /* tinyBLAS per query head, over its n tokens: n >= 2 */
+    a.kq_gemm8 = k_f16 && a.n >= 2 && a.head_dim % 8 == 0; /* F16 K: tinyBLAS takes the converted q */
     if (a.scale == 0.0f) a.scale = 1.0f / sqrtf((float)a.head_dim);
     int rc;
     Py_BEGIN_ALLOW_THREADS

@@ -20,6 +20,7 @@ common prefix then ends inside the cached reply, and everything after it runs ag
 from __future__ import annotations
 
 import copy
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -338,6 +339,8 @@ class ChatSession:
         return True
 
     def save(self, path: str) -> None:
+        """The conversation as JSON at `path`, and the KV cache that holds it at state_path(path)
+        (offload.session), so that `load` continues it without running it again."""
         import json
 
         from .atomic import atomic_write
@@ -345,6 +348,32 @@ class ChatSession:
         with atomic_write(path, "w", encoding="utf-8") as f:
             json.dump({"model": self.model.path, "messages": self.messages}, f, ensure_ascii=False, indent=2)
             f.write("\n")
+        self.model.save_state(state_path(path))
+
+    def load(self, path: str) -> int:
+        """Continue the conversation saved at `path`: its messages, and its KV cache where the
+        state file is there and fits this model (else the next turn runs the conversation
+        again). Returns the tokens restored into the cache; OffloadError for an unreadable
+        transcript, session.StateError for a state that does not fit."""
+        import json
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            messages = saved["messages"]
+            if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+                raise ValueError("messages must be a list of {role, content}")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise OffloadError(f"{path}: not a saved conversation ({e})") from None
+        self.messages = messages
+        if not os.path.exists(state_path(path)):
+            return 0
+        return len(self.model.load_state(state_path(path)))
+
+
+def state_path(path: str) -> str:
+    """Where /save keeps the KV state beside a conversation's JSON."""
+    return f"{path}.kv"
 
 
 # -- OpenAI-shaped results, as llama-cpp-python's Llama.create_chat_completion returns them ----

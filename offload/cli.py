@@ -7,10 +7,12 @@ and exit code 1 (a malformed command line: exit code 2); Ctrl-C ends it with 130
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
+from .cache_types import DEFAULT_CACHE_TYPE
 from .errors import OffloadError
 
 
@@ -50,9 +52,21 @@ def _model_path(model: str | None) -> str:
     return str(demo_model_path())
 
 
+def _cache_type_options(f):
+    """-ctk / -ctv, as llama.cpp's: the KV cache's types for keys and values."""
+    from .cache_types import CACHE_TYPES, DEFAULT_CACHE_TYPE
+
+    for flag, short, what in (("--cache-type-v", "-ctv", "values (not quantized: offload has no flash attention)"),
+                              ("--cache-type-k", "-ctk", "keys")):
+        f = click.option(short, flag, type=click.Choice(list(CACHE_TYPES), case_sensitive=False),
+                         default=DEFAULT_CACHE_TYPE, show_default=True, help=f"KV cache type of the {what}.")(f)
+    return f
+
+
 @main.command()
 @model_argument
 @click.option("-c", "--ctx-size", type=int, default=0, help="Context size to plan for (0: min(trained, 4096)).")
+@_cache_type_options
 @click.option("--memory-budget", default=None, help="Print the memory plan for this budget (6GB, 6GiB, 512MB, 60%).")
 @click.option("--cache-scope", type=click.Choice(["global", "layer"]), default="global", show_default=True,
               help="Expert slots shared by all layers, or a quota per layer.")
@@ -60,7 +74,8 @@ def _model_path(model: str | None) -> str:
 @click.option("--disk-bandwidth", default="3GB", show_default=True,
               help="Read bandwidth per second of the disk holding the model (e.g. 3GB, 500MB), for the decode bound.")
 def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_scope: str, o_direct: bool,
-            disk_bandwidth: str) -> None:
+            disk_bandwidth: str, cache_type_k: str = DEFAULT_CACHE_TYPE,
+            cache_type_v: str = DEFAULT_CACHE_TYPE) -> None:
     """What is in MODEL and what it needs to run."""
     from . import arch
     from .gguf_file import GGUFFile
@@ -75,7 +90,11 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
     from .store import parse_budget
 
     budget = parse_budget(memory_budget) if memory_budget is not None else None
-    summary = summarize(gguf, args, n_ctx, budget, scope=cache_scope, o_direct=o_direct)
+    from .cache_types import check_cache_types
+
+    check_cache_types(cache_type_k, cache_type_v, args.attention, args.head_dim)
+    summary = summarize(gguf, args, n_ctx, budget, scope=cache_scope, o_direct=o_direct, type_k=cache_type_k,
+                        type_v=cache_type_v)
     try:
         summary.plan.disk_bandwidth = parse_budget(disk_bandwidth.removesuffix("/s")) if "%" not in disk_bandwidth else 0
     except OffloadError:
@@ -99,6 +118,7 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
 @click.option("--repeat-penalty", default=1.0, show_default=True, help="Penalize the last 64 tokens (1: off).")
 @click.option("--seed", type=int, default=None, help="Random seed (default: random).")
 @click.option("-c", "--ctx-size", type=int, default=0, help="Context size (0: min(trained, 4096)).")
+@_cache_type_options
 @click.option("-t", "--threads", type=int, default=None, help="Threads (default: all cores).")
 @click.option("--memory-budget", default=None,
               help="Cap on what the model keeps in RAM: 6GB, 6GiB, 512MB, 60% (default: 75% of available RAM).")
@@ -115,9 +135,13 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
                    "(default: auto when an NVIDIA GPU is present; OFFLOAD_GPU_SIMULATOR=1: Numba's CUDA simulator).")
 @click.option("--record-trace", "record_trace", type=click.Path(dir_okay=False), default=None,
               help="Save every token's routing (experts and weights per MoE layer) to this .npz file.")
+@click.option("--prompt-cache", type=click.Path(dir_okay=False), default=None,
+              help="A KV state file: the prompt's start it holds is not run again, and the state is saved there "
+                   "after generating (created if missing).")
 def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, ctx_size, threads,
              memory_budget, cache_policy, cache_scope, o_direct, record_trace=None, prefetch_depth=None,
-             no_prefetch=False, vram_budget=None) -> None:
+             no_prefetch=False, vram_budget=None, cache_type_k=DEFAULT_CACHE_TYPE, cache_type_v=DEFAULT_CACHE_TYPE,
+             prompt_cache=None) -> None:
     """Continue PROMPT with MODEL (a GGUF file; default: the demo model)."""
     from .model import DEFAULT_PREFETCH_DEPTH, Model
     from .summary import human_bytes as hb
@@ -126,14 +150,21 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
     with Model.load(_model_path(model), n_ctx=ctx_size, n_threads=threads, memory_budget=memory_budget,
                     cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
                     prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
-                    vram_budget=vram_budget) as m:
+                    vram_budget=vram_budget, cache_type_k=cache_type_k, cache_type_v=cache_type_v) as m:
         _memory_line(m, memory_budget)
+        if prompt_cache and os.path.exists(prompt_cache):
+            m.load_state(prompt_cache)
         click.echo(prompt, nl=False)
         for piece in m.generate(prompt, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p,
-                                min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, record_trace=record_trace):
+                                min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, record_trace=record_trace,
+                                reuse_cache=bool(prompt_cache)):
             click.echo(piece, nl=False)
         click.echo()
         g = m.last_generation
+        if prompt_cache:
+            m.save_state(prompt_cache)
+            click.echo(f"prompt cache: {g.cached_tokens} prompt tokens reused; {m.transformer.cache.n_past} tokens "
+                       f"saved to {prompt_cache}", err=True)
         click.echo(
             f"prompt {g.prompt_tokens} tokens at {g.prompt_tok_s:.1f} tok/s; "
             f"generated {g.generated_tokens} tokens at {g.decode_tok_s:.1f} tok/s (stop: {g.stop_reason})",
@@ -203,7 +234,9 @@ def simulate(trace_file: str, capacities, scope: str, policies, decode_only: boo
 @click.option("--no-o-direct", is_flag=True, help="Read experts through the page cache (faster if the model fits in RAM).")
 @click.option("--plot", type=click.Path(dir_okay=False), default="offload-tune.png", show_default=True,
               help="Where to draw the curve (PNG, needs matplotlib; \"\" for none).")
-def tune(model, trace_file, budgets, policies, depths, n_predict, prompt, threads, no_o_direct, plot) -> None:
+@_cache_type_options
+def tune(model, trace_file, budgets, policies, depths, n_predict, prompt, threads, no_o_direct, plot,
+         cache_type_k=DEFAULT_CACHE_TYPE, cache_type_v=DEFAULT_CACHE_TYPE) -> None:
     """Which --memory-budget, --cache-policy and --prefetch-depth to use for MODEL on this machine."""
     from . import tune as t
 
@@ -237,7 +270,8 @@ def tune(model, trace_file, budgets, policies, depths, n_predict, prompt, thread
     click.echo(f"tuning {path}: {len(shares)} budgets x {len(policies)} policies x {len(depth_list)} prefetch depths, "
                f"{n_predict} tokens each" + ("" if no_o_direct else ", reading experts with O_DIRECT"), err=True)
     result = t.tune(path, shares=shares, policies=policies, depths=depth_list, prompt=prompt, n_tokens=n_predict,
-                    n_threads=threads, o_direct=not no_o_direct, progress=lambda s: click.echo(s, err=True))
+                    n_threads=threads, o_direct=not no_o_direct, progress=lambda s: click.echo(s, err=True),
+                    cache_types=dict(cache_type_k=cache_type_k, cache_type_v=cache_type_v))
     click.echo(f"{'budget':>10} {'experts':>8} {'tok/s':>7} {'hits':>6} {'stall':>6} {'MiB/tok':>8}  best setting")
     for r in result.best:
         setting = f"{r.policy}, " + ("no prefetch" if r.prefetch_depth == 0 else f"prefetch depth {r.prefetch_depth}")
@@ -261,8 +295,9 @@ def tune(model, trace_file, budgets, policies, depths, n_predict, prompt, thread
 
 def _sampling_and_memory_options(f):
     """The `generate` command's sampling and memory flags, same names and defaults."""
-    for name in ("vram_budget", "no_prefetch", "prefetch_depth", "o_direct", "cache_scope", "cache_policy",
-                 "memory_budget", "threads", "ctx_size", "seed", "repeat_penalty", "min_p", "top_p", "top_k", "temp"):
+    for name in ("cache_type_v", "cache_type_k", "vram_budget", "no_prefetch", "prefetch_depth", "o_direct",
+                 "cache_scope", "cache_policy", "memory_budget", "threads", "ctx_size", "seed", "repeat_penalty",
+                 "min_p", "top_p", "top_k", "temp"):
         opt = next(p for p in generate.params if p.name == name)
         f = click.option(*opt.opts, **{k: getattr(opt, k) for k in ("type", "default", "help", "show_default")},
                          is_flag=opt.is_flag)(f)
@@ -273,7 +308,8 @@ CHAT_HELP = """commands:
   /help         this list
   /reset        forget the conversation (the system prompt stays)
   /stats        speed, expert cache hits, bytes read, memory
-  /save FILE    write the conversation as JSON
+  /save FILE    write the conversation as JSON, and its KV cache to FILE.kv
+  /load FILE    continue a conversation saved with /save (its KV cache too, if it fits this model)
   /exit         leave (also Ctrl-D; Ctrl-C stops a reply, and at the prompt leaves)"""
 
 
@@ -296,7 +332,8 @@ CHAT_HELP = """commands:
                    "before the answer on stdout).")
 def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, ctx_size, threads, memory_budget,
          cache_policy, cache_scope, o_direct, prefetch_depth, no_prefetch, chat_template, chat_template_file,
-         context_shift, vram_budget=None, reasoning_effort=None, hide_reasoning=False) -> None:
+         context_shift, vram_budget=None, reasoning_effort=None, hide_reasoning=False, cache_type_k=DEFAULT_CACHE_TYPE,
+         cache_type_v=DEFAULT_CACHE_TYPE) -> None:
     """Chat with MODEL (a GGUF file; default: the demo model) in its own chat template.
 
     Reads one message per line (from a terminal or a pipe) and streams each reply. Type /help
@@ -320,7 +357,8 @@ def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, se
         m = Model.load(_model_path(model), n_ctx=ctx_size, n_threads=threads, memory_budget=memory_budget,
                        cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
                        prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
-                       chat_template=chat_template, vram_budget=vram_budget)
+                       chat_template=chat_template, vram_budget=vram_budget, cache_type_k=cache_type_k,
+                       cache_type_v=cache_type_v)
     except BaseException:
         bar.abort()
         raise
@@ -615,9 +653,21 @@ def _slash_command(text: str, session) -> bool:
         else:
             try:
                 session.save(arg)
-                click.echo(f"saved {len(session.messages)} messages to {arg}", err=True)
+                click.echo(f"saved {len(session.messages)} messages to {arg} and the KV cache "
+                           f"({m.transformer.cache.n_past} tokens) to {arg}.kv", err=True)
             except OSError as e:
                 click.echo(f"offload: cannot write {arg}: {e.strerror or e}", err=True)
+    elif cmd == "/load":
+        if not arg:
+            click.echo("usage: /load FILE", err=True)
+        else:
+            try:
+                restored = session.load(arg)
+                click.echo(f"loaded {len(session.messages)} messages from {arg}"
+                           + (f", {restored} tokens into the KV cache" if restored else
+                              " (no KV state beside it: the next turn runs the conversation again)"), err=True)
+            except OffloadError as e:
+                click.echo(f"offload: {e}", err=True)
     else:
         click.echo(f"unknown command {cmd}; /help lists them", err=True)
     return False

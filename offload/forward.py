@@ -26,9 +26,10 @@ import math
 import numpy as np
 
 from .arch import ModelArgs
+from .cache_types import DEFAULT_CACHE_TYPE, check_cache_types, encode_rows
 from .errors import ContextOverflowError, NonFiniteError
 from .kernels import block, cext, ggml_math, matmul, matmuls
-from .kernels.attention import attention
+from .kernels.attention import attention, attention_typed
 from .kernels.ggml_math import apply_rope, rms_norm
 from .kernels.jit import njit
 from .kernels.moe import can_fuse, moe_batch, moe_ffn, types_fuse
@@ -138,14 +139,22 @@ def kv_cells(args: ModelArgs, layer: int, n_ctx: int) -> int:
 
 class KVCache:
     """Keys and values of past positions, per layer, allocated once for the context: every
-    position for full-attention layers, a ring of the last ones for sliding-window layers."""
+    position for full-attention layers, a ring of the last ones for sliding-window layers.
+    Rows are kept in the cache types' encodings (cache_types): float32 arrays for F32, else
+    uint8 rows of the type's blocks, converted on write as llama.cpp's set_rows does."""
 
-    def __init__(self, args: ModelArgs, n_ctx: int):
-        self.k = [np.zeros((kv_cells(args, i, n_ctx), args.kv_dim), dtype=np.float32) for i in range(args.n_layer)]
-        self.v = [np.zeros((len(k), args.v_cache_dim), dtype=np.float32) if args.v_cache_dim else None
-                  for k in self.k]
+    def __init__(self, args: ModelArgs, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE):
+        self.type_k, self.type_v = type_k, type_v
+        self.k_fmt, self.v_fmt = check_cache_types(type_k, type_v, args.attention, args.head_dim)
+        self.k = [_cache_rows(self.k_fmt, kv_cells(args, i, n_ctx), args.kv_dim) for i in range(args.n_layer)]
+        self.v = [_cache_rows(self.v_fmt, len(k), args.v_cache_dim) if args.v_cache_dim else None for k in self.k]
         self.n_ctx = n_ctx
         self.n_past = 0
+
+    @property
+    def float32(self) -> bool:
+        """Whether both caches are F32 (the float32 kernels, C and Numba, serve those)."""
+        return self.k_fmt.name == "F32" and self.v_fmt.name == "F32"
 
     @property
     def nbytes(self) -> int:
@@ -155,9 +164,15 @@ class KVCache:
         """Keys and values (n, kv_dim) of positions start.. into their cells (v None: MLA)."""
         rows = len(self.k[layer])
         cells = slice(start, start + len(k)) if start + len(k) <= rows else np.arange(start, start + len(k)) % rows
-        self.k[layer][cells] = k
+        self.k[layer][cells] = encode_rows(self.k_fmt, k)
         if v is not None:
-            self.v[layer][cells] = v
+            self.v[layer][cells] = encode_rows(self.v_fmt, v)
+
+
+def _cache_rows(fmt, n_cells: int, width: int) -> np.ndarray:
+    if fmt.name == "F32":
+        return np.zeros((n_cells, width), dtype=np.float32)
+    return np.zeros((n_cells, fmt.row_bytes(width)), dtype=np.uint8)
 
 
 class Scratch:
@@ -178,11 +193,12 @@ class Scratch:
 
 
 class Transformer:
-    def __init__(self, args: ModelArgs, weights: Weights, experts: ExpertStore, n_ctx: int):
+    def __init__(self, args: ModelArgs, weights: Weights, experts: ExpertStore, n_ctx: int,
+                 type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE):
         self.args = args
         self.weights = weights
         self.experts = experts
-        self.cache = KVCache(args, n_ctx)
+        self.cache = KVCache(args, n_ctx, type_k, type_v)
         bases = {args.rope_base_of(i) for i in range(args.n_layer)}
         tables = {base: rope_tables(args, n_ctx, base) for base in bases}  # shared by the layers of a base
         self.rope = [tables[args.rope_base_of(i)] for i in range(args.n_layer)]  # (cos, sin) per layer
@@ -313,12 +329,20 @@ class Transformer:
         apply_rope(q, cos[start : start + n], sin[start : start + n], a.rope_dim, a.rope_style)
         apply_rope(k, cos[start : start + n], sin[start : start + n], a.rope_dim, a.rope_style)
         self.cache.write(layer, start, k.reshape(n, -1), v)
-        out = attention(q.reshape(n, -1), self.cache.k[layer], self.cache.v[layer], start, a.n_head, a.n_head_kv, hd,
-                        out=buf("attn", n, a.n_head * hd), window=a.window(layer), sinks=w.sinks)
+        out = self._attend(layer, q.reshape(n, -1), start, a.n_head, a.n_head_kv, hd,
+                           out=buf("attn", n, a.n_head * hd), window=a.window(layer), sinks=w.sinks)
         out = self._matmul(w.wo, out, out=buf("attn_out", n, a.n_embd))
         if w.bo is not None:
             out += w.bo
         return out
+
+    def _attend(self, layer: int, q: np.ndarray, start: int, n_head: int, n_head_kv: int, head_dim: int,
+                out: np.ndarray | None = None, **kw) -> np.ndarray:
+        """The attention of queries q over this layer's cache, in the cache's types."""
+        c = self.cache
+        if c.float32:
+            return attention(q, c.k[layer], c.v[layer], start, n_head, n_head_kv, head_dim, out=out, **kw)
+        return attention_typed(q, c.k[layer], c.k_fmt, c.v[layer], c.v_fmt, start, n_head, n_head_kv, head_dim, **kw)
 
     def _latent_attention(self, layer: int, w: LatentAttention, x: np.ndarray, start: int) -> np.ndarray:
         """DeepSeek's MLA in llama.cpp's absorbed form: the cache holds [latent, rope key] per
@@ -333,8 +357,7 @@ class Transformer:
         for h in range(a.n_head):  # q_nope through k_b (ggml reads q_nope as a permuted view)
             queries[:, h, :r] = _head_matmul(w.wk_b[h], q[:, h, :nope], src1_contiguous=False)
         self.cache.write(layer, start, np.concatenate([latent, k_pe[:, 0]], axis=1), None)
-        out = attention(queries.reshape(n, -1), self.cache.k[layer], None, start, a.n_head, 1, r + rope, v_dim=r,
-                        scale=self._mla_scale)
+        out = self._attend(layer, queries.reshape(n, -1), start, a.n_head, 1, r + rope, v_dim=r, scale=self._mla_scale)
         heads = np.empty((n, a.n_head, a.v_head_dim), dtype=np.float32)
         for h in range(a.n_head):
             heads[:, h] = _head_matmul(w.wv_b[h], out[:, h * r : (h + 1) * r], src1_contiguous=True)
@@ -353,8 +376,8 @@ class Transformer:
         keys[:, :, :nope] = kv[:, :, :nope]
         keys[:, :, nope:] = k_pe  # the one rope key, repeated for every head
         self.cache.write(layer, start, keys.reshape(n, -1), kv[:, :, nope:].reshape(n, -1))
-        out = attention(np.ascontiguousarray(q.reshape(n, -1)), self.cache.k[layer], self.cache.v[layer], start,
-                        a.n_head, a.n_head_kv, a.head_dim, v_dim=a.v_dim, scale=self._mla_scale)
+        out = self._attend(layer, np.ascontiguousarray(q.reshape(n, -1)), start, a.n_head, a.n_head_kv, a.head_dim,
+                           v_dim=a.v_dim, scale=self._mla_scale)
         return self._matmul(w.wo, out)
 
     def _mla_inputs(self, layer: int, w: LatentAttention, x: np.ndarray, start: int):
@@ -382,13 +405,15 @@ class Transformer:
         """x += the attention block of one decoding token, in one C call (kernels.block) where
         the C kernels serve its matrices and no GPU tier runs them; False if not run."""
         a = self.args
-        if a.attention != "gqa" or self.gpu is not None or not block.attention_fits(w):
+        c = self.cache
+        if (a.attention != "gqa" or self.gpu is not None or not block.attention_fits(w)
+                or c.k_fmt.name not in block.CACHE_TYPES or c.v_fmt.name not in block.CACHE_TYPES):
             return False
         if self._block_scratch is None:
             self._block_scratch = block.attention_scratch(a)
         cos, sin = self.rope[layer]
-        block.attention_token(a, w, x, start, cos[start], sin[start], self.cache.k[layer], self.cache.v[layer],
-                              self._block_scratch, a.window(layer))
+        block.attention_token(a, w, x, start, cos[start], sin[start], c.k[layer], c.v[layer], self._block_scratch,
+                              a.window(layer), c.k_fmt.name == "F16", c.v_fmt.name == "F16")
         return True
 
     def _moe(self, layer: int, w: MoE, x: np.ndarray) -> np.ndarray:

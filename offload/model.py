@@ -13,6 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from . import arch
+from .cache_types import DEFAULT_CACHE_TYPE, check_cache_types
 from .errors import ContextOverflowError, ModelBusyError, OffloadError
 from .forward import Transformer
 from .gguf_file import GGUFFile
@@ -95,6 +96,7 @@ class Model:
     last_trace: object = None  # the RoutingTrace of the last generate(record_trace=...)
     chat_template_source: str | None = None  # Jinja text that overrides the model's chat template
     _kv_ids: list = field(default_factory=list)  # the token ids in the KV cache (chat reuses them)
+    loaded_state_extra: dict = field(default_factory=dict)  # what the last load_state's file kept beside the cache
     _chat_template: object = None
     _busy: _OneThreadAtATime = field(default_factory=_OneThreadAtATime)
 
@@ -104,7 +106,8 @@ class Model:
              o_direct: bool = False, prefetch_slots: int | None = None, io_threads: int = IO_THREADS,
              prefetch: bool = True, prefetch_depth: int = DEFAULT_PREFETCH_DEPTH,
              predictor: str = "lookahead", chat_template: str | None = None,
-             vram_budget: str | int | None = None, gpu_options: dict | None = None) -> "Model":
+             vram_budget: str | int | None = None, gpu_options: dict | None = None,
+             cache_type_k: str = DEFAULT_CACHE_TYPE, cache_type_v: str = DEFAULT_CACHE_TYPE) -> "Model":
         """Open `path`; `n_ctx` defaults to min(training context, 4096), `n_threads` to all cores.
 
         `memory_budget` ("6GB", "6GiB", "512MB", "60%" of RAM, or bytes) caps what the model
@@ -129,7 +132,10 @@ class Model:
         the device). Given without a GPU, it raises OffloadError (OFFLOAD_GPU_SIMULATOR=1:
         Numba's CUDA simulator). None (default): "auto" (or $OFFLOAD_VRAM_BUDGET) when an
         NVIDIA driver is loaded, with a warning and the CPU if the GPU cannot be used; without
-        one no GPU code is loaded. "off" (or 0): the CPU only."""
+        one no GPU code is loaded. "off" (or 0): the CPU only.
+
+        `cache_type_k` / `cache_type_v`: the KV cache's types (offload.cache_types: f32, f16,
+        bf16, q8_0, q4_0 for K; V not quantized, as llama.cpp without flash attention)."""
         gguf = GGUFFile(path)
         try:
             args = arch.model_args(gguf)
@@ -144,15 +150,17 @@ class Model:
             else:
                 budget, source = parse_budget(memory_budget), "given"
                 check_within_limit(budget)
+            check_cache_types(cache_type_k, cache_type_v, args.attention, args.head_dim)
             plan = make_plan(gguf, args, n_ctx, budget, source, o_direct=o_direct, scope=cache_scope,
-                             prefetch_slots=prefetch_slots, gpu=_gpu_wanted(vram_budget))
+                             prefetch_slots=prefetch_slots, gpu=_gpu_wanted(vram_budget),
+                             type_k=cache_type_k, type_v=cache_type_v)
             plan.check()
             weights = load_weights(gguf, args)
             if not plan.pools or (memory_budget is None and plan.all_resident and not o_direct):
                 experts = ResidentExperts(gguf, args)
             else:
                 experts = TieredExperts(gguf, plan, args, policy=cache_policy, io_threads=io_threads)
-            transformer = Transformer(args, weights, experts, n_ctx)
+            transformer = Transformer(args, weights, experts, n_ctx, cache_type_k, cache_type_v)
             transformer.file_check = gguf.check_unchanged
             _attach_gpu(transformer, weights, experts, gguf, args, vram_budget, gpu_options)
             if prefetch and prefetch_depth > 0 and isinstance(experts, TieredExperts) and not experts.all_resident:
@@ -205,19 +213,22 @@ class Model:
         seed: int | None = None,
         record_trace: str | os.PathLike[str] | None = None,
         stream: bool = True,
+        reuse_cache: bool = False,
     ) -> Iterator[str] | str:
         """Stream the continuation of `prompt` as text pieces (whole UTF-8 characters);
         `stream=False`: return it as one string.
-        `record_trace`: save the run's routing trace there (see `generate_tokens`)."""
+        `record_trace`: save the run's routing trace there; `reuse_cache`: do not run again
+        the prompt's start the KV cache holds (see `generate_tokens`)."""
         pieces = self._generate(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed,
-                                record_trace)
+                                record_trace, reuse_cache)
         return pieces if stream else "".join(pieces)
 
     def _generate(self, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed,
-                  record_trace) -> Iterator[str]:
+                  record_trace, reuse_cache=False) -> Iterator[str]:
         params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
         decoder = StreamDecoder(self.tokenizer)
-        for token in self.generate_tokens(prompt, max_tokens, params, record_trace=record_trace):
+        for token in self.generate_tokens(prompt, max_tokens, params, record_trace=record_trace,
+                                          reuse_cache=reuse_cache):
             text = decoder.push(token)
             if text:
                 yield text
@@ -226,34 +237,46 @@ class Model:
             yield tail
 
     def generate_tokens(self, prompt: str | list[int], max_tokens: int, params: SamplingParams,
-                        record_trace: str | os.PathLike[str] | None = None) -> Iterator[int]:
+                        record_trace: str | os.PathLike[str] | None = None,
+                        reuse_cache: bool = False) -> Iterator[int]:
         """Token ids of the continuation; stops at end-of-generation, max_tokens or a full context.
 
         `record_trace`: a path; every MoE layer's routing of every token run is recorded and
         saved there as a `.npz` routing trace (`offload.trace`) when the generation ends (or
-        is closed early); also kept as `self.last_trace`."""
+        is closed early); also kept as `self.last_trace`. `reuse_cache`: the tokens the KV
+        cache already holds (a previous generation, or `load_state`) that begin the prompt
+        are not run again, as llama.cpp's prompt cache (the last prompt token always runs, for
+        its logits; a batch split so may round a last bit differently than one batch)."""
         with self._busy:
             if record_trace is not None:
                 ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-                yield from self._recording(record_trace, ids, self._generate_tokens(ids, max_tokens, params))
+                yield from self._recording(record_trace, ids, self._generate_tokens(ids, max_tokens, params, reuse_cache))
             else:
-                yield from self._generate_tokens(prompt, max_tokens, params)
+                yield from self._generate_tokens(prompt, max_tokens, params, reuse_cache)
 
     def exclusive(self) -> _OneThreadAtATime:
         """`with model.exclusive():` around work that uses the KV cache (chat turns do)."""
         return self._busy
 
-    def _generate_tokens(self, prompt: str | list[int], max_tokens: int, params: SamplingParams) -> Iterator[int]:
+    def _generate_tokens(self, prompt: str | list[int], max_tokens: int, params: SamplingParams,
+                         reuse_cache: bool) -> Iterator[int]:
         ids = self._check_tokens(self.tokenize(prompt) if isinstance(prompt, str) else prompt)
         stats = self.last_generation = GenerationStats(prompt_tokens=len(ids))
         sampler = Sampler(params)
         for t in ids:
             sampler.accept(t)
-        self.transformer.reset()
-        self._kv_ids = []  # the cache now holds this prompt, not a chat's tokens
+        reused = self._reusable_prefix(ids) if reuse_cache else 0
+        if reused:
+            self.transformer.cache.n_past = reused
+            del self._kv_ids[reused:]
+        else:
+            self.transformer.reset()
+            self._kv_ids = []
+        stats.cached_tokens = reused
         self._store_at_start = self.store_stats()
         t0 = time.perf_counter()
-        logits = self.transformer.forward(ids)[-1]
+        logits = self.transformer.forward(ids[reused:])[-1]
+        self._kv_ids.extend(int(t) for t in ids[reused:])  # what the cache holds, for save_state
         stats.prompt_seconds = time.perf_counter() - t0
         stats.stop_reason = "length"
         t0 = time.perf_counter()
@@ -271,7 +294,46 @@ class Model:
                 stats.stop_reason = "context"
                 break
             logits = self.transformer.forward(np.array([token]))[-1]
+            self._kv_ids.append(int(token))
         stats.generate_seconds = time.perf_counter() - t0
+
+    def _reusable_prefix(self, ids: list[int]) -> int:
+        """How many leading tokens of ids the KV cache holds already and can keep: not all of
+        them (the last runs for its logits), and none once a sliding window's ring has
+        overwritten cells a shorter cache would need."""
+        kv, cache = self._kv_sync(), self.transformer.cache
+        n = 0
+        for a, b in zip(kv, ids):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(ids) - 1)
+        if n < cache.n_past and any(cache.n_past > len(k) for k in cache.k):
+            return 0
+        return max(n, 0)
+
+    # -- saved sessions --------------------------------------------------------------------
+    def save_state(self, path: str | os.PathLike[str], extra: dict | None = None) -> None:
+        """Write the KV cache and the tokens it holds to `path` (atomically: a temporary file
+        renamed over it), with the model's identity and cache types (offload.session);
+        `extra`: JSON-able facts to keep beside them."""
+        from .session import save_state
+
+        with self._busy:
+            save_state(self, path, list(self._kv_sync()), extra)
+
+    def load_state(self, path: str | os.PathLike[str]) -> list[int]:
+        """Restore a state written by save_state for this model file and cache types (else a
+        one-line StateError); returns the tokens the cache now holds. Continue with
+        generate_tokens(those tokens + more, reuse_cache=True), or chat."""
+        from .session import load_state
+
+        with self._busy:
+            self.transformer.reset()
+            self._kv_ids = []
+            tokens, self.loaded_state_extra = load_state(self, path)
+            self._kv_ids = list(tokens)
+            return list(tokens)
 
     # -- chat ----------------------------------------------------------------------------
     @property

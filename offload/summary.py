@@ -6,10 +6,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .arch import ModelArgs
+from .cache_types import DEFAULT_CACHE_TYPE
 from .gguf_file import GGUFFile, TensorInfo
-
-KV_BYTES_PER_VALUE = 4  # the KV cache is float32
-
 
 def tensor_class(name: str) -> str:
     """Which part of the model a tensor belongs to (llama.cpp tensor names)."""
@@ -42,6 +40,8 @@ class ModelSummary:
     elements_by_class: dict[tuple[str, str], int] = field(default_factory=dict)  # (class, quant type) -> weights
     expert_bytes_per_layer: dict[int, int] = field(default_factory=dict)  # bytes of ONE expert of layer L
     plan: object = None  # store.MemoryPlan for the budget asked about (or for none: its minimum)
+    type_k: str = DEFAULT_CACHE_TYPE  # the KV cache types (cache_types)
+    type_v: str = DEFAULT_CACHE_TYPE
 
     @property
     def params_active(self) -> int:
@@ -63,7 +63,15 @@ class ModelSummary:
     def kv_cache_bytes(self) -> int:
         from .store.plan import kv_cache_bytes
 
-        return kv_cache_bytes(self.args, self.n_ctx)
+        return kv_cache_bytes(self.args, self.n_ctx, self.type_k, self.type_v)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """What one more position of context costs, over all layers (a sliding layer's ring
+        stops growing at its size)."""
+        from .store.plan import kv_bytes_per_cell
+
+        return kv_bytes_per_cell(self.args, self.type_k, self.type_v) * self.args.n_layer
 
     @property
     def minimum_budget(self) -> int:
@@ -80,7 +88,8 @@ def summarize(gguf: GGUFFile, args: ModelArgs, n_ctx: int, memory_budget: int | 
     """Facts about the file; with `memory_budget`, the memory plan for it (see store.plan)."""
     from .store.plan import make_plan
 
-    s = ModelSummary(args, n_ctx)
+    s = ModelSummary(args, n_ctx, type_k=plan_options.get("type_k", DEFAULT_CACHE_TYPE),
+                     type_v=plan_options.get("type_v", DEFAULT_CACHE_TYPE))
     s.plan = make_plan(gguf, args, n_ctx, memory_budget or 0, budget_source, **plan_options)
     by_class: dict[tuple[str, str], int] = defaultdict(int)
     elements: dict[tuple[str, str], int] = defaultdict(int)
@@ -151,7 +160,8 @@ def format_summary(path: str, s: ModelSummary) -> str:
         f"always resident   {human_bytes(s.resident_bytes)} (all but the routed experts)",
         f"routed experts    {human_bytes(s.expert_bytes)}"
         + (f" ({human_bytes(max(s.expert_bytes_per_layer.values()))} per expert, largest layer)" if a.is_moe else ""),
-        f"KV cache          {human_bytes(s.kv_cache_bytes)} for {s.n_ctx} tokens (float32"
+        f"KV cache          {human_bytes(s.kv_cache_bytes)} for {s.n_ctx} tokens (K {s.type_k}, V {s.type_v}: "
+        f"{human_bytes(s.kv_bytes_per_token)} per token"
         + ("; sliding layers keep only a ring of their last positions)" if sliding else ")"),
         f"minimum budget    {human_bytes(s.minimum_budget)} (resident + KV cache + scratch + one layer's "
         f"top-{a.n_expert_used or 0} experts + prefetch reserve)",

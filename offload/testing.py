@@ -23,6 +23,8 @@ import numpy as np
 from gguf import ExpertGatingFuncType, GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, RopeScalingType
 from gguf.quants import quantize
 
+from .cache_types import DEFAULT_CACHE_TYPE
+
 _BUNDLED_VOCAB = Path(__file__).parent / "data" / "ggml-vocab-llama-spm.gguf"
 
 
@@ -348,8 +350,6 @@ def rewrite_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], chang
     """A copy of a GGUF with some metadata changed: `changes` maps a key to (value, GGUFValueType)
     to set or add it (arrays: (list, GGUFValueType.ARRAY, element type)), or to None to drop it.
     Tensors are copied as they are. For tests of hostile or unusual metadata."""
-    from gguf import GGUFValueType
-
     changes = dict(changes or {})
     fields, tensors = _gguf_contents(str(src), os.stat(src).st_mtime_ns)
     w = GGUFWriter(dst, None)  # the architecture is one of the keys copied below
@@ -430,8 +430,15 @@ def _without_repacked_buffers():
         lib.llama_model_default_params = original
 
 
-def llama_cpp_model(path: str | os.PathLike[str], n_ctx: int = 512, n_threads: int = 2, logits_all: bool = True):
-    """llama-cpp-python's Llama on `path`, with an F32 KV cache so it can be compared exactly.
+# llama.cpp's ggml type ids of the KV cache types (offload.cache_types)
+GGML_CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+
+
+def llama_cpp_model(path: str | os.PathLike[str], n_ctx: int = 512, n_threads: int = 2, logits_all: bool = True,
+                    type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE, flash_attn: bool = False):
+    """llama-cpp-python's Llama on `path`, with the KV cache types given (offload.cache_types
+    names; by default offload's default, F16 as llama.cpp's) and flash attention off, as
+    offload computes.
     A batch is evaluated at once (n_batch = n_ctx) in micro-batches of llama.cpp's default
     size, as offload's forward pass splits it (forward.N_UBATCH)."""
     from .forward import N_UBATCH
@@ -441,12 +448,14 @@ def llama_cpp_model(path: str | os.PathLike[str], n_ctx: int = 512, n_threads: i
     with _without_repacked_buffers():
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, N_UBATCH),
                                n_threads=n_threads,
-                               n_threads_batch=n_threads, logits_all=logits_all, type_k=0, type_v=0, verbose=False)
+                               n_threads_batch=n_threads, logits_all=logits_all, type_k=GGML_CACHE_TYPES[type_k],
+                               type_v=GGML_CACHE_TYPES[type_v], flash_attn=flash_attn, verbose=False)
 
 
-def llama_cpp_logits(path: str | os.PathLike[str], tokens: list[int], n_ctx: int = 512) -> np.ndarray:
-    """llama.cpp's logits (len(tokens), n_vocab) for one batched evaluation of `tokens`."""
-    llm = llama_cpp_model(path, n_ctx=n_ctx)
+def llama_cpp_logits(path: str | os.PathLike[str], tokens: list[int], n_ctx: int = 512, **cache) -> np.ndarray:
+    """llama.cpp's logits (len(tokens), n_vocab) for one batched evaluation of `tokens`
+    (`cache`: llama_cpp_model's type_k / type_v)."""
+    llm = llama_cpp_model(path, n_ctx=n_ctx, **cache)
     try:
         llm.eval(tokens)
         return np.array(llm.scores[: len(tokens)], dtype=np.float32)
@@ -454,11 +463,11 @@ def llama_cpp_logits(path: str | os.PathLike[str], tokens: list[int], n_ctx: int
         llm.close()
 
 
-def llama_cpp_greedy(path: str | os.PathLike[str], tokens: list[int], n: int, n_ctx: int = 512) -> list[int]:
+def llama_cpp_greedy(path: str | os.PathLike[str], tokens: list[int], n: int, n_ctx: int = 512, **cache) -> list[int]:
     """The (up to) n tokens llama.cpp's greedy decoding appends to `tokens`, stopping before EOS.
     Only the last position's logits are computed (logits_all off, as when generating), which
     lets llama.cpp drop the other rows after the last layer's attention."""
-    llm = llama_cpp_model(path, n_ctx=n_ctx, logits_all=False)
+    llm = llama_cpp_model(path, n_ctx=n_ctx, logits_all=False, **cache)
     try:
         out: list[int] = []
         llm.eval(tokens)

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from .cache_types import DEFAULT_CACHE_TYPE
 from .errors import OffloadError
 
 KNEE_SHARE = 0.9  # the knee: the smallest budget reaching this share of the best result
@@ -47,7 +48,8 @@ class TuneResult:
     metric: str = "tok_s"  # what the knee is taken on
 
 
-def budgets_to_try(path: str, shares: Sequence[float], n_ctx: int, o_direct: bool = True) -> tuple[list[int], int, int]:
+def budgets_to_try(path: str, shares: Sequence[float], n_ctx: int, o_direct: bool = True,
+                   cache_types: dict | None = None) -> tuple[list[int], int, int]:
     """Budgets at `shares` of the way from the minimum to the full model (capped by the RAM
     available now), and the minimum and full budgets themselves."""
     from . import arch
@@ -57,7 +59,10 @@ def budgets_to_try(path: str, shares: Sequence[float], n_ctx: int, o_direct: boo
     gguf = GGUFFile(path)
     try:
         args = arch.model_args(gguf)
-        plan = make_plan(gguf, args, n_ctx, 1, "tune", o_direct=o_direct)
+        types = cache_types or {}
+        plan = make_plan(gguf, args, n_ctx, 1, "tune", o_direct=o_direct,
+                         type_k=types.get("cache_type_k", DEFAULT_CACHE_TYPE),
+                         type_v=types.get("cache_type_v", DEFAULT_CACHE_TYPE))
     finally:
         gguf.close()
     low, high = plan.minimum, plan.full
@@ -69,12 +74,12 @@ def budgets_to_try(path: str, shares: Sequence[float], n_ctx: int, o_direct: boo
 
 
 def run_one(path: str, budget: int, policy: str, depth: int, prompt: list[int] | str, n_tokens: int, n_ctx: int,
-            n_threads: int | None, o_direct: bool) -> Run:
+            n_threads: int | None, o_direct: bool, cache_types: dict | None = None) -> Run:
     from .model import Model
     from .sampling import SamplingParams
 
     with Model.load(path, n_ctx=n_ctx, n_threads=n_threads, memory_budget=budget, cache_policy=policy,
-                    o_direct=o_direct, prefetch=depth > 0, prefetch_depth=max(depth, 1)) as m:
+                    o_direct=o_direct, prefetch=depth > 0, prefetch_depth=max(depth, 1), **(cache_types or {})) as m:
         tokens = m.generate_tokens(prompt, n_tokens + 1, SamplingParams(temperature=0.0))
         next(tokens)  # the prompt has run: decode counters start here
         before, t0 = m.store_stats(), time.perf_counter()
@@ -99,9 +104,10 @@ def knee(best: list[Run], metric: str) -> Run | None:
 def tune(path: str, *, shares: Sequence[float] = DEFAULT_SHARES, policies: Sequence[str] = ("lrfu",),
          depths: Sequence[int] = (0, 1, 2), prompt: list[int] | str = "Once upon a time, in a land far away,",
          n_tokens: int = 32, n_ctx: int = 512, n_threads: int | None = None, o_direct: bool = True,
-         progress: Callable[[str], None] | None = None) -> TuneResult:
-    """Sweep budgets x policies x prefetch depths with real runs; see the module docstring."""
-    budgets, _, _ = budgets_to_try(path, shares, n_ctx, o_direct)
+         progress: Callable[[str], None] | None = None, cache_types: dict | None = None) -> TuneResult:
+    """Sweep budgets x policies x prefetch depths with real runs; see the module docstring.
+    `cache_types`: Model.load's cache_type_k / cache_type_v."""
+    budgets, _, _ = budgets_to_try(path, shares, n_ctx, o_direct, cache_types)
     result = TuneResult(metric="tok_s")
     total = len(budgets) * len(policies) * len(depths)
     for budget in budgets:
@@ -111,7 +117,7 @@ def tune(path: str, *, shares: Sequence[float] = DEFAULT_SHARES, policies: Seque
                 if progress:
                     progress(f"[{len(result.runs) + 1}/{total}] budget {budget / 2**20:.0f} MiB, {policy}, "
                              f"prefetch depth {depth}")
-                run = run_one(path, budget, policy, depth, prompt, n_tokens, n_ctx, n_threads, o_direct)
+                run = run_one(path, budget, policy, depth, prompt, n_tokens, n_ctx, n_threads, o_direct, cache_types)
                 result.runs.append(run)
                 here.append(run)
         result.best.append(max(here, key=lambda r: r.tok_s))

@@ -88,16 +88,17 @@ def test_greedy_decode_matches_llama_cpp(models, config):
 
 
 def test_the_cache_holds_the_latent_and_one_rope_key_per_token(models):
-    """MLA's promise: kv_lora_rank + rope_dim floats per token and layer (V3: 576), where
+    """MLA's promise: kv_lora_rank + rope_dim values per token and layer (V3: 576), where
     the decompressed form of the same heads (a legacy file) holds n_head * (head_dim +
-    v_head_dim); the memory plan counts what the cache allocates."""
+    v_head_dim); the memory plan counts what the cache allocates, in its type (F16: 2 bytes)."""
     from offload.store.plan import kv_cache_bytes
 
-    for c, per_token_layer in ((V3, (V3.kv_lora_rank + V3.rope_dim) * 4),
-                               (LEGACY, LEGACY.n_head * (LEGACY.head_dim + LEGACY.v_head_dim) * 4)):
-        with Model.load(models(c, "F32"), n_ctx=128) as m:
+    for c, per_token_layer in ((V3, (V3.kv_lora_rank + V3.rope_dim) * 2),
+                               (LEGACY, LEGACY.n_head * (LEGACY.head_dim + LEGACY.v_head_dim) * 2)):
+        with Model.load(models(c, "F32"), n_ctx=128, cache_type_k="f16", cache_type_v="f16") as m:
             assert m.transformer.cache.nbytes == 128 * c.n_layer * per_token_layer
-            assert kv_cache_bytes(m.args, 128) == m.transformer.cache.nbytes == m.stats()["kv_cache_bytes"]
+            planned = kv_cache_bytes(m.args, 128, "f16", "f16")
+            assert planned == m.transformer.cache.nbytes == m.stats()["kv_cache_bytes"]
     assert (V3.kv_lora_rank + V3.rope_dim) < LEGACY.n_head * (LEGACY.head_dim + LEGACY.v_head_dim) / 4
 
 
@@ -154,7 +155,8 @@ def test_inspect_plans_a_deepseek_sized_file_it_could_not_hold(tmp_path):
     gate_up = 2 * 1408 * (2048 // 256) * 144  # Q4_K rows of 2048: 144 bytes per 256
     down = 2048 * (1408 // 32) * 34  # Q8_0 rows of 1408 (not a multiple of 256): 34 bytes per 32
     assert per_token == 26 * 6 * (gate_up + down)  # 26 MoE layers (one dense lead), top-6
-    assert p.kv_cache == 27 * 4096 * (512 + 64) * 4  # MLA: the latent and one rope key per token and layer
+    # MLA: the latent and one rope key per token and layer (float32: the default cache type)
+    assert p.kv_cache == 27 * 4096 * (512 + 64) * 4
     assert f"at most {2e9 / (0.5 * per_token):.1f} / {2e9 / (0.2 * per_token):.1f} / {2e9 / (0.05 * per_token):.1f} tok/s at 2.0 GB/s" in out
     bad = subprocess.run([sys.executable, "-m", "offload", "inspect", str(path), "--disk-bandwidth", "fast"],
                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)

@@ -429,13 +429,11 @@ def _make_memory_cgroup(limit: int) -> Path | None:
 
 
 def test_a_run_in_a_memory_cgroup_takes_its_budget_from_the_limit(tmp_path):
-    """`offload generate` with no --memory-budget inside a 400 MiB cgroup: the plan's budget
+    """A process in a 400 MiB cgroup loads the demo with no budget given: the plan's budget
     comes from the cgroup (psutil would say the host's RAM), the run completes, and the
     group's peak stays under its limit (no OOM kill)."""
     import subprocess
     import sys
-
-    from offload.demo import demo_model_path
 
     limit = 400 << 20
     group = _make_memory_cgroup(limit)

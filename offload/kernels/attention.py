@@ -205,3 +205,81 @@ def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray | None
         # ggml's mul_mat calls tinyBLAS once per query head, with that head's n tokens as its batch
         out[:, heads] = np.stack([matmul_f32_arrays(values_t, probs[j]) for j in range(group)], axis=1)
     return out.reshape(n, n_head * vd)
+
+
+def attention_typed(q: np.ndarray, k_rows: np.ndarray, k_fmt, v_rows: np.ndarray | None, v_fmt, start: int,
+                    n_head: int, n_head_kv: int, head_dim: int, window: int = 0, sinks: np.ndarray | None = None,
+                    v_dim: int | None = None, scale: float | None = None, compiled: bool = True) -> np.ndarray:
+    """`attention` over a cache kept in another type than F32 (offload.cache_types): k_rows /
+    v_rows are the cache's encoded rows (n_cells, bytes) in formats k_fmt / v_fmt (v_rows
+    None: the values are the first v_dim values of each key row, in K's format: MLA).
+
+    llama.cpp's two mul_mats take the cache as their first operand, so the other one is
+    converted to the cache's vec_dot_type: K . Q with each query head converted (F16, BF16
+    or Q8_0 blocks), V^T . probs with the probabilities converted (F16, BF16). Each runs per
+    query head over the batch's n tokens, through the weight kernels (kernels.dispatch): its
+    vec_dot for one token, tinyBLAS for two or more. ggml's first try with the unconverted
+    operand applies to F32 only, whose K . Q stays vec_dot (Q is a permuted view).
+
+    F16 and F32 caches run in the C kernel where built (`compiled`), which sums in these
+    orders directly over the cache (cext/attention.c); this path is its reference."""
+    from .dispatch import matmul
+    from .formats import QMatrix
+
+    n, hd = q.shape[0], head_dim
+    vd = hd if v_dim is None else v_dim
+    if compiled and cext.selected() and {k_fmt.name, v_fmt.name} <= {"F32", "F16"}:
+        out = np.empty((n, n_head * vd), dtype=np.float32)
+        k = k_rows if k_fmt.name == "F32" else k_rows.view(np.float16)
+        v = None if v_rows is None else v_rows if v_fmt.name == "F32" else v_rows.view(np.float16)
+        cext.attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim, window, sinks, vd,
+                       0.0 if scale is None else float(scale))
+        return out
+    end = start + n
+    n_cells = k_rows.shape[0]
+    live = min(end, n_cells)
+    n_kv = max(256, -(-live // 256) * 256)  # llama.cpp's KV length: tinyBLAS needs its rows % 4
+    cell_pos = np.full(n_kv, -1)
+    cell_pos[:live] = cell_positions(n_cells, end)[:live]
+    query_pos = (start + np.arange(n))[:, None]
+    masked = (cell_pos[None, :] < 0) | (cell_pos[None, :] > query_pos)
+    if window:
+        masked |= query_pos - cell_pos[None, :] >= window
+    scale = np.float32(1.0) / np.sqrt(np.float32(hd)) if scale is None else np.float32(scale)
+    q = q.reshape(n, n_head, hd)
+    out = np.empty((n, n_head, vd), dtype=np.float32)
+    group = n_head // n_head_kv
+    k_float = k_fmt.name == "F32"
+    for g in range(n_head_kv):
+        keys = QMatrix(k_fmt, n_kv, hd, _head_rows(k_rows, k_fmt, g * hd, hd, live, n_kv))
+        if v_rows is None:
+            v_src, v_src_fmt, v0 = k_rows, k_fmt, 0
+        else:
+            v_src, v_src_fmt, v0 = v_rows, v_fmt, g * vd
+        values_t = QMatrix(v_src_fmt, vd, n_kv, _head_columns(v_src, v_src_fmt, v0, vd, live, n_kv))
+        for h in range(g * group, (g + 1) * group):
+            scores = matmul(keys, np.ascontiguousarray(q[:, h]), expert=k_float) * scale
+            scores[masked] = -np.inf
+            sink = None if sinks is None else np.full(n, sinks[h], dtype=np.float32)
+            probs = ggml_math.softmax(scores) if sink is None else ggml_math.softmax_ref(scores, sinks=sink)
+            out[:, h] = matmul(values_t, np.ascontiguousarray(probs, dtype=np.float32))
+    return out.reshape(n, n_head * vd)
+
+
+def _head_rows(rows: np.ndarray, fmt, first: int, width: int, live: int, n_kv: int) -> np.ndarray:
+    """Values first..first+width of cells 0..live as contiguous encoded rows, zero rows up to n_kv."""
+    lo, hi = fmt.row_bytes(first) if first else 0, fmt.row_bytes(first + width)
+    raw = rows.view(np.uint8)
+    out = np.zeros((n_kv, hi - lo), dtype=np.uint8)
+    out[:live] = raw[:live, lo:hi]
+    return out
+
+
+def _head_columns(rows: np.ndarray, fmt, first: int, width: int, live: int, n_kv: int) -> np.ndarray:
+    """The transposed view llama.cpp's V cache keeps without flash attention: for each value
+    first..first+width, its n_kv cells (zeros past live) as one encoded row. Floats only."""
+    size = fmt.row_bytes(1)
+    vals = rows.view(np.uint8)[:live, first * size:(first + width) * size].view(f"<u{size}")
+    out = np.zeros((width, n_kv), dtype=vals.dtype)
+    out[:, :live] = vals.T
+    return out.view(np.uint8)

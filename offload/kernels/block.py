@@ -34,15 +34,21 @@ def attention_scratch(args) -> np.ndarray:
     return np.empty((n + 3) // 4, dtype=np.float32)
 
 
+# the KV cache types attention_token stores and reads (offload.cache_types)
+CACHE_TYPES = ("F32", "F16")
+
+
 def attention_token(args, w, x: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray, k_cache: np.ndarray,
-                    v_cache: np.ndarray, scratch: np.ndarray, window: int = 0) -> None:
+                    v_cache: np.ndarray, scratch: np.ndarray, window: int = 0, k_f16: bool = False,
+                    v_f16: bool = False) -> None:
     """x (1, n_embd) float32 += the attention block's output for the token at `pos` (ModelArgs
     args, weights.Attention w: its biases, q/k norms, sinks and output bias if any), whose key
     and value are written into cell pos % n_cells of this layer's k_cache / v_cache (n_cells,
     n_head_kv * head_dim), as forward.KVCache.write does; `window`: the layer's sliding window
-    (0: none); cos/sin: the position's RoPE row."""
+    (0: none); cos/sin: the position's RoPE row; k_f16 / v_f16: that cache holds F16 rows
+    (uint8 (n_cells, 2 * n_head_kv * head_dim)), converted and read as llama.cpp does."""
     a = args
     dims = (a.n_embd, a.n_head, a.n_head_kv, a.head_dim, a.rope_dim, int(a.rope_style == "neox"), _QK_NORM[a.qk_norm],
             pos, a.rms_eps, window)
     cext.attention_token(dims, k_cache.shape[0], w.kernel_spec, x, scratch, w.norm, w.bq, w.bk, w.bv, w.q_norm, w.k_norm,
-                         cos, sin, k_cache, v_cache, w.bo, w.sinks)
+                         cos, sin, k_cache, v_cache, w.bo, w.sinks, k_f16, v_f16)

@@ -126,12 +126,12 @@ def attention_token_scratch_bytes(n_embd: int, n_head: int, n_head_kv: int, head
 
 
 def attention_token(dims: tuple, n_cells: int, mats: tuple, x, scratch, norm, bq, bk, bv, q_norm, k_norm, cos, sin,
-                    k_cache, v_cache, bo=None, sinks=None) -> None:
+                    k_cache, v_cache, bo=None, sinks=None, k_f16: bool = False, v_f16: bool = False) -> None:
     """A decoding token's attention block (cext/layer.c): x += wo . attention of rms_norm(x)
     (+ bo); dims end with the layer's window (0: none); the caches hold n_cells rows, position
-    p in cell p % n_cells; sinks: one logit per head, or None."""
+    p in cell p % n_cells, in F32 or (k_f16 / v_f16) F16; sinks: one logit per head, or None."""
     _cext.attention_token(dims, n_cells, mats, x, scratch, norm, bq, bk, bv, q_norm, k_norm, cos, sin, k_cache, v_cache,
-                          bo, sinks)
+                          bo, sinks, int(k_f16), int(v_f16))
 
 
 def has_silu_mul() -> bool:
@@ -161,10 +161,12 @@ def quantize(kind: str, x: np.ndarray, out: tuple) -> tuple:
 
 def attention(q, k, v, out, n: int, start: int, n_head: int, n_head_kv: int, head_dim: int, window: int = 0,
               sinks=None, v_dim: int = 0, scale: float = 0.0) -> None:
-    """v None: the values are the first v_dim floats of each key row (MLA)."""
+    """v None: the values are the first v_dim floats of each key row (MLA). k and v: float32,
+    or float16 (an F16 cache)."""
     v_stride = k.shape[1] if v is None else 0
-    _cext.attention(q, k, k if v is None else v, out, n, start, n_head, n_head_kv, head_dim, k.shape[0], window, sinks,
-                    v_dim, v_stride, scale)
+    v = k if v is None else v
+    _cext.attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim, k.shape[0], window, sinks,
+                    v_dim, v_stride, scale, int(k.dtype == np.float16), int(v.dtype == np.float16))
 
 
 # -- the step's small ops (cext/ops.c); float32 C-contiguous arrays, as ggml_math's callers pass

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..arch import ModelArgs
+from ..cache_types import DEFAULT_CACHE_TYPE
 from ..errors import BudgetError
 from ..gguf_file import GGUFFile
 from ..kernels import dispatch
@@ -220,12 +221,23 @@ def scratch_bytes(args: ModelArgs, n_ctx: int) -> int:
     return 2 * tokens * width * 4 + LOGITS_ROWS * args.n_vocab * 4 + rope
 
 
-def kv_cache_bytes(args: ModelArgs, n_ctx: int) -> int:
-    """float32 keys and values: every position on full-attention layers, a ring of the last
-    ones on sliding-window layers (forward.kv_cells); MLA caches only its latent and rope key."""
+def kv_bytes_per_cell(args: ModelArgs, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE) -> int:
+    """Bytes one cached position takes on one layer: its key row and value row in their
+    cache types (cache_types); MLA caches only its latent and rope key."""
+    from ..cache_types import cache_format
+
+    k_fmt, v_fmt = cache_format(type_k), cache_format(type_v)
+    return k_fmt.row_bytes(args.kv_dim) + (v_fmt.row_bytes(args.v_cache_dim) if args.v_cache_dim else 0)
+
+
+def kv_cache_bytes(args: ModelArgs, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE,
+                   type_v: str = DEFAULT_CACHE_TYPE) -> int:
+    """Keys and values in their cache types: every position on full-attention layers, a ring
+    of the last ones on sliding-window layers (forward.kv_cells)."""
     from ..forward import kv_cells
 
-    return sum(kv_cells(args, i, n_ctx) * (args.kv_dim + args.v_cache_dim) * 4 for i in range(args.n_layer))
+    per_cell = kv_bytes_per_cell(args, type_k, type_v)
+    return sum(kv_cells(args, i, n_ctx) * per_cell for i in range(args.n_layer))
 
 
 def runtime_bytes(gguf: GGUFFile, gpu: bool = False) -> int:
@@ -237,9 +249,9 @@ def runtime_bytes(gguf: GGUFFile, gpu: bool = False) -> int:
 
 def make_plan(gguf: GGUFFile, args: ModelArgs, n_ctx: int, budget: int, budget_source: str = "given", *,
               o_direct: bool = False, scope: str = "global", prefetch_slots: int | None = None,
-              gpu: bool = False) -> MemoryPlan:
+              gpu: bool = False, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE) -> MemoryPlan:
     """Split `budget` into the resident set and slot pools (not checked: call .check()); `gpu`:
-    the GPU tier will be tried."""
+    the GPU tier will be tried; type_k / type_v: the KV cache types."""
     if scope not in ("global", "layer"):
         raise BudgetError(f"cache scope {scope!r} is not 'global' or 'layer'")
     layouts = expert_layouts(gguf, args)
@@ -248,7 +260,7 @@ def make_plan(gguf: GGUFFile, args: ModelArgs, n_ctx: int, budget: int, budget_s
     plan = MemoryPlan(
         budget=budget, budget_source=budget_source,
         resident_weights=resident_weight_bytes(gguf),
-        kv_cache=kv_cache_bytes(args, n_ctx),
+        kv_cache=kv_cache_bytes(args, n_ctx, type_k, type_v),
         scratch=scratch_bytes(args, n_ctx),
         overhead=BASE_OVERHEAD + TOKENIZER_BYTES_PER_TOKEN * args.n_vocab,
         runtime=runtime_bytes(gguf, gpu),

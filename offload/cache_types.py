@@ -1,0 +1,132 @@
+"""KV cache types: how the keys and values of past positions are stored, as llama.cpp does.
+
+llama.cpp stores each new key and value row by converting it from float32 to the cache's
+type (ggml_set_rows with the type's `from_float`: F16 and BF16 round to nearest even, Q8_0
+quantizes as its activation quantizer, Q4_0, Q4_1, Q5_0 and Q5_1 as ggml's reference
+quantizers quantize_row_q*_ref). Attention then
+reads the rows in that type: its matmuls convert the other operand to the type's
+vec_dot_type (kernels.attention.attention_typed).
+
+Without flash attention (offload has none yet) llama.cpp refuses a quantized V cache, and
+an MLA model (DeepSeek) keeps one cache for both, so K and V must be the same type there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from .errors import UnsupportedModelError
+from .kernels.formats import BlockFormat, f32_to_bf16, format_for
+
+# the names llama.cpp's -ctk / -ctv take
+CACHE_TYPES: dict[str, GGMLQuantizationType] = {
+    "f32": GGMLQuantizationType.F32,
+    "f16": GGMLQuantizationType.F16,
+    "bf16": GGMLQuantizationType.BF16,
+    "q8_0": GGMLQuantizationType.Q8_0,
+    "q4_0": GGMLQuantizationType.Q4_0,
+    "q4_1": GGMLQuantizationType.Q4_1,
+    "q5_0": GGMLQuantizationType.Q5_0,
+    "q5_1": GGMLQuantizationType.Q5_1,
+}
+# llama.cpp's default is f16, and every oracle suite run passes with it, but with the Numba
+# kernels an F16 cache compiles the F16 matmul kernels too, which a cold first process's
+# memory budget does not count yet (test_store's fresh-process test): f32 until it does
+DEFAULT_CACHE_TYPE = "f32"
+
+
+def cache_format(name: str) -> BlockFormat:
+    """The block format of a cache type name; a one-line error for an unknown one."""
+    t = CACHE_TYPES.get(str(name).lower())
+    if t is None:
+        raise UnsupportedModelError(f"unknown KV cache type {name!r} (choose from {', '.join(CACHE_TYPES)})")
+    return format_for(t)
+
+
+def check_cache_types(type_k: str, type_v: str, attention: str, head_dim: int) -> tuple[BlockFormat, BlockFormat]:
+    """The formats of K and V, refused in one line where llama.cpp refuses them without flash
+    attention: a quantized V; different K and V for MLA; a block longer than a head."""
+    k, v = cache_format(type_k), cache_format(type_v)
+    if v.block_size > 1:
+        raise UnsupportedModelError(f"a quantized V cache ({type_v}) needs flash attention, which offload does not "
+                                    "have: use -ctv f16 or f32")
+    if attention != "gqa" and k.name != v.name:
+        raise UnsupportedModelError(f"this model (MLA) keeps K and V in one cache: -ctk {type_k} and -ctv {type_v} "
+                                    "must be the same type")
+    if head_dim % k.block_size:
+        raise UnsupportedModelError(f"K cache type {type_k} has blocks of {k.block_size} values, which do not divide "
+                                    f"the head size {head_dim}")
+    return k, v
+
+
+def encode_rows(fmt: BlockFormat, x: np.ndarray) -> np.ndarray:
+    """float32 (n, width) rows in the cache's encoding: float32 for F32, else uint8 (n, bytes),
+    converted as ggml_set_rows converts them."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    name = fmt.name
+    if name == "F32":
+        return x
+    if name == "F16":
+        with np.errstate(over="ignore"):
+            return x.astype(np.float16).view(np.uint8)
+    if name == "BF16":
+        return f32_to_bf16(x).view(np.uint8)
+    if name == "Q8_0":
+        from .kernels.dispatch import ACTIVATION_CONVERTERS
+
+        qs, d = ACTIVATION_CONVERTERS["Q8_0"](x)  # quantize_row_q8_0, as the activations
+        return _blocks(fmt, d, qs.reshape(len(x), -1, 32))
+    if name in ("Q4_0", "Q5_0"):
+        return _quantize_symmetric(fmt, x, bits=4 if name == "Q4_0" else 5)
+    if name in ("Q4_1", "Q5_1"):
+        return _quantize_with_min(fmt, x, bits=4 if name == "Q4_1" else 5)
+    raise UnsupportedModelError(f"no KV cache encoding for {name}")
+
+
+def _blocks(fmt: BlockFormat, d: np.ndarray, q: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
+    """Blocks of this format as uint8 rows, from the fp16 scale d (and min m) and the 32
+    quants of each block: low nibbles of values j and j + 16 share byte j, fifth bits in qh."""
+    blocks = np.empty(d.shape, dtype=fmt.layout)
+    with np.errstate(over="ignore"):
+        blocks["d"] = d.astype(np.float16)
+        if m is not None:
+            blocks["m"] = m.astype(np.float16)
+    if fmt.name == "Q8_0":
+        blocks["qs"] = q
+    else:
+        q = q.astype(np.uint8)
+        blocks["qs"] = (q[..., :16] & 0x0F) | ((q[..., 16:] & 0x0F) << 4)
+        if "qh" in fmt.layout.names:
+            fifth = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+            blocks["qh"] = np.bitwise_or.reduce(fifth, axis=-1).astype("<u4")[..., None].view(np.uint8)
+    return blocks.view(np.uint8).reshape(len(d), -1)
+
+
+def _div_or_zero(d: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+
+
+def _quantize_symmetric(fmt: BlockFormat, x: np.ndarray, bits: int) -> np.ndarray:
+    """quantize_row_q4_0_ref / q5_0_ref: d = the signed absmax / -2^(bits-1),
+    q = min(2^bits - 1, trunc(x / d + 2^(bits-1) + 0.5))."""
+    b = x.reshape(len(x), -1, 32)
+    pick = np.argmax(np.abs(b), axis=-1)  # the first of equal magnitudes, as `amax < |v|`
+    signed_max = np.take_along_axis(b, pick[..., None], axis=-1)[..., 0]
+    half = 1 << (bits - 1)
+    d = signed_max / np.float32(-half)
+    q = np.minimum(2 * half - 1, (b * _div_or_zero(d)[..., None] + np.float32(half + 0.5)).astype(np.int8))
+    return _blocks(fmt, d, q)
+
+
+def _quantize_with_min(fmt: BlockFormat, x: np.ndarray, bits: int) -> np.ndarray:
+    """quantize_row_q4_1_ref / q5_1_ref: d = (max - min) / (2^bits - 1), m = min,
+    q = trunc((x - min) / d + 0.5) (at most 15 for Q4_1)."""
+    b = x.reshape(len(x), -1, 32)
+    lo, hi = b.min(axis=-1), b.max(axis=-1)
+    d = (hi - lo) / np.float32((1 << bits) - 1)
+    q = ((b - lo[..., None]) * _div_or_zero(d)[..., None] + np.float32(0.5)).astype(np.int8)
+    if bits == 4:
+        q = np.minimum(15, q)
+    return _blocks(fmt, d, q, lo)
