@@ -55,7 +55,6 @@ for _fmt, _kernel in (
 ):
     FORMATS[_fmt.ggml_type] = _fmt
     NUMBA_KERNELS[_fmt.ggml_type] = _kernel
-ACTIVATION_CONVERTERS["Q8_1"] = q4_1_q5.quantize_q8_1
 select_kernels()
 
 __all__ = [
