@@ -220,7 +220,7 @@ static TARGET_AVX2 void iq4_nl_tokens(const uint8_t *w, const int8_t *xq, const 
     const int nb = n_cols / QK;
     if (nb > TOKENS_MAX_BLOCKS) {
         for (ptrdiff_t t = 0; t < n_tokens; t++) {
-            const act_row x = {xq + t * (ptrdiff_t)n_cols, xd + t * (ptrdiff_t)nb, NULL};
+            const act_row x = {xq + t * (ptrdiff_t)n_cols, xd + t * (ptrdiff_t)nb, {NULL}};
             out[t * out_stride] = sgemm ? dot_iq4_nl_sgemm_avx2(w, &x, n_cols) : dot_iq4_nl_avx2(w, &x, n_cols);
         }
         return;

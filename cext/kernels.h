@@ -24,11 +24,17 @@
 
 /* One token's activations, converted once per matmul by the caller (Python side):
  * Q8_0: qs (n_cols int8), d (n_cols/32 float32, already fp16-rounded), bsums NULL.
- * Q8_K: qs (n_cols int8), d (n_cols/256 float32), bsums (n_cols/16 int16). */
+ * Q8_K: qs (n_cols int8), d (n_cols/256 float32), bsums (n_cols/16 int16).
+ * Q8_1: qs, d as Q8_0, and s (n_cols/32 float32, fp16-rounded d * sum(qs) of each block).
+ * s takes bsums' place: n_cols/32 floats are exactly the bytes of n_cols/16 int16, so every
+ * buffer sized and strided for Q8_K's block sums holds Q8_1's s as well. */
 typedef struct {
     const int8_t *qs;
     const float *d;
-    const int16_t *bsums;
+    union {
+        const int16_t *bsums; /* Q8_K */
+        const float *s;       /* Q8_1 */
+    };
 } act_row;
 
 /* dot(weight row w of n_cols values, activations x) in ggml's order. */
@@ -40,7 +46,12 @@ typedef float (*row_dot_fn)(const uint8_t *w, const act_row *x, int n_cols);
 typedef void (*row_tokens_fn)(const uint8_t *w, const int8_t *xq, const float *xd, int n_cols, ptrdiff_t n_tokens,
                               float *out, ptrdiff_t out_stride);
 
-enum act_kind { ACT_Q8_0 = 0, ACT_Q8_K = 1 };
+enum act_kind { ACT_Q8_0 = 0, ACT_Q8_K = 1, ACT_Q8_1 = 2 };
+#define ACT_KINDS 3
+static const char *const act_names[ACT_KINDS] = {"Q8_0", "Q8_K", "Q8_1"};
+
+/* Values per scale of an activation kind (Q8_K: 256, Q8_0 and Q8_1: 32). */
+static inline int act_block(int kind) { return kind == ACT_Q8_K ? 256 : 32; }
 
 typedef struct {
     const char *name;      /* ggml type name, e.g. "Q4_K" */

@@ -25,18 +25,16 @@
 #include "ops.h"
 #include "quantize.h"
 
-/* out = m . x for one token: x quantized for m's kind into `act` (a buffer of n_cols int8,
- * n_cols/32 floats, n_cols/16 int16), then the row dots. */
+/* out = m . x for one token: x quantized for m's kind into `act` (per kind n_cols int8 and
+ * n_cols/32 floats; n_cols/16 int16 of Q8_K block sums, or n_cols/32 floats of Q8_1's s),
+ * then the row dots. */
 static void matvec(const layer_matrix *m, const float *x, int n_cols, float *out, act_scratch *act) {
     const int kind = m->f->act;
     if (act->done[kind] != x) { /* the same input quantized once per kind */
-        if (kind == ACT_Q8_K)
-            quantize_row_q8_k(x, act->qs[kind], act->d[kind], act->bsums, n_cols);
-        else
-            quantize_row_q8_0(x, act->qs[kind], act->d[kind], n_cols);
+        quantize_row_kind(kind, x, act->qs[kind], act->d[kind], act->sums[kind], n_cols);
         act->done[kind] = x;
     }
-    run_matmul(m->dot, m->f, m->w, act->qs[kind], act->d[kind], act->bsums, out, m->n_rows, n_cols, 1);
+    run_matmul(m->dot, m->f, m->w, act->qs[kind], act->d[kind], act->sums[kind], out, m->n_rows, n_cols, 1);
 }
 
 static void add_bias(float *x, const float *b, int n) {
@@ -50,12 +48,14 @@ int attention_token(const attention_block *b, float *x, float *scratch, int use_
     float *h = scratch, *q = h + n_embd, *k = q + q_dim, *v = k + kv_dim, *att = v + kv_dim, *o = att + q_dim;
     const int widest = n_embd > q_dim ? n_embd : q_dim;
     act_scratch act;
-    act.qs[0] = (int8_t *)(o + n_embd);
-    act.qs[1] = act.qs[0] + widest;
-    act.d[0] = (float *)(act.qs[1] + widest);
-    act.d[1] = act.d[0] + widest / 32;
-    act.bsums = (int16_t *)(act.d[1] + widest / 32);
-    act.done[0] = act.done[1] = NULL;
+    uint8_t *p = (uint8_t *)(o + n_embd);
+    for (int kind = 0; kind < ACT_KINDS; kind++) { /* scales, sums (Q8_K's or Q8_1's), int8 values */
+        act.d[kind] = (float *)p;
+        act.sums[kind] = (int16_t *)(act.d[kind] + widest / 32);
+        act.qs[kind] = (int8_t *)(act.sums[kind] + widest / 16);
+        act.done[kind] = NULL;
+        p = (uint8_t *)(act.qs[kind] + widest);
+    }
 
     rms_norm_rows(x, b->norm, b->eps, h, 1, n_embd);
     matvec(&b->wq, h, n_embd, q, &act);
@@ -111,6 +111,6 @@ int attention_token(const attention_block *b, float *x, float *scratch, int use_
 size_t attention_token_scratch_bytes(int n_embd, int n_head, int n_head_kv, int head_dim) {
     const size_t q_dim = (size_t)n_head * head_dim, kv_dim = (size_t)n_head_kv * head_dim;
     const size_t widest = (size_t)n_embd > q_dim ? (size_t)n_embd : q_dim;
-    return (2 * (size_t)n_embd + 2 * q_dim + 2 * kv_dim) * sizeof(float) + 2 * widest + 2 * (widest / 32) * sizeof(float) +
-           (widest / 16) * sizeof(int16_t) + 64;
+    return (2 * (size_t)n_embd + 2 * q_dim + 2 * kv_dim) * sizeof(float) +
+           ACT_KINDS * (widest + (widest / 32) * sizeof(float) + (widest / 16) * sizeof(int16_t)) + 64;
 }

@@ -16,10 +16,10 @@ typedef struct {
 
 /* One input quantized per activation kind, reused by the matmuls that share it. */
 typedef struct {
-    int8_t *qs[2];
-    float *d[2];
-    const float *done[2]; /* the input each kind holds now */
-    int16_t *bsums;
+    int8_t *qs[ACT_KINDS];
+    float *d[ACT_KINDS];
+    int16_t *sums[ACT_KINDS];     /* Q8_K's block sums, Q8_1's s (the same bytes) */
+    const float *done[ACT_KINDS]; /* the input each kind holds now */
 } act_scratch;
 
 enum { QK_NORM_NONE = 0, QK_NORM_HEAD = 1, QK_NORM_FULL = 2 };

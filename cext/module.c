@@ -2,7 +2,8 @@
  *
  *   matmul(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)
  *       out[t, r] = dot(row r of w, activations of token t); every buffer C-contiguous,
- *       out preallocated float32 (n_tokens, n_rows); bsums None unless fmt dots with Q8_K.
+ *       out preallocated float32 (n_tokens, n_rows); bsums None unless fmt dots with Q8_K
+ *       (Q8_1: bsums is s, float32 (n_tokens, n_cols/32)).
  *   matmul_tiled(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)
  *       the same for Q2_K..Q6_K (and IQ4_XS) in the order of ggml's tiled GEMM (8+ tokens, see tiled.c)
  *   matmul_x(x, n_tokens, n_cols, specs)
@@ -25,7 +26,7 @@
  *       (token, slot) int32 pairs after the previous jobs' and writes weight * output into
  *       per_slot (n_tokens, k, n_embd)
  *   quantize(kind, x, qs, d, bsums, n_tokens, n_cols)
- *       the activation conversion alone ("Q8_0": bsums None, or "Q8_K"), for tests
+ *       the activation conversion alone ("Q8_0": bsums None, "Q8_K", or "Q8_1": bsums is s), for tests
  *   swiglu_oai(g, u, out, n_rows, n) / sigmoid(x, out, n_rows, n)
  *       gpt-oss's clamped SwiGLU, routers' sigmoid (ops.c)
  *   silu_mul(x, g, out, n_rows, n)
@@ -123,8 +124,7 @@ static size_t row_bytes_of(const format_kernels *f, int n_cols) {
 void run_matmul(row_dot_fn dot, const format_kernels *f, const uint8_t *w, const int8_t *xq, const float *xd,
                 const int16_t *bsums, float *out, ptrdiff_t n_rows, int n_cols, ptrdiff_t n_tokens) {
     const size_t row_bytes = (size_t)(n_cols / f->block_size) * f->block_bytes;
-    const int act_block = f->act == ACT_Q8_K ? 256 : 32;
-    const Py_ssize_t d_per_token = n_cols / act_block, bsums_per_token = n_cols / 16;
+    const Py_ssize_t d_per_token = n_cols / act_block(f->act), bsums_per_token = n_cols / 16; /* Q8_1's s too */
     if (f->avx2_tokens && dot == f->avx2 && n_tokens >= ROW_TOKENS_MIN) {
         /* the row decoded once for all the tokens; same bits as the row dot */
 #pragma omp parallel for schedule(static) if ((size_t)n_rows * row_bytes * (size_t)n_tokens >= PARALLEL_BYTES)
@@ -137,7 +137,7 @@ void run_matmul(row_dot_fn dot, const format_kernels *f, const uint8_t *w, const
     for (Py_ssize_t r = 0; r < n_rows; r++) {
         const uint8_t *wr = w + (size_t)r * row_bytes;
         for (Py_ssize_t t = 0; t < n_tokens; t++) {
-            act_row x = {xq + t * n_cols, xd + t * d_per_token, bsums ? bsums + t * bsums_per_token : NULL};
+            act_row x = {xq + t * n_cols, xd + t * d_per_token, {bsums ? bsums + t * bsums_per_token : NULL}};
             out[t * n_rows + r] = dot(wr, &x, n_cols);
         }
     }
@@ -158,17 +158,16 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
         goto done;
     }
     if (bsums_obj != Py_None && PyObject_GetBuffer(bsums_obj, &bs, PyBUF_SIMPLE) < 0) goto done;
-    if (n_rows < 0 || n_tokens < 0 || n_cols <= 0 || n_cols % f->block_size || n_cols % (f->act == ACT_Q8_K ? 256 : 32) ||
+    if (n_rows < 0 || n_tokens < 0 || n_cols <= 0 || n_cols % f->block_size || n_cols % act_block(f->act) ||
         n_cols > INT32_MAX) {
         PyErr_Format(PyExc_ValueError, "%s matmul: bad shape rows=%zd cols=%zd tokens=%zd", name, n_rows, n_cols, n_tokens);
         goto done;
     }
-    const Py_ssize_t act_block = f->act == ACT_Q8_K ? 256 : 32;
     const Py_ssize_t row_bytes = n_cols / f->block_size * f->block_bytes;
     if (w.len < n_rows * row_bytes || xq.len < n_tokens * n_cols ||
-        xd.len < n_tokens * (n_cols / act_block) * (Py_ssize_t)sizeof(float) ||
+        xd.len < n_tokens * (n_cols / act_block(f->act)) * (Py_ssize_t)sizeof(float) ||
         out.len < n_rows * n_tokens * (Py_ssize_t)sizeof(float) ||
-        (f->act == ACT_Q8_K && (bsums_obj == Py_None || bs.len < n_tokens * (n_cols / 16) * 2))) {
+        (f->act != ACT_Q8_0 && (bsums_obj == Py_None || bs.len < n_tokens * (n_cols / 16) * 2))) { /* Q8_1: s */
         PyErr_Format(PyExc_ValueError, "%s matmul: a buffer is smaller than its shape says", name);
         goto done;
     }
@@ -190,13 +189,9 @@ done:
 /* Quantize n_tokens rows of x for activation type `act` into the given buffers. */
 static void quantize_rows(int act, const float *x, int8_t *qs, float *d, int16_t *bsums, Py_ssize_t n_tokens,
                           int n_cols) {
-    for (Py_ssize_t t = 0; t < n_tokens; t++) {
-        if (act == ACT_Q8_K)
-            quantize_row_q8_k(x + t * n_cols, qs + t * n_cols, d + t * (n_cols / 256), bsums + t * (n_cols / 16),
-                              n_cols);
-        else
-            quantize_row_q8_0(x + t * n_cols, qs + t * n_cols, d + t * (n_cols / 32), n_cols);
-    }
+    for (Py_ssize_t t = 0; t < n_tokens; t++)
+        quantize_row_kind(act, x + t * n_cols, qs + t * n_cols, d + t * (n_cols / act_block(act)),
+                          bsums ? bsums + t * (n_cols / 16) : NULL, n_cols); /* Q8_1's s in bsums' bytes */
 }
 
 static PyObject *py_quantize(PyObject *self, PyObject *args) {
@@ -206,18 +201,20 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     Py_ssize_t n_tokens, n_cols;
     if (!PyArg_ParseTuple(args, "sy*w*w*Onn", &kind, &x, &qs, &d, &bsums_obj, &n_tokens, &n_cols)) return NULL;
     PyObject *result = NULL;
-    const int act = strcmp(kind, "Q8_K") == 0 ? ACT_Q8_K : strcmp(kind, "Q8_0") == 0 ? ACT_Q8_0 : -1;
+    int act = -1;
+    for (int k = 0; k < ACT_KINDS; k++)
+        if (strcmp(kind, act_names[k]) == 0) act = k;
     const Py_ssize_t block = act == ACT_Q8_K ? 256 : 32;
     if (act < 0 || n_tokens < 0 || n_cols <= 0 || n_cols % block || n_cols > INT32_MAX) {
         PyErr_Format(PyExc_ValueError, "quantize %s: bad kind or shape (%zd, %zd)", kind, n_tokens, n_cols);
         goto done;
     }
-    if (act == ACT_Q8_K && (bsums_obj == Py_None || PyObject_GetBuffer(bsums_obj, &bs, PyBUF_WRITABLE) < 0)) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "quantize Q8_K needs a bsums buffer");
+    if (act != ACT_Q8_0 && (bsums_obj == Py_None || PyObject_GetBuffer(bsums_obj, &bs, PyBUF_WRITABLE) < 0)) {
+        if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "quantize %s needs a bsums (Q8_1: s) buffer", kind);
         goto done;
     }
     if (x.len < n_tokens * n_cols * 4 || qs.len < n_tokens * n_cols || d.len < n_tokens * (n_cols / block) * 4 ||
-        (act == ACT_Q8_K && bs.len < n_tokens * (n_cols / 16) * 2)) {
+        (act != ACT_Q8_0 && bs.len < n_tokens * (n_cols / 16) * 2)) {
         PyErr_Format(PyExc_ValueError, "quantize %s: a buffer is smaller than its shape says", kind);
         goto done;
     }
@@ -234,11 +231,11 @@ done:
 #define MATMUL_X_MAX 8          /* matrices sharing one input in one call (Q, K, V; gate, up) */
 #define MATMUL_X_STACK 16384    /* activation values quantized on the stack; more go to the heap */
 
-/* One token batch's activations in both quantized forms, as far as the call needs them. */
+/* One token batch's activations in each quantized form the call needs. */
 typedef struct {
-    int8_t *qs[2];
-    float *d[2];
-    int16_t *bsums;
+    int8_t *qs[ACT_KINDS];
+    float *d[ACT_KINDS];
+    int16_t *sums[ACT_KINDS]; /* Q8_K's block sums, Q8_1's s (the same bytes) */
 } act_buffers;
 
 static PyObject *py_matmul_x(PyObject *self, PyObject *args) {
@@ -253,7 +250,7 @@ static PyObject *py_matmul_x(PyObject *self, PyObject *args) {
     Py_ssize_t got = 0;
     PyObject *result = NULL;
     void *heap = NULL;
-    int need[2] = {0, 0};
+    int need[ACT_KINDS] = {0};
     if (n_mats < 1 || n_mats > MATMUL_X_MAX || n_tokens < 0 || n_cols <= 0 || n_cols % 32 || n_cols > INT32_MAX ||
         x.len < n_tokens * n_cols * 4) {
         PyErr_Format(PyExc_ValueError, "matmul_x: bad call (%zd matrices, tokens=%zd, cols=%zd)", n_mats, n_tokens,
@@ -280,33 +277,36 @@ static PyObject *py_matmul_x(PyObject *self, PyObject *args) {
         }
         need[f[got]->act] = 1;
     }
-    /* int8 values and scales of each needed kind, then the Q8_K block sums */
+    /* per needed kind: scales (n_vals/32 floats at most), block sums or s (n_vals/16 int16),
+     * int8 values; on the stack for up to two kinds of MATMUL_X_STACK values */
     const Py_ssize_t n_vals = n_tokens * n_cols;
-    const size_t bytes = (size_t)n_vals * 2 + (size_t)(n_vals / 32 + n_vals / 256) * sizeof(float) +
-                         (size_t)(n_vals / 16) * sizeof(int16_t) + 64;
-    _Alignas(64) uint8_t stack[MATMUL_X_STACK * 2 + (MATMUL_X_STACK / 32 + MATMUL_X_STACK / 256) * 4 +
-                               (MATMUL_X_STACK / 16) * 2 + 64];
+    const size_t kind_bytes = (size_t)(n_vals / 32) * sizeof(float) + (size_t)(n_vals / 16) * sizeof(int16_t) + (size_t)n_vals;
+    int n_kinds = 0;
+    for (int kind = 0; kind < ACT_KINDS; kind++) n_kinds += need[kind];
+    _Alignas(64) uint8_t stack[2 * (MATMUL_X_STACK / 32 * 4 + MATMUL_X_STACK / 16 * 2 + MATMUL_X_STACK)];
     uint8_t *p = (uint8_t *)stack;
-    if (n_vals > MATMUL_X_STACK) {
-        p = heap = malloc(bytes);
+    if (n_kinds * kind_bytes > sizeof(stack)) {
+        p = heap = malloc(n_kinds * kind_bytes);
         if (!heap) {
             PyErr_NoMemory();
             goto done;
         }
     }
-    act_buffers a;
-    a.d[ACT_Q8_0] = (float *)p;
-    a.d[ACT_Q8_K] = a.d[ACT_Q8_0] + n_vals / 32;
-    a.bsums = (int16_t *)(a.d[ACT_Q8_K] + n_vals / 256);
-    a.qs[ACT_Q8_0] = (int8_t *)(a.bsums + n_vals / 16);
-    a.qs[ACT_Q8_K] = a.qs[ACT_Q8_0] + n_vals;
+    act_buffers a = {{0}};
+    for (int kind = 0; kind < ACT_KINDS; kind++) {
+        if (!need[kind]) continue;
+        a.d[kind] = (float *)p;
+        a.sums[kind] = (int16_t *)(a.d[kind] + n_vals / 32);
+        a.qs[kind] = (int8_t *)(a.sums[kind] + n_vals / 16);
+        p += kind_bytes;
+    }
     Py_BEGIN_ALLOW_THREADS
-    for (int kind = 0; kind < 2; kind++)
-        if (need[kind]) quantize_rows(kind, x.buf, a.qs[kind], a.d[kind], a.bsums, n_tokens, (int)n_cols);
+    for (int kind = 0; kind < ACT_KINDS; kind++)
+        if (need[kind]) quantize_rows(kind, x.buf, a.qs[kind], a.d[kind], a.sums[kind], n_tokens, (int)n_cols);
     for (Py_ssize_t i = 0; i < n_mats; i++) {
         const int kind = f[i]->act;
-        run_matmul(pick(f[i]), f[i], w[i].buf, a.qs[kind], a.d[kind], kind == ACT_Q8_K ? a.bsums : NULL, out[i].buf,
-                   n_rows[i], (int)n_cols, n_tokens);
+        run_matmul(pick(f[i]), f[i], w[i].buf, a.qs[kind], a.d[kind], kind != ACT_Q8_0 ? a.sums[kind] : NULL,
+                   out[i].buf, n_rows[i], (int)n_cols, n_tokens);
     }
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
@@ -355,7 +355,7 @@ static int moe_matrix_of(const char *name, unsigned long long address, int n_col
         PyErr_Format(PyExc_ValueError, "no C kernel for %s", name);
         return -1;
     }
-    if (!address || n_cols % m->f->block_size || n_cols % (m->f->act == ACT_Q8_K ? 256 : 32)) {
+    if (!address || n_cols % m->f->block_size || n_cols % act_block(m->f->act)) {
         PyErr_Format(PyExc_ValueError, "moe: a %s matrix cannot take %d columns", name, n_cols);
         return -1;
     }
@@ -781,9 +781,10 @@ static PyObject *py_formats(PyObject *self, PyObject *noargs) {
         if (!f) continue;
         const char *avx2 = f->avx2 && best_isa >= ISA_AVX2 ? "avx2" : NULL;
         const char *avx512 = f->avx512 && best_isa >= ISA_AVX512 ? "avx512" : NULL;
-        PyObject *item = avx512 && avx2 ? Py_BuildValue("(s[sss])", f->act == ACT_Q8_K ? "Q8_K" : "Q8_0", "portable", avx2, avx512)
-                         : avx2 || avx512 ? Py_BuildValue("(s[ss])", f->act == ACT_Q8_K ? "Q8_K" : "Q8_0", "portable", avx2 ? avx2 : avx512)
-                                          : Py_BuildValue("(s[s])", f->act == ACT_Q8_K ? "Q8_K" : "Q8_0", "portable");
+        const char *act = act_names[f->act];
+        PyObject *item = avx512 && avx2 ? Py_BuildValue("(s[sss])", act, "portable", avx2, avx512)
+                         : avx2 || avx512 ? Py_BuildValue("(s[ss])", act, "portable", avx2 ? avx2 : avx512)
+                                          : Py_BuildValue("(s[s])", act, "portable");
         if (!item || PyDict_SetItemString(d, f->name, item) < 0) Py_CLEAR(d);
         Py_XDECREF(item);
     }

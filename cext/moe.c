@@ -29,7 +29,8 @@
 
 static size_t up_to(size_t n) { return (n + ALIGN - 1) / ALIGN * ALIGN; }
 
-/* One row of n values quantized for either activation kind: int8 values, scales, block sums. */
+/* One row of n values quantized for any activation kind: int8 values, scales, block sums
+ * (Q8_K) or s (Q8_1, the same bytes). */
 static size_t act_bytes(size_t n) { return up_to(n) + up_to(n / 32 * sizeof(float)) + up_to(n / 16 * sizeof(int16_t)); }
 
 static act_row act_at(uint8_t *p, size_t n) {
@@ -42,10 +43,7 @@ static act_row act_at(uint8_t *p, size_t n) {
 
 static void quantize_act(int kind, const float *x, uint8_t *p, int n) {
     act_row a = act_at(p, (size_t)n);
-    if (kind == ACT_Q8_K)
-        quantize_row_q8_k(x, (int8_t *)a.qs, (float *)a.d, (int16_t *)a.bsums, n);
-    else
-        quantize_row_q8_0(x, (int8_t *)a.qs, (float *)a.d, n);
+    quantize_row_kind(kind, x, (int8_t *)a.qs, (float *)a.d, (int16_t *)a.bsums, n);
 }
 
 /* Per job: gate and up outputs (n_ff floats each), the quantized hidden row, the output. */
@@ -55,7 +53,7 @@ static size_t job_bytes(const moe_ffn_job *j, int n_embd) {
 }
 
 size_t moe_workspace_bytes(const moe_ffn_job *jobs, int n_jobs, int n_embd) {
-    size_t total = 2 * act_bytes((size_t)n_embd) + ALIGN; /* x as Q8_0 and as Q8_K, alignment slack */
+    size_t total = ACT_KINDS * act_bytes((size_t)n_embd) + ALIGN; /* x in each kind, alignment slack */
     for (int j = 0; j < n_jobs; j++) total += job_bytes(&jobs[j], n_embd);
     return total;
 }
@@ -96,13 +94,11 @@ static size_t row_bytes(const moe_matrix *m, int n_cols) {
 void moe_ffn_run(const float *x, int n_embd, const moe_ffn_job *jobs, int n_jobs, int n_routed, float *out,
                  float *shared_out, void *workspace, int use_avx2, int parallel) {
     uint8_t *p = (uint8_t *)(((uintptr_t)workspace + ALIGN - 1) / ALIGN * ALIGN);
-    uint8_t *x_act[2];
-    x_act[ACT_Q8_0] = p;
-    x_act[ACT_Q8_K] = p + act_bytes((size_t)n_embd);
-    p += 2 * act_bytes((size_t)n_embd);
+    uint8_t *x_act[ACT_KINDS];
+    for (int kind = 0; kind < ACT_KINDS; kind++, p += act_bytes((size_t)n_embd)) x_act[kind] = p;
     job_buffers buf[n_jobs];
     size_t n_ff_total = 0;
-    int need[2] = {0, 0};
+    int need[ACT_KINDS] = {0};
     for (int j = 0; j < n_jobs; j++) {
         const size_t n_ff = (size_t)jobs[j].n_ff;
         buf[j].gate = (float *)p;
@@ -113,7 +109,7 @@ void moe_ffn_run(const float *x, int n_embd, const moe_ffn_job *jobs, int n_jobs
         n_ff_total += n_ff;
         need[jobs[j].gate.f->act] = need[jobs[j].up.f->act] = 1;
     }
-    for (int kind = 0; kind < 2; kind++)
+    for (int kind = 0; kind < ACT_KINDS; kind++)
         if (need[kind]) quantize_act(kind, x, x_act[kind], n_embd);
     const size_t n_down_rows = (size_t)n_jobs * (size_t)n_embd;
 
@@ -224,33 +220,31 @@ static void act_rows_free(act_rows *a) {
     free(a->bsums);
 }
 
-/* Row t of kind `kind` (Q8_0: n/32 scales a row; Q8_K: n/256 scales and n/16 block sums). */
+/* Row t of kind `kind` (Q8_0: n/32 scales a row; Q8_K: n/256 scales and n/16 block sums;
+ * Q8_1: n/32 scales and n/32 s, in the block sums' bytes). */
 static act_row act_rows_at(const act_rows *a, int kind, size_t t, size_t n) {
-    act_row r = {a->qs + t * n, a->d + t * (kind == ACT_Q8_K ? n / 256 : n / 32), a->bsums + t * (n / 16)};
+    act_row r = {a->qs + t * n, a->d + t * (n / act_block(kind)), {a->bsums + t * (n / 16)}};
     return r;
 }
 
 static void quantize_into(int kind, const float *x, const act_rows *a, size_t t, int n) {
     act_row r = act_rows_at(a, kind, t, (size_t)n);
-    if (kind == ACT_Q8_K)
-        quantize_row_q8_k(x, (int8_t *)r.qs, (float *)r.d, (int16_t *)r.bsums, n);
-    else
-        quantize_row_q8_0(x, (int8_t *)r.qs, (float *)r.d, n);
+    quantize_row_kind(kind, x, (int8_t *)r.qs, (float *)r.d, (int16_t *)r.bsums, n);
 }
 
 /* Copy the rows of `pairs`' tokens from the batch's activations into dst (rows 0..n-1). */
 static void gather(int kind, const act_rows *src, const act_rows *dst, const int32_t *pairs, int n, size_t n_cols) {
-    const size_t n_d = kind == ACT_Q8_K ? n_cols / 256 : n_cols / 32;
+    const size_t n_d = n_cols / act_block(kind);
     for (int i = 0; i < n; i++) {
         const size_t t = (size_t)pairs[2 * i];
         memcpy(dst->qs + i * n_cols, src->qs + t * n_cols, n_cols);
         memcpy(dst->d + i * n_d, src->d + t * n_d, n_d * sizeof(float));
-        if (kind == ACT_Q8_K) memcpy(dst->bsums + i * (n_cols / 16), src->bsums + t * (n_cols / 16), n_cols / 16 * 2);
+        if (kind != ACT_Q8_0) memcpy(dst->bsums + i * (n_cols / 16), src->bsums + t * (n_cols / 16), n_cols / 16 * 2);
     }
 }
 
 /* One expert on its tokens; the scratch is this thread's, sized for max_tokens. */
-static int run_expert(const moe_ffn_job *job, const expert_rows *rows, const act_rows x_rows[2], int n_embd, int k,
+static int run_expert(const moe_ffn_job *job, const expert_rows *rows, const act_rows x_rows[ACT_KINDS], int n_embd, int k,
                       const float *weights, float *per_slot, act_rows *xg, act_rows *hq, float *gate, float *up,
                       float *y, int isa_level) {
     const int n = rows->n, n_ff = job->n_ff;
@@ -280,7 +274,7 @@ static int run_expert(const moe_ffn_job *job, const expert_rows *rows, const act
 
 int moe_batch_run(const float *x, int n_tokens, int n_embd, int k, const float *weights, const moe_ffn_job *jobs,
                   const int32_t *counts, const int32_t *pairs, int n_jobs, float *per_slot, int isa_level) {
-    int need[2] = {0, 0}, max_n = 0, max_ff = 0, failed = 0;
+    int need[ACT_KINDS] = {0}, max_n = 0, max_ff = 0, failed = 0;
     expert_rows rows[n_jobs];
     for (int j = 0, at = 0; j < n_jobs; at += counts[j], j++) {
         rows[j].pairs = pairs + 2 * (size_t)at;
@@ -289,8 +283,8 @@ int moe_batch_run(const float *x, int n_tokens, int n_embd, int k, const float *
         if (counts[j] > max_n) max_n = counts[j];
         if (jobs[j].n_ff > max_ff) max_ff = jobs[j].n_ff;
     }
-    act_rows x_rows[2] = {{0}};
-    for (int kind = 0; kind < 2; kind++) {
+    act_rows x_rows[ACT_KINDS] = {{0}};
+    for (int kind = 0; kind < ACT_KINDS; kind++) {
         if (!need[kind]) continue;
         if (act_rows_alloc(&x_rows[kind], (size_t)n_tokens, (size_t)n_embd) < 0) {
             failed = 1;
@@ -305,13 +299,13 @@ int moe_batch_run(const float *x, int n_tokens, int n_embd, int k, const float *
     const int by_expert = n_jobs >= 2 * omp_get_max_threads() && thread_bytes <= MOE_THREAD_SCRATCH_MAX;
 #pragma omp parallel if (by_expert && !failed)
     {
-        act_rows xg[2] = {{0}}, hq = {0};
+        act_rows xg[ACT_KINDS] = {{0}}, hq = {0};
         float *gate = malloc((size_t)max_n * max_ff * sizeof(float) + 4);
         float *up = malloc((size_t)max_n * max_ff * sizeof(float) + 4);
         float *y = malloc((size_t)max_n * n_embd * sizeof(float) + 4);
-        int ok = !failed && gate && up && y && act_rows_alloc(&xg[0], (size_t)max_n, (size_t)n_embd) == 0 &&
-                 act_rows_alloc(&xg[1], (size_t)max_n, (size_t)n_embd) == 0 &&
-                 act_rows_alloc(&hq, (size_t)max_n, (size_t)max_ff) == 0;
+        int ok = !failed && gate && up && y && act_rows_alloc(&hq, (size_t)max_n, (size_t)max_ff) == 0;
+        for (int kind = 0; kind < ACT_KINDS; kind++)
+            if (need[kind] && act_rows_alloc(&xg[kind], (size_t)max_n, (size_t)n_embd) < 0) ok = 0;
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -324,14 +318,12 @@ int moe_batch_run(const float *x, int n_tokens, int n_embd, int k, const float *
                 failed = 1;
             }
         }
-        act_rows_free(&xg[0]);
-        act_rows_free(&xg[1]);
+        for (int kind = 0; kind < ACT_KINDS; kind++) act_rows_free(&xg[kind]);
         act_rows_free(&hq);
         free(gate);
         free(up);
         free(y);
     }
-    act_rows_free(&x_rows[0]);
-    act_rows_free(&x_rows[1]);
+    for (int kind = 0; kind < ACT_KINDS; kind++) act_rows_free(&x_rows[kind]);
     return failed ? -1 : 0;
 }

@@ -185,7 +185,7 @@ static TARGET_AVX2 void tokens_mxfp4_avx2(const uint8_t *w, const int8_t *xq, co
         }
     }
     for (; t < n_tokens; t++) {
-        const act_row x = {xq + t * (ptrdiff_t)n_cols, xd + t * (ptrdiff_t)nb, NULL};
+        const act_row x = {xq + t * (ptrdiff_t)n_cols, xd + t * (ptrdiff_t)nb, {NULL}};
         out[t * out_stride] = dot_mxfp4_avx2(w, &x, n_cols);
     }
 }

@@ -1,4 +1,5 @@
-/* Activation quantization in C, the twin of numba_kernels._quantize_q8_0 / _quantize_q8_k
+/* Activation quantization in C, the twin of numba_kernels._quantize_q8_0 / _quantize_q8_k and
+ * q4_1_q5._quantize_q8_1
  * (and of formats.quantize_q8_0_ref / quantize_q8_k_ref): the same float32 operations in the
  * same order, so the bits are the same. It lets one C call convert a token's activations and
  * run the matmuls that share them (module.c: matmul_x), instead of a Numba call per matrix. */
@@ -6,6 +7,7 @@
 #include <string.h>
 
 #include "quantize.h"
+#include "kernels.h" /* enum act_kind */
 
 /* Compiled for AVX2 (rounding in one instruction, 8 lanes) and for any x86-64, picked at load. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__) /* ifunc */
@@ -88,4 +90,33 @@ MULTIVERSION void quantize_row_q8_k(const float *x, int8_t *qs, float *d, int16_
         }
         d[b] = 1.0f / iscale;
     }
+}
+
+MULTIVERSION void quantize_row_q8_1(const float *x, int8_t *qs, float *d, float *s, int k) {
+    for (int b = 0; b < k / 32; b++) {
+        const float *xb = x + b * 32;
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) {
+            const float a = fabsf(xb[j]);
+            if (a > amax) amax = a;
+        }
+        const float scale = amax / 127.0f; /* s uses it before its fp16 rounding */
+        const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
+        int total = 0;
+        for (int j = 0; j < 32; j++) {
+            qs[b * 32 + j] = to_int8(rintf(xb[j] * inv));
+            total += qs[b * 32 + j];
+        }
+        d[b] = round_f16(scale);
+        s[b] = round_f16(scale * (float)total);
+    }
+}
+
+void quantize_row_kind(int kind, const float *x, int8_t *qs, float *d, void *sums, int k) {
+    if (kind == ACT_Q8_K)
+        quantize_row_q8_k(x, qs, d, sums, k);
+    else if (kind == ACT_Q8_1)
+        quantize_row_q8_1(x, qs, d, sums, k);
+    else
+        quantize_row_q8_0(x, qs, d, k);
 }

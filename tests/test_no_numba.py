@@ -83,8 +83,11 @@ def test_the_plan_counts_numba_only_where_it_serves_a_kernel():
     from offload.kernels import dispatch, select_kernels
     from offload.store.plan import NUMBA_RUNTIME_BYTES, RUNTIME_BYTES, make_plan
 
-    assert not dispatch.uses_numba({T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K, T.MXFP4})
-    assert dispatch.uses_numba({T.F32, T.Q5_1})  # no C kernel: Numba serves it
+    assert not dispatch.uses_numba({T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q6_K,
+                                    T.MXFP4})
+    with pytest.MonkeyPatch.context() as mp:  # a format without a C kernel: Numba serves it
+        mp.setitem(dispatch.KERNELS, T.Q5_1, dispatch.NUMBA_KERNELS[T.Q5_1])
+        assert dispatch.uses_numba({T.F32, T.Q5_1})
     g = GGUFFile(demo_model_path())
     try:
         plan = lambda **kw: make_plan(g, arch.model_args(g), 512, 0, **kw)  # noqa: E731

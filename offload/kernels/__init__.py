@@ -59,7 +59,6 @@ for _fmt, _kernel in (
 for _fmt in iq_grid.FORMATS:  # IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M
     FORMATS[_fmt.ggml_type] = _fmt
     NUMBA_KERNELS[_fmt.ggml_type] = iq_grid.kernel_for(_fmt)
-ACTIVATION_CONVERTERS["Q8_1"] = q4_1_q5.quantize_q8_1
 select_kernels()
 
 __all__ = [

@@ -7,7 +7,7 @@ the same ggml order as the Numba ones, so either gives the same bits.
 The step's small ops (RMS norm, softmax, SiLU, RoPE, top-k routing, the lookahead
 predictor) have C twins too: `selected()` says whether this run uses them, which is when it
 uses the C matmuls (`dispatch.select_kernels`). Then Numba is never imported, unless the
-model has a format without a C kernel (Q4_1, Q5_1).
+model has a format without a C kernel.
 """
 
 from __future__ import annotations
@@ -154,7 +154,8 @@ def silu_mul(x: np.ndarray, g: np.ndarray, out: np.ndarray, n_rows: int, n: int)
 
 
 def quantize(kind: str, x: np.ndarray, out: tuple) -> tuple:
-    """The C twin of numba_kernels.quantize_q8_0 / quantize_q8_k, into `out` (qs, d[, bsums])."""
+    """The C twin of numba_kernels.quantize_q8_0 / quantize_q8_k and q4_1_q5.quantize_q8_1, into
+    `out` (qs, d[, bsums or Q8_1's s])."""
     _cext.quantize(kind, x, out[0], out[1], out[2] if len(out) > 2 else None, x.shape[0], x.shape[1])
     return out
 

@@ -1,7 +1,7 @@
 """matmul with llama.cpp's CPU numerics: convert the activations as ggml does, pick the kernel.
 
 ggml's CPU matmul first converts each activation row to the weight type's `vec_dot_type`
-(F16, BF16 or Q8_0 blocks; F32 stays as is), then takes dot products in that type. Both
+(F16, BF16, Q8_0, Q8_1 or Q8_K blocks; F32 stays as is), then takes dot products in that type. Both
 steps are tables here, so a new format or a faster kernel is one entry:
 
 * `ACTIVATION_CONVERTERS[vec_dot_type](x) -> act`, a tuple of arrays,
@@ -11,7 +11,7 @@ steps are tables here, so a new format or a faster kernel is one entry:
 Every format has a Numba kernel (`NUMBA_KERNELS`); most also have C kernels (cext/, SIMD),
 which sum in the same order and so give the same bits. `select_kernels` fills `KERNELS`
 with the C kernel where the extension was built, else the Numba one, and the Q8_0/Q8_K
-converters likewise: a run with the C kernels never loads Numba (see `jit`).
+converters likewise (Q8_0, Q8_K, Q8_1): a run with the C kernels never loads Numba (see `jit`).
 
 One more rule of ggml's: a K-quant matmul of 8 or more tokens goes through its tiled GEMM,
 which rounds in another order (see `tiled`); `TILED_KERNELS` serve those calls.
@@ -37,13 +37,14 @@ from . import cext
 from . import numba_kernels as nk
 from .formats import QMatrix, UnsupportedQuantType, activation_ref, round_bf16, round_f16
 from .tiled import TILED_MIN_TOKENS, TILED_TYPES, matmul_tiled_numba
-from . import iq4
+from . import iq4, q4_1_q5
 
 Activations = tuple[np.ndarray, ...]
 Converter = Callable[[np.ndarray], Activations]
 Kernel = Callable[[np.ndarray, Activations, np.ndarray, bool], None]
 
-_NUMBA_QUANTIZERS: dict[str, Converter] = {"Q8_0": nk.quantize_q8_0, "Q8_K": nk.quantize_q8_k}
+_NUMBA_QUANTIZERS: dict[str, Converter] = {"Q8_0": nk.quantize_q8_0, "Q8_K": nk.quantize_q8_k,
+                                            "Q8_1": q4_1_q5.quantize_q8_1}
 ACTIVATION_CONVERTERS: dict[str, Converter] = {
     "F32": lambda x: (x,),
     "F16": lambda x: (round_f16(x),),
@@ -130,7 +131,7 @@ def fused_enabled() -> bool:
 
 def uses_numba(ggml_types) -> bool:
     """Whether weights of these types run any Numba kernel (which loads Numba): every type
-    without the C kernels, else those whose format has no C kernel (Q4_1, Q5_1)."""
+    without the C kernels, else those whose format has no C kernel."""
     if not cext.selected():
         return True
     return any(t in KERNELS and KERNELS[t] is NUMBA_KERNELS.get(t) for t in ggml_types)
@@ -166,6 +167,7 @@ def kernels_in_use() -> str:
 _ACT_LAYOUTS: dict[str, Callable[[int, int], tuple[np.ndarray, ...]]] = {
     "Q8_0": lambda n, k: (np.empty((n, k), np.int8), np.empty((n, k // 32), np.float32)),
     "Q8_K": lambda n, k: (np.empty((n, k), np.int8), np.empty((n, k // 256), np.float32), np.empty((n, k // 16), np.int16)),
+    "Q8_1": lambda n, k: (np.empty((n, k), np.int8), np.empty((n, k // 32), np.float32), np.empty((n, k // 32), np.float32)),
 }
 _workspace = threading.local()
 

@@ -25,8 +25,8 @@ Summation orders (ggml's x86 AVX2 `ggml_vec_dot_*`; no AVX-512/VNNI on the targe
   weight quants, plus a scalar summs = fma(m_w, s_x, summs) per block (the C source says
   `summs += m * s`; the shipped build contracts it into vfmadd231ss, which gives the same
   result here: m and s are fp16 values, so m * s is exact in float32), and the result is
-  hsum_float_8(lanes) + summs. Neither format goes through tinyBLAS: ggml uses vec_dot for
-  every batch size.
+  hsum_float_8(lanes) + summs. Neither format goes through tinyBLAS (llamafile_sgemm has no
+  Q4_1/Q5_1 case): ggml uses vec_dot for every batch size. cext/q4_1_q5_1.c has the C twins.
 
 Integer parts are exact in any order (ggml's maddubs never saturates here: |pair sums| <=
 2 * 31 * 128), so the kernels first take every block's eight lane sums, then run the float
@@ -150,15 +150,18 @@ def _quantize_q8_1(x, qs, d, s):
             s[t, b] = db * np.float32(total)
 
 
-def quantize_q8_1(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fast twin of `quantize_q8_1_ref`: float32 (n, k) -> (qs int8 (n, k), d, s float32 (n, k/32))."""
+def quantize_q8_1(x: np.ndarray, out: tuple[np.ndarray, ...] | None = None) -> tuple[np.ndarray, ...]:
+    """Fast twin of `quantize_q8_1_ref`: float32 (n, k) -> (qs int8 (n, k), d, s float32 (n, k/32)),
+    into `out` when given (cext/quantize.c's quantize_row_q8_1 is the C twin)."""
     n, k = x.shape
-    qs = np.empty((n, k), dtype=np.int8)
-    d = np.empty((n, k // QK), dtype=np.float32)
-    s = np.empty((n, k // QK), dtype=np.float32)
+    if out is None:
+        out = np.empty((n, k), np.int8), np.empty((n, k // QK), np.float32), np.empty((n, k // QK), np.float32)
+    qs, d, s = out
     _quantize_q8_1(_readonly(x), qs, d, s)
     with np.errstate(over="ignore"):  # the stored d and s are fp16
-        return qs, d.astype(np.float16).astype(np.float32), s.astype(np.float16).astype(np.float32)
+        d[...] = d.astype(np.float16)
+        s[...] = s.astype(np.float16)
+    return out
 
 
 def activation_q8_1_ref(x: np.ndarray) -> np.ndarray:
