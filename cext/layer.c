@@ -101,7 +101,7 @@ int attention_token(const attention_block *b, float *x, float *scratch, int use_
     a.scale = 1.0f / sqrtf((float)hd);
     if (attention_run(&a, use_avx2) < 0) return -1;
 
-    act.done[0] = act.done[1] = NULL;
+    for (int kind = 0; kind < ACT_KINDS; kind++) act.done[kind] = NULL;
     matvec(&b->wo, att, q_dim, o, &act);
     add_bias(o, b->bo, n_embd);
     for (int i = 0; i < n_embd; i++) x[i] = x[i] + o[i];
