@@ -113,6 +113,14 @@ SHAPES = [
 ]
 N_PROMPT = 16  # the decode runs' prompt
 
+# "Dynamic" low-bit files as people download them for big MoE models (unsloth's UD quants and
+# the like): the experts in a 2-bit I-quant, the rest kept higher. --quants takes these names
+# beside llama-quantize's file types (Q4_K_M, IQ3_M, ...).
+MIXES = {
+    "IQ2_XXS_MIX": ("IQ2_XXS", {r"attn_.*": "Q4_K", r"ffn_down_exps": "IQ3_S", r"token_embd": "Q4_K",
+                                r"output\.weight": "Q6_K"}),
+}
+
 
 # -- the model files --------------------------------------------------------------------
 
@@ -131,7 +139,11 @@ def model_file(shape: Shape, quant: str) -> Path:
     out = CACHE / f"{tag}-{quant}.gguf"
     if not out.exists():
         print(f"quantizing {f16.name} to {quant} with llama.cpp ...", file=sys.stderr)
-        quantize_model(f16, str(out) + ".part", quant)
+        ftype, overrides = MIXES.get(quant, (quant, None))
+        # llama-quantize wants an importance matrix for the lowest-bit I-quants: a random one
+        # does for speed (the values do not change the kernels' work)
+        imatrix = "random" if ftype.startswith(("IQ1", "IQ2")) or ftype == "IQ3_XXS" else None
+        quantize_model(f16, str(out) + ".part", ftype, imatrix=imatrix, tensor_types=overrides)
         Path(str(out) + ".part").rename(out)
     return out
 
@@ -362,7 +374,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(s.name for s in SHAPES),
                     help=f"comma-separated, of: {', '.join(s.name for s in SHAPES)}")
     ap.add_argument("--quants", default="Q4_K_M,Q4_0",
-                    help="comma-separated llama-quantize file types: Q4_K_M, Q4_0, Q8_0, MXFP4_MOE (gpt-oss's), F16, ...")
+                    help="comma-separated llama-quantize file types: Q4_K_M, Q4_0, Q8_0, MXFP4_MOE (gpt-oss's), IQ3_M, "
+                         f"F16, ..., or a dynamic mix: {', '.join(MIXES)}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--prefill", type=int, default=512)
