@@ -37,7 +37,7 @@ from gguf import GGMLQuantizationType
 
 from .formats import QK8_0, QK_K, BlockFormat
 from .jit import njit, prange
-from .numba_intrinsics import fma32
+from .mxfp4 import dot_block_pairs, lanes4  # IQ4_NL's vec_dot takes its blocks in pairs, as MXFP4's
 from .numba_kernels import F16_TO_F32, _fma, _hsum8, _readonly
 
 IQ4_NL_BYTES = 18  # d, 16 bytes of codes
@@ -93,54 +93,6 @@ class IQ4_XSFormat(BlockFormat):
 # buffers, then dotted with every token in ggml's order.
 
 @njit(inline="always")
-def _lanes4(q, x, lanes):
-    """lanes[k] = exact sum of the products of elements 4k..4k+3 (a loop LLVM vectorizes)."""
-    for k in range(lanes.shape[0]):
-        o = 4 * k
-        lanes[k] = (np.int32(q[o]) * np.int32(x[o]) + np.int32(q[o + 1]) * np.int32(x[o + 1])) + (
-            np.int32(q[o + 2]) * np.int32(x[o + 2]) + np.int32(q[o + 3]) * np.int32(x[o + 3])
-        )
-
-
-@njit(inline="always")
-def _dot_nl_vec_dot(sw, xd, lanes):
-    """ggml_vec_dot_iq4_nl_q8_0 (AVX2) on the int lanes of one (row, token)."""
-    n_blocks = sw.shape[0]
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)  # even blocks (accum1)
-    b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = np.float32(0.0)  # odd blocks (accum2)
-    for ib in range(0, n_blocks - 1, 2):
-        s = xd[ib] * sw[ib]
-        o = 8 * ib
-        a0 = _fma(s, np.float32(lanes[o]), a0)
-        a1 = _fma(s, np.float32(lanes[o + 1]), a1)
-        a2 = _fma(s, np.float32(lanes[o + 2]), a2)
-        a3 = _fma(s, np.float32(lanes[o + 3]), a3)
-        a4 = _fma(s, np.float32(lanes[o + 4]), a4)
-        a5 = _fma(s, np.float32(lanes[o + 5]), a5)
-        a6 = _fma(s, np.float32(lanes[o + 6]), a6)
-        a7 = _fma(s, np.float32(lanes[o + 7]), a7)
-        s = xd[ib + 1] * sw[ib + 1]
-        o += 8
-        b0 = _fma(s, np.float32(lanes[o]), b0)
-        b1 = _fma(s, np.float32(lanes[o + 1]), b1)
-        b2 = _fma(s, np.float32(lanes[o + 2]), b2)
-        b3 = _fma(s, np.float32(lanes[o + 3]), b3)
-        b4 = _fma(s, np.float32(lanes[o + 4]), b4)
-        b5 = _fma(s, np.float32(lanes[o + 5]), b5)
-        b6 = _fma(s, np.float32(lanes[o + 6]), b6)
-        b7 = _fma(s, np.float32(lanes[o + 7]), b7)
-    total = _hsum8(a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6, a7 + b7)
-    if n_blocks % 2:  # the scalar tail, contracted into one FMA
-        ib = n_blocks - 1
-        o = 8 * ib
-        sumi = np.int32(0)
-        for k in range(8):
-            sumi += lanes[o + k]
-        total = fma32(xd[ib] * sw[ib], np.float32(sumi), total)
-    return total
-
-
-@njit(inline="always")
 def _dot_nl_sgemm(sw, xd, lanes):
     """tinyBLAS_Q0_AVX's order: one set of eight FMA lanes over all blocks, then hsum."""
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
@@ -174,8 +126,8 @@ def _matmul_iq4_nl(w, kvalues, f16, xq, xd, sgemm, out):
                 q[b * QK8_0 + j] = kvalues[byte & 0x0F]
                 q[b * QK8_0 + j + QK8_0 // 2] = kvalues[byte >> 4]
         for t in range(xq.shape[0]):
-            _lanes4(q, xq[t], lanes)
-            out[t, r] = _dot_nl_sgemm(sw, xd[t], lanes) if sgemm else _dot_nl_vec_dot(sw, xd[t], lanes)
+            lanes4(q, xq[t], lanes)
+            out[t, r] = _dot_nl_sgemm(sw, xd[t], lanes) if sgemm else dot_block_pairs(sw, xd[t], lanes)
 
 
 def matmul_iq4_nl(w: np.ndarray, act: tuple[np.ndarray, ...], out: np.ndarray, vec_dot: bool = False) -> None:
@@ -211,7 +163,7 @@ def _matmul_iq4_xs(w, kvalues, f16, xq, xd, out):
                     q[b * QK_K + 32 * s + j] = kvalues[byte & 0x0F]
                     q[b * QK_K + 32 * s + j + 16] = kvalues[byte >> 4]
         for t in range(xq.shape[0]):
-            _lanes4(q, xq[t], lanes)  # lanes[64 b + 8 s + i]
+            lanes4(q, xq[t], lanes)  # lanes[64 b + 8 s + i]
             a = np.zeros(8, dtype=np.float32)
             for b in range(n_blocks):
                 s_f = dw[b] * xd[t, b]

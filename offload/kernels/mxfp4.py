@@ -81,14 +81,22 @@ class MXFP4Format(BlockFormat):
 # per-thread buffers, then dotted with every token in ggml's order.
 
 @njit(inline="always")
-def _dot(q, sw, x, xd, lanes):
-    """ggml_vec_dot_mxfp4_q8_0 (AVX2) of one decoded row (q int8 values, sw float32 scales)
-    with one token's Q8_0 quants x and fp16-rounded scales xd."""
-    for k in range(lanes.shape[0]):  # exact int lane sums first: a loop LLVM vectorizes
+def lanes4(q, x, lanes):
+    """lanes[k] = the exact int sum of four products q[4k..4k+3] * x[4k..4k+3] (a loop LLVM
+    vectorizes): ggml's maddubs + madd lanes, eight per 32-value block."""
+    for k in range(lanes.shape[0]):
         o = 4 * k
         lanes[k] = (np.int32(q[o]) * np.int32(x[o]) + np.int32(q[o + 1]) * np.int32(x[o + 1])) + (
             np.int32(q[o + 2]) * np.int32(x[o + 2]) + np.int32(q[o + 3]) * np.int32(x[o + 3])
         )
+
+
+@njit(inline="always")
+def dot_block_pairs(sw, xd, lanes):
+    """The float part of ggml's AVX2 vec_dot for 32-value blocks taken two at a time
+    (mxfp4_q8_0, iq4_nl_q8_0): even and odd blocks in two sets of eight FMA lanes, added,
+    reduced; an odd last block as one scalar FMA. sw/xd: the blocks' weight and activation
+    scales, lanes: lanes4's int sums."""
     n_blocks = sw.shape[0]
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)  # even blocks (ggml's accum1)
     b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = np.float32(0.0)  # odd blocks (accum2)
@@ -122,6 +130,14 @@ def _dot(q, sw, x, xd, lanes):
             sumi += lanes[o + k]
         total = fma32(np.float32(sumi), xd[ib] * sw[ib], total)
     return total
+
+
+@njit(inline="always")
+def _dot(q, sw, x, xd, lanes):
+    """ggml_vec_dot_mxfp4_q8_0 (AVX2) of one decoded row (q int8 values, sw float32 scales)
+    with one token's Q8_0 quants x and fp16-rounded scales xd."""
+    lanes4(q, x, lanes)
+    return dot_block_pairs(sw, xd, lanes)
 
 
 @njit(parallel=True, cache=True, nogil=True)
