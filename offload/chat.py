@@ -164,8 +164,10 @@ def _chat_turn(model: "Model", template, messages: list[dict], params: SamplingP
     cache = model.transformer.cache
     kv = model._kv_sync()
     # Everything after the first token that differs from the cache runs again, also when the cache
-    # holds a reply that this rendering writes otherwise (e.g. without its reasoning).
-    prefix = min(common_prefix(kv, ids), len(ids) - 1)  # at least one token runs: its logits start the reply
+    # holds a reply that this rendering writes otherwise (e.g. without its reasoning); at least
+    # one token runs (its logits start the reply); all of it once a sliding window's ring has
+    # overwritten cells the shorter cache would need.
+    prefix = model._reusable_prefix(ids)
     res.prompt_tokens, res.cached_tokens = len(ids), prefix
     stats = model._begin_generation(len(ids) - prefix)
     stats.cached_tokens = prefix

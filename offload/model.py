@@ -301,13 +301,10 @@ class Model:
         """How many leading tokens of ids the KV cache holds already and can keep: not all of
         them (the last runs for its logits), and none once a sliding window's ring has
         overwritten cells a shorter cache would need."""
+        from .chat import common_prefix
+
         kv, cache = self._kv_sync(), self.transformer.cache
-        n = 0
-        for a, b in zip(kv, ids):
-            if a != b:
-                break
-            n += 1
-        n = min(n, len(ids) - 1)
+        n = min(common_prefix(kv, list(ids)), len(ids) - 1)
         if n < cache.n_past and any(cache.n_past > len(k) for k in cache.k):
             return 0
         return max(n, 0)

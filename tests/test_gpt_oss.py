@@ -184,3 +184,22 @@ def test_a_prompts_last_logits_are_llama_cpps_when_only_they_are_computed(models
     with Model.load(path, n_ctx=256) as m:
         ours = m.transformer.forward(np.array(ids))[-1]
     np.testing.assert_array_equal(bits(ours), bits(ref))
+
+
+def test_a_chat_that_edits_history_after_the_ring_wrapped_runs_it_again(models):
+    """A conversation past the ring's 768 cells, then the same conversation with its first user
+    message changed: the cache's common prefix is short, and the cells it would need next were
+    overwritten by the ring, so the turn must run from the start (and reply as a fresh model)."""
+    path = models(SMALL, "Q8_0")
+    words = " ".join(f"w{i}" for i in range(130))  # ~420 tokens
+    long_talk = [{"role": "user", "content": "hello " + words}, {"role": "assistant", "content": words},
+                 {"role": "user", "content": "go on"}]
+    edited = [dict(long_talk[0], content="HELLO " + words), *long_talk[1:]]
+    greedy = dict(max_tokens=6, temperature=0.0, top_k=1)
+    with Model.load(path, n_ctx=1024) as m:
+        m.create_chat_completion(long_talk, **greedy)
+        assert m.transformer.cache.n_past > 768  # the sliding layers' ring has wrapped
+        again = m.create_chat_completion(edited, **greedy)["choices"][0]["message"]
+        assert m.last_generation.cached_tokens == 0
+    with Model.load(path, n_ctx=1024) as fresh:
+        assert fresh.create_chat_completion(edited, **greedy)["choices"][0]["message"] == again
