@@ -197,7 +197,7 @@ def create_app(config: ServerConfig, load: Callable[[], Any], on_load_error: Cal
         if state.activity is None:  # set right after loading, in the worker thread
             raise APIError(503, "the model is loading; try again shortly", type="server_error", code="model_loading")
         out = state.activity.snapshot()
-        out["live"] = state.metrics.live(model)
+        out["live"] = state.metrics.live(model, engine.rss_before_load)
         out["queue_depth"] = engine.queue_depth
         return JSONResponse(out)
 

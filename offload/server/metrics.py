@@ -69,7 +69,7 @@ class Metrics:
             self.last_tok_s = completion_tokens / decode_seconds
 
     # -- the event loop's side -----------------------------------------------------------
-    def live(self, model) -> dict:
+    def live(self, model, rss_before_load: int = 0) -> dict:
         """The running (or last) reply: tokens, tok/s, expert hits/misses and MiB read per token."""
         store = model.store_stats()
         start = self.live_store_start or store
@@ -89,7 +89,9 @@ class Metrics:
             "bytes_read": read,
             "mib_per_token": read / 2**20 / (tokens + self.live_prompt_tokens) if tokens + self.live_prompt_tokens
             else 0.0,
-            "rss_bytes": self._process.memory_info().rss,
+            "rss_bytes": (rss := self._process.memory_info().rss),
+            # what the budget governs: the process minus the interpreter and libraries before the load
+            "model_rss_bytes": max(0, rss - rss_before_load),
             "memory_budget": plan.budget if plan is not None else 0,
             "cache_policy": model.experts.policy if isinstance(model.experts, TieredExperts) else "resident",
             "expert_slots": plan.slots if plan is not None and isinstance(model.experts, TieredExperts) else 0,

@@ -203,7 +203,8 @@ function showFigures(p) {
     : `${(100 * live.hit_rate).toFixed(1)}% (${live.hits} hits, ${live.misses} misses)`;
   $("mib-token").textContent = mib(live.bytes_read) + " in all, " + live.mib_per_token.toFixed(2) + " MiB/token";
   $("tokens").textContent = `${live.tokens} generated, ${live.prompt_tokens} prompt` + (live.running ? " (running)" : "");
-  $("memory").textContent = "RSS " + mib(live.rss_bytes) + (live.memory_budget ? " of a " + mib(live.memory_budget) + " budget" : "");
+  $("memory").textContent = (live.memory_budget ? "model " + mib(live.model_rss_bytes) + " of a " + mib(live.memory_budget) +
+    " budget (process RSS " + mib(live.rss_bytes) + ")" : "RSS " + mib(live.rss_bytes));
   $("policy").textContent = live.cache_policy === "resident" ? "every expert in RAM"
     : `${live.cache_policy}, ${live.expert_slots} slots`;
   $("queue").textContent = p.queue_depth ? p.queue_depth + " waiting" : "empty";
