@@ -184,12 +184,7 @@ def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray | None
     out = np.empty((n, n_head, vd), dtype=np.float32)
     scale = np.float32(1.0) / np.sqrt(np.float32(hd)) if scale is None else np.float32(scale)
     n_kv = -(-live // 32) * 32  # llama.cpp pads its KV length (to 256 now; any multiple of 32 sums alike)
-    cell_pos = np.full(n_kv, -1)
-    cell_pos[:live] = cell_positions(n_cells, end)[:live]
-    query_pos = (start + np.arange(n))[:, None]
-    masked = (cell_pos[None, :] < 0) | (cell_pos[None, :] > query_pos)
-    if window:
-        masked |= query_pos - cell_pos[None, :] >= window
+    masked = _mask(start, n, n_cells, n_kv, window)
     group = n_head // n_head_kv  # query heads g*group .. share KV head g
     for g in range(n_head_kv):
         heads = slice(g * group, (g + 1) * group)
@@ -205,6 +200,20 @@ def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray | None
         # ggml's mul_mat calls tinyBLAS once per query head, with that head's n tokens as its batch
         out[:, heads] = np.stack([matmul_f32_arrays(values_t, probs[j]) for j in range(group)], axis=1)
     return out.reshape(n, n_head * vd)
+
+
+def _mask(start: int, n: int, n_cells: int, n_kv: int, window: int) -> np.ndarray:
+    """(n, n_kv) True where query t (position start + t) may not look: a cell past the filled
+    ones (the padding to n_kv too), a later position, or one out of the sliding window."""
+    end = start + n
+    live = min(end, n_cells)
+    cell_pos = np.full(n_kv, -1)
+    cell_pos[:live] = cell_positions(n_cells, end)[:live]
+    query_pos = (start + np.arange(n))[:, None]
+    masked = (cell_pos[None, :] < 0) | (cell_pos[None, :] > query_pos)
+    if window:
+        masked |= query_pos - cell_pos[None, :] >= window
+    return masked
 
 
 def attention_typed(q: np.ndarray, k_rows: np.ndarray, k_fmt, v_rows: np.ndarray | None, v_fmt, start: int,
@@ -239,12 +248,7 @@ def attention_typed(q: np.ndarray, k_rows: np.ndarray, k_fmt, v_rows: np.ndarray
     n_cells = k_rows.shape[0]
     live = min(end, n_cells)
     n_kv = max(256, -(-live // 256) * 256)  # llama.cpp's KV length: tinyBLAS needs its rows % 4
-    cell_pos = np.full(n_kv, -1)
-    cell_pos[:live] = cell_positions(n_cells, end)[:live]
-    query_pos = (start + np.arange(n))[:, None]
-    masked = (cell_pos[None, :] < 0) | (cell_pos[None, :] > query_pos)
-    if window:
-        masked |= query_pos - cell_pos[None, :] >= window
+    masked = _mask(start, n, n_cells, n_kv, window)
     scale = np.float32(1.0) / np.sqrt(np.float32(hd)) if scale is None else np.float32(scale)
     q = q.reshape(n, n_head, hd)
     out = np.empty((n, n_head, vd), dtype=np.float32)
