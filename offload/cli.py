@@ -453,7 +453,8 @@ def _options_of(command: click.Command, *names: str):
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, temp, top_k, top_p, min_p,
           repeat_penalty, seed, ctx_size, threads, memory_budget, cache_policy, cache_scope, o_direct, prefetch_depth,
-          no_prefetch, vram_budget, chat_template, chat_template_file, verbose) -> None:
+          no_prefetch, vram_budget, chat_template, chat_template_file, verbose, cache_type_k=DEFAULT_CACHE_TYPE,
+          cache_type_v=DEFAULT_CACHE_TYPE) -> None:
     """Serve MODEL (a GGUF file; default: the demo model) over HTTP: OpenAI's API and a chat page.
 
     Routes: / (the chat page, with a live view of the expert cache), /v1/chat/completions,
@@ -492,7 +493,8 @@ def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, 
         m = Model.load(path, n_ctx=ctx_size, n_threads=threads, memory_budget=memory_budget,
                        cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
                        prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
-                       chat_template=chat_template, vram_budget=vram_budget)
+                       chat_template=chat_template, vram_budget=vram_budget, cache_type_k=cache_type_k,
+                       cache_type_v=cache_type_v)
         from .chat import ChatSession
         from .chat_template import ChatTemplateError
 
