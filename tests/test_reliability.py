@@ -98,6 +98,9 @@ def test_hyperparameters_that_do_not_fit_the_tensors_name_the_tensor(small, tmp_
     cases = {"llama.attention.head_count": ((8, V.UINT32), "blk.0.attn_q"),
              "llama.embedding_length": ((128, V.UINT32), "token_embd"),
              "llama.expert_count": ((8, V.UINT32), "holds 4 experts"),
+             # bench/fuzz.py found these: a loop over 2^31 layers (a hang), a negative count
+             "llama.block_count": ((2**31 - 1, V.UINT32), "block_count is 2147483647 but the file holds tensors for 2"),
+             "llama.expert_used_count": ((-1, V.INT32), "expert counts 4 / -1"),
              "llama.feed_forward_length": ((7, V.UINT32), None)}  # unused by a MoE layer: still loads
     for key, (value, fragment) in cases.items():
         path = rewrite_gguf(small, tmp_path / "m.gguf", {key: value})

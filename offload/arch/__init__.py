@@ -54,6 +54,13 @@ def _check_sizes(gguf: GGUFFile, args: ModelArgs) -> None:
     for name in ("n_layer", "n_embd", "n_head", "n_head_kv", "head_dim", "n_vocab", "n_ctx_train"):
         if getattr(args, name) <= 0:
             raise UnsupportedModelError(f"{gguf.path}: {name} is {getattr(args, name)} in the metadata (must be positive)")
+    if args.n_expert < 0 or args.n_expert_used < 0:
+        raise UnsupportedModelError(f"{gguf.path}: expert counts {args.n_expert} / {args.n_expert_used} in the metadata")
+    # every later loop runs over the layers: a block count beyond the file's blocks is refused here
+    blocks = {name.split(".", 2)[1] for name in gguf.tensors if name.startswith("blk.")}
+    if args.n_layer > len(blocks) or any(f"{i}" not in blocks for i in range(args.n_layer)):
+        raise UnsupportedModelError(f"{gguf.path}: block_count is {args.n_layer} but the file holds tensors for "
+                                    f"{len(blocks)} blocks")
     if not 0 < args.rope_dim <= args.head_dim or args.rope_dim % 2:
         raise UnsupportedModelError(f"{gguf.path}: rope dimension {args.rope_dim} does not fit a head of {args.head_dim} "
                                     "(an even number, at most the head)")
