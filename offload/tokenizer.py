@@ -73,6 +73,8 @@ def _check_vocabulary(model_path) -> frozenset[int]:
         tokens = gguf.get("tokenizer.ggml.tokens")
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
             raise CorruptModelError(f"{model_path}: tokenizer.ggml.tokens is not a list of token texts")
+        if len(set(tokens)) != len(tokens):  # llama.cpp asserts on it (id_to_token vs token_to_id): an abort
+            raise CorruptModelError(f"{model_path}: the vocabulary holds the same token text twice")
         for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
             values = gguf.get(key)
             if values is not None and (not isinstance(values, list) or len(values) != len(tokens)):

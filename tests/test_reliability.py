@@ -130,6 +130,8 @@ def test_text_needing_a_missing_byte_token_is_refused_not_an_abort(small, tmp_pa
 @pytest.mark.parametrize("keys, fragment", [
     ({"tokenizer.ggml.scores": ([0.0] * 5, V.ARRAY, V.FLOAT32)}, "one value per token"),
     ({"tokenizer.ggml.model": ("none", V.STRING)}, "no tokenizer"),
+    # bench/fuzz.py found it: llama.cpp aborts the process on a repeated token text
+    ({"tokenizer.ggml.tokens": (_SMALL_VOCAB[:-1] + ["▁the"], V.ARRAY, V.STRING)}, "same token text twice"),
     ({"tokenizer.ggml.tokens": (5, V.UINT32)}, "not a list of token texts"),
 ])
 def test_damaged_vocabularies_are_one_clear_error(small, tmp_path, keys, fragment):
