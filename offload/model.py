@@ -171,7 +171,7 @@ class Model:
                                                     transformer.experts)
                 experts.set_prefetch_depth(prefetch_depth)
             try:
-                tokenizer = Tokenizer(path)
+                tokenizer = Tokenizer(path, gguf)
             except BaseException:
                 if transformer.gpu is not None:
                     transformer.gpu.close()

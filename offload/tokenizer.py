@@ -60,12 +60,14 @@ def bytes_without_token(kind: str, tokens: list[str]) -> frozenset[int]:
     return frozenset()
 
 
-def _check_vocabulary(model_path) -> frozenset[int]:
+def _check_vocabulary(model_path, gguf=None) -> frozenset[int]:
     """Refuse a vocabulary llama.cpp would load but then crash on (one line instead of an
-    abort), and return the bytes it has no token for (see bytes_without_token)."""
+    abort), and return the bytes it has no token for (see bytes_without_token). `gguf`: the
+    file already opened (a GGUFFile), else it is opened here."""
     from .gguf_file import GGUFFile
 
-    gguf = GGUFFile(model_path)
+    opened = gguf is None
+    gguf = GGUFFile(model_path) if opened else gguf
     try:
         kind = gguf.get("tokenizer.ggml.model")
         if not isinstance(kind, str) or kind in ("none", "no_vocab"):
@@ -81,12 +83,13 @@ def _check_vocabulary(model_path) -> frozenset[int]:
                 raise CorruptModelError(f"{model_path}: {key} does not hold one value per token ({len(tokens)})")
         return bytes_without_token(kind, tokens)
     finally:
-        gguf.close()
+        if opened:
+            gguf.close()
 
 
 class Tokenizer:
-    def __init__(self, model_path: str | os.PathLike[str]):
-        self._missing_bytes = _check_vocabulary(model_path)
+    def __init__(self, model_path: str | os.PathLike[str], gguf=None):
+        self._missing_bytes = _check_vocabulary(model_path, gguf)  # gguf: Model.load's open GGUFFile, not parsed twice
         self._lib = lib = load_llama_cpp()
         params = lib.llama_model_default_params()
         params.vocab_only = True
