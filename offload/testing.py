@@ -397,6 +397,18 @@ def random_imatrix(src: str | os.PathLike[str], seed: int = 0) -> dict[str, np.n
     return out
 
 
+def greedy_steps(transformer, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
+    """n greedy tokens after `prompt` (one batch), each decoded as a one-token step, and the
+    logits each step gave: the prefill's last row, then every decode step's (through
+    end-of-text tokens, which generate_tokens would stop at)."""
+    steps = [transformer.forward(np.asarray(prompt, dtype=np.int64))[-1]]
+    tokens = [int(np.argmax(steps[-1]))]
+    for _ in range(n - 1):
+        steps.append(transformer.forward(np.array(tokens[-1:], dtype=np.int64))[-1])
+        tokens.append(int(np.argmax(steps[-1])))
+    return tokens, steps
+
+
 def random_prompt(n: int, seed: int = 0, n_vocab: int = 32000) -> list[int]:
     """BOS and n - 1 random ordinary token ids (above the byte tokens of Llama 2's vocabulary)."""
     return [1] + [int(t) for t in np.random.default_rng(seed).integers(100, n_vocab - 1, n - 1)]

@@ -15,12 +15,12 @@ from gguf import quants as gq
 
 from offload import Model
 from offload.gguf_file import GGUFFile
-from offload.kernels import FORMATS, cext, dispatch, iq4, select_kernels, ternary
+from offload.kernels import FORMATS, cext, dispatch, iq4, ternary
 from offload.kernels.formats import QK_K, activation_ref
 from offload.kernels.numba_kernels import quantize_q8_0, quantize_q8_k
 from offload.kernels.tiled import matmul_tiled_numba
 from offload.sampling import SamplingParams
-from offload.testing import (TinyConfig, _ggml_lib, float_bits, ggml_quantize, llama_cpp_is_avx512_build,
+from offload.testing import (TinyConfig, _ggml_lib, float_bits, ggml_quantize, greedy_steps, llama_cpp_is_avx512_build,
                              llama_cpp_logits, llama_cpp_model)
 
 TYPES = [T.IQ4_NL, T.IQ4_XS, T.TQ1_0, T.TQ2_0]
@@ -293,12 +293,7 @@ def test_model_logits_equal_llama_cpp(model, ftype):
         assert len(ids) >= 16  # experts get 8+ tokens (tiled) and fewer (vec_dot)
         prefill = m.logits(ids)
     with Model.load(path, n_ctx=128) as m:  # a fresh KV cache
-        t = m.transformer
-        steps = [t.forward(np.array(ids, dtype=np.int64))[-1]]
-        tokens = [int(np.argmax(steps[-1]))]
-        for _ in range(N_DECODE - 1):
-            steps.append(t.forward(np.array(tokens[-1:], dtype=np.int64))[-1])
-            tokens.append(int(np.argmax(steps[-1])))
+        tokens, steps = greedy_steps(m.transformer, ids, N_DECODE)
     with Model.load(path, n_ctx=128) as m:
         assert list(m.generate_tokens(ids, N_DECODE, SamplingParams(temperature=0.0))) == tokens
     np.testing.assert_array_equal(bits(prefill), bits(llama_cpp_logits(path, ids, n_ctx=128)))

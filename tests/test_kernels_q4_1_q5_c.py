@@ -21,9 +21,8 @@ from gguf import GGMLQuantizationType as T
 from offload import Model
 from offload.gguf_file import GGUFFile
 from offload.kernels import FORMATS, cext, dispatch, q4_1_q5
-from offload.kernels.numba_kernels import quantize_q8_0
 from offload.kernels.q4_1_q5 import quantize_q8_1
-from offload.testing import TinyConfig, llama_cpp_logits
+from offload.testing import TinyConfig, greedy_steps, llama_cpp_logits
 from test_kernels_iq4 import llama_cpp_decode
 from test_kernels_q4_1_q5 import (Q8_0_BLOCK, Q8_1_BLOCK, ComputeParams, _ggml_cpu, bits, ggml_dot, ggml_quantize,
                                   make_tokens, q8_1_inputs, random_raw, random_weights)
@@ -185,12 +184,7 @@ def test_model_logits_equal_llama_cpp_with_the_c_kernels(quantized_factory, no_n
         assert len(ids) >= 16
         prefill = m.logits(ids)
     with Model.load(path, n_ctx=128) as m:  # a fresh KV cache
-        t = m.transformer
-        steps = [t.forward(np.array(ids, dtype=np.int64))[-1]]
-        tokens = [int(np.argmax(steps[-1]))]
-        for _ in range(N_DECODE - 1):
-            steps.append(t.forward(np.array(tokens[-1:], dtype=np.int64))[-1])
-            tokens.append(int(np.argmax(steps[-1])))
+        tokens, steps = greedy_steps(m.transformer, ids, N_DECODE)
     np.testing.assert_array_equal(bits(prefill), bits(llama_cpp_logits(path, ids, n_ctx=128)))
     ref_tokens, ref_steps = llama_cpp_decode(path, ids, N_DECODE)
     assert tokens == ref_tokens
