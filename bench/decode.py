@@ -209,10 +209,15 @@ def run_offload(path: Path, threads: int, n_decode: int, n_prefill: int) -> dict
 
 def kernel_entry_points(module) -> list[str]:
     """The functions of offload._cext that do a token's arithmetic: matmul*, moe*, attention*
-    (attention, and a whole attention block in one call), silu_mul. A kernel added later
-    under such a name is found here without a change."""
-    return sorted(n for n in dir(module) if (n.startswith(("matmul", "moe", "attention")) or n == "silu_mul")
+    (attention, and a whole attention block in one call), silu_mul, step_run (a whole decoding
+    step). A kernel added later under such a name is found here without a change."""
+    return sorted(n for n in dir(module) if (n.startswith(("matmul", "moe", "attention")) or n in ("silu_mul", "step_run"))
                   and callable(getattr(module, n)))
+
+
+# entry points that do a token's arithmetic and also return a value: what their stub returns
+# (step_run: the index of a layer whose output is not finite, -1 for none)
+KERNEL_RESULTS = {"step_run": -1}
 
 
 class _NoKernels:
@@ -231,6 +236,14 @@ class _NoKernels:
 
     def _stub(self, name: str, real):
         mode = None  # decided at the first call: "kernel" (a no-op from then on) or "query"
+
+        if name in KERNEL_RESULTS:
+            def fixed(*args):
+                if name not in self.stubbed:
+                    self.stubbed.append(name)
+                return KERNEL_RESULTS[name]
+
+            return fixed
 
         def call(*args):
             nonlocal mode

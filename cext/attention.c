@@ -262,33 +262,44 @@ uint16_t fp32_to_fp16_bits(float x) {
     return sign | (uint16_t)((((a >> 23) - 112) << 10) | ((a >> 13) & 0x3FFu));
 }
 
+size_t attention_item_floats(const attention_args *a) {
+    const int end = a->start + a->n < a->n_cells ? a->start + a->n : a->n_cells; /* cells visited at most */
+    const size_t wide = (size_t)(a->v_dim > a->head_dim ? a->v_dim : a->head_dim);
+    return (size_t)end + 8 + 33 * wide;
+}
+
+void attention_item(const attention_args *a, int i, float *scratch, int use_avx2) {
+    const int end = a->start + a->n < a->n_cells ? a->start + a->n : a->n_cells;
+    const size_t wide = (size_t)(a->v_dim > a->head_dim ? a->v_dim : a->head_dim);
+    /* probabilities (padded to 8), the 32 lanes of V sums, an F16-rounded query */
+    float *probs = scratch, *vacc = scratch + end + 8, *qr = vacc + 32 * wide;
+    const int h = i / a->n, t = i % a->n;
+#ifdef OFFLOAD_X86
+    if (use_avx2) {
+        attend_avx2(a, h, t, probs, vacc, qr);
+        return;
+    }
+#endif
+    (void)use_avx2;
+    attend_portable(a, h, t, probs, vacc, qr);
+}
+
 int attention_run(const attention_args *a, int use_avx2) {
     const int items = a->n_head * a->n;
     const int end = a->start + a->n < a->n_cells ? a->start + a->n : a->n_cells; /* cells visited at most */
     int failed = 0;
 #pragma omp parallel if (items > 1 && (size_t)items * end * a->head_dim >= 16384)
     {
-        /* per-thread scratch: probabilities (padded to 8) and the 32 lanes of V sums */
-        float *probs = malloc(sizeof(float) * ((size_t)end + 8));
-        float *vacc = malloc(sizeof(float) * 33 * (size_t)(a->v_dim > a->head_dim ? a->v_dim : a->head_dim));
-        float *qr = vacc ? vacc + 32 * (size_t)(a->v_dim > a->head_dim ? a->v_dim : a->head_dim) : NULL; /* F16 q */
+        float *scratch = malloc(sizeof(float) * attention_item_floats(a));
 #pragma omp for schedule(static, 1) /* interleaved: a causal prompt's later queries cost more */
         for (int i = 0; i < items; i++) {
-            const int h = i / a->n, t = i % a->n;
-            if (!probs || !vacc) {
+            if (!scratch) {
                 failed = 1;  /* racy but monotonic: any thread that fails says so */
                 continue;
             }
-#ifdef OFFLOAD_X86
-            if (use_avx2) {
-                attend_avx2(a, h, t, probs, vacc, qr);
-                continue;
-            }
-#endif
-            attend_portable(a, h, t, probs, vacc, qr);
+            attention_item(a, i, scratch, use_avx2);
         }
-        free(probs);
-        free(vacc);
+        free(scratch);
     }
     return failed ? -1 : 0;
 }

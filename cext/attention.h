@@ -28,4 +28,9 @@ uint16_t fp32_to_fp16_bits(float x);
 /* 0 on success, -1 when scratch memory could not be allocated */
 int attention_run(const attention_args *a, int use_avx2);
 
+/* One item (query head h of token t: i = h * n + t) of attention_run, for a caller that
+ * shares the items among its own threads; scratch: attention_item_floats(a) floats. */
+void attention_item(const attention_args *a, int i, float *scratch, int use_avx2);
+size_t attention_item_floats(const attention_args *a);
+
 #endif

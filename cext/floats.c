@@ -140,3 +140,11 @@ int matmul_float(int type, const void *w, const float *x, float *out, ptrdiff_t 
     (void)use_avx2;
     return failed ? -1 : 0;
 }
+
+float dot_f32_vecdot(const float *w, const float *x, int n, int use_avx2) {
+#ifdef OFFLOAD_X86
+    if (use_avx2) return dot_avx2(w, x, n, ORDER_VECDOT, 0);
+#endif
+    (void)use_avx2;
+    return dot_portable(w, x, n, ORDER_VECDOT, 0);
+}

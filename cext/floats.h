@@ -15,4 +15,7 @@ enum float_order { ORDER_GEMM8 = 0, ORDER_VECDOT = 1, ORDER_VECDOT_BF16 = 2 };
 int matmul_float(int type, const void *w, const float *x, float *out, ptrdiff_t n_rows, int n_cols,
                  ptrdiff_t n_tokens, int order, int use_avx2, int parallel);
 
+/* One F32 row dot in vec_dot_f32's order: what matmul_float gives one token (a router row). */
+float dot_f32_vecdot(const float *w, const float *x, int n, int use_avx2);
+
 #endif

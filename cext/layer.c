@@ -15,26 +15,65 @@
  *   attention    attention.c over the cache, after writing this token's k and v into cell
  *                pos % n_cells (a sliding-window layer's ring), with the window and sinks
  *   wo           the row dots again; out += bo if any; then x += out in float32
+ *
+ * The steps run as phases over a team of threads (attention_token_phases), the row dots
+ * and the attention heads shared among them, the small steps on thread 0, a barrier between
+ * phases: inside one parallel region per call (attention_token) or inside the caller's
+ * region for a whole decode step (step.c). How the work is shared never changes a value.
  */
 #include "layer.h"
 
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 
 #include "attention.h"
+#include "moe.h"
 #include "ops.h"
 #include "quantize.h"
 
-/* out = m . x for one token: x quantized for m's kind into `act` (per kind n_cols int8 and
- * n_cols/32 floats; n_cols/16 int16 of Q8_K block sums, or n_cols/32 floats of Q8_1's s),
- * then the row dots. */
-static void matvec(const layer_matrix *m, const float *x, int n_cols, float *out, act_scratch *act) {
-    const int kind = m->f->act;
-    if (act->done[kind] != x) { /* the same input quantized once per kind */
-        quantize_row_kind(kind, x, act->qs[kind], act->d[kind], act->sums[kind], n_cols);
-        act->done[kind] = x;
+/* The block's buffers in its scratch: the normed input, q, k, v, the heads' outputs, the
+ * output projection, then per activation kind the quantized input of the matmuls. */
+typedef struct {
+    float *h, *q, *k, *v, *att, *o;
+    act_row act[ACT_KINDS];
+} block_buffers;
+
+static block_buffers buffers_of(const attention_block *b, float *scratch) {
+    const int n_embd = b->n_embd, q_dim = b->n_head * b->head_dim, kv_dim = b->n_head_kv * b->head_dim;
+    const int widest = n_embd > q_dim ? n_embd : q_dim;
+    block_buffers buf;
+    buf.h = scratch, buf.q = buf.h + n_embd, buf.k = buf.q + q_dim, buf.v = buf.k + kv_dim;
+    buf.att = buf.v + kv_dim, buf.o = buf.att + q_dim;
+    uint8_t *p = (uint8_t *)(buf.o + n_embd);
+    for (int kind = 0; kind < ACT_KINDS; kind++) { /* scales, sums (Q8_K's or Q8_1's), int8 values */
+        buf.act[kind].d = (float *)p;
+        buf.act[kind].bsums = (int16_t *)(buf.act[kind].d + widest / 32);
+        buf.act[kind].qs = (int8_t *)(buf.act[kind].bsums + widest / 16);
+        p = (uint8_t *)(buf.act[kind].qs + widest);
     }
-    run_matmul(m->dot, m->f, m->w, act->qs[kind], act->d[kind], act->sums[kind], out, m->n_rows, n_cols, 1);
+    return buf;
+}
+
+static void quantize_for(const block_buffers *buf, int kind, const float *x, int n) {
+    const act_row *a = &buf->act[kind];
+    quantize_row_kind(kind, x, (int8_t *)a->qs, (float *)a->d, (int16_t *)a->bsums, n);
+}
+
+/* This thread's rows of matrices laid end to end (all taking the same n_cols input). */
+static void rows_of(const layer_matrix *const *m, float *const *out, int n_mats, const block_buffers *buf, int n_cols,
+                    int ith, int nth) {
+    size_t total = 0, lo, hi, first = 0;
+    for (int i = 0; i < n_mats; i++) total += (size_t)m[i]->n_rows;
+    thread_share(total, ith, nth, &lo, &hi);
+    for (int i = 0; i < n_mats && lo < hi; first += (size_t)m[i]->n_rows, i++) {
+        const size_t end = first + (size_t)m[i]->n_rows;
+        if (lo >= end) continue;
+        const format_kernels *f = m[i]->f;
+        const size_t row_bytes = (size_t)(n_cols / f->block_size) * (size_t)f->block_bytes;
+        for (; lo < hi && lo < end; lo++)
+            out[i][lo - first] = m[i]->dot(m[i]->w + (lo - first) * row_bytes, &buf->act[f->act], n_cols);
+    }
 }
 
 static void add_bias(float *x, const float *b, int n) {
@@ -42,25 +81,10 @@ static void add_bias(float *x, const float *b, int n) {
         for (int i = 0; i < n; i++) x[i] = x[i] + b[i];
 }
 
-int attention_token(const attention_block *b, float *x, float *scratch, int use_avx2) {
-    const int n_embd = b->n_embd, hd = b->head_dim;
-    const int q_dim = b->n_head * hd, kv_dim = b->n_head_kv * hd;
-    float *h = scratch, *q = h + n_embd, *k = q + q_dim, *v = k + kv_dim, *att = v + kv_dim, *o = att + q_dim;
-    const int widest = n_embd > q_dim ? n_embd : q_dim;
-    act_scratch act;
-    uint8_t *p = (uint8_t *)(o + n_embd);
-    for (int kind = 0; kind < ACT_KINDS; kind++) { /* scales, sums (Q8_K's or Q8_1's), int8 values */
-        act.d[kind] = (float *)p;
-        act.sums[kind] = (int16_t *)(act.d[kind] + widest / 32);
-        act.qs[kind] = (int8_t *)(act.sums[kind] + widest / 16);
-        act.done[kind] = NULL;
-        p = (uint8_t *)(act.qs[kind] + widest);
-    }
-
-    rms_norm_rows(x, b->norm, b->eps, h, 1, n_embd);
-    matvec(&b->wq, h, n_embd, q, &act);
-    matvec(&b->wk, h, n_embd, k, &act);
-    matvec(&b->wv, h, n_embd, v, &act);
+/* q/k norms, RoPE, and this token's key and value into the cache (thread 0's phase). */
+static void position_and_store(const attention_block *b, const block_buffers *buf, int use_avx2) {
+    const int hd = b->head_dim, q_dim = b->n_head * hd, kv_dim = b->n_head_kv * hd;
+    float *q = buf->q, *k = buf->k, *v = buf->v;
     add_bias(q, b->bq, q_dim);
     add_bias(k, b->bk, kv_dim);
     add_bias(v, b->bv, kv_dim);
@@ -74,37 +98,96 @@ int attention_token(const attention_block *b, float *x, float *scratch, int use_
     rope_rows(q, b->cos, b->sin, 1, b->n_head, hd, b->rope_dim, b->neox, use_avx2);
     rope_rows(k, b->cos, b->sin, 1, b->n_head_kv, hd, b->rope_dim, b->neox, use_avx2);
     const size_t cell = (size_t)(b->pos % b->n_cells);
-    attention_args a = {0};
     if (b->k_f16) {
         uint16_t *row = (uint16_t *)b->k_cache + cell * kv_dim;
         for (int i = 0; i < kv_dim; i++) row[i] = fp32_to_fp16_bits(k[i]);
-        a.k16 = (const uint16_t *)b->k_cache;
     } else {
         float *row = b->k_cache + cell * kv_dim;
         for (int i = 0; i < kv_dim; i++) row[i] = k[i];
-        a.k = b->k_cache;
     }
     if (b->v_f16) {
         uint16_t *row = (uint16_t *)b->v_cache + cell * kv_dim;
         for (int i = 0; i < kv_dim; i++) row[i] = fp32_to_fp16_bits(v[i]);
-        a.v16 = (const uint16_t *)b->v_cache;
     } else {
         float *row = b->v_cache + cell * kv_dim;
         for (int i = 0; i < kv_dim; i++) row[i] = v[i];
-        a.v = b->v_cache;
     }
-    a.q = q, a.out = att;
+}
+
+static attention_args attention_of(const attention_block *b, const block_buffers *buf) {
+    const int hd = b->head_dim, q_dim = b->n_head * hd, kv_dim = b->n_head_kv * hd;
+    attention_args a = {0};
+    if (b->k_f16) a.k16 = (const uint16_t *)b->k_cache;
+    else a.k = b->k_cache;
+    if (b->v_f16) a.v16 = (const uint16_t *)b->v_cache;
+    else a.v = b->v_cache;
+    a.q = buf->q, a.out = buf->att;
     a.n = 1, a.start = b->pos, a.n_head = b->n_head, a.n_head_kv = b->n_head_kv, a.head_dim = hd;
     a.q_stride = q_dim, a.kv_stride = kv_dim;
     a.n_cells = b->n_cells, a.window = b->window, a.sinks = b->sinks;
     a.gemm8 = 0; /* one token: llama.cpp sums V by vec_dot_f32 (tinyBLAS wants 2+ columns) */
     a.scale = 1.0f / sqrtf((float)hd);
-    if (attention_run(&a, use_avx2) < 0) return -1;
+    return a;
+}
 
-    for (int kind = 0; kind < ACT_KINDS; kind++) act.done[kind] = NULL;
-    matvec(&b->wo, att, q_dim, o, &act);
-    add_bias(o, b->bo, n_embd);
-    for (int i = 0; i < n_embd; i++) x[i] = x[i] + o[i];
+size_t attention_token_thread_floats(const attention_block *b) {
+    const block_buffers none = {0};
+    const attention_args a = attention_of(b, &none);
+    return attention_item_floats(&a);
+}
+
+void attention_token_phases(const attention_block *b, float *x, float *scratch, float *thread_scratch, int ith,
+                            int nth, int use_avx2) {
+    const int n_embd = b->n_embd, q_dim = b->n_head * b->head_dim;
+    const block_buffers buf = buffers_of(b, scratch);
+
+    if (ith == 0) { /* the normed input, quantized once per kind the projections take */
+        rms_norm_rows(x, b->norm, b->eps, buf.h, 1, n_embd);
+        int done[ACT_KINDS] = {0};
+        const layer_matrix *in[3] = {&b->wq, &b->wk, &b->wv};
+        for (int i = 0; i < 3; i++)
+            if (!done[in[i]->f->act]++) quantize_for(&buf, in[i]->f->act, buf.h, n_embd);
+    }
+#pragma omp barrier
+    {
+        const layer_matrix *m[3] = {&b->wq, &b->wk, &b->wv};
+        float *out[3] = {buf.q, buf.k, buf.v};
+        rows_of(m, out, 3, &buf, n_embd, ith, nth);
+    }
+#pragma omp barrier
+    if (ith == 0) position_and_store(b, &buf, use_avx2);
+#pragma omp barrier
+    {
+        const attention_args a = attention_of(b, &buf);
+        for (int h = ith; h < b->n_head; h += nth) attention_item(&a, h, thread_scratch, use_avx2);
+    }
+#pragma omp barrier
+    if (ith == 0) quantize_for(&buf, b->wo.f->act, buf.att, q_dim);
+#pragma omp barrier
+    {
+        const layer_matrix *m[1] = {&b->wo};
+        float *out[1] = {buf.o};
+        rows_of(m, out, 1, &buf, q_dim, ith, nth);
+    }
+#pragma omp barrier
+    if (ith == 0) {
+        add_bias(buf.o, b->bo, n_embd);
+        for (int i = 0; i < n_embd; i++) x[i] = x[i] + buf.o[i];
+    }
+}
+
+int attention_token(const attention_block *b, float *x, float *scratch, int use_avx2, int parallel) {
+    const int n_threads = parallel ? omp_get_max_threads() : 1;
+    const size_t per_thread = attention_token_thread_floats(b);
+    float *thread_scratch = malloc(sizeof(float) * per_thread * (size_t)n_threads);
+    if (!thread_scratch) return -1;
+#pragma omp parallel num_threads(n_threads) if (n_threads > 1)
+    {
+        const int ith = omp_get_thread_num();
+        attention_token_phases(b, x, scratch, thread_scratch + per_thread * (size_t)ith, ith, omp_get_num_threads(),
+                               use_avx2);
+    }
+    free(thread_scratch);
     return 0;
 }
 

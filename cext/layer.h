@@ -42,8 +42,16 @@ typedef struct {
 } attention_block;
 
 /* x (n_embd) += the block's output for the token at position pos, whose k and v are written
- * into cell pos % n_cells of the cache. scratch: attention_token_scratch_bytes. 0, or -1 if out of memory. */
-int attention_token(const attention_block *b, float *x, float *scratch, int use_avx2);
+ * into cell pos % n_cells of the cache, in one parallel region (parallel: on the OpenMP
+ * team, else on this thread). scratch: attention_token_scratch_bytes. 0, or -1 if out of memory. */
+int attention_token(const attention_block *b, float *x, float *scratch, int use_avx2, int parallel);
+
+/* The same as phases for thread ith of a team of nth inside the caller's parallel region
+ * (barriers between them; x is complete once every thread has returned and passed a
+ * barrier). thread_scratch: this thread's attention_token_thread_floats(b) floats. */
+void attention_token_phases(const attention_block *b, float *x, float *scratch, float *thread_scratch, int ith,
+                            int nth, int use_avx2);
+size_t attention_token_thread_floats(const attention_block *b);
 size_t attention_token_scratch_bytes(int n_embd, int n_head, int n_head_kv, int head_dim);
 
 #endif

@@ -60,6 +60,7 @@
 #include "moe.h"
 #include "ops.h"
 #include "quantize.h"
+#include "step.h"
 #include "swiglu.h"
 #include "tiled.h"
 
@@ -320,7 +321,6 @@ done:
     return result;
 }
 
-#define MOE_MAX_JOBS 64 /* routed plus shared experts of one call */
 
 /* n_ffs: a tuple of each job's hidden size; fills jobs[].n_ff. */
 static int parse_n_ffs(PyObject *n_ffs, moe_ffn_job *jobs) {
@@ -561,6 +561,15 @@ static int layer_matrix_of(PyObject *spec, int n_cols, layer_matrix *m) {
     return 0;
 }
 
+/* The weight bytes of an attention block's four matrices (whether its team pays off). */
+static size_t attention_bytes(const attention_block *b) {
+    const layer_matrix *m[4] = {&b->wq, &b->wk, &b->wv, &b->wo};
+    const int n_cols[4] = {b->n_embd, b->n_embd, b->n_embd, b->n_head * b->head_dim};
+    size_t total = 0;
+    for (int i = 0; i < 4; i++) total += (size_t)m[i]->n_rows * row_bytes_of(m[i]->f, n_cols[i]);
+    return total;
+}
+
 static PyObject *py_attention_token(PyObject *self, PyObject *args) {
     /* x, scratch, norm, bq, bk, bv, q_norm, k_norm, cos, sin, k_cache, v_cache, bo, sinks */
     PyObject *objs[14] = {NULL};
@@ -618,7 +627,7 @@ static PyObject *py_attention_token(PyObject *self, PyObject *args) {
     b.k_cache = (float *)k_cache, b.v_cache = (float *)v_cache, b.n_cells = n_cells;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = attention_token(&b, (float *)x, (float *)scratch, isa >= ISA_AVX2);
+    rc = attention_token(&b, (float *)x, (float *)scratch, isa >= ISA_AVX2, attention_bytes(&b) >= PARALLEL_BYTES);
     Py_END_ALLOW_THREADS
     if (rc < 0) PyErr_NoMemory();
     else result = Py_NewRef(Py_None);
@@ -632,6 +641,179 @@ static PyObject *py_attention_token_scratch_bytes(PyObject *self, PyObject *args
     int n_embd, n_head, n_head_kv, head_dim;
     if (!PyArg_ParseTuple(args, "iiii", &n_embd, &n_head, &n_head_kv, &head_dim)) return NULL;
     return PyLong_FromSize_t(attention_token_scratch_bytes(n_embd, n_head, n_head_kv, head_dim));
+}
+
+/* -- a whole decoding step (step.c): the plan built once, then one call per token ---------
+ * The plan holds addresses (weights in the memory map, norms, biases, the KV cache, RoPE
+ * tables): kernels/step.py checks every array's shape and keeps them alive with the plan. */
+
+static const char *const STEP_CAPSULE = "offload.step_plan";
+
+static void step_capsule_free(PyObject *capsule) {
+    step_plan *p = PyCapsule_GetPointer(capsule, STEP_CAPSULE);
+    if (p) {
+        step_free(p);
+        free(p);
+    }
+}
+
+static const float *address_of(unsigned long long a) { return (const float *)(uintptr_t)a; }
+
+/* (fmt, address, ..., n_ff) -> a job of activation `act` with optional (bg, bu, bd) addresses. */
+static int step_job_of(PyObject *spec, PyObject *biases, int n_embd, int act, moe_ffn_job *job) {
+    if (moe_job_of(spec, n_embd, job) < 0) return -1;
+    job->act = act, job->weight = 0.0f;
+    job->bg = job->bu = job->bd = NULL;
+    if (biases && biases != Py_None) {
+        unsigned long long bg, bu, bd;
+        if (!PyArg_ParseTuple(biases, "KKK", &bg, &bu, &bd)) return -1;
+        job->bg = address_of(bg), job->bu = address_of(bu), job->bd = address_of(bd);
+    }
+    return 0;
+}
+
+static int step_ffn_of(PyObject *ffn, int n_embd, int k, int act, step_layer *L) {
+    if (!PyTuple_Check(ffn) || PyTuple_GET_SIZE(ffn) < 2) {
+        PyErr_SetString(PyExc_ValueError, "step_plan: a layer's FFN is a tuple");
+        return -1;
+    }
+    if (PyUnicode_Check(PyTuple_GET_ITEM(ffn, 0))) { /* ("dense", spec) */
+        L->n_expert = 0;
+        return step_job_of(PyTuple_GET_ITEM(ffn, 1), NULL, n_embd, MOE_ACT_SWIGLU, &L->dense);
+    }
+    unsigned long long router, router_bias, selection_bias, gate;
+    PyObject *experts, *biases, *shared;
+    if (!PyArg_ParseTuple(ffn, "iKKKO!OOK", &L->n_expert, &router, &router_bias, &selection_bias, &PyTuple_Type,
+                          &experts, &biases, &shared, &gate))
+        return -1;
+    if (L->n_expert < k || k < 1 || k + 1 > MOE_MAX_JOBS || PyTuple_GET_SIZE(experts) != L->n_expert ||
+        (biases != Py_None && (!PyTuple_Check(biases) || PyTuple_GET_SIZE(biases) != L->n_expert)) || !router) {
+        PyErr_Format(PyExc_ValueError, "step_plan: %d experts, %d used, or their specs, do not fit", L->n_expert, k);
+        return -1;
+    }
+    L->router = address_of(router), L->router_bias = address_of(router_bias);
+    L->selection_bias = address_of(selection_bias), L->shared_gate = address_of(gate);
+    L->experts = calloc((size_t)L->n_expert, sizeof(moe_ffn_job));
+    if (!L->experts) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (int e = 0; e < L->n_expert; e++)
+        if (step_job_of(PyTuple_GET_ITEM(experts, e), biases == Py_None ? NULL : PyTuple_GET_ITEM(biases, e), n_embd,
+                        act, &L->experts[e]) < 0)
+            return -1;
+    L->has_shared = shared != Py_None;
+    if (L->has_shared && step_job_of(shared, NULL, n_embd, MOE_ACT_SWIGLU, &L->shared) < 0) return -1;
+    return 0;
+}
+
+static int step_layer_of(PyObject *spec, const step_plan *p, const attention_block *dims, int act, step_layer *L) {
+    unsigned long long k_cache, v_cache, norm, bq, bk, bv, q_norm, k_norm, bo, sinks, cos, sin, ffn_norm;
+    PyObject *mats, *ffn;
+    attention_block *b = &L->attn;
+    *b = *dims;
+    if (!PyArg_ParseTuple(spec, "iiKKKO!KKKKKKKKKKO", &b->window, &b->n_cells, &k_cache, &v_cache, &norm, &PyTuple_Type,
+                          &mats, &bq, &bk, &bv, &q_norm, &k_norm, &bo, &sinks, &cos, &sin, &ffn_norm, &ffn))
+        return -1;
+    const int q_dim = b->n_head * b->head_dim, kv_dim = b->n_head_kv * b->head_dim;
+    if (PyTuple_GET_SIZE(mats) != 4 || b->n_cells <= 0 || b->window < 0 ||
+        (b->n_cells < p->n_ctx && (b->window == 0 || b->n_cells < b->window + 1)) || !k_cache || !v_cache || !norm ||
+        !cos || !sin || !ffn_norm || (!bq) != (!bk) || (!bq) != (!bv) || ((b->qk_norm != 0) && (!q_norm || !k_norm))) {
+        PyErr_SetString(PyExc_ValueError, "step_plan: a layer's attention does not fit");
+        return -1;
+    }
+    if (layer_matrix_of(PyTuple_GET_ITEM(mats, 0), b->n_embd, &b->wq) < 0 ||
+        layer_matrix_of(PyTuple_GET_ITEM(mats, 1), b->n_embd, &b->wk) < 0 ||
+        layer_matrix_of(PyTuple_GET_ITEM(mats, 2), b->n_embd, &b->wv) < 0 ||
+        layer_matrix_of(PyTuple_GET_ITEM(mats, 3), q_dim, &b->wo) < 0)
+        return -1;
+    if (b->wq.n_rows != q_dim || b->wk.n_rows != kv_dim || b->wv.n_rows != kv_dim || b->wo.n_rows != b->n_embd) {
+        PyErr_SetString(PyExc_ValueError, "step_plan: matrix sizes do not fit the heads");
+        return -1;
+    }
+    b->k_cache = (float *)(uintptr_t)k_cache, b->v_cache = (float *)(uintptr_t)v_cache;
+    b->norm = address_of(norm), b->bq = address_of(bq), b->bk = address_of(bk), b->bv = address_of(bv);
+    b->q_norm = address_of(q_norm), b->k_norm = address_of(k_norm), b->bo = address_of(bo), b->sinks = address_of(sinks);
+    L->cos = address_of(cos), L->sin = address_of(sin), L->ffn_norm = address_of(ffn_norm);
+    return step_ffn_of(ffn, b->n_embd, p->k, act, L);
+}
+
+static PyObject *py_step_plan(PyObject *self, PyObject *args) {
+    attention_block dims = {0};
+    int k, routing, n_ctx, act, n_threads;
+    float weights_scale;
+    PyObject *layers, *output;
+    if (!PyArg_ParseTuple(args, "(iiiiiiifiifiiiii)O!O", &dims.n_embd, &dims.n_head, &dims.n_head_kv, &dims.head_dim,
+                          &dims.rope_dim, &dims.neox, &dims.qk_norm, &dims.eps, &k, &routing, &weights_scale, &n_ctx,
+                          &dims.k_f16, &dims.v_f16, &act, &n_threads, &PyTuple_Type, &layers, &output))
+        return NULL;
+    const Py_ssize_t n_layer = PyTuple_GET_SIZE(layers);
+    if (dims.n_embd <= 0 || dims.n_embd % 32 || dims.head_dim <= 0 || dims.n_head <= 0 || dims.n_head_kv <= 0 ||
+        dims.n_head % dims.n_head_kv || dims.rope_dim < 0 || dims.rope_dim > dims.head_dim || dims.rope_dim % 2 ||
+        dims.qk_norm < 0 || dims.qk_norm > 2 || routing < ROUTE_SOFTMAX_TOPK || routing > ROUTE_SIGMOID_TOPK_NORM ||
+        (act != MOE_ACT_SWIGLU && act != MOE_ACT_SWIGLU_OAI) || n_ctx <= 0 || n_threads < 1 || n_layer < 1 ||
+        n_layer > INT32_MAX || k < 1 || k + 1 > MOE_MAX_JOBS)
+        return PyErr_Format(PyExc_ValueError, "step_plan: bad dimensions");
+    step_plan *p = calloc(1, sizeof(step_plan));
+    if (!p) return PyErr_NoMemory();
+    p->n_layer = (int)n_layer, p->n_embd = dims.n_embd, p->k = k, p->routing = routing, p->n_ctx = n_ctx;
+    p->n_threads = n_threads, p->eps = dims.eps, p->weights_scale = weights_scale;
+    p->layers = calloc((size_t)n_layer, sizeof(step_layer));
+    if (!p->layers) {
+        free(p);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t l = 0; l < n_layer; l++)
+        if (step_layer_of(PyTuple_GET_ITEM(layers, l), p, &dims, act, &p->layers[l]) < 0) goto fail;
+    if (output != Py_None) {
+        unsigned long long norm;
+        PyObject *mat;
+        if (!PyArg_ParseTuple(output, "KO!", &norm, &PyTuple_Type, &mat) || layer_matrix_of(mat, dims.n_embd, &p->output) < 0)
+            goto fail;
+        if (!norm) {
+            PyErr_SetString(PyExc_ValueError, "step_plan: the output norm is missing");
+            goto fail;
+        }
+        p->output_norm = address_of(norm);
+    }
+    if (step_alloc(p) < 0) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    PyObject *capsule = PyCapsule_New(p, STEP_CAPSULE, step_capsule_free);
+    if (capsule) return capsule;
+fail:
+    step_free(p);
+    free(p);
+    return NULL;
+}
+
+static PyObject *py_step_run(PyObject *self, PyObject *args) {
+    PyObject *capsule, *logits_obj;
+    Py_buffer x = {0}, logits = {0}, chosen = {0}, weights = {0};
+    int pos;
+    if (!PyArg_ParseTuple(args, "Ow*iOw*w*", &capsule, &x, &pos, &logits_obj, &chosen, &weights)) return NULL;
+    PyObject *result = NULL;
+    step_plan *p = PyCapsule_GetPointer(capsule, STEP_CAPSULE);
+    if (!p) goto done;
+    if (logits_obj != Py_None && PyObject_GetBuffer(logits_obj, &logits, PyBUF_WRITABLE) < 0) goto done;
+    const Py_ssize_t nk = (Py_ssize_t)p->n_layer * p->k;
+    if (pos < 0 || pos >= p->n_ctx || x.len < p->n_embd * 4 || chosen.len < nk * 8 || weights.len < nk * 4 ||
+        (logits.obj && (!p->output.w || logits.len < (Py_ssize_t)p->output.n_rows * 4))) {
+        PyErr_Format(PyExc_ValueError, "step_run: position %d outside the context, or a buffer too small", pos);
+        goto done;
+    }
+    int bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = step_run(p, x.buf, pos, logits.obj ? logits.buf : NULL, chosen.buf, weights.buf, isa >= ISA_AVX2);
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromLong(bad);
+done:
+    PyBuffer_Release(&x);
+    if (logits.obj) PyBuffer_Release(&logits);
+    PyBuffer_Release(&chosen);
+    PyBuffer_Release(&weights);
+    return result;
 }
 
 /* A gated activation of two (n_rows, n) float32 buffers into out: (x, g, out, n_rows, n). */
@@ -1007,6 +1189,8 @@ static PyMethodDef methods[] = {
      "bo=None, sinks=None)"},
     {"attention_token_scratch_bytes", py_attention_token_scratch_bytes, METH_VARARGS,
      "attention_token_scratch_bytes(n_embd, n_head, n_head_kv, head_dim)"},
+    {"step_plan", py_step_plan, METH_VARARGS, "step_plan(dims, layers, output): a whole decoding step's plan (kernels/step.py)"},
+    {"step_run", py_step_run, METH_VARARGS, "step_run(plan, x, pos, logits, chosen, weights) -> first bad layer or -1"},
     {"moe_batch", py_moe_batch, METH_VARARGS, "moe_batch(x, per_slot, weights, n_tokens, n_embd, k, jobs, counts, pairs, act=0, biases=None)"},
     {"moe_workspace_bytes", py_moe_workspace_bytes, METH_VARARGS, "moe_workspace_bytes(n_embd, (n_ff, ...))"},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(x, g, out, n_rows, n)"},

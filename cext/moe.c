@@ -58,13 +58,8 @@ size_t moe_workspace_bytes(const moe_ffn_job *jobs, int n_jobs, int n_embd) {
     return total;
 }
 
-typedef struct {
-    float *gate, *up, *y;
-    uint8_t *h; /* the quantized hidden row */
-} job_buffers;
-
 /* This thread's share [lo, hi) of n items: contiguous, as OpenMP's static schedule. */
-static void share(size_t n, int ith, int nth, size_t *lo, size_t *hi) {
+void thread_share(size_t n, int ith, int nth, size_t *lo, size_t *hi) {
     const size_t per = (n + (size_t)nth - 1) / (size_t)nth;
     *lo = per * (size_t)ith < n ? per * (size_t)ith : n;
     *hi = *lo + per < n ? *lo + per : n;
@@ -91,79 +86,87 @@ static size_t row_bytes(const moe_matrix *m, int n_cols) {
     return (size_t)(n_cols / m->f->block_size) * (size_t)m->f->block_bytes;
 }
 
-void moe_ffn_run(const float *x, int n_embd, const moe_ffn_job *jobs, int n_jobs, int n_routed, float *out,
-                 float *shared_out, void *workspace, int use_avx2, int parallel) {
+void moe_token_prepare(moe_token *t, const float *x, int n_embd, const moe_ffn_job *jobs, int n_jobs, int n_routed,
+                       float *out, float *shared_out, void *workspace, int use_avx2) {
     uint8_t *p = (uint8_t *)(((uintptr_t)workspace + ALIGN - 1) / ALIGN * ALIGN);
-    uint8_t *x_act[ACT_KINDS];
-    for (int kind = 0; kind < ACT_KINDS; kind++, p += act_bytes((size_t)n_embd)) x_act[kind] = p;
-    job_buffers buf[n_jobs];
-    size_t n_ff_total = 0;
+    t->jobs = jobs, t->n_jobs = n_jobs, t->n_routed = n_routed, t->n_embd = n_embd;
+    t->out = out, t->shared_out = shared_out, t->use_avx2 = use_avx2;
+    for (int kind = 0; kind < ACT_KINDS; kind++, p += act_bytes((size_t)n_embd)) t->x_act[kind] = p;
+    t->n_ff_total = 0;
     int need[ACT_KINDS] = {0};
     for (int j = 0; j < n_jobs; j++) {
         const size_t n_ff = (size_t)jobs[j].n_ff;
-        buf[j].gate = (float *)p;
-        buf[j].up = (float *)(p + up_to(n_ff * sizeof(float)));
-        buf[j].h = p + 2 * up_to(n_ff * sizeof(float));
-        buf[j].y = (float *)(buf[j].h + act_bytes(n_ff));
+        t->buf[j].gate = (float *)p;
+        t->buf[j].up = (float *)(p + up_to(n_ff * sizeof(float)));
+        t->buf[j].h = p + 2 * up_to(n_ff * sizeof(float));
+        t->buf[j].y = (float *)(t->buf[j].h + act_bytes(n_ff));
         p += job_bytes(&jobs[j], n_embd);
-        n_ff_total += n_ff;
+        t->n_ff_total += n_ff;
         need[jobs[j].gate.f->act] = need[jobs[j].up.f->act] = 1;
     }
     for (int kind = 0; kind < ACT_KINDS; kind++)
-        if (need[kind]) quantize_act(kind, x, x_act[kind], n_embd);
-    const size_t n_down_rows = (size_t)n_jobs * (size_t)n_embd;
+        if (need[kind]) quantize_act(kind, x, t->x_act[kind], n_embd);
+}
 
-#pragma omp parallel if (parallel)
-    {
-        const int ith = omp_get_thread_num(), nth = omp_get_num_threads();
-        size_t lo, hi;
+void moe_token_phases(const moe_token *t, int ith, int nth) {
+    const moe_ffn_job *jobs = t->jobs;
+    const moe_job_buffers *buf = t->buf;
+    const int n_jobs = t->n_jobs, n_routed = t->n_routed, n_embd = t->n_embd;
+    size_t lo, hi;
 
-        /* 1. gate and up: this thread's rows of the jobs' hidden rows laid end to end */
-        share(n_ff_total, ith, nth, &lo, &hi);
-        size_t first = 0; /* the flat index of job j's row 0 */
-        for (int j = 0; j < n_jobs && lo < hi; first += (size_t)jobs[j].n_ff, j++) {
-            const size_t end = first + (size_t)jobs[j].n_ff;
-            if (lo >= end) continue;
-            const moe_ffn_job *job = &jobs[j];
-            const act_row xg = act_at(x_act[job->gate.f->act], (size_t)n_embd);
-            const act_row xu = act_at(x_act[job->up.f->act], (size_t)n_embd);
-            const size_t gb = row_bytes(&job->gate, n_embd), ub = row_bytes(&job->up, n_embd);
-            for (; lo < hi && lo < end; lo++) {
-                const size_t r = lo - first;
-                buf[j].gate[r] = job->gate.dot(job->gate.w + r * gb, &xg, n_embd);
-                buf[j].up[r] = job->up.dot(job->up.w + r * ub, &xu, n_embd);
-            }
-        }
-#pragma omp barrier
-
-        /* 2. SwiGLU and the down matrix's quantization of each job's hidden row */
-        share((size_t)n_jobs, ith, nth, &lo, &hi);
-        for (size_t j = lo; j < hi; j++) {
-            activate(&jobs[j], buf[j].gate, buf[j].up, 1, use_avx2);
-            quantize_act(jobs[j].down.f->act, buf[j].gate, buf[j].h, jobs[j].n_ff);
-        }
-#pragma omp barrier
-
-        /* 3. down: this thread's rows of the jobs' outputs laid end to end */
-        share(n_down_rows, ith, nth, &lo, &hi);
-        for (; lo < hi; lo++) {
-            const size_t j = lo / (size_t)n_embd, r = lo % (size_t)n_embd;
-            const moe_ffn_job *job = &jobs[j];
-            const act_row h = act_at(buf[j].h, (size_t)job->n_ff);
-            const float y = job->down.dot(job->down.w + r * row_bytes(&job->down, job->n_ff), &h, job->n_ff);
-            buf[j].y[r] = job->bd ? y + job->bd[r] : y;
-        }
-#pragma omp barrier
-
-        /* 4. weighted sum of the routed outputs in slot order (float32: y0*w0 + y1*w1 + ...) */
-        share((size_t)n_embd, ith, nth, &lo, &hi);
-        for (size_t i = lo; i < hi; i++) {
-            float s = n_routed > 0 ? buf[0].y[i] * jobs[0].weight : 0.0f;
-            for (int j = 1; j < n_routed; j++) s = s + buf[j].y[i] * jobs[j].weight;
-            out[i] = s;
-            for (int j = n_routed; j < n_jobs; j++) shared_out[(size_t)(j - n_routed) * n_embd + i] = buf[j].y[i];
+    /* 1. gate and up: this thread's rows of the jobs' hidden rows laid end to end */
+    thread_share(t->n_ff_total, ith, nth, &lo, &hi);
+    size_t first = 0; /* the flat index of job j's row 0 */
+    for (int j = 0; j < n_jobs && lo < hi; first += (size_t)jobs[j].n_ff, j++) {
+        const size_t end = first + (size_t)jobs[j].n_ff;
+        if (lo >= end) continue;
+        const moe_ffn_job *job = &jobs[j];
+        const act_row xg = act_at(t->x_act[job->gate.f->act], (size_t)n_embd);
+        const act_row xu = act_at(t->x_act[job->up.f->act], (size_t)n_embd);
+        const size_t gb = row_bytes(&job->gate, n_embd), ub = row_bytes(&job->up, n_embd);
+        for (; lo < hi && lo < end; lo++) {
+            const size_t r = lo - first;
+            buf[j].gate[r] = job->gate.dot(job->gate.w + r * gb, &xg, n_embd);
+            buf[j].up[r] = job->up.dot(job->up.w + r * ub, &xu, n_embd);
         }
     }
+#pragma omp barrier
+
+    /* 2. SwiGLU and the down matrix's quantization of each job's hidden row */
+    thread_share((size_t)n_jobs, ith, nth, &lo, &hi);
+    for (size_t j = lo; j < hi; j++) {
+        activate(&jobs[j], buf[j].gate, buf[j].up, 1, t->use_avx2);
+        quantize_act(jobs[j].down.f->act, buf[j].gate, buf[j].h, jobs[j].n_ff);
+    }
+#pragma omp barrier
+
+    /* 3. down: this thread's rows of the jobs' outputs laid end to end */
+    thread_share((size_t)n_jobs * (size_t)n_embd, ith, nth, &lo, &hi);
+    for (; lo < hi; lo++) {
+        const size_t j = lo / (size_t)n_embd, r = lo % (size_t)n_embd;
+        const moe_ffn_job *job = &jobs[j];
+        const act_row h = act_at(buf[j].h, (size_t)job->n_ff);
+        const float y = job->down.dot(job->down.w + r * row_bytes(&job->down, job->n_ff), &h, job->n_ff);
+        buf[j].y[r] = job->bd ? y + job->bd[r] : y;
+    }
+#pragma omp barrier
+
+    /* 4. weighted sum of the routed outputs in slot order (float32: y0*w0 + y1*w1 + ...) */
+    thread_share((size_t)n_embd, ith, nth, &lo, &hi);
+    for (size_t i = lo; i < hi; i++) {
+        float s = n_routed > 0 ? buf[0].y[i] * jobs[0].weight : 0.0f;
+        for (int j = 1; j < n_routed; j++) s = s + buf[j].y[i] * jobs[j].weight;
+        t->out[i] = s;
+        for (int j = n_routed; j < n_jobs; j++) t->shared_out[(size_t)(j - n_routed) * n_embd + i] = buf[j].y[i];
+    }
+}
+
+void moe_ffn_run(const float *x, int n_embd, const moe_ffn_job *jobs, int n_jobs, int n_routed, float *out,
+                 float *shared_out, void *workspace, int use_avx2, int parallel) {
+    moe_token t;
+    moe_token_prepare(&t, x, n_embd, jobs, n_jobs, n_routed, out, shared_out, workspace, use_avx2);
+#pragma omp parallel if (parallel)
+    moe_token_phases(&t, omp_get_thread_num(), omp_get_num_threads());
 }
 
 /* -- several tokens: the experts of a micro-batch (a prompt) ---------------------------------

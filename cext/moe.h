@@ -27,6 +27,8 @@ typedef struct {
     float weight;         /* routed: the output is scaled by it and summed; shared: unused */
 } moe_ffn_job;
 
+#define MOE_MAX_JOBS 64 /* routed plus shared experts of one call */
+
 /* Bytes of workspace moe_ffn_run needs for these jobs at width n_embd. */
 size_t moe_workspace_bytes(const moe_ffn_job *jobs, int n_jobs, int n_embd);
 
@@ -36,6 +38,31 @@ size_t moe_workspace_bytes(const moe_ffn_job *jobs, int n_jobs, int n_embd);
  * n_embd float32 activations. parallel: run on the OpenMP team (else on this thread). */
 void moe_ffn_run(const float *x, int n_embd, const moe_ffn_job *jobs, int n_jobs, int n_routed, float *out,
                  float *shared_out, void *workspace, int use_avx2, int parallel);
+
+/* The same in pieces, for a caller that is already inside a parallel region (step.c):
+ * moe_token_prepare on one thread (buffers laid out in the workspace, x quantized), then
+ * moe_token_phases on every thread of the team (it synchronizes them with barriers; the
+ * outputs are complete once every thread has returned and passed a barrier). */
+typedef struct {
+    float *gate, *up, *y;
+    uint8_t *h; /* the quantized hidden row */
+} moe_job_buffers;
+
+typedef struct {
+    const moe_ffn_job *jobs;
+    int n_jobs, n_routed, n_embd, use_avx2;
+    float *out, *shared_out;
+    uint8_t *x_act[ACT_KINDS];
+    moe_job_buffers buf[MOE_MAX_JOBS];
+    size_t n_ff_total;
+} moe_token;
+
+void moe_token_prepare(moe_token *t, const float *x, int n_embd, const moe_ffn_job *jobs, int n_jobs, int n_routed,
+                       float *out, float *shared_out, void *workspace, int use_avx2);
+void moe_token_phases(const moe_token *t, int ith, int nth);
+
+/* This thread's share [lo, hi) of n items: contiguous, as OpenMP's static schedule. */
+void thread_share(size_t n, int ith, int nth, size_t *lo, size_t *hi);
 
 /* ggml's tiled K-quant GEMM takes a matmul from this many tokens on (dispatch.TILED_MIN_TOKENS). */
 #define MOE_TILED_MIN_TOKENS 8

@@ -28,8 +28,9 @@ import numpy as np
 from .arch import ModelArgs
 from .cache_types import DEFAULT_CACHE_TYPE, check_cache_types, encode_rows
 from .errors import ContextOverflowError, NonFiniteError
-from .kernels import block, cext, ggml_math, matmul, matmuls
+from .kernels import block, cext, ggml_math, jit, matmul, matmuls, step
 from .kernels.attention import attention, attention_typed
+from .kernels.dispatch import step_enabled
 from .kernels.ggml_math import apply_rope, rms_norm
 from .kernels.jit import njit
 from .kernels.moe import can_fuse, moe_batch, moe_ffn, types_fuse
@@ -208,6 +209,8 @@ class Transformer:
         self.prefetcher = None  # offload.predict.Prefetcher: predicts the next layers' experts for a tiered store
         self.gpu = None  # offload.gpu.vram.GpuTier: runs the matmuls and experts placed in VRAM
         self._block_scratch = None  # kernels.block's buffer for a decoding token's attention block
+        self._step = None  # kernels.step.DecodeStep (False: it does not serve this model), and the SIMD level it was planned at
+        self._step_isa = None
         self.file_check = None  # run before every step: raises if the model file changed under us (Model.load sets it)
 
     def reset(self) -> None:
@@ -241,6 +244,8 @@ class Transformer:
         attention (whose keys and values every row still adds to the cache), or after the
         layer where the arch's graph drops them there (ModelArgs.early_row_drop)."""
         n = len(tokens)
+        if n == 1 and (plan := self._decode_step()) is not None:
+            return self._step_token(plan, tokens, outputs)
         start = self.cache.n_past
         a, buf = self.args, self.scratch
         x = self.weights.embed(tokens)
@@ -269,6 +274,40 @@ class Transformer:
             x = x[-1:]
         x = rms_norm(x, self.weights.output_norm, a.rms_eps)
         return self._matmul(self.weights.output, np.ascontiguousarray(x))
+
+    def _decode_step(self) -> step.DecodeStep | None:
+        """The plan that runs a decoding token in one C call (kernels.step), when it serves this
+        model as it runs now (no GPU tier, no prefetching, every expert resident...), else None."""
+        if self.gpu is not None or self.prefetcher is not None or not step_enabled():
+            return None
+        isa = cext.isa()
+        if self._step is None or self._step_isa != isa:  # the plan holds the row dots of a SIMD level
+            self._step = step.DecodeStep(self, jit.max_threads()) if step.why_not(self) is None else False
+            self._step_isa = isa
+        return self._step or None
+
+    def _step_token(self, plan: step.DecodeStep, token: np.ndarray, outputs: str) -> np.ndarray | None:
+        """One decoding token through every layer in one C call; the same bits as the layers below."""
+        start = self.cache.n_past
+        x = np.ascontiguousarray(self.weights.embed(token), dtype=np.float32)
+        logits = np.empty((1, plan.n_vocab), dtype=np.float32) if plan.has_output and outputs != "none" else None
+        bad = plan.run(x, start, logits)
+        if bad >= 0:
+            raise NonFiniteError(f"layer {bad} produced NaN or Inf activations (position {start}): "
+                                 "the file's weights are damaged or overflow float32")
+        self.cache.n_past = start + 1
+        if self.recorder is not None:
+            for i in plan.moe_layers:
+                self.recorder.record(i, plan.chosen[i : i + 1], plan.weights[i : i + 1])
+        count_hits = getattr(self.experts, "count_hits", None)
+        if count_hits is not None:
+            count_hits(len(plan.moe_layers) * self.args.n_expert_used)
+        if outputs == "none":
+            return None
+        if logits is None:  # an output matrix the C step has no kernel for
+            x = rms_norm(x, self.weights.output_norm, self.args.rms_eps)
+            logits = self._matmul(self.weights.output, x)
+        return logits
 
     def _matmul(self, w, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return matmul(w, x, out=out) if self.gpu is None else self.gpu.matmul(w, x, out=out)

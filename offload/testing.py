@@ -409,6 +409,50 @@ def greedy_steps(transformer, prompt: list[int], n: int) -> tuple[list[int], lis
     return tokens, steps
 
 
+# The decode paths of a one-token step, each giving the same bits: the whole step in one C
+# call (kernels.step), one C call per block (kernels.block, kernels.moe), one call per op.
+DECODE_PATHS = {"step": {}, "layer": {"OFFLOAD_STEP": "0"}, "per-op": {"OFFLOAD_FUSED": "0"}}
+
+
+@contextlib.contextmanager
+def decode_path(kind: str):
+    """Run the block with the decode path `kind` of DECODE_PATHS selected; yields a set that
+    receives the C paths that ran ("step": kernels.step, "layer": kernels.block or kernels.moe's
+    one-token call, which a prompt's last row takes in its last layer on any fused path), so
+    that a test can check the path it asked for is the one that ran (ran_as_asked)."""
+    from . import forward
+    from .kernels import block, select_kernels, step
+
+    saved_env = {k: os.environ.get(k) for k in ("OFFLOAD_STEP", "OFFLOAD_FUSED")}
+    ran: set[str] = set()
+    real = (forward.moe_ffn, block.attention_token, step.DecodeStep.run)
+
+    def seen(name, fn):
+        return lambda *a, **k: ran.add(name) or fn(*a, **k)
+
+    for k in saved_env:
+        os.environ.pop(k, None)
+    os.environ.update(DECODE_PATHS[kind])
+    forward.moe_ffn, block.attention_token = seen("layer", real[0]), seen("layer", real[1])
+    step.DecodeStep.run = seen("step", real[2])
+    select_kernels()
+    try:
+        yield ran
+    finally:
+        forward.moe_ffn, block.attention_token, step.DecodeStep.run = real
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        select_kernels()
+
+
+def ran_as_asked(kind: str, ran: set[str]) -> bool:
+    """Whether the C paths decode_path(kind) saw are those of `kind` (see decode_path)."""
+    return {"step": "step" in ran, "layer": ran == {"layer"}, "per-op": not ran}[kind]
+
+
 def random_prompt(n: int, seed: int = 0, n_vocab: int = 32000) -> list[int]:
     """BOS and n - 1 random ordinary token ids (above the byte tokens of Llama 2's vocabulary)."""
     return [1] + [int(t) for t in np.random.default_rng(seed).integers(100, n_vocab - 1, n - 1)]

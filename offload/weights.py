@@ -311,6 +311,10 @@ class ResidentExperts:
     def get(self, layer: int, expert: int) -> FFN:
         return self._experts[layer][expert]
 
+    def resident_ffns(self, layer: int) -> list[FFN]:
+        """Every expert of a MoE layer, by id (all stay in place: kernels.step plans with them)."""
+        return self._experts[layer]
+
 
 def load_weights(gguf: GGUFFile, args: ModelArgs) -> Weights:
     def opt(name: str) -> TensorInfo | None:

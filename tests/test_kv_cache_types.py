@@ -16,7 +16,8 @@ from offload.errors import OffloadError
 from offload.kernels.formats import quantize_q8_0_ref
 from offload.sampling import SamplingParams
 from offload.store.plan import kv_bytes_per_cell
-from offload.testing import TinyConfig, ggml_quantize, llama_cpp_greedy, llama_cpp_logits, random_prompt
+from offload.testing import (TinyConfig, decode_path, ggml_quantize, llama_cpp_greedy, llama_cpp_logits, random_prompt,
+                             ran_as_asked)
 
 N_CTX = 256
 N_DECODE = 30  # after a prompt of 40: positions past 64
@@ -124,19 +125,16 @@ def test_cli_takes_cache_types_and_inspect_shows_bytes_per_token(paths):
     assert ran.exit_code == 0, ran.output
 
 
+@pytest.mark.parametrize("kind", ["step", "layer"])
 @pytest.mark.parametrize("type_k,type_v", [("f16", "f16"), ("f32", "f16"), ("f16", "f32")])
-def test_fused_decode_block_on_an_f16_cache_equals_llama_cpp(model_factory, monkeypatch, type_k, type_v):
-    """Q8_0 weights: a decoding token's attention block runs in one C call (kernels.block),
-    which writes and reads the F16 rows itself."""
-    from offload.kernels import block
-
+def test_fused_decode_on_an_f16_cache_equals_llama_cpp(model_factory, type_k, type_v, kind):
+    """Q8_0 weights: a decoding token runs in one C call (kernels.step), or its attention
+    block does (kernels.block); either writes and reads the F16 rows itself."""
     path = model_factory(MODELS["llama"], "Q8_0", 3)
-    calls = []
-    monkeypatch.setattr(block, "attention_token", lambda *a, real=block.attention_token: calls.append(1) or real(*a))
     prompt = random_prompt(40, seed=6)
-    with Model.load(path, n_ctx=N_CTX, cache_type_k=type_k, cache_type_v=type_v) as m:
+    with decode_path(kind) as ran, Model.load(path, n_ctx=N_CTX, cache_type_k=type_k, cache_type_v=type_v) as m:
         tokens = list(m.generate_tokens(prompt, N_DECODE, SamplingParams(temperature=0.0)))
-    assert calls, "the fused block did not run"
+    assert ran_as_asked(kind, ran), ran
     assert tokens == llama_cpp_greedy(path, prompt, N_DECODE, n_ctx=N_CTX, type_k=type_k, type_v=type_v)
 
 

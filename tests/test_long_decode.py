@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from offload import Model
-from offload.kernels import block, select_kernels
 from offload.sampling import SamplingParams
-from offload.testing import TinyConfig, llama_cpp_greedy, llama_cpp_model, quantize_model
+from offload.testing import (DECODE_PATHS, TinyConfig, decode_path, llama_cpp_greedy, llama_cpp_model, quantize_model,
+                             ran_as_asked)
 
 N_DECODE = 80
 N_CTX = 128
@@ -67,30 +67,23 @@ def reference(model):
     return tokens, np.stack(logits)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "per-op"])
-def test_long_greedy_decode_equals_llama_cpp_bit_for_bit(model, reference, fused, monkeypatch):
-    """offload's greedy decode, one forward step a token: llama_cpp_greedy's tokens, and at each
+@pytest.mark.parametrize("kind", list(DECODE_PATHS))
+def test_long_greedy_decode_equals_llama_cpp_bit_for_bit(model, reference, kind):
+    """offload's greedy decode, one forward step a token, on each decode path (the whole step
+    in one C call, one call per block, one per op): llama_cpp_greedy's tokens, and at each
     step llama.cpp's logits to the bit."""
     path, ftype = model
-    if fused and ftype == "F32":
-        pytest.skip("F32 weights never take the fused attention block")
-    monkeypatch.setenv("OFFLOAD_FUSED", "1" if fused else "0")
-    select_kernels()
-    blocks = []
-    monkeypatch.setattr(block, "attention_token", lambda *a, real=block.attention_token: blocks.append(1) or real(*a))
-    try:
-        with Model.load(path, n_ctx=N_CTX) as m:
-            t = m.transformer
-            logits = [t.forward(np.array(PROMPT, dtype=np.int64))[-1]]
-            tokens = [int(np.argmax(logits[-1]))]
-            for _ in range(N_DECODE - 1):
-                logits.append(t.forward(np.array(tokens[-1:], dtype=np.int64))[-1])
-                tokens.append(int(np.argmax(logits[-1])))
-            assert list(m.generate_tokens(PROMPT, N_DECODE, SamplingParams(temperature=0.0))) == tokens
-    finally:
-        monkeypatch.delenv("OFFLOAD_FUSED")
-        select_kernels()
-    assert (len(blocks) > 0) == fused  # the path asked for is the one that ran
+    if kind != "per-op" and ftype == "F32":
+        pytest.skip("F32 weights never take the fused C paths")
+    with decode_path(kind) as ran, Model.load(path, n_ctx=N_CTX) as m:
+        t = m.transformer
+        logits = [t.forward(np.array(PROMPT, dtype=np.int64))[-1]]
+        tokens = [int(np.argmax(logits[-1]))]
+        for _ in range(N_DECODE - 1):
+            logits.append(t.forward(np.array(tokens[-1:], dtype=np.int64))[-1])
+            tokens.append(int(np.argmax(logits[-1])))
+        assert list(m.generate_tokens(PROMPT, N_DECODE, SamplingParams(temperature=0.0))) == tokens
+    assert ran_as_asked(kind, ran)  # the path asked for is the one that ran
 
     ref_tokens, ref_logits = reference
     parted = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), N_DECODE)

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from offload import Model, arch, forward
+from offload import Model, arch
 from offload.gguf_file import GGUFFile
 from offload.sampling import SamplingParams
 from offload.store import make_plan
-from offload.kernels import QMatrix, block, cext, select_kernels
+from offload.kernels import QMatrix, cext, select_kernels
 from offload.kernels.moe import can_fuse, moe_batch, moe_batch_ref, moe_ffn, moe_ffn_ref
-from offload.testing import TinyConfig, ggml_quantize, quantize_model
+from offload.testing import TinyConfig, decode_path, ggml_quantize, quantize_model, ran_as_asked
 
 pytestmark = pytest.mark.skipif(not cext.has_moe_ffn(), reason="C extension not built")
 
@@ -249,54 +249,56 @@ def quantized(request, model_factory, tmp_path_factory):
     return quantize_model(f16, tmp_path_factory.mktemp("fused") / f"{ftype}.gguf", ftype)
 
 
-def decode(path, monkeypatch, fused: bool, ids: list[int] | None = None, n_ctx: int = 128, n_new: int = 24,
-           **load) -> tuple[list[int], np.ndarray]:
-    """n_new greedy tokens after a prompt, one forward step each, and the logits of every step."""
-    monkeypatch.setenv("OFFLOAD_FUSED", "1" if fused else "0")
-    select_kernels()
-    calls, blocks = [], []
-    monkeypatch.setattr(forward, "moe_ffn", lambda *a, **k: calls.append(1) or moe_ffn(*a, **k))
-    monkeypatch.setattr(block, "attention_token", lambda *a, real=block.attention_token: blocks.append(1) or real(*a))
-    try:
-        with Model.load(path, n_ctx=n_ctx, **load) as m:
-            if ids is None:
-                ids = m.tokenize("The experts of a fine-grained layer " * 8)  # some get 8+ tokens: the tiled GEMM
-            t = m.transformer
-            logits = [t.forward(np.array(ids, dtype=np.int64))[-1]]
-            tokens: list[int] = []
-            for _ in range(n_new):
-                tokens.append(int(np.argmax(logits[-1])))
-                logits.append(t.forward(np.array([tokens[-1]], dtype=np.int64))[-1])
-            assert list(m.generate_tokens(ids, n_new, SamplingParams(temperature=0.0))) == tokens
-            assert (len(calls) > 0) == fused and (len(blocks) > 0) == fused  # the path asked for is the one that ran
-            return tokens, np.stack(logits)
-    finally:
-        monkeypatch.delenv("OFFLOAD_FUSED")
-        select_kernels()
+def decode(path, kind: str = "step", ids: list[int] | None = None, n_ctx: int = 128, n_new: int = 24,
+           **load) -> tuple[list[int], np.ndarray, set[str], bool]:
+    """n_new greedy tokens after a prompt, one forward step each, on the decode path `kind`
+    (testing.DECODE_PATHS): the tokens, the logits of every step, the C paths that ran, and
+    whether the store held every expert in place with no prefetching (what the step needs)."""
+    with decode_path(kind) as ran, Model.load(path, n_ctx=n_ctx, **load) as m:
+        if ids is None:
+            ids = m.tokenize("The experts of a fine-grained layer " * 8)  # some get 8+ tokens: the tiled GEMM
+        t = m.transformer
+        logits = [t.forward(np.array(ids, dtype=np.int64))[-1]]
+        tokens: list[int] = []
+        for _ in range(n_new):
+            tokens.append(int(np.argmax(logits[-1])))
+            logits.append(t.forward(np.array([tokens[-1]], dtype=np.int64))[-1])
+        assert list(m.generate_tokens(ids, n_new, SamplingParams(temperature=0.0))) == tokens
+        in_place = getattr(m.transformer.experts, "all_resident", True) and m.transformer.prefetcher is None
+        return tokens, np.stack(logits), set(ran), in_place
 
 
-def test_models_decode_the_same_bits_on_either_path(quantized, monkeypatch):
-    tokens, logits = decode(quantized, monkeypatch, fused=True)
-    tokens_ref, logits_ref = decode(quantized, monkeypatch, fused=False)
-    assert tokens == tokens_ref
-    np.testing.assert_array_equal(bits(logits), bits(logits_ref))
+def test_models_decode_the_same_bits_on_every_path(quantized):
+    tokens, logits, ran, _ = decode(quantized, "step")
+    assert ran_as_asked("step", ran)  # the path asked for is the one that ran
+    for kind in ("layer", "per-op"):
+        tokens_ref, logits_ref, ran, _ = decode(quantized, kind)
+        assert ran_as_asked(kind, ran)
+        assert tokens == tokens_ref, kind
+        np.testing.assert_array_equal(bits(logits), bits(logits_ref), err_msg=kind)
 
 
-def test_fused_path_under_tight_budgets_with_prefetch(quantized, monkeypatch):
-    tokens, logits = decode(quantized, monkeypatch, fused=True)
+def test_fused_paths_under_tight_budgets_with_prefetch(quantized):
+    """A tiered store that moves experts (or prefetch) takes the per-layer C path; a budget
+    that holds every expert in the store's slots, the whole step: the same bits either way."""
+    tokens, logits, _, _ = decode(quantized, "step")
     g = GGUFFile(quantized)
     try:
         p = make_plan(g, arch.model_args(g), 128, 0)
     finally:
         g.close()
+    paths = set()
     for budget, prefetch in ((p.minimum, True), (p.minimum + 4 * p.pools[0].slot_bytes, True),
-                             ((p.minimum + p.full) // 2, False)):
-        t2, l2 = decode(quantized, monkeypatch, fused=True, memory_budget=budget, prefetch=prefetch)
+                             ((p.minimum + p.full) // 2, False), (p.full + (1 << 20), False)):
+        t2, l2, ran, in_place = decode(quantized, "step", memory_budget=budget, prefetch=prefetch)
+        paths.add("step" if in_place else "layer")
+        assert ran_as_asked("step" if in_place else "layer", ran), (budget, prefetch, ran)
         assert t2 == tokens, budget
         np.testing.assert_array_equal(bits(l2), bits(logits))
+    assert paths == {"step", "layer"}  # both ran
 
 
-def test_gpt_oss_ring_of_cells_wraps_the_same_on_either_path(model_factory, tmp_path, monkeypatch):
+def test_gpt_oss_ring_of_cells_wraps_the_same_on_either_path(model_factory, tmp_path):
     """With a context of 1024 the sliding layers keep a ring of 768 cells: a prompt of 760 and
     20 decoded tokens write past its end, so the fused block's cell pos % n_cells and its
     window over the wrapped ring must be the step-by-step path's."""
@@ -304,7 +306,7 @@ def test_gpt_oss_ring_of_cells_wraps_the_same_on_either_path(model_factory, tmp_
     with Model.load(path, n_ctx=1024) as m:
         assert [len(k) for k in m.transformer.cache.k] == [768, 1024]
     ids = [1] + [int(t) for t in np.random.default_rng(2).integers(100, 31999, 759)]
-    tokens, logits = decode(path, monkeypatch, fused=True, ids=ids, n_ctx=1024, n_new=20)
-    tokens_ref, logits_ref = decode(path, monkeypatch, fused=False, ids=ids, n_ctx=1024, n_new=20)
+    tokens, logits, _, _ = decode(path, "step", ids=ids, n_ctx=1024, n_new=20)
+    tokens_ref, logits_ref, _, _ = decode(path, "per-op", ids=ids, n_ctx=1024, n_new=20)
     assert tokens == tokens_ref
     np.testing.assert_array_equal(bits(logits), bits(logits_ref))

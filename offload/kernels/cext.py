@@ -117,6 +117,10 @@ def moe_batch(x, per_slot, weights, specs: tuple, counts: np.ndarray, pairs: np.
                     MOE_ACTS[act], biases)
 
 
+def has_step() -> bool:
+    return _cext is not None and hasattr(_cext, "step_plan")
+
+
 def has_attention_token() -> bool:
     return _cext is not None and hasattr(_cext, "attention_token")
 

@@ -72,6 +72,7 @@ SGEMM_MIN_TOKENS = 2
 SGEMM_KERNELS: dict[GGMLQuantizationType, Kernel] = {}
 _ONE_CALL = False  # cext.matmul_x serves the C formats (select_kernels)
 _FUSED = False  # whole blocks in one C call: a layer's experts (kernels.moe), a token's attention (kernels.block)
+_STEP = False  # a whole decoding step in one C call (kernels.step)
 
 
 def select_kernels(implementation: str | None = None) -> None:
@@ -93,8 +94,8 @@ def select_kernels(implementation: str | None = None) -> None:
     ACTIVATION_CONVERTERS.update(_NUMBA_QUANTIZERS)
     cext.select(False)
     C_FORMATS.clear()
-    global _ONE_CALL, _FUSED
-    _ONE_CALL = _FUSED = False
+    global _ONE_CALL, _FUSED, _STEP
+    _ONE_CALL = _FUSED = _STEP = False
     if implementation == "numba":
         return
     if not cext.available():
@@ -121,12 +122,18 @@ def select_kernels(implementation: str | None = None) -> None:
         SGEMM_KERNELS[GGMLQuantizationType.IQ4_NL] = kernel
     _ONE_CALL = cext.has_matmul_x() and os.environ.get("OFFLOAD_ONE_CALL", "1") != "0"
     _FUSED = cext.has_moe_ffn() and cext.has_attention_token() and os.environ.get("OFFLOAD_FUSED", "1") != "0"
+    _STEP = _FUSED and cext.has_step() and os.environ.get("OFFLOAD_STEP", "1") != "0"
 
 
 def fused_enabled() -> bool:
     """Whether kernels.moe and kernels.block may run a layer's experts, or a decoding token's
     attention block, in one C call (OFFLOAD_FUSED=0: one call per matrix, for comparison)."""
     return _FUSED
+
+
+def step_enabled() -> bool:
+    """Whether a decoding token may run as one C call (kernels.step; OFFLOAD_STEP=0 turns it off)."""
+    return _STEP
 
 
 def uses_numba(ggml_types) -> bool:

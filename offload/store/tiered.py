@@ -111,6 +111,15 @@ class TieredExperts:
             self._load_all()
 
     # -- the ExpertStore protocol --------------------------------------------------------
+    def resident_ffns(self, layer: int) -> list[FFN] | None:
+        """Every expert of a MoE layer, by id, when the budget holds them all in place (they never
+        move then), else None."""
+        return self._static[layer] if self.all_resident else None
+
+    def count_hits(self, n: int) -> None:
+        """n expert uses served without get() (kernels.step runs them from resident_ffns)."""
+        self.stats.hits += n
+
     def get(self, layer: int, expert: int) -> FFN:
         if self.all_resident:
             self.stats.hits += 1
