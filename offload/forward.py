@@ -299,9 +299,9 @@ class Transformer:
         if self.recorder is not None:
             for i in plan.moe_layers:
                 self.recorder.record(i, plan.chosen[i : i + 1], plan.weights[i : i + 1])
-        count_hits = getattr(self.experts, "count_hits", None)
-        if count_hits is not None:
-            count_hits(len(plan.moe_layers) * self.args.n_expert_used)
+        note_uses = getattr(self.experts, "note_uses", None)  # a store's (or a view of it's) counts of expert uses
+        if note_uses is not None:
+            note_uses(plan.moe_layers, plan.chosen)
         if outputs == "none":
             return None
         if logits is None:  # an output matrix the C step has no kernel for

@@ -123,6 +123,11 @@ class Weights:
     output: QMatrix  # token_embd when the file ties them
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
+        if len(tokens) == 1:  # a decoding token: the same rows, without dequantize_rows' array checks
+            t = int(tokens[0])
+            if not 0 <= t < self.token_embd.n_rows:
+                raise ValueError(f"row index out of range for a matrix of {self.token_embd.n_rows} rows: {t}")
+            return self.token_embd.fmt.dequantize(self.token_embd.data[t : t + 1])
         return dequantize_rows(self.token_embd, tokens)
 
 

@@ -82,6 +82,7 @@ def test_traces_and_thread_counts_agree_with_the_per_layer_path(path, tmp_path):
 
 
 def test_store_hits_are_counted_on_the_step(path):
+    """The step's expert uses reach the store's statistics (and the server's expert panel, tested in test_serve)."""
     with Model.load(path, n_ctx=128) as probe:
         full = probe.plan.full
     with Model.load(path, n_ctx=128, memory_budget=full + (1 << 20), prefetch=False) as m:

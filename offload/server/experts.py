@@ -47,6 +47,20 @@ class ExpertActivity:
         before = self.tiered.stats.misses if self.tiered is not None else 0
         ffn = self.store.get(layer, expert)
         missed = self.tiered is not None and self.tiered.stats.misses != before
+        self._count(layer, expert, missed)
+        return ffn
+
+    def note_uses(self, layers: list[int], chosen: np.ndarray) -> None:
+        """A decoding token's experts run from the store's resident ones without get() (the
+        whole step in C, kernels.step): hits, layer by layer."""
+        for layer in layers:
+            for expert in chosen[layer]:
+                self._count(layer, int(expert), False)
+        note_uses = getattr(self.store, "note_uses", None)
+        if note_uses is not None:
+            note_uses(layers, chosen)
+
+    def _count(self, layer: int, expert: int, missed: bool) -> None:
         row = self._row.get(layer)
         if row is not None:
             with self._lock:
@@ -58,7 +72,6 @@ class ExpertActivity:
                     self._row_step[row] = self.step
                 self.last[row, expert] = MISS if missed else HIT
                 (self.misses if missed else self.hits)[row, expert] += 1
-        return ffn
 
     def start_request(self) -> None:
         """A new request: its counts start at zero (what the store holds stays)."""

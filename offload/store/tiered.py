@@ -116,9 +116,10 @@ class TieredExperts:
         move then), else None."""
         return self._static[layer] if self.all_resident else None
 
-    def count_hits(self, n: int) -> None:
-        """n expert uses served without get() (kernels.step runs them from resident_ffns)."""
-        self.stats.hits += n
+    def note_uses(self, layers: list[int], chosen: np.ndarray) -> None:
+        """Expert uses served without get() (kernels.step runs them from resident_ffns): chosen[layer]
+        holds the experts each of these MoE layers ran for one token."""
+        self.stats.hits += len(layers) * chosen.shape[1]
 
     def get(self, layer: int, expert: int) -> FFN:
         if self.all_resident:
