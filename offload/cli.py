@@ -115,7 +115,14 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
 @click.option("--top-k", default=40, show_default=True, help="Keep the k most likely tokens (0: off).")
 @click.option("--top-p", default=0.95, show_default=True, help="Keep the smallest set with this much probability (1: off).")
 @click.option("--min-p", default=0.05, show_default=True, help="Drop tokens below this share of the best one's probability (0: off).")
-@click.option("--repeat-penalty", default=1.0, show_default=True, help="Penalize the last 64 tokens (1: off).")
+@click.option("--repeat-penalty", default=1.0, show_default=True,
+              help="Divide the logits of tokens among the last --repeat-last-n by this (1: off).")
+@click.option("--repeat-last-n", default=64, show_default=True, type=click.IntRange(0, None),
+              help="Tokens the penalties look back over (0: none).")
+@click.option("--presence-penalty", default=0.0, show_default=True,
+              help="Lower the logit of every token among the last --repeat-last-n by this (0: off).")
+@click.option("--frequency-penalty", default=0.0, show_default=True,
+              help="Lower a token's logit by this times its count among the last --repeat-last-n (0: off).")
 @click.option("--seed", type=int, default=None, help="Random seed (default: random).")
 @click.option("-c", "--ctx-size", type=int, default=0, help="Context size (0: min(trained, 4096)).")
 @_cache_type_options
@@ -141,7 +148,7 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
 def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, ctx_size, threads,
              memory_budget, cache_policy, cache_scope, o_direct, record_trace=None, prefetch_depth=None,
              no_prefetch=False, vram_budget=None, cache_type_k=DEFAULT_CACHE_TYPE, cache_type_v=DEFAULT_CACHE_TYPE,
-             prompt_cache=None) -> None:
+             prompt_cache=None, repeat_last_n=64, presence_penalty=0.0, frequency_penalty=0.0) -> None:
     """Continue PROMPT with MODEL (a GGUF file; default: the demo model)."""
     from .model import DEFAULT_PREFETCH_DEPTH, Model
     from .summary import human_bytes as hb
@@ -157,7 +164,8 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
         click.echo(prompt, nl=False)
         for piece in m.generate(prompt, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p,
                                 min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, record_trace=record_trace,
-                                reuse_cache=bool(prompt_cache)):
+                                reuse_cache=bool(prompt_cache), repeat_last_n=repeat_last_n,
+                                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty):
             click.echo(piece, nl=False)
         click.echo()
         g = m.last_generation
@@ -296,8 +304,8 @@ def tune(model, trace_file, budgets, policies, depths, n_predict, prompt, thread
 def _sampling_and_memory_options(f):
     """The `generate` command's sampling and memory flags, same names and defaults."""
     for name in ("cache_type_v", "cache_type_k", "vram_budget", "no_prefetch", "prefetch_depth", "o_direct",
-                 "cache_scope", "cache_policy", "memory_budget", "threads", "ctx_size", "seed", "repeat_penalty",
-                 "min_p", "top_p", "top_k", "temp"):
+                 "cache_scope", "cache_policy", "memory_budget", "threads", "ctx_size", "seed", "frequency_penalty",
+                 "presence_penalty", "repeat_last_n", "repeat_penalty", "min_p", "top_p", "top_k", "temp"):
         opt = next(p for p in generate.params if p.name == name)
         f = click.option(*opt.opts, **{k: getattr(opt, k) for k in ("type", "default", "help", "show_default")},
                          is_flag=opt.is_flag)(f)
@@ -333,7 +341,7 @@ CHAT_HELP = """commands:
 def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, ctx_size, threads, memory_budget,
          cache_policy, cache_scope, o_direct, prefetch_depth, no_prefetch, chat_template, chat_template_file,
          context_shift, vram_budget=None, reasoning_effort=None, hide_reasoning=False, cache_type_k=DEFAULT_CACHE_TYPE,
-         cache_type_v=DEFAULT_CACHE_TYPE) -> None:
+         cache_type_v=DEFAULT_CACHE_TYPE, repeat_last_n=64, presence_penalty=0.0, frequency_penalty=0.0) -> None:
     """Chat with MODEL (a GGUF file; default: the demo model) in its own chat template.
 
     Reads one message per line (from a terminal or a pipe) and streams each reply. Type /help
@@ -365,7 +373,8 @@ def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, se
     with m:
         try:
             bar.step("reading the chat template")
-            params = SamplingParams(temp, top_k, top_p, min_p, repeat_penalty, seed=seed)
+            params = SamplingParams(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, presence_penalty,
+                                    frequency_penalty)
             session = ChatSession(m, m.chat_template, params, max_tokens=n_predict, system=system,
                                   context_shift=context_shift,
                                   template_vars={"reasoning_effort": reasoning_effort} if reasoning_effort else {})
@@ -454,7 +463,7 @@ def _options_of(command: click.Command, *names: str):
 def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, temp, top_k, top_p, min_p,
           repeat_penalty, seed, ctx_size, threads, memory_budget, cache_policy, cache_scope, o_direct, prefetch_depth,
           no_prefetch, vram_budget, chat_template, chat_template_file, verbose, cache_type_k=DEFAULT_CACHE_TYPE,
-          cache_type_v=DEFAULT_CACHE_TYPE) -> None:
+          cache_type_v=DEFAULT_CACHE_TYPE, repeat_last_n=64, presence_penalty=0.0, frequency_penalty=0.0) -> None:
     """Serve MODEL (a GGUF file; default: the demo model) over HTTP: OpenAI's API and a chat page.
 
     Routes: / (the chat page, with a live view of the expert cache), /v1/chat/completions,
@@ -479,7 +488,8 @@ def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, 
     depth = DEFAULT_PREFETCH_DEPTH if prefetch_depth is None else prefetch_depth
     config = ServerConfig(
         model_name=alias or os.path.basename(path),
-        sampling=SamplingParams(temp, top_k, top_p, min_p, repeat_penalty, seed=seed),
+        sampling=SamplingParams(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, presence_penalty,
+                                frequency_penalty),
         max_tokens=n_predict if n_predict > 0 else None,
         api_key=api_key or None,
         cors_origins=tuple(cors_origins),

@@ -17,6 +17,12 @@ top-k then softmax), the experts' activation and biases, the optional norms and 
 Numerics follow llama.cpp's CPU backend (float32 activations; each matmul converts its
 input the way ggml does for the weight's type, see `offload.kernels`), because MoE
 routing is discontinuous: a small drift in activations flips expert choices.
+
+This file is the reference step, and the one prompts, tiered stores, prefetching and the
+GPU tier run. A decoding token on a model the C kernels serve whole (every expert resident)
+runs the same step as one C call instead (`kernels.step`, `_step_token` below), and each
+block of a decoding token has its own C call too (`kernels.block`, `kernels.moe`): the same
+bits, fewer trips between Python and C.
 """
 
 from __future__ import annotations

@@ -214,18 +214,21 @@ class Model:
         record_trace: str | os.PathLike[str] | None = None,
         stream: bool = True,
         reuse_cache: bool = False,
+        repeat_last_n: int = 64,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
     ) -> Iterator[str] | str:
         """Stream the continuation of `prompt` as text pieces (whole UTF-8 characters);
-        `stream=False`: return it as one string.
+        `stream=False`: return it as one string. The sampling arguments are llama.cpp's
+        (offload.sampling).
         `record_trace`: save the run's routing trace there; `reuse_cache`: do not run again
         the prompt's start the KV cache holds (see `generate_tokens`)."""
-        pieces = self._generate(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed,
-                                record_trace, reuse_cache)
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed,
+                                presence_penalty, frequency_penalty)
+        pieces = self._generate(prompt, max_tokens, params, record_trace, reuse_cache)
         return pieces if stream else "".join(pieces)
 
-    def _generate(self, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed,
-                  record_trace, reuse_cache=False) -> Iterator[str]:
-        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
+    def _generate(self, prompt, max_tokens, params: SamplingParams, record_trace, reuse_cache=False) -> Iterator[str]:
         decoder = StreamDecoder(self.tokenizer)
         for token in self.generate_tokens(prompt, max_tokens, params, record_trace=record_trace,
                                           reuse_cache=reuse_cache):

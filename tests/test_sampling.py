@@ -66,3 +66,41 @@ def test_seed_reproducible():
     logits = np.random.default_rng(0).standard_normal(500).astype(np.float32)
     a, b = Sampler(params), Sampler(params)
     assert [a.sample(logits) for _ in range(50)] == [b.sample(logits) for _ in range(50)]
+
+
+def test_penalties_as_llama_cpps_formula():
+    """llama_sampler_penalties: seen tokens' logits / repeat (* when <= 0), then minus
+    count * frequency + presence; unseen ones untouched."""
+    logits = np.array([2.0, -1.0, 1.5, 0.5, 0.0], dtype=np.float32)
+    s = Sampler(SamplingParams(repeat_penalty=1.25, presence_penalty=0.3, frequency_penalty=0.2, repeat_last_n=4))
+    for t in (0, 1, 0, 4, 0):  # the window keeps the last 4: 1, 0, 4, 0
+        s.accept(t)
+    expected = logits.copy()
+    expected[0] = np.float32(2.0) / np.float32(1.25) - (np.float32(2) * np.float32(0.2) + np.float32(0.3))
+    expected[1] = np.float32(-1.0) * np.float32(1.25) - (np.float32(0.2) + np.float32(0.3))
+    expected[4] = np.float32(0.0) - (np.float32(0.2) + np.float32(0.3))
+    np.testing.assert_array_equal(s.penalized(logits), expected)
+    assert Sampler(SamplingParams(presence_penalty=0.3, repeat_last_n=0)).params.penalizes is False
+
+
+def test_greedy_with_penalties_gives_llama_cpps_tokens():
+    """The demo model, greedy after the penalties, against llama-cpp-python's sampler chain
+    (penalties, then greedy) on the same logits. llama-cpp-python does not feed the prompt to
+    its penalties (llama-server and offload do), so the prompt is the BOS token alone, which
+    neither engine picks."""
+    from offload import Model
+    from offload.demo import demo_model_path
+    from offload.testing import llama_cpp_model
+
+    penalties = dict(repeat_penalty=1.1, presence_penalty=0.6, frequency_penalty=0.9)
+    llm = llama_cpp_model(demo_model_path(), n_ctx=256, logits_all=False)
+    try:
+        out = llm.create_completion([1], max_tokens=48, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, **penalties)
+        expected = llm.tokenize(out["choices"][0]["text"].encode(), add_bos=False, special=True)
+    finally:
+        llm.close()
+    with Model.load(demo_model_path(), n_ctx=256) as m:
+        tokens = list(m.generate_tokens([1], 48, SamplingParams(temperature=0.0, **penalties)))
+        plain = list(m.generate_tokens([1], 48, SamplingParams(temperature=0.0)))
+    assert m.tokenizer.decode(tokens) == out["choices"][0]["text"]
+    assert len(expected) > 20 and tokens != plain  # the penalties changed the text

@@ -151,7 +151,7 @@ def test_chat_is_the_models_reply(server, oracle):
 
 def test_completion_is_model_generate(server, oracle):
     client = server.client()
-    kw = dict(temperature=0.9, top_p=0.9, seed=7)
+    kw = dict(temperature=0.9, top_p=0.9, seed=7, presence_penalty=0.4, frequency_penalty=0.3)
     extra = {"top_k": 20, "min_p": 0.02, "repeat_penalty": 1.1}
     for prompt in PROMPTS:
         r = client.completions.create(model="demo", prompt=prompt, max_tokens=32, extra_body=extra, **kw)
@@ -239,7 +239,8 @@ def test_bad_requests_get_openai_errors(server):
     expect_error(post(chat, json={"messages": msgs, "seed": "x"}), 400, "invalid_type")
     expect_error(post(chat, json={"messages": msgs, "max_token": 5}), 400, "unknown_field")
     expect_error(post(chat, json={"messages": msgs, "n": 2}), 400, "unsupported_value")
-    expect_error(post(chat, json={"messages": msgs, "presence_penalty": 0.5}), 400, "unsupported_value")
+    expect_error(post(chat, json={"messages": msgs, "presence_penalty": 2.5}), 400, "invalid_value")
+    expect_error(post(chat, json={"messages": msgs, "frequency_penalty": "lots"}), 400, "invalid_type")
     expect_error(post(chat, json={"messages": msgs, "max_tokens": 100_000}), 400, "context_length_exceeded")
     expect_error(post(chat, json={"messages": msgs, "max_tokens": 510}), 400, "context_length_exceeded")
     long_text = " ".join(["And it came to pass"] * 200)

@@ -143,9 +143,6 @@ def _common(body: dict, known: set[str], defaults: SamplingParams, default_max: 
         raise invalid("model", f"model must be a string, not {_kind(model)}", "invalid_type")
     _neutral(body, "n", (1,), "one choice per request")
     _neutral(body, "logit_bias", ({},), "no logit bias")
-    for name in ("presence_penalty", "frequency_penalty"):
-        _number(body, name, -2.0, 2.0, None)  # type-checked, then only 0 accepted
-        _neutral(body, name, (0, 0.0), "offload's sampler has repeat_penalty (llama.cpp's), not this penalty")
     seed = body.get("seed")
     if seed is not None:
         seed = _integer(body, "seed", -(2**63), 2**64 - 1, None)
@@ -157,6 +154,8 @@ def _common(body: dict, known: set[str], defaults: SamplingParams, default_max: 
         top_k=_integer(body, "top_k", 0, None, defaults.top_k),
         min_p=_number(body, "min_p", 0.0, 1.0, defaults.min_p),
         repeat_penalty=_number(body, "repeat_penalty", 0.0, 10.0, defaults.repeat_penalty),
+        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, defaults.presence_penalty),
+        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, defaults.frequency_penalty),
         seed=seed if seed is not None else defaults.seed,
     )
     if sampling.repeat_penalty <= 0:
