@@ -752,7 +752,7 @@ static PyObject *py_step_plan(PyObject *self, PyObject *args) {
         dims.n_head % dims.n_head_kv || dims.rope_dim < 0 || dims.rope_dim > dims.head_dim || dims.rope_dim % 2 ||
         dims.qk_norm < 0 || dims.qk_norm > 2 || routing < ROUTE_SOFTMAX_TOPK || routing > ROUTE_SIGMOID_TOPK_NORM ||
         (act != MOE_ACT_SWIGLU && act != MOE_ACT_SWIGLU_OAI) || n_ctx <= 0 || n_threads < 1 || n_layer < 1 ||
-        n_layer > INT32_MAX || k < 1 || k + 1 > MOE_MAX_JOBS)
+        n_layer > INT32_MAX || k < 0 || k + 1 > MOE_MAX_JOBS) /* k 0: a dense model */
         return PyErr_Format(PyExc_ValueError, "step_plan: bad dimensions");
     step_plan *p = calloc(1, sizeof(step_plan));
     if (!p) return PyErr_NoMemory();
