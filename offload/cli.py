@@ -138,10 +138,16 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
 @click.option("--prompt-cache", type=click.Path(dir_okay=False), default=None,
               help="A KV state file: the prompt's start it holds is not run again, and the state is saved there "
                    "after generating (created if missing).")
+@click.option("--context-shift", is_flag=True,
+              help="When the context is full, drop half of the tokens after --keep and go on (llama.cpp's "
+                   "context shift: the kept keys are rotated, not run again).")
+@click.option("--keep", "n_keep", type=int, default=None,
+              help="Prompt tokens a context shift keeps, after BOS (-1: the whole prompt) [default: 0; chat: the "
+                   "system prompt].")
 def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, ctx_size, threads,
              memory_budget, cache_policy, cache_scope, o_direct, record_trace=None, prefetch_depth=None,
              no_prefetch=False, vram_budget=None, cache_type_k=DEFAULT_CACHE_TYPE, cache_type_v=DEFAULT_CACHE_TYPE,
-             prompt_cache=None) -> None:
+             prompt_cache=None, context_shift=False, n_keep=None) -> None:
     """Continue PROMPT with MODEL (a GGUF file; default: the demo model)."""
     from .model import DEFAULT_PREFETCH_DEPTH, Model
     from .summary import human_bytes as hb
@@ -150,7 +156,8 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
     with Model.load(_model_path(model), n_ctx=ctx_size, n_threads=threads, memory_budget=memory_budget,
                     cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
                     prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
-                    vram_budget=vram_budget, cache_type_k=cache_type_k, cache_type_v=cache_type_v) as m:
+                    vram_budget=vram_budget, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+                    context_shift=context_shift, n_keep=n_keep) as m:
         _memory_line(m, memory_budget)
         if prompt_cache and os.path.exists(prompt_cache):
             m.load_state(prompt_cache)
@@ -167,7 +174,8 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
                        f"saved to {prompt_cache}", err=True)
         click.echo(
             f"prompt {g.prompt_tokens} tokens at {g.prompt_tok_s:.1f} tok/s; "
-            f"generated {g.generated_tokens} tokens at {g.decode_tok_s:.1f} tok/s (stop: {g.stop_reason})",
+            f"generated {g.generated_tokens} tokens at {g.decode_tok_s:.1f} tok/s (stop: {g.stop_reason})"
+            + (f"; context shifted {g.context_shifts} times" if g.context_shifts else ""),
             err=True,
         )
         st = m.stats()
@@ -304,6 +312,20 @@ def _sampling_and_memory_options(f):
     return f
 
 
+def _options_of(command: click.Command, *names: str):
+    """Another command's options, same flags, defaults and help (in the order given)."""
+
+    def decorate(f):
+        for name in reversed(names):
+            opt = next(p for p in command.params if p.name == name)
+            f = click.option(opt.name, *opt.opts,
+                             **{k: getattr(opt, k) for k in ("type", "default", "help", "show_default")},
+                             is_flag=opt.is_flag)(f)
+        return f
+
+    return decorate
+
+
 CHAT_HELP = """commands:
   /help         this list
   /reset        forget the conversation (the system prompt stays)
@@ -323,7 +345,9 @@ CHAT_HELP = """commands:
 @click.option("--chat-template-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Read the chat template from this file.")
 @click.option("--context-shift", is_flag=True,
-              help="When the context is full, drop the oldest exchanges instead of asking for /reset.")
+              help="When the context fills during a reply, drop half of what follows the system prompt (--keep) "
+                   "and go on, as llama.cpp; when a new message does not fit, drop the oldest exchanges.")
+@_options_of(generate, "n_keep")
 @click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default=None,
               help="How long a reasoning model thinks, as its template takes it (gpt-oss; default: the template's, "
                    "medium).")
@@ -332,8 +356,8 @@ CHAT_HELP = """commands:
                    "before the answer on stdout).")
 def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, ctx_size, threads, memory_budget,
          cache_policy, cache_scope, o_direct, prefetch_depth, no_prefetch, chat_template, chat_template_file,
-         context_shift, vram_budget=None, reasoning_effort=None, hide_reasoning=False, cache_type_k=DEFAULT_CACHE_TYPE,
-         cache_type_v=DEFAULT_CACHE_TYPE) -> None:
+         context_shift, n_keep=None, vram_budget=None, reasoning_effort=None, hide_reasoning=False,
+         cache_type_k=DEFAULT_CACHE_TYPE, cache_type_v=DEFAULT_CACHE_TYPE) -> None:
     """Chat with MODEL (a GGUF file; default: the demo model) in its own chat template.
 
     Reads one message per line (from a terminal or a pipe) and streams each reply. Type /help
@@ -358,7 +382,7 @@ def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, se
                        cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
                        prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
                        chat_template=chat_template, vram_budget=vram_budget, cache_type_k=cache_type_k,
-                       cache_type_v=cache_type_v)
+                       cache_type_v=cache_type_v, context_shift=context_shift, n_keep=n_keep)
     except BaseException:
         bar.abort()
         raise
@@ -424,19 +448,6 @@ def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, se
                               ", or run with --context-shift"), err=True)
 
 
-def _options_of(command: click.Command, *names: str):
-    """Another command's options, same flags, defaults and help (in the order given)."""
-
-    def decorate(f):
-        for name in reversed(names):
-            opt = next(p for p in command.params if p.name == name)
-            f = click.option(*opt.opts, **{k: getattr(opt, k) for k in ("type", "default", "help", "show_default")},
-                             is_flag=opt.is_flag)(f)
-        return f
-
-    return decorate
-
-
 @main.command()
 @model_argument
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
@@ -450,11 +461,12 @@ def _options_of(command: click.Command, *names: str):
 @_options_of(chat, "n_predict")
 @_sampling_and_memory_options
 @_options_of(chat, "chat_template", "chat_template_file")
+@_options_of(generate, "context_shift", "n_keep")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, temp, top_k, top_p, min_p,
           repeat_penalty, seed, ctx_size, threads, memory_budget, cache_policy, cache_scope, o_direct, prefetch_depth,
           no_prefetch, vram_budget, chat_template, chat_template_file, verbose, cache_type_k=DEFAULT_CACHE_TYPE,
-          cache_type_v=DEFAULT_CACHE_TYPE) -> None:
+          cache_type_v=DEFAULT_CACHE_TYPE, context_shift=False, n_keep=None) -> None:
     """Serve MODEL (a GGUF file; default: the demo model) over HTTP: OpenAI's API and a chat page.
 
     Routes: / (the chat page, with a live view of the expert cache), /v1/chat/completions,
@@ -494,7 +506,7 @@ def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, 
                        cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
                        prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
                        chat_template=chat_template, vram_budget=vram_budget, cache_type_k=cache_type_k,
-                       cache_type_v=cache_type_v)
+                       cache_type_v=cache_type_v, context_shift=context_shift, n_keep=n_keep)
         from .chat import ChatSession
         from .chat_template import ChatTemplateError
 
