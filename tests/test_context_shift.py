@@ -112,17 +112,18 @@ def test_a_chat_reply_shifts_keeping_the_system_prompt(paths):
     from offload.chat import ChatSession, prompt_ids, system_prompt_tokens
     from test_chat import CHATML
 
+    system, message, n_reply = "You are a terse assistant. " * 6, "Hello there " * 10, 70
     with Model.load(paths["llama"], n_ctx=N_CTX, chat_template=CHATML, context_shift=True) as m:
-        s = ChatSession(model=m, template=m.chat_template, params=GREEDY, max_tokens=N_STEPS - 20,
-                        system="You are terse.", context_shift=True)
-        ids = prompt_ids(m, m.chat_template, s.messages + [{"role": "user", "content": "Hello there"}])
-        keep = system_prompt_tokens(m, m.chat_template, s.messages + [{"role": "user", "content": "x"}])
-        reply = "".join(d.text for d in s.send("Hello there"))
-        assert m.last_generation.context_shifts >= 1 and s.last.completion_tokens == N_STEPS - 20
-        assert keep > 3 and m._kv_ids[:keep] == ids[:keep]
-        ref, _, shifts = llama_cpp_shifted_greedy(paths["llama"], ids, N_STEPS - 20, N_CTX, keep)
-        assert len(shifts) == m.last_generation.context_shifts
-        assert reply == m.detokenize(ref)
+        s = ChatSession(model=m, template=m.chat_template, params=GREEDY, max_tokens=n_reply, system=system,
+                        context_shift=True)
+        ids = prompt_ids(m, m.chat_template, s.messages + [{"role": "user", "content": message}])
+        keep = system_prompt_tokens(m, m.chat_template, s.messages)
+        assert len(ids) + n_reply > N_CTX and keep > 30
+        reply = "".join(d.text for d in s.send(message))
+        assert m.last_generation.context_shifts >= 1 and s.last.completion_tokens == n_reply
+        assert m._kv_ids[:keep] == ids[:keep]
+        ref, _, shifts = llama_cpp_shifted_greedy(paths["llama"], ids, n_reply, N_CTX, keep)
+        assert len(shifts) == m.last_generation.context_shifts and reply == m.detokenize(ref)
         "".join(d.text for d in s.send("And then?"))
         assert s.shifted >= 2 and s.last.completion_tokens > 0
 
