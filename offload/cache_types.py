@@ -30,10 +30,9 @@ CACHE_TYPES: dict[str, GGMLQuantizationType] = {
     "q5_0": GGMLQuantizationType.Q5_0,
     "q5_1": GGMLQuantizationType.Q5_1,
 }
-# llama.cpp's default is f16, and every oracle suite run passes with it, but with the Numba
-# kernels an F16 cache compiles the F16 matmul kernels too, which a cold first process's
-# memory budget does not count yet (test_store's fresh-process test): f32 until it does
-DEFAULT_CACHE_TYPE = "f32"
+# llama.cpp's default; attention reads F16 rows directly in the C kernel and in its Numba
+# twin (kernels.attention), so an F16 cache needs no other kernels than an F32 one
+DEFAULT_CACHE_TYPE = "f16"
 
 
 def cache_format(name: str) -> BlockFormat:

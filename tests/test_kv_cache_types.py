@@ -143,11 +143,11 @@ def test_fused_decode_block_on_an_f16_cache_equals_llama_cpp(model_factory, monk
 @pytest.mark.parametrize("n,head_dim,window,sinks", [(1, 32, 0, False), (5, 32, 0, True), (3, 48, 0, False),
                                                      (4, 20, 0, False), (1, 20, 6, True), (6, 64, 8, False)])
 def test_c_attention_on_f16_rows_equals_its_reference(n, head_dim, window, sinks):
-    """cext/attention.c over F16 rows, against attention_typed's matmul path (same bits),
-    including head sizes that take vec_dot_f16's tail (48) or no tinyBLAS (20), a ring of
-    cells and sinks."""
+    """cext/attention.c and its Numba twin over F16 rows, against attention_typed's matmul path
+    (same bits), including head sizes that take vec_dot_f16's tail (48) or no tinyBLAS (20),
+    a ring of cells and sinks."""
     from offload.kernels import cext
-    from offload.kernels.attention import attention_typed
+    from offload.kernels.attention import attention_numba, attention_typed
 
     if not cext.selected():
         pytest.skip("the C extension is not built")
@@ -164,6 +164,9 @@ def test_c_attention_on_f16_rows_equals_its_reference(n, head_dim, window, sinks
         args = (q, kk, k_fmt, vv, v_fmt, start, n_head, n_head_kv, head_dim, window, s)
         fast, ref = attention_typed(*args), attention_typed(*args, compiled=False)
         assert np.array_equal(fast.view(np.uint32), ref.view(np.uint32)), np.abs(fast - ref).max()
+        halves = [r.view(np.float16) if f.name == "F16" else r for r, f in ((kk, k_fmt), (vv, v_fmt))]
+        numba = attention_numba(q, *halves, start, n_head, n_head_kv, head_dim, None, window, s)
+        assert np.array_equal(numba.view(np.uint32), ref.view(np.uint32)), np.abs(numba - ref).max()
 
 
 # -- saved sessions ----------------------------------------------------------------------

@@ -28,7 +28,8 @@ from . import cext, ggml_math
 from .dispatch import matmul_f32_arrays
 from .ggml_math import _expf1
 from .jit import njit, prange
-from .numba_intrinsics import fma32
+from .numba_intrinsics import fma32, round_f16
+from .numba_kernels import F16_TO_F32
 
 
 @njit(inline="always")
@@ -55,28 +56,40 @@ def _cell_position(c, last, n_cells, wrapped, cell_pos):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, v_dim, scale, window, sinks, cell_pos, out):
+def _attention(q, k_cache, v_cache, k16, v16, f16_table, start, n_head, n_head_kv, head_dim, v_dim, scale, window,
+               sinks, cell_pos, out):
     """q (n, n_head*hd); k_cache (n_cells, n_head_kv*hd), v_cache (n_cells, >= n_head_kv*v_dim)
     of one layer, positions up to start + n written (position p in cell p % n_cells, or as
     cell_pos says when it is not empty); out (n, n_head*v_dim); window 0: none; sinks:
-    (n_head,) or empty."""
+    (n_head,) or empty. An F16 cache comes as k16 / v16 (uint16 halves, f16_table their
+    values) with an empty k_cache / v_cache, else k16 / v16 are empty: as cext/attention.c,
+    q is rounded to F16 for F16 keys and K.q sums in tinyBLAS's 8 lanes for 2+ tokens (head_dim
+    % 8 == 0) or vec_dot_f16's 32 with the tail in double; the probabilities are rounded to
+    F16 for F16 values."""
     n = q.shape[0]
-    n_cells = k_cache.shape[0]
+    key16, value16 = k16.shape[0] > 0, v16.shape[0] > 0
+    n_cells = k16.shape[0] if key16 else k_cache.shape[0]
     last = start + n - 1
     wrapped = last >= n_cells or len(cell_pos) > 0
     hd, vd = head_dim, v_dim
     group = n_head // n_head_kv
     gemm8 = n >= 2 and vd % 4 == 0
+    kq8 = key16 and n >= 2 and hd % 8 == 0
     main = hd - hd % 32
     for h in prange(n_head):
         acc = np.zeros(32, dtype=np.float32)
         probs = np.empty(len(cell_pos) if len(cell_pos) else min(start + n, n_cells), dtype=np.float32)
         vacc = np.zeros((32, vd), dtype=np.float32)  # (lane, d)
+        qr = np.empty(hd, dtype=np.float32)
         g = h // group
         kv0 = g * hd
         v0 = g * vd
         for t in range(n):
             qrow = q[t, h * hd:(h + 1) * hd]
+            if key16:  # ggml converts q to the keys' F16 first
+                for c in range(hd):
+                    qr[c] = round_f16(qrow[c])
+                qrow = qr
             pos = start + t
             live = len(probs) if wrapped else pos + 1  # causal: later positions weigh exactly +0 and are skipped
             m = np.float32(-np.inf)
@@ -86,12 +99,25 @@ def _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, v_dim, s
                     probs[p] = -np.inf
                     continue
                 acc[:] = 0.0
-                for c in range(0, main, 32):
-                    for lane in range(32):
-                        acc[lane] = fma32(k_cache[p, kv0 + c + lane], qrow[c + lane], acc[lane])
-                s = _fold32(acc)
-                for c in range(main, hd):
-                    s += k_cache[p, kv0 + c] * qrow[c]
+                if kq8:
+                    for c in range(hd):
+                        acc[c % 8] = fma32(f16_table[k16[p, kv0 + c]], qrow[c], acc[c % 8])
+                    s = _hsum8(acc)
+                elif key16:
+                    for c in range(0, main, 32):
+                        for lane in range(32):
+                            acc[lane] = fma32(f16_table[k16[p, kv0 + c + lane]], qrow[c + lane], acc[lane])
+                    s64 = np.float64(_fold32(acc))
+                    for c in range(main, hd):
+                        s64 += np.float64(f16_table[k16[p, kv0 + c]] * qrow[c])
+                    s = np.float32(s64)
+                else:
+                    for c in range(0, main, 32):
+                        for lane in range(32):
+                            acc[lane] = fma32(k_cache[p, kv0 + c + lane], qrow[c + lane], acc[lane])
+                    s = _fold32(acc)
+                    for c in range(main, hd):
+                        s += k_cache[p, kv0 + c] * qrow[c]
                 s = s * scale
                 probs[p] = s
                 if s > m:
@@ -117,12 +143,16 @@ def _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, v_dim, s
             vacc[:, :] = 0.0
             width = 8 if gemm8 else 32
             for p in range(live):
-                if probs[p] == 0.0:
+                w = round_f16(probs[p]) if value16 else probs[p]
+                if w == 0.0:
                     continue  # masked: adds exactly +0
                 lane = vacc[p % width]
-                w = probs[p]
-                for d in range(vd):
-                    lane[d] = fma32(v_cache[p, v0 + d], w, lane[d])
+                if value16:
+                    for d in range(vd):
+                        lane[d] = fma32(f16_table[v16[p, v0 + d]], w, lane[d])
+                else:
+                    for d in range(vd):
+                        lane[d] = fma32(v_cache[p, v0 + d], w, lane[d])
             for d in range(vd):
                 col = acc  # this output's lanes, gathered
                 for lane in range(width):
@@ -164,12 +194,18 @@ def attention_numba(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray | No
     scale = np.float32(1.0) / np.sqrt(np.float32(head_dim)) if scale is None else np.float32(scale)
     sinks = np.zeros(0, dtype=np.float32) if sinks is None else np.ascontiguousarray(sinks, dtype=np.float32)
     cell_pos = _NO_CELLS if cell_pos is None else np.ascontiguousarray(cell_pos, dtype=np.int32)
-    _attention(q, k_cache, k_cache if v_cache is None else v_cache, start, n_head, n_head_kv, head_dim, v_dim, scale,
-               window, sinks, cell_pos, out)
+    v_cache = k_cache if v_cache is None else v_cache
+    k16, v16 = k_cache.dtype == np.float16, v_cache.dtype == np.float16  # an F16 cache's rows
+    _attention(q, _NO_FLOATS if k16 else k_cache, _NO_FLOATS if v16 else v_cache,
+               k_cache.view(np.uint16) if k16 else _NO_HALVES, v_cache.view(np.uint16) if v16 else _NO_HALVES,
+               F16_TO_F32, start, n_head, n_head_kv, head_dim, v_dim, scale, window, sinks, cell_pos, out)
     return out
 
 
+# stand-ins for the arrays a call does not use (one type each, so one compiled kernel serves all)
 _NO_CELLS = np.zeros(0, dtype=np.int32)
+_NO_FLOATS = np.zeros((0, 0), dtype=np.float32)
+_NO_HALVES = np.zeros((0, 0), dtype=np.uint16)
 
 
 def cell_positions(n_cells: int, end: int) -> np.ndarray:
@@ -246,17 +282,21 @@ def attention_typed(q: np.ndarray, k_rows: np.ndarray, k_fmt, v_rows: np.ndarray
     vec_dot for one token, tinyBLAS for two or more. ggml's first try with the unconverted
     operand applies to F32 only, whose K . Q stays vec_dot (Q is a permuted view).
 
-    F16 and F32 caches run in the C kernel where built (`compiled`), which sums in these
-    orders directly over the cache (cext/attention.c); this path is its reference."""
+    F16 and F32 caches run in the C kernel where built, else in the Numba one (`compiled`),
+    which sum in these orders directly over the cache (cext/attention.c, _attention); this
+    path is their reference."""
     from .dispatch import matmul
     from .formats import QMatrix
 
     n, hd = q.shape[0], head_dim
     vd = hd if v_dim is None else v_dim
-    if compiled and cext.selected() and {k_fmt.name, v_fmt.name} <= {"F32", "F16"}:
-        out = np.empty((n, n_head * vd), dtype=np.float32)
+    if compiled and {k_fmt.name, v_fmt.name} <= {"F32", "F16"}:
         k = k_rows if k_fmt.name == "F32" else k_rows.view(np.float16)
         v = None if v_rows is None else v_rows if v_fmt.name == "F32" else v_rows.view(np.float16)
+        if not cext.selected():
+            return attention_numba(q, k, v, start, n_head, n_head_kv, head_dim, None, window, sinks, vd, scale,
+                                   cell_pos)
+        out = np.empty((n, n_head * vd), dtype=np.float32)
         cext.attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim, window, sinks, vd,
                        0.0 if scale is None else float(scale), cell_pos)
         return out
