@@ -86,15 +86,25 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
     path = _model_path(model)
     gguf = GGUFFile(path)
     args = arch.model_args(gguf)
-    n_ctx = ctx_size if ctx_size > 0 else min(args.n_ctx_train, DEFAULT_N_CTX)
     from .store import parse_budget
+    from .store.plan import context_error, default_context
 
     budget = parse_budget(memory_budget) if memory_budget is not None else None
     from .cache_types import check_cache_types
 
     check_cache_types(cache_type_k, cache_type_v, args.attention, args.head_dim)
-    summary = summarize(gguf, args, n_ctx, budget, scope=cache_scope, o_direct=o_direct, type_k=cache_type_k,
-                        type_v=cache_type_v)
+    options = dict(scope=cache_scope, o_direct=o_direct, type_k=cache_type_k, type_v=cache_type_v)
+    note = ""
+    if ctx_size > 0:
+        n_ctx = ctx_size
+    elif budget is not None:  # as Model.load chooses it for this budget
+        n_ctx, note = default_context(gguf, args, budget, **options)
+    else:
+        n_ctx = min(args.n_ctx_train, DEFAULT_N_CTX)
+    summary = summarize(gguf, args, n_ctx, budget, **options)
+    if budget is not None and ctx_size > 0:
+        too_long = context_error(gguf, args, n_ctx, summary.plan, **options)
+        note = str(too_long) if too_long is not None else ""
     try:
         summary.plan.disk_bandwidth = parse_budget(disk_bandwidth.removesuffix("/s")) if "%" not in disk_bandwidth else 0
     except OffloadError:
@@ -103,6 +113,8 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
         raise click.BadParameter(f"{disk_bandwidth!r} is not a size per second (examples: 3GB, 500MB)",
                                  param_hint="--disk-bandwidth")
     click.echo(format_summary(path, summary))
+    if note:
+        click.echo(note)
     problem = unsupported_tensor(gguf)
     click.echo(f"runs in offload   {'no: ' + problem if problem else 'yes'}")
 
@@ -593,6 +605,8 @@ def _memory_line(m, memory_budget) -> None:
     from .summary import human_bytes as hb
 
     p = m.plan
+    if m.context_note:
+        click.echo(m.context_note, err=True)
     tiered = m.stats()["cache_policy"] != "resident"
     if p is not None and p.pools and (tiered or memory_budget is not None):
         where = ("every expert loaded" if p.all_resident else

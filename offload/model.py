@@ -19,6 +19,7 @@ from .forward import Transformer
 from .kv_shift import check_can_shift
 from .gguf_file import GGUFFile
 from .store import MemoryPlan, StoreStats, TieredExperts, check_within_limit, default_budget, make_plan, parse_budget
+from .store.plan import context_error, default_context
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 from .weights import ResidentExperts, load_weights
@@ -103,6 +104,7 @@ class Model:
     _busy: _OneThreadAtATime = field(default_factory=_OneThreadAtATime)
     context_shift: bool = False  # shift a full context instead of stopping (llama.cpp's --context-shift)
     n_keep: int | None = None  # tokens a shift keeps (llama.cpp's --keep; see shift_context)
+    context_note: str = ""  # how n_ctx was chosen when not given (the CLI prints it)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, n_ctx: int | None = None, n_threads: int | None = None,
@@ -113,7 +115,9 @@ class Model:
              vram_budget: str | int | None = None, gpu_options: dict | None = None,
              cache_type_k: str = DEFAULT_CACHE_TYPE, cache_type_v: str = DEFAULT_CACHE_TYPE,
              context_shift: bool = False, n_keep: int | None = None) -> "Model":
-        """Open `path`; `n_ctx` defaults to min(training context, 4096), `n_threads` to all cores.
+        """Open `path`; `n_ctx` defaults to the training context, or the longest that fits the
+        memory budget beside the minimum expert slots (`context_note` says which; a context
+        given that does not fit is refused naming the longest that does); `n_threads`: all cores.
 
         `memory_budget` ("6GB", "6GiB", "512MB", "60%" of RAM, or bytes) caps what the model
         keeps resident: weights, expert slots, KV cache, scratch. Experts that do not fit are
@@ -149,8 +153,6 @@ class Model:
         gguf = GGUFFile(path)
         try:
             args = arch.model_args(gguf)
-            if n_ctx is None or n_ctx <= 0:
-                n_ctx = min(args.n_ctx_train, DEFAULT_N_CTX)
             if n_threads is not None:
                 set_threads(n_threads)
             if cache_policy.lower() not in CACHE_POLICIES:
@@ -163,9 +165,15 @@ class Model:
             check_cache_types(cache_type_k, cache_type_v, args.attention, args.head_dim)
             if context_shift:
                 check_can_shift(args, cache_type_k)
-            plan = make_plan(gguf, args, n_ctx, budget, source, o_direct=o_direct, scope=cache_scope,
-                             prefetch_slots=prefetch_slots, gpu=_gpu_wanted(vram_budget),
-                             type_k=cache_type_k, type_v=cache_type_v)
+            options = dict(o_direct=o_direct, scope=cache_scope, prefetch_slots=prefetch_slots,
+                           gpu=_gpu_wanted(vram_budget), type_k=cache_type_k, type_v=cache_type_v)
+            context_note = ""
+            if n_ctx is None or n_ctx <= 0:
+                n_ctx, context_note = default_context(gguf, args, budget, **options)
+            plan = make_plan(gguf, args, n_ctx, budget, source, **options)
+            too_long = context_error(gguf, args, n_ctx, plan, **options)
+            if too_long is not None:
+                raise too_long
             plan.check()
             weights = load_weights(gguf, args)
             if not plan.pools or (memory_budget is None and plan.all_resident and not o_direct):
@@ -194,7 +202,8 @@ class Model:
             gguf.close()
             raise
         return cls(str(path), gguf, args, transformer, tokenizer, n_ctx, plan=plan, experts=experts,
-                   chat_template_source=chat_template, context_shift=context_shift, n_keep=n_keep)
+                   chat_template_source=chat_template, context_shift=context_shift, n_keep=n_keep,
+                   context_note=context_note)
 
     # -- text <-> tokens ---------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
