@@ -26,13 +26,13 @@ import math
 import numpy as np
 
 from .arch import ModelArgs
-from .cache_types import DEFAULT_CACHE_TYPE, check_cache_types, encode_rows
+from .cache_types import DEFAULT_CACHE_TYPE, check_cache_types, encode_rows, key_rotation
 from .errors import ContextOverflowError, NonFiniteError
 from .kv_cells import Cells
 from .kv_shift import check_can_shift, rotate_keys
 from .kernels import block, cext, ggml_math, matmul, matmuls
 from .kernels.attention import attention, attention_typed
-from .kernels.ggml_math import apply_rope, rms_norm
+from .kernels.ggml_math import apply_rope, hadamard_rows, rms_norm
 from .kernels.jit import njit
 from .kernels.moe import can_fuse, moe_batch, moe_ffn, types_fuse
 from .rope import mla_score_scale, rope_tables
@@ -153,6 +153,7 @@ class KVCache:
     def __init__(self, args: ModelArgs, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE):
         self.type_k, self.type_v = type_k, type_v
         self.k_fmt, self.v_fmt = check_cache_types(type_k, type_v, args.attention, args.head_dim)
+        self.k_rotation = key_rotation(self.k_fmt, args)  # llama.cpp's Hadamard rotation before a quantized K
         self.k = [_cache_rows(self.k_fmt, kv_cells(args, i, n_ctx), args.kv_dim) for i in range(args.n_layer)]
         self.v = [_cache_rows(self.v_fmt, len(k), args.v_cache_dim) if args.v_cache_dim else None for k in self.k]
         self.n_ctx = n_ctx
@@ -428,6 +429,8 @@ class Transformer:
         cos, sin = self.rope[layer]
         apply_rope(q, cos[start : start + n], sin[start : start + n], a.rope_dim, a.rope_style)
         apply_rope(k, cos[start : start + n], sin[start : start + n], a.rope_dim, a.rope_style)
+        if self.cache.k_rotation:  # the same rotation of both leaves K.q as it is, up to rounding
+            q, k = hadamard_rows(q, self.cache.k_rotation), hadamard_rows(k, self.cache.k_rotation)
         self.cache.write(layer, start, k.reshape(n, -1), v)
         out = self._attend(layer, q.reshape(n, -1), start, a.n_head, a.n_head_kv, hd,
                            out=buf("attn", n, a.n_head * hd), window=a.window(layer), sinks=w.sinks)
