@@ -639,9 +639,10 @@ def _status_line(m, res, session) -> str:
     used = m.transformer.cache.n_past
     ttft = res.time_to_first_token
     first = f"{ttft * 1000:.0f} ms" if ttft < 1 else f"{ttft:.2f} s"
+    shifts = m.last_generation.context_shifts
     return (f"[{res.completion_tokens} tokens, {tok_s:.1f} tok/s, first token {first} "
             f"({res.new_prompt_tokens} new prompt tokens, {res.cached_tokens} reused), {experts}, "
-            f"context {used}/{m.n_ctx}, stop: {res.stop_reason}]")
+            f"context {used}/{m.n_ctx}" + (f" (shifted {shifts}x)" if shifts else "") + f", stop: {res.stop_reason}]")
 
 
 def _slash_command(text: str, session) -> bool:
