@@ -53,7 +53,7 @@ def test_a_context_that_does_not_fit_is_refused_naming_the_longest(long_model):
 
     fit = largest_context(g, arch.model_args(g), budget, 8000)
     g.close()
-    assert f"the longest that fits beside the minimum expert slots is {fit} (-c {fit})" in str(e.value)
+    assert f"the longest context that fits beside the minimum expert slots is {fit} (-c {fit})" in str(e.value)
     assert "\n" not in str(e.value)
     with Model.load(long_model, memory_budget=budget, n_ctx=fit) as m:
         assert m.n_ctx == fit and m.context_note == ""
