@@ -19,7 +19,9 @@
  *
  * Sliding-window layers keep a ring of cells (llama.cpp's SWA cache: position p in cell
  * p % n_cells, once the positions outgrow it); the sums run over cells in cell order, as
- * llama.cpp's do, with the cells outside a query's window masked. A sink (gpt-oss) joins
+ * llama.cpp's do, with the cells outside a query's window masked. After a context shift the
+ * cells hold positions in another order (cell_pos, offload/kv_cells.py): the same sums over
+ * the used cells, masked by each cell's position. A sink (gpt-oss) joins
  * the softmax's max, and its exp (libm's, as ggml's) is added after the chunked sum.
  */
 #include <math.h>
@@ -43,6 +45,7 @@ static inline float fold32(const float acc[32]) {
  * cell c holds the latest position written there. */
 typedef struct {
     int pos, last, n_visit, n_cells, window, wrapped;
+    const int32_t *cell_pos; /* after a context shift: each cell's position (-1: empty) */
 } cell_view;
 
 static inline cell_view view_of(const attention_args *a, int t) {
@@ -53,12 +56,14 @@ static inline cell_view view_of(const attention_args *a, int t) {
     w.window = a->window;
     w.wrapped = w.last >= a->n_cells;
     w.n_visit = w.wrapped ? a->n_cells : w.pos + 1;
+    w.cell_pos = a->cell_pos;
+    if (a->cell_pos) w.n_visit = a->n_used;
     return w;
 }
 
 static inline int sees(const cell_view *w, int c) {
-    const int p = w->wrapped ? w->last - (w->last - c) % w->n_cells : c;
-    return p <= w->pos && (w->window == 0 || w->pos - p < w->window);
+    const int p = w->cell_pos ? w->cell_pos[c] : w->wrapped ? w->last - (w->last - c) % w->n_cells : c;
+    return p >= 0 && p <= w->pos && (w->window == 0 || w->pos - p < w->window);
 }
 
 /* -- portable -------------------------------------------------------------------------- */
@@ -286,7 +291,8 @@ void attention_item(const attention_args *a, int i, float *scratch, int use_avx2
 
 int attention_run(const attention_args *a, int use_avx2) {
     const int items = a->n_head * a->n;
-    const int end = a->start + a->n < a->n_cells ? a->start + a->n : a->n_cells; /* cells visited at most */
+    const int end = a->cell_pos ? a->n_used
+                    : a->start + a->n < a->n_cells ? a->start + a->n : a->n_cells; /* cells visited at most */
     int failed = 0;
 #pragma omp parallel if (items > 1 && (size_t)items * end * a->head_dim >= 16384)
     {

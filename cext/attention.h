@@ -19,6 +19,9 @@ typedef struct {
     const uint16_t *k16, *v16; /* or NULL: an F16 cache instead of k / v (same strides, in halves) */
     int kq_gemm8;        /* with k16: K.q in tinyBLAS's 8-lane order (2+ tokens, head_dim % 8 == 0) */
     float scale;
+    const int32_t *cell_pos; /* NULL: position p in cell p % n_cells; else after a context shift the
+                              * position of cells 0 .. n_used-1 (-1: empty), which are visited */
+    int n_used;
 } attention_args;
 
 /* float -> IEEE half bits, rounded to nearest even (ggml's fp32_to_fp16, F16C's): how an

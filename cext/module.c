@@ -31,7 +31,8 @@
  *       gpt-oss's clamped SwiGLU, routers' sigmoid (ops.c)
  *   silu_mul(x, g, out, n_rows, n)
  *       SwiGLU as ggml computes it (swiglu.c); out may be x
- *   attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim, n_cells, window[, sinks, v_dim, v_stride, scale])
+ *   attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim, n_cells, window[, sinks, v_dim, v_stride, scale,
+ *             k_f16, v_f16, cell_pos, n_used])
  *       causal GQA of n new queries over one layer's F32 cache of n_cells rows, a sliding
  *       window and sink logits optional, values narrower than keys (MLA: v is k) and a
  *       scale other than 1/sqrt(head_dim) too (see attention.c)
@@ -887,16 +888,20 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
     Py_buffer sinks = {0};
     attention_args a = {0};
     int k_f16 = 0, v_f16 = 0; /* an F16 cache (uint16 halves) instead of F32 */
-    if (!PyArg_ParseTuple(args, "y*y*y*w*iiiiiii|Oiifii", &q, &k, &v, &out, &a.n, &a.start, &a.n_head, &a.n_head_kv,
-                          &a.head_dim, &a.n_cells, &a.window, &sinks_obj, &a.v_dim, &a.v_stride, &a.scale, &k_f16,
-                          &v_f16))
+    Py_buffer cells = {0};    /* after a context shift: int32 positions of the first n_used cells */
+    if (!PyArg_ParseTuple(args, "y*y*y*w*iiiiiii|Oiifiiy*i", &q, &k, &v, &out, &a.n, &a.start, &a.n_head,
+                          &a.n_head_kv, &a.head_dim, &a.n_cells, &a.window, &sinks_obj, &a.v_dim, &a.v_stride, &a.scale,
+                          &k_f16, &v_f16, &cells, &a.n_used))
         return NULL;
     PyObject *result = NULL;
     if (a.n < 0 || a.start < 0 || a.head_dim <= 0 || a.n_head_kv <= 0 || a.n_head % a.n_head_kv || a.window < 0 ||
-        a.n_cells <= 0 || (a.start + a.n > a.n_cells && (a.window == 0 || a.n_cells < a.window + a.n))) {
+        a.n_cells <= 0 ||
+        (cells.obj ? a.n_used < 0 || a.n_used > a.n_cells || cells.len < (Py_ssize_t)a.n_used * 4
+                   : a.start + a.n > a.n_cells && (a.window == 0 || a.n_cells < a.window + a.n))) {
         PyErr_SetString(PyExc_ValueError, "attention: bad shape (or a ring of cells too small for its window)");
         goto done;
     }
+    if (cells.obj) a.cell_pos = cells.buf;
     a.q_stride = a.n_head * a.head_dim;
     a.kv_stride = a.n_head_kv * a.head_dim;
     if (a.v_dim <= 0) a.v_dim = a.head_dim;
@@ -936,6 +941,7 @@ done:
     PyBuffer_Release(&v);
     PyBuffer_Release(&out);
     if (sinks.obj) PyBuffer_Release(&sinks);
+    if (cells.obj) PyBuffer_Release(&cells);
     return result;
 }
 

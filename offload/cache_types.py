@@ -7,6 +7,10 @@ quantizers quantize_row_q*_ref). Attention then
 reads the rows in that type: its matmuls convert the other operand to the type's
 vec_dot_type (kernels.attention.attention_typed).
 
+Before a quantized K cache stores them, llama.cpp rotates queries and keys by a Hadamard
+matrix when 64 divides the head size (attn_rot_k: rounding errors spread over the head),
+which offload does too (key_rotation, kernels.ggml_math.hadamard_rows).
+
 Without flash attention (offload has none yet) llama.cpp refuses a quantized V cache, and
 an MLA model (DeepSeek) keeps one cache for both, so K and V must be the same type there.
 """
@@ -30,10 +34,9 @@ CACHE_TYPES: dict[str, GGMLQuantizationType] = {
     "q5_0": GGMLQuantizationType.Q5_0,
     "q5_1": GGMLQuantizationType.Q5_1,
 }
-# llama.cpp's default is f16, and every oracle suite run passes with it, but with the Numba
-# kernels an F16 cache compiles the F16 matmul kernels too, which a cold first process's
-# memory budget does not count yet (test_store's fresh-process test): f32 until it does
-DEFAULT_CACHE_TYPE = "f32"
+# llama.cpp's default; attention reads F16 rows directly in the C kernel and in its Numba
+# twin (kernels.attention), so an F16 cache needs no other kernels than an F32 one
+DEFAULT_CACHE_TYPE = "f16"
 
 
 def cache_format(name: str) -> BlockFormat:
@@ -58,6 +61,19 @@ def check_cache_types(type_k: str, type_v: str, attention: str, head_dim: int) -
         raise UnsupportedModelError(f"K cache type {type_k} has blocks of {k.block_size} values, which do not divide "
                                     f"the head size {head_dim}")
     return k, v
+
+
+def key_rotation(fmt: BlockFormat, args) -> int:
+    """The size of the Hadamard rotation llama.cpp applies to queries and keys before a
+    quantized K cache stores them (llama_kv_cache's attn_rot_k, for heads whose size 64
+    divides; the largest power of two dividing the head, from 64), or 0 for none. (MLA keeps
+    K and V in one cache, and offload refuses a quantized V, so only GQA gets here.)"""
+    if fmt.block_size == 1 or args.head_dim % 64 or args.attention != "gqa":
+        return 0
+    n = 64
+    while args.head_dim % (2 * n) == 0:
+        n *= 2
+    return n
 
 
 def encode_rows(fmt: BlockFormat, x: np.ndarray) -> np.ndarray:

@@ -104,6 +104,20 @@ def prompt_ids(model: "Model", template, messages: list[dict], template_vars: di
     return model.tokenizer.encode(text, add_special=not template.renders_bos(), parse_special=True)
 
 
+def system_prompt_tokens(model: "Model", template, messages: list[dict], template_vars: dict | None = None) -> int | None:
+    """How many tokens the conversation's rendering starts with up to the end of its system
+    message (BOS included), which a context shift keeps by default; None without one."""
+    if not messages or messages[0].get("role") != "system":
+        return None
+    head = messages[:1]
+    try:
+        a = prompt_ids(model, template, head + [{"role": "user", "content": "\x01"}], template_vars)
+        b = prompt_ids(model, template, head + [{"role": "user", "content": "\x02"}], template_vars)
+    except OffloadError:
+        return None
+    return common_prefix(a, b)
+
+
 class PlainReply:
     """A reply without structure: all of it is content (HarmonyParser's interface)."""
 
@@ -217,7 +231,8 @@ def _chat_turn(model: "Model", template, messages: list[dict], params: SamplingP
             if limit is not None and res.completion_tokens >= limit:
                 res.stop_reason, res.finish_reason = "length", "length"
                 break
-            if cache.n_past >= n_ctx:
+            if not model._room_for_one(lambda: model._keep(ids, system_prompt_tokens(model, template, messages,
+                                                                                     template_vars))):
                 res.stop_reason, res.finish_reason = "context", "length"
                 break
             logits = model.transformer.forward(np.array([token], dtype=np.int64))[-1]
@@ -271,15 +286,10 @@ class ChatSession:
         """Prefill what every turn starts with (BOS, the system prompt), so that the first
         turn's time to first token does not include compiling kernels. Returns tokens run."""
         ids: list[int] = []
-        if self.system:
-            try:  # the rendered system message up to where the first user message would go
-                with_user = prompt_ids(self.model, self.template, self.messages + [{"role": "user", "content": "\x01"}],
-                                       self.template_vars)
-                alone = prompt_ids(self.model, self.template, self.messages + [{"role": "user", "content": "\x02"}],
-                                   self.template_vars)
-                ids = with_user[: common_prefix(with_user, alone)]
-            except OffloadError:
-                ids = []
+        if self.system:  # the rendered system message up to where the first user message would go
+            n = system_prompt_tokens(self.model, self.template, self.messages, self.template_vars)
+            ids = prompt_ids(self.model, self.template, self.messages + [{"role": "user", "content": "\x01"}],
+                             self.template_vars)[:n] if n else []
         if not ids and self.model.tokenizer.bos_id >= 0 and (self.template.renders_bos() or self.model.tokenizer.adds_bos):
             ids = [self.model.tokenizer.bos_id]
         m = self.model

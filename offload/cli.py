@@ -86,15 +86,25 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
     path = _model_path(model)
     gguf = GGUFFile(path)
     args = arch.model_args(gguf)
-    n_ctx = ctx_size if ctx_size > 0 else min(args.n_ctx_train, DEFAULT_N_CTX)
     from .store import parse_budget
+    from .store.plan import context_error, default_context
 
     budget = parse_budget(memory_budget) if memory_budget is not None else None
     from .cache_types import check_cache_types
 
     check_cache_types(cache_type_k, cache_type_v, args.attention, args.head_dim)
-    summary = summarize(gguf, args, n_ctx, budget, scope=cache_scope, o_direct=o_direct, type_k=cache_type_k,
-                        type_v=cache_type_v)
+    options = dict(scope=cache_scope, o_direct=o_direct, type_k=cache_type_k, type_v=cache_type_v)
+    note = ""
+    if ctx_size > 0:
+        n_ctx = ctx_size
+    elif budget is not None:  # as Model.load chooses it for this budget
+        n_ctx, note = default_context(gguf, args, budget, **options)
+    else:
+        n_ctx = min(args.n_ctx_train, DEFAULT_N_CTX)
+    summary = summarize(gguf, args, n_ctx, budget, **options)
+    if budget is not None and ctx_size > 0:
+        too_long = context_error(gguf, args, n_ctx, summary.plan, **options)
+        note = str(too_long) if too_long is not None else ""
     try:
         summary.plan.disk_bandwidth = parse_budget(disk_bandwidth.removesuffix("/s")) if "%" not in disk_bandwidth else 0
     except OffloadError:
@@ -103,6 +113,8 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
         raise click.BadParameter(f"{disk_bandwidth!r} is not a size per second (examples: 3GB, 500MB)",
                                  param_hint="--disk-bandwidth")
     click.echo(format_summary(path, summary))
+    if note:
+        click.echo(note)
     problem = unsupported_tensor(gguf)
     click.echo(f"runs in offload   {'no: ' + problem if problem else 'yes'}")
 
@@ -145,10 +157,17 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
 @click.option("--prompt-cache", type=click.Path(dir_okay=False), default=None,
               help="A KV state file: the prompt's start it holds is not run again, and the state is saved there "
                    "after generating (created if missing).")
+@click.option("--context-shift", is_flag=True,
+              help="When the context is full, drop half of the tokens after --keep and go on (llama.cpp's "
+                   "context shift: the kept keys are rotated, not run again).")
+@click.option("--keep", "n_keep", type=int, default=None,
+              help="Prompt tokens a context shift keeps, after BOS (-1: the whole prompt) [default: 0; chat: the "
+                   "system prompt].")
 def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, ctx_size, threads,
              memory_budget, cache_policy, cache_scope, o_direct, record_trace=None, prefetch_depth=None,
              no_prefetch=False, vram_budget=None, cache_type_k=DEFAULT_CACHE_TYPE, cache_type_v=DEFAULT_CACHE_TYPE,
-             prompt_cache=None, repeat_last_n=64, presence_penalty=0.0, frequency_penalty=0.0) -> None:
+             prompt_cache=None, context_shift=False, n_keep=None, repeat_last_n=64, presence_penalty=0.0,
+             frequency_penalty=0.0) -> None:
     """Continue PROMPT with MODEL (a GGUF file; default: the demo model)."""
     from .model import DEFAULT_PREFETCH_DEPTH, Model
     from .summary import human_bytes as hb
@@ -157,7 +176,8 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
     with Model.load(_model_path(model), n_ctx=ctx_size, n_threads=threads, memory_budget=memory_budget,
                     cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
                     prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
-                    vram_budget=vram_budget, cache_type_k=cache_type_k, cache_type_v=cache_type_v) as m:
+                    vram_budget=vram_budget, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+                    context_shift=context_shift, n_keep=n_keep) as m:
         _memory_line(m, memory_budget)
         if prompt_cache and os.path.exists(prompt_cache):
             m.load_state(prompt_cache)
@@ -175,7 +195,8 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
                        f"saved to {prompt_cache}", err=True)
         click.echo(
             f"prompt {g.prompt_tokens} tokens at {g.prompt_tok_s:.1f} tok/s; "
-            f"generated {g.generated_tokens} tokens at {g.decode_tok_s:.1f} tok/s (stop: {g.stop_reason})",
+            f"generated {g.generated_tokens} tokens at {g.decode_tok_s:.1f} tok/s (stop: {g.stop_reason})"
+            + (f"; context shifted {g.context_shifts} times" if g.context_shifts else ""),
             err=True,
         )
         st = m.stats()
@@ -312,6 +333,20 @@ def _sampling_and_memory_options(f):
     return f
 
 
+def _options_of(command: click.Command, *names: str):
+    """Another command's options, same flags, defaults and help (in the order given)."""
+
+    def decorate(f):
+        for name in reversed(names):
+            opt = next(p for p in command.params if p.name == name)
+            f = click.option(opt.name, *opt.opts,
+                             **{k: getattr(opt, k) for k in ("type", "default", "help", "show_default")},
+                             is_flag=opt.is_flag)(f)
+        return f
+
+    return decorate
+
+
 CHAT_HELP = """commands:
   /help         this list
   /reset        forget the conversation (the system prompt stays)
@@ -331,7 +366,9 @@ CHAT_HELP = """commands:
 @click.option("--chat-template-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Read the chat template from this file.")
 @click.option("--context-shift", is_flag=True,
-              help="When the context is full, drop the oldest exchanges instead of asking for /reset.")
+              help="When the context fills during a reply, drop half of what follows the system prompt (--keep) "
+                   "and go on, as llama.cpp; when a new message does not fit, drop the oldest exchanges.")
+@_options_of(generate, "n_keep")
 @click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default=None,
               help="How long a reasoning model thinks, as its template takes it (gpt-oss; default: the template's, "
                    "medium).")
@@ -340,8 +377,9 @@ CHAT_HELP = """commands:
                    "before the answer on stdout).")
 def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, ctx_size, threads, memory_budget,
          cache_policy, cache_scope, o_direct, prefetch_depth, no_prefetch, chat_template, chat_template_file,
-         context_shift, vram_budget=None, reasoning_effort=None, hide_reasoning=False, cache_type_k=DEFAULT_CACHE_TYPE,
-         cache_type_v=DEFAULT_CACHE_TYPE, repeat_last_n=64, presence_penalty=0.0, frequency_penalty=0.0) -> None:
+         context_shift, n_keep=None, vram_budget=None, reasoning_effort=None, hide_reasoning=False,
+         cache_type_k=DEFAULT_CACHE_TYPE, cache_type_v=DEFAULT_CACHE_TYPE, repeat_last_n=64, presence_penalty=0.0,
+         frequency_penalty=0.0) -> None:
     """Chat with MODEL (a GGUF file; default: the demo model) in its own chat template.
 
     Reads one message per line (from a terminal or a pipe) and streams each reply. Type /help
@@ -366,7 +404,7 @@ def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, se
                        cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
                        prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
                        chat_template=chat_template, vram_budget=vram_budget, cache_type_k=cache_type_k,
-                       cache_type_v=cache_type_v)
+                       cache_type_v=cache_type_v, context_shift=context_shift, n_keep=n_keep)
     except BaseException:
         bar.abort()
         raise
@@ -433,19 +471,6 @@ def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, se
                               ", or run with --context-shift"), err=True)
 
 
-def _options_of(command: click.Command, *names: str):
-    """Another command's options, same flags, defaults and help (in the order given)."""
-
-    def decorate(f):
-        for name in reversed(names):
-            opt = next(p for p in command.params if p.name == name)
-            f = click.option(*opt.opts, **{k: getattr(opt, k) for k in ("type", "default", "help", "show_default")},
-                             is_flag=opt.is_flag)(f)
-        return f
-
-    return decorate
-
-
 @main.command()
 @model_argument
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
@@ -459,11 +484,13 @@ def _options_of(command: click.Command, *names: str):
 @_options_of(chat, "n_predict")
 @_sampling_and_memory_options
 @_options_of(chat, "chat_template", "chat_template_file")
+@_options_of(generate, "context_shift", "n_keep")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, temp, top_k, top_p, min_p,
           repeat_penalty, seed, ctx_size, threads, memory_budget, cache_policy, cache_scope, o_direct, prefetch_depth,
           no_prefetch, vram_budget, chat_template, chat_template_file, verbose, cache_type_k=DEFAULT_CACHE_TYPE,
-          cache_type_v=DEFAULT_CACHE_TYPE, repeat_last_n=64, presence_penalty=0.0, frequency_penalty=0.0) -> None:
+          cache_type_v=DEFAULT_CACHE_TYPE, context_shift=False, n_keep=None, repeat_last_n=64, presence_penalty=0.0,
+          frequency_penalty=0.0) -> None:
     """Serve MODEL (a GGUF file; default: the demo model) over HTTP: OpenAI's API and a chat page.
 
     Routes: / (the chat page, with a live view of the expert cache), /v1/chat/completions,
@@ -504,7 +531,7 @@ def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, 
                        cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
                        prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
                        chat_template=chat_template, vram_budget=vram_budget, cache_type_k=cache_type_k,
-                       cache_type_v=cache_type_v)
+                       cache_type_v=cache_type_v, context_shift=context_shift, n_keep=n_keep)
         from .chat import ChatSession
         from .chat_template import ChatTemplateError
 
@@ -591,6 +618,8 @@ def _memory_line(m, memory_budget) -> None:
     from .summary import human_bytes as hb
 
     p = m.plan
+    if m.context_note:
+        click.echo(m.context_note, err=True)
     tiered = m.stats()["cache_policy"] != "resident"
     if p is not None and p.pools and (tiered or memory_budget is not None):
         where = ("every expert loaded" if p.all_resident else
@@ -623,9 +652,10 @@ def _status_line(m, res, session) -> str:
     used = m.transformer.cache.n_past
     ttft = res.time_to_first_token
     first = f"{ttft * 1000:.0f} ms" if ttft < 1 else f"{ttft:.2f} s"
+    shifts = m.last_generation.context_shifts
     return (f"[{res.completion_tokens} tokens, {tok_s:.1f} tok/s, first token {first} "
             f"({res.new_prompt_tokens} new prompt tokens, {res.cached_tokens} reused), {experts}, "
-            f"context {used}/{m.n_ctx}, stop: {res.stop_reason}]")
+            f"context {used}/{m.n_ctx}" + (f" (shifted {shifts}x)" if shifts else "") + f", stop: {res.stop_reason}]")
 
 
 def _slash_command(text: str, session) -> bool:

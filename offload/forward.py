@@ -32,12 +32,14 @@ import math
 import numpy as np
 
 from .arch import ModelArgs
-from .cache_types import DEFAULT_CACHE_TYPE, check_cache_types, encode_rows
+from .cache_types import DEFAULT_CACHE_TYPE, check_cache_types, encode_rows, key_rotation
 from .errors import ContextOverflowError, NonFiniteError
+from .kv_cells import Cells
+from .kv_shift import check_can_shift, rotate_keys
 from .kernels import block, cext, ggml_math, jit, matmul, matmuls, step
 from .kernels.attention import attention, attention_typed
 from .kernels.dispatch import step_enabled
-from .kernels.ggml_math import apply_rope, rms_norm
+from .kernels.ggml_math import apply_rope, hadamard_rows, rms_norm
 from .kernels.jit import njit
 from .kernels.moe import can_fuse, moe_batch, moe_ffn, types_fuse
 from .rope import mla_score_scale, rope_tables
@@ -148,15 +150,51 @@ class KVCache:
     """Keys and values of past positions, per layer, allocated once for the context: every
     position for full-attention layers, a ring of the last ones for sliding-window layers.
     Rows are kept in the cache types' encodings (cache_types): float32 arrays for F32, else
-    uint8 rows of the type's blocks, converted on write as llama.cpp's set_rows does."""
+    uint8 rows of the type's blocks, converted on write as llama.cpp's set_rows does.
+
+    Position p is in cell p (or p % n_cells in a ring) until a context shift (`shift`); from
+    then on `layout` holds a kv_cells.Cells per group of layers with the same cells (the
+    full-attention ones, the sliding ones), which places tokens where llama.cpp does and tells
+    attention each cell's position; clearing the cache (n_past = 0) goes back to the plain way."""
 
     def __init__(self, args: ModelArgs, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE):
         self.type_k, self.type_v = type_k, type_v
         self.k_fmt, self.v_fmt = check_cache_types(type_k, type_v, args.attention, args.head_dim)
+        self.k_rotation = key_rotation(self.k_fmt, args)  # llama.cpp's Hadamard rotation before a quantized K
         self.k = [_cache_rows(self.k_fmt, kv_cells(args, i, n_ctx), args.kv_dim) for i in range(args.n_layer)]
         self.v = [_cache_rows(self.v_fmt, len(k), args.v_cache_dim) if args.v_cache_dim else None for k in self.k]
         self.n_ctx = n_ctx
-        self.n_past = 0
+        self._n_past = 0
+        self.groups = [(len(k), args.window(i)) for i, k in enumerate(self.k)]  # (cells, window) per layer
+        self.layout: dict[tuple[int, int], Cells] | None = None
+        self._slots: dict[tuple[int, int], np.ndarray] = {}  # the cells of the micro-batch being run
+        self._visited: dict[tuple[int, int], np.ndarray] = {}  # cell_positions per group, until cells change
+
+    @property
+    def n_past(self) -> int:
+        """Positions held (0 .. n_past-1), and the next one."""
+        return self._n_past
+
+    @n_past.setter
+    def n_past(self, n: int) -> None:
+        """Forget the positions from n on (llama.cpp's seq_rm(n, -1)); 0 clears the cache."""
+        if n == 0:
+            self.layout = None
+        elif self.layout is not None and n < self._n_past:
+            for cells in self.layout.values():
+                cells.seq_rm(n, -1)
+        self._visited = {}
+        self._n_past = n
+
+    def can_truncate(self, n: int) -> bool:
+        """Whether the positions before n are all still there to continue from n: a sliding
+        window's ring may have overwritten those that a query at n would see."""
+        if n >= self._n_past:
+            return True
+        if self.layout is None:
+            return all(self._n_past <= cells for cells, _ in self.groups)
+        need = lambda window: set(range(max(0, n - window) if window else 0, n))  # noqa: E731
+        return all(need(key[1]) <= cells.positions() for key, cells in self.layout.items())
 
     @property
     def float32(self) -> bool:
@@ -167,10 +205,52 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(k.nbytes + (0 if v is None else v.nbytes) for k, v in zip(self.k, self.v))
 
+    def shift(self, n_keep: int, n_discard: int) -> None:
+        """Drop positions n_keep .. n_keep+n_discard-1 and move the later ones down by n_discard,
+        as llama.cpp's context shift does (seq_rm, then seq_add): the cells keep their rows
+        and get the new positions; the keys are rotated to them before the next step
+        (Transformer.forward, llama.cpp's K-shift)."""
+        if n_discard <= 0:
+            return
+        if self.layout is None:
+            self.layout = {g: Cells.filled(g[0], g[1], self._n_past) for g in dict.fromkeys(self.groups)}
+        for cells in self.layout.values():
+            cells.seq_rm(n_keep, n_keep + n_discard)
+            cells.seq_add(n_keep + n_discard, self._n_past, -n_discard)
+        self._visited = {}
+        self._n_past -= n_discard
+
+    def place(self, start: int, n: int) -> None:
+        """Pick the cells of positions start .. start+n-1 before a micro-batch runs (with a layout)."""
+        if self.layout is None:
+            return
+        positions = np.arange(start, start + n, dtype=np.int32)
+        for key, cells in self.layout.items():
+            self._slots[key] = slots = cells.find_slot(n)
+            cells.apply(slots, positions)
+        self._visited = {}
+
+    def cell_positions(self, layer: int) -> np.ndarray | None:
+        """The position of each cell attention visits (-1: empty), or None while position p is
+        in cell p (or p % n_cells)."""
+        if self.layout is None:
+            return None
+        key = self.groups[layer]
+        visited = self._visited.get(key)
+        if visited is None:
+            cells = self.layout[key]
+            visited = self._visited[key] = cells.pos[: cells.n_used]
+        return visited
+
     def write(self, layer: int, start: int, k: np.ndarray, v: np.ndarray | None) -> None:
         """Keys and values (n, kv_dim) of positions start.. into their cells (v None: MLA)."""
         rows = len(self.k[layer])
-        cells = slice(start, start + len(k)) if start + len(k) <= rows else np.arange(start, start + len(k)) % rows
+        if self.layout is not None:
+            cells = self._slots[self.groups[layer]]
+        elif start + len(k) <= rows:
+            cells = slice(start, start + len(k))
+        else:
+            cells = np.arange(start, start + len(k)) % rows
         self.k[layer][cells] = encode_rows(self.k_fmt, k)
         if v is not None:
             self.v[layer][cells] = encode_rows(self.v_fmt, v)
@@ -236,6 +316,7 @@ class Transformer:
             raise ContextOverflowError(
                 f"{start + n} tokens do not fit the context of {self.cache.n_ctx} (raise -c / n_ctx)"
             )
+        self.shift_keys()
         tokens = np.asarray(tokens, dtype=np.int64)
         chunks = [tokens[i : i + N_UBATCH] for i in range(0, n, N_UBATCH)]
         if all_logits:
@@ -255,6 +336,7 @@ class Transformer:
         start = self.cache.n_past
         a, buf = self.args, self.scratch
         x = self.weights.embed(tokens)
+        self.cache.place(start, n)
         last = len(self.weights.layers) - 1
         for i, layer in enumerate(self.weights.layers):
             if n > 1 or not self._attention_token(i, layer.attn, x, start):  # (a decoding token: x += in one C call)
@@ -284,8 +366,8 @@ class Transformer:
     def _decode_step(self) -> step.DecodeStep | None:
         """The plan that runs a decoding token in one C call (kernels.step), when it serves this
         model as it runs now (no GPU tier, no prefetching, every expert resident...), else None."""
-        if self.gpu is not None or self.prefetcher is not None or not step_enabled():
-            return None
+        if self.gpu is not None or self.prefetcher is not None or self.cache.layout is not None or not step_enabled():
+            return None  # (a cache whose cells no longer follow positions, after a context shift: the layers below)
         isa = cext.isa()
         if self._step is None or self._step_isa != isa:  # the plan holds the row dots of a SIMD level
             self._step = step.DecodeStep(self, jit.max_threads()) if step.why_not(self) is None else False
@@ -314,6 +396,25 @@ class Transformer:
             x = rms_norm(x, self.weights.output_norm, self.args.rms_eps)
             logits = self._matmul(self.weights.output, x)
         return logits
+
+    def shift_context(self, n_keep: int, n_discard: int) -> None:
+        """llama.cpp's context shift: forget positions n_keep .. n_keep+n_discard-1 and move the
+        later ones down (KVCache.shift); their keys are rotated before the next step."""
+        check_can_shift(self.args, self.cache.type_k)
+        self.cache.shift(n_keep, n_discard)
+
+    def shift_keys(self) -> None:
+        """Rotate the cached keys of moved positions by their moves (llama.cpp's K-shift, which
+        its next decode runs first), once per group of layers sharing cells."""
+        c = self.cache
+        if c.layout is None or not any(cells.has_shift for cells in c.layout.values()):
+            return
+        for i, group in enumerate(c.groups):
+            cells = c.layout[group]
+            if cells.has_shift:
+                rotate_keys(self.args, c.k[i], c.k_fmt, cells.shift, self.args.rope_base_of(i))
+        for cells in c.layout.values():
+            cells.reset_shift()
 
     def _matmul(self, w, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return matmul(w, x, out=out) if self.gpu is None else self.gpu.matmul(w, x, out=out)
@@ -373,6 +474,8 @@ class Transformer:
         cos, sin = self.rope[layer]
         apply_rope(q, cos[start : start + n], sin[start : start + n], a.rope_dim, a.rope_style)
         apply_rope(k, cos[start : start + n], sin[start : start + n], a.rope_dim, a.rope_style)
+        if self.cache.k_rotation:  # the same rotation of both leaves K.q as it is, up to rounding
+            q, k = hadamard_rows(q, self.cache.k_rotation), hadamard_rows(k, self.cache.k_rotation)
         self.cache.write(layer, start, k.reshape(n, -1), v)
         out = self._attend(layer, q.reshape(n, -1), start, a.n_head, a.n_head_kv, hd,
                            out=buf("attn", n, a.n_head * hd), window=a.window(layer), sinks=w.sinks)
@@ -385,6 +488,7 @@ class Transformer:
                 out: np.ndarray | None = None, **kw) -> np.ndarray:
         """The attention of queries q over this layer's cache, in the cache's types."""
         c = self.cache
+        kw["cell_pos"] = c.cell_positions(layer)
         if c.float32:
             return attention(q, c.k[layer], c.v[layer], start, n_head, n_head_kv, head_dim, out=out, **kw)
         return attention_typed(q, c.k[layer], c.k_fmt, c.v[layer], c.v_fmt, start, n_head, n_head_kv, head_dim, **kw)
@@ -451,7 +555,7 @@ class Transformer:
         the C kernels serve its matrices and no GPU tier runs them; False if not run."""
         a = self.args
         c = self.cache
-        if (a.attention != "gqa" or self.gpu is not None or not block.attention_fits(w)
+        if (a.attention != "gqa" or self.gpu is not None or c.layout is not None or not block.attention_fits(w)
                 or c.k_fmt.name not in block.CACHE_TYPES or c.v_fmt.name not in block.CACHE_TYPES):
             return False
         if self._block_scratch is None:

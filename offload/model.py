@@ -16,8 +16,10 @@ from . import arch
 from .cache_types import DEFAULT_CACHE_TYPE, check_cache_types
 from .errors import ContextOverflowError, ModelBusyError, OffloadError
 from .forward import Transformer
+from .kv_shift import check_can_shift
 from .gguf_file import GGUFFile
 from .store import MemoryPlan, StoreStats, TieredExperts, check_within_limit, default_budget, make_plan, parse_budget
+from .store.plan import context_error, default_context
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 from .weights import ResidentExperts, load_weights
@@ -37,6 +39,7 @@ class GenerationStats:
     generate_seconds: float = 0.0
     stop_reason: str = ""  # "eos", "length", "context"; chat also "stop" (a stop string), "interrupted"
     cached_tokens: int = 0  # chat: prompt tokens found in the KV cache (not run again)
+    context_shifts: int = 0  # times the full context was shifted (Model.context_shift)
     time_to_first_token: float = 0.0  # chat: seconds from the request to the first text
 
     @property
@@ -99,6 +102,9 @@ class Model:
     loaded_state_extra: dict = field(default_factory=dict)  # what the last load_state's file kept beside the cache
     _chat_template: object = None
     _busy: _OneThreadAtATime = field(default_factory=_OneThreadAtATime)
+    context_shift: bool = False  # shift a full context instead of stopping (llama.cpp's --context-shift)
+    n_keep: int | None = None  # tokens a shift keeps (llama.cpp's --keep; see shift_context)
+    context_note: str = ""  # how n_ctx was chosen when not given (the CLI prints it)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, n_ctx: int | None = None, n_threads: int | None = None,
@@ -107,8 +113,11 @@ class Model:
              prefetch: bool = True, prefetch_depth: int = DEFAULT_PREFETCH_DEPTH,
              predictor: str = "lookahead", chat_template: str | None = None,
              vram_budget: str | int | None = None, gpu_options: dict | None = None,
-             cache_type_k: str = DEFAULT_CACHE_TYPE, cache_type_v: str = DEFAULT_CACHE_TYPE) -> "Model":
-        """Open `path`; `n_ctx` defaults to min(training context, 4096), `n_threads` to all cores.
+             cache_type_k: str = DEFAULT_CACHE_TYPE, cache_type_v: str = DEFAULT_CACHE_TYPE,
+             context_shift: bool = False, n_keep: int | None = None) -> "Model":
+        """Open `path`; `n_ctx` defaults to the training context, or the longest that fits the
+        memory budget beside the minimum expert slots (`context_note` says which; a context
+        given that does not fit is refused naming the longest that does); `n_threads`: all cores.
 
         `memory_budget` ("6GB", "6GiB", "512MB", "60%" of RAM, or bytes) caps what the model
         keeps resident: weights, expert slots, KV cache, scratch. Experts that do not fit are
@@ -135,12 +144,15 @@ class Model:
         one no GPU code is loaded. "off" (or 0): the CPU only.
 
         `cache_type_k` / `cache_type_v`: the KV cache's types (offload.cache_types: f32, f16,
-        bf16, q8_0, q4_0 for K; V not quantized, as llama.cpp without flash attention)."""
+        bf16, q8_0, q4_0 for K; V not quantized, as llama.cpp without flash attention).
+
+        `context_shift`: when a generation or a chat reply fills the context, shift it as
+        llama.cpp's --context-shift does (`shift_context`) instead of stopping; `n_keep`: the
+        tokens a shift keeps at the start (llama.cpp's --keep; None: the BOS token, and in a
+        chat the system prompt; -1: the whole prompt)."""
         gguf = GGUFFile(path)
         try:
             args = arch.model_args(gguf)
-            if n_ctx is None or n_ctx <= 0:
-                n_ctx = min(args.n_ctx_train, DEFAULT_N_CTX)
             if n_threads is not None:
                 set_threads(n_threads)
             if cache_policy.lower() not in CACHE_POLICIES:
@@ -151,9 +163,17 @@ class Model:
                 budget, source = parse_budget(memory_budget), "given"
                 check_within_limit(budget)
             check_cache_types(cache_type_k, cache_type_v, args.attention, args.head_dim)
-            plan = make_plan(gguf, args, n_ctx, budget, source, o_direct=o_direct, scope=cache_scope,
-                             prefetch_slots=prefetch_slots, gpu=_gpu_wanted(vram_budget),
-                             type_k=cache_type_k, type_v=cache_type_v)
+            if context_shift:
+                check_can_shift(args, cache_type_k)
+            options = dict(o_direct=o_direct, scope=cache_scope, prefetch_slots=prefetch_slots,
+                           gpu=_gpu_wanted(vram_budget), type_k=cache_type_k, type_v=cache_type_v)
+            context_note = ""
+            if n_ctx is None or n_ctx <= 0:
+                n_ctx, context_note = default_context(gguf, args, budget, **options)
+            plan = make_plan(gguf, args, n_ctx, budget, source, **options)
+            too_long = context_error(gguf, args, n_ctx, plan, **options)
+            if too_long is not None:
+                raise too_long
             plan.check()
             weights = load_weights(gguf, args)
             if not plan.pools or (memory_budget is None and plan.all_resident and not o_direct):
@@ -182,7 +202,8 @@ class Model:
             gguf.close()
             raise
         return cls(str(path), gguf, args, transformer, tokenizer, n_ctx, plan=plan, experts=experts,
-                   chat_template_source=chat_template)
+                   chat_template_source=chat_template, context_shift=context_shift, n_keep=n_keep,
+                   context_note=context_note)
 
     # -- text <-> tokens ---------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
@@ -283,6 +304,7 @@ class Model:
         stats.prompt_seconds = time.perf_counter() - t0
         stats.stop_reason = "length"
         t0 = time.perf_counter()
+        keep = self._keep(ids)
         for i in range(max_tokens):
             token = sampler.sample(logits)
             if self.tokenizer.is_end_of_generation(token):
@@ -293,12 +315,50 @@ class Model:
             yield token
             if i + 1 == max_tokens:
                 break
-            if self.transformer.cache.n_past >= self.n_ctx:
+            if not self._room_for_one(keep):
                 stats.stop_reason = "context"
                 break
             logits = self.transformer.forward(np.array([token]))[-1]
             self._kv_ids.append(int(token))
         stats.generate_seconds = time.perf_counter() - t0
+
+    def _keep(self, prompt: list[int], default: int | None = None) -> int:
+        """How many tokens a context shift keeps, for this prompt: llama.cpp's n_keep (`self.n_keep`,
+        0 if None; -1 or more than the prompt: all of it) plus the BOS token, as llama-completion
+        counts it; or, with `self.n_keep` None, `default` tokens (a chat's system prompt) if given."""
+        if self.n_keep is None and default is not None:
+            return min(default, len(prompt))
+        n_keep = self.n_keep or 0
+        if n_keep < 0 or n_keep > len(prompt):
+            return len(prompt)
+        return n_keep + int(len(prompt) > 0 and prompt[0] == self.tokenizer.bos_id >= 0)
+
+    def _room_for_one(self, keep) -> bool:
+        """Whether one more token fits: a full context is shifted first where context_shift is
+        on (as llama.cpp does, once a token would take its last cell), keeping `keep` tokens (or
+        keep() of them); False if it cannot be."""
+        if not self.context_shift:
+            return self.transformer.cache.n_past < self.n_ctx
+        if self.transformer.cache.n_past + 1 < self.n_ctx:
+            return True
+        return self.shift_context(keep() if callable(keep) else keep) > 0
+
+    def shift_context(self, n_keep: int, n_discard: int | None = None) -> int:
+        """llama.cpp's context shift: keep the first n_keep tokens of the KV cache (at most
+        n_ctx - 4), drop the next n_discard (default: half of the rest, as llama-server), move
+        the later ones down and rotate their cached keys instead of running them again
+        (Transformer.shift_context). Returns the tokens dropped."""
+        cache = self.transformer.cache
+        kv = self._kv_sync()
+        n_keep = max(0, min(n_keep, self.n_ctx - 4))
+        n_left = cache.n_past - n_keep
+        n_discard = n_left // 2 if n_discard is None else n_discard
+        n_discard = min(max(n_discard, 0), max(0, n_left - 1))
+        if n_discard:
+            self.transformer.shift_context(n_keep, n_discard)
+            del kv[n_keep:n_keep + n_discard]
+            self.last_generation.context_shifts += 1
+        return n_discard
 
     def _reusable_prefix(self, ids: list[int]) -> int:
         """How many leading tokens of ids the KV cache holds already and can keep: not all of
@@ -308,7 +368,7 @@ class Model:
 
         kv, cache = self._kv_sync(), self.transformer.cache
         n = min(common_prefix(kv, list(ids)), len(ids) - 1)
-        if n < cache.n_past and any(cache.n_past > len(k) for k in cache.k):
+        if not cache.can_truncate(n):
             return 0
         return max(n, 0)
 

@@ -14,15 +14,18 @@ from .arch import ModelArgs
 from .kernels import ggml_math
 
 
-def rope_tables(args: ModelArgs, n_ctx: int, base: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(args: ModelArgs, n_ctx: int, base: float | None = None,
+                positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin of every (position, pair) as ggml computes them: theta *= powf(base, -2/d) in
-    float32, then the C library's cosf/sinf; with YaRN, ggml's rope_yarn on each."""
+    float32, then the C library's cosf/sinf; with YaRN, ggml's rope_yarn on each. Positions
+    0 .. n_ctx-1, or those given (a context shift rotates keys by negative ones)."""
     f32 = np.float32
     n_pairs = args.rope_dim // 2
     base = args.rope_base if base is None else base
     theta_scale = ggml_math.libm("powf", f32(base), f32(-2.0) / f32(args.rope_dim))
-    theta = np.empty((n_ctx, n_pairs), dtype=np.float32)
-    theta[:, 0] = np.arange(n_ctx, dtype=np.float32)
+    positions = np.arange(n_ctx) if positions is None else np.asarray(positions)
+    theta = np.empty((len(positions), n_pairs), dtype=np.float32)
+    theta[:, 0] = positions.astype(np.float32)
     for i in range(1, n_pairs):
         theta[:, i] = theta[:, i - 1] * theta_scale
     freq_scale = f32(args.rope_freq_scale)

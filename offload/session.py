@@ -39,8 +39,10 @@ def model_identity(path: str | os.PathLike[str]) -> dict:
 
 
 def _layer_rows(cache, layer: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """The cells of a layer that hold positions: the first n_past, or a whole wrapped ring."""
-    n = min(cache.n_past, len(cache.k[layer]))
+    """The cells of a layer that hold positions: the first n_past, or a whole wrapped ring, or
+    after a context shift the cells up to the last used one."""
+    positions = cache.cell_positions(layer)
+    n = min(cache.n_past, len(cache.k[layer])) if positions is None else len(positions)
     v = cache.v[layer]
     return cache.k[layer][:n], None if v is None else v[:n]
 
@@ -56,10 +58,17 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
 def save_state(model, path: str | os.PathLike[str], tokens: list[int], extra: dict | None = None) -> None:
     """Write `model`'s KV cache, which holds `tokens`, to `path` atomically; `extra`: more
     JSON-able facts to keep beside it (a chat's messages)."""
+    model.transformer.shift_keys()  # a context shift's pending rotation, as the next step would do first
     cache = model.transformer.cache
     if len(tokens) != cache.n_past:
         raise StateError(f"the cache holds {cache.n_past} positions but {len(tokens)} tokens were given")
     arrays: dict[str, np.ndarray] = {}
+    layout = None  # after a context shift: each group of cells' (cells, window, head), positions in cells{j}
+    if cache.layout is not None:
+        layout = []
+        for j, ((n_cells, window), cells) in enumerate(cache.layout.items()):
+            layout.append([n_cells, window, cells.head])
+            arrays[f"cells{j}"] = cells.pos.copy()
     for i in range(len(cache.k)):
         k, v = _layer_rows(cache, i)
         arrays[f"k{i}"] = k
@@ -69,6 +78,7 @@ def save_state(model, path: str | os.PathLike[str], tokens: list[int], extra: di
         "magic": MAGIC, "version": VERSION, "model": model_identity(model.path),
         "type_k": cache.type_k, "type_v": cache.type_v, "cells": [len(k) for k in cache.k],
         "n_past": cache.n_past, "tokens": [int(t) for t in tokens], "sha256": _digest(arrays), "extra": extra or {},
+        "layout": layout,
     }
     with atomic_write(path) as f:  # a full disk leaves the old state, not half a new one
         np.savez(f, header=np.array(json.dumps(header)), **arrays)
@@ -113,10 +123,34 @@ def load_state(model, path: str | os.PathLike[str]) -> tuple[list[int], dict]:
         if k is None or k.shape[1:] != cache.k[i].shape[1:] or k.dtype != cache.k[i].dtype or \
                 (cache.v[i] is not None and (v is None or v.shape != k.shape[:1] + cache.v[i].shape[1:])):
             raise StateError(f"{path}: layer {i}'s cache rows do not fit this model")
+    layout = _layout(path, header, arrays, cache)
     cache.n_past = 0  # cleared first: a failure below leaves an empty cache, never a mixed one
     for i in range(len(cache.k)):
         cache.k[i][: len(arrays[f"k{i}"])] = arrays[f"k{i}"]
         if cache.v[i] is not None:
             cache.v[i][: len(arrays[f"v{i}"])] = arrays[f"v{i}"]
     cache.n_past = n_past
+    cache.layout = layout
     return tokens, header.get("extra", {})
+
+
+def _layout(path, header: dict, arrays: dict[str, np.ndarray], cache):
+    """The cells' positions a state saved after a context shift holds (None: none saved)."""
+    from .kv_cells import Cells
+
+    saved = header.get("layout")
+    if saved is None:
+        return None
+    layout = {}
+    try:
+        for j, (n_cells, window, head) in enumerate(saved):
+            cells = Cells(int(n_cells), int(window))
+            pos = arrays[f"cells{j}"]
+            if pos.shape != cells.pos.shape or (n_cells, window) not in cache.groups:
+                raise ValueError
+            cells.pos[:] = pos
+            cells.head = int(head)
+            layout[(n_cells, window)] = cells
+    except (ValueError, TypeError, KeyError):
+        raise StateError(f"{path}: its cells' positions do not fit this model") from None
+    return layout

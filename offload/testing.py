@@ -539,6 +539,58 @@ def llama_cpp_greedy(path: str | os.PathLike[str], tokens: list[int], n: int, n_
         llm.close()
 
 
+def shifted_greedy(step, shift, prompt: list[int], n: int, n_ctx: int, n_keep: int,
+                   batch_after_shift: list[int] = ()) -> tuple[list[int], list[np.ndarray], list[int]]:
+    """n greedy tokens after `prompt` with context shifts, driven through two callables so that
+    offload and llama.cpp run the very same steps: step(tokens) -> the last token's logits
+    (tokens after the cached ones); shift(n_keep, n_discard) drops those positions. Whenever
+    the next token would take the last cell (llama-completion's rule), half of the tokens after
+    n_keep are dropped. After the first shift the sampled token goes in one batch with
+    `batch_after_shift` (a prompt after a shift). Returns (tokens, every step's logits, the
+    n_past at each shift)."""
+    logits = step(list(prompt))
+    n_past, steps, tokens, shifts = len(prompt), [logits], [], []
+    for _ in range(n):
+        token = int(np.argmax(logits))
+        tokens.append(token)
+        batch = [token]
+        if n_past + 1 >= n_ctx:
+            n_discard = (n_past - n_keep) // 2
+            shifts.append(n_past)
+            shift(n_keep, n_discard)
+            n_past -= n_discard
+            if len(shifts) == 1:
+                batch += list(batch_after_shift)
+        logits = step(batch)
+        n_past += len(batch)
+        steps.append(logits)
+    return tokens, steps, shifts
+
+
+def llama_cpp_shifted_greedy(path: str | os.PathLike[str], prompt: list[int], n: int, n_ctx: int, n_keep: int,
+                             batch_after_shift: list[int] = (), **cache):
+    """shifted_greedy through llama.cpp's own API: llama_memory_seq_rm + llama_memory_seq_add
+    (its K-shift runs at the next decode), logits of the last token (llama_get_logits)."""
+    from .tokenizer import load_llama_cpp
+
+    lib = load_llama_cpp()
+    llm = llama_cpp_model(path, n_ctx=n_ctx, logits_all=False, **cache)
+    try:
+        def step(tokens):
+            llm.eval(tokens)
+            return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy()
+
+        def shift(n_keep, n_discard):
+            mem = lib.llama_get_memory(llm._ctx.ctx)
+            lib.llama_memory_seq_rm(mem, 0, n_keep, n_keep + n_discard)
+            lib.llama_memory_seq_add(mem, 0, n_keep + n_discard, llm.n_tokens, -n_discard)
+            llm.n_tokens -= n_discard
+
+        return shifted_greedy(step, shift, prompt, n, n_ctx, n_keep, batch_after_shift)
+    finally:
+        llm.close()
+
+
 # -- ggml's own quantizer and dot products, for kernel tests ------------------------------
 
 def llama_cpp_is_avx512_build() -> bool:

@@ -155,8 +155,8 @@ def test_inspect_plans_a_deepseek_sized_file_it_could_not_hold(tmp_path):
     gate_up = 2 * 1408 * (2048 // 256) * 144  # Q4_K rows of 2048: 144 bytes per 256
     down = 2048 * (1408 // 32) * 34  # Q8_0 rows of 1408 (not a multiple of 256): 34 bytes per 32
     assert per_token == 26 * 6 * (gate_up + down)  # 26 MoE layers (one dense lead), top-6
-    # MLA: the latent and one rope key per token and layer (float32: the default cache type)
-    assert p.kv_cache == 27 * 4096 * (512 + 64) * 4
+    # MLA: the latent and one rope key per token and layer (F16: the default cache type)
+    assert p.kv_cache == 27 * 4096 * (512 + 64) * 2
     assert f"at most {2e9 / (0.5 * per_token):.1f} / {2e9 / (0.2 * per_token):.1f} / {2e9 / (0.05 * per_token):.1f} tok/s at 2.0 GB/s" in out
     bad = subprocess.run([sys.executable, "-m", "offload", "inspect", str(path), "--disk-bandwidth", "fast"],
                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)

@@ -29,6 +29,11 @@ MODELS = {
     # sinks, a window of 16 on the even layers, YaRN
     "gpt-oss": TinyConfig(arch="gpt-oss", n_layer=2, n_embd=64, n_head=4, n_head_kv=2, head_dim=32, n_ff=64,
                           n_expert=8, n_expert_used=4, sliding_window=16, n_ctx=N_CTX),
+    # heads of 128 and 64: llama.cpp rotates queries and keys (Hadamard) before a quantized K cache
+    "llama-hd128": TinyConfig(n_layer=2, n_embd=128, n_head=2, n_head_kv=1, head_dim=128, n_ff=64, n_expert=4,
+                              n_expert_used=2, n_ctx=N_CTX),
+    "gpt-oss-hd64": TinyConfig(arch="gpt-oss", n_layer=2, n_embd=64, n_head=4, n_head_kv=2, head_dim=64, n_ff=64,
+                               n_expert=8, n_expert_used=4, sliding_window=16, n_ctx=N_CTX),
     # MLA: kv_lora_rank 32 + rope 16 per token
     "deepseek2": TinyConfig(arch="deepseek2", n_layer=2, n_embd=64, n_head=4, n_head_kv=1, head_dim=48, n_ff=32,
                             n_expert=8, n_expert_used=2, kv_lora_rank=32, rope_dim=16, v_head_dim=32, n_dense_lead=1,
@@ -37,7 +42,7 @@ MODELS = {
 CASES = [("llama", k, v) for k, v in [("f16", "f16"), ("bf16", "bf16"), ("f32", "f16"), ("q8_0", "f16"),
                                       ("q4_0", "f32"), ("q4_1", "f16"), ("q5_0", "bf16"), ("q5_1", "f16")]] + \
         [("gpt-oss", "f16", "f16"), ("gpt-oss", "q8_0", "bf16"), ("deepseek2", "f16", "f16"),
-         ("deepseek2", "bf16", "bf16")]
+         ("deepseek2", "bf16", "bf16"), ("llama-hd128", "q4_0", "f16"), ("gpt-oss-hd64", "q8_0", "f16")]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +73,25 @@ def test_the_cache_type_changes_the_logits(paths):
     with Model.load(paths["llama"], n_ctx=N_CTX, cache_type_k="q8_0", cache_type_v="f16") as m:
         q8 = m.logits(prompt)
     assert not np.array_equal(f32, q8)
+
+
+def test_quantized_keys_are_rotated_as_llama_cpp_rotates_them(paths):
+    """The Hadamard rotation (attn_rot_k) of heads whose size 64 divides: ggml's fast transform
+    is the normalized Sylvester matrix; without it the logits differ from the rotated ones."""
+    from offload.kernels.ggml_math import hadamard_rows
+
+    x = np.random.default_rng(1).standard_normal((3, 256)).astype(np.float32)
+    h = np.ones((1, 1))
+    while len(h) < 128:
+        h = np.block([[h, h], [h, -h]])
+    want = (x.reshape(-1, 128).astype(np.float64) @ h.T / np.sqrt(128)).reshape(x.shape)
+    assert np.allclose(hadamard_rows(x, 128), want, atol=1e-5)
+    with Model.load(paths["llama-hd128"], n_ctx=N_CTX, cache_type_k="q8_0", cache_type_v="f16") as m:
+        assert m.transformer.cache.k_rotation == 128
+        rotated = m.logits(random_prompt(20, seed=2))
+        m.transformer.cache.k_rotation = 0
+        plain = m.logits(random_prompt(20, seed=2))
+    assert not np.array_equal(rotated, plain)
 
 
 def test_rows_are_stored_as_ggml_converts_them():
@@ -141,11 +165,11 @@ def test_fused_decode_on_an_f16_cache_equals_llama_cpp(model_factory, type_k, ty
 @pytest.mark.parametrize("n,head_dim,window,sinks", [(1, 32, 0, False), (5, 32, 0, True), (3, 48, 0, False),
                                                      (4, 20, 0, False), (1, 20, 6, True), (6, 64, 8, False)])
 def test_c_attention_on_f16_rows_equals_its_reference(n, head_dim, window, sinks):
-    """cext/attention.c over F16 rows, against attention_typed's matmul path (same bits),
-    including head sizes that take vec_dot_f16's tail (48) or no tinyBLAS (20), a ring of
-    cells and sinks."""
+    """cext/attention.c and its Numba twin over F16 rows, against attention_typed's matmul path
+    (same bits), including head sizes that take vec_dot_f16's tail (48) or no tinyBLAS (20),
+    a ring of cells and sinks."""
     from offload.kernels import cext
-    from offload.kernels.attention import attention_typed
+    from offload.kernels.attention import attention_numba, attention_typed
 
     if not cext.selected():
         pytest.skip("the C extension is not built")
@@ -162,6 +186,9 @@ def test_c_attention_on_f16_rows_equals_its_reference(n, head_dim, window, sinks
         args = (q, kk, k_fmt, vv, v_fmt, start, n_head, n_head_kv, head_dim, window, s)
         fast, ref = attention_typed(*args), attention_typed(*args, compiled=False)
         assert np.array_equal(fast.view(np.uint32), ref.view(np.uint32)), np.abs(fast - ref).max()
+        halves = [r.view(np.float16) if f.name == "F16" else r for r, f in ((kk, k_fmt), (vv, v_fmt))]
+        numba = attention_numba(q, *halves, start, n_head, n_head_kv, head_dim, None, window, s)
+        assert np.array_equal(numba.view(np.uint32), ref.view(np.uint32)), np.abs(numba - ref).max()
 
 
 # -- saved sessions ----------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Our logits and greedy tokens against llama.cpp's on the same GGUF file.
 
-llama.cpp runs with offload's KV cache type (F32 by default) and without its repacked
+llama.cpp runs with offload's KV cache type (F16 by default, as its own) and without its repacked
 weight buffers (see offload.testing); we follow its numerics (activations converted to each weight type's
 dot-product partner), so agreement is to float32 rounding, not just "close".
 """

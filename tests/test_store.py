@@ -108,10 +108,16 @@ def test_plan_minimum_and_share(many):
 
 def test_budget_below_minimum_is_refused_with_the_minimum(many):
     p = plan_for(many)
-    with pytest.raises(BudgetError) as e:
-        Model.load(many, memory_budget=p.minimum - 1)
+    with pytest.raises(BudgetError) as e:  # a context given: refused, naming the longest that fits
+        Model.load(many, memory_budget=p.minimum - 1, n_ctx=MANY.n_ctx)
     msg = str(e.value)
-    assert "\n" not in msg and str(p.minimum) in msg and "minimum" in msg
+    assert "\n" not in msg and str(p.minimum) in msg and "minimum" in msg and f"(-c {MANY.n_ctx - 1})" in msg
+    with Model.load(many, memory_budget=p.minimum - 1) as m:  # by default, the context that fits
+        assert m.n_ctx == MANY.n_ctx - 1
+    tiny = plan_for(many).minimum - p.kv_cache  # below the minimum with no context at all
+    with pytest.raises(BudgetError) as e:
+        Model.load(many, memory_budget=tiny - p.scratch)
+    assert "minimum" in str(e.value)
     Model.load(many, memory_budget=p.minimum).close()
 
 

@@ -28,7 +28,8 @@ from . import cext, ggml_math
 from .dispatch import matmul_f32_arrays
 from .ggml_math import _expf1
 from .jit import njit, prange
-from .numba_intrinsics import fma32
+from .numba_intrinsics import fma32, round_f16
+from .numba_kernels import F16_TO_F32
 
 
 @njit(inline="always")
@@ -47,48 +48,76 @@ def _hsum8(acc):
 
 
 @njit(inline="always")
-def _cell_position(c, last, n_cells, wrapped):
-    """The position cell c holds once positions up to `last` are written."""
+def _cell_position(c, last, n_cells, wrapped, cell_pos):
+    """The position cell c holds once positions up to `last` are written (-1: empty)."""
+    if len(cell_pos):
+        return cell_pos[c]
     return last - (last - c) % n_cells if wrapped else c
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, v_dim, scale, window, sinks, out):
+def _attention(q, k_cache, v_cache, k16, v16, f16_table, start, n_head, n_head_kv, head_dim, v_dim, scale, window,
+               sinks, cell_pos, out):
     """q (n, n_head*hd); k_cache (n_cells, n_head_kv*hd), v_cache (n_cells, >= n_head_kv*v_dim)
-    of one layer, positions up to start + n written (position p in cell p % n_cells); out
-    (n, n_head*v_dim); window 0: none; sinks: (n_head,) or empty."""
+    of one layer, positions up to start + n written (position p in cell p % n_cells, or as
+    cell_pos says when it is not empty); out (n, n_head*v_dim); window 0: none; sinks:
+    (n_head,) or empty. An F16 cache comes as k16 / v16 (uint16 halves, f16_table their
+    values) with an empty k_cache / v_cache, else k16 / v16 are empty: as cext/attention.c,
+    q is rounded to F16 for F16 keys and K.q sums in tinyBLAS's 8 lanes for 2+ tokens (head_dim
+    % 8 == 0) or vec_dot_f16's 32 with the tail in double; the probabilities are rounded to
+    F16 for F16 values."""
     n = q.shape[0]
-    n_cells = k_cache.shape[0]
+    key16, value16 = k16.shape[0] > 0, v16.shape[0] > 0
+    n_cells = k16.shape[0] if key16 else k_cache.shape[0]
     last = start + n - 1
-    wrapped = last >= n_cells
+    wrapped = last >= n_cells or len(cell_pos) > 0
     hd, vd = head_dim, v_dim
     group = n_head // n_head_kv
     gemm8 = n >= 2 and vd % 4 == 0
+    kq8 = key16 and n >= 2 and hd % 8 == 0
     main = hd - hd % 32
     for h in prange(n_head):
         acc = np.zeros(32, dtype=np.float32)
-        probs = np.empty(min(start + n, n_cells), dtype=np.float32)
+        probs = np.empty(len(cell_pos) if len(cell_pos) else min(start + n, n_cells), dtype=np.float32)
         vacc = np.zeros((32, vd), dtype=np.float32)  # (lane, d)
+        qr = np.empty(hd, dtype=np.float32)
         g = h // group
         kv0 = g * hd
         v0 = g * vd
         for t in range(n):
             qrow = q[t, h * hd:(h + 1) * hd]
+            if key16:  # ggml converts q to the keys' F16 first
+                for c in range(hd):
+                    qr[c] = round_f16(qrow[c])
+                qrow = qr
             pos = start + t
-            live = n_cells if wrapped else pos + 1  # causal: later positions weigh exactly +0 and are skipped
+            live = len(probs) if wrapped else pos + 1  # causal: later positions weigh exactly +0 and are skipped
             m = np.float32(-np.inf)
             for p in range(live):
-                cp = _cell_position(p, last, n_cells, wrapped)
-                if cp > pos or (window > 0 and pos - cp >= window):
+                cp = _cell_position(p, last, n_cells, wrapped, cell_pos)
+                if cp < 0 or cp > pos or (window > 0 and pos - cp >= window):
                     probs[p] = -np.inf
                     continue
                 acc[:] = 0.0
-                for c in range(0, main, 32):
-                    for lane in range(32):
-                        acc[lane] = fma32(k_cache[p, kv0 + c + lane], qrow[c + lane], acc[lane])
-                s = _fold32(acc)
-                for c in range(main, hd):
-                    s += k_cache[p, kv0 + c] * qrow[c]
+                if kq8:
+                    for c in range(hd):
+                        acc[c % 8] = fma32(f16_table[k16[p, kv0 + c]], qrow[c], acc[c % 8])
+                    s = _hsum8(acc)
+                elif key16:
+                    for c in range(0, main, 32):
+                        for lane in range(32):
+                            acc[lane] = fma32(f16_table[k16[p, kv0 + c + lane]], qrow[c + lane], acc[lane])
+                    s64 = np.float64(_fold32(acc))
+                    for c in range(main, hd):
+                        s64 += np.float64(f16_table[k16[p, kv0 + c]] * qrow[c])
+                    s = np.float32(s64)
+                else:
+                    for c in range(0, main, 32):
+                        for lane in range(32):
+                            acc[lane] = fma32(k_cache[p, kv0 + c + lane], qrow[c + lane], acc[lane])
+                    s = _fold32(acc)
+                    for c in range(main, hd):
+                        s += k_cache[p, kv0 + c] * qrow[c]
                 s = s * scale
                 probs[p] = s
                 if s > m:
@@ -114,12 +143,16 @@ def _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, v_dim, s
             vacc[:, :] = 0.0
             width = 8 if gemm8 else 32
             for p in range(live):
-                if probs[p] == 0.0:
+                w = round_f16(probs[p]) if value16 else probs[p]
+                if w == 0.0:
                     continue  # masked: adds exactly +0
                 lane = vacc[p % width]
-                w = probs[p]
-                for d in range(vd):
-                    lane[d] = fma32(v_cache[p, v0 + d], w, lane[d])
+                if value16:
+                    for d in range(vd):
+                        lane[d] = fma32(f16_table[v16[p, v0 + d]], w, lane[d])
+                else:
+                    for d in range(vd):
+                        lane[d] = fma32(v_cache[p, v0 + d], w, lane[d])
             for d in range(vd):
                 col = acc  # this output's lanes, gathered
                 for lane in range(width):
@@ -129,36 +162,50 @@ def _attention(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, v_dim, s
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray | None, start: int, n_head: int,
               n_head_kv: int, head_dim: int, out: np.ndarray | None = None, window: int = 0,
-              sinks: np.ndarray | None = None, v_dim: int | None = None, scale: float | None = None) -> np.ndarray:
+              sinks: np.ndarray | None = None, v_dim: int | None = None, scale: float | None = None,
+              cell_pos: np.ndarray | None = None) -> np.ndarray:
     """Attention of the n new queries q (n, n_head*head_dim) at positions start.. over one
     layer's cache (n_cells rows, positions up to start + n written, position p in cell
     p % n_cells); returns (n, n_head*v_dim). `window`: keys fewer than this many positions
     back (0: all); `sinks`: (n_head,) sink logits; `v_dim`: a value head's width (default
     head_dim); v_cache None: the values are the first v_dim floats of each key row (MLA's
-    latent); `scale`: of the scores (default 1/sqrt(head_dim)). All arrays float32 and
-    C-contiguous. The C kernel with the C kernels, else the Numba one (same bits)."""
+    latent); `scale`: of the scores (default 1/sqrt(head_dim)); `cell_pos`: after a context
+    shift (offload.kv_cells), the position of each cell to visit, int32, -1 for an empty one
+    (None: position p in cell p % n_cells). All arrays float32 and C-contiguous. The C kernel
+    with the C kernels, else the Numba one (same bits)."""
     v_dim = head_dim if v_dim is None else v_dim
     if out is None:
         out = np.empty((q.shape[0], n_head * v_dim), dtype=np.float32)
     if cext.selected():
         cext.attention(q, k_cache, v_cache, out, q.shape[0], start, n_head, n_head_kv, head_dim, window, sinks, v_dim,
-                       0.0 if scale is None else float(scale))
+                       0.0 if scale is None else float(scale), cell_pos)
         return out
-    return attention_numba(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, out, window, sinks, v_dim, scale)
+    return attention_numba(q, k_cache, v_cache, start, n_head, n_head_kv, head_dim, out, window, sinks, v_dim, scale,
+                           cell_pos)
 
 
 def attention_numba(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray | None, start: int, n_head: int,
                     n_head_kv: int, head_dim: int, out: np.ndarray | None = None, window: int = 0,
                     sinks: np.ndarray | None = None, v_dim: int | None = None,
-                    scale: float | None = None) -> np.ndarray:
+                    scale: float | None = None, cell_pos: np.ndarray | None = None) -> np.ndarray:
     v_dim = head_dim if v_dim is None else v_dim
     if out is None:
         out = np.empty((q.shape[0], n_head * v_dim), dtype=np.float32)
     scale = np.float32(1.0) / np.sqrt(np.float32(head_dim)) if scale is None else np.float32(scale)
     sinks = np.zeros(0, dtype=np.float32) if sinks is None else np.ascontiguousarray(sinks, dtype=np.float32)
-    _attention(q, k_cache, k_cache if v_cache is None else v_cache, start, n_head, n_head_kv, head_dim, v_dim, scale,
-               window, sinks, out)
+    cell_pos = _NO_CELLS if cell_pos is None else np.ascontiguousarray(cell_pos, dtype=np.int32)
+    v_cache = k_cache if v_cache is None else v_cache
+    k16, v16 = k_cache.dtype == np.float16, v_cache.dtype == np.float16  # an F16 cache's rows
+    _attention(q, _NO_FLOATS if k16 else k_cache, _NO_FLOATS if v16 else v_cache,
+               k_cache.view(np.uint16) if k16 else _NO_HALVES, v_cache.view(np.uint16) if v16 else _NO_HALVES,
+               F16_TO_F32, start, n_head, n_head_kv, head_dim, v_dim, scale, window, sinks, cell_pos, out)
     return out
+
+
+# stand-ins for the arrays a call does not use (one type each, so one compiled kernel serves all)
+_NO_CELLS = np.zeros(0, dtype=np.int32)
+_NO_FLOATS = np.zeros((0, 0), dtype=np.float32)
+_NO_HALVES = np.zeros((0, 0), dtype=np.uint16)
 
 
 def cell_positions(n_cells: int, end: int) -> np.ndarray:
@@ -171,7 +218,7 @@ def cell_positions(n_cells: int, end: int) -> np.ndarray:
 
 def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray | None, start: int, n_head: int,
                   n_head_kv: int, head_dim: int, window: int = 0, sinks: np.ndarray | None = None,
-                  v_dim: int | None = None, scale: float | None = None) -> np.ndarray:
+                  v_dim: int | None = None, scale: float | None = None, cell_pos: np.ndarray | None = None) -> np.ndarray:
     """The same with numpy and the general matmul, over explicitly padded copies in cell order."""
     n, hd = q.shape[0], head_dim
     vd = hd if v_dim is None else v_dim
@@ -179,12 +226,12 @@ def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray | None
         v_cache = k_cache[:, :vd]
     end = start + n
     n_cells = k_cache.shape[0]
-    live = min(end, n_cells)
+    live = min(end, n_cells) if cell_pos is None else len(cell_pos)
     q = q.reshape(n, n_head, hd)
     out = np.empty((n, n_head, vd), dtype=np.float32)
     scale = np.float32(1.0) / np.sqrt(np.float32(hd)) if scale is None else np.float32(scale)
     n_kv = -(-live // 32) * 32  # llama.cpp pads its KV length (to 256 now; any multiple of 32 sums alike)
-    masked = _mask(start, n, n_cells, n_kv, window)
+    masked = _mask(start, n, n_cells, n_kv, window, cell_pos)
     group = n_head // n_head_kv  # query heads g*group .. share KV head g
     for g in range(n_head_kv):
         heads = slice(g * group, (g + 1) * group)
@@ -202,13 +249,17 @@ def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray | None
     return out.reshape(n, n_head * vd)
 
 
-def _mask(start: int, n: int, n_cells: int, n_kv: int, window: int) -> np.ndarray:
-    """(n, n_kv) True where query t (position start + t) may not look: a cell past the filled
-    ones (the padding to n_kv too), a later position, or one out of the sliding window."""
+def _mask(start: int, n: int, n_cells: int, n_kv: int, window: int, visited: np.ndarray | None = None) -> np.ndarray:
+    """(n, n_kv) True where query t (position start + t) may not look: an empty cell (the
+    padding to n_kv too), a later position, or one out of the sliding window. `visited`: the
+    positions of the first cells after a context shift (None: position p in cell p % n_cells)."""
     end = start + n
-    live = min(end, n_cells)
     cell_pos = np.full(n_kv, -1)
-    cell_pos[:live] = cell_positions(n_cells, end)[:live]
+    if visited is None:
+        live = min(end, n_cells)
+        cell_pos[:live] = cell_positions(n_cells, end)[:live]
+    else:
+        cell_pos[: len(visited)] = visited
     query_pos = (start + np.arange(n))[:, None]
     masked = (cell_pos[None, :] < 0) | (cell_pos[None, :] > query_pos)
     if window:
@@ -218,7 +269,8 @@ def _mask(start: int, n: int, n_cells: int, n_kv: int, window: int) -> np.ndarra
 
 def attention_typed(q: np.ndarray, k_rows: np.ndarray, k_fmt, v_rows: np.ndarray | None, v_fmt, start: int,
                     n_head: int, n_head_kv: int, head_dim: int, window: int = 0, sinks: np.ndarray | None = None,
-                    v_dim: int | None = None, scale: float | None = None, compiled: bool = True) -> np.ndarray:
+                    v_dim: int | None = None, scale: float | None = None, compiled: bool = True,
+                    cell_pos: np.ndarray | None = None) -> np.ndarray:
     """`attention` over a cache kept in another type than F32 (offload.cache_types): k_rows /
     v_rows are the cache's encoded rows (n_cells, bytes) in formats k_fmt / v_fmt (v_rows
     None: the values are the first v_dim values of each key row, in K's format: MLA).
@@ -230,25 +282,29 @@ def attention_typed(q: np.ndarray, k_rows: np.ndarray, k_fmt, v_rows: np.ndarray
     vec_dot for one token, tinyBLAS for two or more. ggml's first try with the unconverted
     operand applies to F32 only, whose K . Q stays vec_dot (Q is a permuted view).
 
-    F16 and F32 caches run in the C kernel where built (`compiled`), which sums in these
-    orders directly over the cache (cext/attention.c); this path is its reference."""
+    F16 and F32 caches run in the C kernel where built, else in the Numba one (`compiled`),
+    which sum in these orders directly over the cache (cext/attention.c, _attention); this
+    path is their reference."""
     from .dispatch import matmul
     from .formats import QMatrix
 
     n, hd = q.shape[0], head_dim
     vd = hd if v_dim is None else v_dim
-    if compiled and cext.selected() and {k_fmt.name, v_fmt.name} <= {"F32", "F16"}:
-        out = np.empty((n, n_head * vd), dtype=np.float32)
+    if compiled and {k_fmt.name, v_fmt.name} <= {"F32", "F16"}:
         k = k_rows if k_fmt.name == "F32" else k_rows.view(np.float16)
         v = None if v_rows is None else v_rows if v_fmt.name == "F32" else v_rows.view(np.float16)
+        if not cext.selected():
+            return attention_numba(q, k, v, start, n_head, n_head_kv, head_dim, None, window, sinks, vd, scale,
+                                   cell_pos)
+        out = np.empty((n, n_head * vd), dtype=np.float32)
         cext.attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim, window, sinks, vd,
-                       0.0 if scale is None else float(scale))
+                       0.0 if scale is None else float(scale), cell_pos)
         return out
     end = start + n
     n_cells = k_rows.shape[0]
-    live = min(end, n_cells)
+    live = min(end, n_cells) if cell_pos is None else len(cell_pos)
     n_kv = max(256, -(-live // 256) * 256)  # llama.cpp's KV length: tinyBLAS needs its rows % 4
-    masked = _mask(start, n, n_cells, n_kv, window)
+    masked = _mask(start, n, n_cells, n_kv, window, cell_pos)
     scale = np.float32(1.0) / np.sqrt(np.float32(hd)) if scale is None else np.float32(scale)
     q = q.reshape(n, n_head, hd)
     out = np.empty((n, n_head, vd), dtype=np.float32)

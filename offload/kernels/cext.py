@@ -165,13 +165,19 @@ def quantize(kind: str, x: np.ndarray, out: tuple) -> tuple:
 
 
 def attention(q, k, v, out, n: int, start: int, n_head: int, n_head_kv: int, head_dim: int, window: int = 0,
-              sinks=None, v_dim: int = 0, scale: float = 0.0) -> None:
+              sinks=None, v_dim: int = 0, scale: float = 0.0, cell_pos=None) -> None:
     """v None: the values are the first v_dim floats of each key row (MLA). k and v: float32,
-    or float16 (an F16 cache)."""
+    or float16 (an F16 cache). cell_pos: None, or int32 positions of the cells to visit (-1:
+    empty) after a context shift."""
     v_stride = k.shape[1] if v is None else 0
     v = k if v is None else v
+    if cell_pos is None:
+        _cext.attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim, k.shape[0], window, sinks,
+                        v_dim, v_stride, scale, int(k.dtype == np.float16), int(v.dtype == np.float16))
+        return
     _cext.attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim, k.shape[0], window, sinks,
-                    v_dim, v_stride, scale, int(k.dtype == np.float16), int(v.dtype == np.float16))
+                    v_dim, v_stride, scale, int(k.dtype == np.float16), int(v.dtype == np.float16),
+                    np.ascontiguousarray(cell_pos, dtype=np.int32), len(cell_pos))
 
 
 # -- the step's small ops (cext/ops.c); float32 C-contiguous arrays, as ggml_math's callers pass

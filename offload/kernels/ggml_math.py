@@ -151,6 +151,22 @@ def apply_rope_ref(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: in
     a[...] = a_new
 
 
+def hadamard_rows(x: np.ndarray, n: int) -> np.ndarray:
+    """Each run of n values of x (C order) times the normalized n x n Hadamard matrix, as
+    ggml's CPU backend computes a mul_mat hinted GGML_HINT_SRC0_IS_HADAMARD (its fast
+    Walsh-Hadamard transform, ggml_compute_forward_fwht): x * (1 / sqrtf(n)), then butterflies
+    (u + v, u - v) of spans 1, 2, 4, ... in float32. Returns a new float32 array shaped as x."""
+    y = (np.ascontiguousarray(x, dtype=np.float32).reshape(-1, n) * (np.float32(1) / np.sqrt(np.float32(n))))
+    span = 1
+    while span < n:
+        pairs = y.reshape(len(y), n // (2 * span), 2, span)
+        u, v = pairs[:, :, 0].copy(), pairs[:, :, 1].copy()
+        pairs[:, :, 0] = u + v
+        pairs[:, :, 1] = u - v
+        span *= 2
+    return y.reshape(x.shape)
+
+
 # -- libm, as ggml calls it ------------------------------------------------------------
 # ggml's RoPE takes cosf, sinf and powf from the C library, whose float results are not
 # always correctly rounded; numpy's differ from them in about 1% of arguments. These run

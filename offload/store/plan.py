@@ -281,6 +281,48 @@ def make_plan(gguf: GGUFFile, args: ModelArgs, n_ctx: int, budget: int, budget_s
     return plan
 
 
+def largest_context(gguf: GGUFFile, args: ModelArgs, budget: int, n_max: int, **plan_options) -> int:
+    """The longest context (at most n_max) whose plan fits `budget` with the minimum expert
+    slots (0: none does); `plan_options` as make_plan's. The minimum grows with the context
+    (KV cache, RoPE tables, scratch), so a binary search finds it."""
+    def fits(n: int) -> bool:
+        return make_plan(gguf, args, n, budget, **plan_options).minimum <= budget
+
+    if n_max < 1 or not fits(1):
+        return 0
+    lo, hi = 1, n_max
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def default_context(gguf: GGUFFile, args: ModelArgs, budget: int, **plan_options) -> tuple[int, str]:
+    """-c 0: the model's training context where it fits the budget beside the minimum expert
+    slots, else the longest that does (at least 1, for the budget error to name the
+    minimum); and a line that says which."""
+    fit = largest_context(gguf, args, budget, args.n_ctx_train, **plan_options)
+    if fit >= args.n_ctx_train:
+        return args.n_ctx_train, f"context {args.n_ctx_train} tokens (the model's training context)"
+    n = max(fit, 1)
+    return n, (f"context {n} tokens: the most that fits the memory budget {_h(budget)} beside the minimum "
+               f"expert slots (the model was trained for {args.n_ctx_train}; -c sets it)")
+
+
+def context_error(gguf: GGUFFile, args: ModelArgs, n_ctx: int, plan: MemoryPlan, **plan_options) -> BudgetError | None:
+    """The one-line refusal of a context too long for the budget, naming the longest that
+    fits (None: the context is not what keeps the plan over its budget)."""
+    if plan.minimum <= plan.budget:
+        return None
+    fit = largest_context(gguf, args, plan.budget, n_ctx - 1, **plan_options)
+    if fit == 0:
+        return None
+    return BudgetError(f"memory budget {_h(plan.budget)} is below this model's minimum of {_h(plan.minimum)} "
+                       f"({plan.minimum} bytes) with a context of {n_ctx} tokens (KV cache {_h(plan.kv_cache)}): the "
+                       f"longest context that fits beside the minimum expert slots is {fit} (-c {fit}), or raise the "
+                       "budget")
+
+
 def _fill(plan: MemoryPlan, free: int) -> None:
     """Give each pool its minimum, then share what is left by bytes each pool could use."""
     pools = plan.pools
