@@ -267,14 +267,20 @@ uint16_t fp32_to_fp16_bits(float x) {
     return sign | (uint16_t)((((a >> 23) - 112) << 10) | ((a >> 13) & 0x3FFu));
 }
 
+/* Cells a query visits at most: the used ones after a context shift, else up to the last new position. */
+static int cells_visited(const attention_args *a) {
+    if (a->cell_pos) return a->n_used;
+    return a->start + a->n < a->n_cells ? a->start + a->n : a->n_cells;
+}
+
 size_t attention_item_floats(const attention_args *a) {
-    const int end = a->start + a->n < a->n_cells ? a->start + a->n : a->n_cells; /* cells visited at most */
+    const int end = cells_visited(a);
     const size_t wide = (size_t)(a->v_dim > a->head_dim ? a->v_dim : a->head_dim);
     return (size_t)end + 8 + 33 * wide;
 }
 
 void attention_item(const attention_args *a, int i, float *scratch, int use_avx2) {
-    const int end = a->start + a->n < a->n_cells ? a->start + a->n : a->n_cells;
+    const int end = cells_visited(a);
     const size_t wide = (size_t)(a->v_dim > a->head_dim ? a->v_dim : a->head_dim);
     /* probabilities (padded to 8), the 32 lanes of V sums, an F16-rounded query */
     float *probs = scratch, *vacc = scratch + end + 8, *qr = vacc + 32 * wide;
@@ -291,8 +297,7 @@ void attention_item(const attention_args *a, int i, float *scratch, int use_avx2
 
 int attention_run(const attention_args *a, int use_avx2) {
     const int items = a->n_head * a->n;
-    const int end = a->cell_pos ? a->n_used
-                    : a->start + a->n < a->n_cells ? a->start + a->n : a->n_cells; /* cells visited at most */
+    const int end = cells_visited(a);
     int failed = 0;
 #pragma omp parallel if (items > 1 && (size_t)items * end * a->head_dim >= 16384)
     {
