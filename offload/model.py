@@ -17,7 +17,9 @@ from .cache_types import DEFAULT_CACHE_TYPE, check_cache_types
 from .errors import ContextOverflowError, ModelBusyError, OffloadError
 from .forward import Transformer
 from .gguf_file import GGUFFile
-from .store import MemoryPlan, StoreStats, TieredExperts, check_within_limit, default_budget, make_plan, parse_budget
+from .store import (MemoryPlan, StoreStats, TieredExperts, check_within_limit, default_budget, make_plan, memory_cap,
+                    parse_budget)
+from .store.loader import supports_o_direct
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 from .weights import ResidentExperts, load_weights
@@ -103,17 +105,20 @@ class Model:
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, n_ctx: int | None = None, n_threads: int | None = None,
              memory_budget: str | int | None = None, cache_policy: str = "lrfu", cache_scope: str = "global",
-             o_direct: bool = False, prefetch_slots: int | None = None, io_threads: int = IO_THREADS,
+             o_direct: bool | None = None, prefetch_slots: int | None = None, io_threads: int = IO_THREADS,
              prefetch: bool = True, prefetch_depth: int = DEFAULT_PREFETCH_DEPTH,
              predictor: str = "lookahead", chat_template: str | None = None,
              vram_budget: str | int | None = None, gpu_options: dict | None = None,
-             cache_type_k: str = DEFAULT_CACHE_TYPE, cache_type_v: str = DEFAULT_CACHE_TYPE) -> "Model":
+             cache_type_k: str = DEFAULT_CACHE_TYPE, cache_type_v: str = DEFAULT_CACHE_TYPE,
+             n_ubatch: int | None = None) -> "Model":
         """Open `path`; `n_ctx` defaults to min(training context, 4096), `n_threads` to all cores.
 
         `memory_budget` ("6GB", "6GiB", "512MB", "60%" of RAM, or bytes) caps what the model
         keeps resident: weights, expert slots, KV cache, scratch. Experts that do not fit are
         read from the file when needed (`cache_policy`: lrfu, lru or lfu; `cache_scope`:
-        "global" or "layer" capacity; `o_direct` reads around the page cache). A budget below
+        "global" or "layer" capacity; `o_direct` reads around the page cache, by default where
+        the process runs under a memory limit (a cgroup's: the page cache would be charged to
+        the same limit as the budget and thrash) and the budget does not hold every expert). A budget below
         the minimum raises BudgetError; one that holds the whole model loads every expert
         and does no I/O afterwards. `io_threads`: expert reads in flight at once. With a
         tiered store and `prefetch`, a predictor (`predictor`: lookahead, transition or
@@ -135,7 +140,11 @@ class Model:
         one no GPU code is loaded. "off" (or 0): the CPU only.
 
         `cache_type_k` / `cache_type_v`: the KV cache's types (offload.cache_types: f32, f16,
-        bf16, q8_0, q4_0 for K; V not quantized, as llama.cpp without flash attention)."""
+        bf16, q8_0, q4_0 for K; V not quantized, as llama.cpp without flash attention).
+
+        `n_ubatch`: the most tokens run at once (llama.cpp's n_ubatch; logits equal llama.cpp's
+        run with the same). None: 512, or less where the budget does not hold every expert
+        (the plan spends the activation scratch saved on expert slots: store.plan)."""
         gguf = GGUFFile(path)
         try:
             args = arch.model_args(gguf)
@@ -151,16 +160,26 @@ class Model:
                 budget, source = parse_budget(memory_budget), "given"
                 check_within_limit(budget)
             check_cache_types(cache_type_k, cache_type_v, args.attention, args.head_dim)
-            plan = make_plan(gguf, args, n_ctx, budget, source, o_direct=o_direct, scope=cache_scope,
-                             prefetch_slots=prefetch_slots, gpu=_gpu_wanted(vram_budget),
-                             type_k=cache_type_k, type_v=cache_type_v)
+            def plan_with(direct: bool) -> MemoryPlan:
+                return make_plan(gguf, args, n_ctx, budget, source, o_direct=direct, scope=cache_scope,
+                                 prefetch_slots=prefetch_slots, gpu=_gpu_wanted(vram_budget),
+                                 type_k=cache_type_k, type_v=cache_type_v, n_ubatch=n_ubatch)
+
+            cap = memory_cap() if o_direct is None else None
+            plan = plan_with(bool(o_direct) or (cap is not None and supports_o_direct(path)))
+            if o_direct is None and plan.o_direct:
+                if plan.all_resident:  # read once at load: the page cache does no harm
+                    plan = plan_with(False)
+                else:
+                    plan.o_direct_reason = f"memory limit in {cap}"
+            o_direct = plan.o_direct
             plan.check()
             weights = load_weights(gguf, args)
             if not plan.pools or (memory_budget is None and plan.all_resident and not o_direct):
                 experts = ResidentExperts(gguf, args)
             else:
                 experts = TieredExperts(gguf, plan, args, policy=cache_policy, io_threads=io_threads)
-            transformer = Transformer(args, weights, experts, n_ctx, cache_type_k, cache_type_v)
+            transformer = Transformer(args, weights, experts, n_ctx, cache_type_k, cache_type_v, plan.n_ubatch)
             transformer.file_check = gguf.check_unchanged
             _attach_gpu(transformer, weights, experts, gguf, args, vram_budget, gpu_options)
             if prefetch and prefetch_depth > 0 and isinstance(experts, TieredExperts) and not experts.all_resident:

@@ -10,7 +10,8 @@ the best tok/s: past it, more memory buys little. The report ends with the flags
 
 With `--trace FILE` (a recorded routing trace) nothing runs: the trace is replayed through
 the simulator for each policy and capacity, next to Belady's optimum, and the knee is taken
-on hit rate instead of tok/s.
+on hit rate instead of tok/s; with the model file too, the knee's slots become the memory
+budget that buys them (`budget_for_slots`) and the report ends with the flags to use.
 """
 
 from __future__ import annotations
@@ -146,6 +147,43 @@ def tune_trace(trace_path: str, *, shares: Sequence[float] = (0.0, 0.1, 0.25, 0.
     return rows, k
 
 
+def budget_for_slots(path: str, slots: int, n_ctx: int, scope: str = "global", o_direct: bool = True,
+                     cache_types: dict | None = None) -> int:
+    """The smallest memory budget whose plan has at least `slots` expert slots (or every
+    expert), found by bisection over make_plan (the plan's micro-batch rule makes slots a
+    step function of the budget). O_DIRECT slots by default: they are the larger, so the
+    budget buys the slots with or without it."""
+    from . import arch
+    from .gguf_file import GGUFFile
+    from .store import make_plan
+
+    types = cache_types or {}
+    gguf = GGUFFile(path)
+    try:
+        args = arch.model_args(gguf)
+
+        def plan(budget: int):
+            return make_plan(gguf, args, n_ctx, budget, o_direct=o_direct, scope=scope,
+                             type_k=types.get("cache_type_k", DEFAULT_CACHE_TYPE),
+                             type_v=types.get("cache_type_v", DEFAULT_CACHE_TYPE))
+
+        first = plan(1)
+        if not first.pools:
+            return first.minimum
+        want = min(slots, first.n_experts)
+        low, high = first.minimum, first.full
+        while high - low > 2**20:  # to a MiB
+            mid = (low + high) // 2
+            p = plan(mid)
+            if p.budget >= p.minimum and (p.slots >= want or p.all_resident):
+                high = mid
+            else:
+                low = mid
+        return high
+    finally:
+        gguf.close()
+
+
 def ascii_plot(xs: Sequence[float], ys: Sequence[float], width: int = 50, height: int = 10,
                x_label: str = "budget (MiB)", y_label: str = "tok/s") -> str:
     """A small plot for the terminal: one '*' per point, axes labelled with min and max."""
@@ -188,6 +226,11 @@ def save_plot(path: str, xs: Sequence[float], series: dict[str, Sequence[float]]
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def trace_flags_for(model: str, budget: int, policy: str, command: str = "chat") -> str:
+    """The flags a trace replay recommends: the budget that buys the knee's slots, its policy."""
+    return f"offload {command} {model} --memory-budget {-(-budget // 2**20)}MiB --cache-policy {policy}"
 
 
 def flags_for(model: str, run: Run, command: str = "chat") -> str:

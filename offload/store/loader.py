@@ -69,6 +69,17 @@ def open_model_file(path: str, o_direct: bool) -> int:
         raise OffloadError(f"{path}: cannot open for reading experts: {e.strerror}") from None
 
 
+def supports_o_direct(path: str | os.PathLike[str]) -> bool:
+    """Whether the file system holding `path` takes O_DIRECT opens (tmpfs, for one, does not)."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0)))
+    except OSError:
+        return False
+    return True
+
+
 def read_ranges(fd: int, buf, ranges) -> int:
     """preadv each range fully (short reads continue; a read may stop early only past the
     bytes needed, at the end of the file). Returns the bytes read."""
