@@ -308,8 +308,12 @@ def tune(model, trace_file, budgets, policies, depths, n_predict, prompt, thread
                    f"{t.KNEE_SHARE:.0%} of the best")
         command = "chat" if "chat" in main.commands else "generate"
         flags = t.flags_for(path, k, command)
-        if not no_o_direct and k.share < 1.0:
-            flags += " --o-direct"
+        if result.other_io is not None:
+            direct, cached = (k, result.other_io) if k.o_direct else (result.other_io, k)
+            click.echo(f"reads at the knee: pread + O_DIRECT {direct.tok_s:.1f} tok/s, page cache {cached.tok_s:.1f} "
+                       f"tok/s: {'O_DIRECT' if result.o_direct else 'the page cache'} on this machine")
+        if k.share < 1.0:
+            flags += " --o-direct" if result.o_direct else " --no-o-direct"
         click.echo(f"use: {flags}")
 
 

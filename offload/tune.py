@@ -6,7 +6,10 @@ model does not fit in RAM. The sweep covers budgets from the model's minimum to 
 that holds every expert, and for each budget the cache policies and prefetch depths asked
 for. Per budget the best setting is kept; the table shows tok/s, hit rate and the share of
 decode time stalled on I/O. The knee is the smallest budget that reaches `KNEE_SHARE` of
-the best tok/s: past it, more memory buys little. The report ends with the flags to use.
+the best tok/s: past it, more memory buys little. Where the knee reads experts from disk,
+its setting runs once more reading through the page cache instead, and the faster of the
+two read paths (pread + O_DIRECT, or the page cache: it depends on the machine's disk, its
+free RAM and any memory cap) goes into the flags. The report ends with the flags to use.
 
 With `--trace FILE` (a recorded routing trace) nothing runs: the trace is replayed through
 the simulator for each policy and capacity, next to Belady's optimum, and the knee is taken
@@ -39,6 +42,7 @@ class Run:
     hit_rate: float
     stall_share: float  # of decode time
     bytes_read_per_token: float
+    o_direct: bool = True  # how the experts were read
 
 
 @dataclass
@@ -47,6 +51,14 @@ class TuneResult:
     best: list[Run] = field(default_factory=list)  # the best run per budget, by budget
     knee: Run | None = None
     metric: str = "tok_s"  # what the knee is taken on
+    other_io: Run | None = None  # the knee's setting with the other read path (None: not compared)
+
+    @property
+    def o_direct(self) -> bool:
+        """The read path to use: the faster one at the knee where both ran."""
+        if self.knee is None or self.other_io is None:
+            return self.knee.o_direct if self.knee else True
+        return max((self.knee, self.other_io), key=lambda r: r.tok_s).o_direct
 
 
 def budgets_to_try(path: str, shares: Sequence[float], n_ctx: int, o_direct: bool = True,
@@ -92,7 +104,7 @@ def run_one(path: str, budget: int, policy: str, depth: int, prompt: list[int] |
                    policy=policy, prefetch_depth=depth, tok_s=n / decode_s if decode_s else 0.0,
                    hit_rate=hits / (hits + misses) if hits + misses else 1.0,
                    stall_share=min(1.0, (after["stall_seconds"] - before["stall_seconds"]) / decode_s) if decode_s else 0.0,
-                   bytes_read_per_token=(after["bytes_read"] - before["bytes_read"]) / max(n, 1))
+                   bytes_read_per_token=(after["bytes_read"] - before["bytes_read"]) / max(n, 1), o_direct=o_direct)
 
 
 def knee(best: list[Run], metric: str) -> Run | None:
@@ -105,9 +117,11 @@ def knee(best: list[Run], metric: str) -> Run | None:
 def tune(path: str, *, shares: Sequence[float] = DEFAULT_SHARES, policies: Sequence[str] = ("lrfu",),
          depths: Sequence[int] = (0, 1, 2), prompt: list[int] | str = "Once upon a time, in a land far away,",
          n_tokens: int = 32, n_ctx: int = 512, n_threads: int | None = None, o_direct: bool = True,
-         progress: Callable[[str], None] | None = None, cache_types: dict | None = None) -> TuneResult:
+         progress: Callable[[str], None] | None = None, cache_types: dict | None = None,
+         compare_io: bool = True) -> TuneResult:
     """Sweep budgets x policies x prefetch depths with real runs; see the module docstring.
-    `cache_types`: Model.load's cache_type_k / cache_type_v."""
+    `cache_types`: Model.load's cache_type_k / cache_type_v; `compare_io`: run the knee's
+    setting with the other read path too."""
     budgets, _, _ = budgets_to_try(path, shares, n_ctx, o_direct, cache_types)
     result = TuneResult(metric="tok_s")
     total = len(budgets) * len(policies) * len(depths)
@@ -122,7 +136,12 @@ def tune(path: str, *, shares: Sequence[float] = DEFAULT_SHARES, policies: Seque
                 result.runs.append(run)
                 here.append(run)
         result.best.append(max(here, key=lambda r: r.tok_s))
-    result.knee = knee(result.best, "tok_s")
+    result.knee = k = knee(result.best, "tok_s")
+    if compare_io and k is not None and k.share < 1.0:
+        if progress:
+            progress(f"[knee] budget {k.budget / 2**20:.0f} MiB, {'page cache' if o_direct else 'O_DIRECT'} reads")
+        result.other_io = run_one(path, k.budget, k.policy, k.prefetch_depth, prompt, n_tokens, n_ctx, n_threads,
+                                  not o_direct, cache_types)
     return result
 
 

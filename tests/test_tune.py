@@ -119,3 +119,15 @@ def test_cli_tune_with_a_trace_ends_with_the_budget_to_use(model, tmp_path):
         assert m.plan.slots < slots and not m.plan.all_resident
     out = cli("tune", "--trace", trace, "--plot", "")  # a trace alone names its file, not where it is
     assert out.returncode == 0 and "give the model file too" in out.stdout
+
+
+def test_the_knee_runs_both_read_paths_and_keeps_the_faster(model):
+    result = tune(model, shares=(0.0,), depths=(0,), n_tokens=4, n_ctx=128)
+    k, other = result.knee, result.other_io
+    assert k.share < 1.0 and k.o_direct and other is not None and not other.o_direct
+    assert (other.budget, other.policy, other.prefetch_depth) == (k.budget, k.policy, k.prefetch_depth)
+    assert result.o_direct == (k.tok_s >= other.tok_s)
+    out = cli("tune", model, "-n", "4", "--budgets", "0", "--prefetch-depth", "0", "--plot", "")
+    assert out.returncode == 0, out.stderr
+    assert "reads at the knee: pread + O_DIRECT" in out.stdout
+    assert re.search(r"^use: .* --(no-)?o-direct$", out.stdout, re.M), out.stdout
