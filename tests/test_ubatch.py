@@ -60,8 +60,10 @@ def _plan(path, budget, **kw):
 
 def test_a_tight_budget_trades_scratch_for_expert_slots(planned):
     low = _plan(planned, 0)
-    full = _plan(planned, low.full)
-    assert full.all_resident and full.n_ubatch == 512 and full.ubatch_source == "default"
+    ample = _plan(planned, 10**10)
+    assert ample.all_resident and ample.n_ubatch == 512 and ample.ubatch_source == "default"
+    # every expert resident from `full`: the smallest such budget, with the micro-batch the rule picks there
+    assert _plan(planned, low.full).all_resident and not _plan(planned, low.full - 1).all_resident
     # every budget between the minimum and the full model: a micro-batch the rule allows,
     # never fewer slots than the default micro-batch would leave
     for budget in np.linspace(low.minimum, low.full - 1, 7).astype(int):
@@ -74,7 +76,8 @@ def test_a_tight_budget_trades_scratch_for_expert_slots(planned):
             assert p.ubatch_source == "budget"
             bigger = _plan(planned, int(budget), n_ubatch=2 * p.n_ubatch)  # the rule stopped for a reason
             assert bigger.budget < bigger.minimum or bigger.scratch > budget * UBATCH_SCRATCH_SHARE
-    mid = _plan(planned, (low.minimum + low.full) // 2)
+    at_512 = _plan(planned, 0, n_ubatch=512)
+    mid = _plan(planned, at_512.minimum + 8 * at_512.pools[0].slot_bytes)
     assert mid.n_ubatch == 64 and mid.slots > mid.slots_at_default_ubatch > 0
     assert mid.scratch < _plan(planned, mid.budget, n_ubatch=512).scratch
     text = "\n".join(mid.describe())
@@ -96,7 +99,7 @@ def test_the_budget_rule_never_changes_tokens(planned):
     ids = [1] + random_prompt(200, seed=9)
     low = _plan(planned, 0)
     runs = []
-    for budget in (low.minimum, low.full):
+    for budget in (low.minimum, 10**9):
         with Model.load(planned, n_ctx=PLANNED.n_ctx, memory_budget=budget) as m:
             runs.append((m.transformer.n_ubatch, m.logits(ids)[-3:],
                          list(m.generate_tokens(ids, 6, SamplingParams(temperature=0.0)))))
@@ -108,7 +111,8 @@ def test_cli_shows_the_micro_batch(planned):
     from tests.test_cli import offload_cli
 
     low = _plan(planned, 0)
-    r = offload_cli("inspect", planned, "-c", PLANNED.n_ctx, "--memory-budget", (low.minimum + low.full) // 2)
+    at_512 = _plan(planned, 0, n_ubatch=512)
+    r = offload_cli("inspect", planned, "-c", PLANNED.n_ctx, "--memory-budget", at_512.minimum + 8 * at_512.pools[0].slot_bytes)
     assert r.returncode == 0, r.stderr
     assert "micro-batch       64 tokens (sized from the budget" in r.stdout and "expert slots vs 512" in r.stdout
     r = offload_cli("inspect", planned, "-c", PLANNED.n_ctx, "--memory-budget", low.full, "-ub", 128)

@@ -95,7 +95,7 @@ class MemoryPlan:
     ubatch_source: str = "default"  # "default", "given" (-ub) or "budget" (halved to free slots)
     default_ubatch: int = 512  # what the micro-batch would be without the budget rule (or -ub)
     slots_at_default_ubatch: int = 0  # expert slots the plan would have at default_ubatch (0: below its minimum)
-    full_budget: int = 0  # the budget that holds every expert at the default micro-batch (0: `full`)
+    full_budget: int = 0  # the smallest budget whose plan holds every expert (0: this plan's own `full`)
 
     @property
     def fixed(self) -> int:
@@ -107,8 +107,8 @@ class MemoryPlan:
 
     @property
     def full(self) -> int:
-        """The budget that holds every expert (no I/O after load), with the default micro-batch
-        unless -ub gave one."""
+        """The smallest budget that holds every expert (no I/O after load), with the micro-batch
+        the budget rule picks there (or the one -ub gave)."""
         return self.full_budget or self.fixed + sum(p.n_experts * p.slot_bytes for p in self.pools)
 
     @property
@@ -297,25 +297,34 @@ def make_plan(gguf: GGUFFile, args: ModelArgs, n_ctx: int, budget: int, budget_s
     layouts = expert_layouts(gguf, args)
     common = dict(resident_weights=resident_weight_bytes(gguf), runtime=runtime_bytes(gguf, gpu))
 
-    def plan_at(ubatch: int) -> MemoryPlan:
+    def plan_at(ubatch: int, budget: int = budget) -> MemoryPlan:
         return _plan(gguf, args, layouts, n_ctx, budget, budget_source, ubatch, o_direct, scope, prefetch_slots,
                      type_k, type_v, **common)
 
     first = default_ubatch(n_ctx)
+    choices = ubatch_choices(first)
+
+    def by_rule(budget: int) -> MemoryPlan:
+        plan = plan_at(first, budget)
+        for ubatch in choices[1:]:
+            if plan.all_resident or (plan.budget >= plan.minimum and plan.scratch <= budget * UBATCH_SCRATCH_SHARE):
+                break
+            plan = plan_at(ubatch, budget)
+            plan.ubatch_source = "budget"
+        return plan
+
     at_default = plan_at(first)
     if n_ubatch is not None:
         plan = plan_at(min(n_ctx, n_ubatch))
         plan.ubatch_source = "given"
+        plan.full_budget = plan.full
     else:
-        plan = at_default
-        for ubatch in ubatch_choices(first)[1:]:
-            if plan.all_resident or (plan.budget >= plan.minimum and plan.scratch <= budget * UBATCH_SCRATCH_SHARE):
-                break
-            plan = plan_at(ubatch)
-            plan.ubatch_source = "budget"
+        plan = by_rule(budget)
+        # every expert resident from: the smallest budget at which the rule's plan holds them all
+        # (with a smaller micro-batch, a tiny model's may be below the default micro-batch's)
+        plan.full_budget = min(b for b in (plan_at(u, 0).full for u in choices) if by_rule(b).all_resident)
     plan.default_ubatch = first
     plan.slots_at_default_ubatch = at_default.slots if at_default.budget >= at_default.minimum else 0
-    plan.full_budget = at_default.full
     return plan
 
 
