@@ -633,8 +633,11 @@ def _memory_line(m, memory_budget) -> None:
     tiered = m.stats()["cache_policy"] != "resident"
     if p is not None and p.pools and (tiered or memory_budget is not None):
         where = ("every expert loaded" if p.all_resident else
-                 f"{p.slots} expert slots ({p.share:.0%} of experts), cold ones read from the file")
-        click.echo(f"memory budget {hb(p.budget)} ({p.budget_source}): {hb(p.fixed)} resident; {where}", err=True)
+                 f"{p.slots} expert slots ({p.share:.0%} of experts), cold ones read from the file"
+                 + (f" with O_DIRECT ({p.o_direct_reason})" if p.o_direct_reason else ""))
+        ubatch = f"; micro-batch {p.n_ubatch} tokens ({p.ubatch_source})" if p.n_ubatch != p.default_ubatch else ""
+        click.echo(f"memory budget {hb(p.budget)} ({p.budget_source}): {hb(p.fixed)} resident; {where}{ubatch}",
+                   err=True)
     if m.transformer.gpu is not None:
         click.echo(f"{m.transformer.gpu.device.name}: {m.transformer.gpu.plan.describe()}", err=True)
 

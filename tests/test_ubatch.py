@@ -10,6 +10,7 @@ from offload import Model, arch
 from offload.gguf_file import GGUFFile
 from offload.sampling import SamplingParams
 from offload.store import make_plan
+from offload.errors import BudgetError
 from offload.store.plan import MIN_AUTO_UBATCH, UBATCH_SCRATCH_SHARE
 from offload.testing import TinyConfig, llama_cpp_logits, random_prompt
 
@@ -58,33 +59,31 @@ def _plan(path, budget, **kw):
         g.close()
 
 
-def test_a_tight_budget_trades_scratch_for_expert_slots(planned):
-    low = _plan(planned, 0)
-    ample = _plan(planned, 10**10)
-    assert ample.all_resident and ample.n_ubatch == 512 and ample.ubatch_source == "default"
-    # every expert resident from `full`: the smallest such budget, with the micro-batch the rule picks there
-    assert _plan(planned, low.full).all_resident and not _plan(planned, low.full - 1).all_resident
-    # every budget between the minimum and the full model: a micro-batch the rule allows,
-    # never fewer slots than the default micro-batch would leave
-    for budget in np.linspace(low.minimum, low.full - 1, 7).astype(int):
+def test_a_tight_budget_gets_the_trade_shown_and_a_smaller_micro_batch_only_where_512_cannot_run(planned):
+    low = _plan(planned, 0)  # the minimum and the full model at the default micro-batch
+    assert low.n_ubatch == 512 and low.minimum_at_smallest_ubatch < low.minimum
+    ample = _plan(planned, low.full)
+    assert ample.all_resident and ample.n_ubatch == 512 and not ample.suggested_ubatch
+    # between the smallest micro-batch's minimum and 512's: it runs, with the largest micro-batch that fits
+    for budget in np.linspace(low.minimum_at_smallest_ubatch, low.minimum - 1, 4).astype(int):
         p = _plan(planned, int(budget))
         p.check()
-        assert MIN_AUTO_UBATCH <= p.n_ubatch <= 512
-        assert p.scratch <= budget * UBATCH_SCRATCH_SHARE or p.n_ubatch == MIN_AUTO_UBATCH or p.all_resident
-        assert p.slots >= p.slots_at_default_ubatch
-        if p.n_ubatch < 512:
-            assert p.ubatch_source == "budget"
-            bigger = _plan(planned, int(budget), n_ubatch=2 * p.n_ubatch)  # the rule stopped for a reason
-            assert bigger.budget < bigger.minimum or bigger.scratch > budget * UBATCH_SCRATCH_SHARE
-    at_512 = _plan(planned, 0, n_ubatch=512)
-    mid = _plan(planned, at_512.minimum + 8 * at_512.pools[0].slot_bytes)
-    assert mid.n_ubatch == 64 and mid.slots > mid.slots_at_default_ubatch > 0
-    assert mid.scratch < _plan(planned, mid.budget, n_ubatch=512).scratch
-    text = "\n".join(mid.describe())
-    assert "micro-batch       64 tokens (sized from the budget" in text
-    assert f"+{mid.slots - mid.slots_at_default_ubatch} expert slots vs 512 tokens" in text
-    # the smallest budget accepted is the one at the smallest micro-batch; -ub raises it
-    assert low.n_ubatch == 64 and _plan(planned, 0, n_ubatch=512).minimum > low.minimum
+        assert MIN_AUTO_UBATCH <= p.n_ubatch < 512 and p.ubatch_source == "budget"
+        assert _plan(planned, int(budget), n_ubatch=2 * p.n_ubatch).budget < _plan(
+            planned, int(budget), n_ubatch=2 * p.n_ubatch).minimum  # the next larger one does not fit
+        assert "512 tokens do not fit it" in "\n".join(p.describe())
+    with pytest.raises(BudgetError, match=f"with micro-batches of {MIN_AUTO_UBATCH} tokens"):
+        _plan(planned, low.minimum_at_smallest_ubatch - 1).check()
+    # from 512's minimum up, 512 it is (results do not depend on the budget), and the plan shows
+    # what -ub would buy: a micro-batch whose scratch is within its share, or the smallest
+    for budget in np.linspace(low.minimum, low.full - 1, 5).astype(int):
+        p = _plan(planned, int(budget))
+        assert p.n_ubatch == 512 and p.ubatch_source == "default" and p.suggested_ubatch < 512
+        other = _plan(planned, int(budget), n_ubatch=p.suggested_ubatch)
+        assert other.slots == p.slots_at_suggested_ubatch > p.slots
+        assert (other.scratch <= budget * UBATCH_SCRATCH_SHARE or other.all_resident
+                or p.suggested_ubatch == MIN_AUTO_UBATCH)
+        assert f"-ub {p.suggested_ubatch}: +{other.slots - p.slots} expert slots" in "\n".join(p.describe())
 
 
 def test_a_given_micro_batch_is_kept(planned):
@@ -93,13 +92,14 @@ def test_a_given_micro_batch_is_kept(planned):
     assert "micro-batch       32 tokens (-ub" in "\n".join(p.describe())
 
 
-def test_the_budget_rule_never_changes_tokens(planned):
-    """A long prompt under a tight budget (64-token micro-batches) gives the tokens and
-    logits of a run with every expert resident in 512-token ones."""
+def test_a_budget_below_512s_minimum_runs_with_the_same_tokens(planned):
+    """A long prompt under a budget only 64-token micro-batches fit gives (for this Q8_0
+    model, whose kernels do not change with the micro-batch) the tokens and logits of a run
+    with every expert resident in 512-token ones."""
     ids = [1] + random_prompt(200, seed=9)
     low = _plan(planned, 0)
     runs = []
-    for budget in (low.minimum, 10**9):
+    for budget in (low.minimum_at_smallest_ubatch, 10**9):
         with Model.load(planned, n_ctx=PLANNED.n_ctx, memory_budget=budget) as m:
             runs.append((m.transformer.n_ubatch, m.logits(ids)[-3:],
                          list(m.generate_tokens(ids, 6, SamplingParams(temperature=0.0)))))
@@ -111,10 +111,12 @@ def test_cli_shows_the_micro_batch(planned):
     from tests.test_cli import offload_cli
 
     low = _plan(planned, 0)
-    at_512 = _plan(planned, 0, n_ubatch=512)
-    r = offload_cli("inspect", planned, "-c", PLANNED.n_ctx, "--memory-budget", at_512.minimum + 8 * at_512.pools[0].slot_bytes)
+    r = offload_cli("inspect", planned, "-c", PLANNED.n_ctx, "--memory-budget", (low.minimum + low.full) // 2)
     assert r.returncode == 0, r.stderr
-    assert "micro-batch       64 tokens (sized from the budget" in r.stdout and "expert slots vs 512" in r.stdout
+    assert "micro-batch       512 tokens (the default" in r.stdout and "expert slots (" in r.stdout
+    r = offload_cli("inspect", planned, "-c", PLANNED.n_ctx, "--memory-budget", low.minimum_at_smallest_ubatch)
+    assert r.returncode == 0, r.stderr
+    assert "micro-batch       64 tokens (sized from the budget: 512 tokens do not fit it" in r.stdout
     r = offload_cli("inspect", planned, "-c", PLANNED.n_ctx, "--memory-budget", low.full, "-ub", 128)
     assert r.returncode == 0, r.stderr
     assert "micro-batch       128 tokens (-ub" in r.stdout

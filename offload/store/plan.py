@@ -27,11 +27,15 @@ DIRECT_ALIGN = 4096  # O_DIRECT: file offsets, lengths and buffers aligned to th
 SLOT_ALIGN = 64  # each matrix of a buffered slot starts on a cache line
 FAULT_AROUND = 65536  # Linux maps up to this window of cached file pages around each fault
 # The micro-batch (llama.cpp's n_ubatch: the most tokens the forward pass runs at once) sets
-# the activation scratch. Its default is forward.N_UBATCH (512); when a budget does not hold
-# every expert and the scratch would take more than UBATCH_SCRATCH_SHARE of it, the plan
-# halves the micro-batch (down to MIN_AUTO_UBATCH) and spends the bytes on expert slots:
-# decoding runs one token at a time and does not care; a long prompt runs in more passes,
-# each reading the experts its tokens route to.
+# the activation scratch. Its default is forward.N_UBATCH (512). A smaller one frees scratch
+# for expert slots: decoding runs one token at a time and does not care; a long prompt runs
+# in more passes, each reading the experts its tokens route to. But the logits follow the
+# micro-batch (as llama.cpp's follow n_ubatch: an expert that gets fewer than 8 of a
+# micro-batch's tokens takes another kernel), and results must not depend on the budget; so
+# the plan halves it by itself (down to MIN_AUTO_UBATCH) only for a budget the default
+# cannot run at all, and otherwise suggests it (`offload inspect`): the micro-batch at which
+# the scratch takes at most UBATCH_SCRATCH_SHARE of the budget, or every expert fits; -ub
+# sets it.
 UBATCH_SCRATCH_SHARE = 1 / 16
 MIN_AUTO_UBATCH = 64
 LOGITS_ROWS = 32  # rows of logits planned for (a generation needs one; `logits` returns one per token)
@@ -92,10 +96,13 @@ class MemoryPlan:
     expert_bytes_per_token: int = 0  # the routed experts one token runs through, every MoE layer
     disk_bandwidth: float = 3e9  # bytes/s: for the decode bound the plan prints (inspect --disk-bandwidth)
     n_ubatch: int = 512  # tokens per micro-batch the scratch is sized for
-    ubatch_source: str = "default"  # "default", "given" (-ub) or "budget" (halved to free slots)
-    default_ubatch: int = 512  # what the micro-batch would be without the budget rule (or -ub)
+    ubatch_source: str = "default"  # "default", "given" (-ub) or "budget" (halved: the default does not fit)
+    default_ubatch: int = 512  # what the micro-batch is without -ub where the budget allows it
     slots_at_default_ubatch: int = 0  # expert slots the plan would have at default_ubatch (0: below its minimum)
-    full_budget: int = 0  # the smallest budget whose plan holds every expert (0: this plan's own `full`)
+    suggested_ubatch: int = 0  # a smaller micro-batch that buys expert slots (UBATCH_SCRATCH_SHARE), or 0
+    slots_at_suggested_ubatch: int = 0
+    minimum_at_smallest_ubatch: int = 0  # the minimum with MIN_AUTO_UBATCH (for the refusal)
+    full_budget: int = 0  # the budget that holds every expert at the default micro-batch (0: `full`)
 
     @property
     def fixed(self) -> int:
@@ -107,8 +114,8 @@ class MemoryPlan:
 
     @property
     def full(self) -> int:
-        """The smallest budget that holds every expert (no I/O after load), with the micro-batch
-        the budget rule picks there (or the one -ub gave)."""
+        """The budget that holds every expert (no I/O after load), with the default micro-batch
+        (or the one -ub gave)."""
         return self.full_budget or self.fixed + sum(p.n_experts * p.slot_bytes for p in self.pools)
 
     @property
@@ -141,6 +148,8 @@ class MemoryPlan:
                 f"memory budget {_h(self.budget)} is below this model's minimum of {_h(self.minimum)} "
                 f"({self.minimum} bytes: resident {_h(self.fixed)} + {sum(p.min_slots for p in self.pools)} expert "
                 f"slots for top-{self.n_expert_used} and prefetch)"
+                + (f"; with micro-batches of {MIN_AUTO_UBATCH} tokens, {_h(self.minimum_at_smallest_ubatch)}"
+                   if 0 < self.minimum_at_smallest_ubatch < self.minimum else "")
             )
 
     def describe(self) -> list[str]:
@@ -168,16 +177,22 @@ class MemoryPlan:
 
     def _ubatch_lines(self) -> list[str]:
         """The micro-batch, and what it trades: expert slots for prompt passes."""
-        how = {"default": "the default", "given": "-ub", "budget": "sized from the budget"}[self.ubatch_source]
+        how = {"default": "the default", "given": "-ub",
+               "budget": f"sized from the budget: {self.default_ubatch} tokens do not fit it"}[self.ubatch_source]
         line = f"micro-batch       {self.n_ubatch} tokens ({how}; scratch {_h(self.scratch)})"
-        if self.n_ubatch == self.default_ubatch or not self.pools:
+        if not self.pools:
+            return [line]
+        if self.suggested_ubatch:
+            gained = self.slots_at_suggested_ubatch - self.slots
+            return [line, f"                  -ub {self.suggested_ubatch}: {gained:+d} expert slots ({self.slots} -> "
+                          f"{self.slots_at_suggested_ubatch}); a long prompt runs in "
+                          f"{self.n_ubatch / self.suggested_ubatch:.0f}x the passes, each reading the experts its "
+                          f"tokens route to (slower prefill, decoding unchanged; logits as llama.cpp's with that -ub)"]
+        if self.n_ubatch == self.default_ubatch or not self.slots_at_default_ubatch:
             return [line]
         before = self.slots_at_default_ubatch
-        gained = (f"{self.slots - before:+d} expert slots vs {self.default_ubatch} tokens ({before} slots)" if before
-                  else f"{self.default_ubatch} tokens would not fit this budget")
-        passes = self.default_ubatch / self.n_ubatch
-        return [line, f"                  {gained}; a long prompt runs in {passes:.0f}x the passes, "
-                      f"each reading the experts its tokens route to (slower prefill; decoding unchanged)"]
+        return [line, f"                  {self.slots - before:+d} expert slots vs {self.default_ubatch} tokens "
+                      f"({before} slots); a long prompt runs in {self.default_ubatch / self.n_ubatch:.0f}x the passes"]
 
     HIT_RATES = (0.5, 0.8, 0.95)
 
@@ -304,27 +319,30 @@ def make_plan(gguf: GGUFFile, args: ModelArgs, n_ctx: int, budget: int, budget_s
     first = default_ubatch(n_ctx)
     choices = ubatch_choices(first)
 
-    def by_rule(budget: int) -> MemoryPlan:
-        plan = plan_at(first, budget)
-        for ubatch in choices[1:]:
-            if plan.all_resident or (plan.budget >= plan.minimum and plan.scratch <= budget * UBATCH_SCRATCH_SHARE):
-                break
-            plan = plan_at(ubatch, budget)
-            plan.ubatch_source = "budget"
-        return plan
+    def fits(p: MemoryPlan) -> bool:
+        return p.budget >= p.minimum
 
     at_default = plan_at(first)
+    smallest = plan_at(choices[-1]) if len(choices) > 1 else at_default
     if n_ubatch is not None:
         plan = plan_at(min(n_ctx, n_ubatch))
         plan.ubatch_source = "given"
-        plan.full_budget = plan.full
-    else:
-        plan = by_rule(budget)
-        # every expert resident from: the smallest budget at which the rule's plan holds them all
-        # (with a smaller micro-batch, a tiny model's may be below the default micro-batch's)
-        plan.full_budget = min(b for b in (plan_at(u, 0).full for u in choices) if by_rule(b).all_resident)
+    elif fits(at_default):
+        plan = at_default
+        if not plan.all_resident:  # what a smaller micro-batch would buy
+            for ubatch in choices[1:]:  # (the smallest, if none gets the scratch under its share)
+                p = plan_at(ubatch)
+                plan.suggested_ubatch, plan.slots_at_suggested_ubatch = ubatch, p.slots
+                if p.all_resident or p.scratch <= budget * UBATCH_SCRATCH_SHARE:
+                    break
+    else:  # the default does not fit: the largest micro-batch that does
+        plan = next((p for p in map(plan_at, choices[1:]) if fits(p)), at_default)
+        if plan is not at_default:
+            plan.ubatch_source = "budget"
     plan.default_ubatch = first
-    plan.slots_at_default_ubatch = at_default.slots if at_default.budget >= at_default.minimum else 0
+    plan.slots_at_default_ubatch = at_default.slots if fits(at_default) else 0
+    plan.minimum_at_smallest_ubatch = smallest.minimum
+    plan.full_budget = at_default.full if n_ubatch is None else plan.full
     return plan
 
 
