@@ -172,7 +172,9 @@ class MemoryPlan:
         lines += self._ubatch_lines()
         if self.pools and not self.all_resident and self.expert_bytes_per_token:
             lines += self._disk_lines()
-        lines.append(f"minimum budget    {_h(self.minimum)}; every expert resident from {_h(self.full)}")
+        smallest = (f" ({_h(self.minimum_at_smallest_ubatch)} with {MIN_AUTO_UBATCH}-token micro-batches)"
+                    if 0 < self.minimum_at_smallest_ubatch < self.minimum else "")
+        lines.append(f"minimum budget    {_h(self.minimum)}{smallest}; every expert resident from {_h(self.full)}")
         return lines
 
     def _ubatch_lines(self) -> list[str]:
