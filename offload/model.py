@@ -143,8 +143,8 @@ class Model:
         bf16, q8_0, q4_0 for K; V not quantized, as llama.cpp without flash attention).
 
         `n_ubatch`: the most tokens run at once (llama.cpp's n_ubatch; logits equal llama.cpp's
-        run with the same). None: 512, or less where the budget does not hold every expert
-        (the plan spends the activation scratch saved on expert slots: store.plan)."""
+        run with the same). None: 512, or less only where a budget is below 512's minimum
+        (store.plan; the plan shows what a smaller one buys in expert slots)."""
         gguf = GGUFFile(path)
         try:
             args = arch.model_args(gguf)
