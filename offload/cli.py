@@ -73,7 +73,7 @@ def _cache_type_options(f):
 @click.option("--o-direct", is_flag=True, help="Plan slots for O_DIRECT reads.")
 @click.option("-ub", "--ubatch-size", type=click.IntRange(1, None), default=None,
               help="Most tokens run at once (llama.cpp's n_ubatch; default 512, or less where the memory budget "
-                   "does not hold every expert: the scratch saved goes to expert slots).")
+                   "is below 512's minimum). Smaller: more expert slots, slower prompts (inspect shows the trade).")
 @click.option("--disk-bandwidth", default="3GB", show_default=True,
               help="Read bandwidth per second of the disk holding the model (e.g. 3GB, 500MB), for the decode bound.")
 def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_scope: str, o_direct: bool,
@@ -134,7 +134,7 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
                    "memory limit, a cgroup's, and the budget does not hold every expert).")
 @click.option("-ub", "--ubatch-size", type=click.IntRange(1, None), default=None,
               help="Most tokens run at once (llama.cpp's n_ubatch; default 512, or less where the memory budget "
-                   "does not hold every expert: the scratch saved goes to expert slots).")
+                   "is below 512's minimum). Smaller: more expert slots, slower prompts (inspect shows the trade).")
 @click.option("--prefetch-depth", type=click.IntRange(0, 64), default=None,
               help="MoE layers ahead whose experts are predicted and read while a layer computes [default: 1].")
 @click.option("--no-prefetch", is_flag=True, help="Do not predict and prefetch the next layers' experts.")
