@@ -527,7 +527,8 @@ def child_offload(spec: dict) -> dict:
     def counters() -> dict:
         s = m.experts.stats.as_dict() if isinstance(m.experts, TieredExperts) else {}
         return {k: s.get(k, 0) for k in ("hits", "misses", "bytes_read", "stall_seconds", "prefetch_hits",
-                                         "prefetches", "prefetch_wasted_bytes", "prefetch_cancelled")}
+                                         "prefetches", "prefetch_wasted_bytes", "prefetch_cancelled",
+                                         "prefetch_skipped_late")}
 
     try:
         best = None
@@ -562,6 +563,7 @@ def child_offload(spec: dict) -> dict:
             "prefetches_per_token": d["prefetches"] / n,
             "prefetch_wasted_per_token": d["prefetch_wasted_bytes"] / n,
             "prefetch_cancelled": d["prefetch_cancelled"],
+            "prefetch_skipped_late_per_token": d["prefetch_skipped_late"] / n,
             "engine": "offload", "budget": spec["budget"], "policy": spec["policy"],
             "slots": m.plan.slots, "experts": m.plan.n_experts, "load_s": load_s, "prompt_s": prompt_s,
             "decode_tokens": n, "decode_s": decode_s, "decode_tok_s": n / decode_s,

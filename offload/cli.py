@@ -192,7 +192,8 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
                                    if f"prediction_recall_d{d}" in st)
                 click.echo(f"prefetch: depth {st['prefetch_depth']}, recall by distance {recall or '-'}; "
                            f"{st['prefetch_hits']} prefetched experts used, {st['prefetch_wasted']} wasted "
-                           f"({hb(st['prefetch_wasted_bytes'])}), {st['prefetch_cancelled']} reads cancelled", err=True)
+                           f"({hb(st['prefetch_wasted_bytes'])}), {st['prefetch_cancelled']} reads cancelled, "
+                           f"{st['prefetch_skipped_late']} not read (would arrive late)", err=True)
         if record_trace is not None and m.last_trace is not None:
             t = m.last_trace
             click.echo(f"routing trace: {t.n_steps} tokens x {t.n_layers} MoE layers -> {record_trace}", err=True)
