@@ -2,13 +2,19 @@
 
     .venv/bin/python bench/routing.py [--model M.gguf] [--tokens 300] [--capacities 10%,25%,50%]
                                       [--scope global] [--trace run.npz] [--temp 1.0] [--seed 0]
-                                      [--prompt TEXT]
+                                      [--prompt TEXT] [--lookahead-depth 2]
 
 Records a routing trace (`Model.generate(record_trace=...)`) of `--tokens` tokens from the
 prompt, or replays `--trace`, then replays it in the offline simulator (offload.simulate)
 for each policy and capacity, beside Belady's optimum (evict the expert needed furthest in
 the future). Capacity is a share of all the model's routed experts. Hit rates count the
 decode steps only (the prompt warms the cache); cold misses count.
+
+The trace is recorded with a tiered store (the plan's minimum budget) and prefetch depth
+`--lookahead-depth`, so it carries the predictor's predictions (routing and tokens do not
+depend on either); each policy is then also replayed with the store's look-ahead eviction
+("<policy>+pred": the experts predicted for the next layers are not the victim while one
+predicted nowhere can go). `--lookahead-depth 0` records without predictions.
 
 Without --model: bench/tiering.py's random-weight MoE (12 layers x 64 experts, top-4, Q8_0)
 with skewed routers, cached in ~/.cache/offload/bench. Its routing is random, not a real
@@ -61,6 +67,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompt", default=PROMPT, help="the prompt (the demo model: a chapter heading, e.g. 'Psalms 119')")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--lookahead-depth", type=int, default=2, help="prefetch depth while recording (0: no predictions)")
     a = ap.parse_args()
 
     from offload import Model
@@ -76,7 +83,18 @@ def main() -> None:
         OUT_DIR.mkdir(exist_ok=True)
         a.trace = OUT_DIR / f"routing-{a.model.stem}-{a.tokens}.npz"
         t0 = time.perf_counter()
-        with Model.load(a.model, n_ctx=min(4096, a.tokens + 64), n_threads=a.threads) as m:
+        n_ctx = min(4096, a.tokens + 64)
+        tiered = {}
+        if a.lookahead_depth > 0:  # the predictor runs only beside a tiered store: the smallest one
+            from offload import arch
+            from offload.gguf_file import GGUFFile
+            from offload.store import make_plan
+
+            g = GGUFFile(a.model)
+            tiered = dict(memory_budget=make_plan(g, arch.model_args(g), n_ctx, 0).minimum,
+                          prefetch_depth=a.lookahead_depth)
+            g.close()
+        with Model.load(a.model, n_ctx=n_ctx, n_threads=a.threads, **tiered) as m:
             ids = m.tokenize(a.prompt.replace("\\n", "\n"))
             params = SamplingParams(temperature=a.temp, seed=a.seed)
             n = sum(1 for _ in m.generate_tokens(ids, a.tokens, params, record_trace=a.trace))
@@ -84,18 +102,19 @@ def main() -> None:
     trace = RoutingTrace.load(a.trace)
     caps = a.capacities.split(",")
     t0 = time.perf_counter()
-    rows = compare(trace, caps, POLICY_NAMES, a.scope, from_step=trace.prompt_tokens)
+    lookahead = trace.predicted is not None
+    rows = compare(trace, caps, POLICY_NAMES, a.scope, from_step=trace.prompt_tokens, lookahead=lookahead)
+    names = list(POLICY_NAMES) + ([f"{p}+pred" for p in POLICY_NAMES] if lookahead else [])
     seconds = time.perf_counter() - t0
     for r in rows:
         r["static_top"] = static_top(trace, r["capacity"], a.scope)
     print(f"{trace.model}: {trace.n_steps} steps ({trace.prompt_tokens} prompt), {trace.n_layers} MoE layers x "
           f"{trace.n_expert} experts, top-{trace.k}, {a.scope} capacity; replayed in {seconds:.1f} s "
           f"({len(caps)} capacities x {len(POLICY_NAMES) + 1} runs)")
-    print_table(["capacity", "slots"] + [f"{p}" for p in POLICY_NAMES] + ["static top", "belady"]
-                + [f"{p}/belady" for p in POLICY_NAMES],
-                [[f"{r['share']:.0%}", r["capacity"]] + [f"{r[p]:.1%}" for p in POLICY_NAMES]
+    print_table(["capacity", "slots"] + names + ["static top", "belady"] + [f"{p}/belady" for p in names],
+                [[f"{r['share']:.0%}", r["capacity"]] + [f"{r[p]:.1%}" for p in names]
                  + [f"{r['static_top']:.1%}", f"{r['belady']:.1%}"]
-                 + [f"{r[p + '_vs_belady']:.1%}" for p in POLICY_NAMES] for r in rows])
+                 + [f"{r[p + '_vs_belady']:.1%}" for p in names] for r in rows])
     path = write_json(f"routing-{trace.model.rsplit('.', 1)[0]}-{trace.n_steps}-{a.scope}", {
         "machine": machine(), "trace": str(a.trace), "model": trace.model, "steps": trace.n_steps,
         "prompt_tokens": trace.prompt_tokens, "scope": a.scope, "rows": rows, "replay_seconds": seconds,

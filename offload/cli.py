@@ -71,11 +71,14 @@ def _cache_type_options(f):
 @click.option("--cache-scope", type=click.Choice(["global", "layer"]), default="global", show_default=True,
               help="Expert slots shared by all layers, or a quota per layer.")
 @click.option("--o-direct", is_flag=True, help="Plan slots for O_DIRECT reads.")
+@click.option("-ub", "--ubatch-size", type=click.IntRange(1, None), default=None,
+              help="Most tokens run at once (llama.cpp's n_ubatch; default 512, or less where the memory budget "
+                   "is below 512's minimum). Smaller: more expert slots, slower prompts (inspect shows the trade).")
 @click.option("--disk-bandwidth", default="3GB", show_default=True,
               help="Read bandwidth per second of the disk holding the model (e.g. 3GB, 500MB), for the decode bound.")
 def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_scope: str, o_direct: bool,
             disk_bandwidth: str, cache_type_k: str = DEFAULT_CACHE_TYPE,
-            cache_type_v: str = DEFAULT_CACHE_TYPE) -> None:
+            cache_type_v: str = DEFAULT_CACHE_TYPE, ubatch_size: int | None = None) -> None:
     """What is in MODEL and what it needs to run."""
     from . import arch
     from .gguf_file import GGUFFile
@@ -93,7 +96,7 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
     from .cache_types import check_cache_types
 
     check_cache_types(cache_type_k, cache_type_v, args.attention, args.head_dim)
-    options = dict(scope=cache_scope, o_direct=o_direct, type_k=cache_type_k, type_v=cache_type_v)
+    options = dict(scope=cache_scope, o_direct=o_direct, type_k=cache_type_k, type_v=cache_type_v, n_ubatch=ubatch_size)
     note = ""
     if ctx_size > 0:
         n_ctx = ctx_size
@@ -145,7 +148,12 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
               help="Which cached expert to evict: frequency+recency, least recently or least frequently used.")
 @click.option("--cache-scope", type=click.Choice(["global", "layer"]), default="global", show_default=True,
               help="Expert slots shared by all layers, or a quota per layer.")
-@click.option("--o-direct", is_flag=True, help="Read experts with O_DIRECT (bypass the page cache).")
+@click.option("--o-direct/--no-o-direct", default=None,
+              help="Read experts with O_DIRECT, around the page cache (default: on when the process runs under a "
+                   "memory limit, a cgroup's, and the budget does not hold every expert).")
+@click.option("-ub", "--ubatch-size", type=click.IntRange(1, None), default=None,
+              help="Most tokens run at once (llama.cpp's n_ubatch; default 512, or less where the memory budget "
+                   "is below 512's minimum). Smaller: more expert slots, slower prompts (inspect shows the trade).")
 @click.option("--prefetch-depth", type=click.IntRange(0, 64), default=None,
               help="MoE layers ahead whose experts are predicted and read while a layer computes [default: 1].")
 @click.option("--no-prefetch", is_flag=True, help="Do not predict and prefetch the next layers' experts.")
@@ -167,7 +175,7 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
              memory_budget, cache_policy, cache_scope, o_direct, record_trace=None, prefetch_depth=None,
              no_prefetch=False, vram_budget=None, cache_type_k=DEFAULT_CACHE_TYPE, cache_type_v=DEFAULT_CACHE_TYPE,
              prompt_cache=None, context_shift=False, n_keep=None, repeat_last_n=64, presence_penalty=0.0,
-             frequency_penalty=0.0) -> None:
+             frequency_penalty=0.0, ubatch_size=None) -> None:
     """Continue PROMPT with MODEL (a GGUF file; default: the demo model)."""
     from .model import DEFAULT_PREFETCH_DEPTH, Model
     from .summary import human_bytes as hb
@@ -177,7 +185,7 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
                     cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
                     prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
                     vram_budget=vram_budget, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-                    context_shift=context_shift, n_keep=n_keep) as m:
+                    context_shift=context_shift, n_keep=n_keep, n_ubatch=ubatch_size) as m:
         _memory_line(m, memory_budget)
         if prompt_cache and os.path.exists(prompt_cache):
             m.load_state(prompt_cache)
@@ -212,7 +220,8 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
                                    if f"prediction_recall_d{d}" in st)
                 click.echo(f"prefetch: depth {st['prefetch_depth']}, recall by distance {recall or '-'}; "
                            f"{st['prefetch_hits']} prefetched experts used, {st['prefetch_wasted']} wasted "
-                           f"({hb(st['prefetch_wasted_bytes'])}), {st['prefetch_cancelled']} reads cancelled", err=True)
+                           f"({hb(st['prefetch_wasted_bytes'])}), {st['prefetch_cancelled']} reads cancelled, "
+                           f"{st['prefetch_skipped_late']} not read (would arrive late)", err=True)
         if record_trace is not None and m.last_trace is not None:
             t = m.last_trace
             click.echo(f"routing trace: {t.n_steps} tokens x {t.n_layers} MoE layers -> {record_trace}", err=True)
@@ -263,9 +272,11 @@ def simulate(trace_file: str, capacities, scope: str, policies, decode_only: boo
 @click.option("--no-o-direct", is_flag=True, help="Read experts through the page cache (faster if the model fits in RAM).")
 @click.option("--plot", type=click.Path(dir_okay=False), default="offload-tune.png", show_default=True,
               help="Where to draw the curve (PNG, needs matplotlib; \"\" for none).")
+@click.option("-c", "--ctx-size", type=int, default=0,
+              help="Context to plan the --trace budget for (0: min(trained, 4096), as chat's default).")
 @_cache_type_options
 def tune(model, trace_file, budgets, policies, depths, n_predict, prompt, threads, no_o_direct, plot,
-         cache_type_k=DEFAULT_CACHE_TYPE, cache_type_v=DEFAULT_CACHE_TYPE) -> None:
+         cache_type_k=DEFAULT_CACHE_TYPE, cache_type_v=DEFAULT_CACHE_TYPE, ctx_size=0) -> None:
     """Which --memory-budget, --cache-policy and --prefetch-depth to use for MODEL on this machine."""
     from . import tune as t
 
@@ -294,6 +305,15 @@ def tune(model, trace_file, budgets, policies, depths, n_predict, prompt, thread
         if knee:
             click.echo(f"\nknee: {knee['share']:.0%} of the experts in slots reach {knee['best']:.1%} hits "
                        f"({t.KNEE_SHARE:.0%} of the best); policy: {knee['best_policy']}")
+            path = model or _trace_model(trace_file)
+            if path is None:
+                click.echo("(give the model file too, `offload tune MODEL --trace T`, for the --memory-budget to use)")
+                return
+            budget = t.budget_for_slots(path, knee["capacity"], ctx_size or _default_ctx(path),
+                                        cache_types=dict(cache_type_k=cache_type_k, cache_type_v=cache_type_v))
+            command = "chat" if "chat" in main.commands else "generate"
+            click.echo(f"use: {t.trace_flags_for(path, budget, knee['best_policy'], command)}"
+                       + (f" -c {ctx_size}" if ctx_size else ""))
         return
     path = _model_path(model)
     click.echo(f"tuning {path}: {len(shares)} budgets x {len(policies)} policies x {len(depth_list)} prefetch depths, "
@@ -317,18 +337,48 @@ def tune(model, trace_file, budgets, policies, depths, n_predict, prompt, thread
                    f"{t.KNEE_SHARE:.0%} of the best")
         command = "chat" if "chat" in main.commands else "generate"
         flags = t.flags_for(path, k, command)
-        if not no_o_direct and k.share < 1.0:
-            flags += " --o-direct"
+        if result.other_io is not None:
+            direct, cached = (k, result.other_io) if k.o_direct else (result.other_io, k)
+            click.echo(f"reads at the knee: pread + O_DIRECT {direct.tok_s:.1f} tok/s, page cache {cached.tok_s:.1f} "
+                       f"tok/s: {'O_DIRECT' if result.o_direct else 'the page cache'} on this machine")
+        if k.share < 1.0:
+            flags += " --o-direct" if result.o_direct else " --no-o-direct"
         click.echo(f"use: {flags}")
+
+
+def _trace_model(trace_file: str) -> str | None:
+    """The demo model, when a trace was recorded from it (a trace names its model file only)."""
+    from .demo import demo_model_path
+    from .trace import RoutingTrace
+
+    try:
+        demo = demo_model_path()
+    except OffloadError:
+        return None
+    return str(demo) if RoutingTrace.load(trace_file).model == os.path.basename(demo) else None
+
+
+def _default_ctx(path: str) -> int:
+    from . import arch
+    from .gguf_file import GGUFFile
+    from .model import DEFAULT_N_CTX
+
+    gguf = GGUFFile(path)
+    try:
+        return min(arch.model_args(gguf).n_ctx_train, DEFAULT_N_CTX)
+    finally:
+        gguf.close()
 
 
 def _sampling_and_memory_options(f):
     """The `generate` command's sampling and memory flags, same names and defaults."""
-    for name in ("cache_type_v", "cache_type_k", "vram_budget", "no_prefetch", "prefetch_depth", "o_direct",
-                 "cache_scope", "cache_policy", "memory_budget", "threads", "ctx_size", "seed", "frequency_penalty",
-                 "presence_penalty", "repeat_last_n", "repeat_penalty", "min_p", "top_p", "top_k", "temp"):
+    for name in ("ubatch_size", "cache_type_v", "cache_type_k", "vram_budget", "no_prefetch", "prefetch_depth",
+                 "o_direct", "cache_scope", "cache_policy", "memory_budget", "threads", "ctx_size", "seed",
+                 "frequency_penalty", "presence_penalty", "repeat_last_n", "repeat_penalty", "min_p", "top_p", "top_k",
+                 "temp"):
         opt = next(p for p in generate.params if p.name == name)
-        f = click.option(*opt.opts, **{k: getattr(opt, k) for k in ("type", "default", "help", "show_default")},
+        decls = [f"{opt.opts[0]}/{opt.secondary_opts[0]}"] if opt.secondary_opts else opt.opts
+        f = click.option(*decls, **{k: getattr(opt, k) for k in ("type", "default", "help", "show_default")},
                          is_flag=opt.is_flag)(f)
     return f
 
@@ -379,7 +429,7 @@ def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, se
          cache_policy, cache_scope, o_direct, prefetch_depth, no_prefetch, chat_template, chat_template_file,
          context_shift, n_keep=None, vram_budget=None, reasoning_effort=None, hide_reasoning=False,
          cache_type_k=DEFAULT_CACHE_TYPE, cache_type_v=DEFAULT_CACHE_TYPE, repeat_last_n=64, presence_penalty=0.0,
-         frequency_penalty=0.0) -> None:
+         frequency_penalty=0.0, ubatch_size=None) -> None:
     """Chat with MODEL (a GGUF file; default: the demo model) in its own chat template.
 
     Reads one message per line (from a terminal or a pipe) and streams each reply. Type /help
@@ -404,7 +454,7 @@ def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, se
                        cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
                        prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
                        chat_template=chat_template, vram_budget=vram_budget, cache_type_k=cache_type_k,
-                       cache_type_v=cache_type_v, context_shift=context_shift, n_keep=n_keep)
+                       cache_type_v=cache_type_v, context_shift=context_shift, n_keep=n_keep, n_ubatch=ubatch_size)
     except BaseException:
         bar.abort()
         raise
@@ -490,7 +540,7 @@ def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, 
           repeat_penalty, seed, ctx_size, threads, memory_budget, cache_policy, cache_scope, o_direct, prefetch_depth,
           no_prefetch, vram_budget, chat_template, chat_template_file, verbose, cache_type_k=DEFAULT_CACHE_TYPE,
           cache_type_v=DEFAULT_CACHE_TYPE, context_shift=False, n_keep=None, repeat_last_n=64, presence_penalty=0.0,
-          frequency_penalty=0.0) -> None:
+          frequency_penalty=0.0, ubatch_size=None) -> None:
     """Serve MODEL (a GGUF file; default: the demo model) over HTTP: OpenAI's API and a chat page.
 
     Routes: / (the chat page, with a live view of the expert cache), /v1/chat/completions,
@@ -531,7 +581,7 @@ def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, 
                        cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
                        prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
                        chat_template=chat_template, vram_budget=vram_budget, cache_type_k=cache_type_k,
-                       cache_type_v=cache_type_v, context_shift=context_shift, n_keep=n_keep)
+                       cache_type_v=cache_type_v, context_shift=context_shift, n_keep=n_keep, n_ubatch=ubatch_size)
         from .chat import ChatSession
         from .chat_template import ChatTemplateError
 
@@ -623,8 +673,11 @@ def _memory_line(m, memory_budget) -> None:
     tiered = m.stats()["cache_policy"] != "resident"
     if p is not None and p.pools and (tiered or memory_budget is not None):
         where = ("every expert loaded" if p.all_resident else
-                 f"{p.slots} expert slots ({p.share:.0%} of experts), cold ones read from the file")
-        click.echo(f"memory budget {hb(p.budget)} ({p.budget_source}): {hb(p.fixed)} resident; {where}", err=True)
+                 f"{p.slots} expert slots ({p.share:.0%} of experts), cold ones read from the file"
+                 + (f" with O_DIRECT ({p.o_direct_reason})" if p.o_direct_reason else ""))
+        ubatch = f"; micro-batch {p.n_ubatch} tokens ({p.ubatch_source})" if p.n_ubatch != p.default_ubatch else ""
+        click.echo(f"memory budget {hb(p.budget)} ({p.budget_source}): {hb(p.fixed)} resident; {where}{ubatch}",
+                   err=True)
     if m.transformer.gpu is not None:
         click.echo(f"{m.transformer.gpu.device.name}: {m.transformer.gpu.plan.describe()}", err=True)
 

@@ -136,14 +136,14 @@ def _top_k(probs, k, normalize, chosen, weights):
 N_UBATCH = 512
 
 
-def kv_cells(args: ModelArgs, layer: int, n_ctx: int) -> int:
+def kv_cells(args: ModelArgs, layer: int, n_ctx: int, n_ubatch: int | None = None) -> int:
     """Rows of a layer's KV cache: the whole context, or for a sliding-window layer a ring as
     large as llama.cpp's SWA cache (the window plus a micro-batch, padded to 256), so that
     position p lands in cell p % rows there and here alike and attention sums in its order."""
     window = args.window(layer)
     if not window:
         return n_ctx
-    return min(n_ctx, -(-min(n_ctx, window + N_UBATCH) // 256) * 256)
+    return min(n_ctx, -(-min(n_ctx, window + (n_ubatch or N_UBATCH)) // 256) * 256)
 
 
 class KVCache:
@@ -157,11 +157,12 @@ class KVCache:
     full-attention ones, the sliding ones), which places tokens where llama.cpp does and tells
     attention each cell's position; clearing the cache (n_past = 0) goes back to the plain way."""
 
-    def __init__(self, args: ModelArgs, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE):
+    def __init__(self, args: ModelArgs, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE,
+                 n_ubatch: int | None = None):
         self.type_k, self.type_v = type_k, type_v
         self.k_fmt, self.v_fmt = check_cache_types(type_k, type_v, args.attention, args.head_dim)
         self.k_rotation = key_rotation(self.k_fmt, args)  # llama.cpp's Hadamard rotation before a quantized K
-        self.k = [_cache_rows(self.k_fmt, kv_cells(args, i, n_ctx), args.kv_dim) for i in range(args.n_layer)]
+        self.k = [_cache_rows(self.k_fmt, kv_cells(args, i, n_ctx, n_ubatch), args.kv_dim) for i in range(args.n_layer)]
         self.v = [_cache_rows(self.v_fmt, len(k), args.v_cache_dim) if args.v_cache_dim else None for k in self.k]
         self.n_ctx = n_ctx
         self._n_past = 0
@@ -281,11 +282,12 @@ class Scratch:
 
 class Transformer:
     def __init__(self, args: ModelArgs, weights: Weights, experts: ExpertStore, n_ctx: int,
-                 type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE):
+                 type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE, n_ubatch: int | None = None):
         self.args = args
         self.weights = weights
         self.experts = experts
-        self.cache = KVCache(args, n_ctx, type_k, type_v)
+        self.n_ubatch = n_ubatch or N_UBATCH  # tokens per micro-batch (llama.cpp's n_ubatch)
+        self.cache = KVCache(args, n_ctx, type_k, type_v, self.n_ubatch)
         bases = {args.rope_base_of(i) for i in range(args.n_layer)}
         tables = {base: rope_tables(args, n_ctx, base) for base in bases}  # shared by the layers of a base
         self.rope = [tables[args.rope_base_of(i)] for i in range(args.n_layer)]  # (cos, sin) per layer
@@ -305,7 +307,7 @@ class Transformer:
     def forward(self, tokens: np.ndarray, all_logits: bool = False) -> np.ndarray:
         """Run new tokens after the cached ones; logits of every new token, or of the last.
 
-        Tokens run in micro-batches of N_UBATCH, as llama.cpp splits a batch: that bounds the
+        Tokens run in micro-batches of n_ubatch, as llama.cpp splits a batch: that bounds the
         activations a long prompt needs, and keeps the kernel choices (which depend on how
         many tokens a matmul gets) the same as llama.cpp's."""
         n = len(tokens)
@@ -318,7 +320,8 @@ class Transformer:
             )
         self.shift_keys()
         tokens = np.asarray(tokens, dtype=np.int64)
-        chunks = [tokens[i : i + N_UBATCH] for i in range(0, n, N_UBATCH)]
+        size = self.n_ubatch
+        chunks = [tokens[i : i + size] for i in range(0, n, size)]
         if all_logits:
             return np.concatenate([self._ubatch(c, "all") for c in chunks])
         for c in chunks[:-1]:

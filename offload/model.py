@@ -18,7 +18,9 @@ from .errors import ContextOverflowError, ModelBusyError, OffloadError
 from .forward import Transformer
 from .kv_shift import check_can_shift
 from .gguf_file import GGUFFile
-from .store import MemoryPlan, StoreStats, TieredExperts, check_within_limit, default_budget, make_plan, parse_budget
+from .store import (MemoryPlan, StoreStats, TieredExperts, check_within_limit, default_budget, make_plan, memory_cap,
+                    parse_budget)
+from .store.loader import supports_o_direct
 from .store.plan import context_error, default_context
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
@@ -109,12 +111,12 @@ class Model:
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, n_ctx: int | None = None, n_threads: int | None = None,
              memory_budget: str | int | None = None, cache_policy: str = "lrfu", cache_scope: str = "global",
-             o_direct: bool = False, prefetch_slots: int | None = None, io_threads: int = IO_THREADS,
+             o_direct: bool | None = None, prefetch_slots: int | None = None, io_threads: int = IO_THREADS,
              prefetch: bool = True, prefetch_depth: int = DEFAULT_PREFETCH_DEPTH,
              predictor: str = "lookahead", chat_template: str | None = None,
              vram_budget: str | int | None = None, gpu_options: dict | None = None,
              cache_type_k: str = DEFAULT_CACHE_TYPE, cache_type_v: str = DEFAULT_CACHE_TYPE,
-             context_shift: bool = False, n_keep: int | None = None) -> "Model":
+             context_shift: bool = False, n_keep: int | None = None, n_ubatch: int | None = None) -> "Model":
         """Open `path`; `n_ctx` defaults to the training context, or the longest that fits the
         memory budget beside the minimum expert slots (`context_note` says which; a context
         given that does not fit is refused naming the longest that does); `n_threads`: all cores.
@@ -122,7 +124,9 @@ class Model:
         `memory_budget` ("6GB", "6GiB", "512MB", "60%" of RAM, or bytes) caps what the model
         keeps resident: weights, expert slots, KV cache, scratch. Experts that do not fit are
         read from the file when needed (`cache_policy`: lrfu, lru or lfu; `cache_scope`:
-        "global" or "layer" capacity; `o_direct` reads around the page cache). A budget below
+        "global" or "layer" capacity; `o_direct` reads around the page cache, by default where
+        the process runs under a memory limit (a cgroup's: the page cache would be charged to
+        the same limit as the budget and thrash) and the budget does not hold every expert). A budget below
         the minimum raises BudgetError; one that holds the whole model loads every expert
         and does no I/O afterwards. `io_threads`: expert reads in flight at once. With a
         tiered store and `prefetch`, a predictor (`predictor`: lookahead, transition or
@@ -149,7 +153,11 @@ class Model:
         `context_shift`: when a generation or a chat reply fills the context, shift it as
         llama.cpp's --context-shift does (`shift_context`) instead of stopping; `n_keep`: the
         tokens a shift keeps at the start (llama.cpp's --keep; None: the BOS token, and in a
-        chat the system prompt; -1: the whole prompt)."""
+        chat the system prompt; -1: the whole prompt).
+
+        `n_ubatch`: the most tokens run at once (llama.cpp's n_ubatch; logits equal llama.cpp's
+        run with the same). None: 512, or less only where a budget is below 512's minimum
+        (store.plan; the plan shows what a smaller one buys in expert slots)."""
         gguf = GGUFFile(path)
         try:
             args = arch.model_args(gguf)
@@ -165,13 +173,24 @@ class Model:
             check_cache_types(cache_type_k, cache_type_v, args.attention, args.head_dim)
             if context_shift:
                 check_can_shift(args, cache_type_k)
-            options = dict(o_direct=o_direct, scope=cache_scope, prefetch_slots=prefetch_slots,
-                           gpu=_gpu_wanted(vram_budget), type_k=cache_type_k, type_v=cache_type_v)
+
+            def options(direct: bool) -> dict:
+                return dict(o_direct=direct, scope=cache_scope, prefetch_slots=prefetch_slots,
+                            gpu=_gpu_wanted(vram_budget), type_k=cache_type_k, type_v=cache_type_v, n_ubatch=n_ubatch)
+
+            cap = memory_cap() if o_direct is None else None
+            direct = bool(o_direct) or (cap is not None and supports_o_direct(path))
             context_note = ""
             if n_ctx is None or n_ctx <= 0:
-                n_ctx, context_note = default_context(gguf, args, budget, **options)
-            plan = make_plan(gguf, args, n_ctx, budget, source, **options)
-            too_long = context_error(gguf, args, n_ctx, plan, **options)
+                n_ctx, context_note = default_context(gguf, args, budget, **options(direct))
+            plan = make_plan(gguf, args, n_ctx, budget, source, **options(direct))
+            if o_direct is None and plan.o_direct:
+                if plan.all_resident:  # read once at load: the page cache does no harm
+                    plan = make_plan(gguf, args, n_ctx, budget, source, **options(False))
+                else:
+                    plan.o_direct_reason = f"memory limit in {cap}"
+            o_direct = plan.o_direct
+            too_long = context_error(gguf, args, n_ctx, plan, **options(o_direct))
             if too_long is not None:
                 raise too_long
             plan.check()
@@ -180,7 +199,7 @@ class Model:
                 experts = ResidentExperts(gguf, args)
             else:
                 experts = TieredExperts(gguf, plan, args, policy=cache_policy, io_threads=io_threads)
-            transformer = Transformer(args, weights, experts, n_ctx, cache_type_k, cache_type_v)
+            transformer = Transformer(args, weights, experts, n_ctx, cache_type_k, cache_type_v, plan.n_ubatch)
             transformer.file_check = gguf.check_unchanged
             _attach_gpu(transformer, weights, experts, gguf, args, vram_budget, gpu_options)
             if prefetch and prefetch_depth > 0 and isinstance(experts, TieredExperts) and not experts.all_resident:

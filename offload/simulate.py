@@ -21,6 +21,11 @@ half-life), so that `simulate` counts the hits the store counts:
 - capacity counts expert slots: in "global" scope one pool for every layer; in "layer"
   scope a pool per MoE layer (an int is the total, split evenly; or give one per layer).
 
+`lookahead=True` replays the eviction the store does with a predictor (prefetch on): the
+experts the trace's recorded predictions (`trace.predicted`, made while a layer ran, for
+the next layers) name are spared while an expert predicted nowhere can go. The prefetch
+reads themselves are not replayed: the hit rate is the eviction's, as if no read came early.
+
 `belady` evicts, among the unpinned residents, the one whose next use is furthest in the
 future (never used again first): with demand fetching and the pinning constraint this is
 the optimum (checked against exhaustive search in tests/test_trace.py).
@@ -159,13 +164,47 @@ def _pinned_before(a: Accesses, k: int) -> np.ndarray:
     return np.minimum(np.arange(n) - run_start, k - 1)
 
 
+def predicted_keys(trace: RoutingTrace, a: Accesses) -> list[frozenset]:
+    """Per request group (a.call): the (layer id, expert) keys predicted while its layer ran,
+    for the layers after it (the union over the batch's rows); empty without predictions."""
+    n_calls = len(a.call_start) - 1
+    if trace.predicted is None:
+        return [frozenset()] * n_calls
+    layer_ids = [int(x) for x in trace.layers]
+    index = {l: i for i, l in enumerate(layer_ids)}
+    batch = trace.batch
+    starts = np.searchsorted(batch, np.arange(int(batch[-1]) + 2)) if len(batch) else np.zeros(1, np.int64)
+    out = []
+    for c in range(n_calls):
+        first = a.call_start[c]
+        if first == a.call_start[c + 1]:
+            out.append(frozenset())
+            continue
+        li, step = int(a.layer[first]), int(a.step[first])
+        b = int(batch[step])
+        rows = trace.predicted[starts[b] : starts[b + 1]]
+        keys = set()
+        for d in range(1, rows.shape[2] + 1):
+            t = index.get(layer_ids[li] + d)
+            if t is not None:
+                keys.update((layer_ids[t], int(e)) for e in np.unique(rows[:, t, d - 1]) if e >= 0)
+        out.append(frozenset(keys))
+    return out
+
+
 def simulate(trace: RoutingTrace, capacity: int | Sequence[int], policy: str | Callable[..., Policy] = "lrfu",
-             scope: str = "global", from_step: int = 0, stream: Accesses | None = None, **policy_kwargs) -> SimResult:
-    """Hits and misses of `policy` ("lru", "lfu", "lrfu") with `capacity` expert slots.
+             scope: str = "global", from_step: int = 0, stream: Accesses | None = None, lookahead: bool = False,
+             **policy_kwargs) -> SimResult:
+    """Hits and misses of `policy` ("lru", "lfu", "lrfu") with `capacity` expert slots;
+    `lookahead`: sparing the experts the trace's predictions name (see the module docstring).
 
     `policy` may also be a Policy subclass (or any callable taking the keyword arguments and
     returning a Policy), to try a new one before it goes into offload.store.policy."""
     a = accesses(trace) if stream is None else stream
+    if lookahead and trace.predicted is None:
+        raise ValueError("this trace has no predictions (record it with a tiered store and prefetch on)")
+    predicted_of = predicted_keys(trace, a) if lookahead else None
+    predicted: frozenset = frozenset()
     caps = _capacities(trace, capacity, scope)
     n_pools = len(caps)
     k = trace.k
@@ -195,6 +234,8 @@ def simulate(trace: RoutingTrace, capacity: int | Sequence[int], policy: str | C
         if call_l[i] != cur_call:
             cur_call = call_l[i]
             wanted = {(layer_ids[li], e) for e in expert_l[call_start[cur_call] : call_start[cur_call + 1]]}
+            if predicted_of is not None:
+                predicted = predicted_of[cur_call]
         p = pool_of(li)
         res, pol = resident[p], policies[p]
         counted = step_l[i] >= from_step
@@ -207,7 +248,11 @@ def simulate(trace: RoutingTrace, capacity: int | Sequence[int], policy: str | C
                 def evictable(x, res=res, pins=pins):
                     return x in res and x not in pins
 
-                victim = pol.pick(lambda x: x not in wanted and evictable(x)) if wanted else None
+                victim = None
+                if predicted:  # as the store: an expert predicted nowhere goes first
+                    victim = pol.pick(lambda x: x not in wanted and x not in predicted and evictable(x))
+                if victim is None and wanted:
+                    victim = pol.pick(lambda x: x not in wanted and evictable(x))
                 if victim is None:
                     victim = pol.pick(evictable)
                 if victim is None:
@@ -280,9 +325,10 @@ POLICY_NAMES = ("lru", "lfu", "lrfu")
 
 
 def compare(trace: RoutingTrace, capacities: Sequence[str | int | float], policies: Sequence[str] = POLICY_NAMES,
-            scope: str = "global", from_step: int = 0) -> list[dict]:
+            scope: str = "global", from_step: int = 0, lookahead: bool = False) -> list[dict]:
     """One row per capacity: slots, share, each policy's hit rate, Belady's, and each
-    policy's hit rate as a share of Belady's."""
+    policy's hit rate as a share of Belady's; with `lookahead` (a trace with predictions)
+    also each policy's with the predictor's eviction ("<policy>+pred")."""
     stream = accesses(trace)
     total = trace.n_layers * trace.n_expert
     rows = []
@@ -294,5 +340,9 @@ def compare(trace: RoutingTrace, capacities: Sequence[str | int | float], polici
             r = simulate(trace, slots, name, scope, from_step, stream=stream)
             row[name] = r.hit_rate
             row[name + "_vs_belady"] = r.hit_rate / opt.hit_rate if opt.hit_rate else 1.0
+            if lookahead:
+                r = simulate(trace, slots, name, scope, from_step, stream=stream, lookahead=True)
+                row[name + "+pred"] = r.hit_rate
+                row[name + "+pred_vs_belady"] = r.hit_rate / opt.hit_rate if opt.hit_rate else 1.0
         rows.append(row)
     return rows

@@ -491,18 +491,19 @@ GGML_CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1":
 
 
 def llama_cpp_model(path: str | os.PathLike[str], n_ctx: int = 512, n_threads: int = 2, logits_all: bool = True,
-                    type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE, flash_attn: bool = False):
+                    type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE, flash_attn: bool = False,
+                    n_ubatch: int | None = None):
     """llama-cpp-python's Llama on `path`, with the KV cache types given (offload.cache_types
     names; by default offload's default, F16 as llama.cpp's) and flash attention off, as
     offload computes.
-    A batch is evaluated at once (n_batch = n_ctx) in micro-batches of llama.cpp's default
-    size, as offload's forward pass splits it (forward.N_UBATCH)."""
+    A batch is evaluated at once (n_batch = n_ctx) in micro-batches of `n_ubatch` tokens (by
+    default llama.cpp's default size, as offload's forward pass splits it: forward.N_UBATCH)."""
     from .forward import N_UBATCH
     from .tokenizer import load_llama_cpp
 
     llama_cpp = load_llama_cpp()
     with _without_repacked_buffers():
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, N_UBATCH),
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, n_ubatch or N_UBATCH),
                                n_threads=n_threads,
                                n_threads_batch=n_threads, logits_all=logits_all, type_k=GGML_CACHE_TYPES[type_k],
                                type_v=GGML_CACHE_TYPES[type_v], flash_attn=flash_attn, verbose=False)
@@ -510,7 +511,7 @@ def llama_cpp_model(path: str | os.PathLike[str], n_ctx: int = 512, n_threads: i
 
 def llama_cpp_logits(path: str | os.PathLike[str], tokens: list[int], n_ctx: int = 512, **cache) -> np.ndarray:
     """llama.cpp's logits (len(tokens), n_vocab) for one batched evaluation of `tokens`
-    (`cache`: llama_cpp_model's type_k / type_v)."""
+    (`cache`: llama_cpp_model's type_k / type_v / n_ubatch)."""
     llm = llama_cpp_model(path, n_ctx=n_ctx, **cache)
     try:
         llm.eval(tokens)

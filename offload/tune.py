@@ -6,11 +6,15 @@ model does not fit in RAM. The sweep covers budgets from the model's minimum to 
 that holds every expert, and for each budget the cache policies and prefetch depths asked
 for. Per budget the best setting is kept; the table shows tok/s, hit rate and the share of
 decode time stalled on I/O. The knee is the smallest budget that reaches `KNEE_SHARE` of
-the best tok/s: past it, more memory buys little. The report ends with the flags to use.
+the best tok/s: past it, more memory buys little. Where the knee reads experts from disk,
+its setting runs once more reading through the page cache instead, and the faster of the
+two read paths (pread + O_DIRECT, or the page cache: it depends on the machine's disk, its
+free RAM and any memory cap) goes into the flags. The report ends with the flags to use.
 
 With `--trace FILE` (a recorded routing trace) nothing runs: the trace is replayed through
 the simulator for each policy and capacity, next to Belady's optimum, and the knee is taken
-on hit rate instead of tok/s.
+on hit rate instead of tok/s; with the model file too, the knee's slots become the memory
+budget that buys them (`budget_for_slots`) and the report ends with the flags to use.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class Run:
     hit_rate: float
     stall_share: float  # of decode time
     bytes_read_per_token: float
+    o_direct: bool = True  # how the experts were read
 
 
 @dataclass
@@ -46,6 +51,14 @@ class TuneResult:
     best: list[Run] = field(default_factory=list)  # the best run per budget, by budget
     knee: Run | None = None
     metric: str = "tok_s"  # what the knee is taken on
+    other_io: Run | None = None  # the knee's setting with the other read path (None: not compared)
+
+    @property
+    def o_direct(self) -> bool:
+        """The read path to use: the faster one at the knee where both ran."""
+        if self.knee is None or self.other_io is None:
+            return self.knee.o_direct if self.knee else True
+        return max((self.knee, self.other_io), key=lambda r: r.tok_s).o_direct
 
 
 def budgets_to_try(path: str, shares: Sequence[float], n_ctx: int, o_direct: bool = True,
@@ -91,7 +104,7 @@ def run_one(path: str, budget: int, policy: str, depth: int, prompt: list[int] |
                    policy=policy, prefetch_depth=depth, tok_s=n / decode_s if decode_s else 0.0,
                    hit_rate=hits / (hits + misses) if hits + misses else 1.0,
                    stall_share=min(1.0, (after["stall_seconds"] - before["stall_seconds"]) / decode_s) if decode_s else 0.0,
-                   bytes_read_per_token=(after["bytes_read"] - before["bytes_read"]) / max(n, 1))
+                   bytes_read_per_token=(after["bytes_read"] - before["bytes_read"]) / max(n, 1), o_direct=o_direct)
 
 
 def knee(best: list[Run], metric: str) -> Run | None:
@@ -104,9 +117,11 @@ def knee(best: list[Run], metric: str) -> Run | None:
 def tune(path: str, *, shares: Sequence[float] = DEFAULT_SHARES, policies: Sequence[str] = ("lrfu",),
          depths: Sequence[int] = (0, 1, 2), prompt: list[int] | str = "Once upon a time, in a land far away,",
          n_tokens: int = 32, n_ctx: int = 512, n_threads: int | None = None, o_direct: bool = True,
-         progress: Callable[[str], None] | None = None, cache_types: dict | None = None) -> TuneResult:
+         progress: Callable[[str], None] | None = None, cache_types: dict | None = None,
+         compare_io: bool = True) -> TuneResult:
     """Sweep budgets x policies x prefetch depths with real runs; see the module docstring.
-    `cache_types`: Model.load's cache_type_k / cache_type_v."""
+    `cache_types`: Model.load's cache_type_k / cache_type_v; `compare_io`: run the knee's
+    setting with the other read path too."""
     budgets, _, _ = budgets_to_try(path, shares, n_ctx, o_direct, cache_types)
     result = TuneResult(metric="tok_s")
     total = len(budgets) * len(policies) * len(depths)
@@ -121,7 +136,12 @@ def tune(path: str, *, shares: Sequence[float] = DEFAULT_SHARES, policies: Seque
                 result.runs.append(run)
                 here.append(run)
         result.best.append(max(here, key=lambda r: r.tok_s))
-    result.knee = knee(result.best, "tok_s")
+    result.knee = k = knee(result.best, "tok_s")
+    if compare_io and k is not None and k.share < 1.0:
+        if progress:
+            progress(f"[knee] budget {k.budget / 2**20:.0f} MiB, {'page cache' if o_direct else 'O_DIRECT'} reads")
+        result.other_io = run_one(path, k.budget, k.policy, k.prefetch_depth, prompt, n_tokens, n_ctx, n_threads,
+                                  not o_direct, cache_types)
     return result
 
 
@@ -144,6 +164,43 @@ def tune_trace(trace_path: str, *, shares: Sequence[float] = (0.0, 0.1, 0.25, 0.
     top = max((r["best"] for r in rows), default=0.0)
     k = next((r for r in rows if r["best"] >= KNEE_SHARE * top), None)
     return rows, k
+
+
+def budget_for_slots(path: str, slots: int, n_ctx: int, scope: str = "global", o_direct: bool = True,
+                     cache_types: dict | None = None) -> int:
+    """The smallest memory budget whose plan has at least `slots` expert slots (or every
+    expert), found by bisection over make_plan (the plan's micro-batch rule makes slots a
+    step function of the budget). O_DIRECT slots by default: they are the larger, so the
+    budget buys the slots with or without it."""
+    from . import arch
+    from .gguf_file import GGUFFile
+    from .store import make_plan
+
+    types = cache_types or {}
+    gguf = GGUFFile(path)
+    try:
+        args = arch.model_args(gguf)
+
+        def plan(budget: int):
+            return make_plan(gguf, args, n_ctx, budget, o_direct=o_direct, scope=scope,
+                             type_k=types.get("cache_type_k", DEFAULT_CACHE_TYPE),
+                             type_v=types.get("cache_type_v", DEFAULT_CACHE_TYPE))
+
+        first = plan(1)
+        if not first.pools:
+            return first.minimum
+        want = min(slots, first.n_experts)
+        low, high = first.minimum, first.full
+        while high - low > 2**20:  # to a MiB
+            mid = (low + high) // 2
+            p = plan(mid)
+            if p.budget >= p.minimum and (p.slots >= want or p.all_resident):
+                high = mid
+            else:
+                low = mid
+        return high
+    finally:
+        gguf.close()
 
 
 def ascii_plot(xs: Sequence[float], ys: Sequence[float], width: int = 50, height: int = 10,
@@ -188,6 +245,11 @@ def save_plot(path: str, xs: Sequence[float], series: dict[str, Sequence[float]]
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def trace_flags_for(model: str, budget: int, policy: str, command: str = "chat") -> str:
+    """The flags a trace replay recommends: the budget that buys the knee's slots, its policy."""
+    return f"offload {command} {model} --memory-budget {-(-budget // 2**20)}MiB --cache-policy {policy}"
 
 
 def flags_for(model: str, run: Run, command: str = "chat") -> str:

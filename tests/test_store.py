@@ -107,14 +107,19 @@ def test_plan_minimum_and_share(many):
 
 
 def test_budget_below_minimum_is_refused_with_the_minimum(many):
+    """Below the default micro-batch's minimum a smaller micro-batch runs (store.plan); below
+    the smallest one's a context given is refused, naming the longest that fits, and without
+    one the longest that fits runs; a budget that fits no context at all is refused."""
     p = plan_for(many)
+    low = p.minimum_at_smallest_ubatch - 1
     with pytest.raises(BudgetError) as e:  # a context given: refused, naming the longest that fits
-        Model.load(many, memory_budget=p.minimum - 1, n_ctx=MANY.n_ctx)
+        Model.load(many, memory_budget=low, n_ctx=MANY.n_ctx)
     msg = str(e.value)
-    assert "\n" not in msg and str(p.minimum) in msg and "minimum" in msg and f"(-c {MANY.n_ctx - 1})" in msg
-    with Model.load(many, memory_budget=p.minimum - 1) as m:  # by default, the context that fits
-        assert m.n_ctx == MANY.n_ctx - 1
-    tiny = plan_for(many).minimum - p.kv_cache  # below the minimum with no context at all
+    assert "\n" not in msg and "minimum" in msg and "(-c " in msg
+    with Model.load(many, memory_budget=low) as m:  # by default, the context that fits
+        assert m.n_ctx < MANY.n_ctx
+    Model.load(many, memory_budget=p.minimum_at_smallest_ubatch, n_ctx=MANY.n_ctx).close()
+    tiny = p.minimum_at_smallest_ubatch - p.kv_cache  # below the minimum with no context at all
     with pytest.raises(BudgetError) as e:
         Model.load(many, memory_budget=tiny - p.scratch)
     assert "minimum" in str(e.value)

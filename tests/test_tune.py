@@ -12,7 +12,7 @@ import pytest
 
 from offload import Model
 from offload.testing import TinyConfig
-from offload.tune import KNEE_SHARE, Run, ascii_plot, flags_for, knee, tune
+from offload.tune import KNEE_SHARE, Run, ascii_plot, flags_for, knee, tune, tune_trace
 
 SHAPE = TinyConfig(n_layer=3, n_embd=256, n_head=4, n_head_kv=2, n_ff=256, n_expert=16, n_expert_used=2)
 
@@ -98,3 +98,36 @@ def test_cli_tune_replays_a_trace(model, tmp_path):
 def test_cli_tune_rejects_bad_sweeps(model):
     out = cli("tune", model, "--budgets", "0,150")
     assert out.returncode == 1 and out.stderr.startswith("offload: error:") and len(out.stderr.splitlines()) == 1
+
+
+def test_cli_tune_with_a_trace_ends_with_the_budget_to_use(model, tmp_path):
+    """MODEL --trace T: the knee's slots become a --memory-budget, and a model loaded with it
+    has at least those slots (the smallest such budget, to a MiB)."""
+    trace = tmp_path / "t.npz"
+    gen = cli("generate", model, "-p", "Once upon a time there was", "-n", "24", "--temp", "0",
+              "--memory-budget", "1GB", "--record-trace", trace)
+    assert gen.returncode == 0, gen.stderr
+    out = cli("tune", model, "--trace", trace, "--plot", "", "-c", 512)
+    assert out.returncode == 0, out.stderr
+    slots = tune_trace(str(trace))[1]["capacity"]
+    use = re.search(r"^use: offload \w+ (\S+) --memory-budget (\d+)MiB --cache-policy (\w+) -c 512$", out.stdout, re.M)
+    assert use and use.group(1) == str(model), out.stdout
+    budget = int(use.group(2)) << 20
+    with Model.load(model, n_ctx=512, memory_budget=budget, cache_policy=use.group(3)) as m:
+        assert m.plan.slots >= slots or m.plan.all_resident
+    with Model.load(model, n_ctx=512, memory_budget=budget - (2 << 20), o_direct=True) as m:
+        assert m.plan.slots < slots and not m.plan.all_resident
+    out = cli("tune", "--trace", trace, "--plot", "")  # a trace alone names its file, not where it is
+    assert out.returncode == 0 and "give the model file too" in out.stdout
+
+
+def test_the_knee_runs_both_read_paths_and_keeps_the_faster(model):
+    result = tune(model, shares=(0.0,), depths=(0,), n_tokens=4, n_ctx=128)
+    k, other = result.knee, result.other_io
+    assert k.share < 1.0 and k.o_direct and other is not None and not other.o_direct
+    assert (other.budget, other.policy, other.prefetch_depth) == (k.budget, k.policy, k.prefetch_depth)
+    assert result.o_direct == (k.tok_s >= other.tok_s)
+    out = cli("tune", model, "-n", "4", "--budgets", "0", "--prefetch-depth", "0", "--plot", "")
+    assert out.returncode == 0, out.stderr
+    assert "reads at the knee: pread + O_DIRECT" in out.stdout
+    assert re.search(r"^use: .* --(no-)?o-direct$", out.stdout, re.M), out.stdout

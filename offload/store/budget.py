@@ -97,6 +97,13 @@ def memory() -> Memory:
     return Memory(limit, max(0, min(vm.available, limit - usage)), source)
 
 
+def memory_cap() -> str | None:
+    """The cgroup file that limits this process's memory below the machine's RAM, or None.
+    Under such a cap the page cache is charged to the same limit as the process: reads of
+    experts through it compete with the expert slots (Model.load turns O_DIRECT on)."""
+    return memory().limit_source
+
+
 def parse_budget(value: str | int | float) -> int:
     """Bytes of a budget. Decimal units (KB, MB, GB, TB) are powers of 1000; binary ones
     (KiB, MiB, GiB, TiB, and the bare K, M, G, T) powers of 1024; "60%" is a share of total RAM."""

@@ -21,6 +21,7 @@ import itertools
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -38,6 +39,7 @@ class ReadJob:
     done: Callable[[BaseException | None, int], None]
     started: bool = False
     cancelled: bool = False  # dropped before it started: done is not called
+    seconds: float = 0.0  # how long the read took (set before done is called)
     _gate: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def try_start(self) -> bool:
@@ -67,6 +69,17 @@ def open_model_file(path: str, o_direct: bool) -> int:
         if o_direct and e.errno == errno.EINVAL:
             raise OffloadError(f"{path}: its filesystem does not support O_DIRECT (run without --o-direct)") from None
         raise OffloadError(f"{path}: cannot open for reading experts: {e.strerror}") from None
+
+
+def supports_o_direct(path: str | os.PathLike[str]) -> bool:
+    """Whether the file system holding `path` takes O_DIRECT opens (tmpfs, for one, does not)."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0)))
+    except OSError:
+        return False
+    return True
 
 
 def read_ranges(fd: int, buf, ranges) -> int:
@@ -130,11 +143,13 @@ class Loader:
                         self._idle.wait(0.01)
             try:
                 if job.try_start():
+                    t0 = time.perf_counter()
                     try:
                         n = read_ranges(self.fd, job.buf, job.ranges)
                     except BaseException as e:  # reported to whoever waits for the slot
                         job.done(e, 0)
                     else:
+                        job.seconds = time.perf_counter() - t0
                         job.done(None, n)
             finally:
                 if demand:

@@ -26,7 +26,18 @@ PAGE = 4096
 DIRECT_ALIGN = 4096  # O_DIRECT: file offsets, lengths and buffers aligned to this
 SLOT_ALIGN = 64  # each matrix of a buffered slot starts on a cache line
 FAULT_AROUND = 65536  # Linux maps up to this window of cached file pages around each fault
-N_UBATCH = 512  # forward.N_UBATCH: the longest batch the forward pass runs at once
+# The micro-batch (llama.cpp's n_ubatch: the most tokens the forward pass runs at once) sets
+# the activation scratch. Its default is forward.N_UBATCH (512). A smaller one frees scratch
+# for expert slots: decoding runs one token at a time and does not care; a long prompt runs
+# in more passes, each reading the experts its tokens route to. But the logits follow the
+# micro-batch (as llama.cpp's follow n_ubatch: an expert that gets fewer than 8 of a
+# micro-batch's tokens takes another kernel), and results must not depend on the budget; so
+# the plan halves it by itself (down to MIN_AUTO_UBATCH) only for a budget the default
+# cannot run at all, and otherwise suggests it (`offload inspect`): the micro-batch at which
+# the scratch takes at most UBATCH_SCRATCH_SHARE of the budget, or every expert fits; -ub
+# sets it.
+UBATCH_SCRATCH_SHARE = 1 / 16
+MIN_AUTO_UBATCH = 64
 LOGITS_ROWS = 32  # rows of logits planned for (a generation needs one; `logits` returns one per token)
 TOKENIZER_BYTES_PER_TOKEN = 256  # llama.cpp's vocabulary tables, measured (~7 MiB at 32k)
 BASE_OVERHEAD = 2 << 20  # Python objects of the model, thread stack, file tables
@@ -77,12 +88,21 @@ class MemoryPlan:
     runtime: int = RUNTIME_BYTES
     pools: list[SlotPool] = field(default_factory=list)
     o_direct: bool = False
+    o_direct_reason: str = ""  # why O_DIRECT was chosen where nobody asked for it
     scope: str = "global"
     expert_bytes_total: int = 0  # routed experts in the file
     n_expert_used: int = 0
     prefetch_slots: int = 0
     expert_bytes_per_token: int = 0  # the routed experts one token runs through, every MoE layer
     disk_bandwidth: float = 3e9  # bytes/s: for the decode bound the plan prints (inspect --disk-bandwidth)
+    n_ubatch: int = 512  # tokens per micro-batch the scratch is sized for
+    ubatch_source: str = "default"  # "default", "given" (-ub) or "budget" (halved: the default does not fit)
+    default_ubatch: int = 512  # what the micro-batch is without -ub where the budget allows it
+    slots_at_default_ubatch: int = 0  # expert slots the plan would have at default_ubatch (0: below its minimum)
+    suggested_ubatch: int = 0  # a smaller micro-batch that buys expert slots (UBATCH_SCRATCH_SHARE), or 0
+    slots_at_suggested_ubatch: int = 0
+    minimum_at_smallest_ubatch: int = 0  # the minimum with MIN_AUTO_UBATCH (for the refusal)
+    full_budget: int = 0  # the budget that holds every expert at the default micro-batch (0: `full`)
 
     @property
     def fixed(self) -> int:
@@ -94,8 +114,9 @@ class MemoryPlan:
 
     @property
     def full(self) -> int:
-        """The budget that holds every expert (no I/O after load)."""
-        return self.fixed + sum(p.n_experts * p.slot_bytes for p in self.pools)
+        """The budget that holds every expert (no I/O after load), with the default micro-batch
+        (or the one -ub gave)."""
+        return self.full_budget or self.fixed + sum(p.n_experts * p.slot_bytes for p in self.pools)
 
     @property
     def slots(self) -> int:
@@ -127,6 +148,8 @@ class MemoryPlan:
                 f"memory budget {_h(self.budget)} is below this model's minimum of {_h(self.minimum)} "
                 f"({self.minimum} bytes: resident {_h(self.fixed)} + {sum(p.min_slots for p in self.pools)} expert "
                 f"slots for top-{self.n_expert_used} and prefetch)"
+                + (f"; with micro-batches of {MIN_AUTO_UBATCH} tokens, {_h(self.minimum_at_smallest_ubatch)}"
+                   if 0 < self.minimum_at_smallest_ubatch < self.minimum else "")
             )
 
     def describe(self) -> list[str]:
@@ -141,14 +164,37 @@ class MemoryPlan:
             lines += [
                 f"expert slots      {self.slots} of {size} = {_h(self.slot_bytes_total)} "
                 f"({self.share:.0%} of {self.n_experts} experts; {self.scope} capacity"
-                f"{', O_DIRECT' if self.o_direct else ''})",
+                f"{', O_DIRECT' if self.o_direct else ''}"
+                f"{f' ({self.o_direct_reason})' if self.o_direct_reason else ''})",
                 f"                  " + ("every expert fits: all loaded at start, no I/O after load"
                                          if self.all_resident else "cold experts are read from the file on demand"),
             ]
+        lines += self._ubatch_lines()
         if self.pools and not self.all_resident and self.expert_bytes_per_token:
             lines += self._disk_lines()
-        lines.append(f"minimum budget    {_h(self.minimum)}; every expert resident from {_h(self.full)}")
+        smallest = (f" ({_h(self.minimum_at_smallest_ubatch)} with {MIN_AUTO_UBATCH}-token micro-batches)"
+                    if 0 < self.minimum_at_smallest_ubatch < self.minimum else "")
+        lines.append(f"minimum budget    {_h(self.minimum)}{smallest}; every expert resident from {_h(self.full)}")
         return lines
+
+    def _ubatch_lines(self) -> list[str]:
+        """The micro-batch, and what it trades: expert slots for prompt passes."""
+        how = {"default": "the default", "given": "-ub",
+               "budget": f"sized from the budget: {self.default_ubatch} tokens do not fit it"}[self.ubatch_source]
+        line = f"micro-batch       {self.n_ubatch} tokens ({how}; scratch {_h(self.scratch)})"
+        if not self.pools:
+            return [line]
+        if self.suggested_ubatch:
+            gained = self.slots_at_suggested_ubatch - self.slots
+            return [line, f"                  -ub {self.suggested_ubatch}: {gained:+d} expert slots ({self.slots} -> "
+                          f"{self.slots_at_suggested_ubatch}); a long prompt runs in "
+                          f"{self.n_ubatch / self.suggested_ubatch:.0f}x the passes, each reading the experts its "
+                          f"tokens route to (slower prefill, decoding unchanged; logits as llama.cpp's with that -ub)"]
+        if self.n_ubatch == self.default_ubatch or not self.slots_at_default_ubatch:
+            return [line]
+        before = self.slots_at_default_ubatch
+        return [line, f"                  {self.slots - before:+d} expert slots vs {self.default_ubatch} tokens "
+                      f"({before} slots); a long prompt runs in {self.default_ubatch / self.n_ubatch:.0f}x the passes"]
 
     HIT_RATES = (0.5, 0.8, 0.95)
 
@@ -210,10 +256,16 @@ def resident_weight_bytes(gguf: GGUFFile) -> int:
     return total
 
 
-def scratch_bytes(args: ModelArgs, n_ctx: int) -> int:
-    """Activations of the largest micro-batch (min(n_ctx, 512) tokens), twice over for the
-    temporaries numpy makes, LOGITS_ROWS rows of logits, and the RoPE tables."""
-    tokens = min(n_ctx, N_UBATCH)
+def default_ubatch(n_ctx: int) -> int:
+    from ..forward import N_UBATCH
+
+    return min(n_ctx, N_UBATCH)
+
+
+def scratch_bytes(args: ModelArgs, n_ctx: int, n_ubatch: int | None = None) -> int:
+    """Activations of the largest micro-batch (min(n_ctx, n_ubatch) tokens), twice over for
+    the temporaries numpy makes, LOGITS_ROWS rows of logits, and the RoPE tables."""
+    tokens = min(n_ctx, n_ubatch or default_ubatch(n_ctx))
     k = max(1, args.n_expert_used)
     width = (6 * args.n_embd + 3 * args.n_head * args.head_dim + k * (args.n_embd + 2 * args.n_ff_exp)
              + args.n_expert + 2 * args.n_ff)
@@ -231,13 +283,13 @@ def kv_bytes_per_cell(args: ModelArgs, type_k: str = DEFAULT_CACHE_TYPE, type_v:
 
 
 def kv_cache_bytes(args: ModelArgs, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE,
-                   type_v: str = DEFAULT_CACHE_TYPE) -> int:
+                   type_v: str = DEFAULT_CACHE_TYPE, n_ubatch: int | None = None) -> int:
     """Keys and values in their cache types: every position on full-attention layers, a ring
-    of the last ones on sliding-window layers (forward.kv_cells)."""
+    of the last ones on sliding-window layers (forward.kv_cells: the window + a micro-batch)."""
     from ..forward import kv_cells
 
     per_cell = kv_bytes_per_cell(args, type_k, type_v)
-    return sum(kv_cells(args, i, n_ctx) * per_cell for i in range(args.n_layer))
+    return sum(kv_cells(args, i, n_ctx, n_ubatch) * per_cell for i in range(args.n_layer))
 
 
 def runtime_bytes(gguf: GGUFFile, gpu: bool = False) -> int:
@@ -249,25 +301,77 @@ def runtime_bytes(gguf: GGUFFile, gpu: bool = False) -> int:
 
 def make_plan(gguf: GGUFFile, args: ModelArgs, n_ctx: int, budget: int, budget_source: str = "given", *,
               o_direct: bool = False, scope: str = "global", prefetch_slots: int | None = None,
-              gpu: bool = False, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE) -> MemoryPlan:
+              gpu: bool = False, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE,
+              n_ubatch: int | None = None) -> MemoryPlan:
     """Split `budget` into the resident set and slot pools (not checked: call .check()); `gpu`:
-    the GPU tier will be tried; type_k / type_v: the KV cache types."""
+    the GPU tier will be tried; type_k / type_v: the KV cache types; `n_ubatch`: the
+    micro-batch (None: the default, or smaller where the budget is tight: see
+    UBATCH_SCRATCH_SHARE)."""
     if scope not in ("global", "layer"):
         raise BudgetError(f"cache scope {scope!r} is not 'global' or 'layer'")
+    if n_ubatch is not None and n_ubatch < 1:
+        raise BudgetError(f"micro-batch size {n_ubatch} must be at least 1")
     layouts = expert_layouts(gguf, args)
+    common = dict(resident_weights=resident_weight_bytes(gguf), runtime=runtime_bytes(gguf, gpu))
+
+    def plan_at(ubatch: int, budget: int = budget) -> MemoryPlan:
+        return _plan(gguf, args, layouts, n_ctx, budget, budget_source, ubatch, o_direct, scope, prefetch_slots,
+                     type_k, type_v, **common)
+
+    first = default_ubatch(n_ctx)
+    choices = ubatch_choices(first)
+
+    def fits(p: MemoryPlan) -> bool:
+        return p.budget >= p.minimum
+
+    at_default = plan_at(first)
+    smallest = plan_at(choices[-1]) if len(choices) > 1 else at_default
+    if n_ubatch is not None:
+        plan = plan_at(min(n_ctx, n_ubatch))
+        plan.ubatch_source = "given"
+    elif fits(at_default):
+        plan = at_default
+        if not plan.all_resident:  # what a smaller micro-batch would buy
+            for ubatch in choices[1:]:  # (the smallest, if none gets the scratch under its share)
+                p = plan_at(ubatch)
+                plan.suggested_ubatch, plan.slots_at_suggested_ubatch = ubatch, p.slots
+                if p.all_resident or p.scratch <= budget * UBATCH_SCRATCH_SHARE:
+                    break
+    else:  # the default does not fit: the largest micro-batch that does
+        plan = next((p for p in map(plan_at, choices[1:]) if fits(p)), at_default)
+        if plan is not at_default:
+            plan.ubatch_source = "budget"
+    plan.default_ubatch = first
+    plan.slots_at_default_ubatch = at_default.slots if fits(at_default) else 0
+    plan.minimum_at_smallest_ubatch = smallest.minimum
+    plan.full_budget = at_default.full if n_ubatch is None else plan.full
+    return plan
+
+
+def ubatch_choices(first: int) -> list[int]:
+    """The micro-batches the budget rule tries, largest first: halving down to MIN_AUTO_UBATCH."""
+    out = [first]
+    while out[-1] // 2 >= MIN_AUTO_UBATCH:
+        out.append(out[-1] // 2)
+    return out
+
+
+def _plan(gguf, args, layouts, n_ctx, budget, budget_source, n_ubatch, o_direct, scope, prefetch_slots,
+          type_k, type_v, *, resident_weights: int, runtime: int) -> MemoryPlan:
     k = args.n_expert_used
     reserve = k if prefetch_slots is None else prefetch_slots
     plan = MemoryPlan(
         budget=budget, budget_source=budget_source,
-        resident_weights=resident_weight_bytes(gguf),
-        kv_cache=kv_cache_bytes(args, n_ctx, type_k, type_v),
-        scratch=scratch_bytes(args, n_ctx),
+        resident_weights=resident_weights,
+        kv_cache=kv_cache_bytes(args, n_ctx, type_k, type_v, n_ubatch),
+        scratch=scratch_bytes(args, n_ctx, n_ubatch),
         overhead=BASE_OVERHEAD + TOKENIZER_BYTES_PER_TOKEN * args.n_vocab,
-        runtime=runtime_bytes(gguf, gpu),
+        runtime=runtime,
         o_direct=o_direct, scope=scope,
         expert_bytes_total=sum(l.expert_bytes * l.n_expert for l in layouts.values()),
         n_expert_used=k, prefetch_slots=reserve,
         expert_bytes_per_token=sum(k * l.expert_bytes for l in layouts.values()),
+        n_ubatch=n_ubatch, default_ubatch=n_ubatch,
     )
     groups: dict = {}
     for layer, layout in layouts.items():

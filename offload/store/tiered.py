@@ -26,6 +26,15 @@ layer announced, or one a nearer prediction needs; a layer's get() of an expert 
 queued moves its read to the demand queue. Prefetch reads queued or in flight are capped
 (the plan's prefetch reserve, more when the budget leaves room beside the running layer).
 
+A read budget per layer: a prediction is read only if the read is expected to arrive before
+its layer runs. The store measures the prefetch reader's bytes per second (each read's
+bytes over its time) and a layer's compute time (between predictions made at consecutive
+layers, less the I/O stall in between); a read whose bytes, behind the prefetch reads still
+pending, take longer than the layers until its target's compute is skipped (counted in
+`prefetch_skipped_late`): on a disk that is the bottleneck it would come late, take the disk
+from the reads layers wait for, and evict an expert for nothing. Until both are measured,
+and with `read_budget` False, every prediction that finds a slot is read.
+
 A budget that holds every expert loads them all at start: `get` is then a lookup and
 there is no I/O after load.
 """
@@ -59,6 +68,7 @@ class StoreStats:
     prefetch_cancelled: int = 0  # queued prefetch reads dropped before they started (no longer predicted)
     prefetch_wasted: int = 0  # prefetched experts evicted before any use
     prefetch_wasted_bytes: int = 0  # ... and the bytes their reads cost
+    prefetch_skipped_late: int = 0  # predictions not read: expected to arrive after their layer runs
     evictions: int = 0
     reads: int = 0  # experts read after load
     bytes_read: int = 0  # after load
@@ -95,6 +105,11 @@ class TieredExperts:
         self._jobs: dict[tuple[int, int], tuple] = {}  # key -> (ReadJob, priority, order) of reads not yet done
         self.max_prefetch = max(plan.prefetch_slots, 0)  # prefetch reads in flight at most (set_prefetch_depth)
         self.rank_weight = 1  # a prediction's rank among its layer's counts as this many layers of distance
+        self.read_budget = True  # read a prediction only when expected in time (see the module docstring)
+        self.read_rate = 0.0  # bytes/s of one prefetch read, measured (moving average; 0: not yet)
+        self.layer_seconds = 0.0  # a layer's compute time, measured (moving average; 0: not yet)
+        self._last_predicted_at: tuple[int, float, float] | None = None  # (layer, time, stall then)
+        self._moe_index = {l: i for i, l in enumerate(sorted(self.layouts))}
         self.stall_by_layer: dict[int, float] = {}  # seconds waiting for reads, per layer
         self._pool_of_layer = {l: i for i, p in enumerate(plan.pools) for l in p.layers}
         self._region = {l: slot_layout(lay, self._o_direct)[1] for l, lay in self.layouts.items()}
@@ -253,14 +268,53 @@ class TieredExperts:
         with self._cond:
             if self._closed:
                 return 0
+            self._time_layer(layer)
             for key in list(self._predicted):
                 if key[0] != layer and key not in new:
                     del self._predicted[key]
                     if key not in self._wanted and not self._cancel(key):
                         self._mark_stale(key)
             self._predicted.update(new)
-            started = self._start_reads(sorted(new.items(), key=lambda kv: kv[1]))
+            started = self._start_reads(self._in_time(layer, sorted(new.items(), key=lambda kv: kv[1])))
         return started
+
+    SMOOTHING = 0.25  # weight of a new measurement in the moving averages
+
+    def _time_layer(self, layer: int) -> None:
+        """A layer's compute time, from predictions made at consecutive MoE layers of a step."""
+        now, stall = time.perf_counter(), self.stats.stall_seconds
+        last = self._last_predicted_at
+        self._last_predicted_at = (layer, now, stall)
+        if last is None or layer not in self._moe_index or last[0] not in self._moe_index:
+            return
+        layers = self._moe_index[layer] - self._moe_index[last[0]]
+        if layers <= 0:  # the next token (or the same layer again)
+            return
+        seconds = max(0.0, (now - last[1]) - (stall - last[2])) / layers
+        a = self.SMOOTHING
+        self.layer_seconds = seconds if not self.layer_seconds else (1 - a) * self.layer_seconds + a * seconds
+
+    def _in_time(self, layer: int, ordered: list) -> list:
+        """The (key, order) pairs whose reads are expected to arrive before their layer runs:
+        behind the prefetch reads pending, at the measured rate, within the layers between."""
+        if not self.read_budget or not self.read_rate or not self.layer_seconds:
+            return ordered
+        here = self._moe_index.get(layer)
+        ahead = sum(self.layouts[k[0]].expert_bytes for k, (job, prio, _) in self._jobs.items()
+                    if prio == PREFETCH)
+        kept = []
+        for key, order in ordered:
+            if key in self._index or here is None:
+                kept.append((key, order))
+                continue
+            layers = self._moe_index[key[0]] - here
+            arrive = (ahead + self.layouts[key[0]].expert_bytes) / self.read_rate
+            if arrive <= layers * self.layer_seconds:
+                ahead += self.layouts[key[0]].expert_bytes
+                kept.append((key, order))
+            else:
+                self.stats.prefetch_skipped_late += 1
+        return kept
 
     def set_prefetch_depth(self, depth: int, per_layer: int | None = None) -> None:
         """Allow up to depth x per_layer (default top-k) prefetch reads in flight, as far as
@@ -435,6 +489,9 @@ class TieredExperts:
                     slot.nread = n
                     self.stats.reads += 1
                     self.stats.bytes_read += n
+                    if job.seconds > 0:
+                        rate, a = n / job.seconds, self.SMOOTHING
+                        self.read_rate = rate if not self.read_rate else (1 - a) * self.read_rate + a * rate
                 else:
                     self.stats.read_errors += 1
                     self._errors[key] = err
