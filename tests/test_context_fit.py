@@ -45,14 +45,19 @@ def test_the_default_context_is_the_longest_that_fits(long_model):
 
 
 def test_a_context_that_does_not_fit_is_refused_naming_the_longest(long_model):
+    """A context asked for runs with a smaller micro-batch where that fits (store.plan); one
+    that fits no micro-batch is refused, naming the longest that does."""
     budget = _minimum(long_model, 3000) + 1000
-    with pytest.raises(BudgetError) as e:
-        Model.load(long_model, memory_budget=budget, n_ctx=8000)
+    with Model.load(long_model, memory_budget=budget, n_ctx=8000) as m:
+        assert m.n_ctx == 8000 and m.plan.n_ubatch < 512
     g = GGUFFile(long_model)
     from offload import arch
 
-    fit = largest_context(g, arch.model_args(g), budget, 8000)
+    fit = largest_context(g, arch.model_args(g), budget, 16384)
     g.close()
+    assert 8000 < fit < 16384
+    with pytest.raises(BudgetError) as e:
+        Model.load(long_model, memory_budget=budget, n_ctx=16384)
     assert f"the longest context that fits beside the minimum expert slots is {fit} (-c {fit})" in str(e.value)
     assert "\n" not in str(e.value)
     with Model.load(long_model, memory_budget=budget, n_ctx=fit) as m:
@@ -69,5 +74,5 @@ def test_cli_says_which_context_it_chose(long_model):
     assert shown.exit_code == 0 and "the most that fits the memory budget" in shown.output
     ran = CliRunner().invoke(main, ["generate", long_model, "--memory-budget", budget, "-n", "2", "--temp", "0"])
     assert ran.exit_code == 0 and "the most that fits the memory budget" in ran.stderr
-    refused = CliRunner().invoke(main, ["generate", long_model, "--memory-budget", budget, "-c", "9000", "-n", "1"])
+    refused = CliRunner().invoke(main, ["generate", long_model, "--memory-budget", budget, "-c", "16384", "-n", "1"])
     assert refused.exit_code != 0 and "(-c " in refused.stderr

@@ -404,7 +404,11 @@ def largest_context(gguf: GGUFFile, args: ModelArgs, budget: int, n_max: int, **
 def default_context(gguf: GGUFFile, args: ModelArgs, budget: int, **plan_options) -> tuple[int, str]:
     """-c 0: the model's training context where it fits the budget beside the minimum expert
     slots, else the longest that does (at least 1, for the budget error to name the
-    minimum); and a line that says which."""
+    minimum); and a line that says which. Planned at the default micro-batch unless one is
+    given: a tight budget keeps llama.cpp's micro-batch and gets a shorter context (a context
+    asked for runs with a smaller micro-batch where that is what fits, see make_plan)."""
+    if plan_options.get("n_ubatch") is None:
+        plan_options = dict(plan_options, n_ubatch=default_ubatch(args.n_ctx_train))
     fit = largest_context(gguf, args, budget, args.n_ctx_train, **plan_options)
     if fit >= args.n_ctx_train:
         return args.n_ctx_train, f"context {args.n_ctx_train} tokens (the model's training context)"
