@@ -368,11 +368,277 @@ static TARGET_AVX2 float dot_iq1_m_avx2(const uint8_t *w, const act_row *x, int 
 }
 #endif
 
+#ifdef OFFLOAD_X86
+/* The AVX-512 row dots: the same int32 lanes as the AVX2 ones (exact integers, so the same
+ * bits), built 64 values at a time. A quarter-block's grid entries come in one gather, its
+ * signs are a 64-bit mask (bit v: value v negative) that negates q8 by a masked subtract
+ * (0 - (-128) wraps to -128: _mm256_sign_epi8's rule), and its scales are one of a block's
+ * 16 (2 ls + 1, per 16 values) spread over the int16 pairs by a permute. Then
+ *   maddubs(grid, signed q8) -> madd(., scales) -> sum; int32 lane m of a quarter holds
+ * values 4m..4m+3 of 64, so lanes m and m + 8 fold into ggml's lane m % 8 of its group. */
+static inline TARGET_AVX512 __m512i quarter_scales(__m256i sc16, int z) {
+    const __m512i pick = _mm512_set_epi16(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0,
+                                          0, 0, 0, 0, 0);
+    return _mm512_permutexvar_epi16(_mm512_add_epi16(pick, _mm512_set1_epi16((short)(4 * z))), _mm512_castsi256_si512(sc16));
+}
+
+static inline TARGET_AVX512 __m512i quarter_dot(__m512i mag, uint64_t neg, const int8_t *q8, __m512i sc) {
+    const __m512i q = _mm512_loadu_si512(q8);
+    const __m512i y = _mm512_mask_sub_epi8(q, (__mmask64)neg, _mm512_setzero_si512(), q);
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(mag, y), sc);
+}
+
+static inline TARGET_AVX512 __m256 block_acc(__m512i sum, float d, __m256 acc) {
+    const __m256i lanes = _mm256_add_epi32(_mm512_castsi512_si256(sum), _mm512_extracti64x4_epi64(sum, 1));
+    return _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(lanes), acc);
+}
+
+/* Eight 64-bit grid entries t[IX(0)] .. t[IX(7)] by scalar loads, indices worked out from the
+ * block's bytes in general registers: on this Zen 4 that beats vpgatherdq (and a vector of
+ * indices stored and reloaded), as in ggml's AVX2 code. */
+#define GRID8(t, IX)                                                                                                   \
+    _mm512_set_epi64((long long)(t)[IX(7)], (long long)(t)[IX(6)], (long long)(t)[IX(5)], (long long)(t)[IX(4)],       \
+                     (long long)(t)[IX(3)], (long long)(t)[IX(2)], (long long)(t)[IX(1)], (long long)(t)[IX(0)])
+#define GRID16(t, IX)                                                                                                  \
+    _mm512_set_epi32((int)(t)[IX(15)], (int)(t)[IX(14)], (int)(t)[IX(13)], (int)(t)[IX(12)], (int)(t)[IX(11)],        \
+                     (int)(t)[IX(10)], (int)(t)[IX(9)], (int)(t)[IX(8)], (int)(t)[IX(7)], (int)(t)[IX(6)], (int)(t)[IX(5)], \
+                     (int)(t)[IX(4)], (int)(t)[IX(3)], (int)(t)[IX(2)], (int)(t)[IX(1)], (int)(t)[IX(0)])
+
+/* 2 ls + 1 on 16 int16 lanes */
+static inline TARGET_AVX512 __m256i odd_scales(__m256i ls) { return _mm256_add_epi16(_mm256_slli_epi16(ls, 1), _mm256_set1_epi16(1)); }
+
+/* 16 nibbles of 8 bytes, low nibble first, as 16 int16 scales 2 ls + 1 */
+static inline TARGET_AVX512 __m256i nibble_scales(const uint8_t *p) {
+    const __m128i s = _mm_loadl_epi64((const __m128i *)p), m4 = _mm_set1_epi8(15);
+    return odd_scales(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(_mm_and_si128(s, m4), _mm_and_si128(_mm_srli_epi16(s, 4), m4))));
+}
+
+/* 32 bytes of 7 sign bits each -> their ksigns_iq2xs bytes (bit 7: the parity of the 7) */
+static inline TARGET_AVX512 __m256i with_parity(__m256i b7) {
+    const __m256i par = _mm256_setr_epi8(0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0, 0, -128, -128,
+                                         0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0);
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m256i p = _mm256_xor_si256(_mm256_shuffle_epi8(par, _mm256_and_si256(b7, m4)),
+                                       _mm256_shuffle_epi8(par, _mm256_and_si256(_mm256_srli_epi16(b7, 4), m4)));
+    return _mm256_or_si256(b7, p);
+}
+
+/* Per 32 values a uint32 of 4 x 7 sign bits | ls << 28 (IQ2_XXS, IQ3_XXS): the sign bytes of
+ * the block's 256 values (byte g: values 8g..8g+7) and its 16 scales. */
+static inline TARGET_AVX512 void xxs_signs_scales(__m256i aux, uint64_t neg[4], __m256i *sc16) {
+    const __m256i m7 = _mm256_set1_epi32(0x7f), t = aux;
+    __m256i b = _mm256_and_si256(t, m7);
+    b = _mm256_or_si256(b, _mm256_and_si256(_mm256_slli_epi32(t, 1), _mm256_slli_epi32(m7, 8)));
+    b = _mm256_or_si256(b, _mm256_and_si256(_mm256_slli_epi32(t, 2), _mm256_slli_epi32(m7, 16)));
+    b = _mm256_or_si256(b, _mm256_and_si256(_mm256_slli_epi32(t, 3), _mm256_slli_epi32(m7, 24)));
+    _mm256_storeu_si256((__m256i *)neg, with_parity(b));
+    const __m256i ls = _mm256_srli_epi32(aux, 28);
+    *sc16 = odd_scales(_mm256_or_si256(ls, _mm256_slli_epi32(ls, 16)));
+}
+
+static TARGET_AVX512 float dot_iq3_s_avx512(const uint8_t *w, const act_row *x, int n_cols) {
+    const __m512i bit8 = _mm512_set1_epi32(256);
+    const __m128i m4 = _mm_set1_epi8(15);
+    __m256 acc = _mm256_setzero_ps();
+    for (int ib = 0; ib < n_cols / QK_K; ib++) {
+        const uint8_t *blk = w + (size_t)ib * 110;
+        const int8_t *q8 = x->qs + (size_t)ib * QK_K;
+        const float d = fp16_to_fp32(read_u16(blk)) * x->d[ib];
+        const __m128i s = _mm_cvtsi32_si128((int)read_u32(blk + 106));
+        const __m128i ls = _mm_unpacklo_epi8(_mm_and_si128(s, m4), _mm_and_si128(_mm_srli_epi16(s, 4), m4));
+        const __m256i sc16 = odd_scales(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(ls, ls)));
+        __m512i sum = _mm512_setzero_si512();
+        for (int z = 0; z < 4; z++) {
+            /* vpgatherdd: here it beats scalar loads, which need the index arithmetic in
+             * general registers (ggml does that in vectors, through memory) */
+            __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2 + 16 * z)));
+            idx = _mm512_mask_or_epi32(idx, (__mmask16)read_u16(blk + 66 + 2 * z), idx, bit8);
+            const __m512i g = _mm512_i32gather_epi32(idx, (const void *)iq3s_grid, 4);
+            uint64_t neg;
+            memcpy(&neg, blk + 74 + 8 * z, 8);
+            sum = _mm512_add_epi32(sum, quarter_dot(g, neg, q8 + 64 * z, quarter_scales(sc16, z)));
+        }
+        acc = block_acc(sum, d, acc);
+    }
+    return hsum_float_8(acc);
+}
+
+static TARGET_AVX512 float dot_iq3_xxs_avx512(const uint8_t *w, const act_row *x, int n_cols) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int ib = 0; ib < n_cols / QK_K; ib++) {
+        const uint8_t *blk = w + (size_t)ib * 98;
+        const int8_t *q8 = x->qs + (size_t)ib * QK_K;
+        const float d = fp16_to_fp32(read_u16(blk)) * x->d[ib];
+        uint64_t neg[4];
+        __m256i sc16;
+        xxs_signs_scales(_mm256_loadu_si256((const __m256i *)(blk + 66)), neg, &sc16);
+        __m512i sum = _mm512_setzero_si512();
+        for (int z = 0; z < 4; z++) {
+            const uint8_t *q = blk + 2 + 16 * z;
+#define IX(k) q[k]
+            const __m512i g = GRID16(iq3xxs_grid, IX);
+#undef IX
+            sum = _mm512_add_epi32(sum, quarter_dot(g, neg[z], q8 + 64 * z, quarter_scales(sc16, z)));
+        }
+        acc = block_acc(sum, d, acc);
+    }
+    return 0.25f * hsum_float_8(acc);
+}
+
+static TARGET_AVX512 float dot_iq2_xxs_avx512(const uint8_t *w, const act_row *x, int n_cols) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int ib = 0; ib < n_cols / QK_K; ib++) {
+        const uint8_t *blk = w + (size_t)ib * 66;
+        const int8_t *q8 = x->qs + (size_t)ib * QK_K;
+        const float d = fp16_to_fp32(read_u16(blk)) * x->d[ib];
+        const __m512i v = _mm512_loadu_si512(blk + 2); /* per 32 values: uint32 indices, uint32 aux */
+        uint64_t neg[4];
+        __m256i sc16;
+        xxs_signs_scales(_mm512_cvtepi64_epi32(_mm512_srli_epi64(v, 32)), neg, &sc16);
+        __m512i sum = _mm512_setzero_si512();
+        for (int z = 0; z < 4; z++) {
+            const uint8_t *q = blk + 2 + 16 * z; /* the indices of groups 2z, 2z + 1: bytes 0..3, 8..11 */
+#define IX(k) q[(k) + 4 * ((k) >> 2)]
+            const __m512i g = GRID8(iq2xxs_grid, IX);
+#undef IX
+            sum = _mm512_add_epi32(sum, quarter_dot(g, neg[z], q8 + 64 * z, quarter_scales(sc16, z)));
+        }
+        acc = block_acc(sum, d, acc);
+    }
+    return 0.125f * hsum_float_8(acc);
+}
+
+static TARGET_AVX512 float dot_iq2_xs_avx512(const uint8_t *w, const act_row *x, int n_cols) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int ib = 0; ib < n_cols / QK_K; ib++) {
+        const uint8_t *blk = w + (size_t)ib * 74;
+        const int8_t *q8 = x->qs + (size_t)ib * QK_K;
+        const float d = fp16_to_fp32(read_u16(blk)) * x->d[ib];
+        const __m512i v = _mm512_loadu_si512(blk + 2); /* uint16: 9-bit index | 7 sign bits << 9 */
+        uint64_t neg[4];
+        _mm256_storeu_si256((__m256i *)neg, with_parity(_mm512_cvtepi16_epi8(_mm512_srli_epi16(v, 9))));
+        const __m256i sc16 = nibble_scales(blk + 66);
+        __m512i sum = _mm512_setzero_si512();
+        for (int z = 0; z < 4; z++) {
+const uint8_t *q = blk + 2 + 16 * z;
+#define IX(k) (read_u16(q + 2 * (k)) & 511)
+            const __m512i g = GRID8(iq2xs_grid, IX);
+#undef IX
+            sum = _mm512_add_epi32(sum, quarter_dot(g, neg[z], q8 + 64 * z, quarter_scales(sc16, z)));
+        }
+        acc = block_acc(sum, d, acc);
+    }
+    return 0.125f * hsum_float_8(acc);
+}
+
+static TARGET_AVX512 float dot_iq2_s_avx512(const uint8_t *w, const act_row *x, int n_cols) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int ib = 0; ib < n_cols / QK_K; ib++) {
+        const uint8_t *blk = w + (size_t)ib * 82;
+        const int8_t *q8 = x->qs + (size_t)ib * QK_K;
+        const float d = fp16_to_fp32(read_u16(blk)) * x->d[ib];
+        const __m256i sc16 = nibble_scales(blk + 74);
+        __m512i sum = _mm512_setzero_si512();
+        for (int z = 0; z < 4; z++) {
+const uint8_t *q = blk + 2 + 8 * z;
+            const unsigned qh = read_u16(blk + 66 + 2 * z); /* 2 high index bits per 8 values */
+#define IX(k) (q[k] | ((qh >> (2 * (k)) & 3) << 8))
+            const __m512i g = GRID8(iq2s_grid, IX);
+#undef IX
+            uint64_t neg;
+            memcpy(&neg, blk + 34 + 8 * z, 8);
+            sum = _mm512_add_epi32(sum, quarter_dot(g, neg, q8 + 64 * z, quarter_scales(sc16, z)));
+        }
+        acc = block_acc(sum, d, acc);
+    }
+    return 0.125f * hsum_float_8(acc);
+}
+
+/* IQ1: the int8 grid entries (-1, 0, 1) give the magnitudes (low bit) and the signs (top bit) */
+static inline TARGET_AVX512 __m512i iq1_quarter(__m512i g, const int8_t *q8, __m512i sc) {
+    return quarter_dot(_mm512_and_si512(g, _mm512_set1_epi8(1)), _mm512_movepi8_mask(g), q8, sc);
+}
+
+static TARGET_AVX512 float dot_iq1_s_avx512(const uint8_t *w, const act_row *x, int n_cols) {
+    __m256 acc = _mm256_setzero_ps();
+    float acc1 = 0.0f;
+    for (int ib = 0; ib < n_cols / QK_K; ib++) {
+        const uint8_t *blk = w + (size_t)ib * 50;
+        const int8_t *q8 = x->qs + (size_t)ib * QK_K;
+        const float d = fp16_to_fp32(read_u16(blk)) * x->d[ib];
+        const __m256i qh = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(blk + 34))); /* per 32 values */
+        const __m256i qh2 = _mm256_or_si256(qh, _mm256_slli_epi32(qh, 16));
+        const __m256i sc16 = odd_scales(_mm256_and_si256(_mm256_srli_epi16(qh2, 12), _mm256_set1_epi16(7)));
+        __m512i sum = _mm512_setzero_si512();
+        for (int z = 0; z < 4; z++) {
+            const uint8_t *q = blk + 2 + 8 * z;
+            const unsigned h0 = read_u16(blk + 34 + 4 * z), h1 = read_u16(blk + 36 + 4 * z);
+#define IX(k) (q[k] | ((((k) < 4 ? h0 : h1) >> (3 * ((k) & 3)) & 7) << 8))
+            const __m512i g = GRID8(iq1s_grid, IX);
+#undef IX
+            sum = _mm512_add_epi32(sum, iq1_quarter(g, q8 + 64 * z, quarter_scales(sc16, z)));
+        }
+        acc = block_acc(sum, d, acc);
+        /* the shifts: per 32 values +-(2 ls + 1) times its two bsums */
+        const __m256i coef = _mm256_mask_sub_epi16(sc16, _mm256_movepi16_mask(qh2), _mm256_setzero_si256(), sc16);
+        const __m256i s = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(x->bsums + (size_t)ib * 16)), coef);
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 1));
+        acc1 = fmaf(d, (float)_mm_cvtsi128_si32(s4), acc1);
+    }
+    return hsum_float_8(acc) + 0.125f * acc1;
+}
+
+static TARGET_AVX512 float dot_iq1_m_avx512(const uint8_t *w, const act_row *x, int n_cols) {
+    const __m256i pick4 = _mm256_setr_epi16(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m256i shift3 = _mm256_setr_epi16(0, 3, 6, 9, 0, 3, 6, 9, 0, 3, 6, 9, 0, 3, 6, 9);
+    const __m128i m4 = _mm_set1_epi8(15);
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
+    for (int ib = 0; ib < n_cols / QK_K; ib++) {
+        const uint8_t *blk = w + (size_t)ib * 56;
+        const int8_t *q8 = x->qs + (size_t)ib * QK_K;
+        uint16_t sw[4];
+        memcpy(sw, blk + 48, 8);
+        const float d = fp16_to_fp32((uint16_t)((sw[0] >> 12) | ((sw[1] >> 8) & 0x00f0) | ((sw[2] >> 4) & 0x0f00) |
+                                                (sw[3] & 0xf000))) * x->d[ib];
+        const __m256i sc16 = odd_scales(_mm256_and_si256(
+            _mm256_srlv_epi16(_mm256_permutexvar_epi16(pick4, _mm256_castsi128_si256(_mm_loadl_epi64((const __m128i *)(blk + 48)))),
+                              shift3), _mm256_set1_epi16(7)));
+        /* per 8 values a nibble: 3 high index bits, the shift's sign at bit 3 */
+        const __m128i q = _mm_loadu_si128((const __m128i *)(blk + 32));
+        const __m128i lo = _mm_and_si128(q, m4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+        const __m256i nib = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+        const __m256i neg_shift = _mm256_cmpeq_epi8(_mm256_and_si256(nib, _mm256_set1_epi8(8)), _mm256_set1_epi8(8));
+        __m512i sum = _mm512_setzero_si512(), sum2 = _mm512_setzero_si512();
+        for (int z = 0; z < 4; z++) {
+            const uint8_t *q = blk + 8 * z;
+            const uint32_t h = read_u32(blk + 32 + 4 * z); /* 8 nibbles */
+#define IX(k) (q[k] | ((h >> (4 * (k)) & 7) << 8))
+            const __m512i g = GRID8(iq1s_grid, IX);
+#undef IX
+            const __m512i sc = quarter_scales(sc16, z);
+            sum = _mm512_add_epi32(sum, iq1_quarter(g, q8 + 64 * z, sc));
+            const __m128i ns = z < 2 ? _mm256_castsi256_si128(neg_shift) : _mm256_extracti128_si256(neg_shift, 1);
+            const __mmask64 m = _mm512_movepi8_mask(_mm512_cvtepi8_epi64(z % 2 ? _mm_srli_si128(ns, 8) : ns));
+            sum2 = _mm512_add_epi32(sum2, quarter_dot(ones, m, q8 + 64 * z, sc));
+        }
+        acc = block_acc(sum, d, acc);
+        acc2 = block_acc(sum2, d, acc2);
+    }
+    return hsum_float_8(acc) + 0.125f * hsum_float_8(acc2);
+}
+#define AVX512(fn) fn
+#else
+#define AVX512(fn) NULL
+#endif
+
 /* One portable and one AVX2 row dot per format, and its table for module.c. */
 #ifdef OFFLOAD_X86
 #define DEFINE_IQ(NAME, name, bytes)                                                                                    \
     static float dot_##name##_portable(const uint8_t *w, const act_row *x, int n) { return dot_iq_portable(&NAME, w, x, n); } \
-    const format_kernels KERNELS_##NAME = {#NAME, ACT_Q8_K, QK_K, bytes, dot_##name##_portable, dot_##name##_avx2, NULL, NULL};
+    const format_kernels KERNELS_##NAME = {#NAME, ACT_Q8_K, QK_K, bytes, dot_##name##_portable, dot_##name##_avx2, dot_##name##_avx512, NULL};
 #else
 #define DEFINE_IQ(NAME, name, bytes)                                                                                    \
     static float dot_##name##_portable(const uint8_t *w, const act_row *x, int n) { return dot_iq_portable(&NAME, w, x, n); } \
