@@ -436,123 +436,102 @@ static inline TARGET_AVX512 void xxs_signs_scales(__m256i aux, uint64_t neg[4], 
     *sc16 = odd_scales(_mm256_or_si256(ls, _mm256_slli_epi32(ls, 16)));
 }
 
-static TARGET_AVX512 float dot_iq3_s_avx512(const uint8_t *w, const act_row *x, int n_cols) {
-    const __m512i bit8 = _mm512_set1_epi32(256);
+/* Each format's block as four 64-value quarters: grid magnitudes g[z], sign masks neg[z]
+ * (bit v: value 64z + v negative), and the 16 scales; the row dot and the tiled decoding
+ * (iq_tiled_*) both read them. */
+static inline TARGET_AVX512 void unpack_iq3_s(const uint8_t *blk, __m512i g[4], uint64_t neg[4], __m256i *sc16) {
     const __m128i m4 = _mm_set1_epi8(15);
-    __m256 acc = _mm256_setzero_ps();
-    for (int ib = 0; ib < n_cols / QK_K; ib++) {
-        const uint8_t *blk = w + (size_t)ib * 110;
-        const int8_t *q8 = x->qs + (size_t)ib * QK_K;
-        const float d = fp16_to_fp32(read_u16(blk)) * x->d[ib];
-        const __m128i s = _mm_cvtsi32_si128((int)read_u32(blk + 106));
-        const __m128i ls = _mm_unpacklo_epi8(_mm_and_si128(s, m4), _mm_and_si128(_mm_srli_epi16(s, 4), m4));
-        const __m256i sc16 = odd_scales(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(ls, ls)));
-        __m512i sum = _mm512_setzero_si512();
-        for (int z = 0; z < 4; z++) {
-            /* vpgatherdd: here it beats scalar loads, which need the index arithmetic in
-             * general registers (ggml does that in vectors, through memory) */
-            __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2 + 16 * z)));
-            idx = _mm512_mask_or_epi32(idx, (__mmask16)read_u16(blk + 66 + 2 * z), idx, bit8);
-            const __m512i g = _mm512_i32gather_epi32(idx, (const void *)iq3s_grid, 4);
-            uint64_t neg;
-            memcpy(&neg, blk + 74 + 8 * z, 8);
-            sum = _mm512_add_epi32(sum, quarter_dot(g, neg, q8 + 64 * z, quarter_scales(sc16, z)));
-        }
-        acc = block_acc(sum, d, acc);
+    const __m128i s = _mm_cvtsi32_si128((int)read_u32(blk + 106));
+    const __m128i ls = _mm_unpacklo_epi8(_mm_and_si128(s, m4), _mm_and_si128(_mm_srli_epi16(s, 4), m4));
+    *sc16 = odd_scales(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(ls, ls)));
+    memcpy(neg, blk + 74, 32);
+    for (int z = 0; z < 4; z++) {
+        /* vpgatherdd: here it beats scalar loads, which need the index arithmetic in
+         * general registers (ggml does that in vectors, through memory) */
+        __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2 + 16 * z)));
+        idx = _mm512_mask_or_epi32(idx, (__mmask16)read_u16(blk + 66 + 2 * z), idx, _mm512_set1_epi32(256));
+        g[z] = _mm512_i32gather_epi32(idx, (const void *)iq3s_grid, 4);
     }
-    return hsum_float_8(acc);
 }
 
-static TARGET_AVX512 float dot_iq3_xxs_avx512(const uint8_t *w, const act_row *x, int n_cols) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int ib = 0; ib < n_cols / QK_K; ib++) {
-        const uint8_t *blk = w + (size_t)ib * 98;
-        const int8_t *q8 = x->qs + (size_t)ib * QK_K;
-        const float d = fp16_to_fp32(read_u16(blk)) * x->d[ib];
-        uint64_t neg[4];
-        __m256i sc16;
-        xxs_signs_scales(_mm256_loadu_si256((const __m256i *)(blk + 66)), neg, &sc16);
-        __m512i sum = _mm512_setzero_si512();
-        for (int z = 0; z < 4; z++) {
-            const uint8_t *q = blk + 2 + 16 * z;
+static inline TARGET_AVX512 void unpack_iq3_xxs(const uint8_t *blk, __m512i g[4], uint64_t neg[4], __m256i *sc16) {
+    xxs_signs_scales(_mm256_loadu_si256((const __m256i *)(blk + 66)), neg, sc16);
+    for (int z = 0; z < 4; z++) {
+        const uint8_t *q = blk + 2 + 16 * z;
 #define IX(k) q[k]
-            const __m512i g = GRID16(iq3xxs_grid, IX);
+        g[z] = GRID16(iq3xxs_grid, IX);
 #undef IX
-            sum = _mm512_add_epi32(sum, quarter_dot(g, neg[z], q8 + 64 * z, quarter_scales(sc16, z)));
-        }
-        acc = block_acc(sum, d, acc);
     }
-    return 0.25f * hsum_float_8(acc);
 }
 
-static TARGET_AVX512 float dot_iq2_xxs_avx512(const uint8_t *w, const act_row *x, int n_cols) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int ib = 0; ib < n_cols / QK_K; ib++) {
-        const uint8_t *blk = w + (size_t)ib * 66;
-        const int8_t *q8 = x->qs + (size_t)ib * QK_K;
-        const float d = fp16_to_fp32(read_u16(blk)) * x->d[ib];
-        const __m512i v = _mm512_loadu_si512(blk + 2); /* per 32 values: uint32 indices, uint32 aux */
-        uint64_t neg[4];
-        __m256i sc16;
-        xxs_signs_scales(_mm512_cvtepi64_epi32(_mm512_srli_epi64(v, 32)), neg, &sc16);
-        __m512i sum = _mm512_setzero_si512();
-        for (int z = 0; z < 4; z++) {
-            const uint8_t *q = blk + 2 + 16 * z; /* the indices of groups 2z, 2z + 1: bytes 0..3, 8..11 */
+static inline TARGET_AVX512 void unpack_iq2_xxs(const uint8_t *blk, __m512i g[4], uint64_t neg[4], __m256i *sc16) {
+    const __m512i v = _mm512_loadu_si512(blk + 2); /* per 32 values: uint32 indices, uint32 aux */
+    xxs_signs_scales(_mm512_cvtepi64_epi32(_mm512_srli_epi64(v, 32)), neg, sc16);
+    for (int z = 0; z < 4; z++) {
+        const uint8_t *q = blk + 2 + 16 * z; /* the indices of groups 2z, 2z + 1: bytes 0..3, 8..11 */
 #define IX(k) q[(k) + 4 * ((k) >> 2)]
-            const __m512i g = GRID8(iq2xxs_grid, IX);
+        g[z] = GRID8(iq2xxs_grid, IX);
 #undef IX
-            sum = _mm512_add_epi32(sum, quarter_dot(g, neg[z], q8 + 64 * z, quarter_scales(sc16, z)));
-        }
-        acc = block_acc(sum, d, acc);
     }
-    return 0.125f * hsum_float_8(acc);
 }
 
-static TARGET_AVX512 float dot_iq2_xs_avx512(const uint8_t *w, const act_row *x, int n_cols) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int ib = 0; ib < n_cols / QK_K; ib++) {
-        const uint8_t *blk = w + (size_t)ib * 74;
-        const int8_t *q8 = x->qs + (size_t)ib * QK_K;
-        const float d = fp16_to_fp32(read_u16(blk)) * x->d[ib];
-        const __m512i v = _mm512_loadu_si512(blk + 2); /* uint16: 9-bit index | 7 sign bits << 9 */
-        uint64_t neg[4];
-        _mm256_storeu_si256((__m256i *)neg, with_parity(_mm512_cvtepi16_epi8(_mm512_srli_epi16(v, 9))));
-        const __m256i sc16 = nibble_scales(blk + 66);
-        __m512i sum = _mm512_setzero_si512();
-        for (int z = 0; z < 4; z++) {
-const uint8_t *q = blk + 2 + 16 * z;
+static inline TARGET_AVX512 void unpack_iq2_xs(const uint8_t *blk, __m512i g[4], uint64_t neg[4], __m256i *sc16) {
+    const __m512i v = _mm512_loadu_si512(blk + 2); /* uint16: 9-bit index | 7 sign bits << 9 */
+    _mm256_storeu_si256((__m256i *)neg, with_parity(_mm512_cvtepi16_epi8(_mm512_srli_epi16(v, 9))));
+    *sc16 = nibble_scales(blk + 66);
+    for (int z = 0; z < 4; z++) {
+        const uint8_t *q = blk + 2 + 16 * z;
 #define IX(k) (read_u16(q + 2 * (k)) & 511)
-            const __m512i g = GRID8(iq2xs_grid, IX);
+        g[z] = GRID8(iq2xs_grid, IX);
 #undef IX
-            sum = _mm512_add_epi32(sum, quarter_dot(g, neg[z], q8 + 64 * z, quarter_scales(sc16, z)));
-        }
-        acc = block_acc(sum, d, acc);
     }
-    return 0.125f * hsum_float_8(acc);
 }
 
-static TARGET_AVX512 float dot_iq2_s_avx512(const uint8_t *w, const act_row *x, int n_cols) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int ib = 0; ib < n_cols / QK_K; ib++) {
-        const uint8_t *blk = w + (size_t)ib * 82;
-        const int8_t *q8 = x->qs + (size_t)ib * QK_K;
-        const float d = fp16_to_fp32(read_u16(blk)) * x->d[ib];
-        const __m256i sc16 = nibble_scales(blk + 74);
-        __m512i sum = _mm512_setzero_si512();
-        for (int z = 0; z < 4; z++) {
-const uint8_t *q = blk + 2 + 8 * z;
-            const unsigned qh = read_u16(blk + 66 + 2 * z); /* 2 high index bits per 8 values */
+static inline TARGET_AVX512 void unpack_iq2_s(const uint8_t *blk, __m512i g[4], uint64_t neg[4], __m256i *sc16) {
+    *sc16 = nibble_scales(blk + 74);
+    memcpy(neg, blk + 34, 32);
+    for (int z = 0; z < 4; z++) {
+        const uint8_t *q = blk + 2 + 8 * z;
+        const unsigned qh = read_u16(blk + 66 + 2 * z); /* 2 high index bits per 8 values */
 #define IX(k) (q[k] | ((qh >> (2 * (k)) & 3) << 8))
-            const __m512i g = GRID8(iq2s_grid, IX);
+        g[z] = GRID8(iq2s_grid, IX);
 #undef IX
-            uint64_t neg;
-            memcpy(&neg, blk + 34 + 8 * z, 8);
-            sum = _mm512_add_epi32(sum, quarter_dot(g, neg, q8 + 64 * z, quarter_scales(sc16, z)));
-        }
-        acc = block_acc(sum, d, acc);
     }
-    return 0.125f * hsum_float_8(acc);
 }
+
+#define DEFINE_DOT512(name, bytes, post)                                                                    \
+    static TARGET_AVX512 float dot_##name##_avx512(const uint8_t *w, const act_row *x, int n_cols) {        \
+        __m256 acc = _mm256_setzero_ps();                                                                   \
+        for (int ib = 0; ib < n_cols / QK_K; ib++) {                                                        \
+            const uint8_t *blk = w + (size_t)ib * (bytes);                                                  \
+            const int8_t *q8 = x->qs + (size_t)ib * QK_K;                                                   \
+            __m512i g[4];                                                                                   \
+            uint64_t neg[4];                                                                                \
+            __m256i sc16;                                                                                   \
+            unpack_##name(blk, g, neg, &sc16);                                                              \
+            __m512i sum = _mm512_setzero_si512();                                                           \
+            for (int z = 0; z < 4; z++)                                                                     \
+                sum = _mm512_add_epi32(sum, quarter_dot(g[z], neg[z], q8 + 64 * z, quarter_scales(sc16, z))); \
+            acc = block_acc(sum, fp16_to_fp32(read_u16(blk)) * x->d[ib], acc);                              \
+        }                                                                                                   \
+        return (post) * hsum_float_8(acc);                                                                  \
+    }                                                                                                       \
+    /* the tiled path's view: signed values, scales, d */                                                   \
+    static TARGET_AVX512 float tiled_##name##_avx512(const uint8_t *blk, int8_t *q, int16_t *sc) {          \
+        __m512i g[4];                                                                                       \
+        uint64_t neg[4];                                                                                    \
+        __m256i sc16;                                                                                       \
+        unpack_##name(blk, g, neg, &sc16);                                                                  \
+        for (int z = 0; z < 4; z++)                                                                         \
+            _mm512_storeu_si512(q + 64 * z, _mm512_mask_sub_epi8(g[z], (__mmask64)neg[z], _mm512_setzero_si512(), g[z])); \
+        _mm256_storeu_si256((__m256i *)sc, sc16);                                                           \
+        return fp16_to_fp32(read_u16(blk));                                                                 \
+    }
+DEFINE_DOT512(iq3_s, 110, 1.0f)
+DEFINE_DOT512(iq3_xxs, 98, 0.25f)
+DEFINE_DOT512(iq2_xxs, 66, 0.125f)
+DEFINE_DOT512(iq2_xs, 74, 0.125f)
+DEFINE_DOT512(iq2_s, 82, 0.125f)
 
 /* IQ1: the int8 grid entries (-1, 0, 1) give the magnitudes (low bit) and the signs (top bit) */
 static inline TARGET_AVX512 __m512i iq1_quarter(__m512i g, const int8_t *q8, __m512i sc) {
@@ -629,6 +608,46 @@ static TARGET_AVX512 float dot_iq1_m_avx512(const uint8_t *w, const act_row *x, 
     }
     return hsum_float_8(acc) + 0.125f * hsum_float_8(acc2);
 }
+
+/* IQ1 for the tiled path: 8 * grid + shift (+-1: per 32 values for IQ1_S, per 8 for IQ1_M) */
+static inline TARGET_AVX512 __m512i iq1_tiled_values(__m512i g, __mmask64 shift_neg) {
+    const __m512i g8 = _mm512_slli_epi16(g, 3); /* the low byte of each pair is right; fix the high ones */
+    const __m512i g8b = _mm512_mask_blend_epi8(0xAAAAAAAAAAAAAAAAULL, g8, _mm512_slli_epi16(_mm512_srai_epi16(g, 8), 11));
+    return _mm512_add_epi8(g8b, _mm512_mask_blend_epi8(shift_neg, _mm512_set1_epi8(1), _mm512_set1_epi8(-1)));
+}
+
+static TARGET_AVX512 float tiled_iq1_s_avx512(const uint8_t *blk, int8_t *out, int16_t *sc) {
+    const __m256i qh = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(blk + 34)));
+    const __m256i qh2 = _mm256_or_si256(qh, _mm256_slli_epi32(qh, 16));
+    _mm256_storeu_si256((__m256i *)sc, odd_scales(_mm256_and_si256(_mm256_srli_epi16(qh2, 12), _mm256_set1_epi16(7))));
+    for (int z = 0; z < 4; z++) {
+        const uint8_t *q = blk + 2 + 8 * z;
+        const unsigned h0 = read_u16(blk + 34 + 4 * z), h1 = read_u16(blk + 36 + 4 * z);
+#define IX(k) (q[k] | ((((k) < 4 ? h0 : h1) >> (3 * ((k) & 3)) & 7) << 8))
+        const __m512i g = GRID8(iq1s_grid, IX);
+#undef IX
+        const uint64_t m = (h0 & 0x8000 ? 0xffffffffULL : 0) | (h1 & 0x8000 ? 0xffffffff00000000ULL : 0);
+        _mm512_storeu_si512(out + 64 * z, iq1_tiled_values(g, m));
+    }
+    return fp16_to_fp32(read_u16(blk));
+}
+
+static TARGET_AVX512 float tiled_iq1_m_avx512(const uint8_t *blk, int8_t *out, int16_t *sc) {
+    uint16_t sw[4];
+    memcpy(sw, blk + 48, 8);
+    for (int s = 0; s < 16; s++) sc[s] = (int16_t)(2 * ((sw[s / 4] >> (3 * (s % 4))) & 7) + 1);
+    for (int z = 0; z < 4; z++) {
+        const uint8_t *q = blk + 8 * z;
+        const uint32_t h = read_u32(blk + 32 + 4 * z); /* 8 nibbles */
+#define IX(k) (q[k] | ((h >> (4 * (k)) & 7) << 8))
+        const __m512i g = GRID8(iq1s_grid, IX);
+#undef IX
+        uint64_t m = 0;
+        for (int k = 0; k < 8; k++) m |= (uint64_t)((h >> (4 * k + 3)) & 1) * (0xffULL << (8 * k));
+        _mm512_storeu_si512(out + 64 * z, iq1_tiled_values(g, m));
+    }
+    return fp16_to_fp32((uint16_t)((sw[0] >> 12) | ((sw[1] >> 8) & 0x00f0) | ((sw[2] >> 4) & 0x0f00) | (sw[3] & 0xf000)));
+}
 #define AVX512(fn) fn
 #else
 #define AVX512(fn) NULL
@@ -666,6 +685,22 @@ static void tiled_view(const iq_format *f, float scale, const uint8_t *blk, int8
     *d = b.d * scale;
 }
 
+#ifdef OFFLOAD_X86
+/* the AVX-512 unpacking where the CPU has it (the same values: tests/test_tiled.py) */
+static int tiled_avx512;
+__attribute__((constructor)) static void init_tiled_avx512(void) {
+    tiled_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+#define DEFINE_TILED(NAME, name, scale)                                                   \
+    void iq_tiled_##name(const uint8_t *blk, int8_t *q, int16_t *sc, float *d) {          \
+        if (tiled_avx512)                                                                 \
+            *d = tiled_##name##_avx512(blk, q, sc) * (scale);                             \
+        else                                                                              \
+            tiled_view(&NAME, scale, blk, q, sc, d);                                      \
+    }
+#else
 #define DEFINE_TILED(NAME, name, scale) \
     void iq_tiled_##name(const uint8_t *blk, int8_t *q, int16_t *sc, float *d) { tiled_view(&NAME, scale, blk, q, sc, d); }
+#endif
 IQ_GRID_TILED(DEFINE_TILED)
