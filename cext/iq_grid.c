@@ -590,7 +590,6 @@ static TARGET_AVX512 float dot_iq1_s_avx512(const uint8_t *w, const act_row *x, 
 static TARGET_AVX512 float dot_iq1_m_avx512(const uint8_t *w, const act_row *x, int n_cols) {
     const __m256i pick4 = _mm256_setr_epi16(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     const __m256i shift3 = _mm256_setr_epi16(0, 3, 6, 9, 0, 3, 6, 9, 0, 3, 6, 9, 0, 3, 6, 9);
-    const __m128i m4 = _mm_set1_epi8(15);
     const __m512i ones = _mm512_set1_epi8(1);
     __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
     for (int ib = 0; ib < n_cols / QK_K; ib++) {
@@ -603,11 +602,6 @@ static TARGET_AVX512 float dot_iq1_m_avx512(const uint8_t *w, const act_row *x, 
         const __m256i sc16 = odd_scales(_mm256_and_si256(
             _mm256_srlv_epi16(_mm256_permutexvar_epi16(pick4, _mm256_castsi128_si256(_mm_loadl_epi64((const __m128i *)(blk + 48)))),
                               shift3), _mm256_set1_epi16(7)));
-        /* per 8 values a nibble: 3 high index bits, the shift's sign at bit 3 */
-        const __m128i q = _mm_loadu_si128((const __m128i *)(blk + 32));
-        const __m128i lo = _mm_and_si128(q, m4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
-        const __m256i nib = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
-        const __m256i neg_shift = _mm256_cmpeq_epi8(_mm256_and_si256(nib, _mm256_set1_epi8(8)), _mm256_set1_epi8(8));
         __m512i sum = _mm512_setzero_si512(), sum2 = _mm512_setzero_si512();
         for (int z = 0; z < 4; z++) {
             const uint8_t *q = blk + 8 * z;
@@ -619,8 +613,8 @@ static TARGET_AVX512 float dot_iq1_m_avx512(const uint8_t *w, const act_row *x, 
 #undef IX
             const __m512i sc = quarter_scales(sc16, z);
             sum = _mm512_add_epi32(sum, iq1_quarter(g, q8 + 64 * z, sc));
-            const __m128i ns = z < 2 ? _mm256_castsi256_si128(neg_shift) : _mm256_extracti128_si256(neg_shift, 1);
-            const __mmask64 m = _mm512_movepi8_mask(_mm512_cvtepi8_epi64(z % 2 ? _mm_srli_si128(ns, 8) : ns));
+            /* the shifts' signs (bit 3 of each nibble) spread over their 8 values each */
+            const __mmask64 m = _pdep_u64(_pext_u32(h, 0x88888888u), 0x0101010101010101ULL) * 0xff;
             sum2 = _mm512_add_epi32(sum2, quarter_dot(ones, m, q8 + 64 * z, sc));
         }
         acc = block_acc(sum, d, acc);
@@ -664,8 +658,7 @@ static TARGET_AVX512 float tiled_iq1_m_avx512(const uint8_t *blk, int8_t *out, i
 #define IX(k) ix[k]
         const __m512i g = GRID8(iq1s_grid, IX);
 #undef IX
-        uint64_t m = 0;
-        for (int k = 0; k < 8; k++) m |= (uint64_t)((h >> (4 * k + 3)) & 1) * (0xffULL << (8 * k));
+        const uint64_t m = _pdep_u64(_pext_u32(h, 0x88888888u), 0x0101010101010101ULL) * 0xff;
         _mm512_storeu_si512(out + 64 * z, iq1_tiled_values(g, m));
     }
     return fp16_to_fp32((uint16_t)((sw[0] >> 12) | ((sw[1] >> 8) & 0x00f0) | ((sw[2] >> 4) & 0x0f00) | (sw[3] & 0xf000)));
