@@ -368,11 +368,311 @@ static TARGET_AVX2 float dot_iq1_m_avx2(const uint8_t *w, const act_row *x, int 
 }
 #endif
 
+#ifdef OFFLOAD_X86
+/* (BMI2 is there on every CPU with AVX-512 VNNI) */
+#undef TARGET_AVX512
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")))
+/* The AVX-512 row dots: the same int32 lanes as the AVX2 ones (exact integers, so the same
+ * bits), built 64 values (a quarter-block) at a time. A quarter's grid entries come by
+ * scalar loads (GRID8/GRID16, indices by BMI2 pdep as ggml's IQ1_M), its signs are a 64-bit mask (bit v:
+ * value v negative) that negates q8 by a masked subtract (0 - (-128) wraps to -128:
+ * _mm256_sign_epi8's rule), and its scales are 4 of a block's 16 (2 ls + 1, per 16 values)
+ * spread over the int16 pairs by a permute. Then maddubs(grid, signed q8) -> madd(., scales)
+ * -> sum; int32 lane m of a quarter holds values 4m..4m+3 of 64, so lanes m and m + 8 fold
+ * into ggml's lane m % 8 of its 32-value group. On this Zen 4 (2 threads, L3-hot GEMV) they
+ * run 1.05-1.5x ggml's AVX2 vec_dot. */
+static inline TARGET_AVX512 __m512i quarter_scales(__m256i sc16, int z) {
+    const __m512i pick = _mm512_set_epi16(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0,
+                                          0, 0, 0, 0, 0);
+    return _mm512_permutexvar_epi16(_mm512_add_epi16(pick, _mm512_set1_epi16((short)(4 * z))), _mm512_castsi256_si512(sc16));
+}
+
+static inline TARGET_AVX512 __m512i quarter_dot(__m512i mag, uint64_t neg, const int8_t *q8, __m512i sc) {
+    const __m512i q = _mm512_loadu_si512(q8);
+    const __m512i y = _mm512_mask_sub_epi8(q, (__mmask64)neg, _mm512_setzero_si512(), q);
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(mag, y), sc);
+}
+
+static inline TARGET_AVX512 __m256 block_acc(__m512i sum, float d, __m256 acc) {
+    const __m256i lanes = _mm256_add_epi32(_mm512_castsi512_si256(sum), _mm512_extracti64x4_epi64(sum, 1));
+    return _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(lanes), acc);
+}
+
+/* Eight 64-bit (GRID8) or sixteen 32-bit (GRID16) grid entries t[IX(0)], ... by scalar loads,
+ * the indices worked out in general registers: on this Zen 4 that beats vpgatherdd/dq (about
+ * 1.25 cycles an entry) and a vector of indices stored and reloaded. */
+#define GRID8(t, IX)                                                                                                   \
+    _mm512_set_epi64((long long)(t)[IX(7)], (long long)(t)[IX(6)], (long long)(t)[IX(5)], (long long)(t)[IX(4)],       \
+                     (long long)(t)[IX(3)], (long long)(t)[IX(2)], (long long)(t)[IX(1)], (long long)(t)[IX(0)])
+#define GRID16(t, IX)                                                                                                  \
+    _mm512_set_epi32((int)(t)[IX(15)], (int)(t)[IX(14)], (int)(t)[IX(13)], (int)(t)[IX(12)], (int)(t)[IX(11)],        \
+                     (int)(t)[IX(10)], (int)(t)[IX(9)], (int)(t)[IX(8)], (int)(t)[IX(7)], (int)(t)[IX(6)], (int)(t)[IX(5)], \
+                     (int)(t)[IX(4)], (int)(t)[IX(3)], (int)(t)[IX(2)], (int)(t)[IX(1)], (int)(t)[IX(0)])
+
+/* Eight 16-bit grid indices: the low bytes q[0..7], the high bits already in place (bits 8..)
+ * in hi0 (indices 0..3) and hi1 (4..7), as _pdep_u64 puts them (ggml's BMI2 trick). */
+static inline TARGET_AVX512 void indices8(uint16_t ix[8], const uint8_t *q, uint64_t hi0, uint64_t hi1) {
+    const uint64_t p0 = _pdep_u64(read_u32(q), 0x00ff00ff00ff00ffULL) | hi0;
+    const uint64_t p1 = _pdep_u64(read_u32(q + 4), 0x00ff00ff00ff00ffULL) | hi1;
+    memcpy(ix, &p0, 8);
+    memcpy(ix + 4, &p1, 8);
+}
+
+/* 2 ls + 1 on 16 int16 lanes */
+static inline TARGET_AVX512 __m256i odd_scales(__m256i ls) { return _mm256_add_epi16(_mm256_slli_epi16(ls, 1), _mm256_set1_epi16(1)); }
+
+/* 16 nibbles of 8 bytes, low nibble first, as 16 int16 scales 2 ls + 1 */
+static inline TARGET_AVX512 __m256i nibble_scales(const uint8_t *p) {
+    const __m128i s = _mm_loadl_epi64((const __m128i *)p), m4 = _mm_set1_epi8(15);
+    return odd_scales(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(_mm_and_si128(s, m4), _mm_and_si128(_mm_srli_epi16(s, 4), m4))));
+}
+
+/* 32 bytes of 7 sign bits each -> their ksigns_iq2xs bytes (bit 7: the parity of the 7) */
+static inline TARGET_AVX512 __m256i with_parity(__m256i b7) {
+    const __m256i par = _mm256_setr_epi8(0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0, 0, -128, -128,
+                                         0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0);
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m256i p = _mm256_xor_si256(_mm256_shuffle_epi8(par, _mm256_and_si256(b7, m4)),
+                                       _mm256_shuffle_epi8(par, _mm256_and_si256(_mm256_srli_epi16(b7, 4), m4)));
+    return _mm256_or_si256(b7, p);
+}
+
+/* Per 32 values a uint32 of 4 x 7 sign bits | ls << 28 (IQ2_XXS, IQ3_XXS): the sign bytes of
+ * the block's 256 values (byte g: values 8g..8g+7) and its 16 scales. */
+static inline TARGET_AVX512 void xxs_signs_scales(__m256i aux, uint64_t neg[4], __m256i *sc16) {
+    const __m256i m7 = _mm256_set1_epi32(0x7f), t = aux;
+    __m256i b = _mm256_and_si256(t, m7);
+    b = _mm256_or_si256(b, _mm256_and_si256(_mm256_slli_epi32(t, 1), _mm256_slli_epi32(m7, 8)));
+    b = _mm256_or_si256(b, _mm256_and_si256(_mm256_slli_epi32(t, 2), _mm256_slli_epi32(m7, 16)));
+    b = _mm256_or_si256(b, _mm256_and_si256(_mm256_slli_epi32(t, 3), _mm256_slli_epi32(m7, 24)));
+    _mm256_storeu_si256((__m256i *)neg, with_parity(b));
+    const __m256i ls = _mm256_srli_epi32(aux, 28);
+    *sc16 = odd_scales(_mm256_or_si256(ls, _mm256_slli_epi32(ls, 16)));
+}
+
+/* Each format's block as four 64-value quarters: grid magnitudes g[z], sign masks neg[z]
+ * (bit v: value 64z + v negative), and the 16 scales; the row dot and the tiled decoding
+ * (iq_tiled_*) both read them. */
+static inline TARGET_AVX512 void unpack_iq3_s(const uint8_t *blk, __m512i g[4], uint64_t neg[4], __m256i *sc16) {
+    const __m128i m4 = _mm_set1_epi8(15);
+    const __m128i s = _mm_cvtsi32_si128((int)read_u32(blk + 106));
+    const __m128i ls = _mm_unpacklo_epi8(_mm_and_si128(s, m4), _mm_and_si128(_mm_srli_epi16(s, 4), m4));
+    *sc16 = odd_scales(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(ls, ls)));
+    memcpy(neg, blk + 74, 32);
+    for (int z = 0; z < 4; z++) {
+        const uint64_t qh = read_u16(blk + 66 + 2 * z), bit8 = 0x0100010001000100ULL;
+        uint16_t ix[16];
+        indices8(ix, blk + 2 + 16 * z, _pdep_u64(qh & 15, bit8), _pdep_u64((qh >> 4) & 15, bit8));
+        indices8(ix + 8, blk + 10 + 16 * z, _pdep_u64((qh >> 8) & 15, bit8), _pdep_u64(qh >> 12, bit8));
+#define IX(k) ix[k]
+        g[z] = GRID16(iq3s_grid, IX);
+#undef IX
+    }
+}
+
+static inline TARGET_AVX512 void unpack_iq3_xxs(const uint8_t *blk, __m512i g[4], uint64_t neg[4], __m256i *sc16) {
+    xxs_signs_scales(_mm256_loadu_si256((const __m256i *)(blk + 66)), neg, sc16);
+    for (int z = 0; z < 4; z++) {
+        const uint8_t *q = blk + 2 + 16 * z;
+#define IX(k) q[k]
+        g[z] = GRID16(iq3xxs_grid, IX);
+#undef IX
+    }
+}
+
+static inline TARGET_AVX512 void unpack_iq2_xxs(const uint8_t *blk, __m512i g[4], uint64_t neg[4], __m256i *sc16) {
+    const __m512i v = _mm512_loadu_si512(blk + 2); /* per 32 values: uint32 indices, uint32 aux */
+    xxs_signs_scales(_mm512_cvtepi64_epi32(_mm512_srli_epi64(v, 32)), neg, sc16);
+    for (int z = 0; z < 4; z++) {
+        const uint8_t *q = blk + 2 + 16 * z; /* the indices of groups 2z, 2z + 1: bytes 0..3, 8..11 */
+#define IX(k) q[(k) + 4 * ((k) >> 2)]
+        g[z] = GRID8(iq2xxs_grid, IX);
+#undef IX
+    }
+}
+
+static inline TARGET_AVX512 void unpack_iq2_xs(const uint8_t *blk, __m512i g[4], uint64_t neg[4], __m256i *sc16) {
+    const __m512i v = _mm512_loadu_si512(blk + 2); /* uint16: 9-bit index | 7 sign bits << 9 */
+    _mm256_storeu_si256((__m256i *)neg, with_parity(_mm512_cvtepi16_epi8(_mm512_srli_epi16(v, 9))));
+    *sc16 = nibble_scales(blk + 66);
+    for (int z = 0; z < 4; z++) {
+        const uint8_t *q = blk + 2 + 16 * z;
+#define IX(k) (read_u16(q + 2 * (k)) & 511)
+        g[z] = GRID8(iq2xs_grid, IX);
+#undef IX
+    }
+}
+
+static inline TARGET_AVX512 void unpack_iq2_s(const uint8_t *blk, __m512i g[4], uint64_t neg[4], __m256i *sc16) {
+    *sc16 = nibble_scales(blk + 74);
+    memcpy(neg, blk + 34, 32);
+    for (int z = 0; z < 4; z++) {
+        const unsigned qh = read_u16(blk + 66 + 2 * z); /* 2 high index bits per 8 values */
+        uint16_t ix[8];
+        indices8(ix, blk + 2 + 8 * z, _pdep_u64(qh & 0xff, 0x0300030003000300ULL), _pdep_u64(qh >> 8, 0x0300030003000300ULL));
+#define IX(k) ix[k]
+        g[z] = GRID8(iq2s_grid, IX);
+#undef IX
+    }
+}
+
+#define DEFINE_DOT512(name, bytes, post)                                                                    \
+    static TARGET_AVX512 float dot_##name##_avx512(const uint8_t *w, const act_row *x, int n_cols) {        \
+        __m256 acc = _mm256_setzero_ps();                                                                   \
+        for (int ib = 0; ib < n_cols / QK_K; ib++) {                                                        \
+            const uint8_t *blk = w + (size_t)ib * (bytes);                                                  \
+            const int8_t *q8 = x->qs + (size_t)ib * QK_K;                                                   \
+            __m512i g[4];                                                                                   \
+            uint64_t neg[4];                                                                                \
+            __m256i sc16;                                                                                   \
+            unpack_##name(blk, g, neg, &sc16);                                                              \
+            __m512i sum = _mm512_setzero_si512();                                                           \
+            for (int z = 0; z < 4; z++)                                                                     \
+                sum = _mm512_add_epi32(sum, quarter_dot(g[z], neg[z], q8 + 64 * z, quarter_scales(sc16, z))); \
+            acc = block_acc(sum, fp16_to_fp32(read_u16(blk)) * x->d[ib], acc);                              \
+        }                                                                                                   \
+        return (post) * hsum_float_8(acc);                                                                  \
+    }                                                                                                       \
+    /* the tiled path's view: signed values, scales, d */                                                   \
+    static TARGET_AVX512 float tiled_##name##_avx512(const uint8_t *blk, int8_t *q, int16_t *sc) {          \
+        __m512i g[4];                                                                                       \
+        uint64_t neg[4];                                                                                    \
+        __m256i sc16;                                                                                       \
+        unpack_##name(blk, g, neg, &sc16);                                                                  \
+        for (int z = 0; z < 4; z++)                                                                         \
+            _mm512_storeu_si512(q + 64 * z, _mm512_mask_sub_epi8(g[z], (__mmask64)neg[z], _mm512_setzero_si512(), g[z])); \
+        _mm256_storeu_si256((__m256i *)sc, sc16);                                                           \
+        return fp16_to_fp32(read_u16(blk));                                                                 \
+    }
+DEFINE_DOT512(iq3_s, 110, 1.0f)
+DEFINE_DOT512(iq3_xxs, 98, 0.25f)
+DEFINE_DOT512(iq2_xxs, 66, 0.125f)
+DEFINE_DOT512(iq2_xs, 74, 0.125f)
+DEFINE_DOT512(iq2_s, 82, 0.125f)
+
+/* IQ1: the int8 grid entries (-1, 0, 1) give the magnitudes (low bit) and the signs (top bit) */
+static inline TARGET_AVX512 __m512i iq1_quarter(__m512i g, const int8_t *q8, __m512i sc) {
+    return quarter_dot(_mm512_and_si512(g, _mm512_set1_epi8(1)), _mm512_movepi8_mask(g), q8, sc);
+}
+
+static TARGET_AVX512 float dot_iq1_s_avx512(const uint8_t *w, const act_row *x, int n_cols) {
+    __m256 acc = _mm256_setzero_ps();
+    float acc1 = 0.0f;
+    for (int ib = 0; ib < n_cols / QK_K; ib++) {
+        const uint8_t *blk = w + (size_t)ib * 50;
+        const int8_t *q8 = x->qs + (size_t)ib * QK_K;
+        const float d = fp16_to_fp32(read_u16(blk)) * x->d[ib];
+        const __m256i qh = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(blk + 34))); /* per 32 values */
+        const __m256i qh2 = _mm256_or_si256(qh, _mm256_slli_epi32(qh, 16));
+        const __m256i sc16 = odd_scales(_mm256_and_si256(_mm256_srli_epi16(qh2, 12), _mm256_set1_epi16(7)));
+        __m512i sum = _mm512_setzero_si512();
+        for (int z = 0; z < 4; z++) {
+            const unsigned h0 = read_u16(blk + 34 + 4 * z), h1 = read_u16(blk + 36 + 4 * z);
+            uint16_t ix[8];
+            indices8(ix, blk + 2 + 8 * z, _pdep_u64(h0 & 0xfff, 0x0700070007000700ULL), _pdep_u64(h1 & 0xfff, 0x0700070007000700ULL));
+#define IX(k) ix[k]
+            const __m512i g = GRID8(iq1s_grid, IX);
+#undef IX
+            sum = _mm512_add_epi32(sum, iq1_quarter(g, q8 + 64 * z, quarter_scales(sc16, z)));
+        }
+        acc = block_acc(sum, d, acc);
+        /* the shifts: per 32 values +-(2 ls + 1) times its two bsums */
+        const __m256i coef = _mm256_mask_sub_epi16(sc16, _mm256_movepi16_mask(qh2), _mm256_setzero_si256(), sc16);
+        const __m256i s = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(x->bsums + (size_t)ib * 16)), coef);
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 1));
+        acc1 = fmaf(d, (float)_mm_cvtsi128_si32(s4), acc1);
+    }
+    return hsum_float_8(acc) + 0.125f * acc1;
+}
+
+static TARGET_AVX512 float dot_iq1_m_avx512(const uint8_t *w, const act_row *x, int n_cols) {
+    const __m256i pick4 = _mm256_setr_epi16(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m256i shift3 = _mm256_setr_epi16(0, 3, 6, 9, 0, 3, 6, 9, 0, 3, 6, 9, 0, 3, 6, 9);
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
+    for (int ib = 0; ib < n_cols / QK_K; ib++) {
+        const uint8_t *blk = w + (size_t)ib * 56;
+        const int8_t *q8 = x->qs + (size_t)ib * QK_K;
+        uint16_t sw[4];
+        memcpy(sw, blk + 48, 8);
+        const float d = fp16_to_fp32((uint16_t)((sw[0] >> 12) | ((sw[1] >> 8) & 0x00f0) | ((sw[2] >> 4) & 0x0f00) |
+                                                (sw[3] & 0xf000))) * x->d[ib];
+        const __m256i sc16 = odd_scales(_mm256_and_si256(
+            _mm256_srlv_epi16(_mm256_permutexvar_epi16(pick4, _mm256_castsi128_si256(_mm_loadl_epi64((const __m128i *)(blk + 48)))),
+                              shift3), _mm256_set1_epi16(7)));
+        __m512i sum = _mm512_setzero_si512(), sum2 = _mm512_setzero_si512();
+        for (int z = 0; z < 4; z++) {
+            const uint8_t *q = blk + 8 * z;
+            const uint32_t h = read_u32(blk + 32 + 4 * z); /* 8 nibbles */
+            uint16_t ix[8];
+            indices8(ix, q, _pdep_u64(h & 0x7777, 0x0f000f000f000f00ULL), _pdep_u64((h >> 16) & 0x7777, 0x0f000f000f000f00ULL));
+#define IX(k) ix[k]
+            const __m512i g = GRID8(iq1s_grid, IX);
+#undef IX
+            const __m512i sc = quarter_scales(sc16, z);
+            sum = _mm512_add_epi32(sum, iq1_quarter(g, q8 + 64 * z, sc));
+            /* the shifts' signs (bit 3 of each nibble) spread over their 8 values each */
+            const __mmask64 m = _pdep_u64(_pext_u32(h, 0x88888888u), 0x0101010101010101ULL) * 0xff;
+            sum2 = _mm512_add_epi32(sum2, quarter_dot(ones, m, q8 + 64 * z, sc));
+        }
+        acc = block_acc(sum, d, acc);
+        acc2 = block_acc(sum2, d, acc2);
+    }
+    return hsum_float_8(acc) + 0.125f * hsum_float_8(acc2);
+}
+
+/* IQ1 for the tiled path: 8 * grid + shift (+-1: per 32 values for IQ1_S, per 8 for IQ1_M) */
+static inline TARGET_AVX512 __m512i iq1_tiled_values(__m512i g, __mmask64 shift_neg) {
+    const __m512i g8 = _mm512_slli_epi16(g, 3); /* the low byte of each pair is right; fix the high ones */
+    const __m512i g8b = _mm512_mask_blend_epi8(0xAAAAAAAAAAAAAAAAULL, g8, _mm512_slli_epi16(_mm512_srai_epi16(g, 8), 11));
+    return _mm512_add_epi8(g8b, _mm512_mask_blend_epi8(shift_neg, _mm512_set1_epi8(1), _mm512_set1_epi8(-1)));
+}
+
+static TARGET_AVX512 float tiled_iq1_s_avx512(const uint8_t *blk, int8_t *out, int16_t *sc) {
+    const __m256i qh = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(blk + 34)));
+    const __m256i qh2 = _mm256_or_si256(qh, _mm256_slli_epi32(qh, 16));
+    _mm256_storeu_si256((__m256i *)sc, odd_scales(_mm256_and_si256(_mm256_srli_epi16(qh2, 12), _mm256_set1_epi16(7))));
+    for (int z = 0; z < 4; z++) {
+        const unsigned h0 = read_u16(blk + 34 + 4 * z), h1 = read_u16(blk + 36 + 4 * z);
+        uint16_t ix[8];
+        indices8(ix, blk + 2 + 8 * z, _pdep_u64(h0 & 0xfff, 0x0700070007000700ULL), _pdep_u64(h1 & 0xfff, 0x0700070007000700ULL));
+#define IX(k) ix[k]
+        const __m512i g = GRID8(iq1s_grid, IX);
+#undef IX
+        const uint64_t m = (h0 & 0x8000 ? 0xffffffffULL : 0) | (h1 & 0x8000 ? 0xffffffff00000000ULL : 0);
+        _mm512_storeu_si512(out + 64 * z, iq1_tiled_values(g, m));
+    }
+    return fp16_to_fp32(read_u16(blk));
+}
+
+static TARGET_AVX512 float tiled_iq1_m_avx512(const uint8_t *blk, int8_t *out, int16_t *sc) {
+    uint16_t sw[4];
+    memcpy(sw, blk + 48, 8);
+    for (int s = 0; s < 16; s++) sc[s] = (int16_t)(2 * ((sw[s / 4] >> (3 * (s % 4))) & 7) + 1);
+    for (int z = 0; z < 4; z++) {
+        const uint32_t h = read_u32(blk + 32 + 4 * z); /* 8 nibbles */
+        uint16_t ix[8];
+        indices8(ix, blk + 8 * z, _pdep_u64(h & 0x7777, 0x0f000f000f000f00ULL), _pdep_u64((h >> 16) & 0x7777, 0x0f000f000f000f00ULL));
+#define IX(k) ix[k]
+        const __m512i g = GRID8(iq1s_grid, IX);
+#undef IX
+        const uint64_t m = _pdep_u64(_pext_u32(h, 0x88888888u), 0x0101010101010101ULL) * 0xff;
+        _mm512_storeu_si512(out + 64 * z, iq1_tiled_values(g, m));
+    }
+    return fp16_to_fp32((uint16_t)((sw[0] >> 12) | ((sw[1] >> 8) & 0x00f0) | ((sw[2] >> 4) & 0x0f00) | (sw[3] & 0xf000)));
+}
+#define AVX512(fn) fn
+#else
+#define AVX512(fn) NULL
+#endif
+
 /* One portable and one AVX2 row dot per format, and its table for module.c. */
 #ifdef OFFLOAD_X86
 #define DEFINE_IQ(NAME, name, bytes)                                                                                    \
     static float dot_##name##_portable(const uint8_t *w, const act_row *x, int n) { return dot_iq_portable(&NAME, w, x, n); } \
-    const format_kernels KERNELS_##NAME = {#NAME, ACT_Q8_K, QK_K, bytes, dot_##name##_portable, dot_##name##_avx2, NULL, NULL};
+    const format_kernels KERNELS_##NAME = {#NAME, ACT_Q8_K, QK_K, bytes, dot_##name##_portable, dot_##name##_avx2, dot_##name##_avx512, NULL};
 #else
 #define DEFINE_IQ(NAME, name, bytes)                                                                                    \
     static float dot_##name##_portable(const uint8_t *w, const act_row *x, int n) { return dot_iq_portable(&NAME, w, x, n); } \
@@ -400,6 +700,22 @@ static void tiled_view(const iq_format *f, float scale, const uint8_t *blk, int8
     *d = b.d * scale;
 }
 
+#ifdef OFFLOAD_X86
+/* the AVX-512 unpacking where the CPU has it (the same values: tests/test_tiled.py) */
+static int tiled_avx512;
+__attribute__((constructor)) static void init_tiled_avx512(void) {
+    tiled_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+#define DEFINE_TILED(NAME, name, scale)                                                   \
+    void iq_tiled_##name(const uint8_t *blk, int8_t *q, int16_t *sc, float *d) {          \
+        if (tiled_avx512)                                                                 \
+            *d = tiled_##name##_avx512(blk, q, sc) * (scale);                             \
+        else                                                                              \
+            tiled_view(&NAME, scale, blk, q, sc, d);                                      \
+    }
+#else
 #define DEFINE_TILED(NAME, name, scale) \
     void iq_tiled_##name(const uint8_t *blk, int8_t *q, int16_t *sc, float *d) { tiled_view(&NAME, scale, blk, q, sc, d); }
+#endif
 IQ_GRID_TILED(DEFINE_TILED)
