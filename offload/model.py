@@ -24,7 +24,7 @@ from .store.loader import supports_o_direct
 from .store.plan import context_error, default_context
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
-from .weights import ResidentExperts, load_weights
+from .weights import ResidentExperts, in_anonymous_memory, load_weights
 
 CACHE_POLICIES = ("lrfu", "lru", "lfu")
 IO_THREADS = 4  # expert reads in flight at once (loader threads)
@@ -195,6 +195,8 @@ class Model:
                 raise too_long
             plan.check()
             weights = load_weights(gguf, args)
+            if plan.pools and not plan.all_resident and memory_cap() is not None:
+                weights = in_anonymous_memory(weights)  # file pages would be evicted as the slots fill the cap
             if not plan.pools or (memory_budget is None and plan.all_resident and not o_direct):
                 experts = ResidentExperts(gguf, args)
             else:

@@ -8,6 +8,7 @@ without the forward pass knowing.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol
@@ -129,6 +130,36 @@ class Weights:
                 raise ValueError(f"row index out of range for a matrix of {self.token_embd.n_rows} rows: {t}")
             return self.token_embd.fmt.dequantize(self.token_embd.data[t : t + 1])
         return dequantize_rows(self.token_embd, tokens)
+
+
+def in_anonymous_memory(w: Weights) -> Weights:
+    """The same weights with every array copied out of the file's memory map.
+
+    Under a memory cap (a container's cgroup) the page cache is charged to the same limit
+    as the expert slots, and the kernel reclaims clean file pages first: once the slots fill
+    the cap, mapped weights (attention, norms, routers, embeddings) are dropped and read
+    from disk again, token after token. Copies cannot be dropped. The plan counts these
+    bytes as resident either way."""
+    memo: dict[int, object] = {}
+
+    def copied(obj):
+        if id(obj) in memo:  # a tied output matrix stays the embedding's
+            return memo[id(obj)]
+        if isinstance(obj, np.ndarray):
+            out = np.array(obj, copy=True)
+        elif isinstance(obj, list):
+            out = [copied(x) for x in obj]
+        elif isinstance(obj, _WEIGHT_CLASSES):
+            out = dataclasses.replace(obj, **{f.name: copied(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+        else:
+            out = obj
+        memo[id(obj)] = out
+        return out
+
+    return copied(w)
+
+
+_WEIGHT_CLASSES = (Weights, Layer, Attention, LatentAttention, FFN, MoE, ExpertBiases, QMatrix)
 
 
 class ExpertStore(Protocol):

@@ -126,6 +126,42 @@ def test_budget_below_minimum_is_refused_with_the_minimum(many):
     Model.load(many, memory_budget=p.minimum).close()
 
 
+def _file_backed(a: np.ndarray) -> bool:
+    """Whether an array's memory is the file's memory map (its bases end in an mmap)."""
+    import mmap
+
+    while a is not None:
+        if isinstance(a, mmap.mmap):
+            return True
+        a = getattr(a, "base", None)
+    return False
+
+
+def test_weights_leave_the_memory_map_under_a_memory_cap(many, reference, monkeypatch):
+    """Under a memory cap the page cache counts against the cap, and the kernel drops clean
+    file pages first: the non-expert weights are copied out of the map (the same logits)."""
+    from offload import model as model_module
+
+    ids, logits, _, _ = reference
+    p = plan_for(many)
+
+    def weight_arrays(m):
+        w = m.transformer.weights
+        layer = w.layers[0]
+        return [w.token_embd.data, w.output.data, layer.attn.wq.data, layer.attn.wo.data, layer.moe.router.data]
+
+    with Model.load(many, memory_budget=p.minimum) as m:  # no cap: the weights stay in the map
+        assert all(_file_backed(a) for a in weight_arrays(m))
+    monkeypatch.setattr(model_module, "memory_cap", lambda: "/sys/fs/cgroup/memory/test/memory.limit_in_bytes")
+    with Model.load(many, memory_budget=p.minimum) as m:
+        assert not any(_file_backed(a) for a in weight_arrays(m))
+        w = m.transformer.weights
+        assert (w.output is w.token_embd) == (m.gguf.tensors.get("output.weight") is None)  # a tied output stays tied
+        np.testing.assert_array_equal(m.logits(ids), logits)
+    with Model.load(many, memory_budget=2 * p.full) as m:  # every expert resident: the map is read once, kept as is
+        assert all(_file_backed(a) for a in weight_arrays(m))
+
+
 def test_full_budget_loads_everything_and_reads_nothing_after(many, reference):
     ids, logits, tokens, _ = reference
     p = plan_for(many)
