@@ -356,8 +356,7 @@ class Transformer:
             h = rms_norm(x, layer.ffn_norm, a.rms_eps, out=buf("norm", len(x), a.n_embd))
             x += self._moe(i, layer.moe, h) if layer.moe else _ffn(layer.dense, h, buf, gpu=self.gpu)
             if not math.isfinite(x[-1].sum()):  # one row's sum: cheap, and attention spreads a NaN to it
-                raise NonFiniteError(f"layer {i} produced NaN or Inf activations (positions {start}..{start + n - 1}): "
-                                     "the file's weights are damaged or overflow float32")
+                raise _non_finite(i, start, start + n - 1)
         self.cache.n_past = start + n
         if outputs == "none":
             return None
@@ -384,8 +383,7 @@ class Transformer:
         logits = np.empty((1, plan.n_vocab), dtype=np.float32) if plan.has_output and outputs != "none" else None
         bad = plan.run(x, start, logits)
         if bad >= 0:
-            raise NonFiniteError(f"layer {bad} produced NaN or Inf activations (position {start}): "
-                                 "the file's weights are damaged or overflow float32")
+            raise _non_finite(bad, start, start)
         self.cache.n_past = start + 1
         if self.recorder is not None:
             for i in plan.moe_layers:
@@ -651,6 +649,11 @@ class Transformer:
         for s in range(1, a.n_expert_used):
             out = out + per_slot[:, s]
         return out
+
+
+def _non_finite(layer: int, first: int, last: int) -> NonFiniteError:
+    return NonFiniteError(f"layer {layer} produced NaN or Inf activations (positions {first}..{last}): "
+                          "the file's weights are damaged or overflow float32")
 
 
 def _ffn(w: FFN, x: np.ndarray, buf: Scratch, expert: bool = False, gpu=None, act: str = "swiglu",

@@ -448,6 +448,22 @@ def decode_path(kind: str):
         select_kernels()
 
 
+def make_memory_cgroup(limit: int, name: str) -> Path | None:
+    """A cgroup v1 memory group `name` (made unique per process) with this limit, where this
+    machine lets us make one (root in a container or VM with a writable cgroup tree); None
+    where it does not. The caller moves a child into it and removes it."""
+    base = Path("/sys/fs/cgroup/memory")
+    if not (base / "memory.limit_in_bytes").exists():
+        return None
+    group = base / f"{name}-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+    except OSError:
+        return None
+    return group
+
+
 def ran_as_asked(kind: str, ran: set[str]) -> bool:
     """Whether the C paths decode_path(kind) saw are those of `kind` (see decode_path)."""
     return {"step": "step" in ran, "layer": ran == {"layer"}, "per-op": not ran}[kind]

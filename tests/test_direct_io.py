@@ -7,7 +7,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +15,7 @@ from offload import Model, arch
 from offload.gguf_file import GGUFFile
 from offload.sampling import SamplingParams
 from offload.store import budget, make_plan
-from offload.testing import TinyConfig
+from offload.testing import TinyConfig, make_memory_cgroup
 
 MANY = TinyConfig(n_layer=4, n_embd=64, n_head=4, n_head_kv=2, n_ff=256, n_expert=32, n_expert_used=2, n_ctx=128)
 CAP_FILE = "/sys/fs/cgroup/memory/box/memory.limit_in_bytes"
@@ -69,19 +68,6 @@ def test_no_o_direct_where_every_expert_fits_or_nothing_caps(monkeypatch, many, 
         assert not m.plan.o_direct
 
 
-def _memory_cgroup(limit: int) -> Path | None:
-    base = Path("/sys/fs/cgroup/memory")
-    if not (base / "memory.limit_in_bytes").exists():
-        return None
-    group = base / f"offload-direct-{__import__('os').getpid()}"
-    try:
-        group.mkdir()
-        (group / "memory.limit_in_bytes").write_text(str(limit))
-    except OSError:
-        return None
-    return group
-
-
 def test_a_process_in_a_memory_cgroup_reads_experts_with_o_direct(many, budgets):
     """A real cgroup (v1, where this machine lets us make one): the child finds the cap, reads
     its experts with O_DIRECT, and decodes the tokens an uncapped run (page cache) decodes."""
@@ -93,7 +79,7 @@ def test_a_process_in_a_memory_cgroup_reads_experts_with_o_direct(many, budgets)
     with Model.load(many, n_ctx=MANY.n_ctx, memory_budget=tight) as m:
         assert not m.plan.o_direct or budget.memory().limit_source is not None
         want = list(m.generate_tokens([1, 300, 500, 700], 12, SamplingParams(temperature=0.0)))
-    group = _memory_cgroup(1 << 30)
+    group = make_memory_cgroup(1 << 30, "offload-direct")
     if group is None:
         pytest.skip("cannot make a memory cgroup here")
     try:

@@ -26,7 +26,7 @@ from offload.errors import (BudgetError, CorruptModelError, ModelBusyError, Mode
                             OffloadError, UnsupportedModelError)
 from offload.gguf_file import GGUFFile
 from offload.store import budget
-from offload.testing import TinyConfig, rewrite_gguf, write_model
+from offload.testing import TinyConfig, make_memory_cgroup, rewrite_gguf, write_model
 from offload.tokenizer import bytes_without_token
 
 # A small SentencePiece vocabulary (control tokens, the 256 byte tokens, a few words): a
@@ -418,21 +418,6 @@ def test_damaged_routing_traces_are_one_clear_error(small, tmp_path_factory, dat
         assert trace.experts.shape == trace.weights.shape
 
 
-def _make_memory_cgroup(limit: int) -> Path | None:
-    """A cgroup v1 memory group with this limit, where this machine lets us make one (root in
-    a container or VM with a writable cgroup tree); None where it does not."""
-    base = Path("/sys/fs/cgroup/memory")
-    if not (base / "memory.limit_in_bytes").exists():
-        return None
-    group = base / f"offload-test-{os.getpid()}"
-    try:
-        group.mkdir()
-        (group / "memory.limit_in_bytes").write_text(str(limit))
-    except OSError:
-        return None
-    return group
-
-
 def test_a_run_in_a_memory_cgroup_takes_its_budget_from_the_limit(tmp_path):
     """A process in a 400 MiB cgroup loads the demo with no budget given: the plan's budget
     comes from the cgroup (psutil would say the host's RAM), the run completes, and the
@@ -441,7 +426,7 @@ def test_a_run_in_a_memory_cgroup_takes_its_budget_from_the_limit(tmp_path):
     import sys
 
     limit = 400 << 20
-    group = _make_memory_cgroup(limit)
+    group = make_memory_cgroup(limit, "offload-test")
     if group is None:
         pytest.skip("cannot make a memory cgroup here")
     try:
