@@ -2,8 +2,8 @@
 
 llama.cpp stores each new key and value row by converting it from float32 to the cache's
 type (ggml_set_rows with the type's `from_float`: F16 and BF16 round to nearest even, Q8_0
-quantizes as its activation quantizer, Q4_0, Q4_1, Q5_0 and Q5_1 as ggml's reference
-quantizers quantize_row_q*_ref). Attention then
+quantizes as its activation quantizer, Q4_0, Q4_1, Q5_0, Q5_1 and IQ4_NL as ggml's
+reference quantizers quantize_row_*_ref). Attention then
 reads the rows in that type: its matmuls convert the other operand to the type's
 vec_dot_type (kernels.attention.attention_typed).
 
@@ -33,6 +33,7 @@ CACHE_TYPES: dict[str, GGMLQuantizationType] = {
     "q4_1": GGMLQuantizationType.Q4_1,
     "q5_0": GGMLQuantizationType.Q5_0,
     "q5_1": GGMLQuantizationType.Q5_1,
+    "iq4_nl": GGMLQuantizationType.IQ4_NL,
 }
 # llama.cpp's default; attention reads F16 rows directly in the C kernel and in its Numba
 # twin (kernels.attention), so an F16 cache needs no other kernels than an F32 one
@@ -97,6 +98,8 @@ def encode_rows(fmt: BlockFormat, x: np.ndarray) -> np.ndarray:
         return _quantize_symmetric(fmt, x, bits=4 if name == "Q4_0" else 5)
     if name in ("Q4_1", "Q5_1"):
         return _quantize_with_min(fmt, x, bits=4 if name == "Q4_1" else 5)
+    if name == "IQ4_NL":
+        return _quantize_iq4_nl(fmt, x)
     raise UnsupportedModelError(f"no KV cache encoding for {name}")
 
 
@@ -146,3 +149,40 @@ def _quantize_with_min(fmt: BlockFormat, x: np.ndarray, bits: int) -> np.ndarray
     if bits == 4:
         q = np.minimum(15, q)
     return _blocks(fmt, d, q, lo)
+
+
+def _quantize_iq4_nl(fmt: BlockFormat, x: np.ndarray) -> np.ndarray:
+    """quantize_row_iq4_nl_ref (quantize_row_iq4_nl_impl with no importance weights and ntry
+    -1, so no scale search): max = the value of largest magnitude (the first of equals),
+    codes = the nearest table value to x * (1 / (max / -127)), then the scale refit by least
+    squares with weights x^2, summed in float32 in value order: d = sum(w q x) / sum(w q q).
+    A block below GROUP_MAX_EPS gets d = 0 (its codes do not matter then)."""
+    from .kernels.iq4 import KVALUES
+
+    values = KVALUES.astype(np.float32)
+    b = x.reshape(len(x), -1, 32)
+    pick = np.argmax(np.abs(b), axis=-1)
+    signed_max = np.take_along_axis(b, pick[..., None], axis=-1)[..., 0]
+    tiny = np.abs(signed_max) < np.float32(1e-15)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        d0 = signed_max / values[0]
+        inv = (np.float32(1) / d0).astype(np.float32)
+        scaled = (b * inv[..., None]).astype(np.float32)
+    # best_index_int8: the upper neighbour unless the lower one is strictly nearer
+    upper = np.clip(np.searchsorted(values, scaled, side="right"), 1, 15)
+    with np.errstate(invalid="ignore"):
+        nearer_lower = (scaled - values[upper - 1]) < (values[upper] - scaled)
+    codes = np.where(scaled <= values[0], 0, np.where(scaled >= values[15], 15, upper - nearer_lower))
+    codes = np.where(tiny[..., None], 0, codes)
+    q = values[codes]
+    sum_qx = np.zeros(b.shape[:2], dtype=np.float32)
+    sum_q2 = np.zeros(b.shape[:2], dtype=np.float32)
+    for j in range(32):
+        xj, qj = b[..., j], q[..., j]
+        wq = (xj * xj) * qj
+        sum_qx = sum_qx + wq * xj
+        sum_q2 = sum_q2 + wq * qj
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.where(sum_q2 > 0, sum_qx / np.where(sum_q2 > 0, sum_q2, 1), 0).astype(np.float32)
+    d = np.where(tiny, np.float32(0), d)
+    return _blocks(fmt, d, codes.astype(np.uint8))

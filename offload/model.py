@@ -148,7 +148,7 @@ class Model:
         one no GPU code is loaded. "off" (or 0): the CPU only.
 
         `cache_type_k` / `cache_type_v`: the KV cache's types (offload.cache_types: f32, f16,
-        bf16, q8_0, q4_0 for K; V not quantized, as llama.cpp without flash attention).
+        bf16, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl for K; V not quantized, as llama.cpp without flash attention).
 
         `context_shift`: when a generation or a chat reply fills the context, shift it as
         llama.cpp's --context-shift does (`shift_context`) instead of stopping; `n_keep`: the

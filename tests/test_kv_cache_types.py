@@ -40,9 +40,11 @@ MODELS = {
                             n_ff_dense=96, yarn_factor=0.0, n_ctx=N_CTX),
 }
 CASES = [("llama", k, v) for k, v in [("f16", "f16"), ("bf16", "bf16"), ("f32", "f16"), ("q8_0", "f16"),
-                                      ("q4_0", "f32"), ("q4_1", "f16"), ("q5_0", "bf16"), ("q5_1", "f16")]] + \
+                                      ("q4_0", "f32"), ("q4_1", "f16"), ("q5_0", "bf16"), ("q5_1", "f16"),
+                                      ("iq4_nl", "f16")]] + \
         [("gpt-oss", "f16", "f16"), ("gpt-oss", "q8_0", "bf16"), ("deepseek2", "f16", "f16"),
-         ("deepseek2", "bf16", "bf16"), ("llama-hd128", "q4_0", "f16"), ("gpt-oss-hd64", "q8_0", "f16")]
+         ("deepseek2", "bf16", "bf16"), ("llama-hd128", "q4_0", "f16"), ("llama-hd128", "iq4_nl", "f32"),
+         ("gpt-oss-hd64", "q8_0", "f16")]
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +108,33 @@ def test_rows_are_stored_as_ggml_converts_them():
     qs, d = quantize_q8_0_ref(x)
     blocks = encode_rows(cache_format("q8_0"), x).view(cache_format("q8_0").layout)
     assert np.array_equal(blocks["qs"].reshape(5, -1), qs) and np.array_equal(blocks["d"].astype(np.float32), d)
+
+
+def test_iq4_nl_rows_are_ggml_s_reference_quantizer_s():
+    """set_rows's from_float for IQ4_NL is quantize_row_iq4_nl_ref (no scale search, unlike the
+    file quantizer's quantize_iq4_nl): its bytes, from libggml-base itself, for rows of many
+    scales, with repeated magnitudes (the first one wins) and values on the table's midpoints."""
+    import ctypes
+
+    from offload.testing import _ggml_lib
+
+    ref = _ggml_lib("ggml-base").quantize_row_iq4_nl_ref
+    ref.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((64, 128)).astype(np.float32) * np.exp(rng.uniform(-8, 8, (64, 1))).astype(np.float32)
+    x[1, :32] = np.float32(2.5) * np.sign(rng.standard_normal(32)).astype(np.float32)
+    x[2, 32:64] = (np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113] * 2,
+                            dtype=np.float32) + np.float32(0.5)) / np.float32(-127 / 113)
+    x[3, 64:96] = np.float32(-3.0)
+    fmt = cache_format("iq4_nl")
+    got = encode_rows(fmt, x)
+    want = np.zeros_like(got)
+    for row in range(len(x)):
+        ref(x[row].ctypes.data, want[row].ctypes.data, x.shape[1])
+    assert np.array_equal(got, want)
+    # a block too small to scale gets d = 0 (ggml leaves its codes as whatever its buffer held)
+    tiny = np.full((1, 32), 1e-20, dtype=np.float32)
+    assert encode_rows(fmt, tiny).view(fmt.layout)["d"].astype(np.float32).item() == 0.0
 
 
 @pytest.mark.parametrize("type_k,type_v,message", [
