@@ -23,6 +23,11 @@
  * cells hold positions in another order (cell_pos, offload/kv_cells.py): the same sums over
  * the used cells, masked by each cell's position. A sink (gpt-oss) joins
  * the softmax's max, and its exp (libm's, as ggml's) is added after the chunked sum.
+ *
+ * Scheduling, which changes no sum: a decoding token's query heads are items (one head's
+ * score rows taken several at a time, its V lanes kept in registers); a prompt's items are
+ * tiles of queries (attend_tile_avx2: one KV head's query heads for a few tokens, as a
+ * matrix product with register tiles), the work llama.cpp's tinyBLAS does there.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -40,30 +45,8 @@ static inline float fold32(const float acc[32]) {
     return (t0 + t1) + (t2 + t3);
 }
 
-/* Which cells query t visits (0 .. n_visit) and which of them it sees: while the positions
- * fit the cells, cell c holds position c and the causal tail is not visited; once they wrap,
- * cell c holds the latest position written there. */
-typedef struct {
-    int pos, last, n_visit, n_cells, window, wrapped;
-    const int32_t *cell_pos; /* after a context shift: each cell's position (-1: empty) */
-} cell_view;
-
 static inline cell_view view_of(const attention_args *a, int t) {
-    cell_view w;
-    w.pos = a->start + t;
-    w.last = a->start + a->n - 1;
-    w.n_cells = a->n_cells;
-    w.window = a->window;
-    w.wrapped = w.last >= a->n_cells;
-    w.n_visit = w.wrapped ? a->n_cells : w.pos + 1;
-    w.cell_pos = a->cell_pos;
-    if (a->cell_pos) w.n_visit = a->n_used;
-    return w;
-}
-
-static inline int sees(const cell_view *w, int c) {
-    const int p = w->cell_pos ? w->cell_pos[c] : w->wrapped ? w->last - (w->last - c) % w->n_cells : c;
-    return p >= 0 && p <= w->pos && (w->window == 0 || w->pos - p < w->window);
+    return cells_of(a->start, a->n, t, a->n_cells, a->window, a->cell_pos, a->n_used);
 }
 
 /* -- portable -------------------------------------------------------------------------- */
@@ -91,6 +74,8 @@ static float dot_f16_portable(const uint16_t *x, const float *y, int n, int gemm
     for (int c = main; c < n; c++) s += (double)(fp16_to_fp32(x[c]) * y[c]);
     return (float)s;
 }
+
+float vec_dot_f16_ggml(const uint16_t *x, const float *y, int n) { return dot_f16_portable(x, y, n, 0); }
 
 /* The query head as ggml hands it to an F16 K: rounded to F16 (kept as floats in qr). */
 static const float *query_of(const attention_args *a, int h, int t, float *qr) {

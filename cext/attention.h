@@ -4,6 +4,33 @@
 
 #include <stdint.h>
 
+/* Which cells the query of new token t (of n, from position start) visits (0 .. n_visit) and
+ * which of them it sees: while the positions fit the cells, cell c holds position c and the
+ * causal tail is not visited; once they wrap, cell c holds the latest position written there;
+ * after a context shift (cell_pos) each used cell says its position. */
+typedef struct {
+    int pos, last, n_visit, n_cells, window, wrapped;
+    const int32_t *cell_pos; /* after a context shift: each cell's position (-1: empty) */
+} cell_view;
+
+static inline cell_view cells_of(int start, int n, int t, int n_cells, int window, const int32_t *cell_pos, int n_used) {
+    cell_view w;
+    w.pos = start + t;
+    w.last = start + n - 1;
+    w.n_cells = n_cells;
+    w.window = window;
+    w.wrapped = w.last >= n_cells;
+    w.n_visit = w.wrapped ? n_cells : w.pos + 1;
+    w.cell_pos = cell_pos;
+    if (cell_pos) w.n_visit = n_used;
+    return w;
+}
+
+static inline int sees(const cell_view *w, int c) {
+    const int p = w->cell_pos ? w->cell_pos[c] : w->wrapped ? w->last - (w->last - c) % w->n_cells : c;
+    return p >= 0 && p <= w->pos && (w->window == 0 || w->pos - p < w->window);
+}
+
 typedef struct {
     const float *q;      /* (n, q_stride): queries of the new tokens, head h at h*head_dim;
                           * out is (n, n_head * v_dim), head h at h*v_dim */
@@ -27,6 +54,10 @@ typedef struct {
 /* float -> IEEE half bits, rounded to nearest even (ggml's fp32_to_fp16, F16C's): how an
  * F16 cache stores a key or value (ggml_set_rows). */
 uint16_t fp32_to_fp16_bits(float x);
+
+/* ggml_vec_dot_f16 (32 lanes folded as vec_dot_f32's, the tail in double) of an F16 row and
+ * floats already rounded to F16. */
+float vec_dot_f16_ggml(const uint16_t *x, const float *y, int n);
 
 /* 0 on success, -1 when scratch memory could not be allocated */
 int attention_run(const attention_args *a, int use_avx2);

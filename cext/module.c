@@ -55,6 +55,7 @@
 #include <stdlib.h>
 
 #include "attention.h"
+#include "flash.h"
 #include "floats.h"
 #include "kernels.h"
 #include "layer.h"
@@ -882,6 +883,85 @@ done:
     return result;
 }
 
+/* flash_attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim, v_dim, n_cells, window, sinks, scale,
+ *                 k_type, v_type, k_row, v_row, k_head, v_head, cell_pos, n_used, n_kv, n_chunks) */
+static int flash_store_of(const char *name, const format_kernels **f) {
+    *f = NULL;
+    if (!strcmp(name, "F32")) return FLASH_F32;
+    if (!strcmp(name, "F16")) return FLASH_F16;
+    *f = find_format(name);
+    return *f && (*f)->block_size == 32 ? FLASH_QUANT : -1;
+}
+
+static PyObject *py_flash_attention(PyObject *self, PyObject *args) {
+    Py_buffer q = {0}, k = {0}, v = {0}, out = {0}, sinks = {0}, cells = {0};
+    PyObject *sinks_obj = Py_None, *cells_obj = Py_None;
+    const char *k_type, *v_type;
+    Py_ssize_t k_row, v_row, k_head, v_head;
+    flash_args a = {0};
+    if (!PyArg_ParseTuple(args, "y*y*y*w*iiiiiiiiOfssnnnnOiii", &q, &k, &v, &out, &a.n, &a.start, &a.n_head,
+                          &a.n_head_kv, &a.head_dim, &a.v_dim, &a.n_cells, &a.window, &sinks_obj, &a.scale, &k_type,
+                          &v_type, &k_row, &v_row, &k_head, &v_head, &cells_obj, &a.n_used, &a.n_kv, &a.n_chunks))
+        return NULL;
+    PyObject *result = NULL;
+    const format_kernels *kf, *vf;
+    a.k_store = flash_store_of(k_type, &kf);
+    a.v_store = flash_store_of(v_type, &vf);
+    if (a.k_store < 0 || a.v_store < 0) {
+        PyErr_Format(PyExc_ValueError, "flash attention: no kernel for a %s/%s cache", k_type, v_type);
+        goto done;
+    }
+    if (kf) a.k_dot = pick(kf), a.k_act = kf->act;
+    a.v_format = vf;
+    a.k_row = (size_t)k_row, a.v_row = (size_t)v_row, a.k_head = (size_t)k_head, a.v_head = (size_t)v_head;
+    if (a.n < 0 || a.start < 0 || a.head_dim <= 0 || a.v_dim <= 0 || a.n_head_kv <= 0 || a.n_head % a.n_head_kv ||
+        a.n_cells <= 0 || a.window < 0 || a.head_dim % 32 || a.v_dim % 32 || a.n_chunks < 0) {
+        PyErr_SetString(PyExc_ValueError, "flash attention: bad shape");
+        goto done;
+    }
+    if (cells_obj != Py_None) {
+        if (PyObject_GetBuffer(cells_obj, &cells, PyBUF_SIMPLE) < 0) goto done;
+        if (a.n_used < 0 || a.n_used > a.n_cells || cells.len < (Py_ssize_t)a.n_used * 4) {
+            PyErr_SetString(PyExc_ValueError, "flash attention: bad cell positions");
+            goto done;
+        }
+        a.cell_pos = cells.buf;
+    } else if (a.start + a.n > a.n_cells && (a.window == 0 || a.n_cells < a.window + a.n)) {
+        PyErr_SetString(PyExc_ValueError, "flash attention: more positions than cells");
+        goto done;
+    }
+    if (q.len < (Py_ssize_t)a.n * a.n_head * a.head_dim * 4 || out.len < (Py_ssize_t)a.n * a.n_head * a.v_dim * 4 ||
+        k.len < (Py_ssize_t)a.n_cells * k_row || v.len < (Py_ssize_t)a.n_cells * v_row) {
+        PyErr_SetString(PyExc_ValueError, "flash attention: a buffer is smaller than its shape says");
+        goto done;
+    }
+    if (sinks_obj != Py_None) {
+        if (PyObject_GetBuffer(sinks_obj, &sinks, PyBUF_SIMPLE) < 0) goto done;
+        if (sinks.len < (Py_ssize_t)a.n_head * 4) {
+            PyErr_SetString(PyExc_ValueError, "flash attention: one sink per head expected");
+            goto done;
+        }
+        a.sinks = sinks.buf;
+    }
+    a.q = q.buf, a.out = out.buf, a.k = k.buf, a.v = v.buf;
+    if (a.n_chunks == 0) a.n_chunks = omp_get_max_threads(); /* llama.cpp splits among its threads */
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = flash_attention_run(&a);
+    Py_END_ALLOW_THREADS
+    if (rc == -1) PyErr_NoMemory();
+    else if (rc == -2) PyErr_Format(PyExc_ValueError, "flash attention: cannot read a %s V cache", v_type);
+    else result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&q);
+    PyBuffer_Release(&k);
+    PyBuffer_Release(&v);
+    PyBuffer_Release(&out);
+    if (sinks.obj) PyBuffer_Release(&sinks);
+    if (cells.obj) PyBuffer_Release(&cells);
+    return result;
+}
+
 static PyObject *py_attention(PyObject *self, PyObject *args) {
     Py_buffer q = {0}, k = {0}, v = {0}, out = {0};
     PyObject *sinks_obj = Py_None;
@@ -1206,6 +1286,7 @@ static PyMethodDef methods[] = {
     {"quantize", py_quantize, METH_VARARGS, "quantize(kind, x, qs, d, bsums, n_tokens, n_cols)"},
     {"matmul_tiled", py_matmul_tiled, METH_VARARGS, "matmul_tiled(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)"},
     {"attention", py_attention, METH_VARARGS, "attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim)"},
+    {"flash_attention", py_flash_attention, METH_VARARGS, "llama.cpp's CPU flash attention over a layer's cache"},
     {"formats", py_formats, METH_NOARGS, "{format: (vec_dot_type, [isa, ...])} of the kernels built in"},
     {"xor_words", py_xor_words, METH_VARARGS, "xor of every 64-bit word (read-bandwidth probe)"},
     {"isa", py_isa, METH_NOARGS, "SIMD level in use"},

@@ -11,8 +11,10 @@ Before a quantized K cache stores them, llama.cpp rotates queries and keys by a 
 matrix when 64 divides the head size (attn_rot_k: rounding errors spread over the head),
 which offload does too (key_rotation, kernels.ggml_math.hadamard_rows).
 
-Without flash attention (offload has none yet) llama.cpp refuses a quantized V cache, and
-an MLA model (DeepSeek) keeps one cache for both, so K and V must be the same type there.
+Without flash attention llama.cpp refuses a quantized V cache (with it, values are rotated
+too: value_rotation), and an MLA model (DeepSeek) keeps one cache for both, so K and V must
+be the same type there. Flash attention (-fa, flash_attention_wanted) changes the attention's
+sums, not the cache: kernels.attention.flash_attention follows llama.cpp's kernel for it.
 """
 
 from __future__ import annotations
@@ -48,20 +50,61 @@ def cache_format(name: str) -> BlockFormat:
     return format_for(t)
 
 
-def check_cache_types(type_k: str, type_v: str, attention: str, head_dim: int) -> tuple[BlockFormat, BlockFormat]:
-    """The formats of K and V, refused in one line where llama.cpp refuses them without flash
-    attention: a quantized V; different K and V for MLA; a block longer than a head."""
+# llama.cpp's -fa values
+FLASH_ATTN_MODES = ("on", "off", "auto")
+
+
+def flash_attention_wanted(mode: str | bool, type_v: str) -> bool:
+    """Whether attention runs as flash attention (kernels.attention.flash_attention): -fa on or
+    off, or auto: only where the V cache needs it (a quantized V), since offload's attention
+    without it is the faster one. (llama.cpp's auto turns it on wherever the backend has it.)"""
+    if isinstance(mode, bool):
+        return mode
+    mode = str(mode).lower()
+    if mode not in FLASH_ATTN_MODES:
+        raise UnsupportedModelError(f"--flash-attn takes on, off or auto, not {mode!r}")
+    return cache_format(type_v).block_size > 1 if mode == "auto" else mode == "on"
+
+
+def check_cache_types(type_k: str, type_v: str, attention: str, head_dim: int,
+                      flash_attn: bool = False) -> tuple[BlockFormat, BlockFormat]:
+    """The formats of K and V, refused in one line where llama.cpp refuses them (a quantized V
+    without flash attention; different K and V for MLA; a block longer than a head) or where
+    offload's flash attention has no kernel (BF16, MLA; check_flash_heads)."""
     k, v = cache_format(type_k), cache_format(type_v)
-    if v.block_size > 1:
-        raise UnsupportedModelError(f"a quantized V cache ({type_v}) needs flash attention, which offload does not "
-                                    "have: use -ctv f16 or f32")
+    if v.block_size > 1 and not flash_attn:
+        raise UnsupportedModelError(f"a quantized V cache ({type_v}) needs flash attention: add -fa on (or use "
+                                    "-ctv f16 or f32)")
     if attention != "gqa" and k.name != v.name:
         raise UnsupportedModelError(f"this model (MLA) keeps K and V in one cache: -ctk {type_k} and -ctv {type_v} "
                                     "must be the same type")
     if head_dim % k.block_size:
         raise UnsupportedModelError(f"K cache type {type_k} has blocks of {k.block_size} values, which do not divide "
                                     f"the head size {head_dim}")
+    if flash_attn:
+        if "BF16" in (k.name, v.name):
+            raise UnsupportedModelError("offload's flash attention has no bf16 cache kernel: use f16 (or -fa off)")
+        if attention != "gqa":  # llama.cpp's MLA graph with flash attention differs past the kernel (not matched yet)
+            raise UnsupportedModelError("offload's flash attention does not run MLA (DeepSeek) attention yet: use -fa off")
     return k, v
+
+
+def check_flash_heads(args) -> None:
+    """Refuse, in one line, heads offload's flash attention kernel has no code for (sizes of
+    32s, as every released model's)."""
+    dk, dv = args.head_dim, args.v_dim
+    if dk % 32 or dv % 32:
+        raise UnsupportedModelError(f"offload's flash attention needs heads of multiples of 32 values, not {dk}/{dv}: "
+                                    "use -fa off")
+
+
+def value_rotation(fmt: BlockFormat, args) -> int:
+    """The Hadamard rotation llama.cpp applies to values before a quantized V cache stores them,
+    undone on the attention's output (llama_kv_cache's attn_rot_v: 64 x 64, for value heads
+    whose size 64 divides), or 0 for none."""
+    if fmt.block_size == 1 or args.v_dim % 64 or args.attention != "gqa":
+        return 0
+    return 64
 
 
 def key_rotation(fmt: BlockFormat, args) -> int:

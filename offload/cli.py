@@ -53,10 +53,13 @@ def _model_path(model: str | None) -> str:
 
 
 def _cache_type_options(f):
-    """-ctk / -ctv, as llama.cpp's: the KV cache's types for keys and values."""
-    from .cache_types import CACHE_TYPES, DEFAULT_CACHE_TYPE
+    """-ctk / -ctv, as llama.cpp's: the KV cache's types for keys and values; and -fa."""
+    from .cache_types import CACHE_TYPES, DEFAULT_CACHE_TYPE, FLASH_ATTN_MODES
 
-    for flag, short, what in (("--cache-type-v", "-ctv", "values (not quantized: offload has no flash attention)"),
+    f = click.option("-fa", "--flash-attn", "flash_attn", type=click.Choice(FLASH_ATTN_MODES, case_sensitive=False),
+                     default="auto", show_default=True,
+                     help="Flash attention, as llama.cpp's (auto: on for a quantized V cache, which needs it).")(f)
+    for flag, short, what in (("--cache-type-v", "-ctv", "values (quantized: with flash attention)"),
                               ("--cache-type-k", "-ctk", "keys")):
         f = click.option(short, flag, type=click.Choice(list(CACHE_TYPES), case_sensitive=False),
                          default=DEFAULT_CACHE_TYPE, show_default=True, help=f"KV cache type of the {what}.")(f)
@@ -78,7 +81,7 @@ def _cache_type_options(f):
               help="Read bandwidth per second of the disk holding the model (e.g. 3GB, 500MB), for the decode bound.")
 def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_scope: str, o_direct: bool,
             disk_bandwidth: str, cache_type_k: str = DEFAULT_CACHE_TYPE,
-            cache_type_v: str = DEFAULT_CACHE_TYPE, ubatch_size: int | None = None) -> None:
+            cache_type_v: str = DEFAULT_CACHE_TYPE, ubatch_size: int | None = None, flash_attn: str = "auto") -> None:
     """What is in MODEL and what it needs to run."""
     from . import arch
     from .gguf_file import GGUFFile
@@ -93,9 +96,10 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
     from .store.plan import context_error, default_context
 
     budget = parse_budget(memory_budget) if memory_budget is not None else None
-    from .cache_types import check_cache_types
+    from .cache_types import check_cache_types, flash_attention_wanted
 
-    check_cache_types(cache_type_k, cache_type_v, args.attention, args.head_dim)
+    check_cache_types(cache_type_k, cache_type_v, args.attention, args.head_dim,
+                      flash_attention_wanted(flash_attn, cache_type_v))
     options = dict(scope=cache_scope, o_direct=o_direct, type_k=cache_type_k, type_v=cache_type_v, n_ubatch=ubatch_size)
     note = ""
     if ctx_size > 0:
@@ -175,7 +179,7 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
              memory_budget, cache_policy, cache_scope, o_direct, record_trace=None, prefetch_depth=None,
              no_prefetch=False, vram_budget=None, cache_type_k=DEFAULT_CACHE_TYPE, cache_type_v=DEFAULT_CACHE_TYPE,
              prompt_cache=None, context_shift=False, n_keep=None, repeat_last_n=64, presence_penalty=0.0,
-             frequency_penalty=0.0, ubatch_size=None) -> None:
+             frequency_penalty=0.0, ubatch_size=None, flash_attn="auto") -> None:
     """Continue PROMPT with MODEL (a GGUF file; default: the demo model)."""
     from .model import DEFAULT_PREFETCH_DEPTH, Model
     from .summary import human_bytes as hb
@@ -185,7 +189,7 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
                     cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
                     prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
                     vram_budget=vram_budget, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-                    context_shift=context_shift, n_keep=n_keep, n_ubatch=ubatch_size) as m:
+                    context_shift=context_shift, n_keep=n_keep, n_ubatch=ubatch_size, flash_attn=flash_attn) as m:
         _memory_line(m, memory_budget)
         if prompt_cache and os.path.exists(prompt_cache):
             m.load_state(prompt_cache)
@@ -276,7 +280,7 @@ def simulate(trace_file: str, capacities, scope: str, policies, decode_only: boo
               help="Context to plan the --trace budget for (0: min(trained, 4096), as chat's default).")
 @_cache_type_options
 def tune(model, trace_file, budgets, policies, depths, n_predict, prompt, threads, no_o_direct, plot,
-         cache_type_k=DEFAULT_CACHE_TYPE, cache_type_v=DEFAULT_CACHE_TYPE, ctx_size=0) -> None:
+         cache_type_k=DEFAULT_CACHE_TYPE, cache_type_v=DEFAULT_CACHE_TYPE, ctx_size=0, flash_attn="auto") -> None:
     """Which --memory-budget, --cache-policy and --prefetch-depth to use for MODEL on this machine."""
     from . import tune as t
 
@@ -320,7 +324,7 @@ def tune(model, trace_file, budgets, policies, depths, n_predict, prompt, thread
                f"{n_predict} tokens each" + ("" if no_o_direct else ", reading experts with O_DIRECT"), err=True)
     result = t.tune(path, shares=shares, policies=policies, depths=depth_list, prompt=prompt, n_tokens=n_predict,
                     n_threads=threads, o_direct=not no_o_direct, progress=lambda s: click.echo(s, err=True),
-                    cache_types=dict(cache_type_k=cache_type_k, cache_type_v=cache_type_v))
+                    cache_types=dict(cache_type_k=cache_type_k, cache_type_v=cache_type_v, flash_attn=flash_attn))
     click.echo(f"{'budget':>10} {'experts':>8} {'tok/s':>7} {'hits':>6} {'stall':>6} {'MiB/tok':>8}  best setting")
     for r in result.best:
         setting = f"{r.policy}, " + ("no prefetch" if r.prefetch_depth == 0 else f"prefetch depth {r.prefetch_depth}")
@@ -372,9 +376,9 @@ def _default_ctx(path: str) -> int:
 
 def _sampling_and_memory_options(f):
     """The `generate` command's sampling and memory flags, same names and defaults."""
-    for name in ("ubatch_size", "cache_type_v", "cache_type_k", "vram_budget", "no_prefetch", "prefetch_depth",
-                 "o_direct", "cache_scope", "cache_policy", "memory_budget", "threads", "ctx_size", "seed",
-                 "frequency_penalty", "presence_penalty", "repeat_last_n", "repeat_penalty", "min_p", "top_p", "top_k",
+    for name in ("flash_attn", "ubatch_size", "cache_type_v", "cache_type_k", "vram_budget", "no_prefetch",
+                 "prefetch_depth", "o_direct", "cache_scope", "cache_policy", "memory_budget", "threads", "ctx_size",
+                 "seed", "frequency_penalty", "presence_penalty", "repeat_last_n", "repeat_penalty", "min_p", "top_p", "top_k",
                  "temp"):
         opt = next(p for p in generate.params if p.name == name)
         decls = [f"{opt.opts[0]}/{opt.secondary_opts[0]}"] if opt.secondary_opts else opt.opts
@@ -429,7 +433,7 @@ def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, se
          cache_policy, cache_scope, o_direct, prefetch_depth, no_prefetch, chat_template, chat_template_file,
          context_shift, n_keep=None, vram_budget=None, reasoning_effort=None, hide_reasoning=False,
          cache_type_k=DEFAULT_CACHE_TYPE, cache_type_v=DEFAULT_CACHE_TYPE, repeat_last_n=64, presence_penalty=0.0,
-         frequency_penalty=0.0, ubatch_size=None) -> None:
+         frequency_penalty=0.0, ubatch_size=None, flash_attn="auto") -> None:
     """Chat with MODEL (a GGUF file; default: the demo model) in its own chat template.
 
     Reads one message per line (from a terminal or a pipe) and streams each reply. Type /help
@@ -454,7 +458,8 @@ def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, se
                        cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
                        prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
                        chat_template=chat_template, vram_budget=vram_budget, cache_type_k=cache_type_k,
-                       cache_type_v=cache_type_v, context_shift=context_shift, n_keep=n_keep, n_ubatch=ubatch_size)
+                       cache_type_v=cache_type_v, context_shift=context_shift, n_keep=n_keep, n_ubatch=ubatch_size,
+                       flash_attn=flash_attn)
     except BaseException:
         bar.abort()
         raise
@@ -540,7 +545,7 @@ def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, 
           repeat_penalty, seed, ctx_size, threads, memory_budget, cache_policy, cache_scope, o_direct, prefetch_depth,
           no_prefetch, vram_budget, chat_template, chat_template_file, verbose, cache_type_k=DEFAULT_CACHE_TYPE,
           cache_type_v=DEFAULT_CACHE_TYPE, context_shift=False, n_keep=None, repeat_last_n=64, presence_penalty=0.0,
-          frequency_penalty=0.0, ubatch_size=None) -> None:
+          frequency_penalty=0.0, ubatch_size=None, flash_attn="auto") -> None:
     """Serve MODEL (a GGUF file; default: the demo model) over HTTP: OpenAI's API and a chat page.
 
     Routes: / (the chat page, with a live view of the expert cache), /v1/chat/completions,
@@ -581,7 +586,8 @@ def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, 
                        cache_policy=cache_policy, cache_scope=cache_scope, o_direct=o_direct,
                        prefetch=not no_prefetch and depth > 0, prefetch_depth=max(depth, 1),
                        chat_template=chat_template, vram_budget=vram_budget, cache_type_k=cache_type_k,
-                       cache_type_v=cache_type_v, context_shift=context_shift, n_keep=n_keep, n_ubatch=ubatch_size)
+                       cache_type_v=cache_type_v, context_shift=context_shift, n_keep=n_keep, n_ubatch=ubatch_size,
+                       flash_attn=flash_attn)
         from .chat import ChatSession
         from .chat_template import ChatTemplateError
 

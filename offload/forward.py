@@ -32,12 +32,13 @@ import math
 import numpy as np
 
 from .arch import ModelArgs
-from .cache_types import DEFAULT_CACHE_TYPE, check_cache_types, encode_rows, key_rotation
+from .cache_types import (DEFAULT_CACHE_TYPE, check_cache_types, check_flash_heads, encode_rows, key_rotation,
+                          value_rotation)
 from .errors import ContextOverflowError, NonFiniteError
 from .kv_cells import Cells
 from .kv_shift import check_can_shift, rotate_keys
 from .kernels import block, cext, ggml_math, jit, matmul, matmuls, step
-from .kernels.attention import attention, attention_typed
+from .kernels.attention import attention, attention_typed, flash_attention
 from .kernels.dispatch import step_enabled
 from .kernels.ggml_math import apply_rope, hadamard_rows, rms_norm
 from .kernels.jit import njit
@@ -158,10 +159,14 @@ class KVCache:
     attention each cell's position; clearing the cache (n_past = 0) goes back to the plain way."""
 
     def __init__(self, args: ModelArgs, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE,
-                 n_ubatch: int | None = None):
+                 n_ubatch: int | None = None, flash_attn: bool = False):
         self.type_k, self.type_v = type_k, type_v
-        self.k_fmt, self.v_fmt = check_cache_types(type_k, type_v, args.attention, args.head_dim)
+        self.flash_attn = flash_attn  # attention over this cache is llama.cpp's flash attention
+        self.k_fmt, self.v_fmt = check_cache_types(type_k, type_v, args.attention, args.head_dim, flash_attn)
+        if flash_attn:
+            check_flash_heads(args)
         self.k_rotation = key_rotation(self.k_fmt, args)  # llama.cpp's Hadamard rotation before a quantized K
+        self.v_rotation = value_rotation(self.v_fmt, args)  # and before a quantized V, undone on the output
         self.k = [_cache_rows(self.k_fmt, kv_cells(args, i, n_ctx, n_ubatch), args.kv_dim) for i in range(args.n_layer)]
         self.v = [_cache_rows(self.v_fmt, len(k), args.v_cache_dim) if args.v_cache_dim else None for k in self.k]
         self.n_ctx = n_ctx
@@ -282,12 +287,13 @@ class Scratch:
 
 class Transformer:
     def __init__(self, args: ModelArgs, weights: Weights, experts: ExpertStore, n_ctx: int,
-                 type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE, n_ubatch: int | None = None):
+                 type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE, n_ubatch: int | None = None,
+                 flash_attn: bool = False):
         self.args = args
         self.weights = weights
         self.experts = experts
         self.n_ubatch = n_ubatch or N_UBATCH  # tokens per micro-batch (llama.cpp's n_ubatch)
-        self.cache = KVCache(args, n_ctx, type_k, type_v, self.n_ubatch)
+        self.cache = KVCache(args, n_ctx, type_k, type_v, self.n_ubatch, flash_attn)
         bases = {args.rope_base_of(i) for i in range(args.n_layer)}
         tables = {base: rope_tables(args, n_ctx, base) for base in bases}  # shared by the layers of a base
         self.rope = [tables[args.rope_base_of(i)] for i in range(args.n_layer)]  # (cos, sin) per layer
@@ -477,9 +483,13 @@ class Transformer:
         apply_rope(k, cos[start : start + n], sin[start : start + n], a.rope_dim, a.rope_style)
         if self.cache.k_rotation:  # the same rotation of both leaves K.q as it is, up to rounding
             q, k = hadamard_rows(q, self.cache.k_rotation), hadamard_rows(k, self.cache.k_rotation)
+        if self.cache.v_rotation:  # undone on the output: sum p (H v) = H sum p v
+            v = hadamard_rows(v, self.cache.v_rotation)
         self.cache.write(layer, start, k.reshape(n, -1), v)
         out = self._attend(layer, q.reshape(n, -1), start, a.n_head, a.n_head_kv, hd,
                            out=buf("attn", n, a.n_head * hd), window=a.window(layer), sinks=w.sinks)
+        if self.cache.v_rotation:
+            out = hadamard_rows(out, self.cache.v_rotation)
         out = self._matmul(w.wo, out, out=buf("attn_out", n, a.n_embd))
         if w.bo is not None:
             out += w.bo
@@ -490,6 +500,8 @@ class Transformer:
         """The attention of queries q over this layer's cache, in the cache's types."""
         c = self.cache
         kw["cell_pos"] = c.cell_positions(layer)
+        if c.flash_attn:
+            return flash_attention(q, c.k[layer], c.k_fmt, c.v[layer], c.v_fmt, start, n_head, n_head_kv, head_dim, **kw)
         if c.float32:
             return attention(q, c.k[layer], c.v[layer], start, n_head, n_head_kv, head_dim, out=out, **kw)
         return attention_typed(q, c.k[layer], c.k_fmt, c.v[layer], c.v_fmt, start, n_head, n_head_kv, head_dim, **kw)
@@ -556,8 +568,9 @@ class Transformer:
         the C kernels serve its matrices and no GPU tier runs them; False if not run."""
         a = self.args
         c = self.cache
-        if (a.attention != "gqa" or self.gpu is not None or c.layout is not None or not block.attention_fits(w)
-                or c.k_fmt.name not in block.CACHE_TYPES or c.v_fmt.name not in block.CACHE_TYPES):
+        if (a.attention != "gqa" or self.gpu is not None or c.layout is not None or c.flash_attn
+                or not block.attention_fits(w) or c.k_fmt.name not in block.CACHE_TYPES
+                or c.v_fmt.name not in block.CACHE_TYPES):
             return False
         if self._block_scratch is None:
             self._block_scratch = block.attention_scratch(a)

@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from . import arch
-from .cache_types import DEFAULT_CACHE_TYPE, check_cache_types
+from .cache_types import DEFAULT_CACHE_TYPE, check_cache_types, flash_attention_wanted
 from .errors import ContextOverflowError, ModelBusyError, OffloadError
 from .forward import Transformer
 from .kv_shift import check_can_shift
@@ -116,7 +116,8 @@ class Model:
              predictor: str = "lookahead", chat_template: str | None = None,
              vram_budget: str | int | None = None, gpu_options: dict | None = None,
              cache_type_k: str = DEFAULT_CACHE_TYPE, cache_type_v: str = DEFAULT_CACHE_TYPE,
-             context_shift: bool = False, n_keep: int | None = None, n_ubatch: int | None = None) -> "Model":
+             context_shift: bool = False, n_keep: int | None = None, n_ubatch: int | None = None,
+             flash_attn: str | bool = "auto") -> "Model":
         """Open `path`; `n_ctx` defaults to the training context, or the longest that fits the
         memory budget beside the minimum expert slots (`context_note` says which; a context
         given that does not fit is refused naming the longest that does); `n_threads`: all cores.
@@ -148,7 +149,9 @@ class Model:
         one no GPU code is loaded. "off" (or 0): the CPU only.
 
         `cache_type_k` / `cache_type_v`: the KV cache's types (offload.cache_types: f32, f16,
-        bf16, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl for K; V not quantized, as llama.cpp without flash attention).
+        bf16, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl; a quantized V needs flash attention, as llama.cpp's).
+        `flash_attn`: "on", "off" or "auto" (llama.cpp's -fa; auto: on for a quantized V cache
+        only): attention as llama.cpp's flash attention computes it (kernels.attention.flash_attention).
 
         `context_shift`: when a generation or a chat reply fills the context, shift it as
         llama.cpp's --context-shift does (`shift_context`) instead of stopping; `n_keep`: the
@@ -170,7 +173,8 @@ class Model:
             else:
                 budget, source = parse_budget(memory_budget), "given"
                 check_within_limit(budget)
-            check_cache_types(cache_type_k, cache_type_v, args.attention, args.head_dim)
+            flash = flash_attention_wanted(flash_attn, cache_type_v)
+            check_cache_types(cache_type_k, cache_type_v, args.attention, args.head_dim, flash)
             if context_shift:
                 check_can_shift(args, cache_type_k)
 
@@ -201,7 +205,7 @@ class Model:
                 experts = ResidentExperts(gguf, args)
             else:
                 experts = TieredExperts(gguf, plan, args, policy=cache_policy, io_threads=io_threads)
-            transformer = Transformer(args, weights, experts, n_ctx, cache_type_k, cache_type_v, plan.n_ubatch)
+            transformer = Transformer(args, weights, experts, n_ctx, cache_type_k, cache_type_v, plan.n_ubatch, flash)
             transformer.file_check = gguf.check_unchanged
             _attach_gpu(transformer, weights, experts, gguf, args, vram_budget, gpu_options)
             if prefetch and prefetch_depth > 0 and isinstance(experts, TieredExperts) and not experts.all_resident:

@@ -1,5 +1,5 @@
 """KV cache types (offload.cache_types) against llama.cpp with the same -ctk / -ctv, flash
-attention off: per-position logits of a prompt and a greedy decode past 64 tokens, equal to
+attention off (tests/test_flash_attention.py: on): per-position logits of a prompt and a greedy decode past 64 tokens, equal to
 the bit, on a llama-like, a gpt-oss-like (sinks, sliding window ring) and a DeepSeek (MLA:
 one latent row per token, K and V one cache) tiny model.
 """
@@ -137,13 +137,13 @@ def test_iq4_nl_rows_are_ggml_s_reference_quantizer_s():
     assert encode_rows(fmt, tiny).view(fmt.layout)["d"].astype(np.float32).item() == 0.0
 
 
-@pytest.mark.parametrize("type_k,type_v,message", [
-    ("f16", "q8_0", "needs flash attention"),
-    ("q3_k", "f16", "unknown KV cache type"),
+@pytest.mark.parametrize("type_k,type_v,flash_attn,message", [
+    ("f16", "q8_0", "off", "needs flash attention"),  # (tests/test_flash_attention.py: with it)
+    ("q3_k", "f16", "auto", "unknown KV cache type"),
 ])
-def test_refused_in_one_line(paths, type_k, type_v, message):
+def test_refused_in_one_line(paths, type_k, type_v, flash_attn, message):
     with pytest.raises(OffloadError, match=message) as e:
-        Model.load(paths["llama"], n_ctx=N_CTX, cache_type_k=type_k, cache_type_v=type_v)
+        Model.load(paths["llama"], n_ctx=N_CTX, cache_type_k=type_k, cache_type_v=type_v, flash_attn=flash_attn)
     assert "\n" not in str(e.value)
 
 
@@ -172,8 +172,10 @@ def test_cli_takes_cache_types_and_inspect_shows_bytes_per_token(paths):
     assert shown.exit_code == 0, shown.output
     # 2 layers x (64 keys in Q8_0: 68 B + 64 values in F16: 128 B)
     assert "K q8_0, V f16: 392 B per token" in shown.output
-    refused = run(main, ["generate", str(paths["llama"]), "-n", "1", "-ctv", "q4_0"])
+    refused = run(main, ["generate", str(paths["llama"]), "-n", "1", "-ctv", "q4_0", "-fa", "off"])
     assert refused.exit_code == 1 and "needs flash attention" in refused.stderr
+    flash = run(main, ["generate", str(paths["llama"]), "-n", "2", "--temp", "0", "-ctv", "q4_0"])  # -fa auto: on
+    assert flash.exit_code == 0, flash.output
     ran = run(main, ["generate", str(paths["llama"]), "-n", "2", "--temp", "0", "--cache-type-k", "bf16"])
     assert ran.exit_code == 0, ran.output
 

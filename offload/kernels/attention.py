@@ -326,6 +326,40 @@ def attention_typed(q: np.ndarray, k_rows: np.ndarray, k_fmt, v_rows: np.ndarray
     return out.reshape(n, n_head * vd)
 
 
+def flash_attention(q: np.ndarray, k_rows: np.ndarray, k_fmt, v_rows: np.ndarray | None, v_fmt, start: int,
+                    n_head: int, n_head_kv: int, head_dim: int, window: int = 0, sinks: np.ndarray | None = None,
+                    v_dim: int | None = None, scale: float | None = None, cell_pos: np.ndarray | None = None,
+                    n_chunks: int = 0) -> np.ndarray:
+    """`attention_typed` as llama.cpp's flash attention computes it (cext/flash.c: its one-chunk,
+    tiled and split kernels, picked by the shape as llama.cpp picks them; F32 rows read as F16,
+    as llama.cpp casts them). `n_chunks`: the threads llama.cpp would split a long decode among
+    (0: offload's thread count). C kernels only."""
+    if not cext.available():
+        from ..errors import UnsupportedModelError
+
+        raise UnsupportedModelError("flash attention needs offload's C kernels (built at install with a C compiler): "
+                                    "use -fa off")
+    n = q.shape[0]
+    vd = head_dim if v_dim is None else v_dim
+    n_cells = k_rows.shape[0]
+    if v_rows is None:  # MLA: the values are the first vd values of each key row
+        v_rows, v_fmt, v_head = k_rows, k_fmt, 0
+    else:
+        v_head = v_fmt.row_bytes(vd)
+    used = len(cell_pos) if cell_pos is not None else min(start + n, n_cells) if start + n <= n_cells else n_cells
+    n_kv = min(-(-n_cells // 256) * 256, max(256, -(-used // 256) * 256))  # llama.cpp's KV view, padded
+    out = np.empty((n, n_head * vd), dtype=np.float32)
+    scale = np.float32(1) / np.sqrt(np.float32(head_dim)) if scale is None else np.float32(scale)
+    cext._cext.flash_attention(np.ascontiguousarray(q, dtype=np.float32), k_rows, v_rows, out, n, start, n_head,
+                               n_head_kv, head_dim, vd, n_cells, window,
+                               None if sinks is None else np.ascontiguousarray(sinks, dtype=np.float32),
+                               float(scale), k_fmt.name, v_fmt.name, k_rows.strides[0],
+                               v_rows.strides[0], k_fmt.row_bytes(head_dim), v_head,
+                               None if cell_pos is None else np.ascontiguousarray(cell_pos, dtype=np.int32),
+                               0 if cell_pos is None else len(cell_pos), n_kv, n_chunks)
+    return out
+
+
 def _head_rows(rows: np.ndarray, fmt, first: int, width: int, live: int, n_kv: int) -> np.ndarray:
     """Values first..first+width of cells 0..live as contiguous encoded rows, zero rows up to n_kv."""
     lo, hi = fmt.row_bytes(first) if first else 0, fmt.row_bytes(first + width)

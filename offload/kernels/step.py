@@ -58,6 +58,8 @@ def why_not(t) -> str | None:
         return "a GPU tier or prefetching runs per layer"
     if a.attention != "gqa":
         return f"{a.attention} attention"
+    if c.flash_attn:
+        return "flash attention runs per layer"
     if c.k_fmt.name not in ("F32", "F16") or c.v_fmt.name not in ("F32", "F16"):
         return f"a {c.k_fmt.name}/{c.v_fmt.name} KV cache"
     if a.routing not in ROUTINGS or a.expert_groups > 1 or a.expert_act not in _ACT:

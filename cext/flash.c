@@ -1,0 +1,356 @@
+/* Flash attention as llama.cpp's CPU backend computes it (ggml-cpu/ops.cpp,
+ * ggml_compute_forward_flash_attn_ext_f16), which is three kernels picked by the shape:
+ *
+ * - one chunk (the reference; every quantized K or V, or K and V of different types): per
+ *   query, cells in order, the online softmax: s = vec_dot(K row, q converted to K's
+ *   vec_dot_type) * scale; a new maximum rescales the sum S and the accumulator by
+ *   expf(old - new), else the cell weighs expf(s - M); the accumulator is F16 for an F16 V
+ *   (each step rounded: ggml_vec_mad_f16 / ggml_vec_scale_f16), else F32 over the
+ *   dequantized row; S = S * ms + vs; a sink joins at the end; out = acc * (1 / S).
+ * - tiled (K and V both F16, 64+ new tokens): cells in tiles of 64; a tile's scores are
+ *   F32 dot products of the unrounded query with the F16 keys (one FMA chain over the head
+ *   size: simd_gemm), the maximum taken per tile, the tile's exps ggml_v_expf with their sum
+ *   in double (ggml_vec_soft_max_f32), the values added as FMA chains over the tile's cells.
+ * - split (K and V both F16, one new token, a KV view of 512+ cells): the view cut into one
+ *   chunk per thread, each a one-chunk pass (the sink in the first), then merged in chunk
+ *   order (ggml_flash_attn_ext_reduce_partials).
+ *
+ * llama.cpp casts an F32 cache to F16 before its flash attention, so F32 rows are read
+ * rounded to F16. Masked cells are skipped (one chunk, split) or weigh exp(-inf) = 0 (tiled),
+ * as llama.cpp's F16 mask of 0 / -inf does. Scalar C: the exact orders first; the tiled
+ * kernel's FMA chains vectorize across cells.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "attention.h"
+#include "flash.h"
+#include "ggml_exp.h"
+#include "quantize.h"
+
+#define TILE_Q 64   /* GGML_FA_TILE_Q: from this many new tokens, the tiled kernel */
+#define TILE_KV 64  /* GGML_FA_TILE_KV */
+#define SPLIT_MIN 512
+
+/* llama.cpp's C compiled with contraction: a*b + c as one FMA (checked against it by the tests) */
+#define MUL_ADD(a, b, c) fmaf(a, b, c)
+
+static inline float half_value(const uint8_t *row, int store, int d) {
+    if (store == FLASH_F16) {
+        uint16_t h;
+        memcpy(&h, row + 2 * (size_t)d, 2);
+        return fp16_to_fp32(h);
+    }
+    float f;
+    memcpy(&f, row + 4 * (size_t)d, 4);
+    return round_f16(f);
+}
+
+static inline float f16_at(const uint8_t *p) { return fp16_to_fp32(read_u16(p)); }
+
+/* ggml's dequantize_row_* of n values (whole blocks); 0 for a format it does not know */
+static int dequantize_values(const format_kernels *f, const uint8_t *b, float *y, int n) {
+    static const int8_t kvalues[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+    const char *name = f->name;
+    for (int i = 0; i < n / 32; i++, b += f->block_bytes, y += 32) {
+        const float d = f16_at(b);
+        if (!strcmp(name, "Q8_0")) {
+            for (int j = 0; j < 32; j++) y[j] = (float)(int8_t)b[2 + j] * d;
+        } else if (!strcmp(name, "Q4_0")) {
+            for (int j = 0; j < 16; j++) {
+                y[j] = (float)((b[2 + j] & 0x0F) - 8) * d;
+                y[j + 16] = (float)((b[2 + j] >> 4) - 8) * d;
+            }
+        } else if (!strcmp(name, "Q4_1")) {
+            const float m = f16_at(b + 2);
+            for (int j = 0; j < 16; j++) {
+                y[j] = MUL_ADD((float)(b[4 + j] & 0x0F), d, m);
+                y[j + 16] = MUL_ADD((float)(b[4 + j] >> 4), d, m);
+            }
+        } else if (!strcmp(name, "Q5_0") || !strcmp(name, "Q5_1")) {
+            const int with_min = name[3] == '1';
+            const uint8_t *qh_at = b + (with_min ? 4 : 2), *qs = qh_at + 4;
+            uint32_t qh;
+            memcpy(&qh, qh_at, 4);
+            const float m = with_min ? f16_at(b + 2) : 0.0f;
+            for (int j = 0; j < 16; j++) {
+                const int h0 = ((qh >> j) << 4) & 0x10, h1 = (qh >> (j + 12)) & 0x10;
+                const int x0 = (qs[j] & 0x0F) | h0, x1 = (qs[j] >> 4) | h1;
+                if (with_min) {
+                    y[j] = MUL_ADD((float)x0, d, m);
+                    y[j + 16] = MUL_ADD((float)x1, d, m);
+                } else {
+                    y[j] = (float)(x0 - 16) * d;
+                    y[j + 16] = (float)(x1 - 16) * d;
+                }
+            }
+        } else if (!strcmp(name, "IQ4_NL")) {
+            for (int j = 0; j < 16; j++) {
+                y[j] = d * (float)kvalues[b[2 + j] & 0x0F];
+                y[j + 16] = d * (float)kvalues[b[2 + j] >> 4];
+            }
+        } else {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* -- one chunk ----------------------------------------------------------------------------- */
+
+typedef struct {
+    float *q;         /* head_dim: the query rounded to F16 (an F16 K) */
+    uint16_t *k16;    /* head_dim: an F32 key row as halves */
+    uint8_t *act;     /* the query as K's activations (a quantized K) */
+    float *acc, *v32; /* v_dim each */
+} chunk_scratch;
+
+static size_t act_size(int n) { return (size_t)n + (size_t)n / 32 * sizeof(float) + (size_t)n / 16 * sizeof(int16_t) + 64; }
+
+static size_t chunk_floats(const flash_args *a) {
+    const size_t hd = (size_t)a->head_dim, vd = (size_t)a->v_dim;
+    return hd + (hd + 1) / 2 + (act_size(a->head_dim) + 3) / 4 + 2 * vd + 16;
+}
+
+static chunk_scratch chunk_scratch_at(const flash_args *a, float *p) {
+    chunk_scratch s;
+    const size_t hd = (size_t)a->head_dim;
+    s.q = p;
+    s.k16 = (uint16_t *)(p + hd);
+    s.act = (uint8_t *)(p + hd + (hd + 1) / 2);
+    s.acc = p + hd + (hd + 1) / 2 + (act_size(a->head_dim) + 3) / 4;
+    s.v32 = s.acc + a->v_dim;
+    return s;
+}
+
+/* Cells [ic0, ic1) of query head h of new token t, into s->acc (unnormalized, F32), *M, *S. */
+static int one_chunk(const flash_args *a, int h, int t, int ic0, int ic1, int with_sink, const chunk_scratch *s,
+                     float *M_out, float *S_out) {
+    const int hd = a->head_dim, vd = a->v_dim, g = h / (a->n_head / a->n_head_kv);
+    const cell_view cells = cells_of(a->start, a->n, t, a->n_cells, a->window, a->cell_pos, a->n_used);
+    const float *q = a->q + ((size_t)t * a->n_head + h) * hd;
+    act_row act = {0};
+    if (a->k_store == FLASH_QUANT) {
+        act.qs = (const int8_t *)s->act;
+        act.d = (const float *)(s->act + hd);
+        act.bsums = (const int16_t *)(s->act + hd + hd / 32 * sizeof(float));
+        quantize_row_kind(a->k_act, q, (int8_t *)act.qs, (float *)act.d, (void *)act.bsums, hd);
+    } else {
+        for (int c = 0; c < hd; c++) s->q[c] = round_f16(q[c]);
+    }
+    const int v_half = a->v_store != FLASH_QUANT; /* F16 (or F32 read as F16): an F16 accumulator */
+    float *acc = s->acc;
+    memset(acc, 0, sizeof(float) * vd);
+    float M = -INFINITY, S = 0.0f;
+    const int end = ic1 < cells.n_visit ? ic1 : cells.n_visit;
+    for (int ic = ic0; ic < end; ic++) {
+        if (!sees(&cells, ic)) continue;
+        const uint8_t *krow = a->k + (size_t)ic * a->k_row + (size_t)g * a->k_head;
+        float score;
+        if (a->k_store == FLASH_QUANT) {
+            score = a->k_dot(krow, &act, hd);
+        } else if (a->k_store == FLASH_F16) {
+            score = vec_dot_f16_ggml((const uint16_t *)krow, s->q, hd);
+        } else {
+            for (int c = 0; c < hd; c++) s->k16[c] = fp32_to_fp16_bits(((const float *)krow)[c]);
+            score = vec_dot_f16_ggml(s->k16, s->q, hd);
+        }
+        score = score * a->scale;
+        const float Mold = M;
+        float ms = 1.0f, vs = 1.0f;
+        if (score > M) {
+            M = score;
+            ms = expf(Mold - M);
+            for (int d = 0; d < vd; d++) acc[d] = v_half ? round_f16(acc[d] * ms) : acc[d] * ms;
+        } else {
+            vs = expf(score - M);
+        }
+        const uint8_t *vrow = a->v + (size_t)ic * a->v_row + (size_t)g * a->v_head;
+        if (v_half) {
+            for (int d = 0; d < vd; d++) acc[d] = round_f16(fmaf(half_value(vrow, a->v_store, d), vs, acc[d]));
+        } else {
+            if (!dequantize_values(a->v_format, vrow, s->v32, vd)) return -2;
+            for (int d = 0; d < vd; d++) acc[d] = fmaf(s->v32[d], vs, acc[d]);
+        }
+        S = MUL_ADD(S, ms, vs);
+    }
+    if (with_sink && a->sinks) {
+        const float sink = a->sinks[h];
+        float ms = 1.0f, vs = 1.0f;
+        if (sink > M) {
+            ms = expf(M - sink);
+            for (int d = 0; d < vd; d++) acc[d] *= ms;
+        } else {
+            vs = expf(sink - M);
+        }
+        S = S * ms + vs; /* not fused (as llama.cpp was compiled) */
+        /* A split decode's chunk that sees no cell but has the sink: llama.cpp leaves M at -inf
+         * and its merge then takes expf(-inf - -inf) = NaN; the sink's own logit is the scale S
+         * and the (zero) accumulator are at, so the merge stays finite (and equal elsewhere). */
+        if (M == -INFINITY) M = sink;
+    }
+    *M_out = M;
+    *S_out = S;
+    return 0;
+}
+
+static void write_out(const flash_args *a, int h, int t, const float *acc, float S) {
+    const float inv = S == 0.0f ? 0.0f : 1.0f / S;
+    float *o = a->out + ((size_t)t * a->n_head + h) * a->v_dim;
+    for (int d = 0; d < a->v_dim; d++) o[d] = acc[d] * inv;
+}
+
+/* -- tiled --------------------------------------------------------------------------------- */
+
+static size_t tiled_floats(const flash_args *a) {
+    return (size_t)a->v_dim + TILE_KV + (size_t)TILE_KV * a->v_dim + (size_t)TILE_KV * a->head_dim + 16;
+}
+
+static void tiled_row(const flash_args *a, int h, int t, float *scratch) {
+    const int hd = a->head_dim, vd = a->v_dim, g = h / (a->n_head / a->n_head_kv);
+    const cell_view cells = cells_of(a->start, a->n, t, a->n_cells, a->window, a->cell_pos, a->n_used);
+    const float *q = a->q + ((size_t)t * a->n_head + h) * hd;
+    float *acc = scratch, *kq = acc + vd, *v32 = kq + TILE_KV, *k32 = v32 + (size_t)TILE_KV * vd;
+    memset(acc, 0, sizeof(float) * vd);
+    float M = -INFINITY, S = 0.0f;
+    for (int ic = 0; ic < cells.n_visit; ic += TILE_KV) {
+        const int nt = cells.n_visit - ic < TILE_KV ? cells.n_visit - ic : TILE_KV;
+        int any = 0;
+        for (int tk = 0; tk < nt; tk++) any |= sees(&cells, ic + tk);
+        if (!any) continue; /* a tile every cell of which is masked: skipped */
+        for (int tk = 0; tk < TILE_KV; tk++) {
+            const uint8_t *krow = a->k + (size_t)(ic + tk) * a->k_row + (size_t)g * a->k_head;
+            if (tk < nt)
+                for (int c = 0; c < hd; c++) k32[(size_t)tk * hd + c] = half_value(krow, a->k_store, c);
+        }
+        float tile_max = -INFINITY;
+        for (int tk = 0; tk < TILE_KV; tk++) {
+            float s = -INFINITY;
+            if (tk < nt && sees(&cells, ic + tk)) {
+                float dot = 0.0f;
+                for (int c = 0; c < hd; c++) dot = fmaf(k32[(size_t)tk * hd + c], q[c], dot);
+                s = dot * a->scale;
+            }
+            kq[tk] = s;
+            tile_max = s > tile_max ? s : tile_max;
+        }
+        if (tile_max == -INFINITY) continue;
+        const float Mnew = fmaxf(M, tile_max);
+        if (Mnew > M) {
+            const float ms = expf(M - Mnew);
+            for (int d = 0; d < vd; d++) acc[d] *= ms;
+            S *= ms;
+        }
+        M = Mnew;
+        double sum = 0.0;
+        for (int c = 0; c < TILE_KV; c += 8) {
+            float lanes[8];
+            for (int l = 0; l < 8; l++) lanes[l] = kq[c + l] = expf_ggml(kq[c + l] - Mnew);
+            sum += (double)hsum8_portable(lanes);
+        }
+        S = (float)((double)S + sum);
+        for (int tk = 0; tk < nt; tk++) {
+            const uint8_t *vrow = a->v + (size_t)(ic + tk) * a->v_row + (size_t)g * a->v_head;
+            for (int d = 0; d < vd; d++) v32[(size_t)tk * vd + d] = half_value(vrow, a->v_store, d);
+        }
+        for (int tk = 0; tk < nt; tk++) /* past nt: weight exactly 0 */
+            for (int d = 0; d < vd; d++) acc[d] = fmaf(v32[(size_t)tk * vd + d], kq[tk], acc[d]);
+    }
+    if (a->sinks) {
+        const float sink = a->sinks[h];
+        float ms = 1.0f, vs = 1.0f;
+        if (sink > M) {
+            ms = expf(M - sink);
+            for (int d = 0; d < vd; d++) acc[d] *= ms;
+        } else {
+            vs = expf(sink - M);
+        }
+        S = MUL_ADD(S, ms, vs); /* fused here, not in one_chunk: as llama.cpp was compiled */
+    }
+    write_out(a, h, t, acc, S);
+}
+
+/* -- split --------------------------------------------------------------------------------- */
+
+static int split_decode(const flash_args *a) {
+    const int chunks = a->n_chunks, size = (a->n_kv + chunks - 1) / chunks, vd = a->v_dim;
+    const size_t part = 2 + (size_t)vd; /* M, S, acc */
+    float *partials = malloc(sizeof(float) * part * (size_t)chunks * a->n_head);
+    if (!partials) return -1;
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *scratch = malloc(sizeof(float) * chunk_floats(a));
+        const chunk_scratch s = chunk_scratch_at(a, scratch ? scratch : partials);
+#pragma omp for schedule(dynamic, 1)
+        for (int i = 0; i < a->n_head * chunks; i++) {
+            const int h = i / chunks, c = i % chunks, ic0 = c * size;
+            float *p = partials + part * (size_t)i;
+            if (!scratch) {
+                failed = -1;
+                continue;
+            }
+            p[0] = -INFINITY, p[1] = 0.0f;
+            if (ic0 >= a->n_kv) continue;
+            const int ic1 = ic0 + size < a->n_kv ? ic0 + size : a->n_kv;
+            const int rc = one_chunk(a, h, 0, ic0, ic1, ic0 == 0, &s, &p[0], &p[1]);
+            if (rc) failed = rc;
+            memcpy(p + 2, s.acc, sizeof(float) * vd);
+        }
+        free(scratch);
+#pragma omp barrier
+#pragma omp for
+        for (int h = 0; h < a->n_head; h++) {
+            float *acc = a->out + (size_t)h * vd; /* merged in place, then normalized */
+            float M = -INFINITY, S = 0.0f;
+            memset(acc, 0, sizeof(float) * vd);
+            for (int c = 0; c < chunks; c++) {
+                const float *p = partials + part * ((size_t)h * chunks + c);
+                if (c * size >= a->n_kv || p[1] == 0.0f) continue;
+                const float Mnew = fmaxf(M, p[0]);
+                const float old = expf(M - Mnew), now = expf(p[0] - Mnew);
+                for (int d = 0; d < vd; d++) acc[d] = MUL_ADD(acc[d], old, p[2 + d] * now);
+                S = MUL_ADD(S, old, p[1] * now);
+                M = Mnew;
+            }
+            if (S != 0.0f) {
+                const float inv = 1.0f / S;
+                for (int d = 0; d < vd; d++) acc[d] *= inv;
+            }
+        }
+    }
+    free(partials);
+    return failed;
+}
+
+int flash_attention_run(const flash_args *a) {
+    const int halves = a->k_store != FLASH_QUANT && a->v_store != FLASH_QUANT; /* both F16 once cast */
+    if (halves && a->n == 1 && a->n_kv >= SPLIT_MIN && a->n_chunks > 1) return split_decode(a);
+    const int tiled = halves && a->n >= TILE_Q;
+    const int items = a->n_head * a->n;
+    int failed = 0;
+#pragma omp parallel if (items > 1)
+    {
+        float *scratch = malloc(sizeof(float) * (tiled ? tiled_floats(a) : chunk_floats(a)));
+        const chunk_scratch s = chunk_scratch_at(a, scratch);
+#pragma omp for schedule(dynamic, 4)
+        for (int i = 0; i < items; i++) {
+            const int h = i / a->n, t = i % a->n;
+            if (!scratch) {
+                failed = -1;
+                continue;
+            }
+            if (tiled) {
+                tiled_row(a, h, t, scratch);
+            } else {
+                float M, S;
+                const int rc = one_chunk(a, h, t, 0, a->n_cells, 1, &s, &M, &S);
+                if (rc) failed = rc;
+                else write_out(a, h, t, s.acc, S);
+            }
+        }
+        free(scratch);
+    }
+    return failed;
+}
