@@ -70,7 +70,7 @@ def check_cache_types(type_k: str, type_v: str, attention: str, head_dim: int,
                       flash_attn: bool = False) -> tuple[BlockFormat, BlockFormat]:
     """The formats of K and V, refused in one line where llama.cpp refuses them (a quantized V
     without flash attention; different K and V for MLA; a block longer than a head) or where
-    offload's flash attention has no kernel (BF16, MLA; check_flash_heads)."""
+    offload's flash attention has no kernel (BF16, quantized MLA; check_flash_heads)."""
     k, v = cache_format(type_k), cache_format(type_v)
     if v.block_size > 1 and not flash_attn:
         raise UnsupportedModelError(f"a quantized V cache ({type_v}) needs flash attention: add -fa on (or use "
@@ -84,15 +84,22 @@ def check_cache_types(type_k: str, type_v: str, attention: str, head_dim: int,
     if flash_attn:
         if "BF16" in (k.name, v.name):
             raise UnsupportedModelError("offload's flash attention has no bf16 cache kernel: use f16 (or -fa off)")
-        if attention != "gqa":  # llama.cpp's MLA graph with flash attention differs past the kernel (not matched yet)
-            raise UnsupportedModelError("offload's flash attention does not run MLA (DeepSeek) attention yet: use -fa off")
+        if attention == "mla_decompressed":  # (llama.cpp's flash attention asserts on these keys and values)
+            raise UnsupportedModelError("flash attention over a legacy DeepSeek file's decompressed heads (keys wider "
+                                        "than values) is not supported, as in llama.cpp: use -fa off")
+        if attention != "gqa" and k.block_size > 1:
+            raise UnsupportedModelError("offload's flash attention over a quantized MLA (DeepSeek) cache is not built: "
+                                        "use f16 (or -fa off)")
     return k, v
 
 
 def check_flash_heads(args) -> None:
     """Refuse, in one line, heads offload's flash attention kernel has no code for (sizes of
-    32s, as every released model's)."""
-    dk, dv = args.head_dim, args.v_dim
+    32s, as every released model's; MLA's: the latent and RoPE key, and the latent)."""
+    if args.attention == "mla":
+        dk, dv = args.kv_lora_rank + args.rope_dim, args.kv_lora_rank
+    else:
+        dk, dv = args.head_dim, args.v_dim
     if dk % 32 or dv % 32:
         raise UnsupportedModelError(f"offload's flash attention needs heads of multiples of 32 values, not {dk}/{dv}: "
                                     "use -fa off")

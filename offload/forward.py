@@ -521,8 +521,9 @@ class Transformer:
         self.cache.write(layer, start, np.concatenate([latent, k_pe[:, 0]], axis=1), None)
         out = self._attend(layer, queries.reshape(n, -1), start, a.n_head, 1, r + rope, v_dim=r, scale=self._mla_scale)
         heads = np.empty((n, a.n_head, a.v_head_dim), dtype=np.float32)
+        contiguous = not self.cache.flash_attn  # flash attention's output reaches v_b as a permuted view
         for h in range(a.n_head):
-            heads[:, h] = _head_matmul(w.wv_b[h], out[:, h * r : (h + 1) * r], src1_contiguous=True)
+            heads[:, h] = _head_matmul(w.wv_b[h], out[:, h * r : (h + 1) * r], src1_contiguous=contiguous)
         return self._matmul(w.wo, heads.reshape(n, -1))
 
     def _decompressed_attention(self, layer: int, w: LatentAttention, x: np.ndarray, start: int) -> np.ndarray:

@@ -2,7 +2,8 @@
 same cache types: prompt logits and every decode step's logits equal to the bit, through each
 of its three kernels (one chunk: short prompts, decodes, quantized caches; tiled: 64+ new
 tokens over F16 keys and values; split: a decoding token over a KV view of 512+ cells), with
-sinks and sliding windows (gpt-oss-like), quantized V caches and their Hadamard rotation.
+sinks and sliding windows (gpt-oss-like), DeepSeek's MLA, quantized V caches and their Hadamard
+rotation.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ MODELS = {
     # heads of 128: llama.cpp rotates keys (128) and values (64) before quantized caches store them
     "llama-hd128": TinyConfig(n_layer=2, n_embd=128, n_head=2, n_head_kv=1, head_dim=128, n_ff=64, n_expert=4,
                               n_expert_used=2, n_ctx=N_CTX),
+    # MLA: the cache's latent (64) and RoPE key (32), the latent as the values; v_b after
+    "deepseek2": TinyConfig(arch="deepseek2", n_layer=2, n_embd=64, n_head=4, n_head_kv=1, head_dim=64, n_ff=32,
+                            n_expert=8, n_expert_used=2, kv_lora_rank=64, rope_dim=32, v_head_dim=32, n_dense_lead=1,
+                            n_ff_dense=96, yarn_factor=0.0, n_ctx=N_CTX),
     # sinks, a window of 16 on the even layers
     "gpt-oss": TinyConfig(arch="gpt-oss", n_layer=2, n_embd=64, n_head=4, n_head_kv=2, head_dim=32, n_ff=64,
                           n_expert=8, n_expert_used=4, sliding_window=16, n_ctx=N_CTX),
@@ -32,7 +37,8 @@ MODELS = {
 PROMPTS = [("llama", "f16", "f16", 40), ("llama", "f16", "f16", 100), ("llama", "f32", "f32", 100),
            ("llama", "q8_0", "q8_0", 40), ("llama", "q4_0", "q4_1", 100), ("llama", "q5_0", "q5_1", 40),
            ("llama", "iq4_nl", "q4_0", 100), ("llama", "f16", "q8_0", 100), ("llama-hd128", "q8_0", "q8_0", 40),
-           ("gpt-oss", "f16", "f16", 40), ("gpt-oss", "f16", "f16", 100), ("gpt-oss", "q8_0", "q8_0", 40)]
+           ("gpt-oss", "f16", "f16", 40), ("gpt-oss", "f16", "f16", 100), ("gpt-oss", "q8_0", "q8_0", 40),
+           ("deepseek2", "f16", "f16", 40), ("deepseek2", "f32", "f32", 100)]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +63,8 @@ def test_prompt_logits_equal_llama_cpp(paths, name, type_k, type_v, n):
 
 # (model, -ctk, -ctv, prompt tokens, decode steps): a prompt of 300 puts the decode's KV view
 # at 512 cells, where llama.cpp splits it among its 2 threads
-DECODES = [("llama", "f16", "f16", 300, 12), ("llama", "q8_0", "q8_0", 40, 24), ("gpt-oss", "f16", "f16", 40, 24)]
+DECODES = [("llama", "f16", "f16", 300, 12), ("llama", "q8_0", "q8_0", 40, 24), ("gpt-oss", "f16", "f16", 40, 24),
+           ("deepseek2", "f16", "f16", 300, 8)]
 
 
 @pytest.mark.parametrize("name,type_k,type_v,n,steps", DECODES)
@@ -100,9 +107,11 @@ def test_auto_is_on_for_a_quantized_v_cache_only(paths):
 @pytest.mark.parametrize("options,message", [
     (dict(cache_type_v="q8_0", flash_attn="off"), "needs flash attention"),
     (dict(cache_type_k="bf16", flash_attn="on"), "no bf16 cache kernel"),
+    (dict(cache_type_k="q8_0", cache_type_v="q8_0", flash_attn="on", model="deepseek2"), "quantized MLA"),
     (dict(flash_attn="sometimes"), "takes on, off or auto"),
 ])
 def test_refused_in_one_line(paths, options, message):
+    name = options.pop("model", "llama")
     with pytest.raises(OffloadError, match=message) as e:
-        Model.load(paths["llama"], n_ctx=256, **options)
+        Model.load(paths[name], n_ctx=256, **options)
     assert "\n" not in str(e.value)
