@@ -75,7 +75,6 @@ static float dot_f16_portable(const uint16_t *x, const float *y, int n, int gemm
     return (float)s;
 }
 
-float vec_dot_f16_ggml(const uint16_t *x, const float *y, int n) { return dot_f16_portable(x, y, n, 0); }
 
 /* The query head as ggml hands it to an F16 K: rounded to F16 (kept as floats in qr). */
 static const float *query_of(const attention_args *a, int h, int t, float *qr) {
@@ -481,6 +480,14 @@ static TARGET_AVX2 void attend_tile_avx2(const attention_args *a, int i, int liv
     }
 }
 #endif
+
+float vec_dot_f16_ggml(const uint16_t *x, const float *y, int n, int use_avx2) {
+#ifdef OFFLOAD_X86
+    if (use_avx2) return dot_f16_avx2(x, y, n, 0);
+#endif
+    (void)use_avx2;
+    return dot_f16_portable(x, y, n, 0);
+}
 
 uint16_t fp32_to_fp16_bits(float x) {
     const float r = round_f16(x); /* now exact in a half */

@@ -57,7 +57,7 @@ uint16_t fp32_to_fp16_bits(float x);
 
 /* ggml_vec_dot_f16 (32 lanes folded as vec_dot_f32's, the tail in double) of an F16 row and
  * floats already rounded to F16. */
-float vec_dot_f16_ggml(const uint16_t *x, const float *y, int n);
+float vec_dot_f16_ggml(const uint16_t *x, const float *y, int n, int use_avx2);
 
 /* 0 on success, -1 when scratch memory could not be allocated */
 int attention_run(const attention_args *a, int use_avx2);

@@ -49,27 +49,43 @@ static inline float half_value(const uint8_t *row, int store, int d) {
 
 static inline float f16_at(const uint8_t *p) { return fp16_to_fp32(read_u16(p)); }
 
-/* ggml's dequantize_row_* of n values (whole blocks); 0 for a format it does not know */
-static int dequantize_values(const format_kernels *f, const uint8_t *b, float *y, int n) {
+/* the quantized V formats, resolved once per call */
+enum value_kind { V_NONE = 0, V_Q8_0, V_Q4_0, V_Q4_1, V_Q5_0, V_Q5_1, V_IQ4_NL };
+
+static int value_kind(const format_kernels *f) {
+    static const char *const names[] = {"", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL"};
+    for (int k = 1; f && k < (int)(sizeof(names) / sizeof(names[0])); k++)
+        if (!strcmp(f->name, names[k])) return k;
+    return V_NONE;
+}
+
+/* ggml's dequantize_row_* of n values (whole blocks of 32) */
+static inline __attribute__((always_inline)) void dequantize_body(int kind, size_t block_bytes, const uint8_t *b,
+                                                                   float *y, int n) {
     static const int8_t kvalues[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
-    const char *name = f->name;
-    for (int i = 0; i < n / 32; i++, b += f->block_bytes, y += 32) {
+    for (int i = 0; i < n / 32; i++, b += block_bytes, y += 32) {
         const float d = f16_at(b);
-        if (!strcmp(name, "Q8_0")) {
+        switch (kind) {
+        case V_Q8_0:
             for (int j = 0; j < 32; j++) y[j] = (float)(int8_t)b[2 + j] * d;
-        } else if (!strcmp(name, "Q4_0")) {
+            break;
+        case V_Q4_0:
             for (int j = 0; j < 16; j++) {
                 y[j] = (float)((b[2 + j] & 0x0F) - 8) * d;
                 y[j + 16] = (float)((b[2 + j] >> 4) - 8) * d;
             }
-        } else if (!strcmp(name, "Q4_1")) {
+            break;
+        case V_Q4_1: {
             const float m = f16_at(b + 2);
             for (int j = 0; j < 16; j++) {
                 y[j] = MUL_ADD((float)(b[4 + j] & 0x0F), d, m);
                 y[j + 16] = MUL_ADD((float)(b[4 + j] >> 4), d, m);
             }
-        } else if (!strcmp(name, "Q5_0") || !strcmp(name, "Q5_1")) {
-            const int with_min = name[3] == '1';
+            break;
+        }
+        case V_Q5_0:
+        case V_Q5_1: {
+            const int with_min = kind == V_Q5_1;
             const uint8_t *qh_at = b + (with_min ? 4 : 2), *qs = qh_at + 4;
             uint32_t qh;
             memcpy(&qh, qh_at, 4);
@@ -85,16 +101,129 @@ static int dequantize_values(const format_kernels *f, const uint8_t *b, float *y
                     y[j + 16] = (float)(x1 - 16) * d;
                 }
             }
-        } else if (!strcmp(name, "IQ4_NL")) {
+            break;
+        }
+        default: /* V_IQ4_NL */
             for (int j = 0; j < 16; j++) {
                 y[j] = d * (float)kvalues[b[2 + j] & 0x0F];
                 y[j + 16] = d * (float)kvalues[b[2 + j] >> 4];
             }
-        } else {
-            return 0;
         }
     }
-    return 1;
+}
+
+static void dequantize_portable(int kind, size_t block_bytes, const uint8_t *b, float *y, int n) {
+    dequantize_body(kind, block_bytes, b, y, n);
+}
+
+#ifdef OFFLOAD_X86
+static TARGET_AVX2 void dequantize_avx2(int kind, size_t block_bytes, const uint8_t *b, float *y, int n) {
+    dequantize_body(kind, block_bytes, b, y, n); /* the same C, with FMA for MUL_ADD and vectorized */
+}
+#endif
+
+static void dequantize_values(const flash_args *a, const uint8_t *b, float *y, int n) {
+#ifdef OFFLOAD_X86
+    if (a->use_avx2) {
+        dequantize_avx2(a->v_kind, (size_t)a->v_format->block_bytes, b, y, n);
+        return;
+    }
+#endif
+    dequantize_portable(a->v_kind, (size_t)a->v_format->block_bytes, b, y, n);
+}
+
+#ifdef OFFLOAD_X86
+static inline TARGET_AVX2 __m256 round_f16_8(__m256 x) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+}
+
+/* eight values of a row as F16: halves, or floats rounded to halves */
+static inline TARGET_AVX2 __m256 halves8(const uint8_t *row, int store, int d) {
+    if (store == FLASH_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * (size_t)d)));
+    return round_f16_8(_mm256_loadu_ps((const float *)row + d));
+}
+
+static TARGET_AVX2 int scale_acc_avx2(float *acc, float ms, int n, int half) {
+    const __m256 m = _mm256_set1_ps(ms);
+    int d = 0;
+    for (; d + 8 <= n; d += 8) {
+        const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(acc + d), m);
+        _mm256_storeu_ps(acc + d, half ? round_f16_8(y) : y);
+    }
+    return d;
+}
+
+static TARGET_AVX2 void tile_scores_avx2(const float *kt, const float *q, int hd, float *kq) {
+    for (int tk = 0; tk < 64; tk += 16) { /* two chains side by side */
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (int c = 0; c < hd; c++) {
+            const __m256 qc = _mm256_set1_ps(q[c]);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(kt + (size_t)c * 64 + tk), qc, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(kt + (size_t)c * 64 + tk + 8), qc, a1);
+        }
+        _mm256_storeu_ps(kq + tk, a0);
+        _mm256_storeu_ps(kq + tk + 8, a1);
+    }
+}
+
+static TARGET_AVX2 int tile_values_avx2(const float *v, const float *w, int nt, int vd, float *acc) {
+    int d = 0;
+    for (; d + 8 <= vd; d += 8) {
+        __m256 y = _mm256_loadu_ps(acc + d);
+        for (int tk = 0; tk < nt; tk++) y = _mm256_fmadd_ps(_mm256_loadu_ps(v + (size_t)tk * vd + d), _mm256_set1_ps(w[tk]), y);
+        _mm256_storeu_ps(acc + d, y);
+    }
+    return d;
+}
+
+static TARGET_AVX2 double tile_exps_avx2(float *kq, float m) {
+    double sum = 0.0;
+    for (int c = 0; c < 64; c += 8) {
+        const __m256 e = expf_ggml_avx2(_mm256_sub_ps(_mm256_loadu_ps(kq + c), _mm256_set1_ps(m)));
+        _mm256_storeu_ps(kq + c, e);
+        sum += (double)hsum_float_8(e);
+    }
+    return sum;
+}
+
+static TARGET_AVX2 int mad_acc_avx2(float *acc, const uint8_t *row, int store, const float *v32, float vs, int n) {
+    const __m256 w = _mm256_set1_ps(vs);
+    int d = 0;
+    for (; d + 8 <= n; d += 8) {
+        const __m256 v = v32 ? _mm256_loadu_ps(v32 + d) : halves8(row, store, d);
+        const __m256 y = _mm256_fmadd_ps(v, w, _mm256_loadu_ps(acc + d));
+        _mm256_storeu_ps(acc + d, v32 ? y : round_f16_8(y));
+    }
+    return d;
+}
+#endif
+
+/* The accumulator's steps, elementwise: acc = acc * ms and acc += v * vs (one FMA), each
+ * result rounded to F16 for an F16 accumulator (ggml_vec_scale_f16 / ggml_vec_mad_f16), the
+ * values read as F16 from an F16 or F32 row; or over float values (ggml_vec_*_f32). */
+static void scale_acc(float *acc, float ms, int n, int half, int use_avx2) {
+    int d = 0;
+#ifdef OFFLOAD_X86
+    if (use_avx2) {
+        d = scale_acc_avx2(acc, ms, n, half);
+    }
+#endif
+    (void)use_avx2;
+    for (; d < n; d++) acc[d] = half ? round_f16(acc[d] * ms) : acc[d] * ms;
+}
+
+static void mad_acc(float *acc, const uint8_t *row, int store, const float *v32, float vs, int n, int use_avx2) {
+    int d = 0;
+#ifdef OFFLOAD_X86
+    if (use_avx2) {
+        d = mad_acc_avx2(acc, row, store, v32, vs, n);
+    }
+#endif
+    (void)use_avx2;
+    if (v32)
+        for (; d < n; d++) acc[d] = fmaf(v32[d], vs, acc[d]);
+    else
+        for (; d < n; d++) acc[d] = round_f16(fmaf(half_value(row, store, d), vs, acc[d]));
 }
 
 /* -- one chunk ----------------------------------------------------------------------------- */
@@ -151,10 +280,10 @@ static int one_chunk(const flash_args *a, int h, int t, int ic0, int ic1, int wi
         if (a->k_store == FLASH_QUANT) {
             score = a->k_dot(krow, &act, hd);
         } else if (a->k_store == FLASH_F16) {
-            score = vec_dot_f16_ggml((const uint16_t *)krow, s->q, hd);
+            score = vec_dot_f16_ggml((const uint16_t *)krow, s->q, hd, a->use_avx2);
         } else {
             for (int c = 0; c < hd; c++) s->k16[c] = fp32_to_fp16_bits(((const float *)krow)[c]);
-            score = vec_dot_f16_ggml(s->k16, s->q, hd);
+            score = vec_dot_f16_ggml(s->k16, s->q, hd, a->use_avx2);
         }
         score = score * a->scale;
         const float Mold = M;
@@ -162,17 +291,13 @@ static int one_chunk(const flash_args *a, int h, int t, int ic0, int ic1, int wi
         if (score > M) {
             M = score;
             ms = expf(Mold - M);
-            for (int d = 0; d < vd; d++) acc[d] = v_half ? round_f16(acc[d] * ms) : acc[d] * ms;
+            scale_acc(acc, ms, vd, v_half, a->use_avx2);
         } else {
             vs = expf(score - M);
         }
         const uint8_t *vrow = a->v + (size_t)ic * a->v_row + (size_t)g * a->v_head;
-        if (v_half) {
-            for (int d = 0; d < vd; d++) acc[d] = round_f16(fmaf(half_value(vrow, a->v_store, d), vs, acc[d]));
-        } else {
-            if (!dequantize_values(a->v_format, vrow, s->v32, vd)) return -2;
-            for (int d = 0; d < vd; d++) acc[d] = fmaf(s->v32[d], vs, acc[d]);
-        }
+        if (!v_half) dequantize_values(a, vrow, s->v32, vd);
+        mad_acc(acc, vrow, a->v_store, v_half ? NULL : s->v32, vs, vd, a->use_avx2);
         S = MUL_ADD(S, ms, vs);
     }
     if (with_sink && a->sinks) {
@@ -180,7 +305,7 @@ static int one_chunk(const flash_args *a, int h, int t, int ic0, int ic1, int wi
         float ms = 1.0f, vs = 1.0f;
         if (sink > M) {
             ms = expf(M - sink);
-            for (int d = 0; d < vd; d++) acc[d] *= ms;
+            scale_acc(acc, ms, vd, 0, a->use_avx2);
         } else {
             vs = expf(sink - M);
         }
@@ -203,72 +328,130 @@ static void write_out(const flash_args *a, int h, int t, const float *acc, float
 
 /* -- tiled --------------------------------------------------------------------------------- */
 
+/* per item: TILE_Q rows' accumulators, maxima, sums and scores; one KV tile's keys
+ * (transposed) and values as F32 */
 static size_t tiled_floats(const flash_args *a) {
-    return (size_t)a->v_dim + TILE_KV + (size_t)TILE_KV * a->v_dim + (size_t)TILE_KV * a->head_dim + 16;
+    return (size_t)TILE_Q * (a->v_dim + 2 + TILE_KV) + (size_t)TILE_KV * a->head_dim + (size_t)TILE_KV * a->v_dim + 16;
 }
 
-static void tiled_row(const flash_args *a, int h, int t, float *scratch) {
+/* kq[tk] = sum over c of kt[c][tk] * q[c], one FMA chain per cell in c's order (simd_gemm's) */
+static void tile_scores(const float *kt, const float *q, int hd, float *kq, int use_avx2) {
+#ifdef OFFLOAD_X86
+    if (use_avx2) {
+        tile_scores_avx2(kt, q, hd, kq);
+        return;
+    }
+#endif
+    (void)use_avx2;
+    for (int tk = 0; tk < TILE_KV; tk++) {
+        float dot = 0.0f;
+        for (int c = 0; c < hd; c++) dot = fmaf(kt[(size_t)c * TILE_KV + tk], q[c], dot);
+        kq[tk] = dot;
+    }
+}
+
+/* acc[d] += sum over tk < nt of v[tk][d] * w[tk], one FMA chain per d in tk's order */
+static void tile_values(const float *v, const float *w, int nt, int vd, float *acc, int use_avx2) {
+    int d = 0;
+#ifdef OFFLOAD_X86
+    if (use_avx2) d = tile_values_avx2(v, w, nt, vd, acc);
+#endif
+    (void)use_avx2;
+    for (; d < vd; d++)
+        for (int tk = 0; tk < nt; tk++) acc[d] = fmaf(v[(size_t)tk * vd + d], w[tk], acc[d]);
+}
+
+/* sum of exp(kq - m) in double, a chunk of eight at a time (ggml_vec_soft_max_f32); kq := the exps */
+static double tile_exps(float *kq, float m, int use_avx2) {
+    double sum = 0.0;
+#ifdef OFFLOAD_X86
+    if (use_avx2) return tile_exps_avx2(kq, m);
+#endif
+    (void)use_avx2;
+    for (int c = 0; c < TILE_KV; c += 8) {
+        float lanes[8];
+        for (int l = 0; l < 8; l++) lanes[l] = kq[c + l] = expf_ggml(kq[c + l] - m);
+        sum += (double)hsum8_portable(lanes);
+    }
+    return sum;
+}
+
+/* Item: query head h of new tokens [t0, t0 + nq), nq <= TILE_Q. Each row's sums are its own
+ * (a KV tile a row does not see changes nothing of it), so rows are tiled as llama.cpp tiles
+ * them only to convert each key and value tile once for all of them. */
+static void tiled_rows(const flash_args *a, int h, int t0, int nq, float *scratch) {
     const int hd = a->head_dim, vd = a->v_dim, g = h / (a->n_head / a->n_head_kv);
-    const cell_view cells = cells_of(a->start, a->n, t, a->n_cells, a->window, a->cell_pos, a->n_used);
-    const float *q = a->q + ((size_t)t * a->n_head + h) * hd;
-    float *acc = scratch, *kq = acc + vd, *v32 = kq + TILE_KV, *k32 = v32 + (size_t)TILE_KV * vd;
-    memset(acc, 0, sizeof(float) * vd);
-    float M = -INFINITY, S = 0.0f;
-    for (int ic = 0; ic < cells.n_visit; ic += TILE_KV) {
-        const int nt = cells.n_visit - ic < TILE_KV ? cells.n_visit - ic : TILE_KV;
-        int any = 0;
-        for (int tk = 0; tk < nt; tk++) any |= sees(&cells, ic + tk);
-        if (!any) continue; /* a tile every cell of which is masked: skipped */
-        for (int tk = 0; tk < TILE_KV; tk++) {
-            const uint8_t *krow = a->k + (size_t)(ic + tk) * a->k_row + (size_t)g * a->k_head;
-            if (tk < nt)
-                for (int c = 0; c < hd; c++) k32[(size_t)tk * hd + c] = half_value(krow, a->k_store, c);
-        }
-        float tile_max = -INFINITY;
-        for (int tk = 0; tk < TILE_KV; tk++) {
-            float s = -INFINITY;
-            if (tk < nt && sees(&cells, ic + tk)) {
-                float dot = 0.0f;
-                for (int c = 0; c < hd; c++) dot = fmaf(k32[(size_t)tk * hd + c], q[c], dot);
-                s = dot * a->scale;
+    float *acc = scratch, *M = acc + (size_t)TILE_Q * vd, *S = M + TILE_Q, *kq = S + TILE_Q;
+    float *kt = kq + (size_t)TILE_Q * TILE_KV, *v32 = kt + (size_t)TILE_KV * hd;
+    cell_view cells[TILE_Q];
+    int live = 0; /* cells any row visits */
+    for (int r = 0; r < nq; r++) {
+        cells[r] = cells_of(a->start, a->n, t0 + r, a->n_cells, a->window, a->cell_pos, a->n_used);
+        live = cells[r].n_visit > live ? cells[r].n_visit : live;
+        M[r] = -INFINITY, S[r] = 0.0f;
+    }
+    memset(acc, 0, sizeof(float) * (size_t)nq * vd);
+    for (int ic = 0; ic < live; ic += TILE_KV) {
+        const int nt = live - ic < TILE_KV ? live - ic : TILE_KV;
+        int used = 0, keys = 0; /* rows that see a cell of this tile; whether the keys are converted */
+        for (int r = 0; r < nq; r++) {
+            const int end = cells[r].n_visit - ic < nt ? cells[r].n_visit - ic : nt;
+            int any = 0;
+            for (int tk = 0; tk < end && !any; tk++) any = sees(&cells[r], ic + tk);
+            if (!any) continue;
+            if (!keys) { /* the keys transposed, as F32 (zeros past the cells) */
+                for (int tk = 0; tk < TILE_KV; tk++) {
+                    const uint8_t *krow = a->k + (size_t)(ic + tk) * a->k_row + (size_t)g * a->k_head;
+                    for (int c = 0; c < hd; c++)
+                        kt[(size_t)c * TILE_KV + tk] = tk < nt ? half_value(krow, a->k_store, c) : 0.0f;
+                }
+                keys = 1;
             }
-            kq[tk] = s;
-            tile_max = s > tile_max ? s : tile_max;
+            float *row = kq + (size_t)r * TILE_KV, *row_acc = acc + (size_t)r * vd;
+            tile_scores(kt, a->q + ((size_t)(t0 + r) * a->n_head + h) * hd, hd, row, a->use_avx2);
+            float tile_max = -INFINITY;
+            for (int tk = 0; tk < TILE_KV; tk++) {
+                row[tk] = tk < end && sees(&cells[r], ic + tk) ? row[tk] * a->scale : -INFINITY;
+                tile_max = row[tk] > tile_max ? row[tk] : tile_max;
+            }
+            const float Mnew = fmaxf(M[r], tile_max);
+            if (Mnew > M[r]) {
+                const float ms = expf(M[r] - Mnew);
+                scale_acc(row_acc, ms, vd, 0, a->use_avx2);
+                S[r] *= ms;
+            }
+            M[r] = Mnew;
+            S[r] = (float)((double)S[r] + tile_exps(row, Mnew, a->use_avx2));
+            used = 1;
         }
-        if (tile_max == -INFINITY) continue;
-        const float Mnew = fmaxf(M, tile_max);
-        if (Mnew > M) {
-            const float ms = expf(M - Mnew);
-            for (int d = 0; d < vd; d++) acc[d] *= ms;
-            S *= ms;
-        }
-        M = Mnew;
-        double sum = 0.0;
-        for (int c = 0; c < TILE_KV; c += 8) {
-            float lanes[8];
-            for (int l = 0; l < 8; l++) lanes[l] = kq[c + l] = expf_ggml(kq[c + l] - Mnew);
-            sum += (double)hsum8_portable(lanes);
-        }
-        S = (float)((double)S + sum);
+        if (!used) continue; /* a tile every cell of which is masked: skipped */
         for (int tk = 0; tk < nt; tk++) {
             const uint8_t *vrow = a->v + (size_t)(ic + tk) * a->v_row + (size_t)g * a->v_head;
             for (int d = 0; d < vd; d++) v32[(size_t)tk * vd + d] = half_value(vrow, a->v_store, d);
         }
-        for (int tk = 0; tk < nt; tk++) /* past nt: weight exactly 0 */
-            for (int d = 0; d < vd; d++) acc[d] = fmaf(v32[(size_t)tk * vd + d], kq[tk], acc[d]);
-    }
-    if (a->sinks) {
-        const float sink = a->sinks[h];
-        float ms = 1.0f, vs = 1.0f;
-        if (sink > M) {
-            ms = expf(M - sink);
-            for (int d = 0; d < vd; d++) acc[d] *= ms;
-        } else {
-            vs = expf(sink - M);
+        for (int r = 0; r < nq; r++) {
+            const int end = cells[r].n_visit - ic < nt ? cells[r].n_visit - ic : nt;
+            int any = 0;
+            for (int tk = 0; tk < end && !any; tk++) any = sees(&cells[r], ic + tk);
+            if (any) /* past a row's own cells: weight exactly 0 */
+                tile_values(v32, kq + (size_t)r * TILE_KV, end, vd, acc + (size_t)r * vd, a->use_avx2);
         }
-        S = MUL_ADD(S, ms, vs); /* fused here, not in one_chunk: as llama.cpp was compiled */
     }
-    write_out(a, h, t, acc, S);
+    for (int r = 0; r < nq; r++) {
+        float *row_acc = acc + (size_t)r * vd;
+        if (a->sinks) {
+            const float sink = a->sinks[h];
+            float ms = 1.0f, vs = 1.0f;
+            if (sink > M[r]) {
+                ms = expf(M[r] - sink);
+                scale_acc(row_acc, ms, vd, 0, a->use_avx2);
+            } else {
+                vs = expf(sink - M[r]);
+            }
+            S[r] = MUL_ADD(S[r], ms, vs); /* fused here, not in one_chunk: as llama.cpp was compiled */
+        }
+        write_out(a, h, t0 + r, row_acc, S[r]);
+    }
 }
 
 /* -- split --------------------------------------------------------------------------------- */
@@ -324,30 +507,35 @@ static int split_decode(const flash_args *a) {
     return failed;
 }
 
-int flash_attention_run(const flash_args *a) {
+int flash_attention_run(const flash_args *args) {
+    flash_args call = *args;
+    const flash_args *a = &call;
+    call.v_kind = value_kind(args->v_format);
+    if (args->v_store == FLASH_QUANT && call.v_kind == V_NONE) return -2;
     const int halves = a->k_store != FLASH_QUANT && a->v_store != FLASH_QUANT; /* both F16 once cast */
     if (halves && a->n == 1 && a->n_kv >= SPLIT_MIN && a->n_chunks > 1) return split_decode(a);
     const int tiled = halves && a->n >= TILE_Q;
-    const int items = a->n_head * a->n;
+    const int tiles = (a->n + TILE_Q - 1) / TILE_Q; /* a tiled item: one head's tokens of a tile */
+    const int items = tiled ? a->n_head * tiles : a->n_head * a->n;
     int failed = 0;
 #pragma omp parallel if (items > 1)
     {
         float *scratch = malloc(sizeof(float) * (tiled ? tiled_floats(a) : chunk_floats(a)));
         const chunk_scratch s = chunk_scratch_at(a, scratch);
-#pragma omp for schedule(dynamic, 4)
+#pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < items; i++) {
-            const int h = i / a->n, t = i % a->n;
             if (!scratch) {
                 failed = -1;
                 continue;
             }
             if (tiled) {
-                tiled_row(a, h, t, scratch);
+                const int h = i / tiles, t0 = i % tiles * TILE_Q;
+                tiled_rows(a, h, t0, a->n - t0 < TILE_Q ? a->n - t0 : TILE_Q, scratch);
             } else {
+                const int h = i / a->n, t = i % a->n;
                 float M, S;
-                const int rc = one_chunk(a, h, t, 0, a->n_cells, 1, &s, &M, &S);
-                if (rc) failed = rc;
-                else write_out(a, h, t, s.acc, S);
+                one_chunk(a, h, t, 0, a->n_cells, 1, &s, &M, &S);
+                write_out(a, h, t, s.acc, S);
             }
         }
         free(scratch);

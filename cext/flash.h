@@ -29,6 +29,8 @@ typedef struct {
     float scale;
     int n_kv;               /* llama.cpp's KV view (used cells padded to 256): its decode splits it */
     int n_chunks;           /* into this many chunks (its thread count) once n_kv >= 512 */
+    int use_avx2;           /* the AVX2 loops (the same sums) */
+    int v_kind;             /* (set by flash_attention_run) */
 } flash_args;
 
 /* 0 on success, -1 when scratch memory could not be allocated, -2 for a V format it cannot read */

@@ -945,6 +945,7 @@ static PyObject *py_flash_attention(PyObject *self, PyObject *args) {
     }
     a.q = q.buf, a.out = out.buf, a.k = k.buf, a.v = v.buf;
     if (a.n_chunks == 0) a.n_chunks = omp_get_max_threads(); /* llama.cpp splits among its threads */
+    a.use_avx2 = isa >= ISA_AVX2;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = flash_attention_run(&a);

@@ -115,3 +115,34 @@ def test_refused_in_one_line(paths, options, message):
     with pytest.raises(OffloadError, match=message) as e:
         Model.load(paths[name], n_ctx=256, **options)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("type_k,type_v,start,n", [("f16", "f16", 0, 80), ("f16", "f16", 600, 1), ("f32", "f16", 5, 10),
+                                                    ("q8_0", "q4_1", 30, 3), ("f16", "iq4_nl", 0, 70)])
+def test_simd_levels_give_the_same_bits(type_k, type_v, start, n):
+    """The kernels' AVX2 loops against their plain C, on each of the three kernels (tiled: 70-80
+    new tokens over F16; split: one token over 601 cells; one chunk: the rest)."""
+    from offload.cache_types import cache_format, encode_rows
+    from offload.kernels import cext
+    from offload.kernels.attention import flash_attention
+
+    levels = cext.levels()
+    if len(levels) < 2:
+        pytest.skip("one SIMD level on this machine")
+    rng = np.random.default_rng(start + n)
+    n_head, n_head_kv, hd, n_cells = 4, 2, 64, 1024
+    k_fmt, v_fmt = cache_format(type_k), cache_format(type_v)
+    k = encode_rows(k_fmt, (rng.standard_normal((n_cells, n_head_kv * hd)) * 2).astype(np.float32))
+    v = encode_rows(v_fmt, rng.standard_normal((n_cells, n_head_kv * hd)).astype(np.float32))
+    q = (rng.standard_normal((n, n_head * hd)) * 2).astype(np.float32)
+    sinks = rng.standard_normal(n_head).astype(np.float32)
+    out = {}
+    try:
+        for level in levels:
+            cext.set_isa(level)
+            out[level] = flash_attention(q, k, k_fmt, v, v_fmt, start, n_head, n_head_kv, hd, sinks=sinks, n_chunks=2)
+    finally:
+        cext.set_isa(None)
+    assert np.isfinite(out[levels[0]]).all()
+    for level in levels[1:]:
+        assert np.array_equal(bits(out[level]), bits(out[levels[0]])), level
