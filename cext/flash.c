@@ -26,6 +26,7 @@
 
 #include "attention.h"
 #include "flash.h"
+#include "floats.h"
 #include "ggml_exp.h"
 #include "quantize.h"
 
@@ -48,6 +49,22 @@ static inline float half_value(const uint8_t *row, int store, int d) {
 }
 
 static inline float f16_at(const uint8_t *p) { return fp16_to_fp32(read_u16(p)); }
+
+static inline float bf16_value(const uint8_t *row, int d) {
+    const uint32_t u = (uint32_t)read_u16(row + 2 * (size_t)d) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* GGML_FP32_TO_BF16 and back: nearest even, a NaN kept quiet */
+static inline float round_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    u = (u & 0x7FFFFFFFu) > 0x7F800000u ? (u | 0x00400000u) & 0xFFFF0000u : ((u + (0x7FFFu + ((u >> 16) & 1u))) >> 16) << 16;
+    memcpy(&x, &u, 4);
+    return x;
+}
 
 /* the quantized V formats, resolved once per call */
 enum value_kind { V_NONE = 0, V_Q8_0, V_Q4_0, V_Q4_1, V_Q5_0, V_Q5_1, V_IQ4_NL };
@@ -229,7 +246,8 @@ static void mad_acc(float *acc, const uint8_t *row, int store, const float *v32,
 /* -- one chunk ----------------------------------------------------------------------------- */
 
 typedef struct {
-    float *q;         /* head_dim: the query rounded to F16 (an F16 K) */
+    float *k32;       /* head_dim: a BF16 key row decoded */
+    float *q;         /* head_dim: the query rounded to F16 (an F16 K) or BF16 (a BF16 K) */
     uint16_t *k16;    /* head_dim: an F32 key row as halves */
     uint8_t *act;     /* the query as K's activations (a quantized K) */
     float *acc, *v32; /* v_dim each */
@@ -239,12 +257,14 @@ static size_t act_size(int n) { return (size_t)n + (size_t)n / 32 * sizeof(float
 
 static size_t chunk_floats(const flash_args *a) {
     const size_t hd = (size_t)a->head_dim, vd = (size_t)a->v_dim;
-    return hd + (hd + 1) / 2 + (act_size(a->head_dim) + 3) / 4 + 2 * vd + 16;
+    return 2 * hd + (hd + 1) / 2 + (act_size(a->head_dim) + 3) / 4 + 2 * vd + 16;
 }
 
 static chunk_scratch chunk_scratch_at(const flash_args *a, float *p) {
     chunk_scratch s;
     const size_t hd = (size_t)a->head_dim;
+    s.k32 = p;
+    p += hd;
     s.q = p;
     s.k16 = (uint16_t *)(p + hd);
     s.act = (uint8_t *)(p + hd + (hd + 1) / 2);
@@ -265,10 +285,12 @@ static int one_chunk(const flash_args *a, int h, int t, int ic0, int ic1, int wi
         act.d = (const float *)(s->act + hd);
         act.bsums = (const int16_t *)(s->act + hd + hd / 32 * sizeof(float));
         quantize_row_kind(a->k_act, q, (int8_t *)act.qs, (float *)act.d, (void *)act.bsums, hd);
+    } else if (a->k_store == FLASH_BF16) {
+        for (int c = 0; c < hd; c++) s->q[c] = round_bf16(q[c]);
     } else {
         for (int c = 0; c < hd; c++) s->q[c] = round_f16(q[c]);
     }
-    const int v_half = a->v_store != FLASH_QUANT; /* F16 (or F32 read as F16): an F16 accumulator */
+    const int v_half = a->v_store == FLASH_F16 || a->v_store == FLASH_F32; /* (F32 read as F16): an F16 accumulator */
     float *acc = s->acc;
     memset(acc, 0, sizeof(float) * vd);
     float M = -INFINITY, S = 0.0f;
@@ -281,6 +303,9 @@ static int one_chunk(const flash_args *a, int h, int t, int ic0, int ic1, int wi
             score = a->k_dot(krow, &act, hd);
         } else if (a->k_store == FLASH_F16) {
             score = vec_dot_f16_ggml((const uint16_t *)krow, s->q, hd, a->use_avx2);
+        } else if (a->k_store == FLASH_BF16) {
+            for (int c = 0; c < hd; c++) s->k32[c] = bf16_value(krow, c);
+            score = dot_bf16_vecdot(s->k32, s->q, hd, a->use_avx2);
         } else {
             for (int c = 0; c < hd; c++) s->k16[c] = fp32_to_fp16_bits(((const float *)krow)[c]);
             score = vec_dot_f16_ggml(s->k16, s->q, hd, a->use_avx2);
@@ -296,7 +321,10 @@ static int one_chunk(const flash_args *a, int h, int t, int ic0, int ic1, int wi
             vs = expf(score - M);
         }
         const uint8_t *vrow = a->v + (size_t)ic * a->v_row + (size_t)g * a->v_head;
-        if (!v_half) dequantize_values(a, vrow, s->v32, vd);
+        if (a->v_store == FLASH_BF16)
+            for (int d = 0; d < vd; d++) s->v32[d] = bf16_value(vrow, d);
+        else if (!v_half)
+            dequantize_values(a, vrow, s->v32, vd);
         mad_acc(acc, vrow, a->v_store, v_half ? NULL : s->v32, vs, vd, a->use_avx2);
         S = MUL_ADD(S, ms, vs);
     }
@@ -512,7 +540,7 @@ int flash_attention_run(const flash_args *args) {
     const flash_args *a = &call;
     call.v_kind = value_kind(args->v_format);
     if (args->v_store == FLASH_QUANT && call.v_kind == V_NONE) return -2;
-    const int halves = a->k_store != FLASH_QUANT && a->v_store != FLASH_QUANT; /* both F16 once cast */
+    const int halves = a->k_store <= FLASH_F16 && a->v_store <= FLASH_F16; /* both F16 once cast */
     if (halves && a->n == 1 && a->n_kv >= SPLIT_MIN && a->n_chunks > 1) return split_decode(a);
     const int tiled = halves && a->n >= TILE_Q;
     const int tiles = (a->n + TILE_Q - 1) / TILE_Q; /* a tiled item: one head's tokens of a tile */

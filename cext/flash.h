@@ -9,7 +9,7 @@
 
 /* how a cache row's values are stored; F32 is read as F16, as llama.cpp casts an F32 cache
  * to F16 for its flash attention */
-enum flash_store { FLASH_F32 = 0, FLASH_F16 = 1, FLASH_QUANT = 2 };
+enum flash_store { FLASH_F32 = 0, FLASH_F16 = 1, FLASH_QUANT = 2, FLASH_BF16 = 3 };
 
 typedef struct {
     const float *q;         /* (n, n_head * head_dim): queries of the new tokens */

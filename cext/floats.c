@@ -148,3 +148,11 @@ float dot_f32_vecdot(const float *w, const float *x, int n, int use_avx2) {
     (void)use_avx2;
     return dot_portable(w, x, n, ORDER_VECDOT, 0);
 }
+
+float dot_bf16_vecdot(const float *w, const float *x, int n, int use_avx2) {
+#ifdef OFFLOAD_X86
+    if (use_avx2) return dot_avx2(w, x, n, ORDER_VECDOT_BF16, 1);
+#endif
+    (void)use_avx2;
+    return dot_portable(w, x, n, ORDER_VECDOT_BF16, 1);
+}

@@ -18,4 +18,7 @@ int matmul_float(int type, const void *w, const float *x, float *out, ptrdiff_t 
 /* One F32 row dot in vec_dot_f32's order: what matmul_float gives one token (a router row). */
 float dot_f32_vecdot(const float *w, const float *x, int n, int use_avx2);
 
+/* One BF16 row (decoded to floats) dot floats rounded to BF16, in ggml_vec_dot_bf16's order. */
+float dot_bf16_vecdot(const float *w, const float *x, int n, int use_avx2);
+
 #endif

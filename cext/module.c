@@ -889,6 +889,7 @@ static int flash_store_of(const char *name, const format_kernels **f) {
     *f = NULL;
     if (!strcmp(name, "F32")) return FLASH_F32;
     if (!strcmp(name, "F16")) return FLASH_F16;
+    if (!strcmp(name, "BF16")) return FLASH_BF16;
     *f = find_format(name);
     return *f && (*f)->block_size == 32 ? FLASH_QUANT : -1;
 }

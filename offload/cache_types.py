@@ -69,8 +69,8 @@ def flash_attention_wanted(mode: str | bool, type_v: str) -> bool:
 def check_cache_types(type_k: str, type_v: str, attention: str, head_dim: int,
                       flash_attn: bool = False) -> tuple[BlockFormat, BlockFormat]:
     """The formats of K and V, refused in one line where llama.cpp refuses them (a quantized V
-    without flash attention; different K and V for MLA; a block longer than a head) or where
-    offload's flash attention has no kernel (BF16, quantized MLA; check_flash_heads)."""
+    without flash attention; different K and V for MLA; a block longer than a head; flash
+    attention over a legacy DeepSeek file's decompressed heads; see also check_flash_heads)."""
     k, v = cache_format(type_k), cache_format(type_v)
     if v.block_size > 1 and not flash_attn:
         raise UnsupportedModelError(f"a quantized V cache ({type_v}) needs flash attention: add -fa on (or use "
@@ -82,14 +82,9 @@ def check_cache_types(type_k: str, type_v: str, attention: str, head_dim: int,
         raise UnsupportedModelError(f"K cache type {type_k} has blocks of {k.block_size} values, which do not divide "
                                     f"the head size {head_dim}")
     if flash_attn:
-        if "BF16" in (k.name, v.name):
-            raise UnsupportedModelError("offload's flash attention has no bf16 cache kernel: use f16 (or -fa off)")
         if attention == "mla_decompressed":  # (llama.cpp's flash attention asserts on these keys and values)
             raise UnsupportedModelError("flash attention over a legacy DeepSeek file's decompressed heads (keys wider "
                                         "than values) is not supported, as in llama.cpp: use -fa off")
-        if attention != "gqa" and k.block_size > 1:
-            raise UnsupportedModelError("offload's flash attention over a quantized MLA (DeepSeek) cache is not built: "
-                                        "use f16 (or -fa off)")
     return k, v
 
 

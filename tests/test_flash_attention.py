@@ -27,18 +27,25 @@ MODELS = {
     "deepseek2": TinyConfig(arch="deepseek2", n_layer=2, n_embd=64, n_head=4, n_head_kv=1, head_dim=64, n_ff=32,
                             n_expert=8, n_expert_used=2, kv_lora_rank=64, rope_dim=32, v_head_dim=32, n_dense_lead=1,
                             n_ff_dense=96, yarn_factor=0.0, n_ctx=N_CTX),
+    # an older DeepSeek file (one attn_kv_b): llama.cpp's flash attention asserts on its heads
+    "deepseek2-legacy": TinyConfig(arch="deepseek2", n_layer=2, n_embd=64, n_head=4, n_head_kv=1, head_dim=64,
+                                   n_ff=32, n_expert=8, n_expert_used=2, kv_lora_rank=64, rope_dim=32, v_head_dim=32,
+                                   n_dense_lead=1, n_ff_dense=96, yarn_factor=0.0, n_ctx=N_CTX, mla_legacy=True),
     # sinks, a window of 16 on the even layers
     "gpt-oss": TinyConfig(arch="gpt-oss", n_layer=2, n_embd=64, n_head=4, n_head_kv=2, head_dim=32, n_ff=64,
                           n_expert=8, n_expert_used=4, sliding_window=16, n_ctx=N_CTX),
 }
 
 # (model, -ctk, -ctv, prompt tokens): under 64 new tokens, or K and V not both F16 (F32 is
-# cast to F16), llama.cpp runs its one-chunk kernel; 64+ over F16 ones, its tiled kernel
+# cast to F16), llama.cpp runs its one-chunk kernel; 64+ over F16 ones, its tiled kernel.
+# MLA keeps one cache (the values are its rows' first kv_lora_rank values), not rotated.
 PROMPTS = [("llama", "f16", "f16", 40), ("llama", "f16", "f16", 100), ("llama", "f32", "f32", 100),
            ("llama", "q8_0", "q8_0", 40), ("llama", "q4_0", "q4_1", 100), ("llama", "q5_0", "q5_1", 40),
            ("llama", "iq4_nl", "q4_0", 100), ("llama", "f16", "q8_0", 100), ("llama-hd128", "q8_0", "q8_0", 40),
            ("gpt-oss", "f16", "f16", 40), ("gpt-oss", "f16", "f16", 100), ("gpt-oss", "q8_0", "q8_0", 40),
-           ("deepseek2", "f16", "f16", 40), ("deepseek2", "f32", "f32", 100)]
+           ("llama", "bf16", "bf16", 40), ("llama", "bf16", "f16", 100), ("llama", "q8_0", "bf16", 100),
+           ("deepseek2", "f16", "f16", 40), ("deepseek2", "f32", "f32", 100), ("deepseek2", "q8_0", "q8_0", 40),
+           ("deepseek2", "bf16", "bf16", 100)]
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +113,7 @@ def test_auto_is_on_for_a_quantized_v_cache_only(paths):
 
 @pytest.mark.parametrize("options,message", [
     (dict(cache_type_v="q8_0", flash_attn="off"), "needs flash attention"),
-    (dict(cache_type_k="bf16", flash_attn="on"), "no bf16 cache kernel"),
-    (dict(cache_type_k="q8_0", cache_type_v="q8_0", flash_attn="on", model="deepseek2"), "quantized MLA"),
+    (dict(flash_attn="on", model="deepseek2-legacy"), "decompressed heads"),
     (dict(flash_attn="sometimes"), "takes on, off or auto"),
 ])
 def test_refused_in_one_line(paths, options, message):
@@ -118,7 +124,8 @@ def test_refused_in_one_line(paths, options, message):
 
 
 @pytest.mark.parametrize("type_k,type_v,start,n", [("f16", "f16", 0, 80), ("f16", "f16", 600, 1), ("f32", "f16", 5, 10),
-                                                    ("q8_0", "q4_1", 30, 3), ("f16", "iq4_nl", 0, 70)])
+                                                    ("q8_0", "q4_1", 30, 3), ("f16", "iq4_nl", 0, 70),
+                                                    ("bf16", "bf16", 3, 20)])
 def test_simd_levels_give_the_same_bits(type_k, type_v, start, n):
     """The kernels' AVX2 loops against their plain C, on each of the three kernels (tiled: 70-80
     new tokens over F16; split: one token over 601 cells; one chunk: the rest)."""
