@@ -241,6 +241,55 @@ typedef struct {
     int16_t *sums[ACT_KINDS]; /* Q8_K's block sums, Q8_1's s (the same bytes) */
 } act_buffers;
 
+/* matmul_heads(x, n_heads, n_cols, fmt, w, out, n_rows): one token's per-head matmuls in one
+ * call (MLA's k_b and v_b): head h's rows w[h] (n_rows, n_cols of fmt, the heads one after
+ * another) dotted with x[h] (float32, converted per head as matmul_x converts a token) into
+ * out[h] (n_rows floats): what n_heads matmul_x calls of one token each give, bit for bit. */
+static PyObject *py_matmul_heads(PyObject *self, PyObject *args) {
+    Py_buffer x = {0}, w = {0}, out = {0};
+    Py_ssize_t n_heads, n_cols, n_rows;
+    const char *name;
+    if (!PyArg_ParseTuple(args, "y*nnsy*w*n", &x, &n_heads, &n_cols, &name, &w, &out, &n_rows)) return NULL;
+    PyObject *result = NULL;
+    void *heap = NULL;
+    const format_kernels *f = find_format(name);
+    if (!f) {
+        PyErr_Format(PyExc_ValueError, "no C kernel for %s", name);
+        goto done;
+    }
+    const Py_ssize_t row_bytes = n_cols / f->block_size * f->block_bytes;
+    if (n_heads < 1 || n_rows < 1 || n_cols <= 0 || n_cols % 32 || n_cols % f->block_size ||
+        (f->act == ACT_Q8_K && n_cols % 256) || n_cols > INT32_MAX || x.len < n_heads * n_cols * 4 ||
+        w.len < n_heads * n_rows * row_bytes || out.len < n_heads * n_rows * (Py_ssize_t)sizeof(float)) {
+        PyErr_Format(PyExc_ValueError, "%s matmul_heads: a buffer or shape does not fit", name);
+        goto done;
+    }
+    const Py_ssize_t n_vals = n_heads * n_cols;
+    heap = malloc((size_t)(n_vals / 32) * sizeof(float) + (size_t)(n_vals / 16) * sizeof(int16_t) + (size_t)n_vals);
+    if (!heap) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    float *d = heap;
+    int16_t *sums = (int16_t *)(d + n_vals / 32);
+    int8_t *qs = (int8_t *)(sums + n_vals / 16);
+    const int kind = f->act;
+    Py_BEGIN_ALLOW_THREADS
+    quantize_rows(kind, x.buf, qs, d, sums, n_heads, (int)n_cols);
+    for (Py_ssize_t h = 0; h < n_heads; h++)
+        run_matmul(pick(f), f, (const uint8_t *)w.buf + h * n_rows * row_bytes, qs + h * n_cols, d + h * (n_cols / 32),
+                   kind != ACT_Q8_0 ? sums + h * (n_cols / 16) : NULL, (float *)out.buf + h * n_rows, n_rows,
+                   (int)n_cols, 1);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    free(heap);
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyObject *py_matmul_x(PyObject *self, PyObject *args) {
     Py_buffer x = {0};
     Py_ssize_t n_tokens, n_cols;
@@ -1285,6 +1334,7 @@ static PyMethodDef methods[] = {
     {"swiglu_oai", py_swiglu_oai, METH_VARARGS, "swiglu_oai(g, u, out, n_rows, n)"},
     {"sigmoid", py_sigmoid, METH_VARARGS, "sigmoid(x, out, n_rows, n)"},
     {"matmul_x", py_matmul_x, METH_VARARGS, "matmul_x(x, n_tokens, n_cols, ((fmt, w, out, n_rows), ...))"},
+    {"matmul_heads", py_matmul_heads, METH_VARARGS, "matmul_heads(x, n_heads, n_cols, fmt, w, out, n_rows)"},
     {"quantize", py_quantize, METH_VARARGS, "quantize(kind, x, qs, d, bsums, n_tokens, n_cols)"},
     {"matmul_tiled", py_matmul_tiled, METH_VARARGS, "matmul_tiled(fmt, w, xq, xd, bsums, out, n_rows, n_cols, n_tokens)"},
     {"attention", py_attention, METH_VARARGS, "attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim)"},

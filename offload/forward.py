@@ -39,7 +39,7 @@ from .kv_cells import Cells
 from .kv_shift import check_can_shift, rotate_keys
 from .kernels import block, cext, ggml_math, jit, matmul, matmuls, step
 from .kernels.attention import attention, attention_typed, flash_attention
-from .kernels.dispatch import step_enabled
+from .kernels.dispatch import matmul_heads, step_enabled
 from .kernels.ggml_math import apply_rope, hadamard_rows, rms_norm
 from .kernels.jit import njit
 from .kernels.moe import can_fuse, moe_batch, moe_ffn, types_fuse
@@ -516,14 +516,20 @@ class Transformer:
         q, q_pe, latent, k_pe = self._mla_inputs(layer, w, x, start)
         queries = np.empty((n, a.n_head, r + rope), dtype=np.float32)
         queries[:, :, r:] = q_pe
-        for h in range(a.n_head):  # q_nope through k_b (ggml reads q_nope as a permuted view)
-            queries[:, h, :r] = _head_matmul(w.wk_b[h], q[:, h, :nope], src1_contiguous=False)
+        absorbed = matmul_heads(w.wk_b, q[0, :, :nope]) if n == 1 else None  # one C call for every head
+        if absorbed is not None:
+            queries[0, :, :r] = absorbed
+        else:
+            for h in range(a.n_head):  # q_nope through k_b (ggml reads q_nope as a permuted view)
+                queries[:, h, :r] = _head_matmul(w.wk_b[h], q[:, h, :nope], src1_contiguous=False)
         self.cache.write(layer, start, np.concatenate([latent, k_pe[:, 0]], axis=1), None)
         out = self._attend(layer, queries.reshape(n, -1), start, a.n_head, 1, r + rope, v_dim=r, scale=self._mla_scale)
-        heads = np.empty((n, a.n_head, a.v_head_dim), dtype=np.float32)
-        contiguous = not self.cache.flash_attn  # flash attention's output reaches v_b as a permuted view
-        for h in range(a.n_head):
-            heads[:, h] = _head_matmul(w.wv_b[h], out[:, h * r : (h + 1) * r], src1_contiguous=contiguous)
+        heads = matmul_heads(w.wv_b, out.reshape(a.n_head, r)) if n == 1 else None
+        if heads is None:
+            heads = np.empty((n, a.n_head, a.v_head_dim), dtype=np.float32)
+            contiguous = not self.cache.flash_attn  # flash attention's output reaches v_b as a permuted view
+            for h in range(a.n_head):
+                heads[:, h] = _head_matmul(w.wv_b[h], out[:, h * r : (h + 1) * r], src1_contiguous=contiguous)
         return self._matmul(w.wo, heads.reshape(n, -1))
 
     def _decompressed_attention(self, layer: int, w: LatentAttention, x: np.ndarray, start: int) -> np.ndarray:

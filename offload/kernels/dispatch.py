@@ -260,6 +260,24 @@ def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, expert: boo
     return _run(w, convert_activations(w.fmt.vec_dot_type, x), n, out, expert)
 
 
+def matmul_heads(ws: list[QMatrix], x: np.ndarray) -> np.ndarray | None:
+    """[matmul(w, x[h]) for h, w in enumerate(ws)] for one token per head (x float32 (n_heads,
+    n_cols)), as (n_heads, n_rows), in one C call where the heads' rows lie one after another in
+    a quantized format matmul_x serves (MLA's k_b and v_b); else None (the caller loops)."""
+    w0 = ws[0]
+    if not _ONE_CALL or w0.fmt.ggml_type not in C_FORMATS or w0.fmt.block_size == 1:
+        return None
+    base, size = w0.data.ctypes.data, w0.data.nbytes
+    if any(w.fmt is not w0.fmt or w.data.shape != w0.data.shape or w.data.ctypes.data != base + h * size
+           for h, w in enumerate(ws)):
+        return None
+    stack = np.lib.stride_tricks.as_strided(w0.data, shape=(len(ws), size), strides=(size, 1), writeable=False)
+    out = np.empty((len(ws), w0.n_rows), dtype=np.float32)
+    cext._cext.matmul_heads(np.ascontiguousarray(x, dtype=np.float32), len(ws), w0.n_cols, w0.fmt.name, stack, out,
+                            w0.n_rows)
+    return out
+
+
 def matmuls(ws: tuple[QMatrix, ...], x: np.ndarray, expert: bool = False,
             outs: tuple[np.ndarray | None, ...] | None = None) -> list[np.ndarray]:
     """[matmul(w, x, out) for w, out in zip(ws, outs)], converting x once per vec_dot_type
