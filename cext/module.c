@@ -277,7 +277,8 @@ static PyObject *py_matmul_heads(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     quantize_rows(kind, x.buf, qs, d, sums, n_heads, (int)n_cols);
     for (Py_ssize_t h = 0; h < n_heads; h++)
-        run_matmul(pick(f), f, (const uint8_t *)w.buf + h * n_rows * row_bytes, qs + h * n_cols, d + h * (n_cols / 32),
+        run_matmul(pick(f), f, (const uint8_t *)w.buf + h * n_rows * row_bytes, qs + h * n_cols,
+                   d + h * (n_cols / act_block(kind)),
                    kind != ACT_Q8_0 ? sums + h * (n_cols / 16) : NULL, (float *)out.buf + h * n_rows, n_rows,
                    (int)n_cols, 1);
     Py_END_ALLOW_THREADS

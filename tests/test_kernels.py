@@ -573,3 +573,26 @@ def test_round_f16_in_numba_matches_numpy():
     out = np.empty_like(x)
     run(x, out)
     np.testing.assert_array_equal(bits(out), bits(round_f16(x)))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q4_1", "Q4_K", "Q6_K", "IQ4_NL"])
+def test_matmul_heads_equals_a_matmul_per_head(qtype):
+    """dispatch.matmul_heads (MLA's k_b / v_b of a decoding token in one C call) against one
+    matmul per head, for activations of each kind (Q8_0, Q8_1: Q4_1, Q8_K: the K-quants)."""
+    from offload.kernels.dispatch import matmul, matmul_heads
+    from offload.kernels.formats import QMatrix, format_for
+    from offload.testing import ggml_quantize
+
+    rng = np.random.default_rng(7)
+    n_heads, n_rows, n_cols = 4, 48, 512
+    raw = ggml_quantize(rng.standard_normal((n_heads * n_rows, n_cols)).astype(np.float32), T[qtype])
+    fmt = format_for(T[qtype])
+    ws = [QMatrix(fmt, n_rows, n_cols, raw[h * n_rows:(h + 1) * n_rows]) for h in range(n_heads)]
+    x = rng.standard_normal((n_heads, n_cols)).astype(np.float32)
+    got = matmul_heads(ws, x)
+    if got is None:
+        pytest.skip("no C kernels (matmul_x) here")
+    want = np.stack([matmul(w, x[h:h + 1])[0] for h, w in enumerate(ws)])
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    # heads that do not lie one after another are left to the caller
+    assert matmul_heads(ws[::-1], x) is None
