@@ -58,16 +58,21 @@ def offload_shifted_greedy(m: Model, prompt, n, batch=BATCH):
     return shifted_greedy(step, shift, prompt, n, N_CTX, N_KEEP, batch)
 
 
-@pytest.mark.parametrize("name,type_k,type_v", [("llama", "f16", "f16"), ("llama", "f32", "f32"),
-                                                ("gpt-oss", "f16", "f16"), ("deepseek2", "f16", "f16")])
-def test_two_shifts_give_llama_cpp_logits(paths, name, type_k, type_v):
+@pytest.mark.parametrize("name,type_k,type_v,flash", [("llama", "f16", "f16", "off"), ("llama", "f32", "f32", "off"),
+                                                      ("gpt-oss", "f16", "f16", "off"), ("deepseek2", "f16", "f16", "off"),
+                                                      ("llama", "f16", "f16", "on"), ("llama", "f16", "q8_0", "on"),
+                                                      ("gpt-oss", "f16", "f16", "on")])
+def test_two_shifts_give_llama_cpp_logits(paths, name, type_k, type_v, flash):
+    """(flash: llama.cpp's flash attention over the shifted cells, tests/test_flash_attention.py)"""
     prompt = random_prompt(N_PROMPT, seed=3)
-    with Model.load(paths[name], n_ctx=N_CTX, cache_type_k=type_k, cache_type_v=type_v, context_shift=True) as m:
+    with Model.load(paths[name], n_ctx=N_CTX, cache_type_k=type_k, cache_type_v=type_v, context_shift=True,
+                    flash_attn=flash) as m:
         tokens, steps, shifts = offload_shifted_greedy(m, prompt, N_STEPS)
         assert m.transformer.cache.layout is not None
     assert len(shifts) == 2, shifts  # the check covers two shifts
     ref_tokens, ref_steps, ref_shifts = llama_cpp_shifted_greedy(paths[name], prompt, N_STEPS, N_CTX, N_KEEP, BATCH,
-                                                                 type_k=type_k, type_v=type_v)
+                                                                 type_k=type_k, type_v=type_v,
+                                                                 flash_attn=flash == "on")
     assert shifts == ref_shifts
     for i, (ours, ref) in enumerate(zip(steps, ref_steps)):
         assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32)), f"step {i}: max |diff| {np.abs(ours - ref).max():.3g}"
