@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/decode.py [--shapes mixtral,qwen3moe,olmoe,qwen2moe,gptoss,deepseek] [--quants Q4_K_M,Q4_0]
                                      [--threads 2] [--decode 128] [--prefill 512]
+                                     [-ctk f16 -ctv f16 -fa off]   # the KV cache and flash attention, both engines
     .venv/bin/python bench/decode.py --model FILE.gguf   # race this file instead (e.g. the demo model)
 
 Each shape of SHAPES (below) is a random-weight MoE model in a real model's proportions,
@@ -14,7 +15,8 @@ one process, same file, same thread count:
   position only);
 * llama.cpp two ways: as users get it (its default: weights repacked into its extra buffer
   types, `use_extra_bufts` on) and as the tests' oracle runs it (`use_extra_bufts = False`,
-  offload.testing.llama_cpp_model); both with offload's KV cache type (F32 by default). Its greedy
+  offload.testing.llama_cpp_model); both with the same KV cache types and flash attention
+  setting (offload's default: F16, off; -ctk / -ctv / -fa). Its greedy
   token is the argmax of its own last logits row (llama_get_logits_ith(ctx, -1)), and its
   greedy tokens are checked against offload's (the oracle's way gives the same ones; the
   repacked buffers sum in another order, so near-ties may go the other way);
@@ -62,6 +64,8 @@ from offload.kernels import kernels_in_use  # noqa: E402
 from offload.testing import GGML_CACHE_TYPES, TinyConfig, llama_cpp_model, quantize_model, write_model  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "offload" / "bench"
+# the KV cache both engines run with (--cache-type-k / --cache-type-v / --flash-attn)
+KV = {"type_k": DEFAULT_CACHE_TYPE, "type_v": DEFAULT_CACHE_TYPE, "flash_attn": False}
 
 
 @dataclass(frozen=True)
@@ -190,8 +194,13 @@ def touch_pages(model: Model) -> None:
     int(data[:: 4096].sum())  # one byte a page
 
 
+def _offload_kv() -> dict:
+    return {"cache_type_k": KV["type_k"], "cache_type_v": KV["type_v"],
+            "flash_attn": "on" if KV["flash_attn"] else "off"}
+
+
 def run_offload(path: Path, threads: int, n_decode: int, n_prefill: int) -> dict:
-    model = Model.load(path, n_ctx=max(n_prefill, N_PROMPT + n_decode) + 32, n_threads=threads)
+    model = Model.load(path, n_ctx=max(n_prefill, N_PROMPT + n_decode) + 32, n_threads=threads, **_offload_kv())
     t = model.transformer
     n_vocab = model.args.n_vocab
     try:
@@ -282,7 +291,7 @@ def python_overhead(path: Path, threads: int, n_decode: int) -> dict:
     from offload import forward
     from offload.kernels import cext, select_kernels
 
-    model = Model.load(path, n_ctx=N_PROMPT + n_decode + 32, n_threads=threads)
+    model = Model.load(path, n_ctx=N_PROMPT + n_decode + 32, n_threads=threads, **_offload_kv())
     t = model.transformer
     prompt = np.array(prompt_tokens(N_PROMPT, model.args.n_vocab), dtype=np.int64)
     real = cext._cext
@@ -314,15 +323,15 @@ def llama_cpp_llm(path: Path, n_ctx: int, threads: int, repacked: bool):
     """llama-cpp-python's Llama with offload's KV cache type and the oracle's batch sizes: with its
     default weight buffers (repacked: True) or the oracle itself (use_extra_bufts = False)."""
     if not repacked:
-        return llama_cpp_model(path, n_ctx=n_ctx, n_threads=threads, logits_all=False)
+        return llama_cpp_model(path, n_ctx=n_ctx, n_threads=threads, logits_all=False, **KV)
     import llama_cpp
 
     from offload.forward import N_UBATCH
 
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, N_UBATCH),
                            n_threads=threads, n_threads_batch=threads, logits_all=False,
-                           type_k=GGML_CACHE_TYPES[DEFAULT_CACHE_TYPE], type_v=GGML_CACHE_TYPES[DEFAULT_CACHE_TYPE],
-                           verbose=False)
+                           type_k=GGML_CACHE_TYPES[KV["type_k"]], type_v=GGML_CACHE_TYPES[KV["type_v"]],
+                           flash_attn=KV["flash_attn"], verbose=False)
 
 
 def run_llama_cpp(path: Path, threads: int, n_decode: int, n_prefill: int, repacked: bool) -> dict:
@@ -410,7 +419,12 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--model", type=Path, default=None, help="race this GGUF instead of the generated ones")
+    ap.add_argument("-ctk", "--cache-type-k", default=DEFAULT_CACHE_TYPE,
+                    help="KV cache type of the keys, both engines")
+    ap.add_argument("-ctv", "--cache-type-v", default=DEFAULT_CACHE_TYPE, help="and of the values")
+    ap.add_argument("-fa", "--flash-attn", choices=("on", "off"), default="off", help="flash attention, both engines")
     opts = ap.parse_args()
+    KV.update(type_k=opts.cache_type_k.lower(), type_v=opts.cache_type_v.lower(), flash_attn=opts.flash_attn == "on")
     by_name = {s.name: s for s in SHAPES}
     unknown = set(opts.shapes.split(",")) - set(by_name)
     if unknown and not opts.model:
@@ -448,7 +462,7 @@ def main() -> None:
     path = write_json("decode", {
         "machine": host, "threads": opts.threads, "read_bandwidth_gb_per_s": bandwidth / 1e9,
         "kernels": kernels_in_use(), "llama_cpp_build": llama_build, "n_decode": opts.decode,
-        "n_prefill": opts.prefill, "n_prompt": N_PROMPT,
+        "n_prefill": opts.prefill, "n_prompt": N_PROMPT, "kv_cache": dict(KV),
         "shapes": [{"name": s.name, "mirrors": s.mirrors, "config": asdict(s.config)} for s in shapes],
         "results": results})
     print(f"wrote {path}")

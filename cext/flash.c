@@ -61,7 +61,8 @@ static inline float bf16_value(const uint8_t *row, int d) {
 static inline float round_bf16(float x) {
     uint32_t u;
     memcpy(&u, &x, 4);
-    u = (u & 0x7FFFFFFFu) > 0x7F800000u ? (u | 0x00400000u) & 0xFFFF0000u : ((u + (0x7FFFu + ((u >> 16) & 1u))) >> 16) << 16;
+    u = (u & 0x7FFFFFFFu) > 0x7F800000u ? (u | 0x00400000u) & 0xFFFF0000u
+                                        : ((u + (0x7FFFu + ((u >> 16) & 1u))) >> 16) << 16;
     memcpy(&x, &u, 4);
     return x;
 }
@@ -187,7 +188,8 @@ static TARGET_AVX2 int tile_values_avx2(const float *v, const float *w, int nt, 
     int d = 0;
     for (; d + 8 <= vd; d += 8) {
         __m256 y = _mm256_loadu_ps(acc + d);
-        for (int tk = 0; tk < nt; tk++) y = _mm256_fmadd_ps(_mm256_loadu_ps(v + (size_t)tk * vd + d), _mm256_set1_ps(w[tk]), y);
+        for (int tk = 0; tk < nt; tk++)
+            y = _mm256_fmadd_ps(_mm256_loadu_ps(v + (size_t)tk * vd + d), _mm256_set1_ps(w[tk]), y);
         _mm256_storeu_ps(acc + d, y);
     }
     return d;
@@ -253,7 +255,9 @@ typedef struct {
     float *acc, *v32; /* v_dim each */
 } chunk_scratch;
 
-static size_t act_size(int n) { return (size_t)n + (size_t)n / 32 * sizeof(float) + (size_t)n / 16 * sizeof(int16_t) + 64; }
+static size_t act_size(int n) {
+    return (size_t)n + (size_t)n / 32 * sizeof(float) + (size_t)n / 16 * sizeof(int16_t) + 64;
+}
 
 static size_t chunk_floats(const flash_args *a) {
     const size_t hd = (size_t)a->head_dim, vd = (size_t)a->v_dim;

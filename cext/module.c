@@ -933,6 +933,18 @@ done:
     return result;
 }
 
+/* A per-head float buffer (sinks) or None: 0 with *out set (or left NULL), -1 with the error set. */
+static int sinks_buffer(PyObject *obj, int n_head, Py_buffer *buf, const float **out, const char *who) {
+    if (obj == Py_None) return 0;
+    if (PyObject_GetBuffer(obj, buf, PyBUF_SIMPLE) < 0) return -1;
+    if (buf->len < (Py_ssize_t)n_head * 4) {
+        PyErr_Format(PyExc_ValueError, "%s: one sink per head expected", who);
+        return -1;
+    }
+    *out = buf->buf;
+    return 0;
+}
+
 /* flash_attention(q, k, v, out, n, start, n_head, n_head_kv, head_dim, v_dim, n_cells, window, sinks, scale,
  *                 k_type, v_type, k_row, v_row, k_head, v_head, cell_pos, n_used, n_kv, n_chunks) */
 static int flash_store_of(const char *name, const format_kernels **f) {
@@ -986,14 +998,7 @@ static PyObject *py_flash_attention(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "flash attention: a buffer is smaller than its shape says");
         goto done;
     }
-    if (sinks_obj != Py_None) {
-        if (PyObject_GetBuffer(sinks_obj, &sinks, PyBUF_SIMPLE) < 0) goto done;
-        if (sinks.len < (Py_ssize_t)a.n_head * 4) {
-            PyErr_SetString(PyExc_ValueError, "flash attention: one sink per head expected");
-            goto done;
-        }
-        a.sinks = sinks.buf;
-    }
+    if (sinks_buffer(sinks_obj, a.n_head, &sinks, &a.sinks, "flash attention") < 0) goto done;
     a.q = q.buf, a.out = out.buf, a.k = k.buf, a.v = v.buf;
     if (a.n_chunks == 0) a.n_chunks = omp_get_max_threads(); /* llama.cpp splits among its threads */
     a.use_avx2 = isa >= ISA_AVX2;
@@ -1047,14 +1052,7 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "attention: a buffer is smaller than its shape says");
         goto done;
     }
-    if (sinks_obj != Py_None) {
-        if (PyObject_GetBuffer(sinks_obj, &sinks, PyBUF_SIMPLE) < 0) goto done;
-        if (sinks.len < (Py_ssize_t)a.n_head * 4) {
-            PyErr_SetString(PyExc_ValueError, "attention: one sink per head expected");
-            goto done;
-        }
-        a.sinks = sinks.buf;
-    }
+    if (sinks_buffer(sinks_obj, a.n_head, &sinks, &a.sinks, "attention") < 0) goto done;
     a.q = q.buf, a.out = out.buf;
     if (k_f16) a.k16 = k.buf; else a.k = k.buf;
     if (v_f16) a.v16 = v.buf; else a.v = v.buf;

@@ -501,7 +501,8 @@ class Transformer:
         c = self.cache
         kw["cell_pos"] = c.cell_positions(layer)
         if c.flash_attn:
-            return flash_attention(q, c.k[layer], c.k_fmt, c.v[layer], c.v_fmt, start, n_head, n_head_kv, head_dim, **kw)
+            return flash_attention(q, c.k[layer], c.k_fmt, c.v[layer], c.v_fmt, start, n_head, n_head_kv, head_dim,
+                                   **kw)
         if c.float32:
             return attention(q, c.k[layer], c.v[layer], start, n_head, n_head_kv, head_dim, out=out, **kw)
         return attention_typed(q, c.k[layer], c.k_fmt, c.v[layer], c.v_fmt, start, n_head, n_head_kv, head_dim, **kw)

@@ -58,10 +58,10 @@ def offload_shifted_greedy(m: Model, prompt, n, batch=BATCH):
     return shifted_greedy(step, shift, prompt, n, N_CTX, N_KEEP, batch)
 
 
-@pytest.mark.parametrize("name,type_k,type_v,flash", [("llama", "f16", "f16", "off"), ("llama", "f32", "f32", "off"),
-                                                      ("gpt-oss", "f16", "f16", "off"), ("deepseek2", "f16", "f16", "off"),
-                                                      ("llama", "f16", "f16", "on"), ("llama", "f16", "q8_0", "on"),
-                                                      ("gpt-oss", "f16", "f16", "on")])
+@pytest.mark.parametrize("name,type_k,type_v,flash", [
+    ("llama", "f16", "f16", "off"), ("llama", "f32", "f32", "off"), ("gpt-oss", "f16", "f16", "off"),
+    ("deepseek2", "f16", "f16", "off"), ("llama", "f16", "f16", "on"), ("llama", "f16", "q8_0", "on"),
+    ("gpt-oss", "f16", "f16", "on")])
 def test_two_shifts_give_llama_cpp_logits(paths, name, type_k, type_v, flash):
     """(flash: llama.cpp's flash attention over the shifted cells, tests/test_flash_attention.py)"""
     prompt = random_prompt(N_PROMPT, seed=3)
