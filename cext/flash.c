@@ -184,13 +184,49 @@ static TARGET_AVX2 void tile_scores_avx2(const float *kt, const float *q, int hd
     }
 }
 
-static TARGET_AVX2 int tile_values_avx2(const float *v, const float *w, int nt, int vd, float *acc) {
+static TARGET_AVX2 int tile_values_avx2(const float *v, const float *w, int t0, int t1, int vd, float *acc) {
     int d = 0;
     for (; d + 8 <= vd; d += 8) {
         __m256 y = _mm256_loadu_ps(acc + d);
-        for (int tk = 0; tk < nt; tk++)
+        for (int tk = t0; tk < t1; tk++)
             y = _mm256_fmadd_ps(_mm256_loadu_ps(v + (size_t)tk * vd + d), _mm256_set1_ps(w[tk]), y);
         _mm256_storeu_ps(acc + d, y);
+    }
+    return d;
+}
+
+/* Four rows at once, each row's chains as tile_scores_avx2's / tile_values_avx2's: the key and
+ * value chunks loaded once for the four (llama.cpp's simd_gemm shares them the same way). */
+static TARGET_AVX2 void tile_scores4_avx2(const float *kt, const float *const q[4], int hd, float *const kq[4]) {
+    for (int tk = 0; tk < 64; tk += 16) {
+        __m256 acc[4][2];
+        for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        for (int c = 0; c < hd; c++) {
+            const float *kc = kt + (size_t)c * 64 + tk;
+            const __m256 k0 = _mm256_loadu_ps(kc), k1 = _mm256_loadu_ps(kc + 8);
+            for (int r = 0; r < 4; r++) {
+                const __m256 qc = _mm256_set1_ps(q[r][c]);
+                acc[r][0] = _mm256_fmadd_ps(k0, qc, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(k1, qc, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < 4; r++) {
+            _mm256_storeu_ps(kq[r] + tk, acc[r][0]);
+            _mm256_storeu_ps(kq[r] + tk + 8, acc[r][1]);
+        }
+    }
+}
+
+static TARGET_AVX2 int tile_values4_avx2(const float *v, const float *const w[4], int t1, int vd, float *const acc[4]) {
+    int d = 0;
+    for (; d + 8 <= vd; d += 8) {
+        __m256 y[4];
+        for (int r = 0; r < 4; r++) y[r] = _mm256_loadu_ps(acc[r] + d);
+        for (int tk = 0; tk < t1; tk++) {
+            const __m256 vv = _mm256_loadu_ps(v + (size_t)tk * vd + d);
+            for (int r = 0; r < 4; r++) y[r] = _mm256_fmadd_ps(vv, _mm256_set1_ps(w[r][tk]), y[r]);
+        }
+        for (int r = 0; r < 4; r++) _mm256_storeu_ps(acc[r] + d, y[r]);
     }
     return d;
 }
@@ -382,15 +418,15 @@ static void tile_scores(const float *kt, const float *q, int hd, float *kq, int 
     }
 }
 
-/* acc[d] += sum over tk < nt of v[tk][d] * w[tk], one FMA chain per d in tk's order */
-static void tile_values(const float *v, const float *w, int nt, int vd, float *acc, int use_avx2) {
+/* acc[d] += sum over tk in [t0, t1) of v[tk][d] * w[tk], one FMA chain per d in tk's order */
+static void tile_values(const float *v, const float *w, int t0, int t1, int vd, float *acc, int use_avx2) {
     int d = 0;
 #ifdef OFFLOAD_X86
-    if (use_avx2) d = tile_values_avx2(v, w, nt, vd, acc);
+    if (use_avx2) d = tile_values_avx2(v, w, t0, t1, vd, acc);
 #endif
     (void)use_avx2;
     for (; d < vd; d++)
-        for (int tk = 0; tk < nt; tk++) acc[d] = fmaf(v[(size_t)tk * vd + d], w[tk], acc[d]);
+        for (int tk = t0; tk < t1; tk++) acc[d] = fmaf(v[(size_t)tk * vd + d], w[tk], acc[d]);
 }
 
 /* sum of exp(kq - m) in double, a chunk of eight at a time (ggml_vec_soft_max_f32); kq := the exps */
@@ -425,25 +461,40 @@ static void tiled_rows(const flash_args *a, int h, int t0, int nq, float *scratc
     memset(acc, 0, sizeof(float) * (size_t)nq * vd);
     for (int ic = 0; ic < live; ic += TILE_KV) {
         const int nt = live - ic < TILE_KV ? live - ic : TILE_KV;
-        int used = 0, keys = 0; /* rows that see a cell of this tile; whether the keys are converted */
+        int rows[TILE_Q], ends[TILE_Q], n_rows = 0; /* the rows that see a cell of this tile, and how far */
         for (int r = 0; r < nq; r++) {
             const int end = cells[r].n_visit - ic < nt ? cells[r].n_visit - ic : nt;
             int any = 0;
             for (int tk = 0; tk < end && !any; tk++) any = sees(&cells[r], ic + tk);
-            if (!any) continue;
-            if (!keys) { /* the keys transposed, as F32 (zeros past the cells) */
-                for (int tk = 0; tk < TILE_KV; tk++) {
-                    const uint8_t *krow = a->k + (size_t)(ic + tk) * a->k_row + (size_t)g * a->k_head;
-                    for (int c = 0; c < hd; c++)
-                        kt[(size_t)c * TILE_KV + tk] = tk < nt ? half_value(krow, a->k_store, c) : 0.0f;
-                }
-                keys = 1;
+            if (any) rows[n_rows] = r, ends[n_rows++] = end;
+        }
+        if (!n_rows) continue; /* a tile every cell of which is masked: skipped */
+        for (int tk = 0; tk < TILE_KV; tk++) { /* the keys transposed, as F32 (zeros past the cells) */
+            const uint8_t *krow = a->k + (size_t)(ic + tk) * a->k_row + (size_t)g * a->k_head;
+            for (int c = 0; c < hd; c++)
+                kt[(size_t)c * TILE_KV + tk] = tk < nt ? half_value(krow, a->k_store, c) : 0.0f;
+        }
+        int i = 0;
+#ifdef OFFLOAD_X86
+        for (; a->use_avx2 && i + 4 <= n_rows; i += 4) {
+            const float *q4[4];
+            float *kq4[4];
+            for (int j = 0; j < 4; j++) {
+                q4[j] = a->q + ((size_t)(t0 + rows[i + j]) * a->n_head + h) * hd;
+                kq4[j] = kq + (size_t)rows[i + j] * TILE_KV;
             }
+            tile_scores4_avx2(kt, q4, hd, kq4);
+        }
+#endif
+        for (; i < n_rows; i++)
+            tile_scores(kt, a->q + ((size_t)(t0 + rows[i]) * a->n_head + h) * hd, hd, kq + (size_t)rows[i] * TILE_KV,
+                        a->use_avx2);
+        for (i = 0; i < n_rows; i++) {
+            const int r = rows[i];
             float *row = kq + (size_t)r * TILE_KV, *row_acc = acc + (size_t)r * vd;
-            tile_scores(kt, a->q + ((size_t)(t0 + r) * a->n_head + h) * hd, hd, row, a->use_avx2);
             float tile_max = -INFINITY;
             for (int tk = 0; tk < TILE_KV; tk++) {
-                row[tk] = tk < end && sees(&cells[r], ic + tk) ? row[tk] * a->scale : -INFINITY;
+                row[tk] = tk < ends[i] && sees(&cells[r], ic + tk) ? row[tk] * a->scale : -INFINITY;
                 tile_max = row[tk] > tile_max ? row[tk] : tile_max;
             }
             const float Mnew = fmaxf(M[r], tile_max);
@@ -454,20 +505,29 @@ static void tiled_rows(const flash_args *a, int h, int t0, int nq, float *scratc
             }
             M[r] = Mnew;
             S[r] = (float)((double)S[r] + tile_exps(row, Mnew, a->use_avx2));
-            used = 1;
         }
-        if (!used) continue; /* a tile every cell of which is masked: skipped */
         for (int tk = 0; tk < nt; tk++) {
             const uint8_t *vrow = a->v + (size_t)(ic + tk) * a->v_row + (size_t)g * a->v_head;
             for (int d = 0; d < vd; d++) v32[(size_t)tk * vd + d] = half_value(vrow, a->v_store, d);
         }
-        for (int r = 0; r < nq; r++) {
-            const int end = cells[r].n_visit - ic < nt ? cells[r].n_visit - ic : nt;
-            int any = 0;
-            for (int tk = 0; tk < end && !any; tk++) any = sees(&cells[r], ic + tk);
-            if (any) /* past a row's own cells: weight exactly 0 */
-                tile_values(v32, kq + (size_t)r * TILE_KV, end, vd, acc + (size_t)r * vd, a->use_avx2);
+        /* the values, past a row's own cells weighing exactly 0: four rows at once over the cells
+         * all four visit, then each row on to its own end (the same order per value) */
+        i = 0;
+#ifdef OFFLOAD_X86
+        for (; a->use_avx2 && i + 4 <= n_rows; i += 4) {
+            const float *w4[4];
+            float *acc4[4];
+            int common = nt;
+            for (int j = 0; j < 4; j++) {
+                w4[j] = kq + (size_t)rows[i + j] * TILE_KV, acc4[j] = acc + (size_t)rows[i + j] * vd;
+                common = ends[i + j] < common ? ends[i + j] : common;
+            }
+            tile_values4_avx2(v32, w4, common, vd, acc4); /* (v_dim % 32 == 0: no tail) */
+            for (int j = 0; j < 4; j++) tile_values(v32, w4[j], common, ends[i + j], vd, acc4[j], a->use_avx2);
         }
+#endif
+        for (; i < n_rows; i++)
+            tile_values(v32, kq + (size_t)rows[i] * TILE_KV, 0, ends[i], vd, acc + (size_t)rows[i] * vd, a->use_avx2);
     }
     for (int r = 0; r < nq; r++) {
         float *row_acc = acc + (size_t)r * vd;
