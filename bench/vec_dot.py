@@ -45,6 +45,11 @@ def main() -> None:
     _cext.set_num_threads(1)
     x = rng.standard_normal((1, N_COLS)).astype(np.float32)
     act = tuple(a.copy() for a in convert_activations("Q8_K", x))
+    from offload.kernels.formats import format_for
+
+    other = [f for f in opts.formats.split(",") if format_for(T[f]).vec_dot_type != "Q8_K"]
+    if other:  # the ggml graph below is built on a Q8_K token
+        sys.exit(f"vec_dot.py: {', '.join(other)} take other activations than Q8_K (bench/kernels.py measures them)")
     for fmt in opts.formats.split(","):
         levels = [lvl for lvl in _cext.formats()[fmt][1] if lvl != "portable"] or ["portable"]
         w = ggml_quantize(rng.standard_normal((opts.rows, N_COLS)).astype(np.float32), T[fmt])
