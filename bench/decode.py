@@ -331,7 +331,7 @@ def llama_cpp_llm(path: Path, n_ctx: int, threads: int, repacked: bool):
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, N_UBATCH),
                            n_threads=threads, n_threads_batch=threads, logits_all=False,
                            type_k=GGML_CACHE_TYPES[KV["type_k"]], type_v=GGML_CACHE_TYPES[KV["type_v"]],
-                           flash_attn=KV["flash_attn"], verbose=False)
+                           flash_attn=KV["flash_attn"], swa_full=False, verbose=False)
 
 
 def run_llama_cpp(path: Path, threads: int, n_decode: int, n_prefill: int, repacked: bool) -> dict:

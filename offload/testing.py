@@ -513,7 +513,10 @@ def llama_cpp_model(path: str | os.PathLike[str], n_ctx: int = 512, n_threads: i
     names; by default offload's default, F16 as llama.cpp's) and flash attention off, as
     offload computes.
     A batch is evaluated at once (n_batch = n_ctx) in micro-batches of `n_ubatch` tokens (by
-    default llama.cpp's default size, as offload's forward pass splits it: forward.N_UBATCH)."""
+    default llama.cpp's default size, as offload's forward pass splits it: forward.N_UBATCH).
+    Sliding-window layers keep a ring of cells (swa_full off), as llama.cpp's own tools and
+    offload do: llama-cpp-python's default, a full-size SWA cache, orders the cells otherwise
+    once the ring wraps (their sums then differ in the last bits, and more under flash attention)."""
     from .forward import N_UBATCH
     from .tokenizer import load_llama_cpp
 
@@ -522,7 +525,8 @@ def llama_cpp_model(path: str | os.PathLike[str], n_ctx: int = 512, n_threads: i
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, n_ubatch or N_UBATCH),
                                n_threads=n_threads,
                                n_threads_batch=n_threads, logits_all=logits_all, type_k=GGML_CACHE_TYPES[type_k],
-                               type_v=GGML_CACHE_TYPES[type_v], flash_attn=flash_attn, verbose=False)
+                               type_v=GGML_CACHE_TYPES[type_v], flash_attn=flash_attn, swa_full=False,
+                               verbose=False)
 
 
 def llama_cpp_logits(path: str | os.PathLike[str], tokens: list[int], n_ctx: int = 512, **cache) -> np.ndarray:
