@@ -264,13 +264,20 @@ static PyObject *py_matmul_heads(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "%s matmul_heads: a buffer or shape does not fit", name);
         goto done;
     }
+    /* scales (n_vals/32 floats at most: Q8_K's head h at h * n_cols/256), block sums or s
+     * (n_vals/16 int16), int8 values: on the stack up to MATMUL_X_STACK values, as matmul_x */
     const Py_ssize_t n_vals = n_heads * n_cols;
-    heap = malloc((size_t)(n_vals / 32) * sizeof(float) + (size_t)(n_vals / 16) * sizeof(int16_t) + (size_t)n_vals);
-    if (!heap) {
-        PyErr_NoMemory();
-        goto done;
+    const size_t bytes = (size_t)(n_vals / 32) * sizeof(float) + (size_t)(n_vals / 16) * sizeof(int16_t) + (size_t)n_vals;
+    _Alignas(64) uint8_t stack[MATMUL_X_STACK / 32 * 4 + MATMUL_X_STACK / 16 * 2 + MATMUL_X_STACK];
+    void *buffer = stack;
+    if (bytes > sizeof(stack)) {
+        buffer = heap = malloc(bytes);
+        if (!heap) {
+            PyErr_NoMemory();
+            goto done;
+        }
     }
-    float *d = heap;
+    float *d = buffer;
     int16_t *sums = (int16_t *)(d + n_vals / 32);
     int8_t *qs = (int8_t *)(sums + n_vals / 16);
     const int kind = f->act;

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+import weakref
 from typing import Callable
 
 import numpy as np
@@ -260,21 +261,66 @@ def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, expert: boo
     return _run(w, convert_activations(w.fmt.vec_dot_type, x), n, out, expert)
 
 
+class HeadStack:
+    """Per-head matrices whose rows lie one after another in one quantized format, as one
+    block of bytes (MLA's k_b and v_b): what cext.matmul_heads and the decode step take."""
+
+    __slots__ = ("fmt", "n_heads", "n_rows", "n_cols", "data", "address", "__weakref__")
+
+    def __init__(self, ws: list[QMatrix]):
+        w0 = ws[0]
+        size = w0.data.nbytes
+        self.fmt, self.n_heads, self.n_rows, self.n_cols = w0.fmt, len(ws), w0.n_rows, w0.n_cols
+        self.data = np.lib.stride_tricks.as_strided(w0.data, shape=(len(ws), size), strides=(size, 1), writeable=False)
+        self.address = w0.data.ctypes.data
+
+    @property
+    def kernel_spec(self) -> tuple:
+        """(format, address of head 0's rows, rows per head)."""
+        return (self.fmt.name, self.address, self.n_rows)
+
+
+# head_stack's answers, by the first head's id: (weak references to the heads, the stack or None)
+_STACKS: dict[int, tuple[tuple, HeadStack | None]] = {}
+
+
+def head_stack(ws: list[QMatrix]) -> HeadStack | None:
+    """The heads `ws` as one HeadStack when their rows lie one after another in a quantized
+    format the C kernels serve now (else None: the caller runs one matmul per head). The layout
+    check runs once per list of heads; later calls only see that they are the same matrices."""
+    if not ws or not _ONE_CALL or ws[0].fmt.ggml_type not in C_FORMATS or ws[0].fmt.block_size == 1:
+        return None
+    key = id(ws[0])
+    held = _STACKS.get(key)
+    if held is not None and len(held[0]) == len(ws) and all(r() is w for r, w in zip(held[0], ws)):
+        return held[1]
+    w0 = ws[0]
+    base, size = w0.data.ctypes.data, w0.data.nbytes
+    stack = None
+    if all(w.fmt is w0.fmt and w.data.shape == w0.data.shape and w.data.ctypes.data == base + h * size
+           for h, w in enumerate(ws)):
+        stack = HeadStack(ws)
+    if held is None:  # the stack views the first head's bytes: forgotten with it
+        weakref.finalize(w0, _STACKS.pop, key, None)
+    _STACKS[key] = (tuple(weakref.ref(w) for w in ws), stack)
+    return stack
+
+
 def matmul_heads(ws: list[QMatrix], x: np.ndarray) -> np.ndarray | None:
     """[matmul(w, x[h]) for h, w in enumerate(ws)] for one token per head (x float32 (n_heads,
     n_cols)), as (n_heads, n_rows), in one C call where the heads' rows lie one after another in
-    a quantized format matmul_x serves (MLA's k_b and v_b); else None (the caller loops)."""
-    w0 = ws[0]
-    if not _ONE_CALL or w0.fmt.ggml_type not in C_FORMATS or w0.fmt.block_size == 1:
+    a quantized format matmul_x serves (MLA's k_b and v_b); else None (the caller loops). The
+    result lives in a buffer of this thread reused by the next call on the same heads."""
+    stack = head_stack(ws)
+    if stack is None:
         return None
-    base, size = w0.data.ctypes.data, w0.data.nbytes
-    if any(w.fmt is not w0.fmt or w.data.shape != w0.data.shape or w.data.ctypes.data != base + h * size
-           for h, w in enumerate(ws)):
-        return None
-    stack = np.lib.stride_tricks.as_strided(w0.data, shape=(len(ws), size), strides=(size, 1), writeable=False)
-    out = np.empty((len(ws), w0.n_rows), dtype=np.float32)
-    cext._cext.matmul_heads(np.ascontiguousarray(x, dtype=np.float32), len(ws), w0.n_cols, w0.fmt.name, stack, out,
-                            w0.n_rows)
+    buffers = _workspace.__dict__.setdefault("heads", {})
+    out = buffers.get(id(stack))
+    if out is None or out.shape != (stack.n_heads, stack.n_rows):
+        out = buffers[id(stack)] = np.empty((stack.n_heads, stack.n_rows), dtype=np.float32)
+    if x.dtype != np.float32 or not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    cext._cext.matmul_heads(x, stack.n_heads, stack.n_cols, stack.fmt.name, stack.data, out, stack.n_rows)
     return out
 
 
