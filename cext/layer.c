@@ -61,7 +61,7 @@ static void quantize_for(const block_buffers *buf, int kind, const float *x, int
 }
 
 /* This thread's rows of matrices laid end to end (all taking the same n_cols input). */
-static void rows_of(const layer_matrix *const *m, float *const *out, int n_mats, const block_buffers *buf, int n_cols,
+static void rows_of(const layer_matrix *const *m, float *const *out, int n_mats, const act_row *act, int n_cols,
                     int ith, int nth) {
     size_t total = 0, lo, hi, first = 0;
     for (int i = 0; i < n_mats; i++) total += (size_t)m[i]->n_rows;
@@ -72,7 +72,7 @@ static void rows_of(const layer_matrix *const *m, float *const *out, int n_mats,
         const format_kernels *f = m[i]->f;
         const size_t row_bytes = (size_t)(n_cols / f->block_size) * (size_t)f->block_bytes;
         for (; lo < hi && lo < end; lo++)
-            out[i][lo - first] = m[i]->dot(m[i]->w + (lo - first) * row_bytes, &buf->act[f->act], n_cols);
+            out[i][lo - first] = m[i]->dot(m[i]->w + (lo - first) * row_bytes, &act[f->act], n_cols);
     }
 }
 
@@ -152,7 +152,7 @@ void attention_token_phases(const attention_block *b, float *x, float *scratch, 
     {
         const layer_matrix *m[3] = {&b->wq, &b->wk, &b->wv};
         float *out[3] = {buf.q, buf.k, buf.v};
-        rows_of(m, out, 3, &buf, n_embd, ith, nth);
+        rows_of(m, out, 3, buf.act, n_embd, ith, nth);
     }
 #pragma omp barrier
     if (ith == 0) position_and_store(b, &buf, use_avx2);
@@ -167,7 +167,7 @@ void attention_token_phases(const attention_block *b, float *x, float *scratch, 
     {
         const layer_matrix *m[1] = {&b->wo};
         float *out[1] = {buf.o};
-        rows_of(m, out, 1, &buf, q_dim, ith, nth);
+        rows_of(m, out, 1, buf.act, q_dim, ith, nth);
     }
 #pragma omp barrier
     if (ith == 0) {
@@ -196,4 +196,195 @@ size_t attention_token_scratch_bytes(int n_embd, int n_head, int n_head_kv, int 
     const size_t widest = (size_t)n_embd > q_dim ? (size_t)n_embd : q_dim;
     return (2 * (size_t)n_embd + 2 * q_dim + 2 * kv_dim) * sizeof(float) +
            ACT_KINDS * (widest + (widest / 32) * sizeof(float) + (widest / 16) * sizeof(int16_t)) + 64;
+}
+
+/* -- MLA, absorbed (latent_block) ------------------------------------------------------
+ * forward.Transformer._latent_attention and _mla_inputs for one token, step by step:
+ *
+ *   h            rms_norm(x, attn_norm)
+ *   q            wq . h, or wq_b . rms_norm(wq_a . h, q_a_norm)
+ *   kv           wkv_a . h: [latent, k_pe]; k_pe roped (one head), latent rms_norm(kv_a_norm)
+ *   queries      per head [k_b[h] . q_nope[h], rope(q_pe[h])]; k_b's input converted per head
+ *                (dispatch.matmul_heads: what one matmul per head gives)
+ *   cache        cell pos = [latent, k_pe] (F32, or F16 rounded as ggml's set_rows)
+ *   attention    attention.c over the cache as one KV head of kv_lora_rank + rope_dim whose
+ *                first kv_lora_rank values are the values, scaled by `scale`
+ *   heads        v_b[h] . out[h] per head (converted per head), then wo . heads; x += that */
+
+typedef struct {
+    float *h, *qa, *q, *kv, *queries, *att, *heads, *o;
+    act_row act[ACT_KINDS]; /* one input per kind, or per head: head h's at h times its share */
+} latent_buffers;
+
+static int latent_widest(const latent_block *b) {
+    const int nope = b->head_dim - b->rope_dim;
+    const int widths[5] = {b->n_embd, b->q_lora_rank, b->n_head * nope, b->n_head * b->kv_lora_rank,
+                           b->n_head * b->v_head_dim};
+    int widest = 0;
+    for (int i = 0; i < 5; i++)
+        if (widths[i] > widest) widest = widths[i];
+    return widest;
+}
+
+static latent_buffers latent_buffers_of(const latent_block *b, float *scratch) {
+    const int r = b->kv_lora_rank, rope = b->rope_dim, widest = latent_widest(b);
+    latent_buffers buf;
+    buf.h = scratch, buf.qa = buf.h + b->n_embd, buf.q = buf.qa + b->q_lora_rank;
+    buf.kv = buf.q + b->n_head * b->head_dim, buf.queries = buf.kv + r + rope;
+    buf.att = buf.queries + b->n_head * (r + rope), buf.heads = buf.att + b->n_head * r;
+    buf.o = buf.heads + b->n_head * b->v_head_dim;
+    uint8_t *p = (uint8_t *)(buf.o + b->n_embd);
+    for (int kind = 0; kind < ACT_KINDS; kind++) {
+        buf.act[kind].d = (float *)p;
+        buf.act[kind].bsums = (int16_t *)(buf.act[kind].d + widest / 32);
+        buf.act[kind].qs = (int8_t *)(buf.act[kind].bsums + widest / 16);
+        p = (uint8_t *)(buf.act[kind].qs + widest);
+    }
+    return buf;
+}
+
+/* Head h's input (n_cols values) among the heads converted one after another for kind. */
+static act_row head_act(const act_row *a, int kind, int h, int n_cols) {
+    act_row x;
+    x.qs = a->qs + (size_t)h * n_cols;
+    x.d = a->d + (size_t)h * (n_cols / act_block(kind)); /* Q8_K: one scale per 256 */
+    x.bsums = a->bsums + (size_t)h * (n_cols / 16);
+    return x;
+}
+
+/* Each head's n_cols inputs (head h's at x + h * x_stride) converted for m's kind. */
+static void quantize_heads(const latent_buffers *buf, const layer_matrix *m, const float *x, int x_stride, int n_heads,
+                           int n_cols) {
+    const int kind = m->f->act;
+    for (int h = 0; h < n_heads; h++) {
+        const act_row a = head_act(&buf->act[kind], kind, h, n_cols);
+        quantize_row_kind(kind, x + (size_t)h * x_stride, (int8_t *)a.qs, (float *)a.d, (int16_t *)a.bsums, n_cols);
+    }
+}
+
+/* This thread's rows of a per-head matrix (n_heads x m->n_rows rows), head h's into out + h * out_stride. */
+static void head_rows_of(const layer_matrix *m, float *out, int out_stride, int n_heads, const latent_buffers *buf,
+                         int n_cols, int ith, int nth) {
+    const format_kernels *f = m->f;
+    const size_t row_bytes = (size_t)(n_cols / f->block_size) * (size_t)f->block_bytes;
+    size_t lo, hi;
+    thread_share((size_t)n_heads * (size_t)m->n_rows, ith, nth, &lo, &hi);
+    for (size_t i = lo; i < hi; i++) {
+        const int h = (int)(i / (size_t)m->n_rows), r = (int)(i % (size_t)m->n_rows);
+        const act_row a = head_act(&buf->act[f->act], f->act, h, n_cols);
+        out[(size_t)h * out_stride + r] = m->dot(m->w + i * row_bytes, &a, n_cols);
+    }
+}
+
+static attention_args latent_attention_of(const latent_block *b, const latent_buffers *buf) {
+    const int width = b->kv_lora_rank + b->rope_dim;
+    attention_args a = {0};
+    if (b->f16) a.k16 = a.v16 = (const uint16_t *)b->cache;
+    else a.k = a.v = b->cache;
+    a.q = buf->queries, a.out = buf->att;
+    a.n = 1, a.start = b->pos, a.n_head = b->n_head, a.n_head_kv = 1, a.head_dim = width;
+    a.q_stride = b->n_head * width, a.kv_stride = width;
+    a.v_dim = b->kv_lora_rank, a.v_stride = width; /* the values: each key row's first kv_lora_rank */
+    a.n_cells = b->n_cells;
+    a.gemm8 = 0; /* one token: vec_dot_f32's order */
+    a.scale = b->scale;
+    return a;
+}
+
+size_t latent_token_thread_floats(const latent_block *b) {
+    const latent_buffers none = {0};
+    const attention_args a = latent_attention_of(b, &none);
+    return attention_item_floats(&a);
+}
+
+size_t latent_token_scratch_bytes(const latent_block *b) {
+    const size_t r = (size_t)b->kv_lora_rank, rope = (size_t)b->rope_dim, n_head = (size_t)b->n_head;
+    const size_t widest = (size_t)latent_widest(b);
+    const size_t floats = 2 * (size_t)b->n_embd + (size_t)b->q_lora_rank + n_head * (size_t)b->head_dim + (r + rope) +
+                          n_head * (r + rope) + n_head * r + n_head * (size_t)b->v_head_dim;
+    return floats * sizeof(float) + ACT_KINDS * (widest + (widest / 32) * sizeof(float) + (widest / 16) * sizeof(int16_t)) +
+           64;
+}
+
+/* k_pe and the latent, the cache row, the roped q_pe into the queries, q_nope converted for k_b (thread 0's phase). */
+static void latent_position_and_store(const latent_block *b, const latent_buffers *buf, int use_avx2) {
+    const int r = b->kv_lora_rank, rope = b->rope_dim, width = r + rope, hd = b->head_dim, nope = hd - rope;
+    float *kv = buf->kv;
+    rope_rows(kv + r, b->cos, b->sin, 1, 1, rope, rope, b->neox, use_avx2);
+    rms_norm_rows(kv, b->kv_a_norm, b->eps, kv, 1, r);
+    const size_t cell = (size_t)(b->pos % b->n_cells);
+    if (b->f16) {
+        uint16_t *row = (uint16_t *)b->cache + cell * width;
+        for (int i = 0; i < width; i++) row[i] = fp32_to_fp16_bits(kv[i]);
+    } else {
+        float *row = b->cache + cell * width;
+        for (int i = 0; i < width; i++) row[i] = kv[i];
+    }
+    for (int h = 0; h < b->n_head; h++)
+        for (int i = 0; i < rope; i++) buf->queries[(size_t)h * width + r + i] = buf->q[(size_t)h * hd + nope + i];
+    rope_rows(buf->queries + r, b->cos, b->sin, 1, b->n_head, width, rope, b->neox, use_avx2);
+    quantize_heads(buf, &b->wk_b, buf->q, hd, b->n_head, nope);
+}
+
+void latent_token_phases(const latent_block *b, float *x, float *scratch, float *thread_scratch, int ith, int nth,
+                         int use_avx2) {
+    const int n_embd = b->n_embd, r = b->kv_lora_rank, width = r + b->rope_dim, nope = b->head_dim - b->rope_dim;
+    const latent_buffers buf = latent_buffers_of(b, scratch);
+    const layer_matrix *first = b->q_lora_rank ? &b->wq_a : &b->wq; /* what takes h beside wkv_a */
+
+    if (ith == 0) {
+        rms_norm_rows(x, b->norm, b->eps, buf.h, 1, n_embd);
+        quantize_row_kind(first->f->act, buf.h, (int8_t *)buf.act[first->f->act].qs, (float *)buf.act[first->f->act].d,
+                          (int16_t *)buf.act[first->f->act].bsums, n_embd);
+        if (b->wkv_a.f->act != first->f->act) {
+            const act_row *a = &buf.act[b->wkv_a.f->act];
+            quantize_row_kind(b->wkv_a.f->act, buf.h, (int8_t *)a->qs, (float *)a->d, (int16_t *)a->bsums, n_embd);
+        }
+    }
+#pragma omp barrier
+    {
+        const layer_matrix *m[2] = {first, &b->wkv_a};
+        float *out[2] = {b->q_lora_rank ? buf.qa : buf.q, buf.kv};
+        rows_of(m, out, 2, buf.act, n_embd, ith, nth);
+    }
+#pragma omp barrier
+    if (b->q_lora_rank) {
+        if (ith == 0) {
+            rms_norm_rows(buf.qa, b->q_a_norm, b->eps, buf.qa, 1, b->q_lora_rank);
+            const act_row *a = &buf.act[b->wq.f->act];
+            quantize_row_kind(b->wq.f->act, buf.qa, (int8_t *)a->qs, (float *)a->d, (int16_t *)a->bsums, b->q_lora_rank);
+        }
+#pragma omp barrier
+        const layer_matrix *m[1] = {&b->wq};
+        float *out[1] = {buf.q};
+        rows_of(m, out, 1, buf.act, b->q_lora_rank, ith, nth);
+#pragma omp barrier
+    }
+    if (ith == 0) latent_position_and_store(b, &buf, use_avx2);
+#pragma omp barrier
+    head_rows_of(&b->wk_b, buf.queries, width, b->n_head, &buf, nope, ith, nth);
+#pragma omp barrier
+    {
+        const attention_args a = latent_attention_of(b, &buf);
+        for (int h = ith; h < b->n_head; h += nth) attention_item(&a, h, thread_scratch, use_avx2);
+    }
+#pragma omp barrier
+    if (ith == 0) quantize_heads(&buf, &b->wv_b, buf.att, r, b->n_head, r);
+#pragma omp barrier
+    head_rows_of(&b->wv_b, buf.heads, b->v_head_dim, b->n_head, &buf, r, ith, nth);
+#pragma omp barrier
+    if (ith == 0) {
+        const act_row *a = &buf.act[b->wo.f->act];
+        quantize_row_kind(b->wo.f->act, buf.heads, (int8_t *)a->qs, (float *)a->d, (int16_t *)a->bsums,
+                          b->n_head * b->v_head_dim);
+    }
+#pragma omp barrier
+    {
+        const layer_matrix *m[1] = {&b->wo};
+        float *out[1] = {buf.o};
+        rows_of(m, out, 1, buf.act, b->n_head * b->v_head_dim, ith, nth);
+    }
+#pragma omp barrier
+    if (ith == 0)
+        for (int i = 0; i < n_embd; i++) x[i] = x[i] + buf.o[i];
 }

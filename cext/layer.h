@@ -54,4 +54,31 @@ void attention_token_phases(const attention_block *b, float *x, float *scratch, 
 size_t attention_token_thread_floats(const attention_block *b);
 size_t attention_token_scratch_bytes(int n_embd, int n_head, int n_head_kv, int head_dim);
 
+/* DeepSeek's multi-head latent attention in llama.cpp's absorbed form (forward.Transformer.
+ * _latent_attention): the cache holds [latent (kv_lora_rank), rope key (rope_dim)] per token;
+ * each head's query is [k_b . q_nope, rope(q_pe)], attention runs over the cache as one KV
+ * head whose first kv_lora_rank floats are the values, v_b maps each head's result back out. */
+typedef struct {
+    int n_embd, n_head, head_dim, rope_dim, neox, pos; /* head_dim: a query head's nope + rope dims */
+    int kv_lora_rank, v_head_dim, q_lora_rank;          /* q_lora_rank 0: one plain wq */
+    float eps, scale;                                   /* scale: of the scores (forward's _mla_scale) */
+    const float *norm;                                  /* attn_norm (n_embd) */
+    const float *q_a_norm, *kv_a_norm;                  /* (q_lora_rank) or NULL, (kv_lora_rank) */
+    layer_matrix wq;           /* x (or the normed q_a) -> n_head * head_dim: wq, or wq_b */
+    layer_matrix wq_a;         /* x -> q_lora_rank, when q_lora_rank > 0 */
+    layer_matrix wkv_a;        /* x -> kv_lora_rank + rope_dim */
+    layer_matrix wk_b, wv_b;   /* one head's rows (n_rows: kv_lora_rank; v_head_dim), the heads one after another */
+    layer_matrix wo;           /* n_head * v_head_dim -> n_embd */
+    const float *cos, *sin;    /* this position's RoPE table row (rope_dim / 2) */
+    float *cache;              /* (n_cells, kv_lora_rank + rope_dim): position p in cell p */
+    int n_cells, f16;          /* f16: the cache holds F16 halves */
+} latent_block;
+
+/* x (n_embd) += the MLA block's output for the token at pos, as attention_token_phases: thread
+ * ith of nth inside the caller's parallel region, barriers between the phases. */
+void latent_token_phases(const latent_block *b, float *x, float *scratch, float *thread_scratch, int ith, int nth,
+                         int use_avx2);
+size_t latent_token_thread_floats(const latent_block *b);
+size_t latent_token_scratch_bytes(const latent_block *b);
+
 #endif

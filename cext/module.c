@@ -766,10 +766,54 @@ static int step_ffn_of(PyObject *ffn, int n_embd, int k, int act, step_layer *L)
     return 0;
 }
 
+/* ("mla", (q_lora_rank, kv_lora_rank, v_head_dim, scale), n_cells, cache, norm, q_a_norm, kv_a_norm,
+ *  (wq or wq_b, wq_a or None, wkv_a, wk_b, wv_b, wo), cos, sin, ffn_norm, ffn): a DeepSeek layer
+ * (wk_b / wv_b: one head's rows, the heads one after another). */
+static int step_latent_of(PyObject *spec, const step_plan *p, const attention_block *dims, int act, step_layer *L) {
+    const char *kind;
+    unsigned long long cache, norm, q_a_norm, kv_a_norm, cos, sin, ffn_norm;
+    PyObject *mats, *ffn;
+    latent_block *b = &L->latent;
+    L->mla = 1;
+    b->n_embd = dims->n_embd, b->n_head = dims->n_head, b->head_dim = dims->head_dim, b->rope_dim = dims->rope_dim;
+    b->neox = dims->neox, b->eps = dims->eps, b->f16 = dims->k_f16;
+    if (!PyArg_ParseTuple(spec, "s(iiif)iKKKKO!KKKO", &kind, &b->q_lora_rank, &b->kv_lora_rank, &b->v_head_dim,
+                          &b->scale, &b->n_cells, &cache, &norm, &q_a_norm, &kv_a_norm, &PyTuple_Type, &mats, &cos, &sin,
+                          &ffn_norm, &ffn))
+        return -1;
+    const int r = b->kv_lora_rank, nope = b->head_dim - b->rope_dim;
+    if (strcmp(kind, "mla") != 0 || PyTuple_GET_SIZE(mats) != 6 || dims->n_head_kv != 1 || dims->k_f16 != dims->v_f16 ||
+        dims->qk_norm != QK_NORM_NONE || nope <= 0 || r <= 0 || b->v_head_dim <= 0 || b->q_lora_rank < 0 ||
+        b->n_cells < p->n_ctx || !cache || !norm || !kv_a_norm || !cos || !sin || !ffn_norm ||
+        (b->q_lora_rank > 0) != (q_a_norm != 0) || (b->q_lora_rank > 0) != (PyTuple_GET_ITEM(mats, 1) != Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "step_plan: a latent attention layer does not fit");
+        return -1;
+    }
+    if (layer_matrix_of(PyTuple_GET_ITEM(mats, 0), b->q_lora_rank ? b->q_lora_rank : b->n_embd, &b->wq) < 0 ||
+        (b->q_lora_rank && layer_matrix_of(PyTuple_GET_ITEM(mats, 1), b->n_embd, &b->wq_a) < 0) ||
+        layer_matrix_of(PyTuple_GET_ITEM(mats, 2), b->n_embd, &b->wkv_a) < 0 ||
+        layer_matrix_of(PyTuple_GET_ITEM(mats, 3), nope, &b->wk_b) < 0 ||
+        layer_matrix_of(PyTuple_GET_ITEM(mats, 4), r, &b->wv_b) < 0 ||
+        layer_matrix_of(PyTuple_GET_ITEM(mats, 5), b->n_head * b->v_head_dim, &b->wo) < 0)
+        return -1;
+    if (b->wq.n_rows != b->n_head * b->head_dim || (b->q_lora_rank && b->wq_a.n_rows != b->q_lora_rank) ||
+        b->wkv_a.n_rows != r + b->rope_dim || b->wk_b.n_rows != r || b->wv_b.n_rows != b->v_head_dim ||
+        b->wo.n_rows != b->n_embd) {
+        PyErr_SetString(PyExc_ValueError, "step_plan: latent attention matrix sizes do not fit the heads");
+        return -1;
+    }
+    b->cache = (float *)(uintptr_t)cache, b->norm = address_of(norm);
+    b->q_a_norm = address_of(q_a_norm), b->kv_a_norm = address_of(kv_a_norm);
+    L->cos = address_of(cos), L->sin = address_of(sin), L->ffn_norm = address_of(ffn_norm);
+    return step_ffn_of(ffn, b->n_embd, p->k, act, L);
+}
+
 static int step_layer_of(PyObject *spec, const step_plan *p, const attention_block *dims, int act, step_layer *L) {
     unsigned long long k_cache, v_cache, norm, bq, bk, bv, q_norm, k_norm, bo, sinks, cos, sin, ffn_norm;
     PyObject *mats, *ffn;
     attention_block *b = &L->attn;
+    if (PyTuple_Check(spec) && PyTuple_GET_SIZE(spec) > 0 && PyUnicode_Check(PyTuple_GET_ITEM(spec, 0)))
+        return step_latent_of(spec, p, dims, act, L);
     *b = *dims;
     if (!PyArg_ParseTuple(spec, "iiKKKO!KKKKKKKKKKO", &b->window, &b->n_cells, &k_cache, &v_cache, &norm, &PyTuple_Type,
                           &mats, &bq, &bk, &bv, &q_norm, &k_norm, &bo, &sinks, &cos, &sin, &ffn_norm, &ffn))
@@ -799,31 +843,40 @@ static int step_layer_of(PyObject *spec, const step_plan *p, const attention_blo
 
 static PyObject *py_step_plan(PyObject *self, PyObject *args) {
     attention_block dims = {0};
-    int k, routing, n_ctx, act, n_threads;
+    int k, routing, n_ctx, act, n_threads, n_groups, groups_used;
     float weights_scale;
     PyObject *layers, *output;
-    if (!PyArg_ParseTuple(args, "(iiiiiiifiifiiiii)O!O", &dims.n_embd, &dims.n_head, &dims.n_head_kv, &dims.head_dim,
+    if (!PyArg_ParseTuple(args, "(iiiiiiifiifiiiiiii)O!O", &dims.n_embd, &dims.n_head, &dims.n_head_kv, &dims.head_dim,
                           &dims.rope_dim, &dims.neox, &dims.qk_norm, &dims.eps, &k, &routing, &weights_scale, &n_ctx,
-                          &dims.k_f16, &dims.v_f16, &act, &n_threads, &PyTuple_Type, &layers, &output))
+                          &dims.k_f16, &dims.v_f16, &act, &n_threads, &n_groups, &groups_used, &PyTuple_Type, &layers,
+                          &output))
         return NULL;
     const Py_ssize_t n_layer = PyTuple_GET_SIZE(layers);
     if (dims.n_embd <= 0 || dims.n_embd % 32 || dims.head_dim <= 0 || dims.n_head <= 0 || dims.n_head_kv <= 0 ||
         dims.n_head % dims.n_head_kv || dims.rope_dim < 0 || dims.rope_dim > dims.head_dim || dims.rope_dim % 2 ||
         dims.qk_norm < 0 || dims.qk_norm > 2 || routing < ROUTE_SOFTMAX_TOPK || routing > ROUTE_SIGMOID_TOPK_NORM ||
         (act != MOE_ACT_SWIGLU && act != MOE_ACT_SWIGLU_OAI) || n_ctx <= 0 || n_threads < 1 || n_layer < 1 ||
-        n_layer > INT32_MAX || k < 0 || k + 1 > MOE_MAX_JOBS) /* k 0: a dense model */
+        n_layer > INT32_MAX || k < 0 || k + 1 > MOE_MAX_JOBS || /* k 0: a dense model */
+        (n_groups > 1 && (groups_used < 1 || groups_used > n_groups)))
         return PyErr_Format(PyExc_ValueError, "step_plan: bad dimensions");
     step_plan *p = calloc(1, sizeof(step_plan));
     if (!p) return PyErr_NoMemory();
     p->n_layer = (int)n_layer, p->n_embd = dims.n_embd, p->k = k, p->routing = routing, p->n_ctx = n_ctx;
     p->n_threads = n_threads, p->eps = dims.eps, p->weights_scale = weights_scale;
+    p->n_groups = n_groups > 1 ? n_groups : 0, p->groups_used = groups_used;
     p->layers = calloc((size_t)n_layer, sizeof(step_layer));
     if (!p->layers) {
         free(p);
         return PyErr_NoMemory();
     }
-    for (Py_ssize_t l = 0; l < n_layer; l++)
-        if (step_layer_of(PyTuple_GET_ITEM(layers, l), p, &dims, act, &p->layers[l]) < 0) goto fail;
+    for (Py_ssize_t l = 0; l < n_layer; l++) {
+        step_layer *L = &p->layers[l];
+        if (step_layer_of(PyTuple_GET_ITEM(layers, l), p, &dims, act, L) < 0) goto fail;
+        if (L->n_expert && p->n_groups && (L->n_expert % p->n_groups || L->n_expert / p->n_groups < 2)) {
+            PyErr_Format(PyExc_ValueError, "step_plan: %d experts do not make %d groups", L->n_expert, p->n_groups);
+            goto fail;
+        }
+    }
     if (output != Py_None) {
         unsigned long long norm;
         PyObject *mat;

@@ -8,7 +8,8 @@
  * them. Here the team is formed once per token and the phases of every layer are separated
  * by barriers only, as llama.cpp's graph runs its ops on one thread pool:
  *
- *   attention block     layer.c's phases (rows of Q/K/V, heads, rows of the output)
+ *   attention block     layer.c's phases (rows of Q/K/V, heads, rows of the output; or MLA's:
+ *                       q and the latent, k_b per head, heads over the latent cache, v_b, wo)
  *   FFN norm            thread 0
  *   router              rows shared (F32, vec_dot_f32's order)
  *   routing             thread 0: forward.route for the kinds it serves (step.h)
@@ -31,6 +32,25 @@
 
 static int is_normalized(int routing) { return routing == ROUTE_SOFTMAX_TOPK_NORM || routing == ROUTE_SIGMOID_TOPK_NORM; }
 
+/* forward._best_groups: each group scored by the sum of its two best scores (in double), the
+ * groups_used best keep their scores in p->masked, the others' are -inf. */
+static void best_groups(const step_plan *p, const float *choose, int n) {
+    const int n_groups = p->n_groups, per = n / n_groups;
+    for (int g = 0; g < n_groups; g++) {
+        int64_t best2[2];
+        float w2[2];
+        const float *group = choose + (size_t)g * per;
+        top_k_rows(group, 1, per, 2, 0, best2, w2);
+        p->group_scores[g] = (float)((double)group[best2[0]] + (double)group[best2[1]]);
+    }
+    top_k_rows(p->group_scores, 1, n_groups, p->groups_used, 0, p->groups, p->group_scores + n_groups);
+    for (int e = 0; e < n; e++) p->masked[e] = -INFINITY;
+    for (int j = 0; j < p->groups_used; j++) {
+        const size_t first = (size_t)p->groups[j] * per;
+        for (int i = 0; i < per; i++) p->masked[first + i] = choose[first + i];
+    }
+}
+
 /* forward.route for one token: logits (n_expert, router bias added) -> k experts, weights. */
 static void route(const step_plan *p, const step_layer *L, int64_t *chosen, float *weights, int use_avx2) {
     const int n = L->n_expert, k = p->k, normalize = is_normalized(p->routing);
@@ -42,11 +62,19 @@ static void route(const step_plan *p, const step_layer *L, int64_t *chosen, floa
         sigmoid_rows(p->logits, p->scores, 1, n, use_avx2);
         scores = p->scores;
     }
-    if (!L->selection_bias) {
+    if (!L->selection_bias && p->n_groups <= 1) {
         top_k_rows(scores, 1, n, k, normalize, chosen, weights);
-    } else { /* chosen by the biased scores, weighted by the unbiased ones */
-        for (int e = 0; e < n; e++) p->choose[e] = scores[e] + L->selection_bias[e];
-        top_k_rows(p->choose, 1, n, k, 0, chosen, weights);
+    } else { /* chosen by the biased scores (of the best groups), weighted by the unbiased ones */
+        const float *choose = scores;
+        if (L->selection_bias) {
+            for (int e = 0; e < n; e++) p->choose[e] = scores[e] + L->selection_bias[e];
+            choose = p->choose;
+        }
+        if (p->n_groups > 1) {
+            best_groups(p, choose, n);
+            choose = p->masked;
+        }
+        top_k_rows(choose, 1, n, k, 0, chosen, weights);
         for (int j = 0; j < k; j++) weights[j] = scores[chosen[j]];
         if (normalize) { /* ggml_sum_rows in double, clamped, ggml_div */
             double total = 0.0;
@@ -78,10 +106,18 @@ static int all_finite(const float *x, int n) {
 int step_run(step_plan *p, float *x, int pos, float *logits, int64_t *chosen, float *weights, int use_avx2) {
     const int n_embd = p->n_embd, k = p->k;
     for (int l = 0; l < p->n_layer; l++) {
-        attention_block *b = &p->layers[l].attn;
-        b->pos = pos;
-        b->cos = p->layers[l].cos + (size_t)pos * (size_t)(b->rope_dim / 2);
-        b->sin = p->layers[l].sin + (size_t)pos * (size_t)(b->rope_dim / 2);
+        step_layer *L = &p->layers[l];
+        if (L->mla) {
+            latent_block *b = &L->latent;
+            b->pos = pos;
+            b->cos = L->cos + (size_t)pos * (size_t)(b->rope_dim / 2);
+            b->sin = L->sin + (size_t)pos * (size_t)(b->rope_dim / 2);
+        } else {
+            attention_block *b = &L->attn;
+            b->pos = pos;
+            b->cos = L->cos + (size_t)pos * (size_t)(b->rope_dim / 2);
+            b->sin = L->sin + (size_t)pos * (size_t)(b->rope_dim / 2);
+        }
     }
     int bad_layer = -1;
     float gate = 0.0f;
@@ -95,7 +131,8 @@ int step_run(step_plan *p, float *x, int pos, float *logits, int64_t *chosen, fl
         float *thread_scratch = p->thread_scratch + p->thread_floats * (size_t)ith;
         for (int l = 0; l < p->n_layer; l++) {
             const step_layer *L = &p->layers[l];
-            attention_token_phases(&L->attn, x, p->attn_scratch, thread_scratch, ith, nth, use_avx2);
+            if (L->mla) latent_token_phases(&L->latent, x, p->attn_scratch, thread_scratch, ith, nth, use_avx2);
+            else attention_token_phases(&L->attn, x, p->attn_scratch, thread_scratch, ith, nth, use_avx2);
 #pragma omp barrier
             if (L->n_expert) {
                 if (ith == 0) rms_norm_rows(x, L->ffn_norm, p->eps, p->h, 1, n_embd);
@@ -168,17 +205,27 @@ int step_run(step_plan *p, float *x, int pos, float *logits, int64_t *chosen, fl
 }
 
 int step_alloc(step_plan *p) {
-    const attention_block *b0 = &p->layers[0].attn;
     const int n_embd = p->n_embd;
     int max_expert = 1;
-    size_t moe_bytes = 0, thread_floats = 0;
+    size_t moe_bytes = 0, thread_floats = 0, attn_bytes = 0;
     moe_ffn_job jobs[MOE_MAX_JOBS];
     for (int l = 0; l < p->n_layer; l++) {
         const step_layer *L = &p->layers[l];
-        attention_block longest = L->attn;
-        longest.pos = longest.n_cells; /* every cell visited */
-        const size_t floats = attention_token_thread_floats(&longest);
+        size_t floats, bytes_attn;
+        if (L->mla) {
+            latent_block longest = L->latent;
+            longest.pos = longest.n_cells; /* every cell visited */
+            floats = latent_token_thread_floats(&longest);
+            bytes_attn = latent_token_scratch_bytes(&L->latent);
+        } else {
+            const attention_block *b = &L->attn;
+            attention_block longest = *b;
+            longest.pos = longest.n_cells;
+            floats = attention_token_thread_floats(&longest);
+            bytes_attn = attention_token_scratch_bytes(n_embd, b->n_head, b->n_head_kv, b->head_dim);
+        }
         if (floats > thread_floats) thread_floats = floats;
+        if (bytes_attn > attn_bytes) attn_bytes = bytes_attn;
         int n_jobs = 0;
         if (L->n_expert) {
             if (L->n_expert > max_expert) max_expert = L->n_expert;
@@ -191,17 +238,21 @@ int step_alloc(step_plan *p) {
         if (bytes > moe_bytes) moe_bytes = bytes;
     }
     p->thread_floats = (thread_floats + 15) / 16 * 16; /* each thread's on its own cache lines */
-    p->attn_scratch = malloc(attention_token_scratch_bytes(n_embd, b0->n_head, b0->n_head_kv, b0->head_dim));
+    p->attn_scratch = malloc(attn_bytes);
     p->thread_scratch = malloc(sizeof(float) * p->thread_floats * (size_t)p->n_threads);
-    p->logits = malloc(sizeof(float) * 3 * (size_t)max_expert);
+    /* logits, scores, choose, masked; the groups' scores and their top-k's weights */
+    p->logits = malloc(sizeof(float) * 6 * (size_t)max_expert);
+    p->groups = malloc(sizeof(int64_t) * (size_t)max_expert);
     p->moe_out = malloc(sizeof(float) * 3 * (size_t)n_embd);
     p->act = malloc((size_t)n_embd + (size_t)n_embd / 32 * sizeof(float) + (size_t)n_embd / 16 * sizeof(int16_t) + 64);
     p->moe_workspace = malloc(moe_bytes);
-    if (!p->attn_scratch || !p->thread_scratch || !p->logits || !p->moe_out || !p->act || !p->moe_workspace) {
+    if (!p->attn_scratch || !p->thread_scratch || !p->logits || !p->groups || !p->moe_out || !p->act ||
+        !p->moe_workspace) {
         step_free(p);
         return -1;
     }
-    p->scores = p->logits + max_expert, p->choose = p->scores + max_expert;
+    p->scores = p->logits + max_expert, p->choose = p->scores + max_expert, p->masked = p->choose + max_expert;
+    p->group_scores = p->masked + max_expert;
     p->shared_out = p->moe_out + n_embd, p->h = p->shared_out + n_embd;
     return 0;
 }
@@ -210,12 +261,14 @@ void step_free(step_plan *p) {
     free(p->attn_scratch);
     free(p->thread_scratch);
     free(p->logits);
+    free(p->groups);
     free(p->moe_out);
     free(p->act);
     free(p->moe_workspace);
     p->attn_scratch = p->thread_scratch = p->logits = p->moe_out = NULL;
     p->act = NULL;
     p->moe_workspace = NULL;
+    p->groups = NULL;
     if (p->layers)
         for (int l = 0; l < p->n_layer; l++) free(p->layers[l].experts);
     free(p->layers);

@@ -9,8 +9,8 @@
 #include "moe.h"
 
 /* How a MoE layer turns its router's logits into k experts and their weights (forward.route):
- * scores = softmax / sigmoid / the logits themselves; the k best; weights renormalized or a
- * softmax over the k. */
+ * scores = softmax / sigmoid / the logits themselves; a selection bias and expert groups
+ * (DeepSeek-V3) for choosing; the k best; weights renormalized or a softmax over the k. */
 enum {
     ROUTE_SOFTMAX_TOPK = 0,
     ROUTE_SOFTMAX_TOPK_NORM = 1,
@@ -20,7 +20,9 @@ enum {
 };
 
 typedef struct {
+    int mla;                   /* 0: attn (grouped-query), 1: latent (DeepSeek's MLA) */
     attention_block attn;      /* pos, cos and sin are filled per token */
+    latent_block latent;       /* likewise */
     const float *cos, *sin;    /* the layer's RoPE tables: (n_ctx, rope_dim / 2) */
     const float *ffn_norm;     /* (n_embd) */
     /* a dense layer: dense (one SwiGLU FFN); a MoE layer: everything below */
@@ -37,6 +39,7 @@ typedef struct {
 
 typedef struct {
     int n_layer, n_embd, k, routing, n_ctx, n_threads;
+    int n_groups, groups_used; /* expert groups (n_groups > 1): only the best groups_used compete */
     float eps, weights_scale;  /* weights_scale 0 or 1: none */
     step_layer *layers;
     const float *output_norm;  /* (n_embd) */
@@ -45,7 +48,8 @@ typedef struct {
     float *attn_scratch;       /* attention_token_scratch_bytes */
     float *thread_scratch;     /* n_threads x attention_token_thread_floats (the longest layer's) */
     size_t thread_floats;
-    float *logits, *scores, *choose, *moe_out, *shared_out, *h;
+    float *logits, *scores, *choose, *masked, *group_scores, *moe_out, *shared_out, *h;
+    int64_t *groups;           /* the kept groups (n_groups) */
     int64_t *chosen;
     float *weights;
     uint8_t *act;              /* the output matmul's quantized input (any kind) */

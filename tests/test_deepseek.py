@@ -11,7 +11,8 @@ per token), leading dense layers, shared experts:
 
 Logits per position and greedy tokens must be llama.cpp's to the bit, on F32, F16, Q8_0 and
 a K-quant mix (whose short k_b/v_b rows fall back to Q5_0/Q8_0, as llama-quantize decides),
-under tiered budgets with prefetch, and on the Numba kernels.
+under tiered budgets with prefetch, on the Numba kernels, and with a decoding token as one C
+call (kernels.step).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import pytest
 from offload import Model
 from offload.arch import model_args
 from offload.gguf_file import GGUFFile
+from offload.kernels import cext, step
 from offload.kernels.attention import attention, attention_numba, attention_ref
 from offload.sampling import SamplingParams
 from offload.store.plan import make_plan
-from offload.testing import TinyConfig, llama_cpp_greedy, llama_cpp_logits, write_model
+from offload.testing import TinyConfig, decode_path, llama_cpp_greedy, llama_cpp_logits, llama_cpp_model, write_model
 from offload.testing import float_bits as bits
 from offload.testing import random_prompt as prompt
 
@@ -62,6 +64,40 @@ def test_logits_are_llama_cpps_to_the_bit(models, config, ftype):
         ours = m.logits(ids)
     ref = llama_cpp_logits(path, ids, n_ctx=256)
     np.testing.assert_array_equal(bits(ours), bits(ref))
+
+
+@pytest.mark.skipif(not cext.has_step(), reason="C extension not built")
+@pytest.mark.parametrize("config,ftype,cache", [(LITE, "Q8_0", "f16"), (V3, "Q8_0", "f16"), (V3, "Q8_0", "f32"),
+                                                (WIDE, "Q4_K_M", "f16")])
+def test_a_decoding_token_is_one_c_call_with_llama_cpps_logits(models, config, ftype, cache):
+    """MLA in the one-call decode step (kernels.step; cext/layer.c's latent phases, step.c's
+    routing with V3's sigmoid scores, selection bias, groups and scale): nothing refuses the
+    model, every decoded token runs as DecodeStep.run and nothing per layer (no kernels.moe
+    call, which the per-layer path makes in every MoE layer), and the logits before each
+    greedy token are llama.cpp's to the bit (fed the same tokens one at a time)."""
+    path = models(config, ftype)
+    ids, n = prompt(12, seed=3), 16
+    with decode_path("step") as ran, Model.load(path, n_ctx=256, cache_type_k=cache, cache_type_v=cache) as m:
+        t = m.transformer
+        assert step.why_not(t) is None
+        logits = [t.forward(np.array(ids))[-1].copy()]
+        tokens = [int(np.argmax(logits[-1]))]
+        for i in range(n - 1):
+            ran.clear()
+            logits.append(t.forward(np.array(tokens[-1:]))[-1].copy())
+            tokens.append(int(np.argmax(logits[-1])))
+            assert ran == {"step"}, f"decode step {i} ran {ran or 'per op'}"
+    llm = llama_cpp_model(path, n_ctx=256, logits_all=False, type_k=cache, type_v=cache)
+    try:
+        llm.eval(ids)
+        ref = []
+        for token in tokens:
+            ref.append(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy())
+            llm.eval([token])
+    finally:
+        llm.close()
+    for i, (ours, theirs) in enumerate(zip(logits, ref)):
+        np.testing.assert_array_equal(bits(ours), bits(theirs), err_msg=f"decode step {i}")
 
 
 def test_model_args_follow_llama_cpp_conventions(models):

@@ -9,11 +9,13 @@ weights in the memory map, of the norms, biases, RoPE tables and KV cache rows),
 each token in one call and one parallel region.
 
 It serves the models whose every piece the C step has: grouped-query attention (windows,
-sinks, biases, q/k norms) over an F32 or F16 cache; dense SwiGLU layers; MoE layers with
-an F32 router, routing of the kinds in ROUTINGS (with a router bias or a selection bias, no
-expert groups), experts and shared expert in C formats, all resident (the memory map, or a
-tiered store holding every expert). Anything else (a budget that tiers the experts,
-prefetch, the GPU tier, MLA) takes the per-layer path, which computes the same bits.
+sinks, biases, q/k norms) or DeepSeek's latent attention in its absorbed form (a plain or
+low-rank query, k_b and v_b per head) over an F32 or F16 cache; dense SwiGLU layers; MoE
+layers with an F32 router, routing of the kinds in ROUTINGS (with a router bias or a
+selection bias, expert groups, a weights scale), experts and shared expert in C formats, all
+resident (the memory map, or a tiered store holding every expert). Anything else (a budget
+that tiers the experts, prefetch, the GPU tier, flash attention, a legacy DeepSeek file's
+decompressed MLA) takes the per-layer path, which computes the same bits.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import cext
-from .dispatch import C_FORMATS, step_enabled
+from .dispatch import C_FORMATS, head_stack, step_enabled
 from .moe import can_fuse, types_fuse
 
 # forward.route's kinds that cext/step.c runs (its ROUTE_* numbers)
@@ -56,20 +58,20 @@ def why_not(t) -> str | None:
         return "the C step is off (OFFLOAD_STEP=0, OFFLOAD_FUSED=0, Numba kernels) or not built"
     if t.gpu is not None or t.prefetcher is not None:
         return "a GPU tier or prefetching runs per layer"
-    if a.attention != "gqa":
+    if a.attention not in ("gqa", "mla"):
         return f"{a.attention} attention"
     if c.flash_attn:
         return "flash attention runs per layer"
     if c.k_fmt.name not in ("F32", "F16") or c.v_fmt.name not in ("F32", "F16"):
         return f"a {c.k_fmt.name}/{c.v_fmt.name} KV cache"
-    if a.routing not in ROUTINGS or a.expert_groups > 1 or a.expert_act not in _ACT:
-        return f"routing {a.routing} (groups {a.expert_groups}), activation {a.expert_act}"
+    if a.routing not in ROUTINGS or a.expert_act not in _ACT:
+        return f"routing {a.routing}, activation {a.expert_act}"
     if a.n_expert_used + 1 > MAX_JOBS:
         return f"{a.n_expert_used} experts per token"
     from .block import attention_fits  # noqa: PLC0415 (block imports dispatch too)
 
     for i, layer in enumerate(w.layers):
-        if not attention_fits(layer.attn):
+        if not (latent_fits(layer.attn) if a.attention == "mla" else attention_fits(layer.attn)):
             return f"layer {i}'s attention matrices"
         if layer.moe is None:
             if not can_fuse([layer.dense]):
@@ -86,6 +88,18 @@ def why_not(t) -> str | None:
         if _resident(t.experts, i) is None:
             return "experts move through the tiered store"
     return None
+
+
+def latent_fits(w) -> bool:
+    """Whether the C step serves this MLA layer's weights (weights.LatentAttention, absorbed
+    form): its query, kv_a and output matrices in C formats, k_b's and v_b's heads one after
+    another in one (dispatch.head_stack, as the per-layer path's matmul_heads takes them)."""
+    if w.wk_b is None or w.wv_b is None:
+        return False
+    mats = [w.wkv_a, w.wo] + ([w.wq] if w.wq is not None else [w.wq_a, w.wq_b])
+    return (all(m is not None and m.fmt.ggml_type in C_FORMATS for m in mats)
+            and (w.wq is not None or w.q_a_norm is not None)
+            and head_stack(w.wk_b) is not None and head_stack(w.wv_b) is not None)
 
 
 def _resident(store, layer: int):
@@ -106,7 +120,8 @@ class DecodeStep:
             out = (self._vector(w.output_norm, a.n_embd), (w.output.fmt.name, w.output.address, w.output.n_rows))
         dims = (a.n_embd, a.n_head, a.n_head_kv, a.head_dim, a.rope_dim, int(a.rope_style == "neox"), _QK_NORM[a.qk_norm],
                 a.rms_eps, a.n_expert_used, ROUTINGS[a.routing], float(a.expert_weights_scale), c.n_ctx,
-                int(c.k_fmt.name == "F16"), int(c.v_fmt.name == "F16"), _ACT[a.expert_act], n_threads)
+                int(c.k_fmt.name == "F16"), int(c.v_fmt.name == "F16"), _ACT[a.expert_act], n_threads,
+                a.expert_groups if a.expert_groups > 1 else 0, a.expert_groups_used)
         self._plan = cext._cext.step_plan(dims, layers, out)
         self.has_output = out is not None
         self.n_vocab = w.output.n_rows
@@ -124,12 +139,14 @@ class DecodeStep:
         a, c = t.args, t.cache
         layer = t.weights.layers[i]
         at = layer.attn
-        q_dim, kv_dim = a.n_head * a.head_dim, a.n_head_kv * a.head_dim
-        norm_q, norm_k = (q_dim, kv_dim) if a.qk_norm == "full" else (a.head_dim, a.head_dim)
         cos, sin = (np.ascontiguousarray(r, dtype=np.float32) for r in t.rope[i])
         if cos.shape != (c.n_ctx, a.rope_dim // 2) or sin.shape != cos.shape:
             raise ValueError(f"layer {i}'s RoPE tables do not cover the context")
         self._keep += [cos, sin, c.k[i], c.v[i]]
+        if a.attention == "mla":
+            return self._latent(t, i, cos, sin) + (self._ffn(t, i),)
+        q_dim, kv_dim = a.n_head * a.head_dim, a.n_head_kv * a.head_dim
+        norm_q, norm_k = (q_dim, kv_dim) if a.qk_norm == "full" else (a.head_dim, a.head_dim)
         k_cache, v_cache = c.k[i], c.v[i]
         if not (k_cache.flags.c_contiguous and v_cache.flags.c_contiguous):
             raise ValueError("the KV cache rows are not contiguous")
@@ -138,8 +155,35 @@ class DecodeStep:
                      at.kernel_spec, v(at.bq, q_dim), v(at.bk, kv_dim), v(at.bv, kv_dim),
                      v(at.q_norm, norm_q), v(at.k_norm, norm_k), v(at.bo, a.n_embd), v(at.sinks, a.n_head),
                      _address(cos), _address(sin), v(layer.ffn_norm, a.n_embd))
+        return attention + (self._ffn(t, i),)
+
+    def _latent(self, t, i: int, cos: np.ndarray, sin: np.ndarray) -> tuple:
+        """An MLA layer's attention spec (cext/module.c's step_latent_of), without its FFN."""
+        a, c = t.args, t.cache
+        layer = t.weights.layers[i]
+        at = layer.attn
+        cache = c.k[i]  # (n_cells, kv_lora_rank + rope_dim): the latent and the rope key, K and V at once
+        if not cache.flags.c_contiguous or len(cache) != c.n_ctx:
+            raise ValueError("the latent cache rows are not contiguous, or not one per position")
+        v = self._vector
+        spec = lambda m: (m.fmt.name, m.address, m.n_rows)  # noqa: E731
+        k_b, v_b = head_stack(at.wk_b), head_stack(at.wv_b)
+        self._keep += [k_b, v_b]
+        q = spec(at.wq) if at.wq is not None else spec(at.wq_b)
+        q_a = None if at.wq is not None else spec(at.wq_a)
+        mats = (q, q_a, spec(at.wkv_a), k_b.kernel_spec, v_b.kernel_spec, spec(at.wo))
+        dims = (a.q_lora_rank if at.wq is None else 0, a.kv_lora_rank, a.v_head_dim, float(t._mla_scale))
+        return ("mla", dims, len(cache), cache.ctypes.data, v(at.norm, a.n_embd),
+                v(at.q_a_norm, a.q_lora_rank) if at.wq is None else 0, v(at.kv_a_norm, a.kv_lora_rank), mats,
+                _address(cos), _address(sin), v(layer.ffn_norm, a.n_embd))
+
+    def _ffn(self, t, i: int) -> tuple:
+        """A layer's FFN spec: ("dense", spec), or its router, routing biases, experts and shared expert."""
+        a = t.args
+        layer = t.weights.layers[i]
+        v = self._vector
         if layer.moe is None:
-            return attention + (("dense", layer.dense.kernel_spec),)
+            return ("dense", layer.dense.kernel_spec)
         m = layer.moe
         router = np.asarray(m.router.data).view(np.float32).reshape(a.n_expert, a.n_embd)
         self._keep.append(router)
@@ -155,7 +199,7 @@ class DecodeStep:
         ffn = (a.n_expert, router.ctypes.data, v(m.router_bias, a.n_expert), v(m.selection_bias, a.n_expert),
                tuple(f.kernel_spec for f in experts), biases, None if m.shared is None else m.shared.kernel_spec,
                _address(shared_gate))
-        return attention + (ffn,)
+        return ffn
 
     def run(self, x: np.ndarray, pos: int, logits: np.ndarray | None) -> int:
         """x (1, n_embd) float32: the token's embedding, then the last layer's output; logits
