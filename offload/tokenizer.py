@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import os
+import threading
 
 from .errors import CorruptModelError
 
@@ -108,7 +109,7 @@ class Tokenizer:
         if self.adds_bos and self.bos_id < 0:
             self.close()
             raise CorruptModelError(f"{model_path}: the vocabulary asks for a BOS token but has none")
-        self._piece_buf = ctypes.create_string_buffer(256)
+        self._piece_bufs = threading.local()  # one buffer per thread: ctypes calls let others run meanwhile
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Token ids of `text`; `add_special` adds BOS/EOS where the model's metadata says to."""
@@ -128,7 +129,9 @@ class Tokenizer:
         """The bytes one token stands for (a UTF-8 character may span several tokens)."""
         if not 0 <= token < self.n_vocab:  # a padded embedding row past the vocabulary: no text
             return b""
-        buf = self._piece_buf
+        buf = getattr(self._piece_bufs, "buf", None)
+        if buf is None:
+            buf = self._piece_bufs.buf = ctypes.create_string_buffer(256)
         n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)

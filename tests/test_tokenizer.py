@@ -53,3 +53,26 @@ def test_bos_follows_metadata():
     spm = Tokenizer(vocab_path("llama-spm"))
     assert spm.adds_bos and spm.encode("Hello")[0] == spm.bos_id
     assert spm.encode("Hello", add_special=False)[0] != spm.bos_id
+
+
+def test_threads_decode_at_once():
+    """Parallel server slots decode their replies at the same time on one tokenizer: each
+    thread gets its own tokens' text (llama.cpp's token_to_piece runs without the GIL, so a
+    shared output buffer was overwritten by the other threads)."""
+    import threading
+
+    tok = Tokenizer(vocab_path("llama-spm"))
+    texts = ["In the beginning God created the heaven and the earth.", "Blessed are the meek: for they shall",
+             "And the LORD said unto Moses, Stretch out thine hand", "Quis custodiet ipsos custodes? 🦙 ünïcödé"]
+    ids = [tok.encode(t, add_special=False) for t in texts]
+    got: dict = {}
+
+    def decode_many(i: int) -> None:
+        got[i] = {tok.decode(ids[i]) for _ in range(300)}
+
+    threads = [threading.Thread(target=decode_many, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(got[i] == {tok.decode(ids[i])} for i in range(len(texts)))
