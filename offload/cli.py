@@ -540,8 +540,12 @@ def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, se
 @_sampling_and_memory_options
 @_options_of(chat, "chat_template", "chat_template_file")
 @_options_of(generate, "context_shift", "n_keep")
+@click.option("-np", "--parallel", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Requests generating at once (llama-server's slots); the context is split between them.")
+@click.option("-cb/-nocb", "--cont-batching/--no-cont-batching", default=True, show_default=True,
+              help="Decode the slots' tokens as one batch (each expert read once for all), or in turns.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
-def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, temp, top_k, top_p, min_p,
+def serve(model, host, port, api_key, cors_origins, alias, max_body, parallel, cont_batching, n_predict, temp, top_k, top_p, min_p,
           repeat_penalty, seed, ctx_size, threads, memory_budget, cache_policy, cache_scope, o_direct, prefetch_depth,
           no_prefetch, vram_budget, chat_template, chat_template_file, verbose, cache_type_k=DEFAULT_CACHE_TYPE,
           cache_type_v=DEFAULT_CACHE_TYPE, context_shift=False, n_keep=None, repeat_last_n=64, presence_penalty=0.0,
@@ -550,8 +554,8 @@ def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, 
 
     Routes: / (the chat page, with a live view of the expert cache), /v1/chat/completions,
     /v1/completions, /v1/models, /health, /metrics. The sampling flags are the defaults of
-    requests that leave a field out. Requests take turns, in arrival order. Ctrl-C or
-    SIGTERM stops the server."""
+    requests that leave a field out. Requests are taken in arrival order, one at a time or
+    -np at once. Ctrl-C or SIGTERM stops the server."""
     import os
 
     from .model import DEFAULT_PREFETCH_DEPTH, Model
@@ -576,6 +580,8 @@ def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, 
         api_key=api_key or None,
         cors_origins=tuple(cors_origins),
         max_body_bytes=parse_budget(max_body),
+        parallel=parallel,
+        cont_batching=cont_batching,
     )
 
     sock = listen(host, port)
@@ -598,7 +604,10 @@ def serve(model, host, port, api_key, cors_origins, alias, max_body, n_predict, 
         except ChatTemplateError as e:
             click.echo(f"offload: warning: {str(e).rstrip('.')}; /v1/chat/completions will answer 400", err=True)
         _memory_line(m, memory_budget)
-        click.echo(f"offload: serving {path} as {config.model_name!r} ({m.n_ctx} tokens of context) on "
+        context = (f"{m.n_ctx} tokens of context" if parallel == 1 else
+                   f"{parallel} slots of {m.n_ctx // parallel} tokens of context, "
+                   + ("decoding as one batch" if cont_batching else "decoding in turns"))
+        click.echo(f"offload: serving {path} as {config.model_name!r} ({context}) on "
                    f"http://{host}:{port}/" + (" (API key required)" if api_key else ""), err=True)
         return m
 

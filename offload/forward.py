@@ -27,6 +27,7 @@ bits, fewer trips between Python and C.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -39,7 +40,7 @@ from .kv_cells import Cells
 from .kv_shift import check_can_shift, rotate_keys
 from .kernels import block, cext, ggml_math, jit, matmul, matmuls, step
 from .kernels.attention import attention, attention_typed, flash_attention
-from .kernels.dispatch import matmul_heads, step_enabled
+from .kernels.dispatch import matmul_heads, rows_as_alone, step_enabled
 from .kernels.ggml_math import apply_rope, hadamard_rows, rms_norm
 from .kernels.jit import njit
 from .kernels.moe import can_fuse, moe_batch, moe_ffn, types_fuse
@@ -306,9 +307,61 @@ class Transformer:
         self._step = None  # kernels.step.DecodeStep (False: it does not serve this model), and the SIMD level it was planned at
         self._step_isa = None
         self.file_check = None  # run before every step: raises if the model file changed under us (Model.load sets it)
+        self.batcher = None  # offload.batching.Batcher: runs this sequence's steps with other sequences' (a server's slots)
 
     def reset(self) -> None:
         self.cache.n_past = 0
+
+    def fork(self, n_ctx: int) -> "Transformer":
+        """Another sequence on the same weights, experts and tiers: its own KV cache of n_ctx
+        cells and its own scratch buffers (a server's parallel slots)."""
+        other = copy.copy(self)
+        other.scratch = Scratch()
+        other.recorder = other.batcher = None
+        other.resize_context(n_ctx)
+        return other
+
+    def resize_context(self, n_ctx: int) -> None:
+        """A new, empty KV cache of n_ctx cells (at most the context the RoPE tables cover), in
+        the same cache types; the plans made on the old one are dropped."""
+        c = self.cache
+        if n_ctx > len(self.rope[0][0]):
+            raise ValueError(f"a context of {n_ctx} is longer than this model was set up for ({len(self.rope[0][0])})")
+        self.cache = KVCache(self.args, n_ctx, c.type_k, c.type_v, self.n_ubatch, c.flash_attn)
+        self._block_scratch = self._step = self._step_isa = None
+
+    def decode_together(self, members: list["Transformer"], tokens: np.ndarray) -> np.ndarray:
+        """One decoding token for each of several sequences (forks of this one, each with its
+        own cache; tokens[i] is members[i]'s) as one batch: each expert a token routes to is
+        read once for all of them. Returns their logits (len(members), n_vocab), each row the
+        bits that member's forward([token]) gives alone: the matmuls of the batch keep each
+        row's order (dispatch.rows_as_alone), attention runs per sequence over its own cache."""
+        for m in members:
+            if m.file_check is not None:
+                m.file_check()
+            if m.cache.n_past + 1 > m.cache.n_ctx:
+                raise ContextOverflowError(f"{m.cache.n_past + 1} tokens do not fit the context of {m.cache.n_ctx}")
+            m.shift_keys()
+        a = self.args
+        starts = [m.cache.n_past for m in members]
+        with rows_as_alone():
+            x = self.weights.embed(np.asarray(tokens, dtype=np.int64))
+            for m, start in zip(members, starts):
+                m.cache.place(start, 1)
+            for i, layer in enumerate(self.weights.layers):
+                h = rms_norm(x, layer.attn.norm, a.rms_eps)
+                for r, (m, start) in enumerate(zip(members, starts)):  # each over its own cache
+                    x[r] += m._attention(i, layer.attn, h[r : r + 1], start)[0]
+                if self.prefetcher is not None:
+                    self._predict(i, x)
+                h = rms_norm(x, layer.ffn_norm, a.rms_eps)
+                x += self._moe(i, layer.moe, h) if layer.moe else _ffn(layer.dense, h, self.scratch, gpu=self.gpu)
+                if not math.isfinite(x.sum()):
+                    raise _non_finite(i, min(starts), max(starts))
+            for m, start in zip(members, starts):
+                m.cache.n_past = start + 1
+            x = rms_norm(x, self.weights.output_norm, a.rms_eps)
+            return self._matmul(self.weights.output, np.ascontiguousarray(x))
 
     def forward(self, tokens: np.ndarray, all_logits: bool = False) -> np.ndarray:
         """Run new tokens after the cached ones; logits of every new token, or of the last.
@@ -316,6 +369,8 @@ class Transformer:
         Tokens run in micro-batches of n_ubatch, as llama.cpp splits a batch: that bounds the
         activations a long prompt needs, and keeps the kernel choices (which depend on how
         many tokens a matmul gets) the same as llama.cpp's."""
+        if self.batcher is not None and not self.batcher.on_compute_thread():
+            return self.batcher.forward(self, tokens, all_logits)  # run there, perhaps with other sequences' tokens
         n = len(tokens)
         start = self.cache.n_past
         if self.file_check is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import threading
@@ -634,6 +635,44 @@ class Model:
         if len(bad):
             raise OffloadError(f"token id {int(bad[0])} is outside the vocabulary of {self.args.n_vocab}")
         return ids
+
+    # -- parallel sequences ----------------------------------------------------------------
+    def parallel_slots(self, n: int, batch: bool = True) -> list["Model"]:
+        """n sequences on this model's weights, as llama-server's parallel slots (-np): the
+        context split evenly (n_ctx // n each: the same KV memory as one), each slot a Model
+        of its own (its KV cache, token history and statistics) whose steps run on the thread
+        that calls `slots[0].batcher.run()`, decoding tokens of several slots as one batch
+        (offload.batching; batch=False: one after the other). This model becomes the first
+        slot; the others share its weights and must not be closed."""
+        from .batching import Batcher
+
+        if n < 1:
+            raise OffloadError(f"parallel slots must be 1 or more, got {n}")
+        if self.transformer.gpu is not None and n > 1:
+            raise OffloadError("parallel slots run on the CPU tiers only; drop --vram-budget or use -np 1")
+        per_slot = self.n_ctx // n
+        if per_slot < 16:
+            raise OffloadError(f"a context of {self.n_ctx} split over {n} slots leaves {per_slot} tokens each; "
+                               "raise -c or lower -np")
+        self.transformer.resize_context(per_slot)
+        self.n_ctx, self._kv_ids = per_slot, []
+        batcher = Batcher(self.transformer, batch=batch)
+        slots = [self]
+        for _ in range(n - 1):
+            other = copy.copy(self)
+            other.transformer = self.transformer.fork(per_slot)
+            other._kv_ids, other.last_generation, other._busy = [], GenerationStats(), _OneThreadAtATime()
+            other._store_at_start, other.last_trace = {}, None
+            slots.append(other)
+        for slot in slots:
+            slot.transformer.batcher = batcher
+        batcher.members = [slot.transformer for slot in slots]
+        return slots
+
+    @property
+    def batcher(self):
+        """The offload.batching.Batcher that runs this slot's steps (parallel_slots), or None."""
+        return self.transformer.batcher
 
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:

@@ -444,12 +444,14 @@ def offload_cli(*args) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)])
-def test_serve_command_starts_and_stops_on_a_signal(sig, code):
+@pytest.mark.parametrize("sig, code, slots", [(signal.SIGTERM, -signal.SIGTERM, 1), (signal.SIGINT, 130, 1),
+                                               (signal.SIGTERM, -signal.SIGTERM, 2)])
+def test_serve_command_starts_and_stops_on_a_signal(sig, code, slots):
     """SIGTERM ends the process by that signal (uvicorn raises it again once shut down), Ctrl-C
-    with 130 as every offload command; both after a clean shutdown, without a traceback."""
+    with 130 as every offload command; both after a clean shutdown, without a traceback, with
+    one slot or several (-np)."""
     port = free_port()
-    p = offload_cli("serve", "--port", str(port), "--temp", "0", "-n", "8")
+    p = offload_cli("serve", "--port", str(port), "--temp", "0", "-n", "8", "-np", str(slots))
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -470,6 +472,7 @@ def test_serve_command_starts_and_stops_on_a_signal(sig, code):
         p.kill()
     assert p.returncode == code, err
     assert "Traceback" not in err and "serving" in err and "Application shutdown complete" in err
+    assert (f"{slots} slots of" in err) == (slots > 1)
 
 
 def test_serve_command_refuses_a_port_in_use():
@@ -480,6 +483,13 @@ def test_serve_command_refuses_a_port_in_use():
         out, err = p.communicate(timeout=60)
     assert p.returncode == 1 and err.startswith("offload: error: cannot listen on 127.0.0.1:"), err
     assert "serving" not in err  # refused before loading anything
+
+
+def test_serve_command_refuses_slots_the_context_cannot_hold():
+    p = offload_cli("serve", "--port", str(free_port()), "-c", "64", "-np", "8")
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 1 and "Traceback" not in err, err
+    assert "offload: error: a context of 64 split over 8 slots leaves 8 tokens each" in err
 
 
 def test_serve_command_refuses_a_bad_model(tmp_path):

@@ -29,7 +29,8 @@ import os
 import threading
 import warnings
 import weakref
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -245,6 +246,46 @@ def _run(w: QMatrix, act: Activations, n_tokens: int, out: np.ndarray | None, ex
     return out
 
 
+# Rows of independent sequences (a batch of decoding tokens, one per sequence): each row must
+# get the bits it gets alone, where ggml's batch would take another order (rows_as_alone).
+_alone = threading.local()
+
+
+@contextmanager
+def rows_as_alone() -> Iterator[None]:
+    """Within it, on this thread, every row of a matmul gets the bits that row gets as a batch
+    of one: formats whose batches sum in another order than one token (float weights' tinyBLAS,
+    IQ4_NL's sgemm, the tiled K-quant GEMM) run row by row; the others keep one pass over the
+    weights for all rows, whose row dots do not depend on the batch."""
+    before = getattr(_alone, "on", False)
+    _alone.on = True
+    try:
+        yield
+    finally:
+        _alone.on = before
+
+
+def _batch_order_is_alone(w: QMatrix, n_tokens: int, expert: bool) -> bool:
+    """Whether a batch of n_tokens rows sums each row as a batch of one does."""
+    t = w.fmt.ggml_type
+    if t in FLOAT_TYPES:
+        return False
+    if n_tokens >= TILED_MIN_TOKENS and t in TILED_TYPES:
+        return False
+    return not (n_tokens >= SGEMM_MIN_TOKENS and not expert and t in SGEMM_KERNELS)
+
+
+def _row_by_row(ws, x: np.ndarray, n: int, expert: bool, outs) -> list[np.ndarray] | None:
+    """Under rows_as_alone, [matmul of each row alone] where the batch order would differ; else None."""
+    if n < 2 or not getattr(_alone, "on", False) or all(_batch_order_is_alone(w, n, expert) for w in ws):
+        return None
+    results = [_output(w, n, outs[i] if outs else None) for i, w in enumerate(ws)]
+    for r in range(n):
+        for w, out in zip(ws, results):
+            out[r : r + 1] = matmul(w, x[r : r + 1], expert=expert)
+    return results
+
+
 def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, expert: bool = False) -> np.ndarray:
     """out[t, r] = sum_c W[r, c] * act(x)[t, c] for x float32 (n_tokens, n_cols).
 
@@ -254,6 +295,8 @@ def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, expert: boo
     """
     x = _check(w, x)
     n = x.shape[0]
+    if (alone := _row_by_row((w,), x, n, expert, (out,))) is not None:
+        return alone[0]
     if _one_call((w,), n):
         out = _output(w, n, out)
         cext.matmul_x(x, n, ((w.fmt.name, w.data, out, w.n_rows),))
@@ -333,6 +376,8 @@ def matmuls(ws: tuple[QMatrix, ...], x: np.ndarray, expert: bool = False,
         if not isinstance(w, QMatrix) or w.n_cols != x.shape[1]:
             _check(w, x)  # raises the error
     n = x.shape[0]
+    if (alone := _row_by_row(ws, x, n, expert, outs)) is not None:
+        return alone
     if _one_call(ws, n):
         results = [_output(w, n, outs[i] if outs else None) for i, w in enumerate(ws)]
         cext.matmul_x(x, n, tuple((w.fmt.name, w.data, out, w.n_rows) for w, out in zip(ws, results)))

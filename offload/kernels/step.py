@@ -139,7 +139,8 @@ class DecodeStep:
         a, c = t.args, t.cache
         layer = t.weights.layers[i]
         at = layer.attn
-        cos, sin = (np.ascontiguousarray(r, dtype=np.float32) for r in t.rope[i])
+        # a forked context (Transformer.resize_context) is shorter than the tables: its first rows
+        cos, sin = (np.ascontiguousarray(r[: c.n_ctx], dtype=np.float32) for r in t.rope[i])
         if cos.shape != (c.n_ctx, a.rope_dim // 2) or sin.shape != cos.shape:
             raise ValueError(f"layer {i}'s RoPE tables do not cover the context")
         self._keep += [cos, sin, c.k[i], c.v[i]]

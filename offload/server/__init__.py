@@ -2,14 +2,14 @@
 
     app.py       routes, API key, CORS, body limit, SSE
     schemas.py   OpenAI request bodies checked into requests (or a 4xx APIError)
-    engine.py    the FIFO queue and the worker thread that owns the model
+    engine.py    the FIFO queue, the slots and the worker thread that owns the model
     generate.py  one request's work: chat (the model's template) or completion
     metrics.py   counters for /metrics and the page's live figures
     experts.py   the expert cache per layer (resident, hit, miss, prefetched) for the page
     static/      the chat page (plain HTML, CSS and JavaScript; no build step, no CDN)
 
-Requests take turns (one generation at a time, in arrival order); decoding several as one
-batch is not done yet.
+Requests are taken in arrival order: one generation at a time, or with -np N that many at
+once in slots whose decoding tokens run as one batch (offload.batching).
 """
 
 from __future__ import annotations

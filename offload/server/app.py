@@ -56,6 +56,8 @@ class ServerConfig:
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = DEFAULT_MAX_BODY
+    parallel: int = 1  # slots: requests generating at once, the context split between them (-np)
+    cont_batching: bool = True  # the slots' decoding tokens as one batch (-cb), else in turns
 
 
 class State:
@@ -114,7 +116,8 @@ def create_app(config: ServerConfig, load: Callable[[], Any], on_load_error: Cal
     def ready(model) -> None:
         state.model_ready(model)
 
-    engine = Engine(load, on_ready=ready, on_load_error=on_load_error)
+    engine = Engine(load, on_ready=ready, on_load_error=on_load_error, parallel=config.parallel,
+                    cont_batching=config.cont_batching)
     state = State(config, engine)
 
     def authorized(request: Request) -> None:
@@ -161,7 +164,7 @@ def create_app(config: ServerConfig, load: Callable[[], Any], on_load_error: Cal
         return JSONResponse({"status": "loading"}, status_code=503)
 
     async def metrics(request: Request) -> Response:
-        text = state.metrics.prometheus(engine.model, engine.queue_depth, engine.running is not None, engine.loaded,
+        text = state.metrics.prometheus(engine.model, engine.queue_depth, len(engine.running), engine.loaded,
                                         engine.rss_before_load)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 

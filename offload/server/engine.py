@@ -13,8 +13,12 @@ items reach the event loop through an asyncio queue. `cancel()` (a client gone, 
 makes the worker close the generator before its next token, which ends the generation at
 once (a finally in the chat code keeps the KV cache consistent).
 
-Decoding several requests as one batch (reading each expert once for all of them) is not
-done yet: requests take turns.
+With parallel slots (`serve -np N`, llama-server's slots) the context is split into N
+KV caches (Model.parallel_slots) and N slot threads each take the next job from the same
+FIFO queue; the worker thread then only computes: it runs every slot's steps
+(offload.batching.Batcher), decoding the tokens of the slots that are generating as one
+batch, so that each expert a token routes to is read once for all of them. Each answer is
+still, to the bit, what the request gets alone.
 """
 
 from __future__ import annotations
@@ -92,19 +96,24 @@ class Job:
 
 
 class Engine:
-    """Loads the model in its worker thread, then runs submitted jobs one at a time, FIFO."""
+    """Loads the model in its worker thread, then runs submitted jobs FIFO: one at a time, or
+    `parallel` at once in slots whose decoding tokens run as one batch (cont_batching) or in turns."""
 
     def __init__(self, load: Callable[[], Any], on_ready: Callable[[Any], None] | None = None,
-                 on_load_error: Callable[[BaseException], None] | None = None):
+                 on_load_error: Callable[[BaseException], None] | None = None, parallel: int = 1,
+                 cont_batching: bool = True):
         self._load = load
         self._on_ready = on_ready
         self._on_load_error = on_load_error
+        self.parallel = parallel
+        self.cont_batching = cont_batching
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="offload-engine", daemon=True)
-        self.model: Any = None
+        self._slot_threads: list[threading.Thread] = []
+        self.model: Any = None  # the first slot's Model where there are several
         self.load_error: BaseException | None = None
         self.ready = threading.Event()  # set once loading ended, well or not
-        self.running: Job | None = None
+        self.running: set[Job] = set()
         self._waiting: list[Job] = []  # submitted, not started (for cancel-all and the queue depth)
         self._lock = threading.Lock()
         self._closed = False
@@ -120,7 +129,7 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        """Requests waiting for their turn (not counting the one running)."""
+        """Requests waiting for their turn (not counting those running)."""
         with self._lock:
             return len(self._waiting)
 
@@ -147,11 +156,10 @@ class Engine:
         """Cancel what is queued and running, stop the worker and wait for it."""
         self._closed = True
         with self._lock:
-            for job in self._waiting:
+            for job in list(self._waiting) + list(self.running):
                 job.cancel()
-            if self.running is not None:
-                self.running.cancel()
-        self._queue.put(None)
+        for _ in range(max(self.parallel, 1)):
+            self._queue.put(None)  # one end for each thread taking jobs
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
@@ -161,9 +169,11 @@ class Engine:
 
         self.rss_before_load = psutil.Process().memory_info().rss  # the budget counts what loading adds
         try:
-            self.model = self._load()
+            model = self._load()
             if self._on_ready is not None:
-                self._on_ready(self.model)
+                self._on_ready(model)
+            slots = model.parallel_slots(self.parallel, batch=self.cont_batching) if self.parallel > 1 else [model]
+            self.model = model
         except BaseException as e:  # noqa: BLE001 (reported by the CLI, which then stops the server)
             self.model = None
             self.load_error = e
@@ -175,17 +185,45 @@ class Engine:
         finally:
             self.ready.set()
         try:
-            while True:
-                job = self._queue.get()
-                if job is None:
-                    return
-                with self._lock:
-                    self._waiting.remove(job)
-                    self.running = job
+            if len(slots) == 1:
+                self._take_jobs(model)
+                return
+            # the slot threads take the jobs; this thread runs their steps until the last slot ends
+            left = [len(slots)]
+
+            def slot_thread(slot) -> None:
                 try:
-                    job.run(self.model)
+                    self._take_jobs(slot, slot.batcher)
                 finally:
                     with self._lock:
-                        self.running = None
+                        left[0] -= 1
+                        last = left[0] == 0
+                    if last:
+                        slot.batcher.stop()
+
+            self._slot_threads = [threading.Thread(target=slot_thread, args=(slot,), name=f"offload-slot-{i}",
+                                                   daemon=True) for i, slot in enumerate(slots)]
+            for t in self._slot_threads:
+                t.start()
+            model.batcher.run()
         finally:
-            self.model.close()  # the worker is the only thread that touches the model
+            model.close()  # the other slots share its weights
+
+    def _take_jobs(self, model: Any, batcher: Any = None) -> None:
+        """Run jobs from the queue on `model` (one slot) until the end marker."""
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            with self._lock:
+                self._waiting.remove(job)
+                self.running.add(job)
+            if batcher is not None:
+                batcher.begin()  # its decoding tokens will be waited for, to join a batch
+            try:
+                job.run(model)
+            finally:
+                if batcher is not None:
+                    batcher.end()
+                with self._lock:
+                    self.running.discard(job)

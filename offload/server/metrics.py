@@ -97,7 +97,7 @@ class Metrics:
             "expert_slots": plan.slots if plan is not None and isinstance(model.experts, TieredExperts) else 0,
         }
 
-    def prometheus(self, model, queue_depth: int, running: bool, loaded: bool, rss_before_load: int = 0) -> str:
+    def prometheus(self, model, queue_depth: int, running: int, loaded: bool, rss_before_load: int = 0) -> str:
         """The Prometheus text exposition (version 0.0.4)."""
         out: list[str] = []
 
@@ -112,7 +112,8 @@ class Metrics:
         metric("requests_total", "counter", "HTTP requests to the API, by route and status code.",
                [(f'{{route="{r}",code="{c}"}}', n) for (r, c), n in sorted(self.requests.items())])
         metric("queue_depth", "gauge", "Requests waiting for their turn.", [("", queue_depth)])
-        metric("requests_running", "gauge", "Generations running (one at a time).", [("", int(running))])
+        metric("requests_running", "gauge", "Generations running (one per parallel slot at most).",
+               [("", int(running))])
         metric("generations_total", "counter", "Generations run.", [("", self.generations)])
         metric("generations_cancelled_total", "counter", "Generations stopped early (client gone, shutdown).",
                [("", self.cancelled)])
@@ -139,7 +140,12 @@ class Metrics:
             plan = model.plan
             metric("memory_budget_bytes", "gauge", "The memory budget the model plans within.",
                    [("", plan.budget if plan is not None else 0)])
-            metric("kv_cache_bytes", "gauge", "The KV cache's size.", [("", model.transformer.cache.nbytes)])
+            batcher = model.batcher  # parallel slots: one KV cache each
+            caches = [model.transformer.cache] if batcher is None else [t.cache for t in batcher.members]
+            metric("kv_cache_bytes", "gauge", "The KV caches' size.", [("", sum(c.nbytes for c in caches))])
+            if batcher is not None:
+                metric("decode_batches_total", "counter", "Decoding steps of the parallel slots, by the number of "
+                       "tokens run as one batch.", [(f'{{size="{k}"}}', n) for k, n in sorted(batcher.batches.items())])
         metric("resident_memory_bytes", "gauge", "The process's resident set size.",
                [("", self._process.memory_info().rss)])
         metric("peak_resident_memory_bytes", "gauge", "The process's peak resident set size.", [("", _peak_rss())])
