@@ -10,8 +10,13 @@ loaded the model: one OpenMP team, one set of per-thread buffers):
   prompt does not stall the others' replies);
 * the decoding tokens of the slots waiting for a step run together as one batch
   (Transformer.decode_together): an expert that two sequences route to is read once, from
-  RAM or from disk, for both; so is every other weight. With batching off
-  (--no-cont-batching) they run one after the other instead.
+  RAM or from disk, for both; so is every other weight. Where it pays: a batch runs layer
+  by layer, while a lone token of a resident model is one C call (kernels.step), and on a
+  small machine a batch's row dots can cost as much as reading the weights saves. So the
+  batcher keeps the seconds a step takes, alone and as a batch of each size (a moving
+  average, the batch tried again now and then), and runs a batch only while it beats its
+  tokens one after the other. With batching off (--no-cont-batching) they always run one
+  after the other.
 
 Each sequence gets, to the bit, the logits it would get alone, so neither the batching nor
 the other requests change an answer.
@@ -75,6 +80,8 @@ class Batcher:
         self._busy = 0  # sequences inside a generation (their next step is coming)
         self._stopped = False
         self.batches = collections.Counter()  # decoding steps run, by batch size
+        self.seconds: dict[int, float] = {}  # batch size -> moving average of the seconds a step takes
+        self._tries = collections.Counter()  # batches of each size run in turns since batching it was measured
         self.prompt_parts = 0  # prompt micro-batches run between other slots' decoding steps
 
     # -- the sequences' side ---------------------------------------------------------
@@ -173,19 +180,43 @@ class Batcher:
         self._held.extend(_drain(self._requests))
         self._held.append(step)
 
+    # a batch size that lost to turns is measured again after this many of its batches
+    RETRY_EVERY = 32
+
     def _decode(self, batch: list[_Step]) -> None:
-        self.batches[len(batch)] += 1
-        if len(batch) == 1:
-            self._run_alone(batch[0])
-            return
-        try:
-            logits = self.lead.decode_together([s.member for s in batch], np.concatenate([s.tokens for s in batch]))
-        except Exception:  # noqa: BLE001 (a full context, NaN: run each alone, so each gets its own error)
+        n = len(batch)
+        if n > 1 and not self._pays(n):
             for s in batch:
-                self._run_alone(s)
+                self._decode([s])
             return
-        for r, s in enumerate(batch):
-            s.finish(self._own_copy(s.member, logits[r : r + 1]))
+        self.batches[n] += 1
+        start = time.perf_counter()
+        if n == 1:
+            self._run_alone(batch[0])
+        else:
+            try:
+                logits = self.lead.decode_together([s.member for s in batch], np.concatenate([s.tokens for s in batch]))
+            except Exception:  # noqa: BLE001 (a full context, NaN: run each alone, so each gets its own error)
+                for s in batch:
+                    self._run_alone(s)
+                return
+            for r, s in enumerate(batch):
+                s.finish(self._own_copy(s.member, logits[r : r + 1]))
+        seconds = time.perf_counter() - start
+        before = self.seconds.get(n)
+        self.seconds[n] = seconds if before is None else 0.75 * before + 0.25 * seconds
+
+    def _pays(self, n: int) -> bool:
+        """Whether n tokens run faster as one batch than one after the other, as measured so
+        far; a size not measured yet (or not for RETRY_EVERY of its batches) is tried."""
+        alone, together = self.seconds.get(1), self.seconds.get(n)
+        if alone is None:
+            return False  # a lone step's time first
+        if together is None or together < n * alone or self._tries[n] >= self.RETRY_EVERY:
+            self._tries[n] = 0
+            return True
+        self._tries[n] += 1
+        return False
 
     def _run_alone(self, step: _Step) -> None:
         try:

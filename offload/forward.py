@@ -349,9 +349,7 @@ class Transformer:
             for m, start in zip(members, starts):
                 m.cache.place(start, 1)
             for i, layer in enumerate(self.weights.layers):
-                h = rms_norm(x, layer.attn.norm, a.rms_eps)
-                for r, (m, start) in enumerate(zip(members, starts)):  # each over its own cache
-                    x[r] += m._attention(i, layer.attn, h[r : r + 1], start)[0]
+                x += self._attention_rows(i, layer.attn, x, members, starts)
                 if self.prefetcher is not None:
                     self._predict(i, x)
                 h = rms_norm(x, layer.ffn_norm, a.rms_eps)
@@ -362,6 +360,22 @@ class Transformer:
                 m.cache.n_past = start + 1
             x = rms_norm(x, self.weights.output_norm, a.rms_eps)
             return self._matmul(self.weights.output, np.ascontiguousarray(x))
+
+    def _attention_rows(self, layer: int, w: Attention | LatentAttention, x: np.ndarray, members: list["Transformer"],
+                        starts: list[int]) -> np.ndarray:
+        """decode_together's attention block: row r is members[r]'s token at starts[r]. The
+        projections of grouped-query attention run on all rows at once (each weight read once
+        for the batch), the rest per sequence over its own cache; other kinds run per sequence."""
+        a = self.args
+        h = rms_norm(x, w.norm, a.rms_eps)
+        if a.attention != "gqa" or self.gpu is not None:
+            return np.concatenate([m._attention(layer, w, h[r : r + 1], start)
+                                   for r, (m, start) in enumerate(zip(members, starts))])
+        q, k, v = self._qkv(w, h)
+        heads = np.empty((len(x), a.n_head * a.head_dim), dtype=np.float32)
+        for r, (m, start) in enumerate(zip(members, starts)):
+            heads[r] = m._gqa_core(layer, w, q[r : r + 1], k[r : r + 1], v[r : r + 1], start)[0]
+        return self._attention_output(w, heads)
 
     def forward(self, tokens: np.ndarray, all_logits: bool = False) -> np.ndarray:
         """Run new tokens after the cached ones; logits of every new token, or of the last.
@@ -517,6 +531,13 @@ class Transformer:
         return self._decompressed_attention(layer, w, x, start)
 
     def _gqa_attention(self, layer: int, w: Attention, x: np.ndarray, start: int) -> np.ndarray:
+        q, k, v = self._qkv(w, x)
+        return self._attention_output(w, self._gqa_core(layer, w, q, k, v, start))
+
+    def _qkv(self, w: Attention, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The projections of x's rows into query and key heads (n, heads, head_dim) and values,
+        with their biases and norms: each row on its own, so a batch of sequences' tokens may
+        share one call (decode_together)."""
         a, buf = self.args, self.scratch
         n, hd = len(x), a.head_dim
         q, k, v = self._matmuls((w.wq, w.wk, w.wv), x, outs=(buf("q", n, w.wq.n_rows), buf("k", n, w.wk.n_rows),
@@ -533,6 +554,14 @@ class Transformer:
         k = k.reshape(n, a.n_head_kv, hd)
         if a.qk_norm == "head":
             q, k = rms_norm(q, w.q_norm, a.rms_eps), rms_norm(k, w.k_norm, a.rms_eps)
+        return q, k, v
+
+    def _gqa_core(self, layer: int, w: Attention, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                  start: int) -> np.ndarray:
+        """This sequence's part of the attention for tokens at start..: RoPE, the cache, the
+        attention over it; q, k are rotated in place. Returns the heads' outputs (n, n_head * head_dim)."""
+        a, buf = self.args, self.scratch
+        n, hd = len(q), a.head_dim
         cos, sin = self.rope[layer]
         apply_rope(q, cos[start : start + n], sin[start : start + n], a.rope_dim, a.rope_style)
         apply_rope(k, cos[start : start + n], sin[start : start + n], a.rope_dim, a.rope_style)
@@ -545,7 +574,10 @@ class Transformer:
                            out=buf("attn", n, a.n_head * hd), window=a.window(layer), sinks=w.sinks)
         if self.cache.v_rotation:
             out = hadamard_rows(out, self.cache.v_rotation)
-        out = self._matmul(w.wo, out, out=buf("attn_out", n, a.n_embd))
+        return out
+
+    def _attention_output(self, w: Attention, heads: np.ndarray) -> np.ndarray:
+        out = self._matmul(w.wo, heads, out=self.scratch("attn_out", len(heads), self.args.n_embd))
         if w.bo is not None:
             out += w.bo
         return out
