@@ -265,13 +265,16 @@ static TARGET_AVX2 void iq4_nl_tokens(const uint8_t *w, const int8_t *xq, const 
     }
 }
 
-static TARGET_AVX2 void tokens_iq4_nl_avx2(const uint8_t *w, const int8_t *xq, const float *xd, int n_cols,
-                                           ptrdiff_t n_tokens, float *out, ptrdiff_t out_stride) {
+static TARGET_AVX2 void tokens_iq4_nl_avx2(const uint8_t *w, const int8_t *xq, const float *xd, const int16_t *bsums,
+                                           int n_cols, ptrdiff_t n_tokens, float *out, ptrdiff_t out_stride) {
+    (void)bsums; /* Q8_0 activations */
     iq4_nl_tokens(w, xq, xd, n_cols, n_tokens, out, out_stride, 0);
 }
 
-static TARGET_AVX2 void tokens_iq4_nl_sgemm_avx2(const uint8_t *w, const int8_t *xq, const float *xd, int n_cols,
-                                                 ptrdiff_t n_tokens, float *out, ptrdiff_t out_stride) {
+static TARGET_AVX2 void tokens_iq4_nl_sgemm_avx2(const uint8_t *w, const int8_t *xq, const float *xd,
+                                                 const int16_t *bsums, int n_cols, ptrdiff_t n_tokens, float *out,
+                                                 ptrdiff_t out_stride) {
+    (void)bsums;
     iq4_nl_tokens(w, xq, xd, n_cols, n_tokens, out, out_stride, 1);
 }
 #define AVX2(fn) fn

@@ -40,11 +40,12 @@ typedef struct {
 /* dot(weight row w of n_cols values, activations x) in ggml's order. */
 typedef float (*row_dot_fn)(const uint8_t *w, const act_row *x, int n_cols);
 
-/* One weight row against n_tokens tokens (Q8_0 activations: token t's quants at xq + t *
- * n_cols, its scales at xd + t * n_cols / 32): out[t * out_stride] = the row dot of token t,
- * bit for bit, the row decoded once for all the tokens. */
-typedef void (*row_tokens_fn)(const uint8_t *w, const int8_t *xq, const float *xd, int n_cols, ptrdiff_t n_tokens,
-                              float *out, ptrdiff_t out_stride);
+/* One weight row against n_tokens tokens (token t's quants at xq + t * n_cols, its scales at
+ * xd + t * (n_cols / act_block), for Q8_K its bsums at bsums + t * (n_cols / 16); Q8_0 gets
+ * bsums NULL): out[t * out_stride] = the row dot of token t, bit for bit, the row decoded
+ * once for all the tokens. */
+typedef void (*row_tokens_fn)(const uint8_t *w, const int8_t *xq, const float *xd, const int16_t *bsums, int n_cols,
+                              ptrdiff_t n_tokens, float *out, ptrdiff_t out_stride);
 
 enum act_kind { ACT_Q8_0 = 0, ACT_Q8_K = 1, ACT_Q8_1 = 2 };
 #define ACT_KINDS 3
@@ -62,10 +63,11 @@ typedef struct {
     row_dot_fn avx2;       /* AVX2+FMA+F16C, or NULL */
     row_dot_fn avx512;     /* AVX-512 (+VNNI), or NULL */
     row_tokens_fn avx2_tokens; /* the avx2 row dot on many tokens at once (same bits), or NULL */
+    int tokens_min;            /* tokens from which run_matmul takes avx2_tokens (0: ROW_TOKENS_MIN) */
 } format_kernels;
 
-/* From this many tokens run_matmul hands a row to the format's avx2_tokens (if it has one
- * and the avx2 row dot is the one picked). */
+/* From this many tokens (or the format's tokens_min) run_matmul hands a row to the format's
+ * avx2_tokens (if it has one and the avx2 row dot is the one picked). */
 #define ROW_TOKENS_MIN 4
 
 /* out[t, r] = dot(row r of w, token t) for a whole matrix, OpenMP over rows when it is big

@@ -128,11 +128,11 @@ void run_matmul(row_dot_fn dot, const format_kernels *f, const uint8_t *w, const
                 const int16_t *bsums, float *out, ptrdiff_t n_rows, int n_cols, ptrdiff_t n_tokens) {
     const size_t row_bytes = (size_t)(n_cols / f->block_size) * f->block_bytes;
     const Py_ssize_t d_per_token = n_cols / act_block(f->act), bsums_per_token = n_cols / 16; /* Q8_1's s too */
-    if (f->avx2_tokens && dot == f->avx2 && n_tokens >= ROW_TOKENS_MIN) {
+    if (f->avx2_tokens && dot == f->avx2 && n_tokens >= (f->tokens_min ? f->tokens_min : ROW_TOKENS_MIN)) {
         /* the row decoded once for all the tokens; same bits as the row dot */
 #pragma omp parallel for schedule(static) if ((size_t)n_rows * row_bytes * (size_t)n_tokens >= PARALLEL_BYTES)
         for (Py_ssize_t r = 0; r < n_rows; r++)
-            f->avx2_tokens(w + (size_t)r * row_bytes, xq, xd, n_cols, n_tokens, out + r, n_rows);
+            f->avx2_tokens(w + (size_t)r * row_bytes, xq, xd, bsums, n_cols, n_tokens, out + r, n_rows);
         return;
     }
     /* rows outside, tokens inside: a row's blocks stay in L1 across the tokens of a batch */

@@ -126,8 +126,9 @@ static TARGET_AVX2 float dot_mxfp4_avx2(const uint8_t *w, const act_row *x, int 
 #define TOKENS_MAX_BLOCKS 512
 #define TOKENS_TILE 4
 
-static TARGET_AVX2 void tokens_mxfp4_avx2(const uint8_t *w, const int8_t *xq, const float *xd, int n_cols,
-                                          ptrdiff_t n_tokens, float *out, ptrdiff_t out_stride) {
+static TARGET_AVX2 void tokens_mxfp4_avx2(const uint8_t *w, const int8_t *xq, const float *xd, const int16_t *bsums,
+                                          int n_cols, ptrdiff_t n_tokens, float *out, ptrdiff_t out_stride) {
+    (void)bsums; /* Q8_0 activations */
     const int nb = n_cols / QK;
     ptrdiff_t t = 0;
     if (nb <= TOKENS_MAX_BLOCKS && n_tokens >= TOKENS_TILE) {

@@ -25,6 +25,8 @@
 #define QK_K 256
 #define Q4_K_BYTES 144
 #define Q5_K_BYTES 176
+/* tokens from which run_matmul takes the row-decoded-once kernels below (see tokens_q4_k_avx2) */
+#define K_TOKENS_MIN 2
 
 /* get_scale_min_k4 for the 12 packed bytes: sc[8], mn[8]. */
 static inline void scales_mins(const uint8_t *b, int32_t sc[8], int32_t mn[8]) {
@@ -205,10 +207,158 @@ static TARGET_AVX2 float dot_q5_k_avx2(const uint8_t *w, const act_row *x, int n
     }
     return hsum_float_8(acc) + summs;
 }
+
+/* dot_q4_k_avx2 on many tokens at once (run_matmul hands a row here from K_TOKENS_MIN
+ * tokens). Each weight block is decoded once per tile of up to four tokens (the nibbles
+ * masked and shifted, the scale broadcasts, the packed scales and mins, the fp16 d and dmin
+ * as floats) and kept in registers while every token of the tile runs the row dot's exact
+ * steps on it: each token its own sumi, acc and acc_m, the same integer lanes and the same
+ * float operations in the same order, so each result equals the row dot's to the bit. */
+static inline __attribute__((always_inline)) TARGET_AVX2 void q4_k_tile(const uint8_t *w, int nb, const int8_t *xq,
+                                                                        const float *xd, const int16_t *bsums, int n_cols,
+                                                                        ptrdiff_t t0, const int n, float *out,
+                                                                        ptrdiff_t out_stride) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const int8_t *xt[4];
+    const float *dt[4];
+    const int16_t *bt[4];
+    __m256 acc[4];
+    __m128 acc_m[4];
+    for (int k = 0; k < n; k++) {
+        xt[k] = xq + (t0 + k) * (ptrdiff_t)n_cols;
+        dt[k] = xd + (t0 + k) * (ptrdiff_t)nb;
+        bt[k] = bsums + (t0 + k) * (ptrdiff_t)(n_cols / 16);
+        acc[k] = _mm256_setzero_ps();
+        acc_m[k] = _mm_setzero_ps();
+    }
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (size_t)b * Q4_K_BYTES, *qs = blk + 16;
+        PREFETCH_BLOCK(blk);
+        const float wd = _cvtsh_ss(read_u16(blk)), wdmin = _cvtsh_ss(read_u16(blk + 2));
+        const __m256i ms = scales_mins_avx2(blk + 4);
+        const __m256i sc2 = _mm256_permute2x128_si256(ms, ms, 0x00);
+        __m256i sumi[4];
+        float d[4];
+        for (int k = 0; k < n; k++) {
+            const float x_d = dt[k][b];
+            d[k] = x_d * wd;
+            const float dmin = -x_d * wdmin;
+            const __m128i prod = min_products_avx2(ms, bt[k] + (size_t)b * 16);
+            acc_m[k] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[k]);
+            sumi[k] = _mm256_setzero_si256();
+        }
+        for (int j = 0; j < 4; j++) {
+            const __m256i bits = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+            const __m256i lo = _mm256_and_si256(bits, m4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+            const __m256i s_lo = SCALE(sc2, 2 * j), s_hi = SCALE(sc2, 2 * j + 1);
+            for (int k = 0; k < n; k++) {
+                const int8_t *q8 = xt[k] + (size_t)b * QK_K + 64 * j;
+                const __m256i x_lo = _mm256_loadu_si256((const __m256i *)q8);
+                const __m256i x_hi = _mm256_loadu_si256((const __m256i *)(q8 + 32));
+                const __m256i p_lo = _mm256_madd_epi16(s_lo, _mm256_maddubs_epi16(lo, x_lo));
+                const __m256i p_hi = _mm256_madd_epi16(s_hi, _mm256_maddubs_epi16(hi, x_hi));
+                sumi[k] = _mm256_add_epi32(sumi[k], _mm256_add_epi32(p_lo, p_hi));
+            }
+        }
+        for (int k = 0; k < n; k++) acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d[k]), _mm256_cvtepi32_ps(sumi[k]), acc[k]);
+    }
+    for (int k = 0; k < n; k++) {
+        __m128 m = _mm_add_ps(acc_m[k], _mm_movehl_ps(acc_m[k], acc_m[k]));
+        m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        out[(t0 + k) * out_stride] = hsum_float_8(acc[k]) + _mm_cvtss_f32(m);
+    }
+}
+
+static TARGET_AVX2 void tokens_q4_k_avx2(const uint8_t *w, const int8_t *xq, const float *xd, const int16_t *bsums,
+                                         int n_cols, ptrdiff_t n_tokens, float *out, ptrdiff_t out_stride) {
+    const int nb = n_cols / QK_K;
+    ptrdiff_t t = 0;
+    for (; t + 4 <= n_tokens; t += 4) q4_k_tile(w, nb, xq, xd, bsums, n_cols, t, 4, out, out_stride);
+    switch (n_tokens - t) {
+    case 3: q4_k_tile(w, nb, xq, xd, bsums, n_cols, t, 3, out, out_stride); break;
+    case 2: q4_k_tile(w, nb, xq, xd, bsums, n_cols, t, 2, out, out_stride); break;
+    case 1: q4_k_tile(w, nb, xq, xd, bsums, n_cols, t, 1, out, out_stride); break;
+    }
+}
+
+/* dot_q5_k_avx2 on many tokens at once, as tokens_q4_k_avx2: the block's 5-bit quants, scale
+ * broadcasts, scales and mins and fp16 d and dmin decoded once per tile of up to four tokens;
+ * each token its own sumi, acc and summs, the row dot's steps in the row dot's order. */
+static inline __attribute__((always_inline)) TARGET_AVX2 void q5_k_tile(const uint8_t *w, int nb, const int8_t *xq,
+                                                                        const float *xd, const int16_t *bsums, int n_cols,
+                                                                        ptrdiff_t t0, const int n, float *out,
+                                                                        ptrdiff_t out_stride) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
+    const int8_t *xt[4];
+    const float *dt[4];
+    const int16_t *bt[4];
+    __m256 acc[4];
+    float summs[4];
+    for (int k = 0; k < n; k++) {
+        xt[k] = xq + (t0 + k) * (ptrdiff_t)n_cols;
+        dt[k] = xd + (t0 + k) * (ptrdiff_t)nb;
+        bt[k] = bsums + (t0 + k) * (ptrdiff_t)(n_cols / 16);
+        acc[k] = _mm256_setzero_ps();
+        summs[k] = 0.0f;
+    }
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (size_t)b * Q5_K_BYTES, *qs = blk + 48;
+        PREFETCH_BLOCK(blk);
+        const float wd = _cvtsh_ss(read_u16(blk)), wdmin = _cvtsh_ss(read_u16(blk + 2));
+        const __m256i ms = scales_mins_avx2(blk + 4);
+        const __m256i sc2 = _mm256_permute2x128_si256(ms, ms, 0x00);
+        const __m256i hbits = _mm256_loadu_si256((const __m256i *)(blk + 16));
+        __m256i sumi[4];
+        float d[4];
+        for (int k = 0; k < n; k++) {
+            const float x_d = dt[k][b];
+            d[k] = x_d * wd;
+            const float dmin = -x_d * wdmin;
+            const __m128i prod = min_products_avx2(ms, bt[k] + (size_t)b * 16);
+            const __m128i hs = _mm_hadd_epi32(_mm_hadd_epi32(prod, prod), prod);
+            summs[k] = fmaf(dmin, (float)_mm_cvtsi128_si32(hs), summs[k]);
+            sumi[k] = _mm256_setzero_si256();
+        }
+        for (int j = 0; j < 4; j++) {
+            const __m256i bits = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+            const int s = 2 * j;
+            const __m256i h_lo = _mm256_and_si256(s <= 4 ? _mm256_slli_epi16(hbits, 4 - s) : _mm256_srli_epi16(hbits, s - 4), bit4);
+            const __m256i h_hi = _mm256_and_si256(s + 1 <= 4 ? _mm256_slli_epi16(hbits, 3 - s) : _mm256_srli_epi16(hbits, s - 3), bit4);
+            const __m256i lo = _mm256_or_si256(_mm256_and_si256(bits, m4), h_lo);
+            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), h_hi);
+            const __m256i s_lo = SCALE(sc2, 2 * j), s_hi = SCALE(sc2, 2 * j + 1);
+            for (int k = 0; k < n; k++) {
+                const int8_t *q8 = xt[k] + (size_t)b * QK_K + 64 * j;
+                const __m256i x_lo = _mm256_loadu_si256((const __m256i *)q8);
+                const __m256i x_hi = _mm256_loadu_si256((const __m256i *)(q8 + 32));
+                const __m256i p_lo = _mm256_madd_epi16(s_lo, _mm256_maddubs_epi16(lo, x_lo));
+                const __m256i p_hi = _mm256_madd_epi16(s_hi, _mm256_maddubs_epi16(hi, x_hi));
+                sumi[k] = _mm256_add_epi32(sumi[k], _mm256_add_epi32(p_lo, p_hi));
+            }
+        }
+        for (int k = 0; k < n; k++) acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d[k]), _mm256_cvtepi32_ps(sumi[k]), acc[k]);
+    }
+    for (int k = 0; k < n; k++) out[(t0 + k) * out_stride] = hsum_float_8(acc[k]) + summs[k];
+}
+
+static TARGET_AVX2 void tokens_q5_k_avx2(const uint8_t *w, const int8_t *xq, const float *xd, const int16_t *bsums,
+                                         int n_cols, ptrdiff_t n_tokens, float *out, ptrdiff_t out_stride) {
+    const int nb = n_cols / QK_K;
+    ptrdiff_t t = 0;
+    for (; t + 4 <= n_tokens; t += 4) q5_k_tile(w, nb, xq, xd, bsums, n_cols, t, 4, out, out_stride);
+    switch (n_tokens - t) {
+    case 3: q5_k_tile(w, nb, xq, xd, bsums, n_cols, t, 3, out, out_stride); break;
+    case 2: q5_k_tile(w, nb, xq, xd, bsums, n_cols, t, 2, out, out_stride); break;
+    case 1: q5_k_tile(w, nb, xq, xd, bsums, n_cols, t, 1, out, out_stride); break;
+    }
+}
 #define AVX2(fn) fn
 #else
 #define AVX2(fn) NULL
 #endif
 
-const format_kernels KERNELS_Q4_K = {"Q4_K", ACT_Q8_K, QK_K, Q4_K_BYTES, dot_q4_k_portable, AVX2(dot_q4_k_avx2), NULL};
-const format_kernels KERNELS_Q5_K = {"Q5_K", ACT_Q8_K, QK_K, Q5_K_BYTES, dot_q5_k_portable, AVX2(dot_q5_k_avx2), NULL};
+const format_kernels KERNELS_Q4_K = {"Q4_K", ACT_Q8_K, QK_K, Q4_K_BYTES, dot_q4_k_portable, AVX2(dot_q4_k_avx2), NULL,
+                                     AVX2(tokens_q4_k_avx2), K_TOKENS_MIN};
+const format_kernels KERNELS_Q5_K = {"Q5_K", ACT_Q8_K, QK_K, Q5_K_BYTES, dot_q5_k_portable, AVX2(dot_q5_k_avx2), NULL,
+                                     AVX2(tokens_q5_k_avx2), K_TOKENS_MIN};

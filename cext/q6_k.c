@@ -22,6 +22,8 @@
 
 #define QK_K 256
 #define Q6_K_BYTES 210
+/* tokens from which run_matmul takes tokens_q6_k_avx2 */
+#define Q6_K_TOKENS_MIN 2
 
 static float dot_q6_k_portable(const uint8_t *w, const act_row *x, int n_cols) {
     float acc[8] = {0};
@@ -105,9 +107,89 @@ static TARGET_AVX2 float dot_q6_k_avx2(const uint8_t *w, const act_row *x, int n
     }
     return hsum_float_8(acc);
 }
+
+/* dot_q6_k_avx2 on many tokens at once (run_matmul hands a row here from Q6_K_TOKENS_MIN
+ * tokens). Each weight block is decoded once per tile of up to four tokens (the 6-bit
+ * quants, the scales as int16 and their per-group broadcasts, the fp16 d as float) and kept
+ * in registers while every token of the tile runs the row dot's exact steps on it: each
+ * token its own sumi and acc, the same integer lanes and the same float operations in the
+ * same order, so each result equals the row dot's to the bit. */
+static inline __attribute__((always_inline)) TARGET_AVX2 void q6_k_tile(const uint8_t *w, int nb, const int8_t *xq,
+                                                                        const float *xd, const int16_t *bsums, int n_cols,
+                                                                        ptrdiff_t t0, const int n, float *out,
+                                                                        ptrdiff_t out_stride) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    const __m256i pick0 = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                           2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+    const __m256i step = _mm256_set1_epi8(4);
+    const __m256i pick1 = _mm256_add_epi8(pick0, step), pick2 = _mm256_add_epi8(pick1, step),
+                  pick3 = _mm256_add_epi8(pick2, step);
+    const int8_t *xt[4];
+    const float *dt[4];
+    const int16_t *bt[4];
+    __m256 acc[4];
+    for (int k = 0; k < n; k++) {
+        xt[k] = xq + (t0 + k) * (ptrdiff_t)n_cols;
+        dt[k] = xd + (t0 + k) * (ptrdiff_t)nb;
+        bt[k] = bsums + (t0 + k) * (ptrdiff_t)(n_cols / 16);
+        acc[k] = _mm256_setzero_ps();
+    }
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (size_t)b * Q6_K_BYTES;
+        const float wd = _cvtsh_ss(read_u16(blk + 208));
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+        __m256i sumi[4];
+        for (int k = 0; k < n; k++) sumi[k] = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h));
+            const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32));
+            const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+            const __m256i q0 = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
+            const __m256i q1 = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
+            const __m256i q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30));
+            const __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                                               _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+            const __m256i sch = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11) : _mm256_permute2x128_si256(sc16, sc16, 0x00);
+            const __m256i c0 = _mm256_shuffle_epi8(sch, pick0), c1 = _mm256_shuffle_epi8(sch, pick1);
+            const __m256i c2 = _mm256_shuffle_epi8(sch, pick2), c3 = _mm256_shuffle_epi8(sch, pick3);
+            for (int k = 0; k < n; k++) {
+                const int8_t *y = xt[k] + (size_t)b * QK_K + 128 * h;
+                const __m256i p0 = _mm256_maddubs_epi16(q0, _mm256_loadu_si256((const __m256i *)y));
+                const __m256i p1 = _mm256_maddubs_epi16(q1, _mm256_loadu_si256((const __m256i *)(y + 32)));
+                const __m256i p2 = _mm256_maddubs_epi16(q2, _mm256_loadu_si256((const __m256i *)(y + 64)));
+                const __m256i p3 = _mm256_maddubs_epi16(q3, _mm256_loadu_si256((const __m256i *)(y + 96)));
+                const __m256i s0 = _mm256_madd_epi16(c0, p0);
+                const __m256i s1 = _mm256_madd_epi16(c1, p1);
+                const __m256i s2 = _mm256_madd_epi16(c2, p2);
+                const __m256i s3 = _mm256_madd_epi16(c3, p3);
+                sumi[k] = _mm256_add_epi32(sumi[k], _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3)));
+            }
+        }
+        for (int k = 0; k < n; k++) {
+            const __m256 d = _mm256_set1_ps(dt[k][b] * wd);
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(bt[k] + (size_t)b * 16));
+            const __m256i sub = _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5);
+            acc[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(sumi[k], sub)), acc[k]);
+        }
+    }
+    for (int k = 0; k < n; k++) out[(t0 + k) * out_stride] = hsum_float_8(acc[k]);
+}
+
+static TARGET_AVX2 void tokens_q6_k_avx2(const uint8_t *w, const int8_t *xq, const float *xd, const int16_t *bsums,
+                                         int n_cols, ptrdiff_t n_tokens, float *out, ptrdiff_t out_stride) {
+    const int nb = n_cols / QK_K;
+    ptrdiff_t t = 0;
+    for (; t + 4 <= n_tokens; t += 4) q6_k_tile(w, nb, xq, xd, bsums, n_cols, t, 4, out, out_stride);
+    switch (n_tokens - t) {
+    case 3: q6_k_tile(w, nb, xq, xd, bsums, n_cols, t, 3, out, out_stride); break;
+    case 2: q6_k_tile(w, nb, xq, xd, bsums, n_cols, t, 2, out, out_stride); break;
+    case 1: q6_k_tile(w, nb, xq, xd, bsums, n_cols, t, 1, out, out_stride); break;
+    }
+}
 #define AVX2(fn) fn
 #else
 #define AVX2(fn) NULL
 #endif
 
-const format_kernels KERNELS_Q6_K = {"Q6_K", ACT_Q8_K, QK_K, Q6_K_BYTES, dot_q6_k_portable, AVX2(dot_q6_k_avx2), NULL};
+const format_kernels KERNELS_Q6_K = {"Q6_K", ACT_Q8_K, QK_K, Q6_K_BYTES, dot_q6_k_portable, AVX2(dot_q6_k_avx2), NULL,
+                                     AVX2(tokens_q6_k_avx2), Q6_K_TOKENS_MIN};

@@ -104,6 +104,41 @@ def test_c_kernel_reads_views_in_place(t):
     np.testing.assert_array_equal(bits(got), bits(want))
 
 
+# Formats whose avx2 row dot has a many-tokens kernel (format_kernels.avx2_tokens: the row decoded
+# once for the tokens, run_matmul's path from 2 tokens for the K-quants, 4 for the others).
+TOKENS_KERNELS = ["Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "MXFP4"]
+
+
+@pytest.mark.parametrize("name", [n for n in TOKENS_KERNELS if n in cext.formats()])
+@pytest.mark.parametrize("n_rows,n_cols", [(1, 256), (5, 1024), (33, 2816), (3, 16640)])  # 16640: past every stack bound
+def test_many_tokens_give_each_token_its_bits_alone(name, n_rows, n_cols, isa_level):
+    """A matmul of 1..9 tokens gives every token exactly the float bits of that token alone (a
+    matmul of one token: the row dot), at every SIMD level, through cext's matmul (the Python-side
+    activations) and matmul_x (the C quantizer); on AVX2 the 2+ token calls run the format's
+    many-tokens kernel, which must keep the row dot's integer lanes and float order per token."""
+    t = T[name]
+    convert = ACTIVATION_CONVERTERS[FORMATS[t].vec_dot_type]
+    kernel = cext.c_kernel(name)
+    for raw in (realistic(t, n_rows, n_cols, seed=n_cols + n_rows), random_bytes(t, n_rows, n_cols, seed=n_rows)):
+        for level in cext.levels():
+            cext.set_isa(level)
+            for n_tokens in range(1, 10):
+                x = tokens(n_tokens, n_cols, seed=100 * n_tokens + n_rows)
+                x[n_tokens // 2, : n_cols // 3] = 0.0  # a token with zero blocks
+                got = np.full((n_tokens, n_rows), np.nan, dtype=np.float32)
+                kernel(raw, convert(x), got, False)
+                got_x = np.full_like(got, np.nan)
+                cext.matmul_x(x, n_tokens, ((name, raw, got_x, n_rows),))
+                for k in range(n_tokens):
+                    alone = np.full((1, n_rows), np.nan, dtype=np.float32)
+                    kernel(raw, convert(x[k : k + 1]), alone, False)
+                    alone_x = np.full_like(alone, np.nan)
+                    cext.matmul_x(np.ascontiguousarray(x[k : k + 1]), 1, ((name, raw, alone_x, n_rows),))
+                    msg = f"{name} {level} tokens={n_tokens} token {k}"
+                    np.testing.assert_array_equal(bits(got[k]), bits(alone[0]), err_msg=msg)
+                    np.testing.assert_array_equal(bits(got_x[k]), bits(alone_x[0]), err_msg=msg + " (matmul_x)")
+
+
 def test_c_kernel_rejects_short_buffers():
     raw = realistic(T.Q8_0, 4, 64, seed=0)
     xq, xd = ACTIVATION_CONVERTERS["Q8_0"](tokens(1, 64, seed=0))
