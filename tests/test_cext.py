@@ -105,8 +105,8 @@ def test_c_kernel_reads_views_in_place(t):
 
 
 # Formats whose avx2 row dot has a many-tokens kernel (format_kernels.avx2_tokens: the row decoded
-# once for the tokens, run_matmul's path from 2 tokens for the K-quants, 4 for the others).
-TOKENS_KERNELS = ["Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "MXFP4"]
+# once for the tokens, run_matmul's path from 2 tokens for the K-quants and Q8_0, 4 for the others).
+TOKENS_KERNELS = ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_NL", "MXFP4"]
 
 
 @pytest.mark.parametrize("name", [n for n in TOKENS_KERNELS if n in cext.formats()])
