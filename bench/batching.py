@@ -29,7 +29,7 @@ The shape's routers are skewed (--skew, bench/tiering.py's skew_routers) as real
 routing is: with uniform routing, N tokens of top-8 of 128 would share almost no expert.
 
 Every client's tokens are checked against its tokens alone (offload's bit-exact batching).
-Prints a table; writes bench/out/batching.json.
+Prints a table; writes bench/out/batching-SHAPE.json.
 """
 
 from __future__ import annotations
@@ -316,7 +316,7 @@ def main() -> None:
         for way in ("batched", "turns", "llama_cpp"):
             if way in r:
                 r[way] = {k: v for k, v in r[way].items() if k != "tokens"}
-    out = write_json("batching", {"machine": machine(), "shape": shape.name, "quant": opts.quant,
+    out = write_json(f"batching-{shape.name}", {"machine": machine(), "shape": shape.name, "quant": opts.quant,
                                   "threads": opts.threads, "decode": opts.decode, "repeats": opts.repeats,
                                   "skew": opts.skew, "bandwidth": bandwidth,
                                   "single_stream_roofline_tok_s": roofline, "results": results})

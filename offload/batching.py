@@ -148,7 +148,7 @@ class Batcher:
             if step.decoding:
                 self._held.remove(step)
                 batch.append(step)
-        deadline = time.monotonic() + self.gather_s
+        deadline = time.monotonic() + (self.gather_s if self._worth_waiting() else 0.0)  # else: those queued now
         while self.batch and len(batch) < min(self.max_batch, self._busy):
             wait = deadline - time.monotonic()
             try:
@@ -205,6 +205,18 @@ class Batcher:
         seconds = time.perf_counter() - start
         before = self.seconds.get(n)
         self.seconds[n] = seconds if before is None else 0.75 * before + 0.25 * seconds
+
+    def _worth_waiting(self) -> bool:
+        """Whether waiting for the other busy sequences' tokens may pay: some batch size they
+        could make is not known to lose to turns, or is due to be tried again."""
+        alone = self.seconds.get(1)
+        if alone is None:
+            return True
+        for n in range(2, min(self.max_batch, self._busy) + 1):
+            together = self.seconds.get(n)
+            if together is None or together < n * alone or self._tries[n] >= self.RETRY_EVERY:
+                return True
+        return False
 
     def _pays(self, n: int) -> bool:
         """Whether n tokens run faster as one batch than one after the other, as measured so
