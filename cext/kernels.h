@@ -69,6 +69,26 @@ typedef struct {
 /* From this many tokens (or the format's tokens_min) run_matmul hands a row to the format's
  * avx2_tokens (if it has one and the avx2 row dot is the one picked). */
 #define ROW_TOKENS_MIN 4
+/* The tokens_min of formats whose avx2_tokens decodes a block once per tile of up to four
+ * tokens in registers (TOKENS_IN_TILES_OF_4): faster than the row dot from two tokens. */
+#define TILE_TOKENS_MIN 2
+
+/* An avx2_tokens function `name` from `tile(w, nb, xq, xd, bsums, n_cols, t0, n, out,
+ * out_stride)`, an always_inline function running tokens t0 .. t0+n-1 (n <= 4) on each block
+ * of the row decoded once: n is a constant at each call, so the tile's loops over its tokens
+ * unroll. `block` is the format's values per block. */
+#define TOKENS_IN_TILES_OF_4(name, tile, block)                                                                    \
+    static TARGET_AVX2 void name(const uint8_t *w, const int8_t *xq, const float *xd, const int16_t *bsums,         \
+                                 int n_cols, ptrdiff_t n_tokens, float *out, ptrdiff_t out_stride) {                 \
+        const int nb = n_cols / (block);                                                                            \
+        ptrdiff_t t = 0;                                                                                            \
+        for (; t + 4 <= n_tokens; t += 4) tile(w, nb, xq, xd, bsums, n_cols, t, 4, out, out_stride);                \
+        switch (n_tokens - t) {                                                                                     \
+        case 3: tile(w, nb, xq, xd, bsums, n_cols, t, 3, out, out_stride); break;                                   \
+        case 2: tile(w, nb, xq, xd, bsums, n_cols, t, 2, out, out_stride); break;                                   \
+        case 1: tile(w, nb, xq, xd, bsums, n_cols, t, 1, out, out_stride); break;                                   \
+        }                                                                                                           \
+    }
 
 /* out[t, r] = dot(row r of w, token t) for a whole matrix, OpenMP over rows when it is big
  * enough to pay for waking the team (module.c); xq/xd/bsums hold n_tokens activation rows. */

@@ -25,8 +25,6 @@
 #define QK_K 256
 #define Q4_K_BYTES 144
 #define Q5_K_BYTES 176
-/* tokens from which run_matmul takes the row-decoded-once kernels below (see tokens_q4_k_avx2) */
-#define K_TOKENS_MIN 2
 
 /* get_scale_min_k4 for the 12 packed bytes: sc[8], mn[8]. */
 static inline void scales_mins(const uint8_t *b, int32_t sc[8], int32_t mn[8]) {
@@ -208,7 +206,7 @@ static TARGET_AVX2 float dot_q5_k_avx2(const uint8_t *w, const act_row *x, int n
     return hsum_float_8(acc) + summs;
 }
 
-/* dot_q4_k_avx2 on many tokens at once (run_matmul hands a row here from K_TOKENS_MIN
+/* dot_q4_k_avx2 on many tokens at once (run_matmul hands a row here from TILE_TOKENS_MIN
  * tokens). Each weight block is decoded once per tile of up to four tokens (the nibbles
  * masked and shifted, the scale broadcasts, the packed scales and mins, the fp16 d and dmin
  * as floats) and kept in registers while every token of the tile runs the row dot's exact
@@ -270,17 +268,7 @@ static inline __attribute__((always_inline)) TARGET_AVX2 void q4_k_tile(const ui
     }
 }
 
-static TARGET_AVX2 void tokens_q4_k_avx2(const uint8_t *w, const int8_t *xq, const float *xd, const int16_t *bsums,
-                                         int n_cols, ptrdiff_t n_tokens, float *out, ptrdiff_t out_stride) {
-    const int nb = n_cols / QK_K;
-    ptrdiff_t t = 0;
-    for (; t + 4 <= n_tokens; t += 4) q4_k_tile(w, nb, xq, xd, bsums, n_cols, t, 4, out, out_stride);
-    switch (n_tokens - t) {
-    case 3: q4_k_tile(w, nb, xq, xd, bsums, n_cols, t, 3, out, out_stride); break;
-    case 2: q4_k_tile(w, nb, xq, xd, bsums, n_cols, t, 2, out, out_stride); break;
-    case 1: q4_k_tile(w, nb, xq, xd, bsums, n_cols, t, 1, out, out_stride); break;
-    }
-}
+TOKENS_IN_TILES_OF_4(tokens_q4_k_avx2, q4_k_tile, QK_K)
 
 /* dot_q5_k_avx2 on many tokens at once, as tokens_q4_k_avx2: the block's 5-bit quants, scale
  * broadcasts, scales and mins and fp16 d and dmin decoded once per tile of up to four tokens;
@@ -342,23 +330,13 @@ static inline __attribute__((always_inline)) TARGET_AVX2 void q5_k_tile(const ui
     for (int k = 0; k < n; k++) out[(t0 + k) * out_stride] = hsum_float_8(acc[k]) + summs[k];
 }
 
-static TARGET_AVX2 void tokens_q5_k_avx2(const uint8_t *w, const int8_t *xq, const float *xd, const int16_t *bsums,
-                                         int n_cols, ptrdiff_t n_tokens, float *out, ptrdiff_t out_stride) {
-    const int nb = n_cols / QK_K;
-    ptrdiff_t t = 0;
-    for (; t + 4 <= n_tokens; t += 4) q5_k_tile(w, nb, xq, xd, bsums, n_cols, t, 4, out, out_stride);
-    switch (n_tokens - t) {
-    case 3: q5_k_tile(w, nb, xq, xd, bsums, n_cols, t, 3, out, out_stride); break;
-    case 2: q5_k_tile(w, nb, xq, xd, bsums, n_cols, t, 2, out, out_stride); break;
-    case 1: q5_k_tile(w, nb, xq, xd, bsums, n_cols, t, 1, out, out_stride); break;
-    }
-}
+TOKENS_IN_TILES_OF_4(tokens_q5_k_avx2, q5_k_tile, QK_K)
 #define AVX2(fn) fn
 #else
 #define AVX2(fn) NULL
 #endif
 
 const format_kernels KERNELS_Q4_K = {"Q4_K", ACT_Q8_K, QK_K, Q4_K_BYTES, dot_q4_k_portable, AVX2(dot_q4_k_avx2), NULL,
-                                     AVX2(tokens_q4_k_avx2), K_TOKENS_MIN};
+                                     AVX2(tokens_q4_k_avx2), TILE_TOKENS_MIN};
 const format_kernels KERNELS_Q5_K = {"Q5_K", ACT_Q8_K, QK_K, Q5_K_BYTES, dot_q5_k_portable, AVX2(dot_q5_k_avx2), NULL,
-                                     AVX2(tokens_q5_k_avx2), K_TOKENS_MIN};
+                                     AVX2(tokens_q5_k_avx2), TILE_TOKENS_MIN};

@@ -22,8 +22,6 @@
 
 #define QK_K 256
 #define Q6_K_BYTES 210
-/* tokens from which run_matmul takes tokens_q6_k_avx2 */
-#define Q6_K_TOKENS_MIN 2
 
 static float dot_q6_k_portable(const uint8_t *w, const act_row *x, int n_cols) {
     float acc[8] = {0};
@@ -108,7 +106,7 @@ static TARGET_AVX2 float dot_q6_k_avx2(const uint8_t *w, const act_row *x, int n
     return hsum_float_8(acc);
 }
 
-/* dot_q6_k_avx2 on many tokens at once (run_matmul hands a row here from Q6_K_TOKENS_MIN
+/* dot_q6_k_avx2 on many tokens at once (run_matmul hands a row here from TILE_TOKENS_MIN
  * tokens). Each weight block is decoded once per tile of up to four tokens (the 6-bit
  * quants, the scales as int16 and their per-group broadcasts, the fp16 d as float) and kept
  * in registers while every token of the tile runs the row dot's exact steps on it: each
@@ -175,21 +173,11 @@ static inline __attribute__((always_inline)) TARGET_AVX2 void q6_k_tile(const ui
     for (int k = 0; k < n; k++) out[(t0 + k) * out_stride] = hsum_float_8(acc[k]);
 }
 
-static TARGET_AVX2 void tokens_q6_k_avx2(const uint8_t *w, const int8_t *xq, const float *xd, const int16_t *bsums,
-                                         int n_cols, ptrdiff_t n_tokens, float *out, ptrdiff_t out_stride) {
-    const int nb = n_cols / QK_K;
-    ptrdiff_t t = 0;
-    for (; t + 4 <= n_tokens; t += 4) q6_k_tile(w, nb, xq, xd, bsums, n_cols, t, 4, out, out_stride);
-    switch (n_tokens - t) {
-    case 3: q6_k_tile(w, nb, xq, xd, bsums, n_cols, t, 3, out, out_stride); break;
-    case 2: q6_k_tile(w, nb, xq, xd, bsums, n_cols, t, 2, out, out_stride); break;
-    case 1: q6_k_tile(w, nb, xq, xd, bsums, n_cols, t, 1, out, out_stride); break;
-    }
-}
+TOKENS_IN_TILES_OF_4(tokens_q6_k_avx2, q6_k_tile, QK_K)
 #define AVX2(fn) fn
 #else
 #define AVX2(fn) NULL
 #endif
 
 const format_kernels KERNELS_Q6_K = {"Q6_K", ACT_Q8_K, QK_K, Q6_K_BYTES, dot_q6_k_portable, AVX2(dot_q6_k_avx2), NULL,
-                                     AVX2(tokens_q6_k_avx2), Q6_K_TOKENS_MIN};
+                                     AVX2(tokens_q6_k_avx2), TILE_TOKENS_MIN};

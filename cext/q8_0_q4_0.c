@@ -12,8 +12,6 @@
 #include "kernels.h"
 
 #define QK 32
-/* tokens from which run_matmul takes tokens_q8_0_avx2 */
-#define Q8_0_TOKENS_MIN 2
 
 static float dot_q8_0_portable(const uint8_t *w, const act_row *x, int n_cols) {
     float acc[8] = {0};
@@ -77,14 +75,16 @@ static TARGET_AVX2 float dot_q4_0_avx2(const uint8_t *w, const act_row *x, int n
     }
     return hsum_float_8(acc);
 }
-/* dot_q8_0_avx2 on many tokens at once (run_matmul hands a row here from Q8_0_TOKENS_MIN
+/* dot_q8_0_avx2 on many tokens at once (run_matmul hands a row here from TILE_TOKENS_MIN
  * tokens): each weight block's |w|, w (the signs) and fp16 d decoded once per tile of up to
  * four tokens and kept in registers while every token of the tile runs the row dot's exact
  * steps on it (mul_sum_i8_pairs_float's integer lanes, the same scale product and FMA into
  * its own acc), so each result equals the row dot's to the bit. */
 static inline __attribute__((always_inline)) TARGET_AVX2 void q8_0_tile(const uint8_t *w, int nb, const int8_t *xq,
-                                                                        const float *xd, int n_cols, ptrdiff_t t0,
-                                                                        const int n, float *out, ptrdiff_t out_stride) {
+                                                                        const float *xd, const int16_t *bsums, int n_cols,
+                                                                        ptrdiff_t t0, const int n, float *out,
+                                                                        ptrdiff_t out_stride) {
+    (void)bsums; /* Q8_0 activations */
     const __m256i ones = _mm256_set1_epi16(1);
     const int8_t *xt[4];
     const float *dt[4];
@@ -109,18 +109,7 @@ static inline __attribute__((always_inline)) TARGET_AVX2 void q8_0_tile(const ui
     for (int k = 0; k < n; k++) out[(t0 + k) * out_stride] = hsum_float_8(acc[k]);
 }
 
-static TARGET_AVX2 void tokens_q8_0_avx2(const uint8_t *w, const int8_t *xq, const float *xd, const int16_t *bsums,
-                                         int n_cols, ptrdiff_t n_tokens, float *out, ptrdiff_t out_stride) {
-    (void)bsums; /* Q8_0 activations */
-    const int nb = n_cols / QK;
-    ptrdiff_t t = 0;
-    for (; t + 4 <= n_tokens; t += 4) q8_0_tile(w, nb, xq, xd, n_cols, t, 4, out, out_stride);
-    switch (n_tokens - t) {
-    case 3: q8_0_tile(w, nb, xq, xd, n_cols, t, 3, out, out_stride); break;
-    case 2: q8_0_tile(w, nb, xq, xd, n_cols, t, 2, out, out_stride); break;
-    case 1: q8_0_tile(w, nb, xq, xd, n_cols, t, 1, out, out_stride); break;
-    }
-}
+TOKENS_IN_TILES_OF_4(tokens_q8_0_avx2, q8_0_tile, QK)
 
 /* AVX-512 VNNI (on 256-bit registers): the same int32 lanes, each the exact sum of four
  * consecutive products, from vpdpbusd on the unsigned nibbles minus vpdpbusd on 8s; the
@@ -148,6 +137,6 @@ static TARGET_AVX512 float dot_q4_0_avx512(const uint8_t *w, const act_row *x, i
 #endif
 
 const format_kernels KERNELS_Q8_0 = {"Q8_0", ACT_Q8_0, QK, 34, dot_q8_0_portable, AVX2(dot_q8_0_avx2), NULL,
-                                     AVX2(tokens_q8_0_avx2), Q8_0_TOKENS_MIN};
+                                     AVX2(tokens_q8_0_avx2), TILE_TOKENS_MIN};
 const format_kernels KERNELS_Q4_0 = {"Q4_0", ACT_Q8_0, QK, 18, dot_q4_0_portable, AVX2(dot_q4_0_avx2),
                                      AVX512(dot_q4_0_avx512)};
