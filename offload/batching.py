@@ -57,19 +57,21 @@ class ShuttingDown(RuntimeError):
 
 
 class Batcher:
-    """Runs the steps of several sequences (forks of `lead`) on the thread that calls run().
+    """Runs the steps of several sequences (members: the first and its forks) on the thread
+    that calls run().
 
     max_batch: tokens per batch at most (7: a batch of 8 rows would take the tiled K-quant
     GEMM's order in ggml, and a row must get its bits alone). gather_s: how long a decoding
     token waits for the other busy sequences' tokens to join its batch."""
 
-    def __init__(self, lead: Transformer, batch: bool = True, max_batch: int = 7, gather_s: float = 0.002):
-        self.lead = lead
+    def __init__(self, members: list[Transformer], batch: bool = True, max_batch: int = 7,
+                 gather_s: float = 0.002):
+        self.lead = members[0]  # runs the batches (decode_together)
+        self.members = members
         # each sequence gets its logits in a buffer of its own: what forward() returns may be
         # a view of buffers the next step on this thread writes, while the sequence's thread
         # is still sampling from it
         self._logits: dict[int, np.ndarray] = {}
-        self.members: list[Transformer] = [lead]  # every sequence (Model.parallel_slots adds the forks)
         self.batch = batch
         self.max_batch = max_batch
         self.gather_s = gather_s

@@ -336,11 +336,10 @@ class Transformer:
         read once for all of them. Returns their logits (len(members), n_vocab), each row the
         bits that member's forward([token]) gives alone: the matmuls of the batch keep each
         row's order (dispatch.rows_as_alone), attention runs per sequence over its own cache."""
+        if self.file_check is not None:  # one file for all of them
+            self.file_check()
         for m in members:
-            if m.file_check is not None:
-                m.file_check()
-            if m.cache.n_past + 1 > m.cache.n_ctx:
-                raise ContextOverflowError(f"{m.cache.n_past + 1} tokens do not fit the context of {m.cache.n_ctx}")
+            m._check_room(1)
             m.shift_keys()
         a = self.args
         starts = [m.cache.n_past for m in members]
@@ -386,13 +385,9 @@ class Transformer:
         if self.batcher is not None and not self.batcher.on_compute_thread():
             return self.batcher.forward(self, tokens, all_logits)  # run there, perhaps with other sequences' tokens
         n = len(tokens)
-        start = self.cache.n_past
         if self.file_check is not None:
             self.file_check()
-        if start + n > self.cache.n_ctx:
-            raise ContextOverflowError(
-                f"{start + n} tokens do not fit the context of {self.cache.n_ctx} (raise -c / n_ctx)"
-            )
+        self._check_room(n)
         self.shift_keys()
         tokens = np.asarray(tokens, dtype=np.int64)
         size = self.n_ubatch
@@ -402,6 +397,12 @@ class Transformer:
         for c in chunks[:-1]:
             self._ubatch(c, "none")
         return self._ubatch(chunks[-1], "last")
+
+    def _check_room(self, n: int) -> None:
+        if self.cache.n_past + n > self.cache.n_ctx:
+            raise ContextOverflowError(
+                f"{self.cache.n_past + n} tokens do not fit the context of {self.cache.n_ctx} (raise -c / n_ctx)"
+            )
 
     def _ubatch(self, tokens: np.ndarray, outputs: str) -> np.ndarray | None:
         """One micro-batch through every layer; `outputs` says whose logits are wanted: "all",

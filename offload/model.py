@@ -656,7 +656,6 @@ class Model:
                                "raise -c or lower -np")
         self.transformer.resize_context(per_slot)
         self.n_ctx, self._kv_ids = per_slot, []
-        batcher = Batcher(self.transformer, batch=batch)
         slots = [self]
         for _ in range(n - 1):
             other = copy.copy(self)
@@ -664,9 +663,9 @@ class Model:
             other._kv_ids, other.last_generation, other._busy = [], GenerationStats(), _OneThreadAtATime()
             other._store_at_start, other.last_trace = {}, None
             slots.append(other)
+        batcher = Batcher([slot.transformer for slot in slots], batch=batch)
         for slot in slots:
             slot.transformer.batcher = batcher
-        batcher.members = [slot.transformer for slot in slots]
         return slots
 
     @property

@@ -21,7 +21,7 @@ from offload.server import ServerConfig
 from offload.testing import TinyConfig, greedy_steps, random_prompt
 from offload.testing import float_bits as bits
 
-from test_serve import PROMPTS, RunningServer, oracle_chat, oracle_completion
+from test_serve import PROMPTS, RunningServer, ask, oracle_chat, oracle_completion
 
 QWEN2 = TinyConfig(arch="qwen2moe", n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=128, n_expert=16,
                    n_expert_used=6, n_ctx=256, n_ff_shexp=256)
@@ -231,14 +231,7 @@ def test_parallel_server_gives_each_request_its_solo_answer(parallel_server, slo
         client = s.client()
         start.wait()
         try:
-            if kind == "chat":
-                r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": prompt}],
-                                                   max_tokens=48, stream=stream, **kw)
-                answers[j] = ("".join(c.choices[0].delta.content or "" for c in r) if stream
-                              else r.choices[0].message.content)
-            else:
-                r = client.completions.create(model="demo", prompt=prompt, max_tokens=48, stream=stream, **kw)
-                answers[j] = "".join(c.choices[0].text for c in r) if stream else r.choices[0].text
+            answers[j] = ask(client, kind, prompt, stream, 48, **kw)
         except Exception as e:  # noqa: BLE001 (reported below)
             errors.append(e)
 

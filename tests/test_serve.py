@@ -117,6 +117,16 @@ def oracle_completion(oracle, prompt, max_tokens, **kw) -> str:
     return oracle.generate(prompt, max_tokens=max_tokens, stream=False, **kw)
 
 
+def ask(client, kind: str, prompt: str, stream: bool, max_tokens: int, **kw) -> str:
+    """The text of one request through the openai client: "chat" (one user message) or a completion."""
+    if kind == "chat":
+        r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": prompt}],
+                                           max_tokens=max_tokens, stream=stream, **kw)
+        return "".join(ch.choices[0].delta.content or "" for ch in r) if stream else r.choices[0].message.content
+    r = client.completions.create(model="demo", prompt=prompt, max_tokens=max_tokens, stream=stream, **kw)
+    return "".join(ch.choices[0].text for ch in r) if stream else r.choices[0].text
+
+
 # -- the OpenAI API through the openai client ------------------------------------------------
 
 def test_health_and_models(server):
@@ -377,14 +387,7 @@ def test_concurrent_clients_get_their_solo_answers(slow_tiered_server, oracle):
         try:
             for j in (2 * c, 2 * c + 1):
                 kind, prompt, stream, kw = jobs[j]
-                if kind == "chat":
-                    r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": prompt}],
-                                                       max_tokens=40, stream=stream, **kw)
-                    answers[j] = ("".join(ch.choices[0].delta.content or "" for ch in r) if stream
-                                  else r.choices[0].message.content)
-                else:
-                    r = client.completions.create(model="demo", prompt=prompt, max_tokens=40, stream=stream, **kw)
-                    answers[j] = "".join(ch.choices[0].text for ch in r) if stream else r.choices[0].text
+                answers[j] = ask(client, kind, prompt, stream, 40, **kw)
         except Exception as e:  # noqa: BLE001 (reported below)
             errors.append(e)
 

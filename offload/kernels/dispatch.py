@@ -276,13 +276,14 @@ def _batch_order_is_alone(w: QMatrix, n_tokens: int, expert: bool) -> bool:
 
 
 def _row_by_row(ws, x: np.ndarray, n: int, expert: bool, outs) -> list[np.ndarray] | None:
-    """Under rows_as_alone, [matmul of each row alone] where the batch order would differ; else None."""
-    if n < 2 or not getattr(_alone, "on", False) or all(_batch_order_is_alone(w, n, expert) for w in ws):
+    """Under rows_as_alone, [matmul of each row alone] where the batch order of n (2 or more)
+    rows would differ; else None."""
+    if not getattr(_alone, "on", False) or all(_batch_order_is_alone(w, n, expert) for w in ws):
         return None
     results = [_output(w, n, outs[i] if outs else None) for i, w in enumerate(ws)]
     for r in range(n):
         for w, out in zip(ws, results):
-            out[r : r + 1] = matmul(w, x[r : r + 1], expert=expert)
+            matmul(w, x[r : r + 1], out=out[r : r + 1], expert=expert)
     return results
 
 
@@ -295,7 +296,7 @@ def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, expert: boo
     """
     x = _check(w, x)
     n = x.shape[0]
-    if (alone := _row_by_row((w,), x, n, expert, (out,))) is not None:
+    if n > 1 and (alone := _row_by_row((w,), x, n, expert, (out,))) is not None:
         return alone[0]
     if _one_call((w,), n):
         out = _output(w, n, out)
@@ -376,7 +377,7 @@ def matmuls(ws: tuple[QMatrix, ...], x: np.ndarray, expert: bool = False,
         if not isinstance(w, QMatrix) or w.n_cols != x.shape[1]:
             _check(w, x)  # raises the error
     n = x.shape[0]
-    if (alone := _row_by_row(ws, x, n, expert, outs)) is not None:
+    if n > 1 and (alone := _row_by_row(ws, x, n, expert, outs)) is not None:
         return alone
     if _one_call(ws, n):
         results = [_output(w, n, outs[i] if outs else None) for i, w in enumerate(ws)]

@@ -109,7 +109,6 @@ class Engine:
         self.cont_batching = cont_batching
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="offload-engine", daemon=True)
-        self._slot_threads: list[threading.Thread] = []
         self.model: Any = None  # the first slot's Model where there are several
         self.load_error: BaseException | None = None
         self.ready = threading.Event()  # set once loading ended, well or not
@@ -201,10 +200,8 @@ class Engine:
                     if last:
                         slot.batcher.stop()
 
-            self._slot_threads = [threading.Thread(target=slot_thread, args=(slot,), name=f"offload-slot-{i}",
-                                                   daemon=True) for i, slot in enumerate(slots)]
-            for t in self._slot_threads:
-                t.start()
+            for i, slot in enumerate(slots):
+                threading.Thread(target=slot_thread, args=(slot,), name=f"offload-slot-{i}", daemon=True).start()
             model.batcher.run()
         finally:
             model.close()  # the other slots share its weights
