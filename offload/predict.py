@@ -196,12 +196,12 @@ class LookaheadPredictor(_Scoring):
         moe = [i for i, l in enumerate(weights.layers) if l.moe is not None]
         super().__init__(moe, args.n_expert, args.n_expert_used, depth, margin, margin_ratio)
         self.eps = np.float32(args.rms_eps)
-        self._w = {}
+        self._w = {}  # target layer -> its folded router, (n_embd, E): the plan counts one per MoE layer
         for i in moe:
             r = weights.layers[i].moe.router
             dense = dequantize_rows(r, np.arange(r.n_rows)).astype(np.float32)
-            self._w[i] = dense * weights.layers[i].ffn_norm.astype(np.float32)[None, :]
-        self._cat = {}  # targets -> their folded routers side by side, (n_embd, len(targets) * E)
+            self._w[i] = np.ascontiguousarray((dense * weights.layers[i].ffn_norm.astype(np.float32)[None, :]).T)
+        self._cat = {}  # depth > 1: targets -> their folded routers side by side, (n_embd, len(targets) * E)
 
     def predict(self, layer: int, x: np.ndarray) -> list[Prediction]:
         if len(x) != 1:
@@ -220,20 +220,19 @@ class LookaheadPredictor(_Scoring):
         return [Prediction(t, experts[j, : counts[j]], float(conf[j])) for j, t in enumerate(targets)]
 
     def _folded(self, targets: list[int]) -> np.ndarray:
+        if len(targets) == 1:  # depth 1: no copy
+            return self._w[targets[0]]
         key = tuple(targets)
         w = self._cat.get(key)
         if w is None:
-            w = self._cat[key] = np.ascontiguousarray(np.concatenate([self._w[t] for t in targets]).T)
+            w = self._cat[key] = np.ascontiguousarray(np.concatenate([self._w[t] for t in targets], axis=1))
         return w
 
     def probs(self, layer: int, x: np.ndarray) -> dict[int, np.ndarray]:
         targets = self.targets(layer)
         if not targets:
             return {}
-        key = tuple(targets)
-        w = self._cat.get(key)
-        if w is None:
-            w = self._cat[key] = np.ascontiguousarray(np.concatenate([self._w[t] for t in targets]).T)
+        w = self._folded(targets)
         x = np.asarray(x, dtype=np.float32)
         scale = 1.0 / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + self.eps)
         logits = (x * scale.astype(np.float32)) @ w

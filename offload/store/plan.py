@@ -41,6 +41,9 @@ MIN_AUTO_UBATCH = 64
 LOGITS_ROWS = 32  # rows of logits planned for (a generation needs one; `logits` returns one per token)
 TOKENIZER_BYTES_PER_TOKEN = 256  # llama.cpp's vocabulary tables, measured (~7 MiB at 32k)
 BASE_OVERHEAD = 2 << 20  # Python objects of the model, thread stack, file tables
+# the lookahead predictor (offload.predict) keeps each MoE layer's router, ffn_norm folded in,
+# as float32 beside the file's: n_embd x n_expert x 4 bytes a layer (48 MiB on a Qwen3-30B-A3B)
+PREDICTOR_BYTES_PER_ROUTER_VALUE = 4
 # Libraries a process loads with its first model, counted in every plan (a second model in
 # the same process does not pay them again: the plan is then conservative by this much);
 # tests/test_store.py checks both in a fresh process. Always: llama.cpp's library for the
@@ -365,7 +368,8 @@ def _plan(gguf, args, layouts, n_ctx, budget, budget_source, n_ubatch, o_direct,
         resident_weights=resident_weights,
         kv_cache=kv_cache_bytes(args, n_ctx, type_k, type_v, n_ubatch),
         scratch=scratch_bytes(args, n_ctx, n_ubatch),
-        overhead=BASE_OVERHEAD + TOKENIZER_BYTES_PER_TOKEN * args.n_vocab,
+        overhead=(BASE_OVERHEAD + TOKENIZER_BYTES_PER_TOKEN * args.n_vocab
+                  + PREDICTOR_BYTES_PER_ROUTER_VALUE * args.n_embd * args.n_expert * len(layouts)),
         runtime=runtime,
         o_direct=o_direct, scope=scope,
         expert_bytes_total=sum(l.expert_bytes * l.n_expert for l in layouts.values()),
