@@ -3,9 +3,10 @@
     .venv/bin/python bench/tiering.py [--model M.gguf] [--decode 64] [--budgets min,10%,25%,0.5x,75%,100%]
                                       [--policy lrfu] [--threads 2] [--max-seconds 60] [--wait-quiet S]
                                       [--no-llama-cpp] [--no-cap-offload] [--prefetch-depth 0,1,2 | --no-prefetch]
+                                      [--prefetch-modes auto,always]
                                       [--shape default|large] [--no-belady]
 
-Issue 20's run: `--shape large --budgets 0.25x,0.5x,0.75x --prefetch-depth 0,1` (a 2.6 GB
+Issue 20's run: `--shape large --budgets 0.25x,0.5x,0.75x --prefetch-depth 0,1 --prefetch-modes auto,always` (a 2.6 GB
 model, 16 layers x 64 experts of 2.5 MiB, top-2; writing it takes minutes and ~3 GB of disk
 the first time; each run reads GBs: expect tens of minutes on a slow disk).
 
@@ -33,7 +34,9 @@ process, page cache included, as offload's budget does:
   (a list: one offload row per depth and budget; 0 or `--no-prefetch`: no prediction) sets
   how many MoE layers ahead the lookahead predictor prefetches; each row reports the
   predictions' recall and precision per distance over the decode tokens, the prefetched
-  MiB per token that went unused, and the reads cancelled.
+  MiB per token that went unused, and the reads cancelled. `--prefetch-modes`: per depth,
+  "auto" (decoding tokens prefetch while offload.prefetch_gate measures it faster than not;
+  the row shows the share of tokens that did) and/or "always".
 * llama.cpp (llama-cpp-python on the file's memory map, `use_extra_bufts` off, offload's KV cache type,
   as bench/decode.py runs it): decode tok/s and MiB read per token (/proc/self/io: page
   faults and their readahead).
@@ -517,8 +520,9 @@ def child_offload(spec: dict) -> dict:
     base = _rss()
     t0 = time.perf_counter()
     depth = spec.get("prefetch_depth", 1)
+    mode = {"auto": True, "always": "always"}[spec.get("prefetch_mode", "auto")] if depth > 0 else False
     m = Model.load(spec["model"], memory_budget=spec["budget"], o_direct=True, n_threads=spec["threads"],
-                   n_ctx=N_CTX, cache_policy=spec["policy"], prefetch=depth > 0, prefetch_depth=max(depth, 1))
+                   n_ctx=N_CTX, cache_policy=spec["policy"], prefetch=mode, prefetch_depth=max(depth, 1))
     load_s = time.perf_counter() - t0
     prefetcher = m.transformer.prefetcher
     if prefetcher is not None and spec.get("prefetch_margin") is not None:
@@ -540,6 +544,7 @@ def child_offload(spec: dict) -> dict:
             prompt_s = time.perf_counter() - t0
             if prefetcher is not None:
                 prefetcher.metrics.reset()  # predictions over the decode tokens only
+                gate0 = dict(prefetcher.gate.tokens)
             before, io0 = counters(), _read_bytes()
             tokens = []
             t0 = time.perf_counter()
@@ -552,13 +557,16 @@ def child_offload(spec: dict) -> dict:
             decode_s = time.perf_counter() - t0
             after, io1 = counters(), _read_bytes()
             pred = prefetcher.metrics.by_distance() if prefetcher is not None else {}
+            on = prefetcher.gate.tokens[True] - gate0[True] if prefetcher is not None else 0
             if best is None or decode_s / len(tokens) < best[0] / len(best[1]):
-                best = (decode_s, tokens, prompt_s, before, after, io0, io1, pred)
-        decode_s, tokens, prompt_s, before, after, io0, io1, pred = best
+                best = (decode_s, tokens, prompt_s, before, after, io0, io1, pred, on)
+        decode_s, tokens, prompt_s, before, after, io0, io1, pred, on = best
         d = {k: after[k] - before[k] for k in after}
         n = len(tokens)
         return {
             "prefetch_depth": depth,
+            "prefetch_mode": spec.get("prefetch_mode", "auto") if depth > 0 else "-",
+            "prefetch_on_share": on / n,  # decoding tokens the gate ran with prefetching
             "prediction": {str(k): v for k, v in pred.items()},
             "prefetches_per_token": d["prefetches"] / n,
             "prefetch_wasted_per_token": d["prefetch_wasted_bytes"] / n,
@@ -680,6 +688,9 @@ def main() -> None:
     ap.add_argument("--prefetch-depth", default="1",
                     help="offload's prefetch depth; a list (0,1,2) runs offload once per depth (0: no prefetch)")
     ap.add_argument("--no-prefetch", action="store_true", help="the same as --prefetch-depth 0")
+    ap.add_argument("--prefetch-modes", default="auto",
+                    help="per depth > 0: auto (decoding tokens prefetch while it measures faster, "
+                         "offload.prefetch_gate), always, or both (auto,always)")
     ap.add_argument("--prefetch-margin", type=int, default=None,
                     help="extra experts predicted per layer beyond top-k when close (default: the predictor's, k/2)")
     ap.add_argument("--no-cap-offload", dest="cap_offload", action="store_false",
@@ -722,6 +733,9 @@ def main() -> None:
     llama_build = load_llama_cpp().llama_print_system_info().decode().strip()
     base = {"model": str(path), "prompt": prompt, "decode": a.decode, "threads": a.threads, "policy": a.policy,
             "max_seconds": a.max_seconds, "prefetch_margin": a.prefetch_margin}
+    modes = a.prefetch_modes.split(",")
+    if any(m not in ("auto", "always") for m in modes):
+        sys.exit("--prefetch-modes takes auto and/or always")
     timeout = 3 * a.max_seconds + 120
     full = plan.full
     warm = run_child({**base, "engine": "offload", "budget": full, "repeats": 3, "drop_caches": False}, None,
@@ -734,11 +748,14 @@ def main() -> None:
 
     rows = []
     depths = [0] if a.no_prefetch else [int(d) for d in a.prefetch_depth.split(",")]
-    for (label, budget), depth in ((b, d) for b in budgets for d in depths):
-        r = {"label": label, "budget": budget, "share_of_file": budget / file_size, "prefetch_depth": depth}
-        r["offload"] = run_child({**base, "engine": "offload", "budget": budget, "prefetch_depth": depth},
-                                 budget if a.cap_offload else None, timeout, use_cgroup=cg is not None)
-        if not a.no_llama_cpp and depth == depths[0]:
+    settings = [(d, m) for d in depths for m in (modes if d > 0 else ["-"])]
+    for (label, budget), (depth, mode) in ((b, s) for b in budgets for s in settings):
+        r = {"label": label, "budget": budget, "share_of_file": budget / file_size, "prefetch_depth": depth,
+             "prefetch_mode": mode}
+        r["offload"] = run_child({**base, "engine": "offload", "budget": budget, "prefetch_depth": depth,
+                                  "prefetch_mode": mode}, budget if a.cap_offload else None, timeout,
+                                 use_cgroup=cg is not None)
+        if not a.no_llama_cpp and (depth, mode) == settings[0]:
             r["llama_cpp"] = run_child({**base, "engine": "llama.cpp", "budget": budget}, budget, timeout,
                                        use_cgroup=cg is not None)
         o, l = r["offload"], r.get("llama_cpp") or {}
@@ -746,7 +763,7 @@ def main() -> None:
         r["bound_tok_s"] = 1 / (compute_s + missed / bandwidth)
         r["ratio"] = o["decode_tok_s"] / l["decode_tok_s"] if "decode_tok_s" in o and "decode_tok_s" in l else None
         rows.append(r)
-        print(f"  {label:>5} {budget / 2**20:7.1f} MiB  offload (prefetch depth {depth}) "
+        print(f"  {label:>5} {budget / 2**20:7.1f} MiB  offload (prefetch depth {depth}, {mode}) "
               f"{o.get('decode_tok_s', float('nan')):6.2f} tok/s, stall {o.get('stall_share', float('nan')):.0%}"
               + (f"  llama.cpp {l.get('decode_tok_s', float('nan')):6.2f} tok/s" if l else "")
               + "".join(f"  [{e['error']}]" for e in (o, l) if "error" in e)
@@ -776,7 +793,9 @@ def main() -> None:
         o, l = r["offload"], r.get("llama_cpp") or {}
         pred = o.get("prediction") or {}
         table.append([
-            r["label"], f"{r['budget'] / 2**20:.1f}", f"{r['share_of_file']:.0%}", str(r["prefetch_depth"]),
+            r["label"], f"{r['budget'] / 2**20:.1f}", f"{r['share_of_file']:.0%}",
+            f"{r['prefetch_depth']} {r['prefetch_mode']}" if r["prefetch_depth"] else "0",
+            cell(o, "prefetch_on_share", "{:.0%}") if r["prefetch_depth"] else "-",
             " ".join(f"{v['recall']:.2f}/{v['precision']:.2f}" for _, v in sorted(pred.items())) or "-",
             cell(o, "prefetch_wasted_per_token", scale=2**20),
             f"{o['slots']}/{o['experts']}" if "slots" in o else "-",
@@ -789,7 +808,7 @@ def main() -> None:
             "/".join(str(x.get("same_tokens", "-")) for x in (o, l) if x),
         ])
     print()
-    print_table(["budget", "MiB", "of file", "prefetch depth", "recall/precision d1..", "wasted MiB/tok", "slots", "offload tok/s", "hit rate",
+    print_table(["budget", "MiB", "of file", "prefetch depth, mode", "tokens prefetching", "recall/precision d1..", "wasted MiB/tok", "slots", "offload tok/s", "hit rate",
                  f"{a.policy} no prefetch/belady", "MiB read/tok", "stall",
                  "RSS +MiB", "llama.cpp tok/s", "llama MiB read/tok", "bound tok/s", "offload/llama",
                  "same tokens (off/llama)"], table)

@@ -160,7 +160,9 @@ def inspect(model: str | None, ctx_size: int, memory_budget: str | None, cache_s
                    "is below 512's minimum). Smaller: more expert slots, slower prompts (inspect shows the trade).")
 @click.option("--prefetch-depth", type=click.IntRange(0, 64), default=None,
               help="MoE layers ahead whose experts are predicted and read while a layer computes [default: 1].")
-@click.option("--no-prefetch", is_flag=True, help="Do not predict and prefetch the next layers' experts.")
+@click.option("--no-prefetch", is_flag=True,
+              help="Do not predict and prefetch the next layers' experts (by default decoding tokens prefetch while "
+                   "that measures faster than not).")
 @click.option("--vram-budget", default=None,
               help="VRAM for weights and hot experts on a CUDA GPU: auto (90% of free), 50%, 6GB, or off "
                    "(default: auto when an NVIDIA GPU is present; OFFLOAD_GPU_SIMULATOR=1: Numba's CUDA simulator).")
@@ -225,7 +227,7 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
                 click.echo(f"prefetch: depth {st['prefetch_depth']}, recall by distance {recall or '-'}; "
                            f"{st['prefetch_hits']} prefetched experts used, {st['prefetch_wasted']} wasted "
                            f"({hb(st['prefetch_wasted_bytes'])}), {st['prefetch_cancelled']} reads cancelled, "
-                           f"{st['prefetch_skipped_late']} not read (would arrive late)", err=True)
+                           f"{st['prefetch_skipped_late']} not read (would arrive late); {_gate_line(st)}", err=True)
         if record_trace is not None and m.last_trace is not None:
             t = m.last_trace
             click.echo(f"routing trace: {t.n_steps} tokens x {t.n_layers} MoE layers -> {record_trace}", err=True)
@@ -372,6 +374,16 @@ def _default_ctx(path: str) -> int:
         return min(arch.model_args(gguf).n_ctx_train, DEFAULT_N_CTX)
     finally:
         gguf.close()
+
+
+def _gate_line(st: dict) -> str:
+    """What the prefetch gate (offload.prefetch_gate) chose for the decoding tokens, and why."""
+    on, off = st["prefetch_on_tokens"], st["prefetch_off_tokens"]
+    line = f"on for {on} of {on + off} decoding tokens"
+    if "prefetch_on_seconds_per_token" in st and "prefetch_off_seconds_per_token" in st:
+        line += (f" ({st['prefetch_on_seconds_per_token'] * 1e3:.1f} ms/token on, "
+                 f"{st['prefetch_off_seconds_per_token'] * 1e3:.1f} off)")
+    return line
 
 
 def _sampling_and_memory_options(f):

@@ -394,6 +394,12 @@ class Transformer:
         chunks = [tokens[i : i + size] for i in range(0, n, size)]
         if all_logits:
             return np.concatenate([self._ubatch(c, "all") for c in chunks])
+        if n == 1 and self.prefetcher is not None:  # a decoding token: the prefetch gate times it
+            self.prefetcher.start_token()
+            try:
+                return self._ubatch(tokens, "last")
+            finally:
+                self.prefetcher.end_token()
         for c in chunks[:-1]:
             self._ubatch(c, "none")
         return self._ubatch(chunks[-1], "last")

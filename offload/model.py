@@ -113,7 +113,7 @@ class Model:
     def load(cls, path: str | os.PathLike[str], *, n_ctx: int | None = None, n_threads: int | None = None,
              memory_budget: str | int | None = None, cache_policy: str = "lrfu", cache_scope: str = "global",
              o_direct: bool | None = None, prefetch_slots: int | None = None, io_threads: int = IO_THREADS,
-             prefetch: bool = True, prefetch_depth: int = DEFAULT_PREFETCH_DEPTH,
+             prefetch: bool | str = True, prefetch_depth: int = DEFAULT_PREFETCH_DEPTH,
              predictor: str = "lookahead", chat_template: str | None = None,
              vram_budget: str | int | None = None, gpu_options: dict | None = None,
              cache_type_k: str = DEFAULT_CACHE_TYPE, cache_type_v: str = DEFAULT_CACHE_TYPE,
@@ -134,7 +134,9 @@ class Model:
         tiered store and `prefetch`, a predictor (`predictor`: lookahead, transition or
         combined; see offload.predict) guesses the experts of the next `prefetch_depth` MoE
         layers after each layer's attention, and the store reads them while the layer
-        computes (results never change; only when the reads happen). Without a
+        computes (results never change; only when the reads happen). `prefetch` True:
+        decoding tokens prefetch while that measures faster than not (offload.prefetch_gate);
+        "always": every token does; False: none. Without a
         budget: 75% of the available RAM, and a model that fits it runs from the file's
         memory map as before. `chat_template`: Jinja text to use instead of the model's own
         chat template (for `chat` and `create_chat_completion`).
@@ -209,12 +211,14 @@ class Model:
             transformer = Transformer(args, weights, experts, n_ctx, cache_type_k, cache_type_v, plan.n_ubatch, flash)
             transformer.file_check = gguf.check_unchanged
             _attach_gpu(transformer, weights, experts, gguf, args, vram_budget, gpu_options)
+            if prefetch not in (True, False, "always"):
+                raise OffloadError(f"prefetch={prefetch!r}: True (while it pays), 'always' or False")
             if prefetch and prefetch_depth > 0 and isinstance(experts, TieredExperts) and not experts.all_resident:
                 from .predict import Prefetcher, make_predictor
 
                 # the GPU tier, when there is one, passes predictions on and stages them in VRAM
                 transformer.prefetcher = Prefetcher(make_predictor(predictor, weights, args, prefetch_depth),
-                                                    transformer.experts)
+                                                    transformer.experts, adaptive=prefetch is True)
                 experts.set_prefetch_depth(prefetch_depth)
             try:
                 tokenizer = Tokenizer(path, gguf)

@@ -31,6 +31,7 @@ import numpy as np
 
 from .kernels import cext, dequantize_rows
 from .kernels.jit import njit
+from .prefetch_gate import PrefetchGate
 
 
 class Prediction(NamedTuple):
@@ -406,19 +407,33 @@ class PredictionMetrics:
 class Prefetcher:
     """A predictor feeding a tiered store: after each layer's attention, its predictions go
     to `store.prefetch_predicted` (replacing the previous ones); each routing decision goes
-    to the predictor and the metrics."""
+    to the predictor and the metrics. Decoding tokens (start_token .. end_token) prefetch
+    only while `gate` (offload.prefetch_gate) measures that it pays; prompts always do."""
 
-    def __init__(self, predictor, store, issue: bool = True):
+    def __init__(self, predictor, store, issue: bool = True, adaptive: bool = True):
         self.predictor = predictor
         self.store = store
         self.issue = issue  # False: predict and measure only
         self.metrics = PredictionMetrics()
+        self.gate = PrefetchGate(adaptive)
+        self._resting = False  # this decoding token runs without predictions (the gate's off mode)
+
+    def start_token(self) -> None:
+        """A decoding token starts (forward's micro-batch of one)."""
+        self._resting = not self.gate.on
+        self.gate.start_token()
+
+    def end_token(self) -> None:
+        self.gate.end_token()
+        self._resting = False
 
     @property
     def depth(self) -> int:
         return self.predictor.depth
 
     def after_attention(self, layer: int, x: np.ndarray) -> list[Prediction]:
+        if self._resting:
+            return []
         preds = self.predictor.predict(layer, x)
         self.metrics.record(layer, preds)
         if self.issue and self.store is not None:
@@ -432,7 +447,8 @@ class Prefetcher:
     def stats(self) -> dict:
         """Flat counters for Model.stats(): recall/precision per distance, and the nested
         per-layer table with each layer's I/O stall."""
-        out = {"prefetch_depth": self.depth, "predictor": getattr(self.predictor, "name", "custom")}
+        out = {"prefetch_depth": self.depth, "predictor": getattr(self.predictor, "name", "custom"),
+               **self.gate.stats()}
         for d, r in self.metrics.by_distance().items():
             out[f"prediction_recall_d{d}"] = r["recall"]
             out[f"prediction_precision_d{d}"] = r["precision"]
