@@ -11,7 +11,8 @@ for the next MoE layers up to its depth, experts most likely first; `observe(lay
 chosen)` shows it each real routing decision as it happens (to learn from, or to ignore).
 
     lookahead   router of L+d on rms_norm(x_L, ffn_norm of L+d): top-k plus a margin of
-                extra experts whose probability comes close to the k-th one
+                extra experts whose probability comes close to the k-th one (at depth 1,
+                corrected online where that guess is poor: offload.lookahead_learning)
     transition  P(expert e' at the next MoE layer | e at this one), counted online from the
                 routing as it happens (or fitted on a recorded trace), chained for d > 1
     combined    lookahead's probabilities mixed with transition's
@@ -31,6 +32,7 @@ import numpy as np
 
 from .kernels import cext, dequantize_rows
 from .kernels.jit import njit
+from .lookahead_learning import LookaheadLearning
 from .prefetch_gate import PrefetchGate
 
 
@@ -193,7 +195,8 @@ class LookaheadPredictor(_Scoring):
 
     name = "lookahead"
 
-    def __init__(self, weights, args, depth: int = 1, margin: int | None = None, margin_ratio: float = 0.5):
+    def __init__(self, weights, args, depth: int = 1, margin: int | None = None, margin_ratio: float = 0.5,
+                 learn: bool = True):
         moe = [i for i, l in enumerate(weights.layers) if l.moe is not None]
         super().__init__(moe, args.n_expert, args.n_expert_used, depth, margin, margin_ratio)
         self.eps = np.float32(args.rms_eps)
@@ -203,14 +206,23 @@ class LookaheadPredictor(_Scoring):
             dense = dequantize_rows(r, np.arange(r.n_rows)).astype(np.float32)
             self._w[i] = np.ascontiguousarray((dense * weights.layers[i].ffn_norm.astype(np.float32)[None, :]).T)
         self._cat = {}  # depth > 1: targets -> their folded routers side by side, (n_embd, len(targets) * E)
+        # at depth 1, corrections learned online where the plain guess is poor (offload.lookahead_learning)
+        self.learning = LookaheadLearning(dict(zip(moe, moe[1:])), self._w, args.n_expert_used) \
+            if learn and self.depth == 1 and len(moe) > 1 else None
 
     def predict(self, layer: int, x: np.ndarray) -> list[Prediction]:
+        learned = None
+        if self.learning is not None:
+            if self.learning.wants(layer):
+                x = np.asarray(x, dtype=np.float32)
+                self.learning.saw(layer, x / np.sqrt(np.einsum("ij,ij->i", x, x)[:, None] / x.shape[1] + self.eps))
+            learned = self.learning.matrix(layer)
         if len(x) != 1:
             return super().predict(layer, x)
         targets = self.targets(layer)  # decode: one compiled pass for every target
         if not targets:
             return []
-        w = self._folded(targets)
+        w = self._folded(targets) if learned is None else learned
         k, m = min(self.k, self.n_expert), min(self.margin, self.n_expert - min(self.k, self.n_expert))
         experts = np.empty((len(targets), k + m), dtype=np.int64)
         counts = np.empty(len(targets), dtype=np.int64)
@@ -219,6 +231,13 @@ class LookaheadPredictor(_Scoring):
         lookahead(np.ascontiguousarray(x[0], dtype=np.float32), w, float(self.eps), len(targets), k, m,
                   np.float32(self.margin_ratio), experts, counts, conf)
         return [Prediction(t, experts[j, : counts[j]], float(conf[j])) for j, t in enumerate(targets)]
+
+    def observe(self, layer: int, chosen: np.ndarray) -> None:
+        if self.learning is not None:
+            self.learning.routed(layer, chosen)
+
+    def stats(self) -> dict:
+        return self.learning.stats() if self.learning is not None else {}
 
     def _folded(self, targets: list[int]) -> np.ndarray:
         if len(targets) == 1:  # depth 1: no copy
@@ -233,7 +252,8 @@ class LookaheadPredictor(_Scoring):
         targets = self.targets(layer)
         if not targets:
             return {}
-        w = self._folded(targets)
+        learned = self.learning.matrix(layer) if self.learning is not None else None
+        w = self._folded(targets) if learned is None else learned
         x = np.asarray(x, dtype=np.float32)
         scale = 1.0 / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + self.eps)
         logits = (x * scale.astype(np.float32)) @ w
@@ -347,7 +367,7 @@ def make_predictor(name: str, weights, args, depth: int, **kw) -> _Scoring:
     if name == "transition":
         return TransitionPredictor.for_model(weights, args, depth, **kw)
     if name == "combined":
-        return CombinedPredictor([LookaheadPredictor(weights, args, depth, **kw),
+        return CombinedPredictor([LookaheadPredictor(weights, args, depth, learn=False, **kw),
                                   TransitionPredictor.for_model(weights, args, depth, **kw)], [0.75, 0.25])
     from .errors import OffloadError
 
@@ -448,7 +468,7 @@ class Prefetcher:
         """Flat counters for Model.stats(): recall/precision per distance, and the nested
         per-layer table with each layer's I/O stall."""
         out = {"prefetch_depth": self.depth, "predictor": getattr(self.predictor, "name", "custom"),
-               **self.gate.stats()}
+               **self.gate.stats(), **(self.predictor.stats() if hasattr(self.predictor, "stats") else {})}
         for d, r in self.metrics.by_distance().items():
             out[f"prediction_recall_d{d}"] = r["recall"]
             out[f"prediction_precision_d{d}"] = r["precision"]

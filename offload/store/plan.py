@@ -19,6 +19,7 @@ from ..arch import ModelArgs
 from ..cache_types import DEFAULT_CACHE_TYPE
 from ..errors import BudgetError
 from ..gguf_file import GGUFFile
+from .. import lookahead_learning
 from ..kernels import dispatch
 from ..weights import ExpertLayout, expert_layouts
 
@@ -42,7 +43,8 @@ LOGITS_ROWS = 32  # rows of logits planned for (a generation needs one; `logits`
 TOKENIZER_BYTES_PER_TOKEN = 256  # llama.cpp's vocabulary tables, measured (~7 MiB at 32k)
 BASE_OVERHEAD = 2 << 20  # Python objects of the model, thread stack, file tables
 # the lookahead predictor (offload.predict) keeps each MoE layer's router, ffn_norm folded in,
-# as float32 beside the file's: n_embd x n_expert x 4 bytes a layer (48 MiB on a Qwen3-30B-A3B)
+# as float32 beside the file's: n_embd x n_expert x 4 bytes a layer (48 MiB on a Qwen3-30B-A3B),
+# and what its learned corrections keep (lookahead_learning.state_bytes: ~5 MiB there)
 PREDICTOR_BYTES_PER_ROUTER_VALUE = 4
 # Libraries a process loads with its first model, counted in every plan (a second model in
 # the same process does not pay them again: the plan is then conservative by this much);
@@ -369,7 +371,8 @@ def _plan(gguf, args, layouts, n_ctx, budget, budget_source, n_ubatch, o_direct,
         kv_cache=kv_cache_bytes(args, n_ctx, type_k, type_v, n_ubatch),
         scratch=scratch_bytes(args, n_ctx, n_ubatch),
         overhead=(BASE_OVERHEAD + TOKENIZER_BYTES_PER_TOKEN * args.n_vocab
-                  + PREDICTOR_BYTES_PER_ROUTER_VALUE * args.n_embd * args.n_expert * len(layouts)),
+                  + PREDICTOR_BYTES_PER_ROUTER_VALUE * args.n_embd * args.n_expert * len(layouts)
+                  + (lookahead_learning.state_bytes(args.n_embd, args.n_expert, args.n_expert_used) if len(layouts) > 1 else 0)),
         runtime=runtime,
         o_direct=o_direct, scope=scope,
         expert_bytes_total=sum(l.expert_bytes * l.n_expert for l in layouts.values()),
