@@ -17,6 +17,13 @@ from test_predict import MANY, PROMPT, plan_for, share_budget
 K, E = 2, 8
 
 
+@pytest.fixture(autouse=True)
+def unlimited_time(monkeypatch):
+    """Learning keeps within a share of the time since it began: these tests, which feed it
+    tokens faster than any model would, must not depend on how fast the machine is."""
+    monkeypatch.setattr(lookahead_learning, "SHARE", float("inf"))
+
+
 def stream(n_embd: int, folded: np.ndarray, truth: np.ndarray, tokens: int, seed: int = 0):
     """Tokens of a two-layer pair: (z_source, z_target, chosen), the target choosing its top-k
     of z_source @ truth (z_target is made so that z_target @ folded gives those logits)."""
@@ -131,3 +138,18 @@ def test_learning_never_changes_tokens_and_fits_the_plan(many):
                            + 4 * args.n_embd * args.n_expert * MANY.n_layer)
                 assert held <= counted and with_pred >= counted
     assert tokens[False] == tokens[True]
+
+
+def test_learning_keeps_within_its_share_of_the_time(monkeypatch):
+    """With no time to spare, every batch is dropped unlearned and the plain guess stays."""
+    monkeypatch.setattr(lookahead_learning, "SHARE", 0.0)
+    rng = np.random.default_rng(1)
+    folded = rng.standard_normal((32, E)).astype(np.float32)
+    truth = folded + 3 * rng.standard_normal((32, E)).astype(np.float32)
+    learning = LookaheadLearning({0: 1}, {0: folded, 1: folded}, K)
+    run(learning, stream(32, folded, truth, 4 * lookahead_learning.BATCH))
+    pair = learning.learning[0]
+    assert pair.n == 0 and pair.dropped == 4 and learning.matrix(0) is None
+    monkeypatch.setattr(lookahead_learning, "SHARE", float("inf"))
+    run(learning, stream(32, folded, truth, 4 * lookahead_learning.BATCH, seed=1))
+    assert pair.n == 4 * lookahead_learning.BATCH
