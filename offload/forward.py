@@ -439,6 +439,8 @@ class Transformer:
             x += self._moe(i, layer.moe, h) if layer.moe else _ffn(layer.dense, h, buf, gpu=self.gpu)
             if not math.isfinite(x[-1].sum()):  # one row's sum: cheap, and attention spreads a NaN to it
                 raise _non_finite(i, start, start + n - 1)
+        if self.prefetcher is not None:  # the next token's first experts, read while it is sampled
+            self.prefetcher.end_of_token(x)
         self.cache.n_past = start + n
         if outputs == "none":
             return None

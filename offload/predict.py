@@ -32,7 +32,7 @@ import numpy as np
 
 from .kernels import cext, dequantize_rows
 from .kernels.jit import njit
-from .lookahead_learning import LookaheadLearning
+from .lookahead_learning import NEXT_TOKEN, LookaheadLearning
 from .prefetch_gate import PrefetchGate
 
 
@@ -206,9 +206,30 @@ class LookaheadPredictor(_Scoring):
             dense = dequantize_rows(r, np.arange(r.n_rows)).astype(np.float32)
             self._w[i] = np.ascontiguousarray((dense * weights.layers[i].ffn_norm.astype(np.float32)[None, :]).T)
         self._cat = {}  # depth > 1: targets -> their folded routers side by side, (n_embd, len(targets) * E)
-        # at depth 1, corrections learned online where the plain guess is poor (offload.lookahead_learning)
-        self.learning = LookaheadLearning(dict(zip(moe, moe[1:])), self._w, args.n_expert_used) \
-            if learn and self.depth == 1 and len(moe) > 1 else None
+        # at depth 1, corrections learned online where the plain guess is poor, and a learned guess
+        # of the next token's first MoE layer (offload.lookahead_learning)
+        self.learning = LookaheadLearning({NEXT_TOKEN: moe[0], **dict(zip(moe, moe[1:]))}, self._w,
+                                          args.n_expert_used) if learn and self.depth == 1 and moe else None
+
+    def predict_next_token(self, x: np.ndarray) -> list[Prediction]:
+        """The next token's first MoE layer, from the residual stream at the end of this token
+        (its last row): only once the learned guess beats the plain one (which is at chance)."""
+        if self.learning is None or not self.learning.wants(NEXT_TOKEN):
+            return []
+        x = np.asarray(x[-1:], dtype=np.float32)
+        self.learning.saw(NEXT_TOKEN, x / np.sqrt(np.einsum("ij,ij->i", x, x)[:, None] / x.shape[1] + self.eps))
+        w = self.learning.matrix(NEXT_TOKEN)
+        if w is None:
+            return []
+        first = self.moe_layers[0]
+        k, m = min(self.k, self.n_expert), min(self.margin, self.n_expert - min(self.k, self.n_expert))
+        experts = np.empty((1, k + m), dtype=np.int64)
+        counts = np.empty(1, dtype=np.int64)
+        conf = np.empty(1, dtype=np.float32)
+        lookahead = cext.lookahead if cext.selected() else _lookahead_one
+        lookahead(np.ascontiguousarray(x[0]), w, float(self.eps), 1, k, m, np.float32(self.margin_ratio), experts,
+                  counts, conf)
+        return [Prediction(first, experts[0, : counts[0]], float(conf[0]))]
 
     def predict(self, layer: int, x: np.ndarray) -> list[Prediction]:
         learned = None
@@ -435,6 +456,7 @@ class Prefetcher:
         self.store = store
         self.issue = issue  # False: predict and measure only
         self.metrics = PredictionMetrics()
+        self.next_token_metrics = PredictionMetrics()  # the guesses of the next token's first MoE layer
         self.gate = PrefetchGate(adaptive)
         self._resting = False  # this decoding token runs without predictions (the gate's off mode)
 
@@ -460,9 +482,23 @@ class Prefetcher:
             self.store.prefetch_predicted(layer, preds)
         return preds
 
+    def end_of_token(self, x: np.ndarray) -> list[Prediction]:
+        """After the last layer: the next token's first MoE layer, guessed from the residual
+        stream `x` (its last row) where the predictor can, read while the token is sampled."""
+        guess = getattr(self.predictor, "predict_next_token", None)
+        if self._resting or guess is None or len(x) != 1:  # (a prompt's inner micro-batch: its next rows follow)
+            return []
+        preds = guess(x)
+        if preds:
+            self.next_token_metrics.record(NEXT_TOKEN, preds)
+            if self.issue and self.store is not None:
+                self.store.prefetch_predicted(NEXT_TOKEN, preds)
+        return preds
+
     def routed(self, layer: int, chosen: np.ndarray) -> None:
         self.predictor.observe(layer, chosen)
         self.metrics.observe(layer, chosen)
+        self.next_token_metrics.observe(layer, chosen)
 
     def stats(self) -> dict:
         """Flat counters for Model.stats(): recall/precision per distance, and the nested
@@ -472,6 +508,10 @@ class Prefetcher:
         for d, r in self.metrics.by_distance().items():
             out[f"prediction_recall_d{d}"] = r["recall"]
             out[f"prediction_precision_d{d}"] = r["precision"]
+        for r in self.next_token_metrics.by_distance().values():
+            out["prediction_recall_next_token"] = r["recall"]
+            out["prediction_precision_next_token"] = r["precision"]
+            out["predictions_next_token"] = r["predictions"]
         layers = self.metrics.by_layer()
         stall = getattr(self.store, "stall_by_layer", {})
         out["prediction_by_layer"] = {l: {"by_distance": layers.get(l, {}), "stall_seconds": stall.get(l, 0.0)}

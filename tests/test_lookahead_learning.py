@@ -9,7 +9,7 @@ import pytest
 
 from offload import Model, arch, lookahead_learning
 from offload.gguf_file import GGUFFile
-from offload.lookahead_learning import LookaheadLearning
+from offload.lookahead_learning import NEXT_TOKEN, LookaheadLearning
 from offload.store import make_plan
 
 from test_predict import MANY, PROMPT, plan_for, share_budget
@@ -71,6 +71,33 @@ def test_a_next_router_the_plain_guess_misses_is_learned(monkeypatch, n_embd, fe
     assert s["recall_best"] > s["recall_plain"] + 0.3 and s["using"].startswith("lambda")
 
 
+def test_the_next_tokens_first_layer_is_learned_from_the_end_of_this_one():
+    """The first layer of token t+1 routes by z_end(t) @ truth: the pair NEXT_TOKEN -> 0 learns
+    it across the token boundary (saw(NEXT_TOKEN) at a token's end, routed(0) in the next)."""
+    rng = np.random.default_rng(5)
+    n_embd = 32
+    folded = rng.standard_normal((n_embd, E)).astype(np.float32)
+    truth = rng.standard_normal((n_embd, E)).astype(np.float32)
+    learning = LookaheadLearning({NEXT_TOKEN: 0}, {0: folded}, K)
+    pinv = np.linalg.pinv(folded)
+    end = None
+    for _ in range(300):
+        if end is None:  # the first token: nothing to learn from yet
+            z_first = rng.standard_normal((1, n_embd)).astype(np.float32)
+            chosen = np.argsort(-(z_first @ folded), axis=1)[:, :K]
+        else:
+            y = end @ truth
+            z_first, chosen = (y @ pinv).astype(np.float32), np.argsort(-y, axis=1)[:, :K]
+        learning.saw(0, z_first)
+        learning.routed(0, chosen)
+        end = rng.standard_normal((1, n_embd)).astype(np.float32)
+        learning.saw(NEXT_TOKEN, end)
+    w = learning.matrix(NEXT_TOKEN)
+    assert w is not None
+    assert recall(w, truth, n_embd) > 0.9 and recall(folded, truth, n_embd) < 0.6
+    assert "lookahead_learned_next_token_to_0" in learning.stats()
+
+
 def test_a_right_plain_guess_is_kept_and_stops_learning():
     rng = np.random.default_rng(2)
     folded = rng.standard_normal((32, E)).astype(np.float32)
@@ -123,8 +150,9 @@ def test_learning_never_changes_tokens_and_fits_the_plan(many):
                 logits = m.transformer.forward(np.array(out[-1:]))
             tokens[learn] = out
             if learn:
-                pairs = pred.learning.learning
-                assert len(pairs) == MANY.n_layer - 1 and all(p.n >= 48 for p in pairs.values())
+                pairs = pred.learning.learning  # one per layer after the first, and the next token's
+                assert sorted(pairs) == [NEXT_TOKEN, *range(MANY.n_layer - 1)]
+                assert all(p.n >= (32 if s == NEXT_TOKEN else 48) for s, p in pairs.items())
                 held = sum(w.nbytes for w in pred._w.values()) + sum(
                     a.nbytes for p in pairs.values() for a in [p.gram, p.cross, *p.fits, p._z, p._zt, p._chosen]
                     + ([p.matrix] if p.matrix is not None else []))

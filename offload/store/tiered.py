@@ -247,8 +247,9 @@ class TieredExperts:
         return started
 
     def prefetch_predicted(self, layer: int, predictions) -> int:
-        """Replace the predictions made so far with these, made while `layer` runs:
-        (target layer, experts, confidence) each, experts most likely first. Predictions
+        """Replace the predictions made so far with these, made while `layer` runs (-1: at the
+        end of a token, for the next one's layers): (target layer, experts, confidence) each,
+        experts most likely first. Predictions
         for `layer` itself stand until its routing is known (prefetch()); queued reads of
         experts no longer predicted are cancelled; then reads start, nearest need first
         and as far as the cap on reads in flight allows. Returns how many reads started."""
