@@ -19,9 +19,10 @@ learned pair costs a prediction nothing more.
 One more pair guesses the next token's first MoE layer from the residual stream at the end
 of this token (the source NEXT_TOKEN), where no plain guess exists: the next token is not
 sampled yet, and the first layer's router on the last layer's stream recalls at chance (0.22
-on the demo, chance 0.25). Learned, in the same demo run: 0.70 (precision 0.49). It is used only
-once a fit beats the plain guess, and its reads start while the token is sampled and the
-next one's first attention runs.
+on the demo, chance 0.25). Learned, in the same demo run: 0.75 over the 63 tokens after it
+recalled NEXT_TOKEN_MIN_RECALL. It is used only once a fit beats the plain guess and recalls
+that much, and its reads start while the token is sampled and the next one's first attention
+runs.
 
 Which pairs: every one where a model has at most PAIRS; else, after SELECT_AFTER tokens,
 the PAIRS distance-1 pairs whose plain guess has the lowest recall (their state is what
@@ -192,6 +193,10 @@ class _Pair:
 
 
 NEXT_TOKEN = -1  # the source of the pair that guesses the next token's first MoE layer
+# its guesses are read only where they recall this much (its moving average): a guess a
+# little above chance (a random-weight model's next token: 0.17, chance 0.06) read 1.7-2.8
+# MiB a token for nothing; the demo's reaches 0.67
+NEXT_TOKEN_MIN_RECALL = 0.4
 
 
 class LookaheadLearning:
@@ -222,9 +227,20 @@ class LookaheadLearning:
             self._select()
 
     def matrix(self, source: int) -> np.ndarray | None:
-        """The corrected matrix for source's target, where a fit beats the plain guess; else None."""
+        """The corrected matrix for source's target, where a fit beats the plain guess (for the
+        next token: and recalls at least NEXT_TOKEN_MIN_RECALL); else None."""
         pair = self.learning.get(source)
-        return None if pair is None else pair.matrix
+        if pair is None or pair.matrix is None:
+            return None
+        if source == NEXT_TOKEN and pair.recall[pair.best] < NEXT_TOKEN_MIN_RECALL:
+            return None
+        return pair.matrix
+
+    def forget_token(self) -> None:
+        """A token runs without predictions (the prefetch gate's off mode): what saw() kept of
+        the last one must not pair with this one's routing."""
+        self._z.clear()
+        self._end = None
 
     def wants(self, layer: int) -> bool:
         """Whether saw() needs `layer`'s rms(x): while choosing, every layer's; then the learning pairs'."""

@@ -257,6 +257,11 @@ class LookaheadPredictor(_Scoring):
         if self.learning is not None:
             self.learning.routed(layer, chosen)
 
+    def forget_token(self) -> None:
+        """This token runs without predictions: nothing seen of the last one pairs with it."""
+        if self.learning is not None:
+            self.learning.forget_token()
+
     def stats(self) -> dict:
         return self.learning.stats() if self.learning is not None else {}
 
@@ -463,6 +468,8 @@ class Prefetcher:
     def start_token(self) -> None:
         """A decoding token starts (forward's micro-batch of one)."""
         self._resting = not self.gate.on
+        if self._resting and hasattr(self.predictor, "forget_token"):
+            self.predictor.forget_token()
         self.gate.start_token()
 
     def end_token(self) -> None:

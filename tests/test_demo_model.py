@@ -189,8 +189,8 @@ def test_the_next_layers_router_predicts_its_choice(demo, monkeypatch):
     # token for token, counting the tokens before the corrections learned online
     # (offload.lookahead_learning) are in use; 0.69 / 0.48 without them (layer 0 -> 1 guessed
     # at chance). It predicts the top 2 plus near ties, at most 3 experts of 8: guessing would
-    # recall 3/8. The next token's first layer, guessed at the end of a token once learned:
-    # 0.70 (precision 0.49) over its 95 guesses.
+    # recall 3/8. The next token's first layer, guessed at the end of a token once the learned
+    # guess recalls 0.4: 0.75 over its 63 guesses.
     assert s["prediction_recall_d1"] >= 0.8, s["prediction_recall_d1"]
     assert s["lookahead_learned_0_to_1"]["using"] != "plain"
-    assert s["predictions_next_token"] >= 64 and s["prediction_recall_next_token"] >= 0.55, s
+    assert s["predictions_next_token"] >= 32 and s["prediction_recall_next_token"] >= 0.55, s

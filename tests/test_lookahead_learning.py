@@ -98,6 +98,37 @@ def test_the_next_tokens_first_layer_is_learned_from_the_end_of_this_one():
     assert "lookahead_learned_next_token_to_0" in learning.stats()
 
 
+def test_a_next_token_guess_near_chance_is_not_used():
+    """Routing the end of the last token says nothing about: a fit may beat the plain guess
+    by a little, but it is not read from (NEXT_TOKEN_MIN_RECALL)."""
+    rng = np.random.default_rng(6)
+    folded = rng.standard_normal((32, E)).astype(np.float32)
+    learning = LookaheadLearning({NEXT_TOKEN: 0}, {0: folded}, K)
+    used = 0
+    for _ in range(lookahead_learning.RETIRE_AFTER):
+        z_first = rng.standard_normal((1, 32)).astype(np.float32)
+        learning.saw(0, z_first)
+        learning.routed(0, rng.permutation(E)[None, :K])
+        learning.saw(NEXT_TOKEN, rng.standard_normal((1, 32)).astype(np.float32))
+        used += learning.matrix(NEXT_TOKEN) is not None
+    assert used == 0
+
+
+def test_a_token_run_without_predictions_pairs_with_nothing():
+    """After forget_token (the gate's off mode), the last token's rms(x) is not learned from again."""
+    rng = np.random.default_rng(7)
+    folded = rng.standard_normal((32, E)).astype(np.float32)
+    learning = LookaheadLearning({0: 1}, {0: folded, 1: folded}, K)
+    learning.saw(0, rng.standard_normal((1, 32)).astype(np.float32))
+    learning.saw(1, rng.standard_normal((1, 32)).astype(np.float32))
+    learning.routed(1, np.array([[0, 1]]))
+    pair = learning.learning[0]
+    assert pair._rows == 1
+    learning.forget_token()
+    learning.routed(1, np.array([[2, 3]]))  # a resting token's routing: no saw() came before it
+    assert pair._rows == 1
+
+
 def test_a_right_plain_guess_is_kept_and_stops_learning():
     rng = np.random.default_rng(2)
     folded = rng.standard_normal((32, E)).astype(np.float32)
