@@ -380,9 +380,9 @@ def _gate_line(st: dict) -> str:
     """What the prefetch gate (offload.prefetch_gate) chose for the decoding tokens, and why."""
     on, off = st["prefetch_on_tokens"], st["prefetch_off_tokens"]
     line = f"on for {on} of {on + off} decoding tokens"
-    if "prefetch_on_seconds_per_token" in st and "prefetch_off_seconds_per_token" in st:
-        line += (f" ({st['prefetch_on_seconds_per_token'] * 1e3:.1f} ms/token on, "
-                 f"{st['prefetch_off_seconds_per_token'] * 1e3:.1f} off)")
+    saves = st.get("prefetch_saves_seconds_per_token")
+    if saves is not None:
+        line += f" (measured to {'save' if saves >= 0 else 'cost'} {abs(saves) * 1e3:.2f} ms a token)"
     return line
 
 

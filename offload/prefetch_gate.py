@@ -4,13 +4,17 @@ A prediction read ahead saves a layer's wait when it is right and arrives in tim
 is wrong it costs a read of the disk that the layers' own reads then wait behind, and it
 evicts an expert that may be wanted. Which wins depends on the disk, the compute time per
 layer, the predictor's precision and how much of the model the budget holds: issue 20's
-runs saw prefetch give +40% at the minimum budget and cost 10-13% at 25-75% budgets.
-No static rule tells these apart, so the gate measures them: decoding tokens run in windows
-of WINDOW tokens, each window with prefetching on or off, and it keeps a moving average of
-a token's seconds in each mode. After both modes are measured (twice each, alternating,
-so neither gets all of the cold start) the faster one runs, and the slower one gets one
-window in every EXPLORE_EVERY to notice when that changes (a budget filling up, another
-prompt's routing, a disk that got busy).
+runs saw prefetch give +40% at the minimum budget and cost 5-15% at 25-75% budgets. No
+static rule tells these apart, so the gate measures them: decoding tokens run in windows of
+WINDOW tokens, each window with prefetching on or off.
+
+A token's time drifts while the expert slots fill (the first windows of a generation can
+take twice as long as the later ones), so windows are compared in orders that cancel a
+steady drift: after a warm-up window, on, off, off, on (the on windows' mean against the
+off windows'); later, every EXPLORE_EVERY windows one window runs in the mode not chosen and
+is compared with the mean of the windows just before and just after it. The advantage of
+prefetching (seconds a token saves) is a moving average of these comparisons, and its sign
+picks the mode.
 
 Switching never changes results: prefetching only moves when bytes are read.
 """
@@ -22,16 +26,18 @@ import time
 
 class PrefetchGate:
     WINDOW = 8  # decoding tokens per measurement
-    FIRST_WINDOWS = 4  # after a warm-up window: on, off, on, off
-    EXPLORE_EVERY = 8  # windows of the faster mode per window of the slower one
-    SMOOTHING = 0.3  # weight of a new window in the moving averages
+    FIRST = (True, False, False, True)  # the modes of the first compared windows (after the warm-up one)
+    EXPLORE_EVERY = 8  # windows in the chosen mode per window in the other
+    SMOOTHING = 0.5  # weight of a new comparison in the moving average of the advantage
 
     def __init__(self, adaptive: bool = True):
         self.adaptive = adaptive
         self.on = True
-        self.seconds: dict[bool, float] = {}  # mode -> moving average of a decoding token's seconds
+        self.advantage: float | None = None  # seconds a token saves with prefetching (moving average)
+        self.seconds: dict[bool, float] = {}  # mode -> its last window's seconds per token (for display)
         self.tokens = {True: 0, False: 0}  # decoding tokens run in each mode
         self._windows = 0  # windows completed (the warm-up one included)
+        self._history: list[tuple[bool, float]] = []  # (mode, seconds per token) of the compared windows
         self._since_explore = 0
         self._in_window = 0
         self._window_seconds = 0.0
@@ -53,24 +59,38 @@ class PrefetchGate:
         self._in_window, self._window_seconds = 0, 0.0
         self._windows += 1
         if self._windows > 1:  # the first window fills the slots from cold: it says little of either mode
-            before = self.seconds.get(self.on)
-            a = self.SMOOTHING
-            self.seconds[self.on] = per_token if before is None else (1 - a) * before + a * per_token
+            self.seconds[self.on] = per_token
+            self._history = (self._history + [(self.on, per_token)])[-len(self.FIRST):]
         self.on = self._next_mode()
 
     def _next_mode(self) -> bool:
-        if self._windows <= self.FIRST_WINDOWS:
-            return self._windows % 2 == 1  # window 1 on (warm-up), 2 on, 3 off, 4 on, 5 off
-        faster = self.seconds.get(True, 0.0) <= self.seconds.get(False, 0.0)
+        n = self._windows - 1  # compared windows so far
+        if n < len(self.FIRST):
+            return self.FIRST[n]
+        if n == len(self.FIRST):  # on, off, off, on: a steady drift cancels out
+            self._learn(sum(s for on, s in self._history if not on) / 2 - sum(s for on, s in self._history if on) / 2)
+        else:
+            (m0, s0), (m1, s1), (m2, s2) = self._history[-3:]
+            if m1 != m0 and m2 == m0:  # an explored window with the chosen mode on both sides
+                other = s1 - (s0 + s2) / 2  # seconds the other mode costs more
+                self._learn(other if m1 is False else -other)
+        chosen = self.advantage is None or self.advantage >= 0
         self._since_explore += 1
         if self._since_explore > self.EXPLORE_EVERY:
             self._since_explore = 0
-            return not faster
-        return faster
+            return not chosen
+        return chosen
+
+    def _learn(self, saved: float) -> None:
+        """One comparison: seconds a token saved with prefetching (negative: it cost)."""
+        a = self.SMOOTHING
+        self.advantage = saved if self.advantage is None else (1 - a) * self.advantage + a * saved
 
     def stats(self) -> dict:
         out = {"prefetch_on_tokens": self.tokens[True], "prefetch_off_tokens": self.tokens[False],
                "prefetch_adaptive": self.adaptive}
+        if self.advantage is not None:
+            out["prefetch_saves_seconds_per_token"] = self.advantage
         for mode, name in ((True, "on"), (False, "off")):
             if mode in self.seconds:
                 out[f"prefetch_{name}_seconds_per_token"] = self.seconds[mode]

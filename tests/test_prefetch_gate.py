@@ -12,7 +12,7 @@ from offload.prefetch_gate import PrefetchGate
 
 from test_predict import MANY, PROMPT, plan_for, share_budget
 
-W, FIRST, EVERY = PrefetchGate.WINDOW, PrefetchGate.FIRST_WINDOWS, PrefetchGate.EXPLORE_EVERY
+W, FIRST, EVERY = PrefetchGate.WINDOW, len(PrefetchGate.FIRST), PrefetchGate.EXPLORE_EVERY
 
 
 class Clock:
@@ -51,11 +51,23 @@ def test_the_faster_mode_runs_and_the_slower_is_retried_now_and_then(clock, fast
     windows = [modes[i * W : (i + 1) * W] for i in range(len(modes) // W)]
     assert all(len(set(w)) == 1 for w in windows)  # a window runs in one mode
     first = [w[0] for w in windows[: 1 + FIRST]]
-    assert first == [True, True, False, True, False]  # warm-up, then each mode twice, alternating
+    assert first == [True, True, False, False, True]  # warm-up, then on, off, off, on
     after = [w[0] for w in windows[1 + FIRST :]]
     assert after == ([faster] * EVERY + [not faster]) * 3  # one window in EVERY + 1 retries the slower
     assert gate.seconds[faster] == pytest.approx(0.01) and gate.seconds[not faster] == pytest.approx(0.013)
+    assert gate.advantage == pytest.approx(0.003 if faster else -0.003)
     assert gate.tokens == {True: modes.count(True), False: modes.count(False)}
+
+
+def test_a_drift_does_not_decide(clock):
+    """Tokens get 3 ms faster window by window while the slots fill (six windows), and
+    prefetching saves 1 ms: on, off, off, on cancels the drift and finds the 1 ms (on, off,
+    on, off would credit off with 3 ms of drift and choose it)."""
+    gate = PrefetchGate()
+    modes = run(gate, clock, W * (1 + FIRST + 2 * (EVERY + 1)),
+                lambda on, i: 0.04 - 0.003 * min(i // W, 6) - (0.001 if on else 0.0))
+    assert gate.advantage == pytest.approx(0.001)
+    assert modes[-W * EVERY :].count(False) <= W  # on, but for a retry of off
 
 
 def test_the_gate_follows_a_change(clock):
@@ -111,7 +123,7 @@ def test_a_resting_token_makes_no_predictions_and_tokens_never_change(many, monk
             assert decoding == on * MANY.n_layer
             if mode == "always":
                 assert on == n and not st["prefetch_adaptive"]
-            else:  # windows 3 and 5 rest, whatever the timings say
+            else:  # windows 3 and 4 rest, whatever the timings say
                 assert st["prefetch_off_tokens"] >= 2 * W and st["prefetch_adaptive"]
     assert tokens[False] == tokens["always"] == tokens[True]
 
