@@ -10,11 +10,12 @@ WINDOW tokens, each window with prefetching on or off.
 
 A token's time drifts while the expert slots fill (the first windows of a generation can
 take twice as long as the later ones), so windows are compared in orders that cancel a
-steady drift: after a warm-up window, on, off, off, on (the on windows' mean against the
-off windows'); later, every EXPLORE_EVERY windows one window runs in the mode not chosen and
-is compared with the mean of the windows just before and just after it. The advantage of
-prefetching (seconds a token saves) is a moving average of these comparisons, and its sign
-picks the mode.
+steady drift: after a warm-up window, on, off, off, on (two comparisons: each off window
+against the on window beside it); later, every EXPLORE_EVERY windows one window runs in the
+mode not chosen and is compared with the mean of the windows just before and just after it.
+Prefetching runs while the mean of the last RECENT comparisons (seconds a token saves) is
+above its standard error: a saving within the noise of the measurements is not worth the
+reads, and machines like this one vary by 20% from minute to minute.
 
 Switching never changes results: prefetching only moves when bytes are read.
 """
@@ -28,12 +29,13 @@ class PrefetchGate:
     WINDOW = 8  # decoding tokens per measurement
     FIRST = (True, False, False, True)  # the modes of the first compared windows (after the warm-up one)
     EXPLORE_EVERY = 8  # windows in the chosen mode per window in the other
-    SMOOTHING = 0.5  # weight of a new comparison in the moving average of the advantage
+    RECENT = 8  # comparisons the decision weighs (older ones describe another state of the slots)
 
     def __init__(self, adaptive: bool = True):
         self.adaptive = adaptive
         self.on = True
-        self.advantage: float | None = None  # seconds a token saves with prefetching (moving average)
+        self.advantage: float | None = None  # seconds a token saves with prefetching (mean of the recent comparisons)
+        self._saved: list[float] = []  # the recent comparisons
         self.seconds: dict[bool, float] = {}  # mode -> its last window's seconds per token (for display)
         self.tokens = {True: 0, False: 0}  # decoding tokens run in each mode
         self._windows = 0  # windows completed (the warm-up one included)
@@ -67,14 +69,16 @@ class PrefetchGate:
         n = self._windows - 1  # compared windows so far
         if n < len(self.FIRST):
             return self.FIRST[n]
-        if n == len(self.FIRST):  # on, off, off, on: a steady drift cancels out
-            self._learn(sum(s for on, s in self._history if not on) / 2 - sum(s for on, s in self._history if on) / 2)
+        if n == len(self.FIRST):  # on, off, off, on: a steady drift cancels out of the pairs' mean
+            (_, on1), (_, off1), (_, off2), (_, on2) = self._history
+            self._learn(off1 - on1)
+            self._learn(off2 - on2)
         else:
             (m0, s0), (m1, s1), (m2, s2) = self._history[-3:]
             if m1 != m0 and m2 == m0:  # an explored window with the chosen mode on both sides
                 other = s1 - (s0 + s2) / 2  # seconds the other mode costs more
                 self._learn(other if m1 is False else -other)
-        chosen = self.advantage is None or self.advantage >= 0
+        chosen = self._pays()
         self._since_explore += 1
         if self._since_explore > self.EXPLORE_EVERY:
             self._since_explore = 0
@@ -83,8 +87,18 @@ class PrefetchGate:
 
     def _learn(self, saved: float) -> None:
         """One comparison: seconds a token saved with prefetching (negative: it cost)."""
-        a = self.SMOOTHING
-        self.advantage = saved if self.advantage is None else (1 - a) * self.advantage + a * saved
+        self._saved = (self._saved + [saved])[-self.RECENT:]
+        self.advantage = sum(self._saved) / len(self._saved)
+
+    def _pays(self) -> bool:
+        """Whether the recent comparisons say prefetching saves time by more than their standard
+        error: a saving within the noise of the measurements is not worth its reads."""
+        n = len(self._saved)
+        if n < 2:
+            return True  # not compared yet
+        mean = self.advantage
+        var = sum((x - mean) ** 2 for x in self._saved) / (n - 1)
+        return mean > (var / n) ** 0.5
 
     def stats(self) -> dict:
         out = {"prefetch_on_tokens": self.tokens[True], "prefetch_off_tokens": self.tokens[False],

@@ -61,20 +61,49 @@ def test_the_faster_mode_runs_and_the_slower_is_retried_now_and_then(clock, fast
 
 def test_a_drift_does_not_decide(clock):
     """Tokens get 3 ms faster window by window while the slots fill (six windows), and
-    prefetching saves 1 ms: on, off, off, on cancels the drift and finds the 1 ms (on, off,
-    on, off would credit off with 3 ms of drift and choose it)."""
+    prefetching saves 1 ms: on, off, off, on cancels the drift out of the mean and finds the
+    1 ms (on, off, on, off would credit off with 3 ms of drift and choose it). The drift
+    makes the first two comparisons disagree (-2 ms, +4 ms), so prefetching waits for the
+    retries to bring the mean above its standard error."""
     gate = PrefetchGate()
-    modes = run(gate, clock, W * (1 + FIRST + 2 * (EVERY + 1)),
+    modes = run(gate, clock, W * (1 + FIRST + 6 * (EVERY + 1)),
                 lambda on, i: 0.04 - 0.003 * min(i // W, 6) - (0.001 if on else 0.0))
-    assert gate.advantage == pytest.approx(0.001)
-    assert modes[-W * EVERY :].count(False) <= W  # on, but for a retry of off
+    first = modes[W * (1 + FIRST) : W * (1 + FIRST + EVERY)]
+    assert not any(first)  # the noisy start: off
+    assert gate.advantage == pytest.approx(0.001, abs=5e-4)
+    assert modes[-W * EVERY :].count(False) <= W  # then on, but for a retry of off
+
+
+def test_a_saving_within_the_noise_is_mostly_not_taken(clock):
+    """Prefetching saves 0.2 ms a token, but windows vary by +-3 ms: over ten noise draws it
+    runs little more than its retries (measured 23% of the windows, retries 12.5%; taking the
+    mean's sign alone, 61%)."""
+    import random
+
+    windows = 8 * (EVERY + 1)
+    on = 0
+    for seed in range(10):
+        rng = random.Random(seed)
+        gate = PrefetchGate()
+        noise = {}
+
+        def cost(prefetching, i):
+            w = i // W
+            if w not in noise:
+                noise[w] = rng.uniform(-0.003, 0.003)
+            return 0.03 + noise[w] - (0.0002 if prefetching else 0.0)
+
+        modes = run(gate, clock, W * (1 + FIRST + windows), cost)
+        on += modes[W * (1 + FIRST) :].count(True) // W
+    assert on / (10 * windows) <= 0.35
 
 
 def test_the_gate_follows_a_change(clock):
-    """Prefetch loses at first (a cold start, say), then pays: the retries find out."""
+    """Prefetch loses at first (a cold start, say), then pays: the retries find out, once the
+    recent comparisons' mean clears its standard error (five of eight here)."""
     gate = PrefetchGate()
     change = W * (1 + FIRST + EVERY + 1)
-    modes = run(gate, clock, change + W * 4 * (EVERY + 1),
+    modes = run(gate, clock, change + W * 8 * (EVERY + 1),
                 lambda on, i: (0.013 if on else 0.01) if i < change else (0.005 if on else 0.01))
     assert modes[change - 2 * W] is False and modes[change - W] is True  # before: off, then its retry of on
     tail = modes[-2 * W * (EVERY + 1) :]
