@@ -41,6 +41,7 @@ class PrefetchGate:
         self._windows = 0  # windows completed (the warm-up one included)
         self._history: list[tuple[bool, float]] = []  # (mode, seconds per token) of the compared windows
         self._since_explore = 0
+        self._explored = -1  # the compared-window number of the last explored window
         self._in_window = 0
         self._window_seconds = 0.0
         self._t0 = 0.0
@@ -73,15 +74,16 @@ class PrefetchGate:
             (_, on1), (_, off1), (_, off2), (_, on2) = self._history
             self._learn(off1 - on1)
             self._learn(off2 - on2)
-        else:
+        elif self._explored == n - 1:  # the explored window, and the one after it, are done
             (m0, s0), (m1, s1), (m2, s2) = self._history[-3:]
-            if m1 != m0 and m2 == m0:  # an explored window with the chosen mode on both sides
+            if m1 != m0 and m2 == m0:  # the chosen mode on both sides of it
                 other = s1 - (s0 + s2) / 2  # seconds the other mode costs more
                 self._learn(other if m1 is False else -other)
         chosen = self._pays()
         self._since_explore += 1
         if self._since_explore > self.EXPLORE_EVERY:
             self._since_explore = 0
+            self._explored = n + 1  # the window about to run
             return not chosen
         return chosen
 
