@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/routing.py [--model M.gguf] [--tokens 300] [--capacities 10%,25%,50%]
                                       [--scope global] [--trace run.npz] [--temp 1.0] [--seed 0]
-                                      [--prompt TEXT] [--lookahead-depth 2]
+                                      [--prompt TEXT] [--lookahead-depth 2] [--oracle-layers 1,2,4]
 
 Records a routing trace (`Model.generate(record_trace=...)`) of `--tokens` tokens from the
 prompt, or replays `--trace`, then replays it in the offline simulator (offload.simulate)
@@ -15,6 +15,9 @@ The trace is recorded with a tiered store (the plan's minimum budget) and prefet
 depend on either); each policy is then also replayed with the store's look-ahead eviction
 ("<policy>+pred": the experts predicted for the next layers are not the victim while one
 predicted nowhere can go). `--lookahead-depth 0` records without predictions.
+"lfu+oracleN" is LFU that knows the routing of the next N MoE-layer runs for certain, across
+tokens, and spares those experts: how far ahead a perfect predictor would have to see for a
+policy to come near Belady's.
 
 Without --model: bench/tiering.py's random-weight MoE (12 layers x 64 experts, top-4, Q8_0)
 with skewed routers, cached in ~/.cache/offload/bench. Its routing is random, not a real
@@ -56,6 +59,43 @@ def static_top(trace, slots: int, scope: str) -> float:
     return float(kept / total) if total else 1.0
 
 
+def oracle_lookahead(trace, capacity: int, layers: int) -> float:
+    """Hit rate of LFU that knows the routing of the next `layers` MoE-layer runs for certain
+    (across tokens) and never evicts those experts: the ceiling of a predictor that far
+    ahead, with the pinning of offload.simulate (global scope, decode steps counted)."""
+    from offload.simulate import accesses
+    from offload.store.policy import make_policy
+
+    a = accesses(trace)
+    layer_ids = [int(x) for x in trace.layers]
+    keys = [(layer_ids[l], e) for l, e in zip(a.layer.tolist(), a.expert.tolist())]
+    calls, starts, steps, lay = a.call.tolist(), a.call_start.tolist(), a.step.tolist(), a.layer.tolist()
+    policy, resident, pins, current = make_policy("lfu"), set(), [], None
+    hits = misses = 0
+    for i, key in enumerate(keys):
+        if lay[i] != current:
+            pins, current = [], lay[i]
+        elif len(pins) >= trace.k:
+            pins.pop(0)
+        counted = steps[i] >= trace.prompt_tokens
+        if key in resident:
+            hits += counted
+        else:
+            misses += counted
+            if len(resident) >= capacity:
+                c = calls[i]
+                soon = set(keys[starts[c] : starts[min(c + 1 + layers, len(starts) - 1)]])
+                victim = policy.pick(lambda x: x in resident and x not in pins and x not in soon)
+                if victim is None:
+                    victim = policy.pick(lambda x: x in resident and x not in pins)
+                resident.discard(victim)
+                policy.remove(victim)
+            resident.add(key)
+        policy.access(key)
+        pins.append(key)
+    return hits / max(1, hits + misses)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=None)
@@ -68,6 +108,9 @@ def main() -> None:
     ap.add_argument("--prompt", default=PROMPT, help="the prompt (the demo model: a chapter heading, e.g. 'Psalms 119')")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--lookahead-depth", type=int, default=2, help="prefetch depth while recording (0: no predictions)")
+    ap.add_argument("--oracle-layers", default="1,2,4",
+                    help="LFU that knows the next N MoE-layer runs' routing for certain (a ceiling for a "
+                         "predictor N layers ahead), per N; empty: none")
     a = ap.parse_args()
 
     from offload import Model
@@ -106,8 +149,13 @@ def main() -> None:
     rows = compare(trace, caps, POLICY_NAMES, a.scope, from_step=trace.prompt_tokens, lookahead=lookahead)
     names = list(POLICY_NAMES) + ([f"{p}+pred" for p in POLICY_NAMES] if lookahead else [])
     seconds = time.perf_counter() - t0
+    oracle = [int(n) for n in a.oracle_layers.split(",") if n] if a.scope == "global" else []
     for r in rows:
         r["static_top"] = static_top(trace, r["capacity"], a.scope)
+        for n in oracle:
+            r[f"lfu+oracle{n}"] = oracle_lookahead(trace, r["capacity"], n)
+            r[f"lfu+oracle{n}_vs_belady"] = r[f"lfu+oracle{n}"] / r["belady"] if r["belady"] else 0.0
+    names += [f"lfu+oracle{n}" for n in oracle]
     print(f"{trace.model}: {trace.n_steps} steps ({trace.prompt_tokens} prompt), {trace.n_layers} MoE layers x "
           f"{trace.n_expert} experts, top-{trace.k}, {a.scope} capacity; replayed in {seconds:.1f} s "
           f"({len(caps)} capacities x {len(POLICY_NAMES) + 1} runs)")

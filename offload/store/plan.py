@@ -44,7 +44,7 @@ TOKENIZER_BYTES_PER_TOKEN = 256  # llama.cpp's vocabulary tables, measured (~7 M
 BASE_OVERHEAD = 2 << 20  # Python objects of the model, thread stack, file tables
 # the lookahead predictor (offload.predict) keeps each MoE layer's router, ffn_norm folded in,
 # as float32 beside the file's: n_embd x n_expert x 4 bytes a layer (48 MiB on a Qwen3-30B-A3B),
-# and what its learned corrections keep (lookahead_learning.state_bytes: ~5 MiB there)
+# and what its learned corrections keep (lookahead_learning.state_bytes: 10 MiB there)
 PREDICTOR_BYTES_PER_ROUTER_VALUE = 4
 # Libraries a process loads with its first model, counted in every plan (a second model in
 # the same process does not pay them again: the plan is then conservative by this much);
