@@ -91,8 +91,11 @@ def run_one(path: str, budget: int, policy: str, depth: int, prompt: list[int] |
     from .model import Model
     from .sampling import SamplingParams
 
+    # a depth's every token prefetches: the sweep says what prefetching at that depth does (a run
+    # with the recommended flags then prefetches only while it measures faster: offload.prefetch_gate)
     with Model.load(path, n_ctx=n_ctx, n_threads=n_threads, memory_budget=budget, cache_policy=policy,
-                    o_direct=o_direct, prefetch=depth > 0, prefetch_depth=max(depth, 1), **(cache_types or {})) as m:
+                    o_direct=o_direct, prefetch="always" if depth > 0 else False, prefetch_depth=max(depth, 1),
+                    **(cache_types or {})) as m:
         tokens = m.generate_tokens(prompt, n_tokens + 1, SamplingParams(temperature=0.0))
         next(tokens)  # the prompt has run: decode counters start here
         before, t0 = m.store_stats(), time.perf_counter()
