@@ -73,6 +73,26 @@ typedef struct {
  * tokens in registers (TOKENS_IN_TILES_OF_4): faster than the row dot from two tokens. */
 #define TILE_TOKENS_MIN 2
 
+/* Where a tile's tokens t0 .. t0+n-1 (n <= 4) keep their activations: quants (n_cols each),
+ * block scales (nb each) and, for Q8_K activations (bsums not NULL), block sums. */
+typedef struct {
+    const int8_t *x[4];
+    const float *d[4];
+    const int16_t *bsums[4];
+} tile_rows;
+
+static inline __attribute__((always_inline)) tile_rows tile_rows_at(const int8_t *xq, const float *xd,
+                                                                    const int16_t *bsums, int n_cols, int nb,
+                                                                    ptrdiff_t t0, int n) {
+    tile_rows r;
+    for (int k = 0; k < n; k++) {
+        r.x[k] = xq + (t0 + k) * (ptrdiff_t)n_cols;
+        r.d[k] = xd + (t0 + k) * (ptrdiff_t)nb;
+        r.bsums[k] = bsums ? bsums + (t0 + k) * (ptrdiff_t)(n_cols / 16) : NULL;
+    }
+    return r;
+}
+
 /* An avx2_tokens function `name` from `tile(w, nb, xq, xd, bsums, n_cols, t0, n, out,
  * out_stride)`, an always_inline function running tokens t0 .. t0+n-1 (n <= 4) on each block
  * of the row decoded once: n is a constant at each call, so the tile's loops over its tokens

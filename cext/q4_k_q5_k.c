@@ -136,96 +136,32 @@ static inline TARGET_AVX2 __m128i min_products_avx2(__m256i ms, const int16_t *b
 /* Broadcast int16 scale i of the eight in the low half of ms (duplicated to both lanes). */
 #define SCALE(sc2, i) _mm256_shuffle_epi8(sc2, _mm256_set1_epi16((short)((2 * (i) + 1) << 8 | 2 * (i))))
 
-static TARGET_AVX2 float dot_q4_k_avx2(const uint8_t *w, const act_row *x, int n_cols) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    __m256 acc = _mm256_setzero_ps();
-    __m128 acc_m = _mm_setzero_ps();
-    for (int b = 0; b < n_cols / QK_K; b++) {
-        const uint8_t *blk = w + (size_t)b * Q4_K_BYTES, *qs = blk + 16;
-        const int8_t *q8 = x->qs + (size_t)b * QK_K;
-        PREFETCH_BLOCK(blk);
-        const float xd = x->d[b];
-        const float d = xd * _cvtsh_ss(read_u16(blk));
-        const float dmin = -xd * _cvtsh_ss(read_u16(blk + 2));
-        const __m256i ms = scales_mins_avx2(blk + 4);
-        const __m128i prod = min_products_avx2(ms, x->bsums + (size_t)b * 16);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
-        const __m256i sc2 = _mm256_permute2x128_si256(ms, ms, 0x00);
-        __m256i sumi = _mm256_setzero_si256();
-        for (int j = 0; j < 4; j++) {
-            const __m256i bits = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
-            const __m256i lo = _mm256_and_si256(bits, m4);
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-            const __m256i x_lo = _mm256_loadu_si256((const __m256i *)(q8 + 64 * j));
-            const __m256i x_hi = _mm256_loadu_si256((const __m256i *)(q8 + 64 * j + 32));
-            const __m256i p_lo = _mm256_madd_epi16(SCALE(sc2, 2 * j), _mm256_maddubs_epi16(lo, x_lo));
-            const __m256i p_hi = _mm256_madd_epi16(SCALE(sc2, 2 * j + 1), _mm256_maddubs_epi16(hi, x_hi));
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p_lo, p_hi));
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
-    }
-    acc_m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
-    acc_m = _mm_add_ss(acc_m, _mm_movehdup_ps(acc_m));
-    return hsum_float_8(acc) + _mm_cvtss_f32(acc_m);
+/* 64 quants of a K-quant block (32 low, 32 high, as unsigned bytes) times the 64 activations
+ * at q8, each half weighted by its int16 scale broadcast: the int32 lanes the block's sumi adds. */
+static inline __attribute__((always_inline)) TARGET_AVX2 __m256i pair_sums(__m256i lo, __m256i hi, __m256i s_lo,
+                                                                           __m256i s_hi, const int8_t *q8) {
+    const __m256i x_lo = _mm256_loadu_si256((const __m256i *)q8);
+    const __m256i x_hi = _mm256_loadu_si256((const __m256i *)(q8 + 32));
+    const __m256i p_lo = _mm256_madd_epi16(s_lo, _mm256_maddubs_epi16(lo, x_lo));
+    const __m256i p_hi = _mm256_madd_epi16(s_hi, _mm256_maddubs_epi16(hi, x_hi));
+    return _mm256_add_epi32(p_lo, p_hi);
 }
 
-static TARGET_AVX2 float dot_q5_k_avx2(const uint8_t *w, const act_row *x, int n_cols) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
-    __m256 acc = _mm256_setzero_ps();
-    float summs = 0.0f;
-    for (int b = 0; b < n_cols / QK_K; b++) {
-        const uint8_t *blk = w + (size_t)b * Q5_K_BYTES, *qs = blk + 48;
-        const int8_t *q8 = x->qs + (size_t)b * QK_K;
-        PREFETCH_BLOCK(blk);
-        const float xd = x->d[b];
-        const float d = xd * _cvtsh_ss(read_u16(blk));
-        const float dmin = -xd * _cvtsh_ss(read_u16(blk + 2));
-        const __m256i ms = scales_mins_avx2(blk + 4);
-        const __m128i prod = min_products_avx2(ms, x->bsums + (size_t)b * 16);
-        const __m128i hs = _mm_hadd_epi32(_mm_hadd_epi32(prod, prod), prod); /* lane 0: (p0+p1)+(p2+p3) */
-        summs = fmaf(dmin, (float)_mm_cvtsi128_si32(hs), summs);
-        const __m256i sc2 = _mm256_permute2x128_si256(ms, ms, 0x00);
-        const __m256i hbits = _mm256_loadu_si256((const __m256i *)(blk + 16));
-        __m256i sumi = _mm256_setzero_si256();
-        for (int j = 0; j < 4; j++) {
-            const __m256i bits = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
-            /* bit s of each qh byte moved to bit 4 (16-bit shifts; the mask drops what crosses bytes) */
-            const int s = 2 * j;
-            const __m256i h_lo = _mm256_and_si256(s <= 4 ? _mm256_slli_epi16(hbits, 4 - s) : _mm256_srli_epi16(hbits, s - 4), bit4);
-            const __m256i h_hi = _mm256_and_si256(s + 1 <= 4 ? _mm256_slli_epi16(hbits, 3 - s) : _mm256_srli_epi16(hbits, s - 3), bit4);
-            const __m256i lo = _mm256_or_si256(_mm256_and_si256(bits, m4), h_lo);
-            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), h_hi);
-            const __m256i x_lo = _mm256_loadu_si256((const __m256i *)(q8 + 64 * j));
-            const __m256i x_hi = _mm256_loadu_si256((const __m256i *)(q8 + 64 * j + 32));
-            const __m256i p_lo = _mm256_madd_epi16(SCALE(sc2, 2 * j), _mm256_maddubs_epi16(lo, x_lo));
-            const __m256i p_hi = _mm256_madd_epi16(SCALE(sc2, 2 * j + 1), _mm256_maddubs_epi16(hi, x_hi));
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p_lo, p_hi));
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
-    }
-    return hsum_float_8(acc) + summs;
-}
-
-/* dot_q4_k_avx2 on many tokens at once (run_matmul hands a row here from TILE_TOKENS_MIN
- * tokens). Each weight block is decoded once per tile of up to four tokens (the nibbles
- * masked and shifted, the scale broadcasts, the packed scales and mins, the fp16 d and dmin
- * as floats) and kept in registers while every token of the tile runs the row dot's exact
- * steps on it: each token its own sumi, acc and acc_m, the same integer lanes and the same
- * float operations in the same order, so each result equals the row dot's to the bit. */
+/* The Q4_K row dot, for a tile of up to four tokens (dot_q4_k_avx2 is the tile at one token;
+ * run_matmul hands a row to tokens_q4_k_avx2 from TILE_TOKENS_MIN tokens). Each weight block
+ * is decoded once per tile (the nibbles masked and shifted, the scale broadcasts, the packed
+ * scales and mins, the fp16 d and dmin as floats) and kept in registers while every token
+ * runs the same steps on it: each token its own sumi, acc and acc_m, so each result is, to
+ * the bit, the one it gets alone. */
 static inline __attribute__((always_inline)) TARGET_AVX2 void q4_k_tile(const uint8_t *w, int nb, const int8_t *xq,
                                                                         const float *xd, const int16_t *bsums, int n_cols,
                                                                         ptrdiff_t t0, const int n, float *out,
                                                                         ptrdiff_t out_stride) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
-    const int8_t *xt[4];
-    const float *dt[4];
-    const int16_t *bt[4];
+    const tile_rows r = tile_rows_at(xq, xd, bsums, n_cols, nb, t0, n);
     __m256 acc[4];
     __m128 acc_m[4];
     for (int k = 0; k < n; k++) {
-        xt[k] = xq + (t0 + k) * (ptrdiff_t)n_cols;
-        dt[k] = xd + (t0 + k) * (ptrdiff_t)nb;
-        bt[k] = bsums + (t0 + k) * (ptrdiff_t)(n_cols / 16);
         acc[k] = _mm256_setzero_ps();
         acc_m[k] = _mm_setzero_ps();
     }
@@ -238,10 +174,10 @@ static inline __attribute__((always_inline)) TARGET_AVX2 void q4_k_tile(const ui
         __m256i sumi[4];
         float d[4];
         for (int k = 0; k < n; k++) {
-            const float x_d = dt[k][b];
+            const float x_d = r.d[k][b];
             d[k] = x_d * wd;
             const float dmin = -x_d * wdmin;
-            const __m128i prod = min_products_avx2(ms, bt[k] + (size_t)b * 16);
+            const __m128i prod = min_products_avx2(ms, r.bsums[k] + (size_t)b * 16);
             acc_m[k] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[k]);
             sumi[k] = _mm256_setzero_si256();
         }
@@ -250,14 +186,8 @@ static inline __attribute__((always_inline)) TARGET_AVX2 void q4_k_tile(const ui
             const __m256i lo = _mm256_and_si256(bits, m4);
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
             const __m256i s_lo = SCALE(sc2, 2 * j), s_hi = SCALE(sc2, 2 * j + 1);
-            for (int k = 0; k < n; k++) {
-                const int8_t *q8 = xt[k] + (size_t)b * QK_K + 64 * j;
-                const __m256i x_lo = _mm256_loadu_si256((const __m256i *)q8);
-                const __m256i x_hi = _mm256_loadu_si256((const __m256i *)(q8 + 32));
-                const __m256i p_lo = _mm256_madd_epi16(s_lo, _mm256_maddubs_epi16(lo, x_lo));
-                const __m256i p_hi = _mm256_madd_epi16(s_hi, _mm256_maddubs_epi16(hi, x_hi));
-                sumi[k] = _mm256_add_epi32(sumi[k], _mm256_add_epi32(p_lo, p_hi));
-            }
+            for (int k = 0; k < n; k++)
+                sumi[k] = _mm256_add_epi32(sumi[k], pair_sums(lo, hi, s_lo, s_hi, r.x[k] + (size_t)b * QK_K + 64 * j));
         }
         for (int k = 0; k < n; k++) acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d[k]), _mm256_cvtepi32_ps(sumi[k]), acc[k]);
     }
@@ -270,23 +200,24 @@ static inline __attribute__((always_inline)) TARGET_AVX2 void q4_k_tile(const ui
 
 TOKENS_IN_TILES_OF_4(tokens_q4_k_avx2, q4_k_tile, QK_K)
 
-/* dot_q5_k_avx2 on many tokens at once, as tokens_q4_k_avx2: the block's 5-bit quants, scale
- * broadcasts, scales and mins and fp16 d and dmin decoded once per tile of up to four tokens;
- * each token its own sumi, acc and summs, the row dot's steps in the row dot's order. */
+static TARGET_AVX2 float dot_q4_k_avx2(const uint8_t *w, const act_row *x, int n_cols) {
+    float out;
+    q4_k_tile(w, n_cols / QK_K, x->qs, x->d, x->bsums, n_cols, 0, 1, &out, 0);
+    return out;
+}
+
+/* The Q5_K row dot for a tile of up to four tokens, as q4_k_tile: the block's 5-bit quants,
+ * scale broadcasts, scales and mins and fp16 d and dmin decoded once per tile; each token its
+ * own sumi, acc and summs (dot_q5_k_avx2 is the tile at one token). */
 static inline __attribute__((always_inline)) TARGET_AVX2 void q5_k_tile(const uint8_t *w, int nb, const int8_t *xq,
                                                                         const float *xd, const int16_t *bsums, int n_cols,
                                                                         ptrdiff_t t0, const int n, float *out,
                                                                         ptrdiff_t out_stride) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
-    const int8_t *xt[4];
-    const float *dt[4];
-    const int16_t *bt[4];
+    const tile_rows r = tile_rows_at(xq, xd, bsums, n_cols, nb, t0, n);
     __m256 acc[4];
     float summs[4];
     for (int k = 0; k < n; k++) {
-        xt[k] = xq + (t0 + k) * (ptrdiff_t)n_cols;
-        dt[k] = xd + (t0 + k) * (ptrdiff_t)nb;
-        bt[k] = bsums + (t0 + k) * (ptrdiff_t)(n_cols / 16);
         acc[k] = _mm256_setzero_ps();
         summs[k] = 0.0f;
     }
@@ -300,30 +231,25 @@ static inline __attribute__((always_inline)) TARGET_AVX2 void q5_k_tile(const ui
         __m256i sumi[4];
         float d[4];
         for (int k = 0; k < n; k++) {
-            const float x_d = dt[k][b];
+            const float x_d = r.d[k][b];
             d[k] = x_d * wd;
             const float dmin = -x_d * wdmin;
-            const __m128i prod = min_products_avx2(ms, bt[k] + (size_t)b * 16);
-            const __m128i hs = _mm_hadd_epi32(_mm_hadd_epi32(prod, prod), prod);
+            const __m128i prod = min_products_avx2(ms, r.bsums[k] + (size_t)b * 16);
+            const __m128i hs = _mm_hadd_epi32(_mm_hadd_epi32(prod, prod), prod); /* lane 0: (p0+p1)+(p2+p3) */
             summs[k] = fmaf(dmin, (float)_mm_cvtsi128_si32(hs), summs[k]);
             sumi[k] = _mm256_setzero_si256();
         }
         for (int j = 0; j < 4; j++) {
             const __m256i bits = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+            /* bit s of each qh byte moved to bit 4 (16-bit shifts; the mask drops what crosses bytes) */
             const int s = 2 * j;
             const __m256i h_lo = _mm256_and_si256(s <= 4 ? _mm256_slli_epi16(hbits, 4 - s) : _mm256_srli_epi16(hbits, s - 4), bit4);
             const __m256i h_hi = _mm256_and_si256(s + 1 <= 4 ? _mm256_slli_epi16(hbits, 3 - s) : _mm256_srli_epi16(hbits, s - 3), bit4);
             const __m256i lo = _mm256_or_si256(_mm256_and_si256(bits, m4), h_lo);
             const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), h_hi);
             const __m256i s_lo = SCALE(sc2, 2 * j), s_hi = SCALE(sc2, 2 * j + 1);
-            for (int k = 0; k < n; k++) {
-                const int8_t *q8 = xt[k] + (size_t)b * QK_K + 64 * j;
-                const __m256i x_lo = _mm256_loadu_si256((const __m256i *)q8);
-                const __m256i x_hi = _mm256_loadu_si256((const __m256i *)(q8 + 32));
-                const __m256i p_lo = _mm256_madd_epi16(s_lo, _mm256_maddubs_epi16(lo, x_lo));
-                const __m256i p_hi = _mm256_madd_epi16(s_hi, _mm256_maddubs_epi16(hi, x_hi));
-                sumi[k] = _mm256_add_epi32(sumi[k], _mm256_add_epi32(p_lo, p_hi));
-            }
+            for (int k = 0; k < n; k++)
+                sumi[k] = _mm256_add_epi32(sumi[k], pair_sums(lo, hi, s_lo, s_hi, r.x[k] + (size_t)b * QK_K + 64 * j));
         }
         for (int k = 0; k < n; k++) acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d[k]), _mm256_cvtepi32_ps(sumi[k]), acc[k]);
     }
@@ -331,6 +257,12 @@ static inline __attribute__((always_inline)) TARGET_AVX2 void q5_k_tile(const ui
 }
 
 TOKENS_IN_TILES_OF_4(tokens_q5_k_avx2, q5_k_tile, QK_K)
+
+static TARGET_AVX2 float dot_q5_k_avx2(const uint8_t *w, const act_row *x, int n_cols) {
+    float out;
+    q5_k_tile(w, n_cols / QK_K, x->qs, x->d, x->bsums, n_cols, 0, 1, &out, 0);
+    return out;
+}
 #define AVX2(fn) fn
 #else
 #define AVX2(fn) NULL

@@ -61,7 +61,16 @@ static float dot_q6_k_portable(const uint8_t *w, const act_row *x, int n_cols) {
 }
 
 #ifdef OFFLOAD_X86
-static TARGET_AVX2 float dot_q6_k_avx2(const uint8_t *w, const act_row *x, int n_cols) {
+/* The Q6_K row dot, for a tile of up to four tokens (dot_q6_k_avx2 is the tile at one token;
+ * run_matmul hands a row to tokens_q6_k_avx2 from TILE_TOKENS_MIN tokens). Each weight block
+ * is decoded once per tile (the 6-bit quants, the scales as int16 and their per-group
+ * broadcasts, the fp16 d as float) and kept in registers while every token runs the same
+ * steps on it: each token its own sumi and acc, so each result is, to the bit, the one it
+ * gets alone. */
+static inline __attribute__((always_inline)) TARGET_AVX2 void q6_k_tile(const uint8_t *w, int nb, const int8_t *xq,
+                                                                        const float *xd, const int16_t *bsums, int n_cols,
+                                                                        ptrdiff_t t0, const int n, float *out,
+                                                                        ptrdiff_t out_stride) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
     /* per 128-bit lane, pick int16 element 2g (low lane) / 2g + 1 (high lane) of a
      * register holding the half's eight scales in both lanes */
@@ -70,68 +79,9 @@ static TARGET_AVX2 float dot_q6_k_avx2(const uint8_t *w, const act_row *x, int n
     const __m256i step = _mm256_set1_epi8(4); /* two int16 elements further */
     const __m256i pick1 = _mm256_add_epi8(pick0, step), pick2 = _mm256_add_epi8(pick1, step),
                   pick3 = _mm256_add_epi8(pick2, step);
-    __m256 acc = _mm256_setzero_ps();
-    for (int b = 0; b < n_cols / QK_K; b++) {
-        const uint8_t *blk = w + (size_t)b * Q6_K_BYTES;
-        const int8_t *q8 = x->qs + (size_t)b * QK_K;
-        const __m256 d = _mm256_set1_ps(x->d[b] * _cvtsh_ss(read_u16(blk + 208)));
-        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
-        const __m256i bsums = _mm256_loadu_si256((const __m256i *)(x->bsums + (size_t)b * 16));
-        const __m256i sub = _mm256_slli_epi32(_mm256_madd_epi16(bsums, sc16), 5);
-        __m256i sumi = _mm256_setzero_si256();
-        for (int h = 0; h < 2; h++) {
-            const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h));
-            const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32));
-            const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
-            const __m256i q0 = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
-            const __m256i q1 = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
-            const __m256i q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30));
-            const __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                                               _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
-            const int8_t *y = q8 + 128 * h;
-            /* q (0..63) times q8 (-128..127), pairs: |.| <= 16128, no saturation */
-            const __m256i p0 = _mm256_maddubs_epi16(q0, _mm256_loadu_si256((const __m256i *)y));
-            const __m256i p1 = _mm256_maddubs_epi16(q1, _mm256_loadu_si256((const __m256i *)(y + 32)));
-            const __m256i p2 = _mm256_maddubs_epi16(q2, _mm256_loadu_si256((const __m256i *)(y + 64)));
-            const __m256i p3 = _mm256_maddubs_epi16(q3, _mm256_loadu_si256((const __m256i *)(y + 96)));
-            const __m256i sch = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11) : _mm256_permute2x128_si256(sc16, sc16, 0x00);
-            const __m256i s0 = _mm256_madd_epi16(_mm256_shuffle_epi8(sch, pick0), p0);
-            const __m256i s1 = _mm256_madd_epi16(_mm256_shuffle_epi8(sch, pick1), p1);
-            const __m256i s2 = _mm256_madd_epi16(_mm256_shuffle_epi8(sch, pick2), p2);
-            const __m256i s3 = _mm256_madd_epi16(_mm256_shuffle_epi8(sch, pick3), p3);
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3)));
-        }
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(sumi, sub)), acc);
-    }
-    return hsum_float_8(acc);
-}
-
-/* dot_q6_k_avx2 on many tokens at once (run_matmul hands a row here from TILE_TOKENS_MIN
- * tokens). Each weight block is decoded once per tile of up to four tokens (the 6-bit
- * quants, the scales as int16 and their per-group broadcasts, the fp16 d as float) and kept
- * in registers while every token of the tile runs the row dot's exact steps on it: each
- * token its own sumi and acc, the same integer lanes and the same float operations in the
- * same order, so each result equals the row dot's to the bit. */
-static inline __attribute__((always_inline)) TARGET_AVX2 void q6_k_tile(const uint8_t *w, int nb, const int8_t *xq,
-                                                                        const float *xd, const int16_t *bsums, int n_cols,
-                                                                        ptrdiff_t t0, const int n, float *out,
-                                                                        ptrdiff_t out_stride) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
-    const __m256i pick0 = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
-                                           2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
-    const __m256i step = _mm256_set1_epi8(4);
-    const __m256i pick1 = _mm256_add_epi8(pick0, step), pick2 = _mm256_add_epi8(pick1, step),
-                  pick3 = _mm256_add_epi8(pick2, step);
-    const int8_t *xt[4];
-    const float *dt[4];
-    const int16_t *bt[4];
+    const tile_rows r = tile_rows_at(xq, xd, bsums, n_cols, nb, t0, n);
     __m256 acc[4];
-    for (int k = 0; k < n; k++) {
-        xt[k] = xq + (t0 + k) * (ptrdiff_t)n_cols;
-        dt[k] = xd + (t0 + k) * (ptrdiff_t)nb;
-        bt[k] = bsums + (t0 + k) * (ptrdiff_t)(n_cols / 16);
-        acc[k] = _mm256_setzero_ps();
-    }
+    for (int k = 0; k < n; k++) acc[k] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = w + (size_t)b * Q6_K_BYTES;
         const float wd = _cvtsh_ss(read_u16(blk + 208));
@@ -151,7 +101,8 @@ static inline __attribute__((always_inline)) TARGET_AVX2 void q6_k_tile(const ui
             const __m256i c0 = _mm256_shuffle_epi8(sch, pick0), c1 = _mm256_shuffle_epi8(sch, pick1);
             const __m256i c2 = _mm256_shuffle_epi8(sch, pick2), c3 = _mm256_shuffle_epi8(sch, pick3);
             for (int k = 0; k < n; k++) {
-                const int8_t *y = xt[k] + (size_t)b * QK_K + 128 * h;
+                const int8_t *y = r.x[k] + (size_t)b * QK_K + 128 * h;
+                /* q (0..63) times q8 (-128..127), pairs: |.| <= 16128, no saturation */
                 const __m256i p0 = _mm256_maddubs_epi16(q0, _mm256_loadu_si256((const __m256i *)y));
                 const __m256i p1 = _mm256_maddubs_epi16(q1, _mm256_loadu_si256((const __m256i *)(y + 32)));
                 const __m256i p2 = _mm256_maddubs_epi16(q2, _mm256_loadu_si256((const __m256i *)(y + 64)));
@@ -164,8 +115,8 @@ static inline __attribute__((always_inline)) TARGET_AVX2 void q6_k_tile(const ui
             }
         }
         for (int k = 0; k < n; k++) {
-            const __m256 d = _mm256_set1_ps(dt[k][b] * wd);
-            const __m256i bs = _mm256_loadu_si256((const __m256i *)(bt[k] + (size_t)b * 16));
+            const __m256 d = _mm256_set1_ps(r.d[k][b] * wd);
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(r.bsums[k] + (size_t)b * 16));
             const __m256i sub = _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5);
             acc[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(sumi[k], sub)), acc[k]);
         }
@@ -174,6 +125,12 @@ static inline __attribute__((always_inline)) TARGET_AVX2 void q6_k_tile(const ui
 }
 
 TOKENS_IN_TILES_OF_4(tokens_q6_k_avx2, q6_k_tile, QK_K)
+
+static TARGET_AVX2 float dot_q6_k_avx2(const uint8_t *w, const act_row *x, int n_cols) {
+    float out;
+    q6_k_tile(w, n_cols / QK_K, x->qs, x->d, x->bsums, n_cols, 0, 1, &out, 0);
+    return out;
+}
 #define AVX2(fn) fn
 #else
 #define AVX2(fn) NULL

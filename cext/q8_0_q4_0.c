@@ -48,18 +48,6 @@ static float dot_q4_0_portable(const uint8_t *w, const act_row *x, int n_cols) {
 }
 
 #ifdef OFFLOAD_X86
-static TARGET_AVX2 float dot_q8_0_avx2(const uint8_t *w, const act_row *x, int n_cols) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int b = 0; b < n_cols / QK; b++) {
-        const uint8_t *blk = w + b * 34;
-        const __m256 d = _mm256_set1_ps(_cvtsh_ss(read_u16(blk)) * x->d[b]);
-        const __m256i qw = _mm256_loadu_si256((const __m256i *)(blk + 2));
-        const __m256i qx = _mm256_loadu_si256((const __m256i *)(x->qs + b * QK));
-        acc = _mm256_fmadd_ps(d, mul_sum_i8_pairs_float(qw, qx), acc);
-    }
-    return hsum_float_8(acc);
-}
-
 static TARGET_AVX2 float dot_q4_0_avx2(const uint8_t *w, const act_row *x, int n_cols) {
     const __m256i low_mask = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
     __m256 acc = _mm256_setzero_ps();
@@ -75,33 +63,28 @@ static TARGET_AVX2 float dot_q4_0_avx2(const uint8_t *w, const act_row *x, int n
     }
     return hsum_float_8(acc);
 }
-/* dot_q8_0_avx2 on many tokens at once (run_matmul hands a row here from TILE_TOKENS_MIN
- * tokens): each weight block's |w|, w (the signs) and fp16 d decoded once per tile of up to
- * four tokens and kept in registers while every token of the tile runs the row dot's exact
- * steps on it (mul_sum_i8_pairs_float's integer lanes, the same scale product and FMA into
- * its own acc), so each result equals the row dot's to the bit. */
+
+/* The Q8_0 row dot, for a tile of up to four tokens (dot_q8_0_avx2 is the tile at one token;
+ * run_matmul hands a row to tokens_q8_0_avx2 from TILE_TOKENS_MIN tokens): each weight
+ * block's |w|, w (the signs) and fp16 d decoded once per tile and kept in registers while
+ * every token runs mul_sum_i8_pairs_float's integer lanes, the scale product and the FMA into
+ * its own acc, so each result is, to the bit, the one it gets alone. */
 static inline __attribute__((always_inline)) TARGET_AVX2 void q8_0_tile(const uint8_t *w, int nb, const int8_t *xq,
                                                                         const float *xd, const int16_t *bsums, int n_cols,
                                                                         ptrdiff_t t0, const int n, float *out,
                                                                         ptrdiff_t out_stride) {
-    (void)bsums; /* Q8_0 activations */
     const __m256i ones = _mm256_set1_epi16(1);
-    const int8_t *xt[4];
-    const float *dt[4];
+    const tile_rows r = tile_rows_at(xq, xd, bsums, n_cols, nb, t0, n); /* (Q8_0 activations: bsums NULL) */
     __m256 acc[4];
-    for (int k = 0; k < n; k++) {
-        xt[k] = xq + (t0 + k) * (ptrdiff_t)n_cols;
-        dt[k] = xd + (t0 + k) * (ptrdiff_t)nb;
-        acc[k] = _mm256_setzero_ps();
-    }
+    for (int k = 0; k < n; k++) acc[k] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = w + b * 34;
         const float wd = _cvtsh_ss(read_u16(blk));
         const __m256i qw = _mm256_loadu_si256((const __m256i *)(blk + 2));
         const __m256i aw = _mm256_sign_epi8(qw, qw);
         for (int k = 0; k < n; k++) {
-            const __m256 d = _mm256_set1_ps(wd * dt[k][b]);
-            const __m256i qx = _mm256_loadu_si256((const __m256i *)(xt[k] + b * QK));
+            const __m256 d = _mm256_set1_ps(wd * r.d[k][b]);
+            const __m256i qx = _mm256_loadu_si256((const __m256i *)(r.x[k] + b * QK));
             const __m256i dot = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(qx, qw));
             acc[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, dot)), acc[k]);
         }
@@ -110,6 +93,12 @@ static inline __attribute__((always_inline)) TARGET_AVX2 void q8_0_tile(const ui
 }
 
 TOKENS_IN_TILES_OF_4(tokens_q8_0_avx2, q8_0_tile, QK)
+
+static TARGET_AVX2 float dot_q8_0_avx2(const uint8_t *w, const act_row *x, int n_cols) {
+    float out;
+    q8_0_tile(w, n_cols / QK, x->qs, x->d, NULL, n_cols, 0, 1, &out, 0);
+    return out;
+}
 
 /* AVX-512 VNNI (on 256-bit registers): the same int32 lanes, each the exact sum of four
  * consecutive products, from vpdpbusd on the unsigned nibbles minus vpdpbusd on 8s; the
