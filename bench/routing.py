@@ -61,39 +61,17 @@ def static_top(trace, slots: int, scope: str) -> float:
 
 def oracle_lookahead(trace, capacity: int, layers: int) -> float:
     """Hit rate of LFU that knows the routing of the next `layers` MoE-layer runs for certain
-    (across tokens) and never evicts those experts: the ceiling of a predictor that far
-    ahead, with the pinning of offload.simulate (global scope, decode steps counted)."""
-    from offload.simulate import accesses
-    from offload.store.policy import make_policy
+    (across tokens) and spares those experts as the store spares predicted ones: the ceiling
+    of a predictor that far ahead (global scope, decode steps counted)."""
+    from offload.simulate import accesses, simulate
 
     a = accesses(trace)
     layer_ids = [int(x) for x in trace.layers]
     keys = [(layer_ids[l], e) for l, e in zip(a.layer.tolist(), a.expert.tolist())]
-    calls, starts, steps, lay = a.call.tolist(), a.call_start.tolist(), a.step.tolist(), a.layer.tolist()
-    policy, resident, pins, current = make_policy("lfu"), set(), [], None
-    hits = misses = 0
-    for i, key in enumerate(keys):
-        if lay[i] != current:
-            pins, current = [], lay[i]
-        elif len(pins) >= trace.k:
-            pins.pop(0)
-        counted = steps[i] >= trace.prompt_tokens
-        if key in resident:
-            hits += counted
-        else:
-            misses += counted
-            if len(resident) >= capacity:
-                c = calls[i]
-                soon = set(keys[starts[c] : starts[min(c + 1 + layers, len(starts) - 1)]])
-                victim = policy.pick(lambda x: x in resident and x not in pins and x not in soon)
-                if victim is None:
-                    victim = policy.pick(lambda x: x in resident and x not in pins)
-                resident.discard(victim)
-                policy.remove(victim)
-            resident.add(key)
-        policy.access(key)
-        pins.append(key)
-    return hits / max(1, hits + misses)
+    starts = a.call_start.tolist()
+    n_calls = len(starts) - 1
+    spared = [frozenset(keys[starts[c + 1] : starts[min(c + 1 + layers, n_calls)]]) for c in range(n_calls)]
+    return simulate(trace, capacity, "lfu", stream=a, from_step=trace.prompt_tokens, spared=spared).hit_rate
 
 
 def main() -> None:

@@ -118,7 +118,6 @@ class _Pair:
         self.scored = np.zeros(1 + len(LAMBDAS), dtype=np.int64)  # tokens each was scored on
         self.matrix: np.ndarray | None = None  # F + P D of the best fit, when it beats the plain guess
         self.best = 0
-        self.retired = False  # learned RETIRE_AFTER tokens and no fit beats the plain guess
         self._z = np.zeros((BATCH, n_embd), dtype=np.float32)  # the source's rms(x), a row per token
         self._zt = np.zeros((BATCH, n_embd), dtype=np.float32)  # the target's
         self._chosen = np.zeros((BATCH, k), dtype=np.int64)
@@ -163,7 +162,11 @@ class _Pair:
         if self.n < REFIT_SLOWER_AFTER or self.n % (4 * BATCH) == 0:  # the fits settle: refit less
             self._refit()
         self._choose()
-        self.retired = self.n >= RETIRE_AFTER and self.best == 0
+
+    @property
+    def retired(self) -> bool:
+        """Learned RETIRE_AFTER tokens, and no fit beats the plain guess."""
+        return self.n >= RETIRE_AFTER and self.best == 0
 
     def _refit(self) -> None:
         """Each lambda's fit: solved the first time, then CG_STEPS of conjugate gradients from

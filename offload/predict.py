@@ -217,39 +217,37 @@ class LookaheadPredictor(_Scoring):
         if self.learning is None or not self.learning.wants(NEXT_TOKEN):
             return []
         x = np.asarray(x[-1:], dtype=np.float32)
-        self.learning.saw(NEXT_TOKEN, x / np.sqrt(np.einsum("ij,ij->i", x, x)[:, None] / x.shape[1] + self.eps))
+        self.learning.saw(NEXT_TOKEN, self._normed(x))
         w = self.learning.matrix(NEXT_TOKEN)
-        if w is None:
-            return []
-        first = self.moe_layers[0]
-        k, m = min(self.k, self.n_expert), min(self.margin, self.n_expert - min(self.k, self.n_expert))
-        experts = np.empty((1, k + m), dtype=np.int64)
-        counts = np.empty(1, dtype=np.int64)
-        conf = np.empty(1, dtype=np.float32)
-        lookahead = cext.lookahead if cext.selected() else _lookahead_one
-        lookahead(np.ascontiguousarray(x[0]), w, float(self.eps), 1, k, m, np.float32(self.margin_ratio), experts,
-                  counts, conf)
-        return [Prediction(first, experts[0, : counts[0]], float(conf[0]))]
+        return [] if w is None else self._compiled(x[0], w, [self.moe_layers[0]])
 
     def predict(self, layer: int, x: np.ndarray) -> list[Prediction]:
         learned = None
         if self.learning is not None:
             if self.learning.wants(layer):
                 x = np.asarray(x, dtype=np.float32)
-                self.learning.saw(layer, x / np.sqrt(np.einsum("ij,ij->i", x, x)[:, None] / x.shape[1] + self.eps))
+                self.learning.saw(layer, self._normed(x))
             learned = self.learning.matrix(layer)
         if len(x) != 1:
             return super().predict(layer, x)
         targets = self.targets(layer)  # decode: one compiled pass for every target
         if not targets:
             return []
-        w = self._folded(targets) if learned is None else learned
+        return self._compiled(x[0], self._folded(targets) if learned is None else learned, targets)
+
+    def _normed(self, x: np.ndarray) -> np.ndarray:
+        """rms_norm's scaling of each row (what every target's router sees, its norm folded in)."""
+        return x / np.sqrt(np.einsum("ij,ij->i", x, x)[:, None] / x.shape[1] + self.eps)
+
+    def _compiled(self, x0: np.ndarray, w: np.ndarray, targets: list[int]) -> list[Prediction]:
+        """One token's predictions for `targets` (w: their matrices side by side) in one
+        compiled pass: rms scale, the matmul, softmax, top-k and the near ties."""
         k, m = min(self.k, self.n_expert), min(self.margin, self.n_expert - min(self.k, self.n_expert))
         experts = np.empty((len(targets), k + m), dtype=np.int64)
         counts = np.empty(len(targets), dtype=np.int64)
         conf = np.empty(len(targets), dtype=np.float32)
         lookahead = cext.lookahead if cext.selected() else _lookahead_one
-        lookahead(np.ascontiguousarray(x[0], dtype=np.float32), w, float(self.eps), len(targets), k, m,
+        lookahead(np.ascontiguousarray(x0, dtype=np.float32), w, float(self.eps), len(targets), k, m,
                   np.float32(self.margin_ratio), experts, counts, conf)
         return [Prediction(t, experts[j, : counts[j]], float(conf[j])) for j, t in enumerate(targets)]
 

@@ -194,16 +194,18 @@ def predicted_keys(trace: RoutingTrace, a: Accesses) -> list[frozenset]:
 
 def simulate(trace: RoutingTrace, capacity: int | Sequence[int], policy: str | Callable[..., Policy] = "lrfu",
              scope: str = "global", from_step: int = 0, stream: Accesses | None = None, lookahead: bool = False,
-             **policy_kwargs) -> SimResult:
+             spared: Sequence[frozenset] | None = None, **policy_kwargs) -> SimResult:
     """Hits and misses of `policy` ("lru", "lfu", "lrfu") with `capacity` expert slots;
-    `lookahead`: sparing the experts the trace's predictions name (see the module docstring).
+    `lookahead`: sparing the experts the trace's predictions name (see the module docstring);
+    `spared`: instead, per request group (`accesses(trace).call`), the keys to spare as the
+    store spares predicted ones (an oracle's, say).
 
     `policy` may also be a Policy subclass (or any callable taking the keyword arguments and
     returning a Policy), to try a new one before it goes into offload.store.policy."""
     a = accesses(trace) if stream is None else stream
     if lookahead and trace.predicted is None:
         raise ValueError("this trace has no predictions (record it with a tiered store and prefetch on)")
-    predicted_of = predicted_keys(trace, a) if lookahead else None
+    predicted_of = predicted_keys(trace, a) if lookahead else spared
     predicted: frozenset = frozenset()
     caps = _capacities(trace, capacity, scope)
     n_pools = len(caps)
